@@ -1,0 +1,117 @@
+"""The pynetdicom Application Entity: contexts, transfer syntaxes, sockets, PDU size.
+
+Two socket facts shape this module (see ../shared/NOTES.md):
+
+* pynetdicom never sets TCP_NODELAY; DCMTK peers then run 10-30x slower.
+  We set it on every accepted and every outgoing socket.
+* pynetdicom's server ignores ``allow_reuse_port``; our server class sets
+  SO_REUSEPORT itself so several receiving processes can share one port.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from node.config import NodeSettings
+
+#: What we accept, stored as received (never transcoded). Uncompressed first
+#: so that an SCU offering several syntaxes in one context gets the plain one.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings: no patient data in logs, spool to disk."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    # Spool every received dataset straight to a file (the DICOM File Format with
+    # meta) so a multi-hundred-MB object is never held whole in memory; the
+    # ingest service renames that file into the blob store.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class LaminaServer(ThreadedAssociationServer):
+    """Association server with SO_REUSEPORT and TCP_NODELAY on accepted sockets."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = super().get_request()
+        set_nodelay(client)
+        return client, address
+
+
+def _nodelay_on_open(event: evt.Event) -> None:
+    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+def build_ae(node: NodeSettings) -> AE:
+    """An AE carrying our title, timeouts and PDU size, with no contexts yet."""
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_pdu_size = node.max_pdu
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    # Our own slot limiter (node.handlers.association) enforces the limit across
+    # processes; pynetdicom's per-process check must never trigger first.
+    ae.maximum_associations = node.max_associations + 1
+    return ae
+
+
+def build_scp(node: NodeSettings) -> AE:
+    """The receiving AE: Verification plus every storage SOP class pynetdicom knows."""
+    ae = build_ae(node)
+    ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def associate(
+    ae: AE, host: str, port: int, ae_title: str, handlers: list | None = None
+) -> Association:
+    """Request an association with TCP_NODELAY set as soon as the socket opens."""
+    return ae.associate(host, port, ae_title=ae_title,
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_on_open), *(handlers or [])])

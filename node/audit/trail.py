@@ -1,0 +1,222 @@
+"""Append-only, hash-chained audit trail with a signed head checkpoint.
+
+Each event's hash covers its sequence number, content and the previous hash,
+so editing, deleting or reordering rows breaks the chain. A chain alone cannot
+show that its tail was cut off (or that an older copy of the file was put
+back), so after every commit the newest (seq, hash) is written, signed with
+Ed25519, to a head file outside the index. ``verify`` checks both.
+
+Entries name UIDs, hashes, AE titles and addresses: never a patient name or
+identifier (the callers pass objects built from UIDs and hashes only).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.storage.index import Index
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who did it: a peer over an association, or a person at the command line."""
+
+    ae_title: str = ""
+    address: str = ""
+    association_id: str = ""
+    user: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    entries: int
+    problem: str = ""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _entry_hash(
+    seq: int, time: str, actor: str, action: str, obj: str, outcome: str, prev_hash: str
+) -> str:
+    canonical = json.dumps(
+        [seq, time, actor, action, obj, outcome, prev_hash], separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class HeadCheckpoint:
+    """The newest (seq, hash), signed, in a file beside (not inside) the index."""
+
+    def __init__(self, head_path: Path, key_path: Path) -> None:
+        self.head_path = head_path
+        self.key_path = key_path
+        self._key = self._load_or_create_key()
+
+    def _load_or_create_key(self) -> Ed25519PrivateKey:
+        if self.key_path.exists():
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{self.key_path.name} is not an Ed25519 private key")
+            return key
+        self.key_path.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return key
+
+    @staticmethod
+    def _message(seq: int, hash_: str) -> bytes:
+        return f"lamina-audit-head:{seq}:{hash_}".encode()
+
+    def advance(self, entry: AuditEntry) -> None:
+        """Move the head forward (never back: concurrent writers may finish out of order)."""
+        self.head_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.head_path.with_suffix(".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read()
+            if current and current[0] >= entry.seq:
+                return
+            signature = self._key.sign(self._message(entry.seq, entry.hash))
+            body = json.dumps(
+                {"seq": entry.seq, "hash": entry.hash,
+                 "signature": base64.b64encode(signature).decode()}
+            )
+            tmp = self.head_path.with_suffix(".tmp")
+            tmp.write_text(body)
+            os.replace(tmp, self.head_path)
+
+    def read(self) -> tuple[int, str, bytes] | None:
+        if not self.head_path.exists():
+            return None
+        data = json.loads(self.head_path.read_text())
+        return int(data["seq"]), str(data["hash"]), base64.b64decode(data["signature"])
+
+    def signature_valid(self, seq: int, hash_: str, signature: bytes) -> bool:
+        try:
+            self._key.public_key().verify(signature, self._message(seq, hash_))
+        except InvalidSignature:
+            return False
+        return True
+
+
+class AuditTrail:
+    """Writes and verifies audit events in the index."""
+
+    def __init__(self, index: Index, checkpoint: HeadCheckpoint) -> None:
+        self.index = index
+        self.checkpoint = checkpoint
+
+    def append(
+        self,
+        conn: sqlite3.Connection,
+        action: str,
+        actor: Actor,
+        obj: dict[str, Any],
+        outcome: str = "success",
+    ) -> AuditEntry:
+        """Add an event inside the caller's write transaction.
+
+        Call :meth:`committed` with the result once the transaction commits.
+        """
+        last = conn.execute("SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        time, actor_s, obj_s = utc_now(), _canonical(actor.as_dict()), _canonical(obj)
+        digest = _entry_hash(seq, time, actor_s, action, obj_s, outcome, prev_hash)
+        conn.execute(
+            "INSERT INTO audit_event (seq, time, actor, action, object, outcome, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, time, actor_s, action, obj_s, outcome, prev_hash, digest),
+        )
+        return AuditEntry(seq, digest)
+
+    def committed(self, entry: AuditEntry) -> None:
+        self.checkpoint.advance(entry)
+
+    def record(
+        self, action: str, actor: Actor, obj: dict[str, Any], outcome: str = "success"
+    ) -> AuditEntry:
+        """Write one event in its own transaction (events with no other index change)."""
+        with self.index.write() as conn:
+            entry = self.append(conn, action, actor, obj, outcome)
+        self.committed(entry)
+        return entry
+
+    def verify(self) -> VerifyReport:
+        """Walk the chain and compare its end with the signed head."""
+        expected_seq, prev_hash, count = 1, GENESIS, 0
+        head = self.checkpoint.read()
+        hash_at_head = None
+        with self.index.read() as conn:
+            rows = conn.execute(
+                "SELECT seq, time, actor, action, object, outcome, prev_hash, hash"
+                " FROM audit_event ORDER BY rowid"
+            )
+            for seq, time, actor, action, obj, outcome, row_prev, row_hash in rows:
+                if seq != expected_seq:
+                    return VerifyReport(
+                        False, count,
+                        f"entry {expected_seq}: missing or out of order (found {seq} in its place)",
+                    )
+                if row_prev != prev_hash:
+                    return VerifyReport(
+                        False, count, f"entry {seq}: previous-hash link broken"
+                    )
+                if _entry_hash(seq, time, actor, action, obj, outcome, row_prev) != row_hash:
+                    return VerifyReport(False, count, f"entry {seq}: content does not match its hash")
+                if head and seq == head[0]:
+                    hash_at_head = row_hash
+                prev_hash, expected_seq, count = row_hash, seq + 1, count + 1
+        if head is None:
+            if count:
+                return VerifyReport(False, count, "head checkpoint missing")
+            return VerifyReport(True, 0)
+        head_seq, head_hash, signature = head
+        if not self.checkpoint.signature_valid(head_seq, head_hash, signature):
+            return VerifyReport(False, count, "head checkpoint signature invalid")
+        if head_seq > count:
+            return VerifyReport(
+                False, count,
+                f"entry {count + 1}: trail truncated (signed head is at entry {head_seq},"
+                f" trail ends at {count})",
+            )
+        if hash_at_head != head_hash:
+            return VerifyReport(False, count, f"entry {head_seq}: does not match the signed head")
+        return VerifyReport(True, count)

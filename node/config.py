@@ -1,0 +1,294 @@
+"""Settings: TOML file, then ``LAMINA__SECTION__KEY`` environment overrides, then CLI flags.
+
+Every value is checked when the node starts; a bad one is refused with a
+single line naming the key and the problem (``node.port: must be ...``), so a
+PACS administrator never has to read a traceback to fix a typo.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SERVICES = frozenset({"store", "find", "move", "get"})
+ENV_PREFIX = "LAMINA__"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range. The message names the key."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE we talk to: who may call us, and where we send to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    services: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def allows_address(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "LAMINA"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    workers: int = 2
+    max_pdu: int = 131072
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data: Path = Path("./data")
+    min_free_mb: int = 100
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    backend: str = "sqlite"
+    path: Path | None = None  # default: <data>/index.sqlite3
+    busy_timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    signing_key: Path = Path("./keys/audit-signing.pem")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    peers: tuple[Peer, ...] = ()
+
+    @property
+    def index_path(self) -> Path:
+        return self.index.path or self.storage.data / "index.sqlite3"
+
+    def peer_named(self, name: str) -> Peer | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def peers_with_ae(self, ae_title: str) -> list[Peer]:
+        return [p for p in self.peers if p.ae_title == ae_title]
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def load(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read a TOML file (or the built-in defaults), apply env and flag overrides, check all.
+
+    Relative paths are relative to the working directory, as with DCMTK's tools.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for dotted, value in _env_overrides(environ if environ is not None else os.environ):
+        _set_path(raw, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(raw, dotted, value)
+    return _build(raw)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """``LAMINA__NODE__PORT=11113`` → ("node.port", 11113). Values parse as TOML, else text."""
+    found = []
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        found.append((dotted, value))
+    return found
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    target = raw
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    target[leaf] = value
+
+
+def _section(raw: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: must be a section")
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}: unknown key")
+    return section
+
+
+def _get(section: dict[str, Any], prefix: str, key: str, kind: type, default: Any) -> Any:
+    value = section.get(key, default)
+    where = f"{prefix}.{key}"
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be text, got {value!r}")
+    return value
+
+
+def _ae_title(value: str, where: str) -> str:
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or not stripped.isprintable():
+        raise ConfigError(f"{where}: AE title must be 1-16 printable characters, got {value!r}")
+    return stripped
+
+
+def _range(value: int | float, lo: float, hi: float, where: str) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
+
+
+def _resolve_networks(host: str, where: str) -> tuple:
+    """A peer host may be an IP, a CIDR network, ``*`` (anywhere) or a resolvable name."""
+    if host == "*":
+        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    try:
+        return (ipaddress.ip_network(host, strict=False),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise ConfigError(f"{where}: host {host!r} does not resolve") from None
+    return tuple({ipaddress.ip_network(info[4][0]) for info in infos})
+
+
+def _build(raw: dict[str, Any]) -> Settings:
+    for key in raw:
+        if key not in {"node", "storage", "index", "audit", "log", "peers"}:
+            raise ConfigError(f"{key}: unknown section")
+    d = NodeSettings()
+    s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
+    node = NodeSettings(
+        ae_title=_ae_title(_get(s, "node", "ae_title", str, d.ae_title), "node.ae_title"),
+        bind=_get(s, "node", "bind", str, d.bind),
+        port=_get(s, "node", "port", int, d.port),
+        workers=_get(s, "node", "workers", int, d.workers),
+        max_pdu=_get(s, "node", "max_pdu", int, d.max_pdu),
+        max_associations=_get(s, "node", "max_associations", int, d.max_associations),
+        acse_timeout=_get(s, "node", "acse_timeout", float, d.acse_timeout),
+        dimse_timeout=_get(s, "node", "dimse_timeout", float, d.dimse_timeout),
+        network_timeout=_get(s, "node", "network_timeout", float, d.network_timeout),
+    )
+    _range(node.port, 0, 65535, "node.port")
+    _range(node.workers, 1, 64, "node.workers")
+    _range(node.max_pdu, 4096, 2**31 - 1, "node.max_pdu")
+    _range(node.max_associations, 1, 1000, "node.max_associations")
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        _range(getattr(node, key), 0.1, 86400, f"node.{key}")
+
+    s = _section(raw, "storage", set(StorageSettings.__dataclass_fields__))
+    storage = StorageSettings(
+        data=Path(_get(s, "storage", "data", str, str(StorageSettings.data))),
+        min_free_mb=_get(s, "storage", "min_free_mb", int, StorageSettings.min_free_mb),
+    )
+    _range(storage.min_free_mb, 0, 2**40, "storage.min_free_mb")
+
+    s = _section(raw, "index", set(IndexSettings.__dataclass_fields__))
+    backend = _get(s, "index", "backend", str, IndexSettings.backend)
+    if backend != "sqlite":
+        raise ConfigError(f"index.backend: only 'sqlite' is supported, got {backend!r}")
+    index_path = _get(s, "index", "path", str, "")
+    index = IndexSettings(
+        backend=backend,
+        path=Path(index_path) if index_path else None,
+        busy_timeout_ms=_get(s, "index", "busy_timeout_ms", int, IndexSettings.busy_timeout_ms),
+    )
+    _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
+
+    s = _section(raw, "audit", set(AuditSettings.__dataclass_fields__))
+    audit = AuditSettings(
+        signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key)))
+    )
+
+    s = _section(raw, "log", set(LogSettings.__dataclass_fields__))
+    level = _get(s, "log", "level", str, LogSettings.level).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"log.level: must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+
+    return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})))
+
+
+def _peers(raw: Any) -> tuple[Peer, ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError("peers: must be a section of [peers.NAME] tables")
+    peers = []
+    for name, s in raw.items():
+        where = f"peers.{name}"
+        if not isinstance(s, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in s:
+            if key not in {"ae_title", "host", "port", "services"}:
+                raise ConfigError(f"{where}.{key}: unknown key")
+        if "ae_title" not in s:
+            raise ConfigError(f"{where}.ae_title: missing")
+        ae = _ae_title(_get(s, where, "ae_title", str, ""), f"{where}.ae_title")
+        host = _get(s, where, "host", str, "127.0.0.1")
+        port = _get(s, where, "port", int, 104)
+        _range(port, 1, 65535, f"{where}.port")
+        services = s.get("services", ["store"])
+        if not isinstance(services, list) or not all(isinstance(x, str) for x in services):
+            raise ConfigError(f"{where}.services: must be a list of service names")
+        unknown = set(services) - SERVICES
+        if unknown:
+            raise ConfigError(
+                f"{where}.services: unknown service {sorted(unknown)[0]!r}"
+                f" (known: {', '.join(sorted(SERVICES))})"
+            )
+        peers.append(Peer(name, ae, host, port, frozenset(services),
+                          _resolve_networks(host, f"{where}.host")))
+    return tuple(peers)

@@ -1,0 +1,133 @@
+"""Association lifecycle: admit or reject, then log and audit every ending.
+
+Thin by design: the rules live in :mod:`node.policy`; this module applies them
+to pynetdicom events and keeps one :class:`Session` per live association.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+from node import status
+from node.audit.trail import Actor
+from node.config import Peer
+from node.context import NodeContext
+from node.ingest.pipeline import Source
+from node.policy import SlotLimiter, admit
+
+log = logging.getLogger("lamina.association")
+
+
+@dataclass
+class Session:
+    """What we know about one association while it lives."""
+
+    association_id: str
+    calling_ae: str
+    address: str
+    peer: Peer | None = None
+    slot_fd: int | None = None
+    stored: int = 0
+    failed: int = 0
+    ended: bool = False
+
+    @property
+    def source(self) -> Source:
+        return Source(self.calling_ae, self.address, self.association_id)
+
+    @property
+    def actor(self) -> Actor:
+        return self.source.actor
+
+
+class Sessions:
+    """Live associations of this process, keyed by pynetdicom's Association object."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.limiter = SlotLimiter(ctx.run_dir, ctx.settings.node.max_associations)
+        self._by_assoc: dict[Association, Session] = {}
+        self._lock = threading.Lock()
+
+    def of(self, assoc: Association) -> Session:
+        with self._lock:
+            return self._by_assoc[assoc]
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Admit a known peer from its address, within the association limit, or reject."""
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        session = Session(uuid.uuid4().hex, str(rq.calling_ae_title).strip(),
+                          str(assoc.requestor.address))
+        with self._lock:
+            self._by_assoc[assoc] = session
+        verdict = admit(self.ctx.settings, session.calling_ae, str(rq.called_ae_title),
+                        session.address)
+        rejection, detail = verdict.rejection, verdict.detail
+        if rejection is None:
+            session.peer = verdict.peer
+            session.slot_fd = self.limiter.acquire()
+            if session.slot_fd is None:
+                rejection = status.LOCAL_LIMIT_EXCEEDED
+                detail = f"{self.ctx.settings.node.max_associations} associations already active"
+        if rejection is None:
+            return
+        log.warning("association rejected", extra={"fields": {
+            "association": session.association_id, "calling_ae": session.calling_ae,
+            "address": session.address, "reason": rejection.reason, "detail": detail}})
+        self.ctx.audit.record("association.rejected", session.actor,
+                              {"reason": rejection.reason, "detail": detail},
+                              outcome="minor-failure")
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        assoc.kill()
+
+    def on_accepted(self, event: evt.Event) -> None:
+        session = self.of(event.assoc)
+        peer = session.peer.name if session.peer else ""
+        log.info("association accepted", extra={"fields": {
+            "association": session.association_id, "calling_ae": session.calling_ae,
+            "address": session.address, "peer": peer}})
+        self.ctx.audit.record("association.accepted", session.actor, {"peer": peer})
+
+    def on_released(self, event: evt.Event) -> None:
+        self._ended(event.assoc, "released")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self._ended(event.assoc, "aborted")
+
+    def _ended(self, assoc: Association, how: str) -> None:
+        """Log and audit an admitted association's end, once (events race across threads)."""
+        with self._lock:
+            session = self._by_assoc.get(assoc)
+            if session is None or session.peer is None or session.ended:
+                return
+            session.ended = True
+        log.info(f"association {how}", extra={"fields": {
+            "association": session.association_id, "calling_ae": session.calling_ae,
+            "stored": session.stored, "failed": session.failed}})
+        self.ctx.audit.record(f"association.{how}", session.actor,
+                              {"stored": session.stored, "failed": session.failed},
+                              outcome="success" if how == "released" else "minor-failure")
+
+    def on_closed(self, event: evt.Event) -> None:
+        """The socket is gone: an association that ended without release was aborted."""
+        self._ended(event.assoc, "aborted")
+        with self._lock:
+            session = self._by_assoc.pop(event.assoc, None)
+        if session and session.slot_fd is not None:
+            SlotLimiter.release(session.slot_fd)
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
+        ]

@@ -1,0 +1,37 @@
+"""C-STORE: hand the spooled dataset to the ingest service and answer its outcome."""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from node import status
+from node.context import NodeContext
+from node.handlers.association import Sessions
+from node.status import Outcome
+
+log = logging.getLogger("lamina.store")
+
+
+def make_store_handler(ctx: NodeContext, sessions: Sessions):
+    """Bind the handler to the node's context and session registry."""
+
+    def handle_store(event: evt.Event) -> Dataset:
+        session = sessions.of(event.assoc)
+        if session.peer is None or "store" not in session.peer.services:
+            session.failed += 1
+            return Outcome(status.NOT_AUTHORISED, "this peer may not store").as_dimse()
+        result = ctx.ingest.ingest_file(event.dataset_path, session.source)
+        if result.outcome.status.is_success:
+            session.stored += 1
+        else:
+            session.failed += 1
+        log.info("instance " + result.action, extra={"fields": {
+            "association": session.association_id, "sop_instance_uid": result.sop_instance_uid,
+            "sha256": result.sha256, "status": f"0x{result.outcome.status.code:04X}",
+            "reason": result.outcome.comment}})
+        return result.outcome.as_dimse()
+
+    return handle_store

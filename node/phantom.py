@@ -1,0 +1,150 @@
+"""A synthetic CT phantom with real geometry: the test data, the demo study, the benchmark load.
+
+One study, one axial series of 512×512 int16 slices (HU with a -1024
+intercept), real ImagePositionPatient/Orientation/PixelSpacing, and a few
+spheres of soft tissue and bone in water, so later checks (geometry, masks,
+annotation consistency) have structures with known shapes. Everything is
+synthetic: names and IDs are made up, UIDs derive from a seed so a test can
+rebuild the same study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+
+@dataclass(frozen=True)
+class Sphere:
+    center_mm: tuple[float, float, float]  # patient coordinates (x, y, z)
+    radius_mm: float
+    hu: int
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """The study's parameters; :meth:`slices` yields the datasets."""
+
+    seed: str = "lamina-phantom"
+    slices_count: int = 40
+    rows: int = 512
+    columns: int = 512
+    pixel_spacing: float = 0.7
+    slice_spacing: float = 2.5
+    origin: tuple[float, float, float] = (-179.2, -179.2, -50.0)
+    patient_name: str = "PHANTOM^SYNTHETIC"
+    patient_id: str = "SYN-0001"
+    spheres: tuple[Sphere, ...] = field(default_factory=lambda: (
+        Sphere((0.0, 0.0, 0.0), 20.0, 40),
+        Sphere((60.0, -30.0, 10.0), 12.0, 700),
+        Sphere((-70.0, 40.0, -15.0), 8.0, 60),
+    ))
+
+    def uid(self, *parts: object) -> str:
+        return generate_uid(entropy_srcs=[self.seed, *map(str, parts)])
+
+    @property
+    def study_uid(self) -> str:
+        return self.uid("study")
+
+    @property
+    def series_uid(self) -> str:
+        return self.uid("series")
+
+    def sop_uid(self, index: int) -> str:
+        return self.uid("instance", index)
+
+    def z_of(self, index: int) -> float:
+        return self.origin[2] + index * self.slice_spacing
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Stored values (HU + 1024) of one slice."""
+        x = self.origin[0] + np.arange(self.columns) * self.pixel_spacing
+        y = self.origin[1] + np.arange(self.rows) * self.pixel_spacing
+        xx, yy = np.meshgrid(x, y)
+        hu = np.full((self.rows, self.columns), -1000, dtype=np.int16)  # air
+        hu[(xx**2 + yy**2) < 150.0**2] = 0  # water body
+        z = self.z_of(index)
+        for s in self.spheres:
+            dz2 = (z - s.center_mm[2]) ** 2
+            if dz2 < s.radius_mm**2:
+                inside = (xx - s.center_mm[0]) ** 2 + (yy - s.center_mm[1]) ** 2 < s.radius_mm**2 - dz2
+                hu[inside] = s.hu
+        return (hu + 1024).astype(np.int16)
+
+    def slice(self, index: int) -> Dataset:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = self.sop_uid(index)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = self.sop_uid(index)
+        ds.StudyDate = "20260101"
+        ds.SeriesDate = "20260101"
+        ds.ContentDate = "20260101"
+        ds.StudyTime = "120000"
+        ds.ContentTime = "120000"
+        ds.AccessionNumber = "ACC-SYN-1"
+        ds.Modality = "CT"
+        ds.Manufacturer = "Lamina Synthetic"
+        ds.ReferringPhysicianName = "REFERRER^SYNTHETIC"
+        ds.StudyDescription = "Synthetic phantom"
+        ds.SeriesDescription = "Axial 2.5 mm"
+        ds.PatientName = self.patient_name
+        ds.PatientID = self.patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.SliceThickness = f"{self.slice_spacing:g}"
+        ds.KVP = "120"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = self.study_uid
+        ds.SeriesInstanceUID = self.series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [f"{self.origin[0]:g}", f"{self.origin[1]:g}",
+                                   f"{self.z_of(index):g}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.FrameOfReferenceUID = self.uid("frame-of-reference")
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = f"{self.z_of(index):g}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = self.rows
+        ds.Columns = self.columns
+        ds.PixelSpacing = [f"{self.pixel_spacing:g}", f"{self.pixel_spacing:g}"]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        ds.PixelData = self.pixels(index).tobytes()
+        return ds
+
+    def slices(self) -> Iterator[Dataset]:
+        for i in range(self.slices_count):
+            yield self.slice(i)
+
+    def write(self, folder: Path) -> list[Path]:
+        """Write every slice as a DICOM file (``CT0001.dcm`` ...) and return the paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, ds in enumerate(self.slices()):
+            path = folder / f"CT{i + 1:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        return paths
