@@ -13,26 +13,26 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings
 

@@ -80,7 +80,8 @@ def serve(settings: Settings, workers: int | None) -> None:
 @click.option("--aet", help="Calling AE title (default: node.ae_title).")
 def echo(settings: Settings, peer: str, aet: str | None) -> None:
     """C-ECHO a PEER (a configured peer name, or AE@HOST:PORT)."""
-    from node.scu import PeerError, echo as do_echo, resolve_peer
+    from node.scu import PeerError, resolve_peer
+    from node.scu import echo as do_echo
 
     try:
         target = resolve_peer(settings, peer)

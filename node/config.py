@@ -174,9 +174,8 @@ def _get(section: dict[str, Any], prefix: str, key: str, kind: type, default: An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         value = float(value)
-    elif kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be text, got {value!r}")
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: must be text, got {value!r}")
     return value
 
 
@@ -187,7 +186,7 @@ def _ae_title(value: str, where: str) -> str:
     return stripped
 
 
-def _range(value: int | float, lo: float, hi: float, where: str) -> None:
+def _range(value: float, lo: float, hi: float, where: str) -> None:
     if not lo <= value <= hi:
         raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
 
@@ -286,7 +285,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         unknown = set(services) - SERVICES
         if unknown:
             raise ConfigError(
-                f"{where}.services: unknown service {sorted(unknown)[0]!r}"
+                f"{where}.services: unknown service {min(unknown)!r}"
                 f" (known: {', '.join(sorted(SERVICES))})"
             )
         peers.append(Peer(name, ae, host, port, frozenset(services),
