@@ -61,7 +61,7 @@ class FsckReport:
 
 
 def fsck(settings: Settings) -> FsckReport:
-    """Every blob the index references exists and hashes to its name."""
+    """Every blob the index references exists, and every blob hashes to its name."""
     ctx = NodeContext.open(settings, migrate=False)
     report = FsckReport()
     try:
@@ -70,13 +70,13 @@ def fsck(settings: Settings) -> FsckReport:
             referenced = {row[0] for row in conn.execute(
                 "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
                 " UNION SELECT blob_sha256 FROM quarantine")}
-        for sha in sorted(referenced):
+        on_disk = set(ctx.blobs.iter_hashes())
+        report.missing = sorted(referenced - on_disk)
+        for sha in sorted(on_disk):
             report.checked += 1
-            if not ctx.blobs.exists(sha):
-                report.missing.append(sha)
-            elif not ctx.blobs.verify(sha):
+            if not ctx.blobs.verify(sha):
                 report.corrupt.append(sha)
-        report.unreferenced = sorted(set(ctx.blobs.iter_hashes()) - referenced)
+        report.unreferenced = sorted(on_disk - referenced)
         report.stale_spool = len(ctx.blobs.stale_spool_files())
     finally:
         ctx.close()

@@ -1,0 +1,38 @@
+"""Shared fixtures: the synthetic CT phantom on disk, and nodes on ephemeral ports."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.phantom import Phantom
+from tests.nodeproc import NodeProcess
+
+
+@pytest.fixture(scope="session")
+def phantom() -> Phantom:
+    return Phantom(seed="tests", slices_count=12)
+
+
+@pytest.fixture(scope="session")
+def phantom_files(phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 12-slice 512×512 CT series written once per test session."""
+    return phantom.write(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    """A running single-worker node with one permitted peer (TESTSCU at 127.0.0.1)."""
+    with NodeProcess(tmp_path / "node") as n:
+        yield n
+
+
+def require(binary: str) -> str:
+    """The path of a binary the test needs, or a skip naming it."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (Debian package dcmtk; .ci/run installs it)")
+    return path

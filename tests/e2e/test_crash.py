@@ -1,0 +1,103 @@
+"""kill -9 while DCMTK storescu sends 200 instances: nothing the sender saw succeed is lost.
+
+The node runs as a subprocess with two receiving workers (the production
+layout). It is killed with SIGKILL at several points of the transfer, then
+restarted on the same data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from node.phantom import Phantom
+from tests.conftest import require
+from tests.nodeproc import TEST_AET, NodeProcess
+
+
+@pytest.fixture(scope="module")
+def study_200(tmp_path_factory) -> list[Path]:
+    return Phantom(seed="crash", slices_count=200).write(tmp_path_factory.mktemp("crash-study"))
+
+
+def worker_pids(node: NodeProcess) -> set[int]:
+    import json
+
+    return {json.loads(line)["pid"] for line in node.log().splitlines()
+            if '"msg": "listening"' in line}
+
+
+def wait_gone(pids: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"worker {pid} outlived the killed node")
+
+
+def send_until_killed(node: NodeProcess, files: list[Path], kill_after: int) -> list[Path]:
+    """Run storescu; SIGKILL the node after ``kill_after`` successes; return the succeeded files."""
+    storescu = require("storescu")
+    proc = subprocess.Popen(
+        [storescu, "-v", "-aet", TEST_AET, "-aec", "LAMINA", "127.0.0.1", str(node.port),
+         *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    succeeded: list[Path] = []
+    current: Path | None = None
+    killed = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("I: Sending file: "):
+            current = Path(line.removeprefix("I: Sending file: ").strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            succeeded.append(current)
+            if len(succeeded) >= kill_after and not killed:
+                pids = worker_pids(node)
+                node.kill9()
+                wait_gone(pids)
+                killed = True
+    proc.wait(timeout=120)
+    assert killed, "the transfer finished before the kill point"
+    return succeeded
+
+
+@pytest.mark.parametrize("kill_after", [1, 70, 160])
+def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path, study_200, kill_after):
+    node = NodeProcess(tmp_path / "node", workers=2).start()
+    succeeded = send_until_killed(node, study_200, kill_after)
+    assert len(succeeded) >= kill_after
+
+    node.start()  # same config and data folder
+    try:
+        with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
+            indexed = dict(conn.execute("SELECT sop_instance_uid, blob_sha256 FROM instance"))
+        for path in succeeded:
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert uid in indexed, f"acknowledged instance {path.name} lost"
+            blob = node.data / "blobs" / indexed[uid][:2] / indexed[uid][2:4] / indexed[uid]
+            data = blob.read_bytes()
+            assert hashlib.sha256(data).hexdigest() == indexed[uid]
+            assert dcmread(blob).PixelData == dcmread(path).PixelData
+        assert not list((node.data / "spool").iterdir()), "stale spool files survived restart"
+        fsck = node.lamina("fsck")
+        assert fsck.returncode == 0, fsck.stdout  # every blob whole, none missing
+        verify = node.lamina("audit", "verify")
+        assert verify.returncode == 0, verify.stderr
+        assert node.echo() == 0
+    finally:
+        node.stop()

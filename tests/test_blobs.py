@@ -1,0 +1,47 @@
+"""The content-addressed blob store."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from node.storage.blobs import BlobStore, OutOfSpace
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    return BlobStore(tmp_path / "blobs", tmp_path / "spool")
+
+
+def test_name_is_the_sha256_of_the_bytes(blobs):
+    ref = blobs.put_bytes(b"some dicom bytes")
+    digest = hashlib.sha256(b"some dicom bytes").hexdigest()
+    assert ref.sha256 == digest and ref.created and ref.size == 16
+    assert blobs.path_for(digest).read_bytes() == b"some dicom bytes"
+    assert blobs.verify(digest)
+    assert list(blobs.spool_dir.iterdir()) == []
+
+
+def test_identical_bytes_are_stored_once(blobs):
+    assert blobs.put_bytes(b"x").created
+    assert not blobs.put_bytes(b"x").created
+    assert list(blobs.iter_hashes()) == [hashlib.sha256(b"x").hexdigest()]
+
+
+def test_received_values_never_become_paths(blobs):
+    for hostile in ("../../etc/passwd", "1.2.840.10008.1", "A" * 64):
+        with pytest.raises(ValueError):
+            blobs.path_for(hostile)
+
+
+def test_corruption_is_detected(blobs):
+    ref = blobs.put_bytes(b"original")
+    blobs.path_for(ref.sha256).write_bytes(b"0riginal")
+    assert not blobs.verify(ref.sha256)
+
+
+def test_free_space_floor(tmp_path):
+    store = BlobStore(tmp_path / "b", tmp_path / "s", min_free_bytes=1 << 62)
+    with pytest.raises(OutOfSpace, match="MB free"):
+        store.ensure_space()
