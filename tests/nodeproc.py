@@ -95,6 +95,9 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node did not answer C-ECHO: {self.log()[-2000:]}")
 
+    def blob_path(self, sha256: str) -> Path:
+        return self.data / "blobs" / sha256[:2] / sha256
+
     def listening_workers(self) -> int:
         return self.log().count('"msg": "listening"')
 

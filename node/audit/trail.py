@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +83,8 @@ class HeadCheckpoint:
         self.head_path = head_path
         self.key_path = key_path
         self._key = self._load_or_create_key()
+        self._lock = threading.Lock()  # flock is per open file: threads queue here first
+        self._lock_fd: int | None = None
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         if self.key_path.exists():
@@ -106,22 +109,29 @@ class HeadCheckpoint:
         return f"lamina-audit-head:{seq}:{hash_}".encode()
 
     def advance(self, entry: AuditEntry) -> None:
-        """Move the head forward (never back: concurrent writers may finish out of order)."""
-        self.head_path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.head_path.with_suffix(".lock")
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.read()
-            if current and current[0] >= entry.seq:
-                return
-            signature = self._key.sign(self._message(entry.seq, entry.hash))
-            body = json.dumps(
-                {"seq": entry.seq, "hash": entry.hash,
-                 "signature": base64.b64encode(signature).decode()}
-            )
-            tmp = self.head_path.with_suffix(".tmp")
-            tmp.write_text(body)
-            os.replace(tmp, self.head_path)
+        """Move the head forward (never back: concurrent writers may finish out of order).
+
+        Not fsync'd: the index commit before it is, so after a power cut the
+        head can only lag the trail (which verify accepts), never lead it.
+        """
+        with self._lock:
+            if self._lock_fd is None:
+                self.head_path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(self.head_path.with_suffix(".lock"),
+                                        os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                current = self.read()
+                if current and current[0] >= entry.seq:
+                    return
+                signature = self._key.sign(self._message(entry.seq, entry.hash))
+                body = json.dumps({"seq": entry.seq, "hash": entry.hash,
+                                   "signature": base64.b64encode(signature).decode()})
+                tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(body)
+                os.replace(tmp, self.head_path)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def read(self) -> tuple[int, str, bytes] | None:
         if not self.head_path.exists():

@@ -53,7 +53,11 @@ def fsync_dir(path: Path) -> None:
 
 
 class BlobStore:
-    """Files under ``<root>/<aa>/<bb>/<sha256>``, spooled through ``spool_dir``.
+    """Files under ``<root>/<aa>/<sha256>``, spooled through ``spool_dir``.
+
+    One level of 256 shard folders: a second level would make nearly every
+    new blob create (and fsync) a new folder until the store holds millions,
+    while ext4's hashed directories keep lookups fast at thousands per folder.
 
     ``spool_dir`` must be on the same filesystem as ``root`` so that promotion
     is a rename, not a copy.
@@ -69,7 +73,7 @@ class BlobStore:
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
             raise ValueError("not a SHA-256 hex digest")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return self.root / sha256[:2] / sha256
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
@@ -123,18 +127,14 @@ class BlobStore:
             spooled.unlink(missing_ok=True)
 
     def _make_dirs(self, directory: Path) -> None:
-        """Create the two shard levels, fsyncing each parent that gained an entry."""
-        missing = []
-        d = directory
-        while not d.is_dir():
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                continue
-            fsync_dir(d.parent)
+        """Create a shard folder on first use, making its entry durable."""
+        if directory.is_dir():
+            return
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            return
+        fsync_dir(directory.parent)
 
     def verify(self, sha256: str) -> bool:
         """True when the blob exists and its bytes still hash to its name."""
@@ -142,12 +142,12 @@ class BlobStore:
         return path.is_file() and sha256_of_file(path)[0] == sha256
 
     def iter_hashes(self) -> Iterator[str]:
-        for path in self.root.glob("??/??/*"):
+        for path in self.root.glob("??/*"):
             if path.is_file():
                 yield path.name
 
     def disk_used(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("??/??/*") if p.is_file())
+        return sum(p.stat().st_size for p in self.root.glob("??/*") if p.is_file())
 
     def stale_spool_files(self) -> list[Path]:
         return [p for p in self.spool_dir.iterdir() if p.is_file()]

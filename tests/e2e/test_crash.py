@@ -89,7 +89,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path, study_200, kil
         for path in succeeded:
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert uid in indexed, f"acknowledged instance {path.name} lost"
-            blob = node.data / "blobs" / indexed[uid][:2] / indexed[uid][2:4] / indexed[uid]
+            blob = node.blob_path(indexed[uid])
             data = blob.read_bytes()
             assert hashlib.sha256(data).hexdigest() == indexed[uid]
             assert dcmread(blob).PixelData == dcmread(path).PixelData

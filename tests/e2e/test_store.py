@@ -25,7 +25,7 @@ def index_rows(node: NodeProcess, sql: str) -> list[tuple]:
 
 
 def blob_path(node: NodeProcess, sha: str) -> Path:
-    return node.data / "blobs" / sha[:2] / sha[2:4] / sha
+    return node.blob_path(sha)
 
 
 def audit_actions(node: NodeProcess) -> list[str]:

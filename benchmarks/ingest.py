@@ -1,0 +1,152 @@
+"""Ingest throughput: DCMTK storescu into DCMTK storescp, Orthanc and ``lamina serve``.
+
+Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
+warm-up, then 3 timed repeats, with 1 and with 2 concurrent senders (the
+series split in halves). Every repeat receives into an empty folder, so no
+server takes a shortcut for resends. Prints instances/s and the ratios.
+
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--repeats 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from node.phantom import Phantom
+from tests.nodeproc import TEST_AET, NodeProcess, free_port
+
+Server = Callable[[Path], "contextmanager[tuple[str, int]]"]
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@contextmanager
+def storescp(work: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    out = work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "--fork", "-od", str(out), "-aet", "STORESCP", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        _wait_port(port)
+        yield "STORESCP", port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def orthanc(work: Path) -> Iterator[tuple[str, int]]:
+    port, http = free_port(), free_port()
+    cfg = work / "orthanc.json"
+    cfg.write_text(json.dumps({
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+        "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+    }))
+    proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
+        yield "ORTHANC", port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def lamina(workers: int) -> Server:
+    @contextmanager
+    def server(work: Path) -> Iterator[tuple[str, int]]:
+        node = NodeProcess(work / "lamina", workers=workers).start()
+        try:
+            yield "LAMINA", node.port
+        finally:
+            node.stop()
+
+    return server
+
+
+def send(called: str, port: int, files: list[Path], senders: int) -> float:
+    """Seconds for ``senders`` concurrent storescu processes to send ``files`` between them."""
+    chunks = [files[i::senders] for i in range(senders)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", TEST_AET, "-aec", called, "127.0.0.1",
+                               str(port), *map(str, chunk)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for chunk in chunks]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def measure(server: Server, files: list[Path], senders: int, repeats: int) -> list[float]:
+    rates = []
+    for run in range(repeats + 1):  # run 0 is the warm-up
+        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port):
+            seconds = send(called, port, files, senders)
+        if run:
+            rates.append(len(files) / seconds)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="lamina receiving processes")
+    args = parser.parse_args()
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        raise SystemExit("needs DCMTK (apt-get install dcmtk)")
+    servers: dict[str, Server] = {"storescp": storescp}
+    if shutil.which("Orthanc"):
+        servers["orthanc"] = orthanc
+    else:
+        print("Orthanc not installed (apt-get install orthanc): not measured")
+    servers[f"lamina ({args.workers} workers)"] = lamina(args.workers)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Phantom(seed="bench", slices_count=args.slices).write(Path(tmp) / "study")
+        print(f"{args.slices} slices of 512x512 int16, {args.repeats} repeats after a warm-up")
+        for senders in (1, 2):
+            medians = {}
+            for name, server in servers.items():
+                rates = measure(server, files, senders, args.repeats)
+                medians[name] = statistics.median(rates)
+                print(f"  {senders} sender(s)  {name:<22} median {medians[name]:7.1f} inst/s"
+                      f"  (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+            lamina_rate = medians[f"lamina ({args.workers} workers)"]
+            for name in ("storescp", "orthanc"):
+                if name in medians:
+                    print(f"  {senders} sender(s)  ratio lamina/{name}: "
+                          f"{lamina_rate / medians[name]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
