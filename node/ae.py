@@ -11,6 +11,7 @@ Two socket facts shape this module (see ../shared/NOTES.md):
 from __future__ import annotations
 
 import socket
+import socketserver
 from typing import Any
 
 from pydicom.uid import (
@@ -76,6 +77,15 @@ class LaminaServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def stop(self) -> None:
+        """Stop accepting and close the socket.
+
+        pynetdicom's own ``shutdown`` also unregisters the server from the AE,
+        which fails for a server made by ``make_server`` (never registered).
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = super().get_request()

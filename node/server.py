@@ -83,7 +83,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     try:
         _wait_for_stop()
     finally:
-        server.shutdown()
+        server.stop()
         ctx.close()
 
 
@@ -116,6 +116,11 @@ def serve(settings: Settings) -> None:
                 w.terminate()
             for w in workers:
                 w.join(timeout=10)
+                if w.is_alive():
+                    log.error("worker did not stop in 10 s; killing it",
+                              extra={"fields": {"worker_pid": w.pid}})
+                    w.kill()
+                    w.join()
     finally:
         ctx.audit.record("node.stopped", actor, {})
         ctx.close()
