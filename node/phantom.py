@@ -78,7 +78,8 @@ class Phantom:
         for s in self.spheres:
             dz2 = (z - s.center_mm[2]) ** 2
             if dz2 < s.radius_mm**2:
-                inside = (xx - s.center_mm[0]) ** 2 + (yy - s.center_mm[1]) ** 2 < s.radius_mm**2 - dz2
+                in_plane = (xx - s.center_mm[0]) ** 2 + (yy - s.center_mm[1]) ** 2
+                inside = in_plane < s.radius_mm**2 - dz2
                 hu[inside] = s.hu
         return (hu + 1024).astype(np.int16)
 

@@ -28,10 +28,6 @@ class Status:
     def is_success(self) -> bool:
         return self.code == 0x0000
 
-    @property
-    def is_failure(self) -> bool:
-        return self.code not in (0x0000, 0xFF00, 0xFF01, 0xFE00) and not 0xB000 <= self.code <= 0xBFFF
-
 
 SUCCESS = Status(0x0000, 200, "Success")
 #: Out of disk space, or the index could not commit.

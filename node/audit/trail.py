@@ -166,7 +166,9 @@ class AuditTrail:
 
         Call :meth:`committed` with the result once the transaction commits.
         """
-        last = conn.execute("SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1").fetchone()
+        last = conn.execute(
+            "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
         time, actor_s, obj_s = utc_now(), _canonical(actor.as_dict()), _canonical(obj)
         digest = _entry_hash(seq, time, actor_s, action, obj_s, outcome, prev_hash)
@@ -210,7 +212,9 @@ class AuditTrail:
                         False, count, f"entry {seq}: previous-hash link broken"
                     )
                 if _entry_hash(seq, time, actor, action, obj, outcome, row_prev) != row_hash:
-                    return VerifyReport(False, count, f"entry {seq}: content does not match its hash")
+                    return VerifyReport(
+                        False, count, f"entry {seq}: content does not match its hash"
+                    )
                 if head and seq == head[0]:
                     hash_at_head = row_hash
                 prev_hash, expected_seq, count = row_hash, seq + 1, count + 1

@@ -6,6 +6,8 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+import threading
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node import status
+from node.phantom import Phantom
 from tests.conftest import require
 from tests.nodeproc import TEST_AET, NodeProcess, store
 
@@ -68,6 +71,7 @@ def test_dcmtk_storescu_and_echoscu(node, phantom_files):
     assert sent.stdout.count("Received Store Response (Success)") + \
         sent.stderr.count("Received Store Response (Success)") == len(phantom_files)
     assert index_rows(node, "SELECT count(*) FROM instance") == [(len(phantom_files),)]
+    assert node.lamina("fsck").returncode == 0  # every blob hashes to its name
 
 
 def _reject_reason(port: int, aet: str, called: str = "LAMINA") -> tuple[int, int, int] | None:
@@ -239,3 +243,35 @@ def test_ct_storage_is_offered_with_compressed_syntaxes(node):
             ["1.2.840.10008.1.2.4.90"]
     finally:
         assoc.release()
+
+
+def test_concurrent_associations_into_two_workers(tmp_path):
+    """Three senders at once into two receiving processes: every instance indexed once."""
+    studies = [list(Phantom(seed=f"concurrent-{i}", slices_count=6).slices()) for i in range(3)]
+    results: dict[int, list] = {}
+    with NodeProcess(tmp_path / "n", workers=2) as node:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, store(node.port, studies[i]))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(results[i] == [(0, "")] * 6 for i in range(3))
+        assert index_rows(node, "SELECT count(*), count(DISTINCT sop_instance_uid)"
+                                " FROM instance") == [(18, 18)]
+        assert index_rows(node, "SELECT count(*) FROM study") == [(3,)]
+        assert node.lamina("audit", "verify").returncode == 0
+
+
+def test_aborted_association_is_audited(node):
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="LAMINA")
+    assert assoc.is_established
+    assoc.abort()
+    for _ in range(50):
+        if "association.aborted" in audit_actions(node):
+            break
+        time.sleep(0.1)
+    assert "association.aborted" in audit_actions(node)
+    assert node.echo() == 0
