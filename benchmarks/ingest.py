@@ -46,7 +46,8 @@ def storescp(work: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "--fork", "-od", str(out), "-aet", "STORESCP", str(port)],
+    proc = subprocess.Popen(["storescp", "--fork", "-od", str(out), "-aet", "STORESCP",
+                             str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TCP_NODELAY": "1"})
     try:
@@ -67,8 +68,9 @@ def orthanc(work: Path) -> Iterator[tuple[str, int]]:
         "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
     }))
+    # Orthanc's DICOM server is DCMTK: it too needs TCP_NODELAY=1 to be fair.
     proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
     try:
         _wait_port(port)
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
