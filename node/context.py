@@ -45,4 +45,5 @@ class NodeContext:
         return path
 
     def close(self) -> None:
+        self.audit.close()
         self.index.close()

@@ -83,8 +83,11 @@ class HeadCheckpoint:
         self.head_path = head_path
         self.key_path = key_path
         self._key = self._load_or_create_key()
-        self._lock = threading.Lock()  # flock is per open file: threads queue here first
+        self._write_lock = threading.Lock()  # flock is per open file: threads queue here
         self._lock_fd: int | None = None
+        self._pending: AuditEntry | None = None
+        self._pending_changed = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         if self.key_path.exists():
@@ -109,12 +112,40 @@ class HeadCheckpoint:
         return f"lamina-audit-head:{seq}:{hash_}".encode()
 
     def advance(self, entry: AuditEntry) -> None:
-        """Move the head forward (never back: concurrent writers may finish out of order).
+        """Ask for the head to move forward to ``entry``; returns at once.
 
-        Not fsync'd: the index commit before it is, so after a power cut the
-        head can only lag the trail (which verify accepts), never lead it.
+        A background thread writes the newest pending entry, so a burst of
+        stores costs one signed write, not one per instance. The head may lag
+        the trail by that one write (and after kill -9 or a power cut), which
+        verify accepts; it can never lead it, because the index commit came first.
         """
-        with self._lock:
+        with self._pending_changed:
+            if self._pending is None or entry.seq > self._pending.seq:
+                self._pending = entry
+                self._pending_changed.notify()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="audit-head",
+                                                daemon=True)
+                self._writer.start()
+
+    def flush(self) -> None:
+        """Write any pending head now (at shutdown, and before a verify in the same process)."""
+        with self._pending_changed:
+            entry, self._pending = self._pending, None
+        if entry is not None:
+            self._write(entry)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._pending_changed:
+                while self._pending is None:
+                    self._pending_changed.wait()
+                entry, self._pending = self._pending, None
+            self._write(entry)
+
+    def _write(self, entry: AuditEntry) -> None:
+        """Write ``entry`` as the head unless a newer one is already there (other processes)."""
+        with self._write_lock:
             if self._lock_fd is None:
                 self.head_path.parent.mkdir(parents=True, exist_ok=True)
                 self._lock_fd = os.open(self.head_path.with_suffix(".lock"),
@@ -182,6 +213,9 @@ class AuditTrail:
     def committed(self, entry: AuditEntry) -> None:
         self.checkpoint.advance(entry)
 
+    def close(self) -> None:
+        self.checkpoint.flush()
+
     def record(
         self, action: str, actor: Actor, obj: dict[str, Any], outcome: str = "success"
     ) -> AuditEntry:
@@ -194,6 +228,7 @@ class AuditTrail:
     def verify(self) -> VerifyReport:
         """Walk the chain and compare its end with the signed head."""
         expected_seq, prev_hash, count = 1, GENESIS, 0
+        self.checkpoint.flush()
         head = self.checkpoint.read()
         hash_at_head = None
         with self.index.read() as conn:
