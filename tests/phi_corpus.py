@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 
 PRIVATE_CREATOR = "PLANTED CREATOR 1.0"
-UNKNOWN_PUBLIC_UID_TAG = 0x00710042  # not in the data dictionary: read back as UN
+UNKNOWN_PUBLIC_UID_TAG = 0x0012EE42  # not in the data dictionary: read back as UN
 
 
 def uid(*parts: object) -> str:
@@ -312,7 +312,7 @@ def write_ct_series(study: Study, directory: Path, *, rows: int = 32, columns: i
         ds = _ct_slice(study, i, rng, rows, columns, planted)
         path = directory / f"ct_{study.patient.key}{study.index}_{i:04d}.dcm"
         if study.transfer_syntax == RLELossless:
-            ds.compress(RLELossless, encoding_plugin="pydicom")
+            ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
         elif study.transfer_syntax == DeflatedExplicitVRLittleEndian:
             ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
         dcmwrite(path, ds, enforce_file_format=True)
