@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -57,6 +58,21 @@ def test_anonymize_a_folder_writes_content_addressed_files(runner, key, series, 
                                 "--key-file", str(key)])
     assert again.exit_code == 0
     assert sorted(out.iterdir()) == files  # same input, same bytes, same names
+
+
+def test_parallel_jobs_give_the_same_files_and_map(runner, key, series, tmp_path):
+    outputs, maps = {}, {}
+    for jobs in ("1", "2"):
+        index = tmp_path / f"map{jobs}.sqlite"
+        result = runner.invoke(cli, ["anonymize", str(series[0].parent), "--out",
+                                     str(tmp_path / f"out{jobs}"), "--key-file", str(key),
+                                     "--index", str(index), "--jobs", jobs])
+        assert result.exit_code == 0, result.output
+        outputs[jobs] = {p.name: p.read_bytes() for p in (tmp_path / f"out{jobs}").iterdir()}
+        with sqlite3.connect(index) as conn:
+            maps[jobs] = sorted(conn.execute("SELECT lookup FROM reid_uid").fetchall())
+    assert outputs["1"] == outputs["2"] and len(outputs["1"]) == len(series)
+    assert maps["1"] == maps["2"] and len(maps["1"]) == len(series) + 3
 
 
 def test_anonymize_without_a_key_says_how_to_make_one(runner, series, tmp_path):

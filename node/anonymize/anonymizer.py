@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from pydicom import config
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
@@ -47,6 +48,12 @@ IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:lamina:im
 IMPLEMENTATION_VERSION_NAME = f"LAMINA_{__version__.replace('.', '_')}"[:16]
 
 _TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT", "PN"})
+# Value representations that cannot carry text: kept elements of these VRs are copied
+# as the raw bytes read, never decoded, which is most of the engine's speed.
+_INERT_VRS = frozenset({
+    "AT", "DS", "FD", "FL", "IS", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SS", "SV",
+    "UL", "US", "UV", "US or SS", "OB or OW", "US or OW", "US or SS or OW",
+})
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
 _DUMMY = {
     "AE": "ANONYMOUS", "CS": "ANONYMOUS", "LO": "ANONYMOUS", "LT": "ANONYMOUS",
@@ -159,6 +166,13 @@ def _shift_ymd(yyyymmdd: str, precision: int, days: int) -> str | None:
     except (ValueError, OverflowError):
         return None
     return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"[:precision]
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 def _values(value: Any) -> list[Any]:
@@ -359,51 +373,73 @@ class Deidentifier:
 
     def _dataset(self, ds: Dataset, call: _Call) -> Dataset:
         out = Dataset()
+        # Same encoding as the source, so pydicom writes the raw elements copied below
+        # as they are instead of decoding and re-encoding every one of them.
+        implicit, little = ds.original_encoding
+        out.set_original_encoding(implicit, little, ds.original_character_set)
         creators: dict[tuple[int, int], DataElement] = {}
-        used_blocks: set[tuple[int, int]] = set()
-        for elem in ds:
-            tag = elem.tag
+        # keys(), not iteration: iterating a Dataset decodes every element.
+        for tag in ds.keys():  # noqa: SIM118
             group, element = tag >> 16, tag & 0xFFFF
             if group & 1:
                 if 0x0010 <= element <= 0x00FF:
-                    creators[(group, element)] = elem
+                    creators[(group, element)] = ds[tag]
                 continue
-            new = self._element(elem, ds, call)
+            new = self._element(tag, ds.get_item(tag), ds, call)
+            if new is not None:
+                out[tag] = new
+        if self._private_kept and creators:
+            self._private(ds, out, creators, call)
+        return out
+
+    def _private(self, ds: Dataset, out: Dataset,
+                 creators: dict[tuple[int, int], DataElement], call: _Call) -> None:
+        """Private elements the project vouches for (Retain Safe Private), with the
+        creator elements that give them meaning; everything else private is dropped."""
+        used_blocks: set[tuple[int, int]] = set()
+        for tag in ds.keys():  # noqa: SIM118
+            group, element = tag >> 16, tag & 0xFFFF
+            if not group & 1 or element < 0x1000:
+                continue
+            block = (group, element >> 8)
+            creator = creators.get(block)
+            if creator is None or not self._safe_private(group, str(creator.value), element):
+                continue
+            new = self._kept(ds[tag], ds, call)
             if new is not None:
                 out.add(new)
-        if self._private_kept:
-            for elem in ds:
-                tag = elem.tag
-                group, element = tag >> 16, tag & 0xFFFF
-                if not group & 1 or element < 0x1000:
-                    continue
-                block = (group, element >> 8)
-                creator = creators.get(block)
-                if creator is None or not self._safe_private(group, str(creator.value), element):
-                    continue
-                new = self._kept(elem, ds, call)
-                if new is not None:
-                    out.add(new)
-                    used_blocks.add(block)
-            for block in used_blocks:
-                out.add(_new(creators[block], creators[block].value))
-        return out
+                used_blocks.add(block)
+        for block in used_blocks:
+            out.add(_new(creators[block], creators[block].value))
 
     def _safe_private(self, group: int, creator: str, element: int) -> bool:
         return any(s.matches(group, creator, element) for s in self._settings.safe_private)
 
-    def _element(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
-        tag, vr = elem.tag, elem.VR
+    def _element(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                 call: _Call) -> DataElement | RawDataElement | None:
+        """The action is decided from tag and VR before the value is decoded: what
+        goes is never parsed, and kept numbers and binary data are copied raw."""
         group, element = tag >> 16, tag & 0xFFFF
         if group <= 0x0002 or element == 0x0000:
             return None  # command and file meta groups, group lengths
         if group in _OVERLAY_GROUPS:
-            return self._graphic(elem, call) if self._graphics_kept else None
+            return self._graphic(parent[tag], call) if self._graphics_kept else None
         if group in _CURVE_GROUPS:
-            return self._graphic(elem, call) if self._curves_kept else None
-        action = self._plan.by_tag.get(tag)
-        if action is None:
-            action = self._vr_rule(tag, vr)
+            return self._graphic(parent[tag], call) if self._curves_kept else None
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            vr = _dictionary_vr(tag)
+        action = self._plan.by_tag.get(tag) or self._vr_rule(tag, vr)
+        if action == "X":
+            return None
+        if vr in _INERT_VRS and isinstance(raw, RawDataElement):
+            if action == "K":
+                return raw
+            if action == "Z" and " or " not in vr:
+                return DataElement(tag, vr, None)
+        if action == "Z" and vr == "SQ":
+            return DataElement(tag, vr, Sequence())
+        elem = parent[tag]
         if tag == _SEGMENT_LABEL:
             return self._segment_label(elem, parent, action, call)
         return self._apply(action, elem, parent, call)

@@ -7,6 +7,7 @@ calls on the same engine the node uses, so offline and online results are identi
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import sqlite3
 import tomllib
@@ -24,6 +25,7 @@ from node.anonymize.anonymizer import (
     BurnedInTextRisk,
     DeidentificationError,
     Deidentifier,
+    ReidEntry,
     encode,
 )
 from node.anonymize.keys import (
@@ -128,6 +130,36 @@ def keys_init(out: Path | None) -> None:
                "pseudonyms cannot be made again and the re-identification map cannot be read.")
 
 
+# The engine and output folder of this process, set by _start_worker before any file
+# is handled: worker processes are forked with it, so nothing is pickled but paths,
+# skip reasons and re-identification entries.
+_worker: tuple[Deidentifier, Path] | None = None
+
+
+def _start_worker(engine: Deidentifier, out_dir: Path) -> None:
+    global _worker
+    _worker = (engine, out_dir)
+
+
+def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
+    """De-identify and write one file; returns (why it was skipped, or None; entries)."""
+    if _worker is None:
+        raise RuntimeError("worker not started")
+    engine, out_dir = _worker
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return "not a readable DICOM file", ()
+    try:
+        result = engine.deidentify(ds)
+    except BurnedInTextRisk as exc:
+        return f"quarantine: {exc}", ()
+    except DeidentificationError as exc:
+        return str(exc), ()
+    _write(out_dir, encode(result.dataset))
+    return None, result.entries
+
+
 @click.command("anonymize")
 @click.argument("inputs", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
@@ -141,8 +173,10 @@ def keys_init(out: Path | None) -> None:
               help="TOML file whose [deidentify] table sets the options.")
 @click.option("--index", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SQLite file to record the re-identification map in.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes; files are independent, output is the same.")
 def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
-              config_file: Path | None, index: Path | None) -> None:
+              config_file: Path | None, index: Path | None, jobs: int) -> None:
     """De-identify DICOM files and folders with the node's engine."""
     _quiet_pydicom()
     key = _key(key_file)
@@ -152,31 +186,31 @@ def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
         if path.is_dir() and resolved_out.is_relative_to(path.resolve()):
             raise BadInput("--out must not be inside an input folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    files = list(_inputs(inputs))
     conn = open_map_index(index) if index is not None else None
     rmap = ReidentificationMap(key)
     written, skipped = 0, Counter()
+    _start_worker(engine, out_dir)
     try:
-        for path in _inputs(inputs):
-            try:
-                ds = dcmread(path)
-            except (InvalidDicomError, OSError, ValueError, EOFError):
-                skipped["not a readable DICOM file"] += 1
+        if jobs == 1:
+            results = map(_anonymize_file, files)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(jobs)
+            results = pool.imap(_anonymize_file, files, chunksize=8)
+        for reason, entries in results:
+            if reason is not None:
+                skipped[reason] += 1
                 continue
-            try:
-                result = engine.deidentify(ds)
-            except BurnedInTextRisk as exc:
-                skipped[f"quarantine: {exc}"] += 1
-                continue
-            except DeidentificationError as exc:
-                skipped[str(exc)] += 1
-                continue
-            _write(out_dir, encode(result.dataset))
             if conn is not None:
-                rmap.record(conn, result.entries)
+                rmap.record(conn, entries)
             written += 1
         if conn is not None:
             conn.commit()
     finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
         if conn is not None:
             conn.close()
     click.echo(f"De-identified {written} file(s) into {out_dir}.")
