@@ -176,6 +176,25 @@ def test_clean_graphics_keeps_overlays_but_not_their_planted_labels(corpus):
     assert not {v for v in corpus.planted if v.lower().encode() in data.lower()}
 
 
+def test_safe_private_from_implicit_vr_is_kept_with_its_uid_remapped(corpus, outputs):
+    from phi_corpus import PRIVATE_CREATOR
+
+    from node.anonymize.settings import SafePrivateTag
+
+    settings = DeidSettings(retain_safe_private=True, safe_private=(
+        SafePrivateTag(PRIVATE_CREATOR, 0x03), SafePrivateTag(PRIVATE_CREATOR, 0x04),
+        SafePrivateTag(PRIVATE_CREATOR, 0x01)))
+    engine = Deidentifier(settings, decode_key(KEY_TEXT))
+    paths = corpus.ct[("A", 2)]  # implicit VR: private elements arrive as UN
+    result = engine.deidentify(dcmread(paths[0])).dataset
+    target = _parsed(outputs[paths[1]]).SOPInstanceUID  # element 0x03 references slice 1
+    assert result[0x00090010].value == PRIVATE_CREATOR
+    assert result[0x00091003].value.rstrip(b"\x00").decode() == target
+    assert result[0x00091004].value == b"\x07\x00"
+    assert 0x00091001 not in result  # safe-listed, but it names the patient
+    assert 0x00091005 not in result and 0x00111010 not in result
+
+
 def _errors(path: Path) -> set[str]:
     # dciodvfy exits non-zero whenever it reports anything; the messages are the result.
     run = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True,

@@ -58,6 +58,7 @@ def _ct() -> Dataset:
     ref.ReferencedSOPClassUID = CTImageStorage
     ref.ReferencedSOPInstanceUID = "1.2.826.0.1.7.2"
     ds.ReferencedImageSequence = Sequence([ref])
+    ds.add_new(0x0012EE42, "UN", b"1.2.826.0.1.7.2\x00")  # unknown tag holding a UID
     return ds
 
 
@@ -142,6 +143,8 @@ def test_reidentify_dataset_restores_identifiers_references_and_dates(conn):
                     "SeriesInstanceUID", "SOPInstanceUID", "StudyDate", "SOPClassUID"):
         assert restored[keyword].value == original[keyword].value, keyword
     assert restored.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.826.0.1.7.2"
+    assert result.dataset[0x0012EE42].value != original[0x0012EE42].value
+    assert restored[0x0012EE42].value == original[0x0012EE42].value
     assert restored.file_meta.MediaStorageSOPInstanceUID == "1.2.826.0.1.7.3"
     assert "PatientIdentityRemoved" not in restored
     assert result.dataset.PatientID.startswith("LAMINA-")  # the input is left alone

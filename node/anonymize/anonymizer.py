@@ -175,6 +175,25 @@ def _dictionary_vr(tag: int) -> str:
         return "UN"
 
 
+def parse_un_uids(value: Any) -> list[str] | None:
+    """The UIDs in the bytes of a UN element, or None if it holds anything else."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        parts = [p.strip() for p in value.decode("ascii").strip("\x00 ").split("\\")]
+    except UnicodeDecodeError:
+        return None
+    if all(_UID_RE.fullmatch(p) and len(p) <= 64 for p in parts):
+        return parts
+    return None
+
+
+def encode_un_uids(uids: list[str]) -> bytes:
+    """UN element bytes for UIDs, padded to even length as UI values are."""
+    data = "\\".join(uids).encode("ascii")
+    return data + b"\x00" * (len(data) % 2)
+
+
 def _values(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -405,12 +424,25 @@ class Deidentifier:
             creator = creators.get(block)
             if creator is None or not self._safe_private(group, str(creator.value), element):
                 continue
-            new = self._kept(ds[tag], ds, call)
+            new = self._vouched(ds[tag], ds, call)
             if new is not None:
                 out.add(new)
                 used_blocks.add(block)
         for block in used_blocks:
             out.add(_new(creators[block], creators[block].value))
+
+    def _vouched(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
+        """A safe-listed private element. From implicit-VR files it arrives as UN
+        bytes: UIDs in it are still remapped, anything else is kept as vouched for,
+        unless it names the patient."""
+        if elem.VR != "UN" or not isinstance(elem.value, bytes):
+            return self._kept(elem, parent, call)
+        remapped = self._un_uids(elem, call)
+        if remapped is not None:
+            return remapped
+        if call.mentions_patient(elem.value.decode("latin-1")):
+            return None
+        return _new(elem, elem.value)
 
     def _safe_private(self, group: int, creator: str, element: int) -> bool:
         return any(s.matches(group, creator, element) for s in self._settings.safe_private)
@@ -525,18 +557,10 @@ class Deidentifier:
     def _un_uids(self, elem: DataElement, call: _Call) -> DataElement | None:
         """An element of unknown VR survives only if it holds UIDs, remapped: that is
         how UI elements of unknown tags arrive from implicit-VR files."""
-        raw = elem.value
-        if not isinstance(raw, bytes):
+        uids = parse_un_uids(elem.value)
+        if uids is None:
             return None
-        try:
-            parts = raw.decode("ascii").strip("\x00 ").split("\\")
-        except UnicodeDecodeError:
-            return None
-        if not all(_UID_RE.fullmatch(p.strip()) and len(p.strip()) <= 64 for p in parts):
-            return None
-        text = "\\".join(self._uid(p.strip(), call) for p in parts)
-        data = text.encode("ascii")
-        return _new(elem, data + b"\x00" * (len(data) % 2))
+        return _new(elem, encode_un_uids([self._uid(u, call) for u in uids]))
 
     def _dates(self, elem: DataElement, call: _Call) -> DataElement | None:
         shifted = []

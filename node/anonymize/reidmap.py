@@ -24,7 +24,14 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 
-from node.anonymize.anonymizer import PatientEntry, ReidEntry, UidEntry, shift_date_value
+from node.anonymize.anonymizer import (
+    PatientEntry,
+    ReidEntry,
+    UidEntry,
+    encode_un_uids,
+    parse_un_uids,
+    shift_date_value,
+)
 from node.anonymize.keys import ProjectKey
 
 _TABLES = {"patient": "reid_patient", "uid": "reid_uid"}
@@ -169,7 +176,8 @@ def reidentify_dataset(
     conn: sqlite3.Connection, rmap: ReidentificationMap, ds: Dataset
 ) -> Dataset:
     """A copy of a pseudonymous object mapped back onto the original identifiers:
-    every UID found in the map (at any depth, and in file meta), the patient's ID,
+    every UID found in the map (at any depth, in UN elements, and in file meta), the
+    patient's ID,
     name and issuer, and — when the object declares its dates MODIFIED — its dates,
     shifted back by the patient's offset. Objects made after de-identification (an
     annotator's SEG) keep their own new UIDs and, lacking that declaration, their own
@@ -220,6 +228,8 @@ def _restore(ds: Dataset, conn: sqlite3.Connection, rmap: ReidentificationMap,
             values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
             restored = [_original(str(v), conn, rmap, cache) for v in values]
             elem.value = restored if len(restored) > 1 else restored[0]
+        elif elem.VR == "UN" and (uids := parse_un_uids(elem.value)) is not None:
+            elem.value = encode_un_uids([_original(u, conn, rmap, cache) for u in uids])
         elif days and elem.VR in ("DA", "DT", "TM") and elem.value:
             values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
             restored = [shift_date_value(elem.VR, str(v), days) for v in values]
