@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from phi_corpus import PATIENTS, STUDIES, write_ct_series
-from pydicom import dcmread
+from pydicom import config, dcmread
 
 from node.anonymize.commands import cli
 from node.anonymize.keys import ENV_VAR, create_key_file
+
+
+@pytest.fixture(autouse=True)
+def _restore_pydicom_validation(monkeypatch):
+    """The commands switch pydicom's validation off for their process; not for others."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode",
+                        config.settings.reading_validation_mode)
 
 
 @pytest.fixture
@@ -42,6 +49,13 @@ def test_keys_init_creates_a_private_key_and_refuses_to_overwrite(runner, tmp_pa
     assert second.exit_code == 2
     assert "refusing to overwrite" in second.output
     assert path.read_bytes() == content
+
+
+def test_keys_init_defaults_to_the_user_config_folder(tmp_path):
+    runner = CliRunner(env={ENV_VAR: None, "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    result = runner.invoke(cli, ["keys", "init"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cfg" / "lamina" / "project.key").is_file()
 
 
 def test_anonymize_a_folder_writes_content_addressed_files(runner, key, series, tmp_path):

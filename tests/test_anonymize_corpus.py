@@ -25,9 +25,17 @@ from node.anonymize.settings import DeidSettings
 KEY_TEXT = encode_key(b"corpus-test-key-0123456789abcdef")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_validation():
+    """pydicom would warn (quoting values) about the planted invalid TM; restored after."""
+    previous = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    yield
+    config.settings.reading_validation_mode = previous
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Corpus:
-    config.settings.reading_validation_mode = config.IGNORE
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 

@@ -101,7 +101,7 @@ def _write(out_dir: Path, data: bytes) -> None:
     target = out_dir / f"{hashlib.sha256(data).hexdigest()}.dcm"
     if target.exists():
         return
-    temporary = target.with_suffix(".tmp")
+    temporary = target.with_suffix(f".{os.getpid()}.tmp")  # workers may race on copies
     temporary.write_bytes(data)
     os.replace(temporary, target)
 
