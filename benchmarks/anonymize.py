@@ -1,0 +1,80 @@
+"""Files per second of ``lamina anonymize`` against dicognito on the same CT series.
+
+Both tools run as command-line programs (``python -m node.anonymize.commands`` and
+``python -m dicognito``), one after the other in the same run, on the same generated
+300-slice 512x512 CT series with planted PHI, each writing to its own empty folder;
+the wall time includes interpreter start-up for both. Lamina is timed single-process
+(like dicognito) and with ``--jobs 2``. Prints the figures; asserts nothing about time.
+
+    python benchmarks/anonymize.py [--slices 300] [--size 512] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from phi_corpus import PATIENTS, Study, write_ct_series
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.anonymize.keys import create_key_file
+
+
+def _timed(command: list[str], out: Path) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    # Output is captured, not shown: dicognito's warnings quote element values.
+    run = subprocess.run(command, cwd=ROOT, check=False, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"{command[2]} failed ({run.returncode}):\n{run.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lamina-bench-") as tmp:
+        work = Path(tmp)
+        study = Study(PATIENTS[0], 90, "20230314", ExplicitVRLittleEndian, n_slices=args.slices)
+        series = write_ct_series(study, work / "in", rows=args.size, columns=args.size)
+        key = create_key_file(work / "keys" / "project.key")
+        size_mb = sum(p.stat().st_size for p in series) / 1e6
+        print(f"series: {len(series)} CT slices, {args.size}x{args.size}, {size_mb:.0f} MB")
+        lamina = [sys.executable, "-m", "node.anonymize.commands", "anonymize",
+                  str(work / "in"), "--key-file", str(key), "--out"]
+        tools = {
+            "lamina anonymize": ([*lamina, str(work / "out-1")], work / "out-1"),
+            "lamina --jobs 2": ([*lamina, str(work / "out-2"), "--jobs", "2"], work / "out-2"),
+            "dicognito": ([sys.executable, "-m", "dicognito", "--quiet", "--output-directory",
+                           str(work / "out-d"), str(work / "in")], work / "out-d"),
+        }
+        best: dict[str, float] = {}
+        for round_ in range(args.repeat):
+            for name, (command, out) in tools.items():
+                seconds = _timed(command, out)
+                written = sum(1 for _ in out.iterdir())
+                rate = written / seconds
+                best[name] = max(best.get(name, 0.0), rate)
+                print(f"round {round_ + 1}  {name:17s} {written} files in {seconds:6.2f} s "
+                      f"= {rate:6.1f} files/s")
+        for name in ("lamina anonymize", "lamina --jobs 2"):
+            print(f"{name}: {best[name]:.1f} files/s, dicognito: {best['dicognito']:.1f} "
+                  f"files/s, ratio {best[name] / best['dicognito']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

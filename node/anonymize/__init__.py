@@ -1,0 +1,45 @@
+"""De-identification by DICOM PS3.15 Annex E with keyed pseudonyms (issue 6).
+
+``settings`` holds the options, ``profile`` the standard's table as data, ``keys`` the
+project key and the pseudonyms derived from it, ``anonymizer`` the pure engine,
+``reidmap`` the encrypted re-identification map, ``commands`` the CLI.
+"""
+
+from node.anonymize.anonymizer import (
+    BurnedInTextRisk,
+    DeidentificationError,
+    Deidentifier,
+    DeidResult,
+    PatientEntry,
+    UidEntry,
+    burned_in_risk,
+    encode,
+)
+from node.anonymize.keys import ProjectKey, ProjectKeyError, load_project_key
+from node.anonymize.reidmap import (
+    ReidentificationError,
+    ReidentificationMap,
+    reidentify_dataset,
+    reidentify_uid,
+)
+from node.anonymize.settings import DeidConfigError, DeidSettings
+
+__all__ = [
+    "BurnedInTextRisk",
+    "DeidConfigError",
+    "DeidResult",
+    "DeidSettings",
+    "DeidentificationError",
+    "Deidentifier",
+    "PatientEntry",
+    "ProjectKey",
+    "ProjectKeyError",
+    "ReidentificationError",
+    "ReidentificationMap",
+    "UidEntry",
+    "burned_in_risk",
+    "encode",
+    "load_project_key",
+    "reidentify_dataset",
+    "reidentify_uid",
+]

@@ -1,0 +1,661 @@
+"""The de-identification engine: one pure function from a dataset to a de-identified
+dataset plus the re-identification entries to record.
+
+Pure means no I/O, no clock, no randomness: every replacement comes from the project
+key, so the same input gives byte-identical output and a resend from the PACS stays
+an idempotent resend. The engine builds a new dataset element by element instead of
+deleting from a copy, so that whatever it does not decide to keep is simply never
+written (whitelist thinking), at every depth of every sequence.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import date, timedelta
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from pydicom import config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import UID, UID_dictionary
+
+from node import __version__
+from node.anonymize.keys import ProjectKey
+from node.anonymize.profile import (
+    BASIC_PROFILE_CODE,
+    CLASS_UID_KEYWORDS,
+    CLEAN_PIXEL_DATA_CODE,
+    OPTION_CODES,
+    SAFE_TEXT_KEYWORDS,
+    USER_TEXT_CS_KEYWORDS,
+    keyword_tags,
+    plan,
+)
+from node.anonymize.settings import DeidSettings
+
+# A UID that names this implementation in file meta, derived from a fixed name so it
+# is the same on every machine without Lamina owning an OID root.
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:lamina:implementation').int}"
+IMPLEMENTATION_VERSION_NAME = f"LAMINA_{__version__.replace('.', '_')}"[:16]
+
+_TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UR", "UT", "PN"})
+# Value representations that cannot carry text: kept elements of these VRs are copied
+# as the raw bytes read, never decoded, which is most of the engine's speed.
+_INERT_VRS = frozenset({
+    "AT", "DS", "FD", "FL", "IS", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SS", "SV",
+    "UL", "US", "UV", "US or SS", "OB or OW", "US or OW", "US or SS or OW",
+})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
+_DUMMY = {
+    "AE": "ANONYMOUS", "CS": "ANONYMOUS", "LO": "ANONYMOUS", "LT": "ANONYMOUS",
+    "PN": "ANONYMOUS^", "SH": "ANONYMOUS", "ST": "ANONYMOUS", "UC": "ANONYMOUS",
+    "UT": "ANONYMOUS", "DA": "19000101", "DT": "19000101000000", "TM": "000000",
+    "DS": "0", "IS": "0", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "SV": 0, "UL": 0,
+    "US": 0, "UV": 0,
+}
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
+_AGE_RE = re.compile(r"(\d{3})([DWMY])")
+_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+_DT_RE = re.compile(
+    r"(?P<y>\d{4})(?P<m>\d{2})?(?P<d>\d{2})?"
+    r"(?P<rest>(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?([+-]\d{4})?)"
+)
+_OVERLAY_GROUPS = range(0x6000, 0x6020, 2)
+_CURVE_GROUPS = range(0x5000, 0x5020, 2)
+
+_SEGMENT_LABEL = Tag("SegmentLabel")
+_PATIENT_ID = Tag("PatientID")
+_PATIENT_NAME = Tag("PatientName")
+_PIXEL_DATA = Tag("PixelData")
+
+# SOP classes whose pixels commonly carry burned-in text (ultrasound screens,
+# secondary and screen captures).
+_BURNED_IN_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound (retired)",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound",
+    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced Ultrasound Volume",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame (retired)",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+}
+_SCREEN_CONVERSION_TYPES = {"WSD": "workstation screen capture", "SD": "scanned document"}
+
+
+class DeidentificationError(ValueError):
+    """The dataset cannot be de-identified as it stands (the message names no PHI)."""
+
+
+class BurnedInTextRisk(DeidentificationError):
+    """The pixels may carry burned-in text; the object belongs in quarantine."""
+
+
+@dataclass(frozen=True)
+class PatientEntry:
+    """Re-identification entry for the patient of one object."""
+
+    pseudonym_id: str
+    pseudonym_name: str
+    original_id: str
+    original_name: str
+    issuer: str
+    date_offset_days: int
+
+
+@dataclass(frozen=True)
+class UidEntry:
+    """Re-identification entry for one replaced UID."""
+
+    pseudonym_uid: str
+    original_uid: str
+
+
+ReidEntry = PatientEntry | UidEntry
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    """The de-identified dataset (file meta rebuilt, preamble zeroed) and what the
+    re-identification map must record for it."""
+
+    dataset: Dataset
+    entries: tuple[ReidEntry, ...]
+    pixels_masked: bool
+
+
+def shift_date_value(vr: str, value: str, days: int) -> str | None:
+    """Shift one DA, DT, or date-carrying TM value by whole days; None if the value
+    is not a date this function can read (the caller then drops it). A TM value
+    carries a date when it has eight or more digits before any fraction, which no
+    valid TM has."""
+    text = value.strip()
+    if not text:
+        return ""
+    if vr == "TM":
+        if len(text.split(".")[0]) < 8:
+            return value
+        vr = "DT"
+    if vr == "DA":
+        if len(text) != 8 or not text.isdigit():
+            return None
+        return _shift_ymd(text, 8, days)
+    match = _DT_RE.fullmatch(text)
+    if match is None or (match["m"] is None and match["d"] is None and match["rest"]):
+        return None
+    precision = 4 + 2 * (match["m"] is not None) + 2 * (match["d"] is not None)
+    padded = match["y"] + (match["m"] or "01") + (match["d"] or "01")
+    shifted = _shift_ymd(padded, precision, days)
+    return None if shifted is None else shifted + match["rest"]
+
+
+def _shift_ymd(yyyymmdd: str, precision: int, days: int) -> str | None:
+    try:
+        moved = date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:8])) + timedelta(days)
+    except (ValueError, OverflowError):
+        return None
+    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"[:precision]
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def parse_un_uids(value: Any) -> list[str] | None:
+    """The UIDs in the bytes of a UN element, or None if it holds anything else."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        parts = [p.strip() for p in value.decode("ascii").strip("\x00 ").split("\\")]
+    except UnicodeDecodeError:
+        return None
+    if all(_UID_RE.fullmatch(p) and len(p) <= 64 for p in parts):
+        return parts
+    return None
+
+
+def encode_un_uids(uids: list[str]) -> bytes:
+    """UN element bytes for UIDs, padded to even length as UI values are."""
+    data = "\\".join(uids).encode("ascii")
+    return data + b"\x00" * (len(data) % 2)
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _new(elem: DataElement, value: Any) -> DataElement:
+    return DataElement(
+        elem.tag, elem.VR, value,
+        is_undefined_length=elem.is_undefined_length,
+        validation_mode=config.IGNORE,
+    )
+
+
+def _one_or_many(values: list[Any]) -> Any:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def burned_in_risk(ds: Dataset, settings: DeidSettings) -> str | None:
+    """A plain-words reason why this object must be quarantined for burned-in text,
+    or None. Under the ``mask`` policy an object that the configured regions can
+    clean carries no risk (the engine masks it); one they cannot is still refused."""
+    if settings.burned_in_policy == "accept" or _PIXEL_DATA not in ds:
+        return None
+    reason = _burned_in_reason(ds)
+    if reason is None or settings.burned_in_policy == "quarantine":
+        return reason
+    problem = _mask_problem(ds, settings)
+    return None if problem is None else f"{reason}; masking is not possible: {problem}"
+
+
+def _burned_in_reason(ds: Dataset) -> str | None:
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation is YES: the pixels carry burned-in text"
+    if flag == "NO":
+        return None
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class in _BURNED_IN_CLASSES:
+        return (
+            f"{_BURNED_IN_CLASSES[sop_class]} images often carry burned-in text "
+            "and BurnedInAnnotation is not NO"
+        )
+    if str(ds.get("Modality", "") or "").strip().upper() == "US":
+        return "ultrasound images often carry burned-in text and BurnedInAnnotation is not NO"
+    conversion = str(ds.get("ConversionType", "") or "").strip().upper()
+    if conversion in _SCREEN_CONVERSION_TYPES:
+        return (
+            f"a {_SCREEN_CONVERSION_TYPES[conversion]} often carries burned-in text "
+            "and BurnedInAnnotation is not NO"
+        )
+    return None
+
+
+def _mask_problem(ds: Dataset, settings: DeidSettings) -> str | None:
+    """Why the configured regions cannot mask this object, or None if they can."""
+    if ds[_PIXEL_DATA].is_undefined_length:
+        return "the pixel data is compressed"
+    if int(ds.get("BitsAllocated", 0) or 0) not in (8, 16, 32):
+        return "only 8, 16 or 32 bits allocated can be masked"
+    if "422" in str(ds.get("PhotometricInterpretation", "")) or "420" in str(
+        ds.get("PhotometricInterpretation", "")
+    ):
+        return "subsampled colour pixel data cannot be masked"
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not any(r.applies_to(rows, columns) for r in settings.mask_regions):
+        return f"no mask region is configured for {columns}x{rows} images"
+    return None
+
+
+def _mask_pixels(ds: Dataset, settings: DeidSettings) -> None:
+    """Blank the configured regions in native pixel data, in place on ``ds``."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    dtype = np.dtype(f"<u{int(ds.BitsAllocated) // 8}")
+    count = rows * columns * samples * frames
+    pixels = np.frombuffer(ds.PixelData, dtype=dtype, count=count).copy()
+    if samples > 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1:
+        view = pixels.reshape(frames, samples, rows, columns)
+    else:
+        view = pixels.reshape(frames, rows, columns, samples).transpose(0, 3, 1, 2)
+    for region in settings.mask_regions:
+        if region.applies_to(rows, columns):
+            view[:, :, region.y:region.y + region.height, region.x:region.x + region.width] = 0
+    raw = pixels.tobytes()
+    ds.PixelData = raw + b"\x00" * (len(raw) % 2)
+
+
+class _Call:
+    """State of one deidentify() call: the patient's shift, the UIDs replaced, and
+    the patient's own identifiers, which no kept text value may contain."""
+
+    __slots__ = ("identifiers", "offset", "uids")
+
+    def __init__(self, offset: int, identifiers: re.Pattern[str] | None) -> None:
+        self.offset = offset
+        self.identifiers = identifiers
+        self.uids: dict[str, str] = {}
+
+    def mentions_patient(self, value: Any) -> bool:
+        """Residual-PHI scan: does a value about to be kept name the patient? This
+        catches identity typed into fields no table can foresee (a name in a code
+        string, a patient ID in a kept description)."""
+        if self.identifiers is None:
+            return False
+        return any(self.identifiers.search(str(v)) for v in _values(value))
+
+
+def _identifier_pattern(ds: Dataset) -> re.Pattern[str] | None:
+    """Whole-word, case-insensitive pattern of the patient's names and IDs (tokens of
+    three characters or more, so initials do not blank every kept value)."""
+    tokens: set[str] = set()
+    for keyword in ("PatientName", "PatientBirthName", "OtherPatientNames"):
+        for value in _values(ds.get(keyword)):
+            tokens.update(t for t in re.split(r"[\^=\s,]+", str(value)) if len(t) >= 3)
+    for keyword in ("PatientID", "OtherPatientIDs"):
+        tokens.update(v for v in map(str, _values(ds.get(keyword))) if len(v.strip()) >= 3)
+    if not tokens:
+        return None
+    alternatives = "|".join(re.escape(t.strip()) for t in sorted(tokens, key=lambda t: (-len(t), t)))
+    return re.compile(f"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE)
+
+
+class Deidentifier:
+    """Applies PS3.15 Annex E with the project's options and keyed pseudonyms.
+
+    Construct once per settings and key (resolving the profile is the costly part),
+    then call :meth:`deidentify` for every object; instances are thread-safe because
+    each call keeps its state in a local object."""
+
+    def __init__(self, settings: DeidSettings, key: ProjectKey) -> None:
+        self._settings = settings
+        self._key = key
+        self._plan = plan(settings)
+        self._basic = plan(DeidSettings(retain_longitudinal="off")).by_tag
+        self._safe_text = keyword_tags(SAFE_TEXT_KEYWORDS)
+        self._class_uids = keyword_tags(CLASS_UID_KEYWORDS)
+        self._user_cs = keyword_tags(USER_TEXT_CS_KEYWORDS)
+        self._vocabulary = frozenset(v.casefold() for v in settings.safe_descriptors)
+        self._date_action = {"off": "X", "full": "K", "modified": "C"}[
+            settings.retain_longitudinal
+        ]
+        self._graphics_kept = self._plan.overlay.get(0x3000) == "C"
+        self._curves_kept = self._plan.curve == "C"
+        self._private_kept = self._plan.private == "C"
+
+    def deidentify(self, ds: Dataset) -> DeidResult:
+        """De-identify ``ds`` (left untouched) into a new dataset.
+
+        Raises :class:`BurnedInTextRisk` when :func:`burned_in_risk` finds a reason,
+        so no caller can store an unexamined screen capture by forgetting to ask,
+        and :class:`DeidentificationError` when there is no transfer syntax."""
+        reason = burned_in_risk(ds, self._settings)
+        if reason is not None:
+            raise BurnedInTextRisk(reason)
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        if "TransferSyntaxUID" not in meta:
+            raise DeidentificationError("the dataset has no transfer syntax in its file meta")
+        issuer = str(ds.get("IssuerOfPatientID", "") or "")
+        patient_key = str(ds.get("PatientID", "") or "").strip()
+        if not patient_key:
+            # No patient ID: treat the study as its own patient rather than pooling
+            # every unidentified object under one pseudonym.
+            patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or "")
+        pseudonym = self._key.patient(issuer, patient_key)
+        offset = self._key.date_offset_days(issuer, patient_key)
+        call = _Call(offset, _identifier_pattern(ds))
+
+        out = self._dataset(ds, call)
+        out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
+        out[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", pseudonym.patient_name)
+        masked = self._settings.burned_in_policy == "mask" and _burned_in_reason(ds) is not None
+        if masked:
+            _mask_pixels(out, self._settings)
+        self._mark(out, masked)
+        out.file_meta = self._file_meta(meta, ds, call)
+        out.preamble = b"\x00" * 128
+
+        patient = PatientEntry(
+            pseudonym_id=pseudonym.patient_id,
+            pseudonym_name=pseudonym.patient_name,
+            original_id=str(ds.get("PatientID", "") or ""),
+            original_name=str(ds.get("PatientName", "") or ""),
+            issuer=issuer,
+            date_offset_days=offset,
+        )
+        uids = tuple(UidEntry(new, old) for old, new in sorted(call.uids.items()))
+        return DeidResult(dataset=out, entries=(patient, *uids), pixels_masked=masked)
+
+    # -- walking -------------------------------------------------------------------
+
+    def _dataset(self, ds: Dataset, call: _Call) -> Dataset:
+        out = Dataset()
+        # Same encoding as the source, so pydicom writes the raw elements copied below
+        # as they are instead of decoding and re-encoding every one of them.
+        implicit, little = ds.original_encoding
+        out.set_original_encoding(implicit, little, ds.original_character_set)
+        creators: dict[tuple[int, int], DataElement] = {}
+        # keys(), not iteration: iterating a Dataset decodes every element.
+        for tag in ds.keys():  # noqa: SIM118
+            group, element = tag >> 16, tag & 0xFFFF
+            if group & 1:
+                if 0x0010 <= element <= 0x00FF:
+                    creators[(group, element)] = ds[tag]
+                continue
+            new = self._element(tag, ds.get_item(tag), ds, call)
+            if new is not None:
+                out[tag] = new
+        if self._private_kept and creators:
+            self._private(ds, out, creators, call)
+        return out
+
+    def _private(self, ds: Dataset, out: Dataset,
+                 creators: dict[tuple[int, int], DataElement], call: _Call) -> None:
+        """Private elements the project vouches for (Retain Safe Private), with the
+        creator elements that give them meaning; everything else private is dropped."""
+        used_blocks: set[tuple[int, int]] = set()
+        for tag in ds.keys():  # noqa: SIM118
+            group, element = tag >> 16, tag & 0xFFFF
+            if not group & 1 or element < 0x1000:
+                continue
+            block = (group, element >> 8)
+            creator = creators.get(block)
+            if creator is None or not self._safe_private(group, str(creator.value), element):
+                continue
+            new = self._vouched(ds[tag], ds, call)
+            if new is not None:
+                out.add(new)
+                used_blocks.add(block)
+        for block in used_blocks:
+            out.add(_new(creators[block], creators[block].value))
+
+    def _vouched(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
+        """A safe-listed private element. From implicit-VR files it arrives as UN
+        bytes: UIDs in it are still remapped, anything else is kept as vouched for,
+        unless it names the patient."""
+        if elem.VR != "UN" or not isinstance(elem.value, bytes):
+            return self._kept(elem, parent, call)
+        remapped = self._un_uids(elem, call)
+        if remapped is not None:
+            return remapped
+        if call.mentions_patient(elem.value.decode("latin-1")):
+            return None
+        return _new(elem, elem.value)
+
+    def _safe_private(self, group: int, creator: str, element: int) -> bool:
+        return any(s.matches(group, creator, element) for s in self._settings.safe_private)
+
+    def _element(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                 call: _Call) -> DataElement | RawDataElement | None:
+        """The action is decided from tag and VR before the value is decoded: what
+        goes is never parsed, and kept numbers and binary data are copied raw."""
+        group, element = tag >> 16, tag & 0xFFFF
+        if group <= 0x0002 or element == 0x0000:
+            return None  # command and file meta groups, group lengths
+        if group in _OVERLAY_GROUPS:
+            return self._graphic(parent[tag], call) if self._graphics_kept else None
+        if group in _CURVE_GROUPS:
+            return self._graphic(parent[tag], call) if self._curves_kept else None
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            vr = _dictionary_vr(tag)
+        action = self._plan.by_tag.get(tag) or self._vr_rule(tag, vr)
+        if action == "X":
+            return None
+        if vr in _INERT_VRS and isinstance(raw, RawDataElement):
+            if action == "K":
+                return raw
+            if action == "Z" and " or " not in vr:
+                return DataElement(tag, vr, None)
+        if action == "Z" and vr == "SQ":
+            return DataElement(tag, vr, Sequence())
+        elem = parent[tag]
+        if tag == _SEGMENT_LABEL:
+            return self._segment_label(elem, parent, action, call)
+        return self._apply(action, elem, parent, call)
+
+    def _vr_rule(self, tag: int, vr: str) -> str:
+        """Action for an attribute the table does not name: whitelist by VR."""
+        if vr == "SQ":
+            return "K"
+        if vr == "UI":
+            return "U"
+        if vr in _DATE_VRS:
+            return self._date_action
+        if vr == "AS":
+            return "K" if self._settings.retain_patient_characteristics else "X"
+        if vr in _TEXT_VRS:
+            return "K" if tag in self._safe_text and vr != "PN" else "Z"
+        if vr == "CS":
+            return "Z" if tag in self._user_cs else "K"
+        if vr == "UN":
+            return "U"
+        return "K"
+
+    def _apply(self, action: str, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
+        vr = elem.VR
+        if action == "X":
+            return None
+        if action == "Z":
+            return _new(elem, Sequence() if vr == "SQ" else None)
+        if vr == "SQ":
+            return _new(elem, Sequence(self._dataset(item, call) for item in elem.value))
+        if action == "U" or vr in ("UI", "UN"):
+            return self._uids(elem, call)
+        if action == "D":
+            return _new(elem, _DUMMY.get(vr))
+        if action == "C":
+            if vr in _DATE_VRS:
+                return self._dates(elem, call) if self._date_action == "C" else self._kept(
+                    elem, parent, call
+                )
+            if vr in _TEXT_VRS or vr == "CS":
+                if self._in_vocabulary(elem.value) and not call.mentions_patient(elem.value):
+                    return _new(elem, elem.value)
+                # Not provably clean: fall back to what the basic profile does.
+                return self._apply(self._basic.get(elem.tag, "X"), elem, parent, call)
+        return self._kept(elem, parent, call)
+
+    def _kept(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
+        """Keep an element, still remapping UIDs, shifting dates, capping ages and
+        cleaning inside sequences: keeping never means skipping the rules below it."""
+        vr = elem.VR
+        if vr == "SQ":
+            return _new(elem, Sequence(self._dataset(item, call) for item in elem.value))
+        if vr in ("UI", "UN"):
+            return self._uids(elem, call)
+        if vr in _DATE_VRS and self._date_action != "K":
+            return self._dates(elem, call) if self._date_action == "C" else None
+        if vr == "AS":
+            return self._age(elem)
+        value = elem.value
+        if (vr in _TEXT_VRS or vr == "CS") and call.mentions_patient(value):
+            return _new(elem, None)
+        return _new(elem, list(value) if isinstance(value, MultiValue) else value)
+
+    # -- value rules -----------------------------------------------------------------
+
+    def _uids(self, elem: DataElement, call: _Call) -> DataElement | None:
+        if elem.tag in self._class_uids or self._settings.retain_uids:
+            return _new(elem, elem.value)
+        if elem.VR == "UN":
+            return self._un_uids(elem, call)
+        values = [self._uid(str(v), call) for v in _values(elem.value)]
+        return _new(elem, _one_or_many(values))
+
+    def _uid(self, value: str, call: _Call) -> str:
+        value = value.strip("\x00 ")
+        if not value or value in UID_dictionary or value.startswith("1.2.840.10008."):
+            return value
+        new = call.uids.get(value)
+        if new is None:
+            new = call.uids[value] = self._key.uid(value)
+        return new
+
+    def _un_uids(self, elem: DataElement, call: _Call) -> DataElement | None:
+        """An element of unknown VR survives only if it holds UIDs, remapped: that is
+        how UI elements of unknown tags arrive from implicit-VR files."""
+        uids = parse_un_uids(elem.value)
+        if uids is None:
+            return None
+        return _new(elem, encode_un_uids([self._uid(u, call) for u in uids]))
+
+    def _dates(self, elem: DataElement, call: _Call) -> DataElement | None:
+        shifted = []
+        for value in _values(elem.value):
+            moved = shift_date_value(elem.VR, str(value), call.offset)
+            if moved is None:
+                return _new(elem, None)  # unreadable date: emptied, never kept
+            shifted.append(moved)
+        return _new(elem, _one_or_many(shifted))
+
+    def _age(self, elem: DataElement) -> DataElement:
+        """Ages above 89 years become 090Y (HIPAA Safe Harbor groups them)."""
+        ages = []
+        for value in _values(elem.value):
+            match = _AGE_RE.fullmatch(str(value).strip())
+            if match is None:
+                return _new(elem, None)
+            days = int(match[1]) * _DAYS_PER_UNIT[match[2]]
+            ages.append("090Y" if days / 365.25 >= 90 else match[0])
+        return _new(elem, _one_or_many(ages))
+
+    def _in_vocabulary(self, value: Any) -> bool:
+        values = _values(value)
+        return bool(values) and all(str(v).strip().casefold() in self._vocabulary for v in values)
+
+    def _graphic(self, elem: DataElement, call: _Call) -> DataElement | None:
+        """Overlay and curve elements under Clean Graphics: geometry and bits stay,
+        text (labels, descriptions, comments) only if it is project vocabulary."""
+        if elem.VR in _TEXT_VRS or elem.VR == "UN":
+            keep = self._in_vocabulary(elem.value) and not call.mentions_patient(elem.value)
+            return _new(elem, elem.value) if keep else None
+        value = elem.value
+        return _new(elem, list(value) if isinstance(value, MultiValue) else value)
+
+    def _segment_label(
+        self, elem: DataElement, parent: Dataset, action: str, call: _Call
+    ) -> DataElement:
+        """Segment Label is Type 1 and free text. It stays when it says no more than
+        the segment's coded property type, or is project vocabulary under Clean
+        Descriptors; otherwise it becomes "Segment <number>"."""
+        label = str(elem.value or "").strip().casefold()
+        meanings = {
+            str(item.get("CodeMeaning", "")).strip().casefold()
+            for item in parent.get("SegmentedPropertyTypeCodeSequence", [])
+        }
+        known = label in meanings or (action in ("C", "K") and label in self._vocabulary)
+        if label and known and not call.mentions_patient(elem.value):
+            return _new(elem, elem.value)
+        return _new(elem, f"Segment {parent.get('SegmentNumber', '')}".strip())
+
+    # -- markers and file meta -------------------------------------------------------
+
+    def _mark(self, out: Dataset, masked: bool) -> None:
+        codes = [BASIC_PROFILE_CODE]
+        if masked:
+            codes.append(CLEAN_PIXEL_DATA_CODE)
+        codes += [OPTION_CODES[o] for o in self._plan.options]
+        out.PatientIdentityRemoved = "YES"
+        out.DeidentificationMethod = [
+            f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}"
+        ] + [code.meaning for code in codes[1:]]
+        out.DeidentificationMethodCodeSequence = Sequence(_code_item(c) for c in codes)
+        out.LongitudinalTemporalInformationModified = {
+            "off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"
+        }[self._settings.retain_longitudinal]
+
+    def _file_meta(self, source: FileMetaDataset, ds: Dataset, call: _Call) -> FileMetaDataset:
+        """New file meta: only what identifies the object's kind and encoding. Source
+        and sending AE titles and private meta information are not carried over."""
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = source.get("MediaStorageSOPClassUID") or ds.get(
+            "SOPClassUID", ""
+        )
+        instance = str(source.get("MediaStorageSOPInstanceUID") or ds.get("SOPInstanceUID", ""))
+        meta.MediaStorageSOPInstanceUID = (
+            instance if self._settings.retain_uids else self._uid(instance, call)
+        )
+        meta.TransferSyntaxUID = UID(str(source.TransferSyntaxUID))
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        return meta
+
+
+def _code_item(code: Any) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def encode(ds: Dataset) -> bytes:
+    """The Part 10 bytes of a de-identified dataset, in its own transfer syntax.
+    Deterministic: the same dataset always encodes to the same bytes."""
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()

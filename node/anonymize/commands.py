@@ -1,0 +1,285 @@
+"""Command-line front end of de-identification: ``keys init``, ``anonymize`` and
+``reidentify``, registered by the node on the ``lamina`` group (and runnable alone as
+``python -m node.anonymize.commands``). The commands only translate arguments into
+calls on the same engine the node uses, so offline and online results are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sqlite3
+import tomllib
+from collections import Counter
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import click
+from pydicom import config, dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.anonymize.anonymizer import (
+    BurnedInTextRisk,
+    DeidentificationError,
+    Deidentifier,
+    ReidEntry,
+    encode,
+)
+from node.anonymize.keys import (
+    ENV_VAR,
+    ProjectKey,
+    ProjectKeyError,
+    create_key_file,
+    default_key_path,
+    load_project_key,
+)
+from node.anonymize.reidmap import (
+    ReidentificationError,
+    ReidentificationMap,
+    reidentify_dataset,
+    reidentify_uid,
+)
+from node.anonymize.settings import DeidConfigError, DeidSettings
+
+MIGRATION = "migrations/0004_reidentification.sql"
+
+
+class BadInput(click.ClickException):
+    """A usage problem the user can fix: reported by click, exit status 2."""
+
+    exit_code = 2
+
+
+def _quiet_pydicom() -> None:
+    """pydicom's validation warnings quote element values, which may be PHI; the
+    node's logs and this tool's output must not carry them."""
+    config.settings.reading_validation_mode = config.IGNORE
+
+
+def _key(key_file: Path | None) -> ProjectKey:
+    try:
+        return load_project_key(key_file)
+    except ProjectKeyError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _settings(config_file: Path | None) -> DeidSettings:
+    if config_file is None:
+        return DeidSettings()
+    try:
+        table = tomllib.loads(config_file.read_text(encoding="utf-8")).get("deidentify", {})
+        return DeidSettings.from_mapping(table)
+    except (tomllib.TOMLDecodeError, DeidConfigError) as exc:
+        raise BadInput(f"{config_file}: {exc}") from None
+
+
+def open_map_index(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) a SQLite file holding the re-identification map,
+    for offline use; the node applies the same migration through its own runner."""
+    conn = sqlite3.connect(path)
+    conn.executescript(resources.files("node.storage").joinpath(MIGRATION).read_text("utf-8"))
+    return conn
+
+
+def _inputs(paths: tuple[Path, ...]) -> Iterator[Path]:
+    seen: set[Path] = set()
+    for path in paths:
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in found:
+            resolved = file.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
+                yield file
+
+
+def _write(out_dir: Path, data: bytes) -> None:
+    """Content-addressed output name: never derived from input names or UIDs, which
+    may carry PHI (folder names are often patient names)."""
+    target = out_dir / f"{hashlib.sha256(data).hexdigest()}.dcm"
+    if target.exists():
+        return
+    temporary = target.with_suffix(f".{os.getpid()}.tmp")  # workers may race on copies
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+
+
+@click.group("keys")
+def keys() -> None:
+    """Manage the project key behind pseudonyms and the re-identification map."""
+
+
+@keys.command("init")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the key (default: the user's config folder).")
+def keys_init(out: Path | None) -> None:
+    """Create a new project key file (mode 0600); never overwrites one."""
+    path = (out or default_key_path()).expanduser()
+    try:
+        create_key_file(path)
+    except ProjectKeyError as exc:
+        raise BadInput(str(exc)) from None
+    click.echo(f"Created project key {path} (mode 0600).")
+    click.echo("Point the node at it in node.toml:")
+    click.echo("  [deidentify]")
+    click.echo(f'  key_file = "{path}"')
+    click.echo(f'or export {ENV_VAR}="$(cat {path})".')
+    click.echo("Keep it outside the data folder and back it up: without it the same "
+               "pseudonyms cannot be made again and the re-identification map cannot be read.")
+
+
+# The engine and output folder of this process, set by _start_worker before any file
+# is handled: worker processes are forked with it, so nothing is pickled but paths,
+# skip reasons and re-identification entries.
+_worker: tuple[Deidentifier, Path] | None = None
+
+
+def _start_worker(engine: Deidentifier, out_dir: Path) -> None:
+    global _worker
+    _worker = (engine, out_dir)
+
+
+def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
+    """De-identify and write one file; returns (why it was skipped, or None; entries)."""
+    if _worker is None:
+        raise RuntimeError("worker not started")
+    engine, out_dir = _worker
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return "not a readable DICOM file", ()
+    try:
+        result = engine.deidentify(ds)
+    except BurnedInTextRisk as exc:
+        return f"quarantine: {exc}", ()
+    except DeidentificationError as exc:
+        return str(exc), ()
+    _write(out_dir, encode(result.dataset))
+    return None, result.entries
+
+
+@click.command("anonymize")
+@click.argument("inputs", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the de-identified files (named by content hash).")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Project key file (default: ${ENV_VAR}).")
+@click.option("--config", "config_file", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file whose [deidentify] table sets the options.")
+@click.option("--index", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="SQLite file to record the re-identification map in.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes; files are independent, output is the same.")
+def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
+              config_file: Path | None, index: Path | None, jobs: int) -> None:
+    """De-identify DICOM files and folders with the node's engine."""
+    _quiet_pydicom()
+    key = _key(key_file)
+    engine = Deidentifier(_settings(config_file), key)
+    resolved_out = out_dir.resolve()
+    for path in inputs:
+        if path.is_dir() and resolved_out.is_relative_to(path.resolve()):
+            raise BadInput("--out must not be inside an input folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list(_inputs(inputs))
+    conn = open_map_index(index) if index is not None else None
+    rmap = ReidentificationMap(key)
+    written, skipped = 0, Counter()
+    _start_worker(engine, out_dir)
+    try:
+        if jobs == 1:
+            results = map(_anonymize_file, files)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(jobs)
+            results = pool.imap(_anonymize_file, files, chunksize=8)
+        for reason, entries in results:
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            if conn is not None:
+                rmap.record(conn, entries)
+            written += 1
+        if conn is not None:
+            conn.commit()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if conn is not None:
+            conn.close()
+    click.echo(f"De-identified {written} file(s) into {out_dir}.")
+    if index is None and written:
+        click.echo("No --index given: the re-identification map was not recorded.", err=True)
+    for reason, count in sorted(skipped.items()):
+        click.echo(f"Skipped {count}: {reason}", err=True)
+    if skipped:
+        raise SystemExit(1)
+
+
+def reidentify_target(target: str, *, key: ProjectKey, conn: sqlite3.Connection) -> str | Dataset:
+    """Map a pseudonymous UID back to the original UID (returns ``str``), or a Part
+    10 file back onto the original identifiers (returns the ``Dataset``).
+
+    This is the call the node wraps in its audited re-identification service: the
+    service records who asked for which target before handing the result on. Raises
+    ``ReidentificationError`` for an unknown UID or a map written under another key."""
+    rmap = ReidentificationMap(key)
+    path = Path(target)
+    if path.is_file():
+        return reidentify_dataset(conn, rmap, dcmread(path))
+    return reidentify_uid(conn, rmap, target)
+
+
+@click.command("reidentify")
+@click.argument("target", metavar="UID_OR_FILE")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Project key file (default: ${ENV_VAR}).")
+@click.option("--index", required=True, envvar="LAMINA_INDEX",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SQLite file holding the re-identification map.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write a re-identified object (needed for a file).")
+def reidentify(target: str, key_file: Path | None, index: Path, out: Path | None) -> None:
+    """Map a pseudonymous UID, or a whole object, back to the originals."""
+    _quiet_pydicom()
+    if Path(target).is_file():
+        if out is None:
+            raise BadInput("--out is required to re-identify a file")
+        if out.exists():
+            raise BadInput(f"{out} exists; refusing to overwrite it")
+    elif not target.replace(".", "").isdigit():
+        raise BadInput(f"{target!r} is neither a file nor a UID")
+    key = _key(key_file)
+    conn = sqlite3.connect(index)
+    try:
+        result = reidentify_target(target, key=key, conn=conn)
+    except ReidentificationError as exc:
+        raise BadInput(str(exc)) from None
+    except sqlite3.OperationalError:
+        raise BadInput(f"{index} holds no re-identification map") from None
+    finally:
+        conn.close()
+    if isinstance(result, Dataset):
+        result.save_as(out, enforce_file_format=True)
+        click.echo(f"Re-identified object written to {out}.")
+    else:
+        click.echo(result)
+
+
+@click.group()
+def cli() -> None:
+    """De-identification commands (the node registers them on ``lamina``)."""
+
+
+cli.add_command(keys)
+cli.add_command(anonymize)
+cli.add_command(reidentify)
+
+if __name__ == "__main__":
+    cli()

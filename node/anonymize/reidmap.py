@@ -1,0 +1,237 @@
+"""The encrypted re-identification map, and re-identification through it.
+
+The map is the only place Lamina keeps identified data: pseudonymous PatientID →
+original PatientID, PatientName, issuer and date offset; pseudonymous UID → original
+UID. Rows are found by an HMAC of the pseudonym and their payload is AES-GCM
+encrypted, both under keys derived from the project key, so the index file alone
+reveals nothing. Methods take the caller's ``sqlite3.Connection`` and never commit:
+recording belongs in the same transaction as storing the object, so a crash leaves
+both or neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID_dictionary
+
+from node.anonymize.anonymizer import (
+    PatientEntry,
+    ReidEntry,
+    UidEntry,
+    encode_un_uids,
+    parse_un_uids,
+    shift_date_value,
+)
+from node.anonymize.keys import ProjectKey
+
+_TABLES = {"patient": "reid_patient", "uid": "reid_uid"}
+_MARKERS = (
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
+)
+
+
+class ReidentificationError(Exception):
+    """A value cannot be mapped back (unknown, written under another key, or the
+    stored row does not decrypt). Messages name pseudonyms, never originals."""
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """The original identity behind a pseudonymous PatientID."""
+
+    patient_id: str
+    patient_name: str
+    issuer: str
+    date_offset_days: int
+
+
+class ReidentificationMap:
+    """Reads and writes the map tables created by migration 0004."""
+
+    def __init__(self, key: ProjectKey) -> None:
+        self._key = key
+        self._aead = AESGCM(key.map_key)
+        self._foreign: dict[str, str | None] = {}
+
+    def record(self, conn: sqlite3.Connection, entries: Iterable[ReidEntry]) -> int:
+        """Store entries inside the caller's transaction; entries already present
+        are left as they are (an identical resend records nothing new). Returns the
+        number of rows inserted."""
+        rows: dict[str, list[tuple[bytes, str, bytes, bytes]]] = {"patient": [], "uid": []}
+        for entry in entries:
+            if isinstance(entry, PatientEntry):
+                kind, pseudonym = "patient", entry.pseudonym_id
+                payload = {
+                    "patient_id": entry.original_id,
+                    "patient_name": entry.original_name,
+                    "issuer": entry.issuer,
+                    "date_offset_days": entry.date_offset_days,
+                }
+            elif isinstance(entry, UidEntry):
+                kind, pseudonym = "uid", entry.pseudonym_uid
+                payload = {"original_uid": entry.original_uid}
+            else:
+                raise TypeError(f"not a re-identification entry: {type(entry).__name__}")
+            rows[kind].append(self._seal(kind, pseudonym, payload))
+        inserted = 0
+        for kind, values in rows.items():
+            if values:
+                cursor = conn.executemany(
+                    f"INSERT OR IGNORE INTO {_TABLES[kind]} (lookup, key_id, nonce, payload) "
+                    "VALUES (?, ?, ?, ?)",
+                    values,
+                )
+                inserted += cursor.rowcount
+        return inserted
+
+    def lookup_patient(self, conn: sqlite3.Connection, pseudonym_id: str) -> PatientIdentity | None:
+        """The original identity behind a pseudonymous PatientID, or None."""
+        payload = self._open(conn, "patient", pseudonym_id)
+        if payload is None:
+            return None
+        return PatientIdentity(
+            patient_id=payload["patient_id"],
+            patient_name=payload["patient_name"],
+            issuer=payload["issuer"],
+            date_offset_days=int(payload["date_offset_days"]),
+        )
+
+    def lookup_uid(self, conn: sqlite3.Connection, pseudonym_uid: str) -> str | None:
+        """The original UID behind a pseudonymous UID, or None."""
+        payload = self._open(conn, "uid", pseudonym_uid)
+        return None if payload is None else payload["original_uid"]
+
+    def _seal(self, kind: str, pseudonym: str, payload: dict) -> tuple[bytes, str, bytes, bytes]:
+        lookup = self._key.lookup(kind, pseudonym)
+        nonce = os.urandom(12)
+        plaintext = json.dumps(payload, sort_keys=True).encode("utf-8")
+        return lookup, self._key.key_id, nonce, self._aead.encrypt(nonce, plaintext, _aad(kind, lookup))
+
+    def _open(self, conn: sqlite3.Connection, kind: str, pseudonym: str) -> dict | None:
+        table = _TABLES[kind]
+        lookup = self._key.lookup(kind, pseudonym)
+        row = conn.execute(
+            f"SELECT key_id, nonce, payload FROM {table} WHERE lookup = ?", (lookup,)
+        ).fetchone()
+        if row is None:
+            foreign = self._foreign_key_id(conn, table)
+            if foreign is not None:
+                raise ReidentificationError(
+                    f"{pseudonym} is not in the map under key {self._key.key_id}; the map "
+                    f"holds entries written under key {foreign}: is this the project's key?"
+                )
+            return None
+        key_id, nonce, payload = row
+        try:
+            plaintext = self._aead.decrypt(nonce, payload, _aad(kind, lookup))
+        except InvalidTag:
+            raise ReidentificationError(
+                f"the map entry for {pseudonym} (written under key {key_id}) does not "
+                f"decrypt with key {self._key.key_id}"
+            ) from None
+        return json.loads(plaintext)
+
+
+    def _foreign_key_id(self, conn: sqlite3.Connection, table: str) -> str | None:
+        """A key id other than ours found in the table (scanned once per table)."""
+        if table not in self._foreign:
+            row = conn.execute(
+                f"SELECT key_id FROM {table} WHERE key_id != ? LIMIT 1", (self._key.key_id,)
+            ).fetchone()
+            self._foreign[table] = None if row is None else row[0]
+        return self._foreign[table]
+
+
+def _aad(kind: str, lookup: bytes) -> bytes:
+    """Binds each ciphertext to its row, so payloads cannot be swapped between rows."""
+    return b"lamina-reid-v1\x00" + kind.encode() + b"\x00" + lookup
+
+
+def reidentify_uid(conn: sqlite3.Connection, rmap: ReidentificationMap, uid: str) -> str:
+    """The original of a pseudonymous UID. Raises ReidentificationError if unknown.
+
+    Re-identification is an auditable event: the node calls this (and
+    :func:`reidentify_dataset`) only from its audited re-identification service,
+    which records who asked for which pseudonym before returning the result."""
+    original = rmap.lookup_uid(conn, uid.strip())
+    if original is None:
+        raise ReidentificationError(f"{uid.strip()} is not a pseudonymous UID in the map")
+    return original
+
+
+def reidentify_dataset(
+    conn: sqlite3.Connection, rmap: ReidentificationMap, ds: Dataset
+) -> Dataset:
+    """A copy of a pseudonymous object mapped back onto the original identifiers:
+    every UID found in the map (at any depth, in UN elements, and in file meta), the
+    patient's ID,
+    name and issuer, and — when the object declares its dates MODIFIED — its dates,
+    shifted back by the patient's offset. Objects made after de-identification (an
+    annotator's SEG) keep their own new UIDs and, lacking that declaration, their own
+    dates, while their references land on the original study.
+
+    Attributes the de-identification removed cannot come back. Audited like
+    :func:`reidentify_uid`."""
+    out = copy.deepcopy(ds)
+    pseudonym_id = str(out.get("PatientID", "") or "")
+    patient = rmap.lookup_patient(conn, pseudonym_id) if pseudonym_id else None
+    restore_dates = (
+        patient is not None
+        and str(out.get("LongitudinalTemporalInformationModified", "")) == "MODIFIED"
+    )
+    cache: dict[str, str] = {}
+    _restore(out, conn, rmap, cache, -patient.date_offset_days if restore_dates else 0)
+    meta = getattr(out, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        meta.MediaStorageSOPInstanceUID = _original(
+            str(meta.MediaStorageSOPInstanceUID), conn, rmap, cache
+        )
+    if patient is not None:
+        out.PatientID = patient.patient_id
+        out.PatientName = patient.patient_name
+        if patient.issuer:
+            out.IssuerOfPatientID = patient.issuer
+        for keyword in _MARKERS:
+            if keyword in out:
+                delattr(out, keyword)
+    return out
+
+
+def _original(uid: str, conn: sqlite3.Connection, rmap: ReidentificationMap,
+              cache: dict[str, str]) -> str:
+    if uid not in cache:
+        well_known = uid in UID_dictionary or uid.startswith("1.2.840.10008.")
+        cache[uid] = uid if well_known else rmap.lookup_uid(conn, uid) or uid
+    return cache[uid]
+
+
+def _restore(ds: Dataset, conn: sqlite3.Connection, rmap: ReidentificationMap,
+             cache: dict[str, str], days: int) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _restore(item, conn, rmap, cache, days)
+        elif elem.VR == "UI" and elem.value:
+            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+            restored = [_original(str(v), conn, rmap, cache) for v in values]
+            elem.value = restored if len(restored) > 1 else restored[0]
+        elif elem.VR == "UN" and (uids := parse_un_uids(elem.value)) is not None:
+            elem.value = encode_un_uids([_original(u, conn, rmap, cache) for u in uids])
+        elif days and elem.VR in ("DA", "DT", "TM") and elem.value:
+            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+            restored = [shift_date_value(elem.VR, str(v), days) for v in values]
+            if None not in restored:
+                elem.value = restored if len(restored) > 1 else restored[0]

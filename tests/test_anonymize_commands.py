@@ -1,0 +1,175 @@
+"""The CLI: keys init, anonymize, reidentify — and exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from phi_corpus import PATIENTS, STUDIES, write_ct_series
+from pydicom import config, dcmread
+
+from node.anonymize.commands import cli
+from node.anonymize.keys import ENV_VAR, create_key_file
+
+
+@pytest.fixture(autouse=True)
+def _restore_pydicom_validation(monkeypatch):
+    """The commands switch pydicom's validation off for their process; not for others."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode",
+                        config.settings.reading_validation_mode)
+
+
+@pytest.fixture
+def runner():
+    return CliRunner(env={ENV_VAR: None})
+
+
+@pytest.fixture
+def key(tmp_path) -> Path:
+    return create_key_file(tmp_path / "keys" / "project.key")
+
+
+@pytest.fixture
+def series(tmp_path) -> list[Path]:
+    return write_ct_series(STUDIES[0], tmp_path / "in" / PATIENTS[0].family)
+
+
+def test_keys_init_creates_a_private_key_and_refuses_to_overwrite(runner, tmp_path):
+    path = tmp_path / "k" / "project.key"
+    first = runner.invoke(cli, ["keys", "init", "--out", str(path)])
+    assert first.exit_code == 0, first.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "key_file" in first.output and ENV_VAR in first.output
+    content = path.read_bytes()
+    second = runner.invoke(cli, ["keys", "init", "--out", str(path)])
+    assert second.exit_code == 2
+    assert "refusing to overwrite" in second.output
+    assert path.read_bytes() == content
+
+
+def test_keys_init_defaults_to_the_user_config_folder(tmp_path):
+    runner = CliRunner(env={ENV_VAR: None, "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    result = runner.invoke(cli, ["keys", "init"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cfg" / "lamina" / "project.key").is_file()
+
+
+def test_anonymize_a_folder_writes_content_addressed_files(runner, key, series, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(cli, ["anonymize", str(series[0].parent), "--out", str(out),
+                                 "--key-file", str(key)])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.iterdir())
+    assert len(files) == len(series)
+    for file in files:
+        assert file.name == hashlib.sha256(file.read_bytes()).hexdigest() + ".dcm"
+        assert dcmread(file).PatientIdentityRemoved == "YES"
+    again = runner.invoke(cli, ["anonymize", str(series[0].parent), "--out", str(out),
+                                "--key-file", str(key)])
+    assert again.exit_code == 0
+    assert sorted(out.iterdir()) == files  # same input, same bytes, same names
+
+
+def test_parallel_jobs_give_the_same_files_and_map(runner, key, series, tmp_path):
+    outputs, maps = {}, {}
+    for jobs in ("1", "2"):
+        index = tmp_path / f"map{jobs}.sqlite"
+        result = runner.invoke(cli, ["anonymize", str(series[0].parent), "--out",
+                                     str(tmp_path / f"out{jobs}"), "--key-file", str(key),
+                                     "--index", str(index), "--jobs", jobs])
+        assert result.exit_code == 0, result.output
+        outputs[jobs] = {p.name: p.read_bytes() for p in (tmp_path / f"out{jobs}").iterdir()}
+        with sqlite3.connect(index) as conn:
+            maps[jobs] = sorted(conn.execute("SELECT lookup FROM reid_uid").fetchall())
+    assert outputs["1"] == outputs["2"] and len(outputs["1"]) == len(series)
+    assert maps["1"] == maps["2"] and len(maps["1"]) == len(series) + 3
+
+
+def test_anonymize_without_a_key_says_how_to_make_one(runner, series, tmp_path):
+    result = runner.invoke(cli, ["anonymize", str(series[0]), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "lamina keys init" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_anonymize_takes_the_key_from_the_environment(key, series, tmp_path):
+    runner = CliRunner(env={ENV_VAR: key.read_text()})
+    result = runner.invoke(cli, ["anonymize", str(series[0]), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "o").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["anonymize", "/nonexistent/input", "--out", "{out}"], "does not exist"),
+        (["anonymize", "{inp}", "--out", "{inp}/inner"], "must not be inside an input folder"),
+        (["anonymize", "{inp}", "--out", "{out}", "--config", "{config}"],
+         "deidentify.retain_uids"),
+        (["reidentify", "not-a-uid", "--index", "{index}"], "neither a file nor a UID"),
+        (["reidentify", "{file}", "--index", "{index}"], "--out is required"),
+    ],
+)
+def test_bad_input_exits_with_status_2(runner, key, series, tmp_path, args, message):
+    config = tmp_path / "node.toml"
+    config.write_text("[deidentify]\nretain_uids = 'yes'\n")
+    index = tmp_path / "index.sqlite"
+    index.touch()
+    places = {"inp": series[0].parent, "out": tmp_path / "out", "config": config,
+              "index": index, "file": series[0]}
+    argv = [a.format(**places) for a in args]
+    result = runner.invoke(cli, [*argv, "--key-file", str(key)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_files_refused_for_burned_in_text_make_the_run_fail(runner, key, tmp_path):
+    from phi_corpus import build_corpus
+
+    corpus = build_corpus(tmp_path / "corpus")
+    result = runner.invoke(cli, ["anonymize", str(corpus.screen_capture), str(corpus.seg),
+                                 "--out", str(tmp_path / "o"), "--key-file", str(key)])
+    assert result.exit_code == 1
+    assert "Skipped 1: quarantine: Secondary Capture" in result.output
+    assert len(list((tmp_path / "o").iterdir())) == 1
+
+
+def test_anonymize_then_reidentify_a_uid_and_a_file(runner, key, series, tmp_path):
+    index, out = tmp_path / "map.sqlite", tmp_path / "out"
+    done = runner.invoke(cli, ["anonymize", *map(str, series), "--out", str(out),
+                               "--key-file", str(key), "--index", str(index)])
+    assert done.exit_code == 0, done.output
+    anonymous = next(out.iterdir())
+    ds = dcmread(anonymous)
+    uid = runner.invoke(cli, ["reidentify", ds.StudyInstanceUID, "--key-file", str(key),
+                              "--index", str(index)])
+    assert uid.exit_code == 0, uid.output
+    assert uid.output.strip() == STUDIES[0].study_uid
+    restored_path = tmp_path / "restored.dcm"
+    whole = runner.invoke(cli, ["reidentify", str(anonymous), "--key-file", str(key),
+                                "--index", str(index), "--out", str(restored_path)])
+    assert whole.exit_code == 0, whole.output
+    restored = dcmread(restored_path)
+    assert restored.PatientName == PATIENTS[0].name
+    assert restored.PatientID == PATIENTS[0].patient_id
+    assert restored.StudyDate == STUDIES[0].study_date
+    assert restored.SOPInstanceUID in {STUDIES[0].sop_uid(i) for i in range(len(series))}
+
+
+def test_reidentify_with_another_key_or_unknown_uid_fails_cleanly(runner, key, series, tmp_path):
+    index = tmp_path / "map.sqlite"
+    runner.invoke(cli, ["anonymize", str(series[0]), "--out", str(tmp_path / "o"),
+                        "--key-file", str(key), "--index", str(index)])
+    other = create_key_file(tmp_path / "other.key")
+    wrong = runner.invoke(cli, ["reidentify", "2.25.12345", "--key-file", str(other),
+                                "--index", str(index)])
+    assert wrong.exit_code == 2
+    assert "is this the project's key?" in wrong.output
+    unknown = runner.invoke(cli, ["reidentify", "2.25.12345", "--key-file", str(key),
+                                  "--index", str(index)])
+    assert unknown.exit_code == 2
+    assert "not a pseudonymous UID" in unknown.output

@@ -1,0 +1,364 @@
+"""The engine on small hand-made datasets: one rule per test."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from pydicom import config, dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    UltrasoundImageStorage,
+)
+
+from node.anonymize.anonymizer import (
+    BurnedInTextRisk,
+    DeidentificationError,
+    Deidentifier,
+    PatientEntry,
+    UidEntry,
+    burned_in_risk,
+    encode,
+    shift_date_value,
+)
+from node.anonymize.keys import ProjectKey
+from node.anonymize.settings import DeidSettings, MaskRegion, SafePrivateTag
+
+KEY = ProjectKey(b"engine-test-key-0123456789abcdef")
+VENDOR_CLASS = "1.3.12.2.1107.5.9.1"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_validation(monkeypatch):
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.IGNORE)
+
+
+def ct(**extra) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.SourceApplicationEntityTitle = "SENDERAE"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4.5.6.1"
+    ds.StudyInstanceUID = "1.2.3.4.5"
+    ds.SeriesInstanceUID = "1.2.3.4.5.6"
+    ds.Modality = "CT"
+    ds.PatientName = "Doe^Jonathan"
+    ds.PatientID = "MRN001"
+    ds.IssuerOfPatientID = "NORTH"
+    ds.StudyDate = "20200301"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(32))
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def run(ds: Dataset, **settings) -> Dataset:
+    return Deidentifier(DeidSettings(**settings), KEY).deidentify(ds).dataset
+
+
+@pytest.mark.parametrize(
+    ("vr", "value", "days", "expected"),
+    [
+        ("DA", "20200301", -1, "20200229"),
+        ("DA", "20200301", 365, "20210301"),
+        ("DA", "2020-03-01", -1, None),
+        ("DA", "20200230", -1, None),
+        ("DT", "20200301101112.5+0100", -1, "20200229101112.5+0100"),
+        ("DT", "202003", -40, "202001"),
+        ("DT", "2020", -1, "2019"),
+        ("TM", "101112.25", -1, "101112.25"),
+        ("TM", "20200301101112", -1, "20200229101112"),
+        ("DA", "", -1, ""),
+    ],
+)
+def test_shift_date_value(vr, value, days, expected):
+    assert shift_date_value(vr, value, days) == expected
+
+
+def test_dates_shift_by_one_offset_per_patient_at_any_depth():
+    item = Dataset()
+    item.Date = "20200311"
+    inner = Dataset()
+    inner.AnatomicRegionSequence = Sequence([item])
+    ds = ct(SeriesDate="20200302", AnatomicRegionSequence=Sequence([inner]))
+    out = run(ds)
+    offset = KEY.date_offset_days("NORTH", "MRN001")
+    assert out.StudyDate == shift_date_value("DA", "20200301", offset)
+    assert out.SeriesDate == shift_date_value("DA", "20200302", offset)
+    assert out.AnatomicRegionSequence[0].AnatomicRegionSequence[0].Date == shift_date_value(
+        "DA", "20200311", offset
+    )
+    assert out.StudyDate != "20200301"
+    assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+
+
+def test_full_dates_keep_and_no_dates_remove():
+    full = run(ct(SeriesDate="20200302"), retain_longitudinal="full")
+    assert (full.StudyDate, full.SeriesDate) == ("20200301", "20200302")
+    assert full.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    off = run(ct(SeriesDate="20200302", ExpiryDate="20200303"), retain_longitudinal="off")
+    assert off.StudyDate in (None, "")  # Z
+    assert off.SeriesDate == "19000101"  # X/D: a dummy, not the date
+    assert "ExpiryDate" not in off  # outside the table: removed
+    assert off.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+@pytest.mark.parametrize(("age", "kept"), [("095Y", "090Y"), ("089Y", "089Y"),
+                                           ("999M", "999M"), ("120Y", "090Y"), ("12Y", None)])
+def test_ages_over_89_become_090y_when_characteristics_are_kept(age, kept):
+    assert "PatientAge" not in run(ct(PatientAge=age))
+    out = run(ct(PatientAge=age), retain_patient_characteristics=True)
+    assert out.get("PatientAge") == kept
+
+
+def test_uids_are_remapped_but_well_known_and_class_uids_are_not():
+    code = Dataset()
+    code.CodingSchemeUID = "2.16.840.1.113883.6.96"
+    ds = ct(
+        SOPClassUID=VENDOR_CLASS,
+        FrameOfReferenceUID="1.2.3.4.5.99",
+        ReferencedFrameOfReferenceUID="1.2.840.10008.1.4.1.1",  # well-known FoR
+        FailedSOPInstanceUIDList=["1.2.3.4.5.6.1", "1.2.3.4.5.6.2"],
+        CodingSchemeIdentificationSequence=Sequence([code]),
+    )
+    out = run(ds)
+    assert out.SOPClassUID == VENDOR_CLASS
+    assert out.FrameOfReferenceUID == KEY.uid("1.2.3.4.5.99")
+    assert out.SOPInstanceUID == KEY.uid("1.2.3.4.5.6.1")
+    assert out.ReferencedFrameOfReferenceUID == "1.2.840.10008.1.4.1.1"
+    assert list(out.FailedSOPInstanceUIDList) == [KEY.uid("1.2.3.4.5.6.1"),
+                                                  KEY.uid("1.2.3.4.5.6.2")]
+    assert out.CodingSchemeIdentificationSequence[0].CodingSchemeUID == "2.16.840.1.113883.6.96"
+    kept = run(ct(), retain_uids=True)
+    assert kept.SOPInstanceUID == "1.2.3.4.5.6.1"
+    assert kept.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5.6.1"
+
+
+def test_unknown_tags_of_unknown_vr_survive_only_as_remapped_uids():
+    ds = ct()
+    ds.add_new(0x0012EE42, "UN", b"1.2.3.4.5.6.1\x00")
+    ds.add_new(0x0012EE44, "UN", b"Doe Jonathan")
+    ds.add_new(0x0012EE46, "LO", "free text in an unknown tag")
+    out = run(ds)
+    assert out[0x0012EE42].value.rstrip(b"\x00").decode() == KEY.uid("1.2.3.4.5.6.1")
+    assert 0x0012EE44 not in out
+    assert out[0x0012EE46].value in (None, "")
+
+
+def _private(ds: Dataset) -> Dataset:
+    ds.add_new(0x00190010, "LO", "ACME 1.0")
+    ds.add_new(0x00191010, "UI", "1.2.3.4.5.6.1")
+    ds.add_new(0x00191011, "LO", "note about Doe")
+    ds.add_new(0x00191012, "US", 42)
+    ds.add_new(0x00211010, "US", 7)  # no creator for group 0021
+    return ds
+
+
+def test_private_tags_go_unless_safe_listed_with_the_option_on():
+    safe = (SafePrivateTag("ACME 1.0", 0x10), SafePrivateTag("ACME 1.0", 0x12),
+            SafePrivateTag("ACME 1.0", 0x10, 0x0021))
+    assert not any(e.tag.is_private for e in run(_private(ct())))
+    assert not any(e.tag.is_private for e in run(_private(ct()), safe_private=safe))
+    out = run(_private(ct()), retain_safe_private=True, safe_private=safe)
+    assert out[0x00190010].value == "ACME 1.0"
+    assert out[0x00191010].value == KEY.uid("1.2.3.4.5.6.1")
+    assert out[0x00191012].value == 42
+    assert 0x00191011 not in out
+    assert 0x00211010 not in out  # matching element, but no creator vouches for it
+
+
+def _overlay(ds: Dataset, label: str) -> Dataset:
+    ds.add_new(0x60000010, "US", 4)
+    ds.add_new(0x60000011, "US", 4)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000022, "LO", "drawn by Dr Who")
+    ds.add_new(0x60001500, "LO", label)
+    ds.add_new(0x60003000, "OW", b"\x01\x00")
+    ds.add_new(0x50000022, "LO", "curve label")
+    ds.add_new(0x50003000, "OW", b"\x02\x00")
+    return ds
+
+
+def test_overlays_and_curves_removed_or_kept_cleaned_under_clean_graphics():
+    assert not any(0x5000 <= e.tag.group <= 0x60FF for e in run(_overlay(ct(), "liver")))
+    out = run(_overlay(ct(), "liver"), clean_graphics=True, safe_descriptors=("Liver",))
+    assert out[0x60003000].value == b"\x01\x00"
+    assert out[0x60000040].value == "G"
+    assert out[0x60001500].value == "liver"
+    assert 0x60000022 not in out and 0x50000022 not in out
+    assert out[0x50003000].value == b"\x02\x00"
+    named = run(_overlay(ct(), "Doe"), clean_graphics=True, safe_descriptors=("Doe",))
+    assert 0x60001500 not in named  # vocabulary, but the patient's own name
+
+
+def _segment(label: str, meaning: str = "Liver") -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "10200004", "SCT", meaning
+    segment = Dataset()
+    segment.SegmentNumber = 3
+    segment.SegmentLabel = label
+    segment.SegmentDescription = "drawn for Mr Doe"
+    segment.SegmentedPropertyTypeCodeSequence = Sequence([code])
+    return segment
+
+
+def test_segment_labels_keep_coded_meanings_and_lose_free_text():
+    out = run(ct(SegmentSequence=Sequence([_segment("liver"), _segment("Doe lesion")]),
+                 ContentLabel="DOE", ContentDescription="for Doe"))
+    first, second = out.SegmentSequence
+    assert first.SegmentLabel == "liver"
+    assert second.SegmentLabel == "Segment 3"
+    assert "SegmentDescription" not in first
+    assert out.ContentLabel == "ANONYMOUS"
+    assert out.ContentDescription in (None, "")
+    vocab = run(ct(SegmentSequence=Sequence([_segment("Tumour A")]), ContentLabel="TUMOURS"),
+                clean_descriptors=True, safe_descriptors=("tumour a", "tumours"))
+    assert vocab.SegmentSequence[0].SegmentLabel == "Tumour A"
+    assert vocab.ContentLabel == "TUMOURS"
+
+
+def test_clean_descriptors_keep_only_project_vocabulary():
+    ds = ct(StudyDescription="CT CHEST", SeriesDescription="Doe follow-up")
+    assert "StudyDescription" not in run(ds, safe_descriptors=("ct chest",))
+    out = run(ds, clean_descriptors=True, safe_descriptors=("ct chest", "doe follow-up"))
+    assert out.StudyDescription == "CT CHEST"
+    assert "SeriesDescription" not in out  # names the patient: never clean
+
+
+def test_residual_scan_empties_kept_values_naming_the_patient():
+    out = run(ct(BodyPartExamined="DOE", Manufacturer="Jonathan Medical",
+                 ConvolutionKernel="B30f"))
+    assert out.BodyPartExamined in (None, "")
+    assert out.Manufacturer in (None, "")
+    assert out.ConvolutionKernel == "B30f"
+
+
+def test_free_text_and_names_outside_the_table_are_emptied():
+    item = Dataset()
+    item.TextValue = "Jonathan Doe said hello"
+    item.ValueType = "TEXT"
+    out = run(ct(PositionReferenceIndicator="near Dr Smith", StrainDescription="x",
+                 ContentSequence=Sequence([item])))
+    assert out.PositionReferenceIndicator in (None, "")
+    assert out.StrainDescription in (None, "")
+    assert out.ContentSequence[0].TextValue in (None, "")
+    assert out.ContentSequence[0].ValueType == "TEXT"
+
+
+def test_structured_content_is_emptied_or_cleaned_recursively():
+    item = Dataset()
+    item.ValueType = "TEXT"
+    item.TextValue = "secret"
+    assert len(run(ct(AcquisitionContextSequence=Sequence([item]))).AcquisitionContextSequence) == 0
+    out = run(ct(AcquisitionContextSequence=Sequence([item])), clean_structured_content=True)
+    assert out.AcquisitionContextSequence[0].ValueType == "TEXT"
+    assert out.AcquisitionContextSequence[0].TextValue in (None, "")
+
+
+def test_markers_name_the_profile_and_each_option():
+    out = run(ct(PatientIdentityRemoved="NO"), retain_uids=True, clean_graphics=True)
+    assert out.PatientIdentityRemoved == "YES"
+    codes = [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113110", "113107", "113103"]
+    assert {i.CodingSchemeDesignator for i in out.DeidentificationMethodCodeSequence} == {"DCM"}
+    assert out.DeidentificationMethod[0].endswith("PS3.15 E.1-1 2024b")
+    assert all(len(v) <= 64 for v in out.DeidentificationMethod)
+
+
+def test_file_meta_is_rebuilt_preamble_zeroed_and_input_untouched():
+    ds = ct()
+    ds.preamble = b"MZ" + b"\x90" * 126
+    before = copy.deepcopy(ds)
+    result = Deidentifier(DeidSettings(), KEY).deidentify(ds)
+    data = encode(result.dataset)
+    assert data[:128] == b"\x00" * 128 and data[128:132] == b"DICM"
+    meta = result.dataset.file_meta
+    assert meta.MediaStorageSOPInstanceUID == result.dataset.SOPInstanceUID
+    assert "SourceApplicationEntityTitle" not in meta
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds == before and ds.file_meta == before.file_meta
+    reread = dcmread(DicomBytesIO(data))
+    assert reread.PatientID == result.dataset.PatientID
+
+
+def test_entries_record_patient_and_every_replaced_uid():
+    result = Deidentifier(DeidSettings(), KEY).deidentify(ct())
+    patient, *uids = result.entries
+    assert isinstance(patient, PatientEntry)
+    assert (patient.original_id, patient.original_name, patient.issuer) == (
+        "MRN001", "Doe^Jonathan", "NORTH")
+    assert patient.pseudonym_id == result.dataset.PatientID
+    assert patient.date_offset_days == KEY.date_offset_days("NORTH", "MRN001")
+    assert all(isinstance(u, UidEntry) for u in uids)
+    assert {u.original_uid for u in uids} == {"1.2.3.4.5", "1.2.3.4.5.6", "1.2.3.4.5.6.1"}
+
+
+def test_patients_without_id_are_pseudonymised_per_study():
+    a = run(ct(PatientID="", StudyInstanceUID="1.2.3.1"))
+    b = run(ct(PatientID="", StudyInstanceUID="1.2.3.2"))
+    again = run(ct(PatientID="", StudyInstanceUID="1.2.3.1"))
+    assert a.PatientID and a.PatientID != b.PatientID
+    assert a.PatientID == again.PatientID
+
+
+def test_no_transfer_syntax_is_an_error():
+    ds = ct()
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(DeidentificationError, match="transfer syntax"):
+        run(ds)
+
+
+@pytest.mark.parametrize(
+    ("extra", "risky"),
+    [
+        ({"BurnedInAnnotation": "YES"}, True),
+        ({}, False),
+        ({"SOPClassUID": SecondaryCaptureImageStorage}, True),
+        ({"SOPClassUID": UltrasoundImageStorage, "Modality": "US"}, True),
+        ({"SOPClassUID": UltrasoundImageStorage, "BurnedInAnnotation": "NO"}, False),
+        ({"Modality": "US"}, True),
+        ({"ConversionType": "WSD"}, True),
+    ],
+)
+def test_burned_in_risk(extra, risky):
+    ds = ct(**extra)
+    reason = burned_in_risk(ds, DeidSettings())
+    assert (reason is not None) == risky
+    assert burned_in_risk(ds, DeidSettings(burned_in_policy="accept")) is None
+    if risky:
+        with pytest.raises(BurnedInTextRisk):
+            run(ds)
+
+
+def test_mask_policy_blanks_configured_regions_only():
+    pixels = np.arange(1, 17, dtype=np.uint16).reshape(4, 4)
+    ds = ct(BurnedInAnnotation="YES", PixelData=pixels.tobytes())
+    settings = DeidSettings(burned_in_policy="mask",
+                            mask_regions=(MaskRegion(x=0, y=0, width=4, height=1, rows=4),))
+    assert burned_in_risk(ds, settings) is None
+    result = Deidentifier(settings, KEY).deidentify(ds)
+    out = np.frombuffer(result.dataset.PixelData, dtype="<u2").reshape(4, 4)
+    assert (out[0] == 0).all() and (out[1:] == pixels[1:]).all()
+    assert result.pixels_masked
+    assert "113101" in [i.CodeValue for i in result.dataset.DeidentificationMethodCodeSequence]
+    elsewhere = DeidSettings(burned_in_policy="mask", mask_regions=(MaskRegion(0, 0, 4, 1, rows=8),))
+    assert "no mask region" in burned_in_risk(ds, elsewhere)
+    compressed = ct(BurnedInAnnotation="YES")
+    compressed.compress(RLELossless, np.zeros((4, 4), dtype=np.uint16), encoding_plugin="pydicom")
+    assert "compressed" in burned_in_risk(compressed, settings)
