@@ -6,7 +6,7 @@ Both tools run as command-line programs (``python -m node.anonymize.commands`` a
 the wall time includes interpreter start-up for both. Lamina is timed single-process
 (like dicognito) and with ``--jobs 2``. Prints the figures; asserts nothing about time.
 
-    python benchmarks/anonymize.py [--slices 300] [--size 512] [--repeat 1]
+    .venv/bin/python -m benchmarks.anonymize [--slices 300] [--size 512] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from phi_corpus import PATIENTS, Study, write_ct_series
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.anonymize.keys import create_key_file
+from tests.phi_corpus import PATIENTS, Study, write_ct_series
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _timed(command: list[str], out: Path) -> float:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from phi_corpus import PATIENTS, STUDIES, write_ct_series
 from pydicom import config, dcmread
 
 from node.anonymize.commands import cli
 from node.anonymize.keys import ENV_VAR, create_key_file
+from tests.phi_corpus import PATIENTS, STUDIES, write_ct_series
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_bad_input_exits_with_status_2(runner, key, series, tmp_path, args, mess
 
 
 def test_files_refused_for_burned_in_text_make_the_run_fail(runner, key, tmp_path):
-    from phi_corpus import build_corpus
+    from tests.phi_corpus import build_corpus
 
     corpus = build_corpus(tmp_path / "corpus")
     result = runner.invoke(cli, ["anonymize", str(corpus.screen_capture), str(corpus.seg),

@@ -12,7 +12,6 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from phi_corpus import PATIENTS, STUDIES, UNKNOWN_PUBLIC_UID_TAG, Corpus, build_corpus
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -21,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from node.anonymize.anonymizer import BurnedInTextRisk, Deidentifier, encode
 from node.anonymize.keys import decode_key, encode_key
 from node.anonymize.settings import DeidSettings
+from tests.phi_corpus import PATIENTS, STUDIES, UNKNOWN_PUBLIC_UID_TAG, Corpus, build_corpus
 
 KEY_TEXT = encode_key(b"corpus-test-key-0123456789abcdef")
 
@@ -185,9 +185,8 @@ def test_clean_graphics_keeps_overlays_but_not_their_planted_labels(corpus):
 
 
 def test_safe_private_from_implicit_vr_is_kept_with_its_uid_remapped(corpus, outputs):
-    from phi_corpus import PRIVATE_CREATOR
-
     from node.anonymize.settings import SafePrivateTag
+    from tests.phi_corpus import PRIVATE_CREATOR
 
     settings = DeidSettings(retain_safe_private=True, safe_private=(
         SafePrivateTag(PRIVATE_CREATOR, 0x03), SafePrivateTag(PRIVATE_CREATOR, 0x04),

@@ -84,8 +84,8 @@ class DeidSettings:
     def from_mapping(cls, data: Mapping[str, Any]) -> DeidSettings:
         """Build settings from the ``[deidentify]`` TOML table.
 
-        Raises ``DeidConfigError`` (a ``ValueError``) with ``deidentify.<key>: <problem>`` for anything that is
-        not exactly right, so a typo in the config stops the node instead of
+        Raises ``DeidConfigError`` (a ``ValueError``) with ``deidentify.<key>: <problem>``
+        for anything that is not exactly right, so a typo in the config stops the node instead of
         silently de-identifying with a default the project did not choose."""
         if not isinstance(data, Mapping):
             raise DeidConfigError("deidentify: must be a table")
