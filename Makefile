@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## Start the node on the embedded default (config/node.toml: SQLite index, ./data).
+## The first run creates the project key (pseudonyms, re-identification map) in ./keys.
 run: $(STAMP)
+	test -f keys/project.key || $(BIN)/lamina keys init --out keys/project.key
 	$(BIN)/lamina serve --config config/node.toml
 
 ## The whole test suite (DCMTK tests skip with a reason when it is not installed).

@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 from node import config as config_mod
+from node.anonymize import commands as anonymize_commands
+from node.anonymize.keys import ProjectKeyError
 from node.config import ConfigError, Settings
 
 DEFAULT_CONFIG = Path("config/node.toml")
@@ -70,7 +72,7 @@ def serve(settings: Settings, workers: int | None) -> None:
         settings = replace(settings, node=replace(settings.node, workers=workers))
     try:
         run(settings)
-    except ValueError as exc:
+    except (ValueError, ProjectKeyError) as exc:
         raise click.UsageError(str(exc)) from None
 
 
@@ -177,3 +179,73 @@ def demo(out: str, slices: int, seed: str) -> None:
 
     paths = Phantom(seed=seed, slices_count=slices).write(Path(out))
     click.echo(f"wrote {len(paths)} CT slices to {out}")
+
+
+main.add_command(anonymize_commands.keys)
+main.add_command(anonymize_commands.anonymize)
+
+
+@main.command()
+@node_options
+@click.argument("target", metavar="UID_OR_FILE")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write a re-identified object (needed for a file).")
+def reidentify(settings: Settings, target: str, out: Path | None) -> None:
+    """Map a pseudonymous UID, or a whole object, back to the originals (audited)."""
+    from pydicom.dataset import Dataset
+
+    from node.anonymize.reidmap import ReidentificationError
+    from node.context import NodeContext
+    from node.reidentify import reidentify as run
+
+    if Path(target).is_file() and (out is None or out.exists()):
+        raise click.UsageError("--out NEW_FILE is required to re-identify a file")
+    if not Path(target).is_file() and not target.replace(".", "").isdigit():
+        raise click.UsageError(f"{target!r} is neither a file nor a UID")
+    try:
+        ctx = NodeContext.open(settings, migrate=False, with_key=True)
+    except ProjectKeyError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        result = run(ctx, target)
+    except ReidentificationError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        ctx.close()
+    if isinstance(result, Dataset):
+        result.save_as(out, enforce_file_format=True)
+        click.echo(f"re-identified object written to {out}")
+    else:
+        click.echo(result)
+
+
+@main.group()
+def deid() -> None:
+    """De-identification evidence."""
+
+
+@deid.command("report")
+@node_options
+@click.argument("study_uid")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def deid_report(settings: Settings, study_uid: str, as_json: bool) -> None:
+    """What de-identification did to each instance of a (pseudonymous) study."""
+    import json
+
+    from node.anonymize.report import study_report, study_report_json
+    from node.context import NodeContext
+
+    ctx = NodeContext.open(settings, migrate=False)
+    try:
+        with ctx.index.read() as conn:
+            rows = [json.loads(r[0]) for r in conn.execute(
+                "SELECT evidence FROM deid_evidence WHERE study_instance_uid = ?"
+                " ORDER BY sop_instance_uid", (study_uid,))]
+    finally:
+        ctx.close()
+    if not rows:
+        raise click.UsageError(f"no de-identified instances stored for study {study_uid}")
+    if as_json:
+        click.echo(json.dumps(study_report_json(rows, study_uid=study_uid), indent=2))
+    else:
+        click.echo(study_report(rows, study_uid=study_uid))

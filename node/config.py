@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.anonymize.settings import DeidSettings
+
 SERVICES = frozenset({"store", "find", "move", "get"})
+#: How objects from a peer are treated on the way in (see node.ingest.routes).
+ROUTES = frozenset({"clinical", "annotator"})
 ENV_PREFIX = "LAMINA__"
 
 
@@ -34,6 +38,7 @@ class Peer:
     port: int
     services: frozenset[str]
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    route: str = "clinical"
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -88,6 +93,7 @@ class Settings:
     index: IndexSettings = field(default_factory=IndexSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    deidentify: DeidSettings = field(default_factory=DeidSettings)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -208,7 +214,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
-        if key not in {"node", "storage", "index", "audit", "log", "peers"}:
+        if key not in {"node", "storage", "index", "audit", "log", "deidentify", "peers"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -259,7 +265,16 @@ def _build(raw: dict[str, Any]) -> Settings:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log.level: must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
 
-    return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})))
+    deid_raw = raw.get("deidentify", {})
+    if not isinstance(deid_raw, dict):
+        raise ConfigError("deidentify: must be a section")
+    try:
+        deidentify = DeidSettings.from_mapping(deid_raw)
+    except ValueError as exc:  # DeidConfigError names the key already
+        raise ConfigError(str(exc)) from None
+
+    return Settings(node, storage, index, audit, LogSettings(level), deidentify,
+                    _peers(raw.get("peers", {})))
 
 
 def _peers(raw: Any) -> tuple[Peer, ...]:
@@ -271,7 +286,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if not isinstance(s, dict):
             raise ConfigError(f"{where}: must be a table")
         for key in s:
-            if key not in {"ae_title", "host", "port", "services"}:
+            if key not in {"ae_title", "host", "port", "services", "route"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -288,6 +303,10 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
                 f"{where}.services: unknown service {min(unknown)!r}"
                 f" (known: {', '.join(sorted(SERVICES))})"
             )
+        route = _get(s, where, "route", str, "clinical")
+        if route not in ROUTES:
+            raise ConfigError(f"{where}.route: must be one of {', '.join(sorted(ROUTES))},"
+                              f" got {route!r}")
         peers.append(Peer(name, ae, host, port, frozenset(services),
-                          _resolve_networks(host, f"{where}.host")))
+                          _resolve_networks(host, f"{where}.host"), route))
     return tuple(peers)

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.anonymize.anonymizer import Deidentifier
+from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.trail import AuditTrail, HeadCheckpoint
 from node.config import Settings
 from node.ingest.pipeline import IngestService
+from node.ingest.routes import Router
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
+from node.storage.sealed import Sealer
 
 
 @dataclass
@@ -22,11 +26,18 @@ class NodeContext:
     index: Index
     blobs: BlobStore
     audit: AuditTrail
-    ingest: IngestService
+    key: ProjectKey | None
+    _ingest: IngestService | None
 
     @classmethod
-    def open(cls, settings: Settings, migrate: bool = True) -> NodeContext:
-        """Open (and create on first use) the data folder, index and audit trail."""
+    def open(cls, settings: Settings, *, migrate: bool = True,
+             with_key: bool = False) -> NodeContext:
+        """Open (and create on first use) the data folder, index and audit trail.
+
+        ``with_key`` loads the project key and builds the ingest service; without
+        it (status, fsck, audit verify) nothing can be received or de-identified.
+        Raises ``ProjectKeyError`` with how to make a key when there is none.
+        """
         data = settings.storage.data
         data.mkdir(parents=True, exist_ok=True)
         index = Index(settings.index_path, settings.index.busy_timeout_ms)
@@ -35,7 +46,18 @@ class NodeContext:
         blobs = BlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
-        return cls(settings, index, blobs, audit, IngestService(blobs, index, audit))
+        key, ingest = None, None
+        if with_key:
+            key = load_project_key(settings.deidentify.key_file, data_dir=data)
+            router = Router(Deidentifier(settings.deidentify, key), key, index)
+            ingest = IngestService(blobs, index, audit, router, Sealer(key))
+        return cls(settings, index, blobs, audit, key, ingest)
+
+    @property
+    def ingest(self) -> IngestService:
+        if self._ingest is None:
+            raise RuntimeError("the project key was not loaded: nothing can be ingested")
+        return self._ingest
 
     @property
     def run_dir(self) -> Path:

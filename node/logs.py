@@ -30,6 +30,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def quiet_pydicom() -> None:
+    """pydicom's validation warnings quote element values (patient data): off."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    config.settings.writing_validation_mode = config.IGNORE
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -29,7 +29,7 @@ from node.context import NodeContext
 from node.handlers.association import Sessions
 from node.handlers.echo import handle_echo
 from node.handlers.store import make_store_handler
-from node.logs import setup_logging
+from node.logs import quiet_pydicom, setup_logging
 
 log = logging.getLogger("lamina.server")
 
@@ -64,7 +64,8 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         _die_with_parent(parent_pid)
     setup_logging(settings.log.level)
     configure_pynetdicom()
-    ctx = NodeContext.open(settings, migrate=False)
+    quiet_pydicom()
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
     # pynetdicom spools received datasets with NamedTemporaryFile in the default
     # temp folder: point it at our spool so promotion is a same-disk rename.
     tempfile.tempdir = str(ctx.blobs.spool_dir)
@@ -90,9 +91,10 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
 def serve(settings: Settings) -> None:
     """Prepare the data folder, then run the workers until SIGTERM/SIGINT."""
     setup_logging(settings.log.level)
+    quiet_pydicom()
     if settings.node.workers > 1 and settings.node.port == 0:
         raise ValueError("node.port: must be fixed when node.workers > 1")
-    ctx = NodeContext.open(settings, migrate=True)
+    ctx = NodeContext.open(settings, migrate=True, with_key=True)  # refuse early without a key
     cleared = ctx.blobs.clear_spool()
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
     ctx.audit.record("node.started", actor,

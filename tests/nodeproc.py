@@ -16,6 +16,8 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
+
 TEST_AET = "TESTSCU"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,7 @@ class NodeProcess:
 
     def __init__(self, root: Path, *, workers: int = 1, node: dict | None = None,
                  storage: dict | None = None, peers: dict[str, dict] | None = None,
-                 data: Path | None = None) -> None:
+                 data: Path | None = None, sections: dict[str, dict] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port()
@@ -58,6 +60,9 @@ class NodeProcess:
         self.config = root / "node.toml"
         self.log_path = root / "node.log"
         self.workers = workers
+        self.key_file = root / "keys" / "project.key"
+        if not self.key_file.exists():
+            create_key_file(self.key_file)
         peers = peers if peers is not None else {
             "tests": {"ae_title": TEST_AET, "host": "127.0.0.1", "port": 1,
                       "services": ["store", "find", "move", "get"]},
@@ -68,10 +73,16 @@ class NodeProcess:
             "storage": {"data": str(self.data), "min_free_mb": 0, **(storage or {})},
             "audit": {"signing_key": str(root / "keys" / "audit-signing.pem")},
             "log": {"level": "INFO"},
+            "deidentify": {"key_file": str(self.key_file)},
+            **(sections or {}),
         }
         sections.update({f"peers.{name}": values for name, values in peers.items()})
         write_config(self.config, sections)
         self.proc: subprocess.Popen | None = None
+
+    def project_key(self) -> ProjectKey:
+        """The node's key, so a test can compute the pseudonym of an original UID."""
+        return load_project_key(self.key_file)
 
     @property
     def env(self) -> dict[str, str]:

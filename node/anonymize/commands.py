@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import click
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -37,12 +37,12 @@ from node.anonymize.keys import (
     load_project_key,
 )
 from node.anonymize.reidmap import (
-    ReidentificationError,
     ReidentificationMap,
     reidentify_dataset,
     reidentify_uid,
 )
 from node.anonymize.settings import DeidConfigError, DeidSettings
+from node.logs import quiet_pydicom
 
 MIGRATION = "migrations/0004_reidentification.sql"
 
@@ -51,12 +51,6 @@ class BadInput(click.ClickException):
     """A usage problem the user can fix: reported by click, exit status 2."""
 
     exit_code = 2
-
-
-def _quiet_pydicom() -> None:
-    """pydicom's validation warnings quote element values, which may be PHI; the
-    node's logs and this tool's output must not carry them."""
-    config.settings.reading_validation_mode = config.IGNORE
 
 
 def _key(key_file: Path | None) -> ProjectKey:
@@ -178,7 +172,7 @@ def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
 def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
               config_file: Path | None, index: Path | None, jobs: int) -> None:
     """De-identify DICOM files and folders with the node's engine."""
-    _quiet_pydicom()
+    quiet_pydicom()
     key = _key(key_file)
     engine = Deidentifier(_settings(config_file), key)
     resolved_out = out_dir.resolve()
@@ -236,42 +230,6 @@ def reidentify_target(target: str, *, key: ProjectKey, conn: sqlite3.Connection)
     return reidentify_uid(conn, rmap, target)
 
 
-@click.command("reidentify")
-@click.argument("target", metavar="UID_OR_FILE")
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help=f"Project key file (default: ${ENV_VAR}).")
-@click.option("--index", required=True, envvar="LAMINA_INDEX",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="SQLite file holding the re-identification map.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write a re-identified object (needed for a file).")
-def reidentify(target: str, key_file: Path | None, index: Path, out: Path | None) -> None:
-    """Map a pseudonymous UID, or a whole object, back to the originals."""
-    _quiet_pydicom()
-    if Path(target).is_file():
-        if out is None:
-            raise BadInput("--out is required to re-identify a file")
-        if out.exists():
-            raise BadInput(f"{out} exists; refusing to overwrite it")
-    elif not target.replace(".", "").isdigit():
-        raise BadInput(f"{target!r} is neither a file nor a UID")
-    key = _key(key_file)
-    conn = sqlite3.connect(index)
-    try:
-        result = reidentify_target(target, key=key, conn=conn)
-    except ReidentificationError as exc:
-        raise BadInput(str(exc)) from None
-    except sqlite3.OperationalError:
-        raise BadInput(f"{index} holds no re-identification map") from None
-    finally:
-        conn.close()
-    if isinstance(result, Dataset):
-        result.save_as(out, enforce_file_format=True)
-        click.echo(f"Re-identified object written to {out}.")
-    else:
-        click.echo(result)
-
-
 @click.group()
 def cli() -> None:
     """De-identification commands (the node registers them on ``lamina``)."""
@@ -279,7 +237,6 @@ def cli() -> None:
 
 cli.add_command(keys)
 cli.add_command(anonymize)
-cli.add_command(reidentify)
 
 if __name__ == "__main__":
     cli()

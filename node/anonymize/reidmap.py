@@ -114,6 +114,13 @@ class ReidentificationMap:
         payload = self._open(conn, "uid", pseudonym_uid)
         return None if payload is None else payload["original_uid"]
 
+    def knows_uid(self, conn: sqlite3.Connection, pseudonym_uid: str) -> bool:
+        """Is this one of our pseudonymous UIDs? (No decryption: a keyed lookup only.)"""
+        lookup = self._key.lookup("uid", pseudonym_uid)
+        return conn.execute(
+            f"SELECT 1 FROM {_TABLES['uid']} WHERE lookup = ?", (lookup,)
+        ).fetchone() is not None
+
     def _seal(self, kind: str, pseudonym: str, payload: dict) -> tuple[bytes, str, bytes, bytes]:
         lookup = self._key.lookup(kind, pseudonym)
         nonce = os.urandom(12)

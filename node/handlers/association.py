@@ -39,7 +39,8 @@ class Session:
 
     @property
     def source(self) -> Source:
-        return Source(self.calling_ae, self.address, self.association_id)
+        route = self.peer.route if self.peer else "clinical"
+        return Source(self.calling_ae, self.address, self.association_id, route)
 
     @property
     def actor(self) -> Actor:

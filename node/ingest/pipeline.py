@@ -4,12 +4,15 @@ Order of work, chosen so that success is never answered before durability:
 
 1. refuse early if the disk is nearly full (0xA700);
 2. parse the header only (the pixels stay on disk);
-3. promote the spooled bytes into the blob store (hash, fsync, rename, fsync dir);
-4. one short index transaction: new instance, identical resend, or conflict,
-   with its audit event in the same transaction;
-5. advance the signed audit head, then answer.
+3. apply the peer's route (:mod:`node.ingest.routes`): de-identify, or remap
+   an annotation onto the pseudonymous study; the received bytes are never stored;
+4. promote the bytes to store into the blob store (hash, fsync, rename, fsync dir);
+5. one short index transaction: new instance, identical resend, or conflict,
+   with its re-identification entries and audit event in the same transaction;
+6. advance the signed audit head, then answer.
 
-An object that cannot be parsed is still kept: its bytes go to the blob store
+An object that cannot be parsed or must not be stored is still kept: its
+bytes go to the blob store sealed under the project key (they may carry PHI)
 and a quarantine row says why (nothing is lost).
 """
 
@@ -23,14 +26,20 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node import status
+from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import Actor, AuditTrail, utc_now
+from node.ingest.routes import Prepared, Router
 from node.status import Outcome
 from node.storage import records
 from node.storage.blobs import BlobRef, BlobStore, OutOfSpace
 from node.storage.index import Index, IndexUnavailable
 from node.storage.records import InstanceRecord, Receipt
+from node.storage.sealed import Sealer
 
 log = logging.getLogger("lamina.ingest")
+
+#: Elements larger than this are read from the spool file only when written out.
+DEFER_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class Source:
     calling_ae: str
     address: str
     association_id: str
+    route: str = "clinical"
 
     @property
     def actor(self) -> Actor:
@@ -60,10 +70,13 @@ class StoreResult:
 class IngestService:
     """Turns a spooled file into a stored, indexed, audited instance (or a clear refusal)."""
 
-    def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail) -> None:
+    def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail, router: Router,
+                 sealer: Sealer) -> None:
         self.blobs = blobs
         self.index = index
         self.audit = audit
+        self.router = router
+        self.sealer = sealer
 
     def ingest_bytes(self, data: bytes, source: Source) -> StoreResult:
         """Spool ``data`` (a DICOM file with meta) and ingest it."""
@@ -87,30 +100,44 @@ class IngestService:
             return self._failed(source, f"out of disk space: {exc}", "")
 
         try:
-            header = dcmread(spooled, stop_before_pixels=True)
-            rec = InstanceRecord.from_dataset(header)
-            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+            # Large values (pixels) stay on disk until written out again.
+            received = dcmread(spooled, defer_size=DEFER_SIZE)
+            InstanceRecord.from_dataset(received)
+            transfer_syntax = str(received.file_meta.TransferSyntaxUID)
+            prepared = self.router.prepare(received, source.route)
+            rec = InstanceRecord.from_dataset(prepared.dataset)
+        except BurnedInTextRisk as exc:
+            return self._quarantine(spooled, source, status.DOES_NOT_MATCH_SOP_CLASS,
+                                    f"burned-in text risk: {exc}")
+        except DeidentificationError as exc:
+            return self._quarantine(spooled, source, status.DOES_NOT_MATCH_SOP_CLASS,
+                                    f"cannot de-identify: {exc}")
         except (InvalidDicomError, ValueError, AttributeError, EOFError, OSError) as exc:
             return self._quarantine(spooled, source, status.CANNOT_UNDERSTAND,
                                     f"cannot parse: {_plain(exc)}")
 
+        to_store = self.blobs.new_spool_file()
         try:
-            blob = self.blobs.promote(spooled)
+            prepared.dataset.save_as(to_store, enforce_file_format=True)
+            blob = self.blobs.promote(to_store)
         except OSError as exc:
             return self._failed(source, f"cannot write to disk: {exc.strerror or exc}",
                                 rec.sop_instance_uid)
+        finally:
+            to_store.unlink(missing_ok=True)
 
         receipt = Receipt(blob.sha256, blob.size, transfer_syntax, source.calling_ae,
                           source.association_id, utc_now())
         try:
-            return self._index(rec, receipt, blob, source)
+            return self._index(rec, receipt, blob, source, prepared)
         except IndexUnavailable as exc:
             # The blob stays in the store unreferenced (fsck reports it); nothing
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
 
     def _index(
-        self, rec: InstanceRecord, receipt: Receipt, blob: BlobRef, source: Source
+        self, rec: InstanceRecord, receipt: Receipt, blob: BlobRef, source: Source,
+        prepared: Prepared,
     ) -> StoreResult:
         obj = {"sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
                "study_instance_uid": rec.study_instance_uid,
@@ -119,6 +146,8 @@ class IngestService:
             stored_sha = records.stored_blob_of(conn, rec.sop_instance_uid)
             if stored_sha is None:
                 records.insert_instance(conn, rec, receipt)
+                self.router.record(conn, prepared, rec.sop_instance_uid,
+                                   rec.study_instance_uid)
                 entry = self.audit.append(conn, "instance.stored", source.actor, obj)
                 result = StoreResult(Outcome(status.SUCCESS), "stored",
                                      rec.sop_instance_uid, blob.sha256)
@@ -145,11 +174,11 @@ class IngestService:
         self, spooled: Path, source: Source, code: status.Status, reason: str
     ) -> StoreResult:
         try:
-            blob = self.blobs.promote(spooled)
+            blob = self.blobs.put_bytes(self.sealer.seal(spooled.read_bytes()))
             receipt = Receipt(blob.sha256, blob.size, "", source.calling_ae,
                               source.association_id, utc_now())
             with self.index.write() as conn:
-                qid = records.insert_quarantine(conn, receipt, reason, code.code)
+                qid = records.insert_quarantine(conn, receipt, reason, code.code, sealed=True)
                 entry = self.audit.append(
                     conn, "instance.quarantined", source.actor,
                     {"sha256": blob.sha256, "quarantine_id": qid, "reason": reason},

@@ -86,8 +86,9 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path, study_200, kil
     try:
         with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
             indexed = dict(conn.execute("SELECT sop_instance_uid, blob_sha256 FROM instance"))
+        key = node.project_key()
         for path in succeeded:
-            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            uid = key.uid(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
             assert uid in indexed, f"acknowledged instance {path.name} lost"
             blob = node.blob_path(indexed[uid])
             data = blob.read_bytes()

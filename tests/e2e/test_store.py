@@ -42,15 +42,18 @@ def test_pynetdicom_series_is_indexed_and_blobs_verify(node, phantom_files):
     rows = index_rows(node, "SELECT sop_instance_uid, blob_sha256, blob_size, calling_ae,"
                             " transfer_syntax_uid FROM instance")
     assert len(rows) == len(phantom_files)
-    sent = {str(dcmread(p).SOPInstanceUID): p for p in phantom_files}
+    key = node.project_key()  # the clinical route stores the de-identified object
+    sent = {key.uid(str(dcmread(p).SOPInstanceUID)): p for p in phantom_files}
     for uid, sha, size, calling_ae, syntax in rows:
         blob = blob_path(node, sha).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == sha and len(blob) == size
         assert calling_ae == TEST_AET and syntax == "1.2.840.10008.1.2.1"
         stored, original = dcmread(blob_path(node, sha)), dcmread(sent[uid])
         assert stored.file_meta.MediaStorageSOPInstanceUID == uid
-        assert stored.PixelData == original.PixelData  # stored as received, not transcoded
-        assert stored.PatientID == original.PatientID
+        assert stored.PixelData == original.PixelData  # pixels untouched, not transcoded
+        assert stored.PatientID != original.PatientID
+        assert stored.PatientIdentityRemoved == "YES"
+        assert original.PatientName.encode() not in blob  # no PHI at rest
     assert index_rows(node, "SELECT modalities_in_study FROM study") == [("CT",)]
     assert audit_actions(node).count("instance.stored") == len(phantom_files)
     assert node.lamina("fsck").returncode == 0
@@ -139,7 +142,7 @@ def test_conflicting_resend_is_kept_as_conflict_and_never_overwrites(node, phant
     [(stored_sha,)] = index_rows(node, "SELECT blob_sha256 FROM instance")
 
     changed = phantom.slice(0)
-    changed.SeriesDescription = "edited by someone"
+    changed.PixelData = b"\x01" + changed.PixelData[1:]  # survives de-identification
     [(code, comment)] = store(node.port, [changed])
     assert code == status.DUPLICATE_SOP_INSTANCE.code
     assert "conflict" in comment
@@ -148,7 +151,7 @@ def test_conflicting_resend_is_kept_as_conflict_and_never_overwrites(node, phant
     [(conflict_sha, kept_for)] = index_rows(
         node, "SELECT blob_sha256, stored_blob_sha256 FROM conflict")
     assert kept_for == stored_sha and conflict_sha != stored_sha
-    assert dcmread(blob_path(node, conflict_sha)).SeriesDescription == "edited by someone"
+    assert dcmread(blob_path(node, conflict_sha)).PixelData[:1] == b"\x01"
     assert "instance.conflict" in audit_actions(node)
     # the same conflicting bytes again: still refused, still one conflict row
     assert store(node.port, [changed])[0][0] == status.DUPLICATE_SOP_INSTANCE.code
@@ -189,12 +192,7 @@ def test_filling_a_real_tiny_filesystem(tmp_path, phantom_files):
 
 
 def test_index_unavailable_answers_a700_and_rolls_back(tmp_path, phantom_files):
-    with NodeProcess(tmp_path / "n") as node:
-        pass  # create the index, then restart with a short busy timeout
-    node = NodeProcess(tmp_path / "n2", data=tmp_path / "n" / "data")
-    node_cfg = node.config.read_text() + "\n[index]\nbusy_timeout_ms = 300\n"
-    node.config.write_text(node_cfg)
-    with node:
+    with NodeProcess(tmp_path / "n", sections={"index": {"busy_timeout_ms": 300}}) as node:
         blocker = sqlite3.connect(node.data / "index.sqlite3", isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         try:

@@ -1,0 +1,88 @@
+"""What an object must become before it is stored, by the route of the peer that sent it.
+
+* ``clinical`` peers (PACS, modalities) send identified data: every object is
+  de-identified by PS3.15 Annex E with keyed pseudonyms before it is stored.
+* ``annotator`` peers (Horos, Slicer, pipelines) work on the pseudonymous
+  studies we served them. An annotation that still references an original
+  clinical UID (the tool loaded the study from the PACS) has that UID moved onto
+  its pseudonym; one that still carries patient identity is de-identified too,
+  keeping the pseudonymous UIDs it already references so its links hold.
+
+Either way the original bytes never reach the blob store; what the
+re-identification map must learn and what de-identification did (the
+evidence) travel with the result into the index transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from node.anonymize.anonymizer import (
+    Deidentifier,
+    ReidEntry,
+    looks_identified,
+    remap_known_uids,
+)
+from node.anonymize.keys import ProjectKey
+from node.anonymize.reidmap import ReidentificationMap
+from node.storage.index import Index
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The object as it will be stored, and what the index must record about it."""
+
+    dataset: Dataset
+    entries: tuple[ReidEntry, ...]
+    evidence: dict[str, Any] | None
+    route: str
+
+
+class Router:
+    """Applies a peer's route to a received file."""
+
+    def __init__(self, deidentifier: Deidentifier, key: ProjectKey, index: Index) -> None:
+        self.deidentifier = deidentifier
+        self.key = key
+        self.reid_map = ReidentificationMap(key)
+        self.index = index
+
+    def prepare(self, received: Dataset, route: str) -> Prepared:
+        """Make a received object fit to store.
+
+        Raises the engine's ``BurnedInTextRisk`` / ``DeidentificationError`` when
+        it must not be stored; the caller quarantines it.
+        """
+        if route == "annotator":
+            return self._annotation(received)
+        result = self.deidentifier.deidentify(received)
+        return Prepared(result.dataset, result.entries, result.evidence.as_dict(), route)
+
+    def _annotation(self, received: Dataset) -> Prepared:
+        with self.index.read() as conn:
+            def known(uid: str) -> bool:
+                return self.reid_map.knows_uid(conn, uid)
+
+            remapped, _count = remap_known_uids(received, self.key, known)
+            if looks_identified(remapped) is None:
+                return Prepared(remapped, (), None, "annotator")
+            result = self.deidentifier.deidentify(remapped, keep_uid=known)
+        return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
+
+    def record(self, conn: sqlite3.Connection, prepared: Prepared, sop_instance_uid: str,
+               study_instance_uid: str) -> None:
+        """Inside the instance's index transaction: the map entries and the evidence."""
+        if prepared.entries:
+            self.reid_map.record(conn, prepared.entries)
+        if prepared.evidence is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO deid_evidence (sop_instance_uid, study_instance_uid,"
+                " route, evidence) VALUES (?, ?, ?, ?)",
+                (sop_instance_uid, study_instance_uid, prepared.route,
+                 json.dumps(prepared.evidence, sort_keys=True, separators=(",", ":"))),
+            )

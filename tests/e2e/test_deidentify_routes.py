@@ -1,0 +1,120 @@
+"""De-identification on the way in, by peer route, over real associations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from node import status
+from node.storage.sealed import MAGIC
+from tests.nodeproc import TEST_AET, NodeProcess, store
+
+ANNOTATOR_AET = "ANNOTATOR"
+
+
+def peers() -> dict[str, dict]:
+    return {
+        "pacs": {"ae_title": TEST_AET, "host": "127.0.0.1", "port": 1, "route": "clinical"},
+        "annotator": {"ae_title": ANNOTATOR_AET, "host": "127.0.0.1", "port": 1,
+                      "route": "annotator"},
+    }
+
+
+def rows(node: NodeProcess, sql: str, *args: object) -> list[tuple]:
+    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def test_clinical_route_stores_no_phi_and_can_be_reidentified(tmp_path, phantom):
+    with NodeProcess(tmp_path / "n", peers=peers()) as node:
+        slices = [phantom.slice(i) for i in range(3)]
+        assert store(node.port, slices) == [(0, "")] * 3
+        key = node.project_key()
+        [(study_uid,)] = rows(node, "SELECT study_instance_uid FROM study")
+        assert study_uid == key.uid(phantom.study_uid)
+        for path in (node.data / "blobs").rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                for phi in (phantom.patient_name, phantom.patient_id, "REFERRER",
+                            phantom.study_uid, "19700101"):
+                    assert phi.encode() not in data, f"{phi} left in a stored blob"
+
+        back = node.lamina("reidentify", study_uid)
+        assert back.returncode == 0, back.stderr
+        assert back.stdout.strip() == phantom.study_uid
+        [(obj,)] = rows(node, "SELECT object FROM audit_event"
+                              " WHERE action = 'patient-record.reidentify'")
+        assert study_uid in obj and phantom.study_uid not in obj  # the answer is not audited
+
+        report = node.lamina("deid", "report", study_uid)
+        assert report.returncode == 0, report.stderr
+        assert "PatientName" in report.stdout and phantom.patient_name not in report.stdout
+        as_json = json.loads(node.lamina("deid", "report", study_uid, "--json").stdout)
+        assert as_json  # machine-readable twin
+
+
+def test_burned_in_risk_is_quarantined_sealed(tmp_path, phantom):
+    capture = phantom.slice(0)
+    capture.SOPClassUID = SecondaryCaptureImageStorage
+    capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    capture.Modality = "OT"
+    with NodeProcess(tmp_path / "n", peers=peers()) as node:
+        [(code, comment)] = store(node.port, [capture])
+        assert code == status.DOES_NOT_MATCH_SOP_CLASS.code
+        assert "burned-in" in comment
+        [(sha, sealed)] = rows(node, "SELECT blob_sha256, sealed FROM quarantine")
+        assert sealed == 1
+        data = node.blob_path(sha).read_bytes()
+        assert data.startswith(MAGIC) and phantom.patient_name.encode() not in data
+        assert rows(node, "SELECT count(*) FROM instance") == [(0,)]
+
+
+def test_annotator_route_moves_original_references_onto_pseudonyms(tmp_path, phantom):
+    with NodeProcess(tmp_path / "n", peers=peers()) as node:
+        assert store(node.port, [phantom.slice(0)]) == [(0, "")]
+        key = node.project_key()
+        stored = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+
+        # An annotator's object built on the pseudonymous study, but referencing
+        # the ORIGINAL image UID (its tool had the study from the PACS).
+        note = Dataset()
+        note.file_meta = stored.file_meta.__class__()
+        note.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        note.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+        note.SOPClassUID = SecondaryCaptureImageStorage
+        note.SOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+        note.Modality = "OT"
+        note.BurnedInAnnotation = "NO"
+        for keyword in ("PatientID", "PatientName", "StudyInstanceUID",
+                        "PatientIdentityRemoved"):
+            setattr(note, keyword, stored[keyword].value)
+        note.SeriesInstanceUID = "1.2.3.4.5.6.7.8.10"
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = phantom.slice(0).SOPClassUID
+        ref.ReferencedSOPInstanceUID = phantom.sop_uid(0)  # original clinical UID
+        note.SourceImageSequence = Sequence([ref])
+
+        assert store(node.port, [note], aet=ANNOTATOR_AET) == [(0, "")]
+        [(sha,)] = rows(node, "SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
+                        "1.2.3.4.5.6.7.8.9")  # already pseudonymous-looking: kept
+        kept = dcmread(node.blob_path(sha))
+        assert kept.SourceImageSequence[0].ReferencedSOPInstanceUID == key.uid(phantom.sop_uid(0))
+        assert kept.StudyInstanceUID == stored.StudyInstanceUID
+
+
+def test_serve_refuses_to_start_without_a_key(tmp_path):
+    node = NodeProcess(tmp_path / "n")
+    node.key_file.unlink()
+    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(node.config)],
+                            capture_output=True, text=True, timeout=60, env=node.env)
+    assert result.returncode == 2
+    assert "lamina keys init" in result.stderr
