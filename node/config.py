@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.ingest.rules import ACTIONS, default_actions
+
 SERVICES = frozenset({"store", "find", "move", "get"})
 ENV_PREFIX = "LAMINA__"
 
@@ -82,12 +84,27 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ValidationSettings:
+    """What is checked on ingest and when a series is checked (see node.ingest.rules)."""
+
+    enabled: bool = True
+    quiet_period: float = 10.0
+    orientation_tolerance: float = 1e-3
+    spacing_tolerance: float = 0.01
+    rules: dict[str, str] = field(default_factory=default_actions)
+
+    def action(self, rule: str) -> str:
+        return self.rules[rule]
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -208,7 +225,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
-        if key not in {"node", "storage", "index", "audit", "log", "peers"}:
+        if key not in {"node", "storage", "index", "audit", "log", "validation", "peers"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -259,7 +276,42 @@ def _build(raw: dict[str, Any]) -> Settings:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log.level: must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
 
-    return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})))
+    return Settings(node, storage, index, audit, LogSettings(level), _validation(raw),
+                    _peers(raw.get("peers", {})))
+
+
+def _validation(raw: dict[str, Any]) -> ValidationSettings:
+    d = ValidationSettings()
+    s = _section(raw, "validation", set(ValidationSettings.__dataclass_fields__))
+    enabled = s.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"validation.enabled: must be true or false, got {enabled!r}")
+    settings = ValidationSettings(
+        enabled=enabled,
+        quiet_period=_get(s, "validation", "quiet_period", float, d.quiet_period),
+        orientation_tolerance=_get(s, "validation", "orientation_tolerance", float,
+                                   d.orientation_tolerance),
+        spacing_tolerance=_get(s, "validation", "spacing_tolerance", float,
+                               d.spacing_tolerance),
+        rules={**d.rules, **_rule_actions(s.get("rules", {}))},
+    )
+    _range(settings.quiet_period, 0.0, 86400, "validation.quiet_period")
+    _range(settings.orientation_tolerance, 0.0, 0.5, "validation.orientation_tolerance")
+    _range(settings.spacing_tolerance, 0.0, 0.5, "validation.spacing_tolerance")
+    return settings
+
+
+def _rule_actions(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("validation.rules: must be a table of rule = \"reject\" | \"warn\"")
+    known = default_actions()
+    for rule, action in raw.items():
+        where = f"validation.rules.{rule}"
+        if rule not in known:
+            raise ConfigError(f"{where}: unknown rule (known: {', '.join(sorted(known))})")
+        if action not in ACTIONS:
+            raise ConfigError(f"{where}: must be \"reject\" or \"warn\", got {action!r}")
+    return dict(raw)
 
 
 def _peers(raw: Any) -> tuple[Peer, ...]:
