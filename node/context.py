@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.audit.trail import AuditTrail, HeadCheckpoint
+from node.checks.series import SeriesChecker
 from node.config import Settings
+from node.ingest.iod import IODTables
 from node.ingest.pipeline import IngestService
+from node.ingest.quarantine import QuarantineArea, QuarantineService
+from node.ingest.validate import Validator
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
 
@@ -23,6 +27,8 @@ class NodeContext:
     blobs: BlobStore
     audit: AuditTrail
     ingest: IngestService
+    quarantine: QuarantineService
+    series: SeriesChecker
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> NodeContext:
@@ -35,7 +41,14 @@ class NodeContext:
         blobs = BlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
-        return cls(settings, index, blobs, audit, IngestService(blobs, index, audit))
+        area = QuarantineArea(BlobStore(data / "quarantine", data / "spool"), blobs, index, audit)
+        validator = None
+        if settings.validation.enabled:
+            validator = Validator(settings.validation, IODTables.load(data / "cache"))
+        return cls(settings, index, blobs, audit,
+                   IngestService(blobs, index, audit, area, validator),
+                   QuarantineService(area),
+                   SeriesChecker(index, audit, settings.validation, settings.node.ae_title))
 
     @property
     def run_dir(self) -> Path:

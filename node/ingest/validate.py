@@ -75,12 +75,18 @@ def tag_text(tag: int) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    """One broken rule, in plain words: the attribute, what was expected, what was found."""
+    """One broken rule, in plain words: the attribute, what was expected, what was found.
+
+    ``message`` is written to fit an ErrorComment (LO, 64 characters) whole;
+    ``detail`` carries what does not fit (the values compared), for the
+    quarantine record.
+    """
 
     rule: str
     message: str
     keyword: str = ""
     tag: str = ""
+    detail: str = ""
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -209,8 +215,8 @@ class Validator:
             try:
                 findings += check()
             except Exception as exc:  # noqa: BLE001 - untrusted values: any failure is a finding
-                findings.append(Finding(rule, f"{rule} not checkable: attribute values"
-                                        f" unreadable ({type(exc).__name__})"))
+                findings.append(Finding(rule, f"{rule} not checkable: values unreadable",
+                                        detail=f"{type(exc).__name__}: {str(exc)[:200]}"))
         return findings
 
     def split(self, findings: Iterable[Finding]) -> tuple[list[Finding], list[Finding]]:
@@ -224,8 +230,8 @@ class Validator:
 def _sop_class(sop_class: str) -> list[Finding]:
     if sop_class in ACCEPTED_SOP_CLASSES:
         return []
-    return [Finding("sop_class", f"SOPClassUID (0008,0016) {sop_class[:40] or 'empty'} is not"
-                    " a storage class this node accepts", "SOPClassUID", "(0008,0016)")]
+    return [Finding("sop_class", "SOPClassUID (0008,0016) not a storage class we accept",
+                    "SOPClassUID", "(0008,0016)", f"found {sop_class[:64] or 'empty'}")]
 
 
 def patient_conflict(stored_patient: tuple[str, str] | None, patient_id: str,
@@ -238,8 +244,9 @@ def patient_conflict(stored_patient: tuple[str, str] | None, patient_id: str,
         return None
     which = ("PatientID", "(0010,0020)") if stored_patient[0] != patient_id else (
         "IssuerOfPatientID", "(0010,0021)")
-    return Finding("patient_conflict", f"{which[0]} {which[1]} differs from the one stored"
-                   " for this StudyInstanceUID", *which)
+    return Finding("patient_conflict", f"{which[0]} {which[1]} differs from the study's stored"
+                   " one", *which, "this StudyInstanceUID is stored under another patient;"
+                   " the IDs are not shown")
 
 
 # --- the rules ---------------------------------------------------------------
@@ -248,15 +255,15 @@ def patient_conflict(stored_patient: tuple[str, str] | None, patient_id: str,
 def _required(ds: Dataset, iod: IOD, path: tuple[str, ...]) -> list[Finding]:
     """Type 1 / Type 2 attributes at ``path``, then inside any present sequence items."""
     findings = []
-    where = "" if not path else f" in {'/'.join(path)} item"
+    where = "" if not path else f" in {'/'.join(path)}"
     for req in iod.requirements.get(path, ()):
         elem = ds.get_item(req.tag) if req.tag in ds else None
         if elem is None:
             rule = "type1_missing" if req.type == "1" else "type2_missing"
-            findings.append(Finding(rule, f"{_named(req)} missing{where} (Type {req.type})",
+            findings.append(Finding(rule, f"{_named(req)} missing (Type {req.type}){where}",
                                     req.keyword, tag_text(req.tag)))
         elif req.type == "1" and _empty(ds, req, elem):
-            findings.append(Finding("type1_empty", f"{_named(req)} empty{where} (Type 1)",
+            findings.append(Finding("type1_empty", f"{_named(req)} empty (Type 1){where}",
                                     req.keyword, tag_text(req.tag)))
     for keyword in iod.children.get(path, ()):
         if keyword in ds:
@@ -284,24 +291,24 @@ def _file_meta(ds: FileDataset) -> list[Finding]:
                                   ("MediaStorageSOPInstanceUID", "(0002,0003)", "SOPInstanceUID")):
         found, expected = str(meta.get(meta_kw, "")), str(ds.get(kw, ""))
         if found != expected:
-            findings.append(Finding("file_meta", f"{meta_kw} {meta_tag} differs from {kw}:"
-                                    f" expected {expected[:64]}, found {found[:64] or 'none'}",
-                                    meta_kw, meta_tag))
+            findings.append(Finding("file_meta", f"{meta_kw} {meta_tag} does not match dataset",
+                                    meta_kw, meta_tag, f"expected {kw} {expected[:64] or 'none'},"
+                                    f" found {found[:64] or 'none'}"))
     return findings
 
 
 def _uid_problem(uid: str) -> str:
     if len(uid) > 64:
-        return f"{len(uid)} characters, at most 64"
+        return f"{len(uid)} chars, max 64"
     if _UID.fullmatch(uid):
         return ""
     for part in uid.split("."):
         if not part:
             return "empty component"
         if not part.isdigit() or not part.isascii():
-            return "not digits and dots"
+            return "not digits/dots"
         if len(part) > 1 and part[0] == "0":
-            return f"component {part[:8]!r} has a leading zero"
+            return "leading zero"
     return "not a UID"
 
 
@@ -321,7 +328,8 @@ def _uids(ds: FileDataset) -> list[Finding]:
                 if problem:
                     findings.append(Finding("uid_syntax", f"{elem.keyword or 'UID'}"
                                             f" {tag_text(tag)} bad UID: {problem}",
-                                            elem.keyword, tag_text(tag)))
+                                            elem.keyword, tag_text(tag),
+                                            f"found {str(value)[:80]}"))
     return findings
 
 
@@ -348,35 +356,39 @@ def _pixels(ds: FileDataset, pixels: PixelElement | None) -> list[Finding]:
     rows, columns, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
     if pixels is None:
         if rows and columns and bits:
-            return [Finding("pixel_data", "PixelData (7FE0,0010) missing; Rows, Columns and"
-                            " BitsAllocated describe an image", "PixelData", "(7FE0,0010)")]
+            return [Finding("pixel_data", "PixelData (7FE0,0010) missing for a Rows x Columns"
+                            " image", "PixelData", "(7FE0,0010)")]
         return []
     keyword, tag = _PIXEL_TAGS[pixels.tag], tag_text(pixels.tag)
     if not (rows and columns and bits and _int(ds, "SamplesPerPixel")):
         return []  # the Type 1 checks name the missing image attribute
     frames = _int(ds, "NumberOfFrames") or 1
     if pixels.length != _UNDEFINED:
-        try:
-            expected = get_expected_length(ds, unit="bytes")
-        except (AttributeError, TypeError, ValueError):
-            return []
+        expected = get_expected_length(ds, unit="bytes")
         if pixels.length > pixels.available:
-            return [Finding("pixel_data", f"{keyword} {tag} truncated: declares"
-                            f" {pixels.length} bytes, {pixels.available} received",
-                            keyword, tag)]
+            return [Finding("pixel_data", f"{keyword} {tag} truncated: {pixels.available} of"
+                            f" {pixels.length} bytes", keyword, tag,
+                            f"declared length {pixels.length}, received {pixels.available},"
+                            f" image needs {expected}")]
         if pixels.length not in (expected, expected + expected % 2):
             return [Finding("pixel_data", f"{keyword} {tag} length {pixels.length},"
-                            f" expected {expected}", keyword, tag)]
+                            f" expected {expected}", keyword, tag,
+                            f"Rows {rows} x Columns {columns} x SamplesPerPixel x"
+                            f" BitsAllocated {bits} / 8 x {frames} frames = {expected} bytes")]
         return []
     if not pixels.whole:
-        return [Finding("pixel_data", f"{keyword} {tag} encapsulated data truncated"
-                        f" after {pixels.fragments} fragments", keyword, tag)]
+        return [Finding("pixel_data", f"{keyword} {tag} fragments truncated after"
+                        f" {pixels.fragments}", keyword, tag,
+                        "an item runs past the end of the data or the sequence"
+                        " delimiter is missing")]
     if pixels.fragments < frames:
-        return [Finding("pixel_data", f"{keyword} {tag} has {pixels.fragments} fragments,"
-                        f" expected at least {frames} frames", keyword, tag)]
+        return [Finding("pixel_data", f"{keyword} {tag} {pixels.fragments} fragments for"
+                        f" {frames} frames", keyword, tag,
+                        "encapsulated data needs at least one fragment per frame")]
     if pixels.offsets and pixels.offsets != frames:
-        return [Finding("pixel_data", f"{keyword} {tag} offset table lists {pixels.offsets}"
-                        f" frames, expected {frames}", keyword, tag)]
+        return [Finding("pixel_data", f"{keyword} {tag} offset table has {pixels.offsets},"
+                        f" expected {frames}", keyword, tag,
+                        f"Basic Offset Table entries {pixels.offsets}, NumberOfFrames {frames}")]
     return []
 
 
@@ -405,15 +417,15 @@ def _orientation(ds: Dataset, tolerance: float) -> list[Finding]:
                         "(0020,0037)")]
 
     if len(iop) != 6:
-        return finding(f"has {len(iop)} numbers, expected 6")
+        return finding(f"has {len(iop)} values, not 6")
     row, col = iop[:3], iop[3:]
     for label, vec in (("row", row), ("column", col)):
         norm = sum(v * v for v in vec) ** 0.5
         if abs(norm - 1.0) > tolerance:
-            return finding(f"{label} vector length {norm:.4g}, expected 1")
+            return finding(f"{label} norm {norm:.3g}, not 1")
     dot = sum(a * b for a, b in zip(row, col, strict=True))
     if abs(dot) > tolerance:
-        return finding(f"not orthogonal: dot product {dot:.4g}, expected 0")
+        return finding(f"not orthogonal: dot {dot:.3g}")
     return []
 
 
@@ -422,13 +434,13 @@ def _spacing(ds: Dataset) -> list[Finding]:
     spacing = _floats(ds, "PixelSpacing")
     if spacing is not None and (len(spacing) != 2 or min(spacing) <= 0):
         shown = "\\".join(f"{v:g}" for v in spacing) or "not numbers"
-        findings.append(Finding("spacing", f"PixelSpacing (0028,0030) must be 2 positive"
-                                f" numbers, found {shown[:24]}", "PixelSpacing", "(0028,0030)"))
+        findings.append(Finding("spacing", f"PixelSpacing (0028,0030) not 2 positive numbers:"
+                                f" {shown[:16]}", "PixelSpacing", "(0028,0030)"))
     thickness = _floats(ds, "SliceThickness")
     if thickness is not None and (len(thickness) != 1 or thickness[0] <= 0):
         shown = f"{thickness[0]:g}" if thickness else "not a number"
-        findings.append(Finding("spacing", f"SliceThickness (0018,0050) must be positive,"
-                                f" found {shown}", "SliceThickness", "(0018,0050)"))
+        findings.append(Finding("spacing", f"SliceThickness (0018,0050) not positive:"
+                                f" {shown[:16]}", "SliceThickness", "(0018,0050)"))
     return findings
 
 
@@ -437,5 +449,5 @@ def _modality(ds: Dataset, iod_name: str) -> list[Finding]:
     modality = str(ds.get("Modality", "") or "")
     if allowed is None or not modality or modality in allowed:
         return []
-    return [Finding("modality", f"Modality (0008,0060) {modality[:16]} does not fit the SOP"
-                    f" class, expected {'/'.join(sorted(allowed))}", "Modality", "(0008,0060)")]
+    return [Finding("modality", f"Modality (0008,0060) {modality[:16]}, expected"
+                    f" {'/'.join(sorted(allowed))} for the SOP class", "Modality", "(0008,0060)")]
