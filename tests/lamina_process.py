@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, debug_logger  # noqa: F401 - debug_logger handy when editing
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
 
 REPO = Path(__file__).resolve().parents[1]
 SCU_AE = "TESTSCU"
@@ -58,7 +58,8 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", "from node.cli import main; main()", *args, "--config",
          str(config)],
-        capture_output=True, text=True, timeout=120, env=_env(), cwd=config.parent,
+        check=False, capture_output=True, text=True, timeout=120, env=_env(),
+        cwd=config.parent,
     )
 
 

@@ -278,7 +278,7 @@ def _spacing(unique: np.ndarray, median: float, tolerance: float) -> list[Series
         elif abs(gap - median) > tolerance * median:
             uneven.append((float(low), float(high), gap))
     if uneven:
-        shown = ", ".join(f"{_mm(g)} mm at {_mm(lo)}-{_mm(hi)}" for lo, hi, g in uneven[:6])
+        shown = ", ".join(f"{_mm(g)} mm from {_mm(lo)} to {_mm(hi)}" for lo, hi, g in uneven[:6])
         findings.append(SeriesFinding(
             "uneven_spacing", f"{len(uneven)} spacings differ from the median {_mm(median)} mm"
             f" by more than {tolerance:.0%}: {shown}{' ...' if len(uneven) > 6 else ''}",
