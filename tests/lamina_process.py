@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
@@ -166,12 +168,23 @@ def send_files(port: int, paths: list[Path], ae_title: str = SCU_AE) -> list[Res
     return responses
 
 
+def as_file(ds: Dataset) -> bytes:
+    """A DICOM file of ``ds`` exactly as given: pydicom's file-format enforcement would
+    overwrite a deliberately mismatched file meta, so only the group length is added."""
+    ds.preamble = b"\x00" * 128
+    ds.file_meta.FileMetaInformationVersion = b"\x00\x01"
+    ds.file_meta.FileMetaInformationGroupLength = 0  # recomputed when written
+    buffer = DicomBytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=False)
+    return buffer.getvalue()
+
+
 def send_datasets(port: int, folder: Path, datasets: list[Dataset]) -> list[Response]:
-    """Write datasets as DICOM files (meta completed, contents untouched) and send them."""
+    """Write datasets as DICOM files (contents untouched) and send them."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, ds in enumerate(datasets):
         path = folder / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(as_file(ds))
         paths.append(path)
     return send_files(port, paths)

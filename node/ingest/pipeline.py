@@ -260,5 +260,7 @@ def _uid(ds, keyword: str) -> str:
 
 def _plain(exc: BaseException) -> str:
     """An exception as one short line without received values beyond its type's words."""
+    if isinstance(exc, RecursionError):
+        return "sequences nested too deeply"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:120]

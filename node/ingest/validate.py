@@ -104,6 +104,10 @@ class PixelElement:
     whole: bool = True  # encapsulated: every item fits in the file and a delimiter ends them
 
 
+class Unparseable(ValueError):
+    """The bytes parse as DICOM elements but are not a whole dataset (0xC000)."""
+
+
 @dataclass(frozen=True)
 class Received:
     """A received object's parsed header and the whereabouts of its pixel data."""
@@ -115,11 +119,14 @@ class Received:
 def read_received(path: Path) -> Received:
     """Parse the header (never the pixels) and locate the pixel data element.
 
-    Raises what pydicom raises for data it cannot parse; the pipeline turns
-    that into 0xC000 and quarantines the bytes.
+    Raises what pydicom raises for data it cannot parse, or :class:`Unparseable`
+    where pydicom reads on regardless (an element longer than the data left,
+    bytes that name no SOP instance); the pipeline turns that into 0xC000 and
+    quarantines the bytes.
     """
     with open(path, "rb") as f:
         ds = dcmread(f, stop_before_pixels=True)
+        _whole(ds)
         syntax = ds.file_meta.get("TransferSyntaxUID")
         if syntax == DeflatedExplicitVRLittleEndian:
             # pydicom inflates the whole dataset to parse it; the header stop
@@ -129,6 +136,18 @@ def read_received(path: Path) -> Received:
         little = syntax is None or UID(syntax).is_little_endian
         implicit = syntax is not None and UID(syntax).is_implicit_VR
         return Received(ds, _pixel_element_at(f, little, implicit))
+
+
+def _whole(ds: Dataset) -> None:
+    """pydicom keeps an element cut short by the end of the data: refuse it."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if getattr(raw, "is_raw", False) and raw.value is not None \
+                and raw.length != _UNDEFINED and len(raw.value) < raw.length:
+            raise Unparseable(f"element {tag_text(tag)} declares {raw.length} bytes,"
+                              f" {len(raw.value)} remain")
+    if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
+        raise Unparseable("no SOPClassUID or SOPInstanceUID: not a DICOM dataset")
 
 
 def _pixels_of_dataset(ds: Dataset) -> PixelElement | None:
