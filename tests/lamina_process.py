@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import dcmwrite
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, _config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def test_missing_slice_is_reported_with_the_positions_around_the_gap():
 def test_duplicate_slice_names_its_position_and_instance_numbers():
     ph = phantom(10)
     rows = rows_of(ph, range(10))
-    uid, _, geometry = rows[4]
+    _, _, geometry = rows[4]
     rows.append(("1.2.3.4.5", 99, geometry))  # another instance at slice 4's position
     report = analyse_series(rows)
     assert rules(report) == ["duplicate_slice"]
