@@ -71,7 +71,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def write_config(folder: Path, port: int, extra: str = "") -> Path:
+def write_config(folder: Path, port: int, extra: str = "", workers: int = 1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "node.toml"
     config.write_text(f"""
@@ -79,7 +79,7 @@ def write_config(folder: Path, port: int, extra: str = "") -> Path:
 ae_title = "LAMINA"
 bind = "127.0.0.1"
 port = {port}
-workers = 1
+workers = {workers}
 
 [storage]
 data = "{folder / 'data'}"
@@ -108,10 +108,10 @@ services = ["store"]
     return config
 
 
-def start_node(folder: Path, extra: str = "") -> RunningNode:
+def start_node(folder: Path, extra: str = "", workers: int = 1) -> RunningNode:
     """Start ``lamina serve`` and wait until it accepts connections."""
     port = free_port()
-    config = write_config(folder, port, extra)
+    config = write_config(folder, port, extra, workers)
     log = folder / "node.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -21,7 +21,8 @@ import numpy as np
 from highdicom.spatial import get_volume_positions
 from highdicom.volume import VolumeGeometry as HighdicomGeometry
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+
+from node.ingest.validate import value_text
 
 #: Two slices closer than this along the normal are at the same position (mm).
 DUPLICATE_TOLERANCE_MM = 0.01
@@ -29,20 +30,11 @@ DUPLICATE_TOLERANCE_MM = 0.01
 GAP_FACTOR = 1.5
 
 
-def _joined(ds: Dataset, keyword: str) -> str | None:
-    """A (multi-)value as backslash-joined text, as it is kept in the index."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-    return "\\".join(str(v) for v in values)
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Dataset, tag: int) -> int | None:
+    text = value_text(ds, tag)
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        return int(text) if text is not None else None
+    except ValueError:
         return None
 
 
@@ -73,12 +65,13 @@ class InstanceGeometry:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceGeometry:
+        rows, columns = ds.get("Rows"), ds.get("Columns")
         return cls(
-            _joined(ds, "ImagePositionPatient"), _joined(ds, "ImageOrientationPatient"),
-            _joined(ds, "PixelSpacing"), _int(ds, "Rows"), _int(ds, "Columns"),
-            _joined(ds, "FrameOfReferenceUID"), _int(ds, "NumberOfFrames"),
-            _int(ds, "AcquisitionNumber"), _int(ds, "NumberOfSeriesRelatedInstances"),
-            _int(ds, "ImagesInAcquisition"),
+            value_text(ds, 0x00200032), value_text(ds, 0x00200037), value_text(ds, 0x00280030),
+            rows if isinstance(rows, int) else None,
+            columns if isinstance(columns, int) else None,
+            value_text(ds, 0x00200052), _int(ds, 0x00280008), _int(ds, 0x00200012),
+            _int(ds, 0x00201209), _int(ds, 0x00201002),
         )
 
     @property

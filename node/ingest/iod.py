@@ -53,8 +53,8 @@ class IOD:
 
     name: str
     requirements: dict[tuple[str, ...], tuple[Requirement, ...]]
-    #: path → keywords of the sequences below it that have requirements inside
-    children: dict[tuple[str, ...], tuple[str, ...]]
+    #: path → (keyword, tag) of the sequences below it that have requirements inside
+    children: dict[tuple[str, ...], tuple[tuple[str, int], ...]]
 
     @property
     def top_level(self) -> tuple[Requirement, ...]:
@@ -99,7 +99,9 @@ def _iod(name: str, paths: dict[str, list]) -> IOD:
     for path in requirements:
         for depth in range(len(path)):
             children.setdefault(path[:depth], set()).add(path[depth])
-    return IOD(name, requirements, {p: tuple(sorted(k)) for p, k in children.items()})
+    return IOD(name, requirements, {
+        p: tuple((k, tag_for_keyword(k)) for k in sorted(keys) if tag_for_keyword(k) is not None)
+        for p, keys in children.items()})
 
 
 _lock = threading.Lock()

@@ -205,7 +205,7 @@ class IngestService:
                             f"UID already stored with other bytes; kept as conflict {conflict_id}"),
                     "conflict", rec.sop_instance_uid, blob.sha256,
                 )
-            if override is not None:
+            if override is not None and result.outcome.status.is_success:
                 self.quarantine.mark_released(conn, override, rec.sop_instance_uid)
         self.audit.committed(entry)
         return result
