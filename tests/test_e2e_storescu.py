@@ -8,9 +8,9 @@ import shutil
 import subprocess
 
 import pytest
-from lamina_process import DCMTK_AE, as_file, start_node
 
 from node.phantom import Phantom
+from tests.lamina_process import DCMTK_AE, as_file, start_node
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None,
                                 reason="DCMTK storescu is not installed")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from lamina_process import as_file, run_cli, write_config
 
 from node.audit.trail import Actor
 from node.config import load
@@ -17,6 +16,7 @@ from node.ingest.pipeline import Source
 from node.ingest.quarantine import QuarantineError
 from node.phantom import Phantom
 from node.reports import fsck
+from tests.lamina_process import as_file, run_cli, write_config
 
 SOURCE = Source("TESTSCU", "127.0.0.1", "assoc-1")
 REVIEWER = Actor(user="reviewer")
@@ -136,7 +136,8 @@ def test_cli_list_show_release_export(ctx, config, tmp_path):
     qid, data = refused(ctx)
     listed = run_cli(config, "quarantine", "list")
     assert listed.returncode == 0
-    assert f"{qid:>6}" in listed.stdout and "0xA900  Rows (0028,0010) missing (Type 1)" in listed.stdout
+    assert f"{qid:>6}" in listed.stdout
+    assert "0xA900  Rows (0028,0010) missing (Type 1)" in listed.stdout
     shown = run_cli(config, "quarantine", "show", str(qid))
     assert "calling_ae           TESTSCU" in shown.stdout
     assert "[type1_missing] Rows (0028,0010) missing (Type 1)" in shown.stdout

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from lamina_process import RunningNode, as_file, send_datasets, send_files, start_node
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, RLELossless
 
@@ -25,6 +24,7 @@ from node.context import NodeContext
 from node.ingest.iod import IODTables
 from node.ingest.validate import Validator, read_received
 from node.phantom import Phantom
+from tests.lamina_process import RunningNode, as_file, send_datasets, send_files, start_node
 
 A900, C000 = 0xA900, 0xC000
 

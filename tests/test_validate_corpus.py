@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from lamina_process import send_files, start_node
 from pydicom.filereader import read_file_meta_info
 
 from node.ae import ACCEPTED_TRANSFER_SYNTAXES
 from node.ingest.validate import ACCEPTED_SOP_CLASSES
+from tests.lamina_process import send_files, start_node
 
 
 def corpus() -> dict[str, Path]:
