@@ -249,3 +249,154 @@ def deid_report(settings: Settings, study_uid: str, as_json: bool) -> None:
         click.echo(json.dumps(study_report_json(rows, study_uid=study_uid), indent=2))
     else:
         click.echo(study_report(rows, study_uid=study_uid))
+
+
+def _user(user: str | None) -> str:
+    import getpass
+
+    return user or getpass.getuser()
+
+
+@main.group()
+def quarantine() -> None:
+    """Objects the node refused: list, show, release, export. Nothing here is ever deleted."""
+
+
+@quarantine.command("list")
+@node_options
+@click.option("--all", "include_released", is_flag=True, help="Include released entries.")
+def quarantine_list(settings: Settings, include_released: bool) -> None:
+    """One line per entry: ID, time, sender, status, reason."""
+    from node.context import NodeContext
+
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
+    try:
+        entries = ctx.quarantine.list(include_released)
+    finally:
+        ctx.close()
+    for e in entries:
+        released = f"  [released {e.released_at}]" if e.released_at else ""
+        click.echo(f"{e.id:>6}  {e.received_at}  {e.calling_ae:<16} 0x{e.status_code:04X}"
+                   f"  {e.reason}{released}")
+    click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+
+
+@quarantine.command("show")
+@node_options
+@click.argument("quarantine_id", type=int)
+def quarantine_show(settings: Settings, quarantine_id: int) -> None:
+    """Everything kept about one entry, with every finding."""
+    from node.context import NodeContext
+    from node.ingest.quarantine import QuarantineError
+
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
+    try:
+        entry = ctx.quarantine.show(quarantine_id)
+    except QuarantineError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        ctx.close()
+    for key, value in entry.__dict__.items():
+        if key == "findings":
+            continue
+        if key == "status_code":
+            value = f"0x{value:04X}"
+        click.echo(f"{key:<20} {value if value not in (None, '') else '-'}")
+    click.echo(f"findings ({len(entry.findings)}):")
+    for f in entry.findings:
+        click.echo(f"  [{f['rule']}] {f['message']}" + (f" ({f['detail']})" if f.get("detail")
+                                                       else ""))
+
+
+@quarantine.command("release")
+@node_options
+@click.argument("quarantine_id", type=int)
+@click.option("--reason", required=True, help="Why this object may be stored (audited).")
+@click.option("--user", help="Who releases it (default: the login name).")
+def quarantine_release(settings: Settings, quarantine_id: int, reason: str,
+                       user: str | None) -> None:
+    """Store a quarantined object despite its findings: the pipeline re-runs with an audited
+    override, and the findings are recorded on the stored instance."""
+    from node.audit.trail import Actor
+    from node.context import NodeContext
+    from node.ingest.quarantine import QuarantineError
+
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
+    try:
+        result = ctx.quarantine.release(quarantine_id, reason, Actor(user=_user(user)),
+                                        ctx.ingest)
+    except QuarantineError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        ctx.close()
+    outcome = result.outcome
+    click.echo(f"quarantine {quarantine_id}: {result.action}"
+               f" (0x{outcome.status.code:04X}{': ' + outcome.comment if outcome.comment else ''})")
+    sys.exit(0 if outcome.status.is_success else 1)
+
+
+@quarantine.command("export")
+@node_options
+@click.argument("quarantine_id", type=int)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--user", help="Who exports it (default: the login name).")
+def quarantine_export(settings: Settings, quarantine_id: int, path: Path,
+                      user: str | None) -> None:
+    """Copy an entry's bytes to PATH (a file, or a folder for <sha256>.dcm); the entry stays."""
+    from node.audit.trail import Actor
+    from node.context import NodeContext
+    from node.ingest.quarantine import QuarantineError
+
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
+    try:
+        target = ctx.quarantine.export(quarantine_id, path, Actor(user=_user(user)))
+    except QuarantineError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        ctx.close()
+    click.echo(f"exported quarantine {quarantine_id} to {target}")
+
+
+@main.group()
+def check() -> None:
+    """Checks on stored data."""
+
+
+@check.command("series")
+@node_options
+@click.argument("series_uid")
+@click.option("--user", help="Who asks (default: the login name).")
+def check_series(settings: Settings, series_uid: str, user: str | None) -> None:
+    """Check a series' geometry and completeness now; exit 1 when it is incomplete."""
+    from node.audit.trail import Actor
+    from node.context import NodeContext
+
+    ctx = NodeContext.open(settings, migrate=False)
+    try:
+        state = ctx.series.check(series_uid, "on-demand", Actor(user=_user(user)))
+    finally:
+        ctx.close()
+    if state is None:
+        raise click.UsageError(f"series {series_uid} is not in the index")
+    click.echo(f"series {series_uid}: {state.state} ({state.instances} instances)")
+    for finding, severity in state.findings:
+        click.echo(f"  {severity:<6} [{finding.rule}] {finding.message}")
+    if state.geometry:
+        g = state.geometry
+        click.echo(f"  grid {g.size[0]} slices x {g.size[1]} x {g.size[2]},"
+                   f" spacing {', '.join(f'{v:.4g}' for v in g.spacing)} mm"
+                   f" (slice, row, column), {'regular' if g.regular else 'NOT regular'}")
+    sys.exit(0 if state.state == "complete" else 1)
+
+
+@check.command("instance")
+@node_options
+@click.argument("sop_instance_uid")
+def check_instance(settings: Settings, sop_instance_uid: str) -> None:
+    """The findings recorded for an instance, stored or quarantined; exit 1 when any."""
+    from node.reports import instance_findings
+
+    lines = instance_findings(settings, sop_instance_uid)
+    for line in lines:
+        click.echo(line)
+    sys.exit(1 if len(lines) > 1 else 0)

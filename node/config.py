@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from node.anonymize.settings import DeidSettings
+from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get"})
 #: How objects from a peer are treated on the way in (see node.ingest.routes).
@@ -87,6 +88,20 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ValidationSettings:
+    """What is checked on ingest and when a series is checked (see node.ingest.rules)."""
+
+    enabled: bool = True
+    quiet_period: float = 10.0
+    orientation_tolerance: float = 1e-3
+    spacing_tolerance: float = 0.01
+    rules: dict[str, str] = field(default_factory=default_actions)
+
+    def action(self, rule: str) -> str:
+        return self.rules[rule]
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -94,6 +109,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
     deidentify: DeidSettings = field(default_factory=DeidSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     peers: tuple[Peer, ...] = ()
 
     @property
@@ -214,7 +230,8 @@ def _resolve_networks(host: str, where: str) -> tuple:
 
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
-        if key not in {"node", "storage", "index", "audit", "log", "deidentify", "peers"}:
+        if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
+                       "peers"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -274,7 +291,41 @@ def _build(raw: dict[str, Any]) -> Settings:
         raise ConfigError(str(exc)) from None
 
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _peers(raw.get("peers", {})))
+                    _validation(raw), _peers(raw.get("peers", {})))
+
+
+def _validation(raw: dict[str, Any]) -> ValidationSettings:
+    d = ValidationSettings()
+    s = _section(raw, "validation", set(ValidationSettings.__dataclass_fields__))
+    enabled = s.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"validation.enabled: must be true or false, got {enabled!r}")
+    settings = ValidationSettings(
+        enabled=enabled,
+        quiet_period=_get(s, "validation", "quiet_period", float, d.quiet_period),
+        orientation_tolerance=_get(s, "validation", "orientation_tolerance", float,
+                                   d.orientation_tolerance),
+        spacing_tolerance=_get(s, "validation", "spacing_tolerance", float,
+                               d.spacing_tolerance),
+        rules={**d.rules, **_rule_actions(s.get("rules", {}))},
+    )
+    _range(settings.quiet_period, 0.0, 86400, "validation.quiet_period")
+    _range(settings.orientation_tolerance, 0.0, 0.5, "validation.orientation_tolerance")
+    _range(settings.spacing_tolerance, 0.0, 0.5, "validation.spacing_tolerance")
+    return settings
+
+
+def _rule_actions(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("validation.rules: must be a table of rule = \"reject\" | \"warn\"")
+    known = default_actions()
+    for rule, action in raw.items():
+        where = f"validation.rules.{rule}"
+        if rule not in known:
+            raise ConfigError(f"{where}: unknown rule (known: {', '.join(sorted(known))})")
+        if action not in ACTIONS:
+            raise ConfigError(f"{where}: must be \"reject\" or \"warn\", got {action!r}")
+    return dict(raw)
 
 
 def _peers(raw: Any) -> tuple[Peer, ...]:

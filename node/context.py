@@ -12,9 +12,13 @@ from pathlib import Path
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.trail import AuditTrail, HeadCheckpoint
+from node.checks.series import SeriesChecker
 from node.config import Settings
+from node.ingest.iod import IODTables
 from node.ingest.pipeline import IngestService
+from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
+from node.ingest.validate import Validator
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
 from node.storage.sealed import Sealer
@@ -26,16 +30,19 @@ class NodeContext:
     index: Index
     blobs: BlobStore
     audit: AuditTrail
+    series: SeriesChecker
     key: ProjectKey | None
     _ingest: IngestService | None
+    _quarantine: QuarantineService | None
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True,
              with_key: bool = False) -> NodeContext:
         """Open (and create on first use) the data folder, index and audit trail.
 
-        ``with_key`` loads the project key and builds the ingest service; without
-        it (status, fsck, audit verify) nothing can be received or de-identified.
+        ``with_key`` loads the project key and builds the services that need it
+        (ingest de-identifies, quarantine seals and unseals); without it (status,
+        fsck, audit verify, check) nothing can be received.
         Raises ``ProjectKeyError`` with how to make a key when there is none.
         """
         data = settings.storage.data
@@ -46,18 +53,31 @@ class NodeContext:
         blobs = BlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
-        key, ingest = None, None
+        series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
+        key, ingest, quarantine = None, None, None
         if with_key:
             key = load_project_key(settings.deidentify.key_file, data_dir=data)
+            area = QuarantineArea(BlobStore(data / "quarantine", data / "spool"), blobs, index,
+                                  audit, Sealer(key))
+            validator = None
+            if settings.validation.enabled:
+                validator = Validator(settings.validation, IODTables.load(data / "cache"))
             router = Router(Deidentifier(settings.deidentify, key), key, index)
-            ingest = IngestService(blobs, index, audit, router, Sealer(key))
-        return cls(settings, index, blobs, audit, key, ingest)
+            ingest = IngestService(blobs, index, audit, area, router, validator)
+            quarantine = QuarantineService(area)
+        return cls(settings, index, blobs, audit, series, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:
         if self._ingest is None:
             raise RuntimeError("the project key was not loaded: nothing can be ingested")
         return self._ingest
+
+    @property
+    def quarantine(self) -> QuarantineService:
+        if self._quarantine is None:
+            raise RuntimeError("the project key was not loaded: quarantine is sealed")
+        return self._quarantine
 
     @property
     def run_dir(self) -> Path:

@@ -4,8 +4,9 @@ One pynetdicom process tops out well below DCMTK's storescp (the GIL and the
 per-PDU Python work), so the node can run N worker processes bound to the same
 port with SO_REUSEPORT; the kernel spreads associations between them and they
 share the WAL-mode index and the blob store. The parent prepares the data
-folder (migrations, stale spool files), starts the workers, and stops them on
-SIGTERM/SIGINT. Workers die with the parent (PR_SET_PDEATHSIG), so a kill -9
+folder (migrations, stale spool files), starts the workers, runs the series
+sweep (one per node, so a series is checked once when its quiet period ends),
+and stops them on SIGTERM/SIGINT. Workers die with the parent (PR_SET_PDEATHSIG), so a kill -9
 of the node never leaves orphans holding the port.
 """
 
@@ -99,6 +100,9 @@ def serve(settings: Settings) -> None:
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
     ctx.audit.record("node.started", actor,
                      {"workers": settings.node.workers, "stale_spool_files": cleared})
+    sweep_stop = threading.Event()
+    threading.Thread(target=ctx.series.run, args=(sweep_stop,), name="series-sweep",
+                     daemon=True).start()
     try:
         if settings.node.workers == 1:
             run_worker(settings)
@@ -124,5 +128,6 @@ def serve(settings: Settings) -> None:
                     w.kill()
                     w.join()
     finally:
+        sweep_stop.set()
         ctx.audit.record("node.stopped", actor, {})
         ctx.close()

@@ -126,6 +126,19 @@ class BlobStore:
         finally:
             spooled.unlink(missing_ok=True)
 
+    def adopt(self, source: Path, sha256: str) -> None:
+        """Hard-link a file already known to hash to ``sha256`` (e.g. from another store on
+        the same filesystem) into place: no copy, and both names stay whole."""
+        target = self.path_for(sha256)
+        if target.is_file():
+            return
+        self._make_dirs(target.parent)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return
+        fsync_dir(target.parent)
+
     def _make_dirs(self, directory: Path) -> None:
         """Create a shard folder on first use, making its entry durable."""
         if directory.is_dir():

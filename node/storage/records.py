@@ -172,19 +172,6 @@ def insert_conflict(
     ).fetchone()[0]
 
 
-def insert_quarantine(
-    conn: sqlite3.Connection, receipt: Receipt, reason: str, status_code: int, *,
-    sealed: bool,
-) -> int:
-    """Record an object that was received but not stored, with why."""
-    return conn.execute(
-        "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
-        " association_id, received_at, sealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (receipt.blob_sha256, receipt.blob_size, reason, status_code, receipt.calling_ae,
-         receipt.association_id, receipt.received_at, int(sealed)),
-    ).lastrowid
-
-
 def _upsert_id(
     conn: sqlite3.Connection, select: str, key: tuple, insert: str, values: tuple
 ) -> int:

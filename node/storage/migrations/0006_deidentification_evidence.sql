@@ -9,5 +9,7 @@ CREATE TABLE deid_evidence (
 CREATE INDEX deid_evidence_study_idx ON deid_evidence (study_instance_uid);
 
 -- Quarantined bytes from a peer may carry PHI: they are kept sealed
--- (AES-GCM under the project key), and `sealed` says so.
+-- (AES-GCM under the project key), and `sealed` says so; `route` is the
+-- sender's route, which a release re-applies.
 ALTER TABLE quarantine ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quarantine ADD COLUMN route TEXT NOT NULL DEFAULT 'clinical';

@@ -1,0 +1,486 @@
+"""Per-instance validation: every received object is checked before anything is kept.
+
+The header is parsed once (``stop_before_pixels``) and the pixel data is never
+loaded: its declared length, and for encapsulated data its fragment items, are
+read from the file at the offset where the header parse stopped. That keeps
+validation to a small fraction of the cost of receiving an instance.
+
+Findings speak in keywords and tags, expected and found, and never quote the
+value of a patient attribute (no PHI in error comments, logs or the audit trail).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from node.config import ValidationSettings
+from node.ingest.iod import IOD, IODTables, Requirement
+from node.ingest.rules import REJECT
+
+#: What the association accepts (``node.ae``) is what STOW-RS may store too.
+ACCEPTED_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+#: The modality an IOD's own series module fixes (PS3.3 enumerated values).
+#: Only IODs that fix one are listed; Secondary Capture allows any.
+IOD_MODALITIES: dict[str, frozenset[str]] = {
+    "ct-image": frozenset({"CT"}),
+    "enhanced-ct-image": frozenset({"CT"}),
+    "legacy-converted-enhanced-ct-image": frozenset({"CT"}),
+    "mr-image": frozenset({"MR"}),
+    "enhanced-mr-image": frozenset({"MR"}),
+    "enhanced-mr-color-image": frozenset({"MR"}),
+    "legacy-converted-enhanced-mr-image": frozenset({"MR"}),
+    "mr-spectroscopy": frozenset({"MR"}),
+    "positron-emission-tomography-image": frozenset({"PT"}),
+    "enhanced-pet-image": frozenset({"PT"}),
+    "legacy-converted-enhanced-pet-image": frozenset({"PT"}),
+    "computed-radiography-image": frozenset({"CR"}),
+    "digital-x-ray-image": frozenset({"DX"}),
+    "digital-mammography-x-ray-image": frozenset({"MG"}),
+    "digital-intra-oral-x-ray-image": frozenset({"IO"}),
+    "nuclear-medicine-image": frozenset({"NM"}),
+    "segmentation": frozenset({"SEG"}),
+    "ultrasound-image": frozenset({"US"}),
+    "ultrasound-multi-frame-image": frozenset({"US"}),
+    "rt-structure-set": frozenset({"RTSTRUCT"}),
+    "rt-dose": frozenset({"RTDOSE"}),
+    "rt-plan": frozenset({"RTPLAN"}),
+    "rt-image": frozenset({"RTIMAGE"}),
+}
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00009: "DoubleFloatPixelData",
+               0x7FE00008: "FloatPixelData"}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
+_UNDEFINED = 0xFFFFFFFF
+
+
+def value_text(ds: Dataset, tag: int) -> str | None:
+    """A DS/IS/UI/CS value as received, backslash-separated; None when absent or empty.
+
+    Read from the raw bytes while the element is still undecoded: these VRs are
+    ASCII by definition, and pydicom's decoding of a DS multi-value costs tens
+    of microseconds, which adds up on the ingest hot path.
+    """
+    if tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    if getattr(elem, "is_raw", False):
+        if not elem.value:
+            return None
+        parts = elem.value.decode("ascii", "replace").split("\\")
+        return "\\".join(p.strip(" \0") for p in parts) or None
+    value = elem.value
+    if value is None or value == "":
+        return None
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return "\\".join(str(v) for v in values)
+
+
+def tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One broken rule, in plain words: the attribute, what was expected, what was found.
+
+    ``message`` is written to fit an ErrorComment (LO, 64 characters) whole;
+    ``detail`` carries what does not fit (the values compared), for the
+    quarantine record.
+    """
+
+    rule: str
+    message: str
+    keyword: str = ""
+    tag: str = ""
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where the pixel data element sits in the received file, read without loading it."""
+
+    tag: int
+    length: int  # declared value length; 0xFFFFFFFF for encapsulated data
+    available: int  # bytes actually in the file from the value's first byte
+    fragments: int = 0  # encapsulated: fragment items found before the delimiter
+    offsets: int = 0  # encapsulated: Basic Offset Table entries
+    whole: bool = True  # encapsulated: every item fits in the file and a delimiter ends them
+
+
+class Unparseable(ValueError):
+    """The bytes parse as DICOM elements but are not a whole dataset (0xC000)."""
+
+
+@dataclass(frozen=True)
+class Received:
+    """A received object's parsed header and the whereabouts of its pixel data."""
+
+    dataset: FileDataset
+    pixels: PixelElement | None
+
+
+def read_received(path: Path) -> Received:
+    """Parse the header (never the pixels) and locate the pixel data element.
+
+    Raises what pydicom raises for data it cannot parse, or :class:`Unparseable`
+    where pydicom reads on regardless (an element longer than the data left,
+    bytes that name no SOP instance); the pipeline turns that into 0xC000 and
+    quarantines the bytes.
+    """
+    with open(path, "rb") as f:
+        ds = dcmread(f, stop_before_pixels=True)
+        _whole(ds)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax == DeflatedExplicitVRLittleEndian:
+            # pydicom inflates the whole dataset to parse it; the header stop
+            # position says nothing about the compressed file, so read it all.
+            full = dcmread(f.name)
+            return Received(ds, _pixels_of_dataset(full))
+        little = syntax is None or UID(syntax).is_little_endian
+        implicit = syntax is not None and UID(syntax).is_implicit_VR
+        return Received(ds, _pixel_element_at(f, little, implicit))
+
+
+def _whole(ds: Dataset) -> None:
+    """pydicom keeps an element cut short by the end of the data: refuse it."""
+    for tag, raw in ds.items():  # raw elements as read: nothing is decoded here
+        if getattr(raw, "is_raw", False) and raw.value is not None \
+                and raw.length != _UNDEFINED and len(raw.value) < raw.length:
+            raise Unparseable(f"element {tag_text(tag)} declares {raw.length} bytes,"
+                              f" {len(raw.value)} remain")
+    if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
+        raise Unparseable("no SOPClassUID or SOPInstanceUID: not a DICOM dataset")
+
+
+def _pixels_of_dataset(ds: Dataset) -> PixelElement | None:
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            length = len(ds[tag].value or b"")
+            return PixelElement(tag, length, length)
+    return None
+
+
+def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement | None:
+    """Read the element header at the current offset, where the header parse stopped."""
+    start = f.tell()
+    size = f.seek(0, 2)
+    f.seek(start)
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    endian = "<" if little else ">"
+    group, elem = struct.unpack(f"{endian}HH", head[:4])
+    tag = group << 16 | elem
+    if tag not in _PIXEL_TAGS:
+        return None
+    if implicit:
+        length = struct.unpack(f"{endian}L", head[4:8])[0]
+    elif head[4:6] in _LONG_VRS:
+        extra = f.read(4)
+        if len(extra) < 4:
+            return PixelElement(tag, 0, 0, whole=False)
+        length = struct.unpack(f"{endian}L", extra)[0]
+    else:
+        length = struct.unpack(f"{endian}H", head[6:8])[0]
+    value_start = f.tell()
+    available = size - value_start
+    if length != _UNDEFINED:
+        return PixelElement(tag, length, available)
+    return _encapsulated(f, tag, endian, available)
+
+
+def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelElement:
+    """Count the fragment items after the Basic Offset Table and check they end properly."""
+    try:
+        offsets = parse_basic_offsets(f, endianness=endian)
+        count, positions = parse_fragments(f, endianness=endian)
+    except (ValueError, struct.error):
+        return PixelElement(tag, _UNDEFINED, available, whole=False)
+    end = f.seek(0, 2)
+    if positions:
+        f.seek(positions[-1] + 4)
+        last = f.read(4)
+        if len(last) < 4:
+            return PixelElement(tag, _UNDEFINED, available, count, len(offsets), False)
+        f.seek(positions[-1] + 8 + struct.unpack(f"{endian}L", last)[0])
+    delimiter = f.read(4)
+    whole = (len(delimiter) == 4 and f.tell() <= end
+             and struct.unpack(f"{endian}HH", delimiter) == (0xFFFE, 0xE0DD))
+    return PixelElement(tag, _UNDEFINED, available, count, len(offsets), whole)
+
+
+class Validator:
+    """Checks one received instance against the IOD tables and the node's rules."""
+
+    def __init__(self, settings: ValidationSettings, tables: IODTables) -> None:
+        self.settings = settings
+        self.tables = tables
+
+    def check(self, received: Received) -> list[Finding]:
+        """Every finding for this instance, most fundamental first."""
+        ds = received.dataset
+        sop_class = str(ds.get("SOPClassUID", ""))
+        iod = self.tables.for_sop_class(sop_class)
+        checks: list[tuple[str, Callable[[], list[Finding]]]] = [
+            ("sop_class", lambda: _sop_class(sop_class)),
+            ("type1_missing", lambda: _required(ds, iod, ()) if iod else []),
+            ("file_meta", lambda: _file_meta(ds)),
+            ("uid_syntax", lambda: _uids(ds)),
+            ("pixel_data", lambda: _pixels(ds, received.pixels)),
+            ("orientation", lambda: _orientation(ds, self.settings.orientation_tolerance)),
+            ("spacing", lambda: _spacing(ds)),
+            ("modality", lambda: _modality(ds, iod.name) if iod else []),
+        ]
+        findings: list[Finding] = []
+        for rule, check in checks:
+            try:
+                findings += check()
+            except Exception as exc:  # noqa: BLE001 - untrusted values: any failure is a finding
+                findings.append(Finding(rule, f"{rule} not checkable: values unreadable",
+                                        detail=f"{type(exc).__name__}: {str(exc)[:200]}"))
+        return findings
+
+    def split(self, findings: Iterable[Finding]) -> tuple[list[Finding], list[Finding]]:
+        """(rejecting, warning) findings by the configured action of their rule."""
+        rejecting, warning = [], []
+        for finding in findings:
+            (rejecting if self.settings.action(finding.rule) == REJECT else warning).append(finding)
+        return rejecting, warning
+
+
+def _sop_class(sop_class: str) -> list[Finding]:
+    if sop_class in ACCEPTED_SOP_CLASSES:
+        return []
+    return [Finding("sop_class", "SOPClassUID (0008,0016) not a storage class we accept",
+                    "SOPClassUID", "(0008,0016)", f"found {sop_class[:64] or 'empty'}")]
+
+
+def patient_conflict(stored_patient: tuple[str, str] | None, patient_id: str,
+                     issuer: str) -> Finding | None:
+    """A known study arriving under another PatientID (or issuer) is a conflict.
+
+    Neither ID is quoted: the finding names the attribute, not the patient.
+    """
+    if stored_patient is None or stored_patient == (patient_id, issuer):
+        return None
+    which = ("PatientID", "(0010,0020)") if stored_patient[0] != patient_id else (
+        "IssuerOfPatientID", "(0010,0021)")
+    return Finding("patient_conflict", f"{which[0]} {which[1]} differs from the study's stored"
+                   " one", *which, "this StudyInstanceUID is stored under another patient;"
+                   " the IDs are not shown")
+
+
+# --- the rules ---------------------------------------------------------------
+
+
+def _required(ds: Dataset, iod: IOD, path: tuple[str, ...]) -> list[Finding]:
+    """Type 1 / Type 2 attributes at ``path``, then inside any present sequence items."""
+    findings = []
+    # Plain ints: BaseTag compares in Python, Dataset.__contains__ converts every key.
+    present = {int(tag) for tag in ds.keys()}  # noqa: SIM118 - keys only, nothing decoded
+    where = "" if not path else f" in {'/'.join(path)}"
+    for req in iod.requirements.get(path, ()):
+        if req.tag not in present:
+            rule = "type1_missing" if req.type == "1" else "type2_missing"
+            findings.append(Finding(rule, f"{_named(req)} missing (Type {req.type}){where}",
+                                    req.keyword, tag_text(req.tag)))
+        elif req.type == "1" and _empty(ds, req):
+            findings.append(Finding("type1_empty", f"{_named(req)} empty (Type 1){where}",
+                                    req.keyword, tag_text(req.tag)))
+    for keyword, tag in iod.children.get(path, ()):
+        if tag in present:
+            for item in ds[tag].value or ():
+                if isinstance(item, Dataset):
+                    findings += _required(item, iod, (*path, keyword))
+    return findings
+
+
+def _named(req: Requirement) -> str:
+    return f"{req.keyword} {tag_text(req.tag)}"
+
+
+def _empty(ds: Dataset, req: Requirement) -> bool:
+    """Zero-length on the wire (read from the raw element when it is still raw)."""
+    elem = ds.get_item(req.tag)
+    if getattr(elem, "is_raw", False) and elem.length != _UNDEFINED:
+        return elem.length == 0
+    return ds[req.tag].is_empty
+
+
+def _file_meta(ds: FileDataset) -> list[Finding]:
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    findings = []
+    for meta_kw, meta_tag, kw in (("MediaStorageSOPClassUID", "(0002,0002)", "SOPClassUID"),
+                                  ("MediaStorageSOPInstanceUID", "(0002,0003)", "SOPInstanceUID")):
+        found, expected = str(meta.get(meta_kw, "")), str(ds.get(kw, ""))
+        if found != expected:
+            findings.append(Finding("file_meta", f"{meta_kw} {meta_tag} does not match dataset",
+                                    meta_kw, meta_tag, f"expected {kw} {expected[:64] or 'none'},"
+                                    f" found {found[:64] or 'none'}"))
+    return findings
+
+
+def _uid_problem(uid: str) -> str:
+    if len(uid) > 64:
+        return f"{len(uid)} chars, max 64"
+    if _UID.fullmatch(uid):
+        return ""
+    for part in uid.split("."):
+        if not part:
+            return "empty component"
+        if not part.isdigit() or not part.isascii():
+            return "not digits/dots"
+        if len(part) > 1 and part[0] == "0":
+            return "leading zero"
+    return "not a UID"
+
+
+def _uids(ds: FileDataset) -> list[Finding]:
+    """Top-level and file meta UIDs (UI elements) are legal."""
+    findings = []
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    for source in (meta, ds):
+        for tag in [t for t in source.keys() if _is_uid(t)]:  # noqa: SIM118 - no decoding
+            for value in (value_text(source, tag) or "").split("\\"):
+                problem = _uid_problem(value) if value else ""
+                if problem:
+                    keyword = keyword_for_tag(tag) or "UID"
+                    findings.append(Finding("uid_syntax", f"{keyword} {tag_text(tag)} bad UID:"
+                                            f" {problem}", keyword, tag_text(tag),
+                                            f"found {value[:80]}"))
+    return findings
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_uid(tag: int) -> bool:
+    """The standard's VR for the tag is UI (private tags are not checked)."""
+    try:
+        return dictionary_VR(tag) == "UI"
+    except KeyError:
+        return False
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixels(ds: FileDataset, pixels: PixelElement | None) -> list[Finding]:
+    rows, columns, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+    if pixels is None:
+        if rows and columns and bits:
+            return [Finding("pixel_data", "PixelData (7FE0,0010) missing for a Rows x Columns"
+                            " image", "PixelData", "(7FE0,0010)")]
+        return []
+    keyword, tag = _PIXEL_TAGS[pixels.tag], tag_text(pixels.tag)
+    if not (rows and columns and bits and _int(ds, "SamplesPerPixel")):
+        return []  # the Type 1 checks name the missing image attribute
+    frames = _int(ds, "NumberOfFrames") or 1
+    if pixels.length != _UNDEFINED:
+        expected = get_expected_length(ds, unit="bytes")
+        if pixels.length > pixels.available:
+            return [Finding("pixel_data", f"{keyword} {tag} truncated: {pixels.available} of"
+                            f" {pixels.length} bytes", keyword, tag,
+                            f"declared length {pixels.length}, received {pixels.available},"
+                            f" image needs {expected}")]
+        if pixels.length not in (expected, expected + expected % 2):
+            return [Finding("pixel_data", f"{keyword} {tag} length {pixels.length},"
+                            f" expected {expected}", keyword, tag,
+                            f"Rows {rows} x Columns {columns} x SamplesPerPixel x"
+                            f" BitsAllocated {bits} / 8 x {frames} frames = {expected} bytes")]
+        return []
+    if not pixels.whole:
+        return [Finding("pixel_data", f"{keyword} {tag} fragments truncated after"
+                        f" {pixels.fragments}", keyword, tag,
+                        "an item runs past the end of the data or the sequence"
+                        " delimiter is missing")]
+    if pixels.fragments < frames:
+        return [Finding("pixel_data", f"{keyword} {tag} {pixels.fragments} fragments for"
+                        f" {frames} frames", keyword, tag,
+                        "encapsulated data needs at least one fragment per frame")]
+    if pixels.offsets and pixels.offsets != frames:
+        return [Finding("pixel_data", f"{keyword} {tag} offset table has {pixels.offsets},"
+                        f" expected {frames}", keyword, tag,
+                        f"Basic Offset Table entries {pixels.offsets}, NumberOfFrames {frames}")]
+    return []
+
+
+def _floats(ds: Dataset, tag: int) -> list[float] | None:
+    """A numeric multi-value as floats; None when absent or empty, [] when not numbers."""
+    text = value_text(ds, tag)
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split("\\")]
+    except ValueError:
+        return []
+
+
+def _orientation(ds: Dataset, tolerance: float) -> list[Finding]:
+    iop = _floats(ds, 0x00200037)
+    if iop is None:
+        return []
+    name = "ImageOrientationPatient (0020,0037)"
+
+    def finding(problem: str) -> list[Finding]:
+        return [Finding("orientation", f"{name} {problem}", "ImageOrientationPatient",
+                        "(0020,0037)")]
+
+    if len(iop) != 6:
+        return finding(f"has {len(iop)} values, not 6")
+    row, col = iop[:3], iop[3:]
+    for label, vec in (("row", row), ("column", col)):
+        norm = sum(v * v for v in vec) ** 0.5
+        if abs(norm - 1.0) > tolerance:
+            return finding(f"{label} norm {norm:.3g}, not 1")
+    dot = sum(a * b for a, b in zip(row, col, strict=True))
+    if abs(dot) > tolerance:
+        return finding(f"not orthogonal: dot {dot:.3g}")
+    return []
+
+
+def _spacing(ds: Dataset) -> list[Finding]:
+    findings = []
+    spacing = _floats(ds, 0x00280030)
+    if spacing is not None and (len(spacing) != 2 or min(spacing) <= 0):
+        shown = "\\".join(f"{v:g}" for v in spacing) or "not numbers"
+        findings.append(Finding("spacing", f"PixelSpacing (0028,0030) not 2 positive numbers:"
+                                f" {shown[:16]}", "PixelSpacing", "(0028,0030)"))
+    thickness = _floats(ds, 0x00180050)
+    if thickness is not None and (len(thickness) != 1 or thickness[0] <= 0):
+        shown = f"{thickness[0]:g}" if thickness else "not a number"
+        findings.append(Finding("spacing", f"SliceThickness (0018,0050) not positive:"
+                                f" {shown[:16]}", "SliceThickness", "(0018,0050)"))
+    return findings
+
+
+def _modality(ds: Dataset, iod_name: str) -> list[Finding]:
+    allowed = IOD_MODALITIES.get(iod_name)
+    modality = str(ds.get("Modality", "") or "")
+    if allowed is None or not modality or modality in allowed:
+        return []
+    return [Finding("modality", f"Modality (0008,0060) {modality[:16]}, expected"
+                    f" {'/'.join(sorted(allowed))} for the SOP class", "Modality", "(0008,0060)")]

@@ -1,0 +1,169 @@
+"""Quarantine: refused bytes are kept with why, nothing is deleted, release is audited."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from node.audit.trail import Actor
+from node.config import load
+from node.context import NodeContext
+from node.ingest.pipeline import Source
+from node.ingest.quarantine import QuarantineError
+from node.phantom import Phantom
+from node.reports import fsck
+from tests.lamina_process import as_file, run_cli, write_config
+
+SOURCE = Source("TESTSCU", "127.0.0.1", "assoc-1")
+REVIEWER = Actor(user="reviewer")
+
+
+def slice_of(seed: str, index: int = 0):
+    return Phantom(seed=seed, slices_count=3, rows=16, columns=16).slice(index)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, port=11112)
+
+
+@pytest.fixture
+def ctx(config: Path):
+    context = NodeContext.open(load(config, environ={}))
+    yield context
+    context.close()
+
+
+def refused(ctx: NodeContext, seed: str = "q") -> tuple[int, bytes]:
+    ds = slice_of(seed)
+    del ds.Rows
+    data = as_file(ds)
+    result = ctx.ingest.ingest_bytes(data, SOURCE)
+    assert result.action == "quarantined" and result.outcome.status.code == 0xA900
+    return result.quarantine_id, data
+
+
+def audit_actions(ctx: NodeContext) -> list[str]:
+    with ctx.index.read() as conn:
+        return [a for (a,) in conn.execute("SELECT action FROM audit_event ORDER BY seq")]
+
+
+def test_refused_instance_is_kept_with_sender_reason_and_findings(ctx):
+    qid, data = refused(ctx)
+    [entry] = ctx.quarantine.list()
+    assert entry.id == qid and entry.status_code == 0xA900
+    assert entry.reason == "Rows (0028,0010) missing (Type 1)"
+    assert (entry.calling_ae, entry.address, entry.association_id) == (
+        "TESTSCU", "127.0.0.1", "assoc-1")
+    assert entry.sop_instance_uid == slice_of("q").SOPInstanceUID
+    assert entry.findings[0]["rule"] == "type1_missing"
+    # Content-addressed in the quarantine area, not in the blob store that serves retrievals.
+    path = ctx.quarantine.path_of(entry)
+    assert path.read_bytes() == data and path.name == hashlib.sha256(data).hexdigest()
+    assert "quarantine" in path.parts and not ctx.blobs.exists(entry.sha256)
+    assert audit_actions(ctx) == ["instance.quarantined"]
+
+
+def test_release_reruns_the_pipeline_with_an_audited_override(ctx):
+    qid, _ = refused(ctx)
+    result = ctx.quarantine.release(qid, "vendor confirmed Rows", REVIEWER, ctx.ingest)
+    assert result.action == "stored" and result.outcome.status.is_success
+    entry = ctx.quarantine.show(qid)
+    assert entry.released_by == "reviewer" and entry.release_reason == "vendor confirmed Rows"
+    assert ctx.quarantine.path_of(entry).is_file()  # nothing deleted
+    assert ctx.quarantine.list() == [] and len(ctx.quarantine.list(include_released=True)) == 1
+    with ctx.index.read() as conn:
+        finding = conn.execute("SELECT rule, severity FROM finding").fetchall()
+        released = conn.execute("SELECT actor, object FROM audit_event"
+                                " WHERE action = 'quarantine.released'").fetchone()
+    assert [tuple(f) for f in finding] == [("type1_missing", "reject")]  # kept, overridden
+    assert json.loads(released["actor"]) == {"user": "reviewer"}
+    assert json.loads(released["object"])["quarantine_id"] == qid
+    assert audit_actions(ctx)[-2:] == ["instance.stored", "quarantine.released"]
+    assert ctx.audit.verify().ok
+
+
+def test_release_twice_or_without_reason_is_refused(ctx):
+    qid, _ = refused(ctx)
+    with pytest.raises(QuarantineError, match="needs a reason"):
+        ctx.quarantine.release(qid, "  ", REVIEWER, ctx.ingest)
+    ctx.quarantine.release(qid, "checked", REVIEWER, ctx.ingest)
+    with pytest.raises(QuarantineError, match="already released"):
+        ctx.quarantine.release(qid, "again", REVIEWER, ctx.ingest)
+    with pytest.raises(QuarantineError, match="no quarantine entry 99"):
+        ctx.quarantine.release(99, "x", REVIEWER, ctx.ingest)
+
+
+def test_unparseable_bytes_cannot_be_released_and_stay(ctx):
+    garbage = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00junk" + b"\xff" * 64
+    result = ctx.ingest.ingest_bytes(garbage, SOURCE)
+    assert result.outcome.status.code == 0xC000 and result.action == "quarantined"
+    release = ctx.quarantine.release(result.quarantine_id, "try", REVIEWER, ctx.ingest)
+    assert release.outcome.status.code == 0xC000
+    entry = ctx.quarantine.show(result.quarantine_id)
+    assert entry.released_at is None and ctx.quarantine.path_of(entry).read_bytes() == garbage
+    assert len(ctx.quarantine.list()) == 1  # no second entry for the failed release
+
+
+def test_export_copies_the_bytes_and_is_audited(ctx, tmp_path):
+    qid, data = refused(ctx)
+    target = ctx.quarantine.export(qid, tmp_path, REVIEWER)
+    assert target.read_bytes() == data and target.name.endswith(".dcm")
+    assert ctx.quarantine.path_of(ctx.quarantine.show(qid)).is_file()
+    assert audit_actions(ctx)[-1] == "quarantine.exported"
+
+
+def test_conflict_found_inside_the_transaction_is_quarantined_without_loss(ctx, config):
+    first, second = slice_of("study", 0), slice_of("study", 1)
+    second.PatientID = "OTHER"
+    assert ctx.ingest.ingest_bytes(as_file(first), SOURCE).action == "stored"
+    result = ctx.ingest.ingest_bytes(as_file(second), SOURCE)
+    assert result.action == "quarantined" and result.outcome.status.code == 0xA900
+    entry = ctx.quarantine.show(result.quarantine_id)
+    assert entry.findings[0]["rule"] == "patient_conflict"
+    assert ctx.quarantine.path_of(entry).read_bytes() == as_file(second)
+    with ctx.index.read() as conn:
+        assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 1
+    report = fsck(ctx.settings)
+    assert report.clean and report.unreferenced == []
+
+
+def test_cli_list_show_release_export(ctx, config, tmp_path):
+    qid, data = refused(ctx)
+    listed = run_cli(config, "quarantine", "list")
+    assert listed.returncode == 0
+    assert f"{qid:>6}" in listed.stdout
+    assert "0xA900  Rows (0028,0010) missing (Type 1)" in listed.stdout
+    shown = run_cli(config, "quarantine", "show", str(qid))
+    assert "calling_ae           TESTSCU" in shown.stdout
+    assert "[type1_missing] Rows (0028,0010) missing (Type 1)" in shown.stdout
+    out = tmp_path / "out.dcm"
+    exported = run_cli(config, "quarantine", "export", str(qid), str(out))
+    assert exported.returncode == 0 and out.read_bytes() == data
+    released = run_cli(config, "quarantine", "release", str(qid), "--reason", "checked",
+                       "--user", "reviewer")
+    assert released.returncode == 0 and "stored (0x0000)" in released.stdout
+    again = run_cli(config, "quarantine", "release", str(qid), "--reason", "checked")
+    assert again.returncode == 2 and "already released" in again.stderr
+    status = run_cli(config, "status")
+    assert "quarantine_waiting     0" in status.stdout
+    assert "instance_findings      type1_missing 1" in status.stdout
+    instance = run_cli(config, "check", "instance", slice_of("q").SOPInstanceUID)
+    assert instance.returncode == 1 and "stored" in instance.stdout
+    assert "reject [type1_missing]" in instance.stdout
+
+
+def test_validation_can_be_switched_off(ctx, config):
+    off = dataclasses.replace(ctx.settings, validation=dataclasses.replace(
+        ctx.settings.validation, enabled=False))
+    plain = NodeContext.open(off, migrate=False)
+    try:
+        ds = slice_of("off")
+        del ds.Rows
+        assert plain.ingest.ingest_bytes(as_file(ds), SOURCE).action == "stored"
+    finally:
+        plain.close()
