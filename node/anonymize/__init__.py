@@ -2,7 +2,8 @@
 
 ``settings`` holds the options, ``profile`` the standard's table as data, ``keys`` the
 project key and the pseudonyms derived from it, ``anonymizer`` the pure engine,
-``reidmap`` the encrypted re-identification map, ``commands`` the CLI.
+``evidence`` what the engine did to each object, ``report`` the per-study report
+built from it, ``reidmap`` the encrypted re-identification map, ``commands`` the CLI.
 """
 
 from node.anonymize.anonymizer import (
@@ -14,7 +15,10 @@ from node.anonymize.anonymizer import (
     UidEntry,
     burned_in_risk,
     encode,
+    looks_identified,
+    remap_known_uids,
 )
+from node.anonymize.evidence import DeidEvidence
 from node.anonymize.keys import ProjectKey, ProjectKeyError, load_project_key
 from node.anonymize.reidmap import (
     ReidentificationError,
@@ -22,11 +26,13 @@ from node.anonymize.reidmap import (
     reidentify_dataset,
     reidentify_uid,
 )
+from node.anonymize.report import study_report, study_report_json
 from node.anonymize.settings import DeidConfigError, DeidSettings
 
 __all__ = [
     "BurnedInTextRisk",
     "DeidConfigError",
+    "DeidEvidence",
     "DeidResult",
     "DeidSettings",
     "DeidentificationError",
@@ -40,6 +46,10 @@ __all__ = [
     "burned_in_risk",
     "encode",
     "load_project_key",
+    "looks_identified",
     "reidentify_dataset",
     "reidentify_uid",
+    "remap_known_uids",
+    "study_report",
+    "study_report_json",
 ]

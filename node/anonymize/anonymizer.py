@@ -10,11 +10,14 @@ written (whitelist thinking), at every depth of every sequence.
 
 from __future__ import annotations
 
+import copy
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from io import BytesIO
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,28 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, UID_dictionary
 
 from node import __version__
-from node.anonymize.keys import ProjectKey
+from node.anonymize.evidence import (
+    ADDED,
+    AGE_CAPPED,
+    CLEANED,
+    CURVES_CLEANED,
+    CURVES_REMOVED,
+    DATE_SHIFTED,
+    DUMMY,
+    EMPTIED,
+    KEPT,
+    OVERLAYS_CLEANED,
+    OVERLAYS_REMOVED,
+    PSEUDONYM,
+    REMOVED,
+    UID_REMAPPED,
+    AppliedOption,
+    DeidEvidence,
+    KeptPrivate,
+    build_evidence,
+    element_name,
+)
+from node.anonymize.keys import PSEUDONYM_PREFIX, ProjectKey
 from node.anonymize.profile import (
     BASIC_PROFILE_CODE,
     CLASS_UID_KEYWORDS,
@@ -40,7 +64,7 @@ from node.anonymize.profile import (
     keyword_tags,
     plan,
 )
-from node.anonymize.settings import DeidSettings
+from node.anonymize.settings import DeidSettings, SafePrivateTag
 
 # A UID that names this implementation in file meta, derived from a fixed name so it
 # is the same on every machine without Lamina owning an OID root.
@@ -76,6 +100,29 @@ _SEGMENT_LABEL = Tag("SegmentLabel")
 _PATIENT_ID = Tag("PatientID")
 _PATIENT_NAME = Tag("PatientName")
 _PIXEL_DATA = Tag("PixelData")
+_MEDIA_INSTANCE = Tag("MediaStorageSOPInstanceUID")
+
+# Evidence for what the engine writes itself after walking the dataset: the
+# pseudonymous patient and the de-identification markers replace whatever the
+# walk noted for them (and, for the code sequence, inside them).
+_OVERRIDDEN = MappingProxyType({
+    _PATIENT_ID: PSEUDONYM,
+    _PATIENT_NAME: PSEUDONYM,
+    Tag("PatientIdentityRemoved"): ADDED,
+    Tag("DeidentificationMethod"): ADDED,
+    Tag("DeidentificationMethodCodeSequence"): ADDED,
+    Tag("LongitudinalTemporalInformationModified"): ADDED,
+})
+# File meta elements of the source and what the rebuilt meta does with them; any
+# other source meta element is not carried over (MediaStorageSOPInstanceUID is
+# remapped like SOPInstanceUID).
+_META_EVIDENCE = MappingProxyType({
+    Tag("FileMetaInformationVersion"): KEPT,
+    Tag("MediaStorageSOPClassUID"): KEPT,
+    Tag("TransferSyntaxUID"): KEPT,
+    Tag("ImplementationClassUID"): DUMMY,
+    Tag("ImplementationVersionName"): DUMMY,
+})
 
 # SOP classes whose pixels commonly carry burned-in text (ultrasound screens,
 # secondary and screen captures).
@@ -133,6 +180,7 @@ class DeidResult:
     dataset: Dataset
     entries: tuple[ReidEntry, ...]
     pixels_masked: bool
+    evidence: DeidEvidence
 
 
 def shift_date_value(vr: str, value: str, days: int) -> str | None:
@@ -288,15 +336,32 @@ def _mask_pixels(ds: Dataset, settings: DeidSettings) -> None:
 
 
 class _Call:
-    """State of one deidentify() call: the patient's shift, the UIDs replaced, and
-    the patient's own identifiers, which no kept text value may contain."""
+    """State of one deidentify() call: the patient's shift, the UIDs replaced, the
+    patient's own identifiers, which no kept text value may contain, and the notes
+    the evidence is built from (tags and paths only, never values)."""
 
-    __slots__ = ("identifiers", "offset", "uids")
+    __slots__ = ("identifiers", "notes", "offset", "prefix", "private_kept",
+                 "private_kept_creators", "private_seen", "residual", "uids")
 
     def __init__(self, offset: int, identifiers: re.Pattern[str] | None) -> None:
         self.offset = offset
         self.identifiers = identifiers
         self.uids: dict[str, str] = {}
+        # Evidence: (category, path prefix, tag) per decision; the prefix is the
+        # sequence path being walked ("Keyword>Keyword>", "" at the top level).
+        self.notes: list[tuple[str, str, int]] = []
+        self.prefix = ""
+        self.private_seen = 0
+        self.private_kept: list[KeptPrivate] = []
+        self.private_kept_creators = 0
+        self.residual: list[tuple[str, int]] = []
+
+    def note(self, category: str, tag: int) -> None:
+        self.notes.append((category, self.prefix, tag))
+
+    def hit(self, tag: int) -> None:
+        """The residual-PHI scan stopped this element's value."""
+        self.residual.append((self.prefix, tag))
 
     def mentions_patient(self, value: Any) -> bool:
         """Residual-PHI scan: does a value about to be kept name the patient? This
@@ -344,6 +409,13 @@ class Deidentifier:
         self._graphics_kept = self._plan.overlay.get(0x3000) == "C"
         self._curves_kept = self._plan.curve == "C"
         self._private_kept = self._plan.private == "C"
+        self._options = (
+            _applied("basic_profile", BASIC_PROFILE_CODE),
+            *(_applied(o, OPTION_CODES[o]) for o in self._plan.options),
+        )
+        # Evidence: per tag, its name and the option that keeps it (filled lazily;
+        # concurrent fills write the same value).
+        self._tag_cache: dict[int, tuple[str, str | None]] = {}
 
     def deidentify(self, ds: Dataset) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -386,7 +458,48 @@ class Deidentifier:
             date_offset_days=offset,
         )
         uids = tuple(UidEntry(new, old) for old, new in sorted(call.uids.items()))
-        return DeidResult(dataset=out, entries=(patient, *uids), pixels_masked=masked)
+        return DeidResult(dataset=out, entries=(patient, *uids), pixels_masked=masked,
+                          evidence=self._evidence(call, masked))
+
+    def _evidence(self, call: _Call, masked: bool) -> DeidEvidence:
+        options = self._options
+        if masked:
+            options = (options[0], _applied("clean_pixel_data", CLEAN_PIXEL_DATA_CODE),
+                       *options[1:])
+        return build_evidence(
+            engine=f"Lamina {__version__}",
+            edition=self._plan.edition,
+            options=options,
+            notes=call.notes,
+            overridden=_OVERRIDDEN,
+            option_for=self._option_for,
+            tag_cache=self._tag_cache,
+            private_kept=call.private_kept,
+            private_removed=call.private_seen - len(call.private_kept)
+            - call.private_kept_creators,
+            residual=call.residual,
+            pixels_masked=masked,
+        )
+
+    def _option_for(self, tag: int) -> str | None:
+        """The option that made the engine keep (clean, shift, cap) a tag rather than
+        do what the basic profile does: the table's deciding column, or for tags
+        outside the table the option behind the value-representation rule."""
+        option = self._plan.because.get(tag)
+        if option is None and tag not in self._plan.by_tag:
+            if (tag >> 16) & 1:
+                option = "retain_safe_private"
+            else:
+                vr = _dictionary_vr(tag)
+                if vr in _DATE_VRS and self._date_action != "X":
+                    option = ("retain_longitudinal_full_dates" if self._date_action == "K"
+                              else "retain_longitudinal_modified_dates")
+                elif vr == "AS" and self._settings.retain_patient_characteristics:
+                    option = "retain_patient_characteristics"
+                elif (vr == "UI" and self._settings.retain_uids
+                      and tag not in self._class_uids):
+                    option = "retain_uids"
+        return option
 
     # -- walking -------------------------------------------------------------------
 
@@ -397,19 +510,34 @@ class Deidentifier:
         implicit, little = ds.original_encoding
         out.set_original_encoding(implicit, little, ds.original_character_set)
         creators: dict[tuple[int, int], DataElement] = {}
+        private = 0
         # keys(), not iteration: iterating a Dataset decodes every element.
         for tag in ds.keys():  # noqa: SIM118
             group, element = tag >> 16, tag & 0xFFFF
             if group & 1:
+                private += 1
                 if 0x0010 <= element <= 0x00FF:
                     creators[(group, element)] = ds[tag]
                 continue
             new = self._element(tag, ds.get_item(tag), ds, call)
             if new is not None:
                 out[tag] = new
+        call.private_seen += private
         if self._private_kept and creators:
             self._private(ds, out, creators, call)
         return out
+
+    def _sequence(self, elem: DataElement, call: _Call) -> DataElement:
+        """A kept sequence, every item cleaned by the same rules; the evidence
+        paths of what is inside it start with its keyword."""
+        call.note(KEPT, elem.tag)
+        outer = call.prefix
+        call.prefix = f"{outer}{element_name(elem.tag)}>"
+        try:
+            items = Sequence(self._dataset(item, call) for item in elem.value)
+        finally:
+            call.prefix = outer
+        return _new(elem, items)
 
     def _private(self, ds: Dataset, out: Dataset,
                  creators: dict[tuple[int, int], DataElement], call: _Call) -> None:
@@ -422,14 +550,21 @@ class Deidentifier:
                 continue
             block = (group, element >> 8)
             creator = creators.get(block)
-            if creator is None or not self._safe_private(group, str(creator.value), element):
+            entry = None if creator is None else self._safe_private(
+                group, str(creator.value), element)
+            if entry is None:
                 continue
             new = self._vouched(ds[tag], ds, call)
             if new is not None:
                 out.add(new)
                 used_blocks.add(block)
+                call.private_kept.append(KeptPrivate(
+                    path=call.prefix + element_name(tag), creator=entry.creator,
+                    element=entry.element, group=entry.group,
+                ))
         for block in used_blocks:
             out.add(_new(creators[block], creators[block].value))
+        call.private_kept_creators += len(used_blocks)
 
     def _vouched(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
         """A safe-listed private element. From implicit-VR files it arrives as UN
@@ -437,39 +572,59 @@ class Deidentifier:
         unless it names the patient."""
         if elem.VR != "UN" or not isinstance(elem.value, bytes):
             return self._kept(elem, parent, call)
-        remapped = self._un_uids(elem, call)
-        if remapped is not None:
-            return remapped
+        uids = parse_un_uids(elem.value)
+        if uids is not None:
+            return self._un_uids(elem, call)
         if call.mentions_patient(elem.value.decode("latin-1")):
+            call.hit(elem.tag)
+            call.note(REMOVED, elem.tag)
             return None
+        call.note(KEPT, elem.tag)
         return _new(elem, elem.value)
 
-    def _safe_private(self, group: int, creator: str, element: int) -> bool:
-        return any(s.matches(group, creator, element) for s in self._settings.safe_private)
+    def _safe_private(self, group: int, creator: str, element: int) -> SafePrivateTag | None:
+        """The safe-list entry vouching for a private element, or None."""
+        for entry in self._settings.safe_private:
+            if entry.matches(group, creator, element):
+                return entry
+        return None
 
     def _element(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
                  call: _Call) -> DataElement | RawDataElement | None:
         """The action is decided from tag and VR before the value is decoded: what
-        goes is never parsed, and kept numbers and binary data are copied raw."""
+        goes is never parsed, and kept numbers and binary data are copied raw. The
+        evidence is noted at the same points, from the tag alone."""
         group, element = tag >> 16, tag & 0xFFFF
         if group <= 0x0002 or element == 0x0000:
-            return None  # command and file meta groups, group lengths
+            if element:
+                call.note(REMOVED, tag)  # command or file meta elements in the body
+            return None  # and group lengths, which are structure, not data
         if group in _OVERLAY_GROUPS:
-            return self._graphic(parent[tag], call) if self._graphics_kept else None
+            if self._graphics_kept:
+                return self._graphic(parent[tag], call, OVERLAYS_CLEANED)
+            call.note(OVERLAYS_REMOVED, tag)
+            return None
         if group in _CURVE_GROUPS:
-            return self._graphic(parent[tag], call) if self._curves_kept else None
+            if self._curves_kept:
+                return self._graphic(parent[tag], call, CURVES_CLEANED)
+            call.note(CURVES_REMOVED, tag)
+            return None
         vr = raw.VR
         if vr is None or vr == "UN":
             vr = _dictionary_vr(tag)
         action = self._plan.by_tag.get(tag) or self._vr_rule(tag, vr)
         if action == "X":
+            call.note(REMOVED, tag)
             return None
         if vr in _INERT_VRS and isinstance(raw, RawDataElement):
             if action == "K":
+                call.note(KEPT, tag)
                 return raw
             if action == "Z" and " or " not in vr:
+                call.note(EMPTIED, tag)
                 return DataElement(tag, vr, None)
         if action == "Z" and vr == "SQ":
+            call.note(EMPTIED, tag)
             return DataElement(tag, vr, Sequence())
         elem = parent[tag]
         if tag == _SEGMENT_LABEL:
@@ -497,14 +652,17 @@ class Deidentifier:
     def _apply(self, action: str, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
         vr = elem.VR
         if action == "X":
+            call.note(REMOVED, elem.tag)
             return None
         if action == "Z":
+            call.note(EMPTIED, elem.tag)
             return _new(elem, Sequence() if vr == "SQ" else None)
         if vr == "SQ":
-            return _new(elem, Sequence(self._dataset(item, call) for item in elem.value))
+            return self._sequence(elem, call)
         if action == "U" or vr in ("UI", "UN"):
             return self._uids(elem, call)
         if action == "D":
+            call.note(DUMMY, elem.tag)
             return _new(elem, _DUMMY.get(vr))
         if action == "C":
             if vr in _DATE_VRS:
@@ -512,8 +670,11 @@ class Deidentifier:
                     elem, parent, call
                 )
             if vr in _TEXT_VRS or vr == "CS":
-                if self._in_vocabulary(elem.value) and not call.mentions_patient(elem.value):
-                    return _new(elem, elem.value)
+                if self._in_vocabulary(elem.value):
+                    if not call.mentions_patient(elem.value):
+                        call.note(CLEANED, elem.tag)
+                        return _new(elem, elem.value)
+                    call.hit(elem.tag)
                 # Not provably clean: fall back to what the basic profile does.
                 return self._apply(self._basic.get(elem.tag, "X"), elem, parent, call)
         return self._kept(elem, parent, call)
@@ -523,26 +684,38 @@ class Deidentifier:
         cleaning inside sequences: keeping never means skipping the rules below it."""
         vr = elem.VR
         if vr == "SQ":
-            return _new(elem, Sequence(self._dataset(item, call) for item in elem.value))
+            return self._sequence(elem, call)
         if vr in ("UI", "UN"):
             return self._uids(elem, call)
         if vr in _DATE_VRS and self._date_action != "K":
-            return self._dates(elem, call) if self._date_action == "C" else None
+            if self._date_action == "C":
+                return self._dates(elem, call)
+            call.note(REMOVED, elem.tag)
+            return None
         if vr == "AS":
-            return self._age(elem)
+            return self._age(elem, call)
         value = elem.value
         if (vr in _TEXT_VRS or vr == "CS") and call.mentions_patient(value):
+            call.hit(elem.tag)
+            call.note(EMPTIED, elem.tag)
             return _new(elem, None)
+        call.note(KEPT, elem.tag)
         return _new(elem, list(value) if isinstance(value, MultiValue) else value)
 
     # -- value rules -----------------------------------------------------------------
 
     def _uids(self, elem: DataElement, call: _Call) -> DataElement | None:
         if elem.tag in self._class_uids or self._settings.retain_uids:
+            call.note(KEPT, elem.tag)
             return _new(elem, elem.value)
         if elem.VR == "UN":
             return self._un_uids(elem, call)
-        values = [self._uid(str(v), call) for v in _values(elem.value)]
+        originals = [str(v) for v in _values(elem.value)]
+        values = [self._uid(v, call) for v in originals]
+        changed = any(
+            new != old.strip("\x00 ") for new, old in zip(values, originals, strict=True)
+        )
+        call.note(UID_REMAPPED if changed else KEPT, elem.tag)
         return _new(elem, _one_or_many(values))
 
     def _uid(self, value: str, call: _Call) -> str:
@@ -559,39 +732,57 @@ class Deidentifier:
         how UI elements of unknown tags arrive from implicit-VR files."""
         uids = parse_un_uids(elem.value)
         if uids is None:
+            call.note(REMOVED, elem.tag)
             return None
-        return _new(elem, encode_un_uids([self._uid(u, call) for u in uids]))
+        values = [self._uid(u, call) for u in uids]
+        call.note(UID_REMAPPED if values != uids else KEPT, elem.tag)
+        return _new(elem, encode_un_uids(values))
 
     def _dates(self, elem: DataElement, call: _Call) -> DataElement | None:
         shifted = []
-        for value in _values(elem.value):
-            moved = shift_date_value(elem.VR, str(value), call.offset)
+        changed = False
+        for value in map(str, _values(elem.value)):
+            moved = shift_date_value(elem.VR, value, call.offset)
             if moved is None:
+                call.note(EMPTIED, elem.tag)
                 return _new(elem, None)  # unreadable date: emptied, never kept
+            changed |= moved != value
             shifted.append(moved)
+        call.note(DATE_SHIFTED if changed else KEPT, elem.tag)
         return _new(elem, _one_or_many(shifted))
 
-    def _age(self, elem: DataElement) -> DataElement:
+    def _age(self, elem: DataElement, call: _Call) -> DataElement:
         """Ages above 89 years become 090Y (HIPAA Safe Harbor groups them)."""
         ages = []
+        capped = False
         for value in _values(elem.value):
             match = _AGE_RE.fullmatch(str(value).strip())
             if match is None:
+                call.note(EMPTIED, elem.tag)
                 return _new(elem, None)
             days = int(match[1]) * _DAYS_PER_UNIT[match[2]]
-            ages.append("090Y" if days / 365.25 >= 90 else match[0])
+            over = days / 365.25 >= 90
+            capped |= over and match[0] != "090Y"
+            ages.append("090Y" if over else match[0])
+        call.note(AGE_CAPPED if capped else KEPT, elem.tag)
         return _new(elem, _one_or_many(ages))
 
     def _in_vocabulary(self, value: Any) -> bool:
         values = _values(value)
         return bool(values) and all(str(v).strip().casefold() in self._vocabulary for v in values)
 
-    def _graphic(self, elem: DataElement, call: _Call) -> DataElement | None:
+    def _graphic(self, elem: DataElement, call: _Call, kept_as: str) -> DataElement | None:
         """Overlay and curve elements under Clean Graphics: geometry and bits stay,
         text (labels, descriptions, comments) only if it is project vocabulary."""
+        call.note(kept_as, elem.tag)
         if elem.VR in _TEXT_VRS or elem.VR == "UN":
-            keep = self._in_vocabulary(elem.value) and not call.mentions_patient(elem.value)
-            return _new(elem, elem.value) if keep else None
+            if self._in_vocabulary(elem.value):
+                if not call.mentions_patient(elem.value):
+                    call.note(CLEANED, elem.tag)
+                    return _new(elem, elem.value)
+                call.hit(elem.tag)
+            call.note(REMOVED, elem.tag)
+            return None
         value = elem.value
         return _new(elem, list(value) if isinstance(value, MultiValue) else value)
 
@@ -606,9 +797,14 @@ class Deidentifier:
             str(item.get("CodeMeaning", "")).strip().casefold()
             for item in parent.get("SegmentedPropertyTypeCodeSequence", [])
         }
-        known = label in meanings or (action in ("C", "K") and label in self._vocabulary)
-        if label and known and not call.mentions_patient(elem.value):
-            return _new(elem, elem.value)
+        coded = label in meanings
+        known = coded or (action in ("C", "K") and label in self._vocabulary)
+        if label and known:
+            if not call.mentions_patient(elem.value):
+                call.note(KEPT if coded else CLEANED, elem.tag)
+                return _new(elem, elem.value)
+            call.hit(elem.tag)
+        call.note(DUMMY, elem.tag)
         return _new(elem, f"Segment {parent.get('SegmentNumber', '')}".strip())
 
     # -- markers and file meta -------------------------------------------------------
@@ -642,7 +838,17 @@ class Deidentifier:
         meta.TransferSyntaxUID = UID(str(source.TransferSyntaxUID))
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        for tag in source.keys():  # noqa: SIM118
+            if tag == _MEDIA_INSTANCE:
+                remapped = meta.MediaStorageSOPInstanceUID != instance.strip("\x00 ")
+                call.note(UID_REMAPPED if remapped else KEPT, tag)
+            elif tag & 0xFFFF:
+                call.note(_META_EVIDENCE.get(tag, REMOVED), tag)
         return meta
+
+
+def _applied(name: str, code: Any) -> AppliedOption:
+    return AppliedOption(name=name, code=code.value, meaning=code.meaning)
 
 
 def _code_item(code: Any) -> Dataset:
@@ -659,3 +865,132 @@ def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# -- the annotator route ---------------------------------------------------------------
+
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: a sequence item starts
+_PSEUDONYM_ID = re.compile(f"{PSEUDONYM_PREFIX}-([A-Z2-7]{{16}})")
+# Identity attributes the engine never keeps with a value, under any option: in an
+# object whose patient is already pseudonymous, a value in one of them came back in.
+_IDENTITY_KEYWORDS = (
+    "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientTelecomInformation", "MedicalRecordLocator",
+    "ResponsiblePerson", "MilitaryRank", "BranchOfService", "PatientReligiousPreference",
+)
+
+
+def remap_known_uids(
+    ds: Dataset, key: ProjectKey, is_known_pseudonym: Callable[[str], bool]
+) -> tuple[Dataset, int]:
+    """A copy of an annotator's object with every original clinical UID it still
+    references replaced by the pseudonym de-identification gave that UID.
+
+    A UID is replaced when its keyed pseudonym ``key.uid(value)`` satisfies
+    ``is_known_pseudonym`` (the node asks its re-identification map), that is, when
+    it is an original UID of an object already de-identified: an annotation tool
+    that loaded the study from the clinical PACS references it by those. Every UID
+    at any depth is looked at: UI elements, UIDs in UN elements (implicit VR, or
+    sent as UN), and file meta MediaStorageSOPInstanceUID. Everything else, UIDs
+    already pseudonymous or unknown, well-known UIDs and all other elements, is left
+    exactly as it was (elements not replaced keep their bytes). Returns the copy and
+    the number of UID values replaced; deterministic, and ``ds`` is not modified."""
+    out = copy.deepcopy(ds)
+    memo: dict[str, str | None] = {}
+
+    def pseudonym_of(uid: str) -> str | None:
+        if uid not in memo:
+            memo[uid] = None
+            if uid and uid not in UID_dictionary and not uid.startswith("1.2.840.10008."):
+                candidate = key.uid(uid)
+                if is_known_pseudonym(candidate):
+                    memo[uid] = candidate
+        return memo[uid]
+
+    count = _remap_dataset(out, pseudonym_of)
+    meta = getattr(out, "file_meta", None)
+    if meta is not None and _MEDIA_INSTANCE in meta:
+        count += _remap_element(meta, _MEDIA_INSTANCE, "UI", pseudonym_of)
+    return out, count
+
+
+def _remap_dataset(ds: Dataset, pseudonym_of: Callable[[str], str | None]) -> int:
+    count = 0
+    # keys(), not iteration: decode only what may hold UIDs.
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            value = raw.value
+            if isinstance(value, bytes) and value[:4] == _ITEM_TAG:
+                vr = ds[tag].VR  # a sequence whose VR was not sent: pydicom infers SQ
+            elif vr is None:
+                vr = _dictionary_vr(tag)
+        if vr == "SQ":
+            count += sum(_remap_dataset(item, pseudonym_of) for item in ds[tag].value)
+        elif vr in ("UI", "UN"):
+            count += _remap_element(ds, tag, vr, pseudonym_of)
+    return count
+
+
+def _remap_element(ds: Dataset, tag: int, vr: str,
+                   pseudonym_of: Callable[[str], str | None]) -> int:
+    value = ds.get_item(tag).value
+    if isinstance(value, bytes):
+        if vr == "UN":
+            uids = parse_un_uids(value)
+            if uids is None:
+                return 0
+        else:
+            try:
+                uids = [u.strip("\x00 ") for u in value.decode("ascii").split("\\")]
+            except UnicodeDecodeError:
+                return 0
+    else:
+        uids = [str(v).strip("\x00 ") for v in _values(value)]
+    replaced = [pseudonym_of(u) for u in uids]
+    count = sum(r is not None for r in replaced)
+    if count:
+        new = [r or u for r, u in zip(replaced, uids, strict=True)]
+        ds[tag] = (
+            DataElement(tag, "UN", encode_un_uids(new)) if vr == "UN"
+            else DataElement(tag, "UI", _one_or_many(new), validation_mode=config.IGNORE)
+        )
+    return count
+
+
+def looks_identified(ds: Dataset) -> str | None:
+    """Why an object from an annotator route still seems to carry a patient's
+    identity, in plain words without any value, or None if it does not.
+
+    Objects from annotators should name the patient only by the pseudonyms
+    de-identification made (``LAMINA-...`` and the matching ``LAMINA^...``), whether
+    or not the tool copied PatientIdentityRemoved. An object is flagged when it
+    names a patient otherwise, and, when its patient is pseudonymous, when it has
+    an identity attribute that de-identification always removes. Beware that
+    de-identifying an object whose PatientID is already a pseudonym gives it a
+    pseudonym of the pseudonym: the node may prefer quarantine for the latter
+    case."""
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    name = str(ds.get("PatientName", "") or "").strip().rstrip("^= ")
+    removed = str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+    match = _PSEUDONYM_ID.fullmatch(patient_id)
+    if match is None and (patient_id or name):
+        if not removed:
+            return ("PatientIdentityRemoved is not YES and the object names a patient "
+                    "(PatientID or PatientName) other than by a Lamina pseudonym")
+        return ("PatientIdentityRemoved is YES but PatientID is not a Lamina pseudonym: "
+                "the object was not de-identified by this project")
+    if match is not None and name and name != f"{PSEUDONYM_PREFIX}^{match[1]}":
+        return "PatientName is not the pseudonym that goes with the object's PatientID"
+    for keyword in _IDENTITY_KEYWORDS:
+        if keyword in ds and _has_value(ds[keyword]):
+            return f"{keyword} has a value, which de-identification never keeps"
+    return None
+
+
+def _has_value(elem: DataElement) -> bool:
+    if elem.VR == "SQ":
+        return len(elem.value) > 0
+    return any(str(v).strip("\x00 ^=") for v in _values(elem.value))

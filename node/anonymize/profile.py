@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
@@ -164,6 +164,16 @@ def effective_action(row: ProfileRow, options: tuple[str, ...]) -> str:
     return _COMPOUND.get(row.basic, row.basic)
 
 
+def deciding_option(row: ProfileRow, options: tuple[str, ...]) -> str | None:
+    """The option whose cell decided a row's action (the first, in column order, of
+    those giving the winning action), or None when the basic profile decided it."""
+    action = effective_action(row, options)
+    for option in options:
+        if row.options.get(option) == action:
+            return option
+    return None
+
+
 @dataclass(frozen=True)
 class ActionPlan:
     """The table resolved for one settings value: what the engine looks up per element."""
@@ -174,12 +184,16 @@ class ActionPlan:
     private: str
     options: tuple[str, ...]
     edition: str
+    # Tag -> the option whose cell decided its action, for tags an option decided
+    # (what the evidence reports as "kept under an option").
+    because: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def plan(settings: DeidSettings) -> ActionPlan:
     table = load_table()
     options = enabled_options(settings)
     by_tag: dict[int, str] = {}
+    because: dict[int, str] = {}
     overlay: dict[int, str] = {}
     curve = private = "X"
     for row in table.rows + LAMINA_ROWS:
@@ -195,6 +209,9 @@ def plan(settings: DeidSettings) -> ActionPlan:
             if tag in by_tag:
                 raise ValueError(f"profile row {row.tag} appears twice")
             by_tag[tag] = action
+            option = deciding_option(row, options)
+            if option is not None:
+                because[tag] = option
     return ActionPlan(
         by_tag=MappingProxyType(by_tag),
         overlay=MappingProxyType(overlay),
@@ -202,6 +219,7 @@ def plan(settings: DeidSettings) -> ActionPlan:
         private=private,
         options=options,
         edition=table.edition,
+        because=MappingProxyType(because),
     )
 
 
