@@ -203,7 +203,7 @@ def reidentify(settings: Settings, target: str, out: Path | None) -> None:
     if not Path(target).is_file() and not target.replace(".", "").isdigit():
         raise click.UsageError(f"{target!r} is neither a file nor a UID")
     try:
-        ctx = NodeContext.open(settings, migrate=False, with_key=True)
+        ctx = NodeContext.open(settings, with_key=True)  # it writes an audit event
     except ProjectKeyError as exc:
         raise click.UsageError(str(exc)) from None
     try:

@@ -61,7 +61,7 @@ class NodeContext:
                                   audit, Sealer(key))
             validator = None
             if settings.validation.enabled:
-                validator = Validator(settings.validation, IODTables.load(data / "cache"))
+                validator = Validator(settings.validation, IODTables.load())
             router = Router(Deidentifier(settings.deidentify, key), key, index)
             ingest = IngestService(blobs, index, audit, area, router, validator)
             quarantine = QuarantineService(area)

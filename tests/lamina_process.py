@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.anonymize.keys import create_key_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, _config
+
+from node.anonymize.keys import create_key_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCU_AE = "TESTSCU"
@@ -72,7 +73,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def write_config(folder: Path, port: int, extra: str = "", workers: int = 1) -> Path:
+def write_config(folder: Path, port: int, extra: str = "", workers: int = 1,
+                 deidentify: dict[str, str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "node.toml"
     key_file = folder / "keys" / "project.key"
@@ -97,7 +99,7 @@ level = "INFO"
 
 [deidentify]
 key_file = "{key_file}"
-
+{"".join(f'{k} = "{v}"' + chr(10) for k, v in (deidentify or {}).items())}
 {extra}
 
 [peers.scu]
@@ -115,10 +117,11 @@ services = ["store"]
     return config
 
 
-def start_node(folder: Path, extra: str = "", workers: int = 1) -> RunningNode:
+def start_node(folder: Path, extra: str = "", workers: int = 1,
+               deidentify: dict[str, str] | None = None) -> RunningNode:
     """Start ``lamina serve`` and wait until it accepts connections."""
     port = free_port()
-    config = write_config(folder, port, extra, workers)
+    config = write_config(folder, port, extra, workers, deidentify)
     log = folder / "node.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -106,8 +106,9 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node did not answer C-ECHO: {self.log()[-2000:]}")
 
-    def blob_path(self, sha256: str) -> Path:
-        return self.data / "blobs" / sha256[:2] / sha256
+    def blob_path(self, sha256: str, area: str = "blobs") -> Path:
+        """Where a blob lives: ``blobs`` (stored) or ``quarantine``."""
+        return self.data / area / sha256[:2] / sha256
 
     def listening_workers(self) -> int:
         return self.log().count('"msg": "listening"')

@@ -110,8 +110,6 @@ def test_anonymize_takes_the_key_from_the_environment(key, series, tmp_path):
         (["anonymize", "{inp}", "--out", "{inp}/inner"], "must not be inside an input folder"),
         (["anonymize", "{inp}", "--out", "{out}", "--config", "{config}"],
          "deidentify.retain_uids"),
-        (["reidentify", "not-a-uid", "--index", "{index}"], "neither a file nor a UID"),
-        (["reidentify", "{file}", "--index", "{index}"], "--out is required"),
     ],
 )
 def test_bad_input_exits_with_status_2(runner, key, series, tmp_path, args, message):
@@ -137,39 +135,3 @@ def test_files_refused_for_burned_in_text_make_the_run_fail(runner, key, tmp_pat
     assert "Skipped 1: quarantine: Secondary Capture" in result.output
     assert len(list((tmp_path / "o").iterdir())) == 1
 
-
-def test_anonymize_then_reidentify_a_uid_and_a_file(runner, key, series, tmp_path):
-    index, out = tmp_path / "map.sqlite", tmp_path / "out"
-    done = runner.invoke(cli, ["anonymize", *map(str, series), "--out", str(out),
-                               "--key-file", str(key), "--index", str(index)])
-    assert done.exit_code == 0, done.output
-    anonymous = next(out.iterdir())
-    ds = dcmread(anonymous)
-    uid = runner.invoke(cli, ["reidentify", ds.StudyInstanceUID, "--key-file", str(key),
-                              "--index", str(index)])
-    assert uid.exit_code == 0, uid.output
-    assert uid.output.strip() == STUDIES[0].study_uid
-    restored_path = tmp_path / "restored.dcm"
-    whole = runner.invoke(cli, ["reidentify", str(anonymous), "--key-file", str(key),
-                                "--index", str(index), "--out", str(restored_path)])
-    assert whole.exit_code == 0, whole.output
-    restored = dcmread(restored_path)
-    assert restored.PatientName == PATIENTS[0].name
-    assert restored.PatientID == PATIENTS[0].patient_id
-    assert restored.StudyDate == STUDIES[0].study_date
-    assert restored.SOPInstanceUID in {STUDIES[0].sop_uid(i) for i in range(len(series))}
-
-
-def test_reidentify_with_another_key_or_unknown_uid_fails_cleanly(runner, key, series, tmp_path):
-    index = tmp_path / "map.sqlite"
-    runner.invoke(cli, ["anonymize", str(series[0]), "--out", str(tmp_path / "o"),
-                        "--key-file", str(key), "--index", str(index)])
-    other = create_key_file(tmp_path / "other.key")
-    wrong = runner.invoke(cli, ["reidentify", "2.25.12345", "--key-file", str(other),
-                                "--index", str(index)])
-    assert wrong.exit_code == 2
-    assert "is this the project's key?" in wrong.output
-    unknown = runner.invoke(cli, ["reidentify", "2.25.12345", "--key-file", str(key),
-                                  "--index", str(index)])
-    assert unknown.exit_code == 2
-    assert "not a pseudonymous UID" in unknown.output

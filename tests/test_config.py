@@ -18,8 +18,10 @@ def test_shipped_default_config_loads():
     assert settings.node.ae_title == "LAMINA" and settings.node.port == 11112
     assert settings.storage.data == Path("data")
     assert settings.index_path == Path("data/index.sqlite3")
-    [peer] = settings.peers
-    assert peer.allows_address("127.0.0.1") and not peer.allows_address("10.1.2.3")
+    pacs, workstation = settings.peers
+    assert (pacs.route, workstation.route) == ("clinical", "annotator")
+    assert pacs.allows_address("127.0.0.1") and not pacs.allows_address("10.1.2.3")
+    assert settings.deidentify.key_file == Path("keys/project.key")
 
 
 def test_environment_then_flags_override_the_file():
@@ -30,7 +32,7 @@ def test_environment_then_flags_override_the_file():
     assert settings.node.port == 11300
     assert settings.node.ae_title == "FROMFLAG"
     assert settings.storage.data == Path("/srv/lamina")
-    assert settings.peers[0].allows_address("10.20.30.40")
+    assert settings.peer_named("workstation").allows_address("10.20.30.40")
 
 
 @pytest.mark.parametrize(("toml", "message"), [
@@ -42,6 +44,8 @@ def test_environment_then_flags_override_the_file():
     ("[peers.x]\nae_title = 'X'\nservices = ['store', 'delete']", "peers.x.services: unknown"),
     ("[peers.x]\nhost = '1.2.3.4'", "peers.x.ae_title: missing"),
     ("[index]\nbackend = 'postgres'", "index.backend: only 'sqlite'"),
+    ("[peers.x]\nae_title = 'X'\nroute = 'pacs'", "peers.x.route: must be one of"),
+    ("[deidentify]\nretain_longitudinal = 'sometimes'", "deidentify.retain_longitudinal"),
     ("[node\nport = 1", "not valid TOML"),
 ])
 def test_bad_values_are_refused_naming_the_key(tmp_path, toml, message):

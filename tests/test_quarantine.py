@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from node.audit.trail import Actor
 from node.config import load
@@ -33,7 +34,7 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ctx(config: Path):
-    context = NodeContext.open(load(config, environ={}))
+    context = NodeContext.open(load(config, environ={}), with_key=True)
     yield context
     context.close()
 
@@ -59,11 +60,16 @@ def test_refused_instance_is_kept_with_sender_reason_and_findings(ctx):
     assert entry.reason == "Rows (0028,0010) missing (Type 1)"
     assert (entry.calling_ae, entry.address, entry.association_id) == (
         "TESTSCU", "127.0.0.1", "assoc-1")
-    assert entry.sop_instance_uid == slice_of("q").SOPInstanceUID
+    # The row names the pseudonym: an original UID identifies, and rows are not sealed.
+    assert entry.sop_instance_uid == ctx.key.uid(slice_of("q").SOPInstanceUID)
     assert entry.findings[0]["rule"] == "type1_missing"
-    # Content-addressed in the quarantine area, not in the blob store that serves retrievals.
+    # Content-addressed in the quarantine area, not in the blob store that serves
+    # retrievals, and sealed: what a clinical peer sent carries PHI.
     path = ctx.quarantine.path_of(entry)
-    assert path.read_bytes() == data and path.name == hashlib.sha256(data).hexdigest()
+    kept = path.read_bytes()
+    assert path.name == hashlib.sha256(kept).hexdigest() and entry.sealed
+    assert slice_of("q").PatientName.encode() not in kept
+    assert ctx.quarantine.bytes_of(entry) == data
     assert "quarantine" in path.parts and not ctx.blobs.exists(entry.sha256)
     assert audit_actions(ctx) == ["instance.quarantined"]
 
@@ -105,7 +111,7 @@ def test_unparseable_bytes_cannot_be_released_and_stay(ctx):
     release = ctx.quarantine.release(result.quarantine_id, "try", REVIEWER, ctx.ingest)
     assert release.outcome.status.code == 0xC000
     entry = ctx.quarantine.show(result.quarantine_id)
-    assert entry.released_at is None and ctx.quarantine.path_of(entry).read_bytes() == garbage
+    assert entry.released_at is None and ctx.quarantine.bytes_of(entry) == garbage
     assert len(ctx.quarantine.list()) == 1  # no second entry for the failed release
 
 
@@ -125,7 +131,10 @@ def test_conflict_found_inside_the_transaction_is_quarantined_without_loss(ctx, 
     assert result.action == "quarantined" and result.outcome.status.code == 0xA900
     entry = ctx.quarantine.show(result.quarantine_id)
     assert entry.findings[0]["rule"] == "patient_conflict"
-    assert ctx.quarantine.path_of(entry).read_bytes() == as_file(second)
+    # Refused after de-identification: the kept bytes are the de-identified object.
+    kept = dcmread(ctx.quarantine.path_of(entry))
+    assert not entry.sealed and kept.PatientIdentityRemoved == "YES"
+    assert kept.SOPInstanceUID == ctx.key.uid(second.SOPInstanceUID)
     with ctx.index.read() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 1
     report = fsck(ctx.settings)
@@ -152,7 +161,7 @@ def test_cli_list_show_release_export(ctx, config, tmp_path):
     status = run_cli(config, "status")
     assert "quarantine_waiting     0" in status.stdout
     assert "instance_findings      type1_missing 1" in status.stdout
-    instance = run_cli(config, "check", "instance", slice_of("q").SOPInstanceUID)
+    instance = run_cli(config, "check", "instance", ctx.key.uid(slice_of("q").SOPInstanceUID))
     assert instance.returncode == 1 and "stored" in instance.stdout
     assert "reject [type1_missing]" in instance.stdout
 
@@ -160,7 +169,7 @@ def test_cli_list_show_release_export(ctx, config, tmp_path):
 def test_validation_can_be_switched_off(ctx, config):
     off = dataclasses.replace(ctx.settings, validation=dataclasses.replace(
         ctx.settings.validation, enabled=False))
-    plain = NodeContext.open(off, migrate=False)
+    plain = NodeContext.open(off, migrate=False, with_key=True)
     try:
         ds = slice_of("off")
         del ds.Rows

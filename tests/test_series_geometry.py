@@ -12,6 +12,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
+from node.anonymize.keys import create_key_file
 from node.checks.geometry import InstanceGeometry, analyse_series
 from node.config import Settings, StorageSettings, ValidationSettings, load
 from node.context import NodeContext
@@ -147,8 +148,10 @@ def ctx(tmp_path: Path):
     settings = dataclasses.replace(
         settings, storage=StorageSettings(data=tmp_path / "data", min_free_mb=0),
         audit=dataclasses.replace(settings.audit, signing_key=tmp_path / "key.pem"),
+        deidentify=dataclasses.replace(settings.deidentify,
+                                       key_file=create_key_file(tmp_path / "project.key")),
         validation=ValidationSettings(quiet_period=0.5))
-    context = NodeContext.open(settings)
+    context = NodeContext.open(settings, with_key=True)
     yield context
     context.close()
 
@@ -177,10 +180,10 @@ def test_clean_300_slice_series_becomes_complete_after_the_quiet_period(ctx: Nod
     assert ctx.series.sweep(now=time.time() - 10) == []  # quiet period not over yet
     checked = ctx.series.sweep(now=time.time() + 1)
     assert [s.state for s in checked] == ["complete"]
-    stored = ctx.series.state(ph.series_uid)
+    stored = ctx.series.state(ctx.key.uid(ph.series_uid))
     assert stored.state == "complete" and stored.instances == 300 and stored.findings == ()
     assert stored.geometry.size == (300, 16, 16) and stored.geometry.regular
-    assert stored.geometry.instances[0] == ph.sop_uid(299)
+    assert stored.geometry.instances[0] == ctx.key.uid(ph.sop_uid(299))
     with ctx.index.read() as conn:
         events = [json.loads(o) for (o,) in conn.execute(
             "SELECT object FROM audit_event WHERE action = 'series.complete'")]
@@ -190,13 +193,13 @@ def test_clean_300_slice_series_becomes_complete_after_the_quiet_period(ctx: Nod
 def test_incomplete_series_goes_back_to_receiving_and_completes_when_the_gap_fills(ctx):
     ph = phantom(10)
     ingest(ctx, ph, [i for i in range(10) if i != 4])
-    state = ctx.series.check(ph.series_uid)
+    state = ctx.series.check(ctx.key.uid(ph.series_uid))
     assert state.state == "incomplete"
     assert [(f.rule, f.positions, sev) for f, sev in state.findings] == [
         ("missing_slice", (ph.z_of(3), ph.z_of(5)), "reject")]
     ingest(ctx, ph, [4])
     assert series_state_row(ctx) == "receiving"
-    assert ctx.series.check(ph.series_uid).state == "complete"
+    assert ctx.series.check(ctx.key.uid(ph.series_uid)).state == "complete"
     with ctx.index.read() as conn:
         actions = [a for (a,) in conn.execute(
             "SELECT action FROM audit_event WHERE action LIKE 'series.%' ORDER BY seq")]
@@ -211,7 +214,7 @@ def test_warn_rule_leaves_the_series_complete_with_the_finding(tmp_path: Path, c
     ctx.series.settings = warn
     ph = phantom(8)
     ingest(ctx, ph, [0, 1, 2, 5, 6, 7])
-    state = ctx.series.check(ph.series_uid)
+    state = ctx.series.check(ctx.key.uid(ph.series_uid))
     assert state.state == "complete"
     assert [(f.rule, sev) for f, sev in state.findings] == [("missing_slice", "warn")]
 

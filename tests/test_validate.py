@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, RLELossless
 
+from node.anonymize.keys import create_key_file, load_project_key
 from node.config import ValidationSettings, load
 from node.context import NodeContext
 from node.ingest.iod import IODTables
@@ -174,11 +175,16 @@ def node(tmp_path_factory):
 
 def quarantine_of(node: RunningNode) -> list:
     settings = load(node.config, environ={})
-    ctx = NodeContext.open(settings, migrate=False)
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
     try:
         return ctx.quarantine.list()
     finally:
         ctx.close()
+
+
+def pseudonym(node: RunningNode, uid: str) -> str:
+    """The UID the clinical route gives ``uid``: quarantine rows name pseudonyms."""
+    return load_project_key(node.config.parent / "keys" / "project.key").uid(uid)
 
 
 def mutate(change: Callable[[Dataset], None], seed: str) -> Dataset:
@@ -222,7 +228,8 @@ def test_broken_instance_is_refused_named_and_quarantined(node, tmp_path, name, 
     ds = mutate(change, f"broken-{name}")
     [response] = send_datasets(node.port, tmp_path, [ds])
     assert (response.status, response.comment) == (A900, comment)
-    entries = [e for e in quarantine_of(node) if e.sop_instance_uid == ds.SOPInstanceUID]
+    entries = [e for e in quarantine_of(node)
+               if e.sop_instance_uid == pseudonym(node, ds.SOPInstanceUID)]
     assert len(entries) == 1
     assert entries[0].status_code == A900 and entries[0].reason == comment
     assert entries[0].calling_ae == "TESTSCU" and entries[0].address == "127.0.0.1"
@@ -235,7 +242,8 @@ def test_known_study_under_another_patient_is_a_conflict(node, tmp_path):
     assert responses[0].status == 0x0000
     assert (responses[1].status, responses[1].comment) == (
         A900, "PatientID (0010,0020) differs from the study's stored one")
-    [entry] = [e for e in quarantine_of(node) if e.sop_instance_uid == second.SOPInstanceUID]
+    [entry] = [e for e in quarantine_of(node)
+               if e.sop_instance_uid == pseudonym(node, second.SOPInstanceUID)]
     assert entry.findings[0]["rule"] == "patient_conflict"
     assert "SOMEONE-ELSE" not in repr(entry) and first.PatientID not in repr(entry)
 
@@ -301,12 +309,13 @@ def test_malformed_bytes_get_a_clean_status_and_quarantine(node, tmp_path, name,
                and (e.reason.startswith(comment.rstrip("~")))]
     assert entries, f"no quarantine entry for {name}"
     settings = load(node.config, environ={})
-    ctx = NodeContext.open(settings, migrate=False)
+    ctx = NodeContext.open(settings, migrate=False, with_key=True)
     try:
-        kept = ctx.quarantine.path_of(entries[-1]).read_bytes()
+        sealed = ctx.quarantine.path_of(entries[-1]).read_bytes()
+        kept = ctx.quarantine.bytes_of(entries[-1])
     finally:
         ctx.close()
-    assert kept.endswith(dataset) and hashlib.sha256(kept).hexdigest() == entries[-1].sha256
+    assert kept.endswith(dataset) and hashlib.sha256(sealed).hexdigest() == entries[-1].sha256
     # ... and the node serves the next association.
     follow_up = good_slice(f"after-{name}")
     assert [r.status for r in send_datasets(node.port, tmp_path / "next", [follow_up])] == [0]
@@ -324,10 +333,13 @@ def test_warn_rule_stores_and_records_the_finding(tmp_path):
     settings = load(None, environ={})
     warn = ValidationSettings(rules={**ValidationSettings().rules, "type2_missing": "warn"})
     settings = dataclasses.replace(
-        settings, storage=dataclasses.replace(settings.storage, data=tmp_path, min_free_mb=0),
+        settings,
+        storage=dataclasses.replace(settings.storage, data=tmp_path / "data", min_free_mb=0),
         audit=dataclasses.replace(settings.audit, signing_key=tmp_path / "k.pem"),
+        deidentify=dataclasses.replace(settings.deidentify,
+                                       key_file=create_key_file(tmp_path / "project.key")),
         validation=warn)
-    ctx = NodeContext.open(settings)
+    ctx = NodeContext.open(settings, with_key=True)
     try:
         from node.ingest.pipeline import Source
 

@@ -340,12 +340,14 @@ class _Call:
     patient's own identifiers, which no kept text value may contain, and the notes
     the evidence is built from (tags and paths only, never values)."""
 
-    __slots__ = ("identifiers", "notes", "offset", "prefix", "private_kept",
+    __slots__ = ("identifiers", "keep_uid", "notes", "offset", "prefix", "private_kept",
                  "private_kept_creators", "private_seen", "residual", "uids")
 
-    def __init__(self, offset: int, identifiers: re.Pattern[str] | None) -> None:
+    def __init__(self, offset: int, identifiers: re.Pattern[str] | None,
+                 keep_uid: Callable[[str], bool] | None = None) -> None:
         self.offset = offset
         self.identifiers = identifiers
+        self.keep_uid = keep_uid
         self.uids: dict[str, str] = {}
         # Evidence: (category, path prefix, tag) per decision; the prefix is the
         # sequence path being walked ("Keyword>Keyword>", "" at the top level).
@@ -417,8 +419,11 @@ class Deidentifier:
         # concurrent fills write the same value).
         self._tag_cache: dict[int, tuple[str, str | None]] = {}
 
-    def deidentify(self, ds: Dataset) -> DeidResult:
+    def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
+
+        ``keep_uid`` names UIDs that are already our pseudonyms (an annotation
+        built on a study we served): those stay, so its references still resolve.
 
         Raises :class:`BurnedInTextRisk` when :func:`burned_in_risk` finds a reason,
         so no caller can store an unexamined screen capture by forgetting to ask,
@@ -437,7 +442,7 @@ class Deidentifier:
             patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or "")
         pseudonym = self._key.patient(issuer, patient_key)
         offset = self._key.date_offset_days(issuer, patient_key)
-        call = _Call(offset, _identifier_pattern(ds))
+        call = _Call(offset, _identifier_pattern(ds), keep_uid)
 
         out = self._dataset(ds, call)
         out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
@@ -721,6 +726,8 @@ class Deidentifier:
     def _uid(self, value: str, call: _Call) -> str:
         value = value.strip("\x00 ")
         if not value or value in UID_dictionary or value.startswith("1.2.840.10008."):
+            return value
+        if call.keep_uid is not None and call.keep_uid(value):
             return value
         new = call.uids.get(value)
         if new is None:

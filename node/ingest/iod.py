@@ -73,12 +73,13 @@ class IODTables:
         return self._iods.get(name) if name else None
 
     @classmethod
-    def load(cls, cache_dir: Path) -> IODTables:
+    def load(cls, cache_dir: Path | None = None) -> IODTables:
         """Read the compiled cache for this highdicom version, compiling it on first use."""
         with _lock:
             key = highdicom.__version__
             if key in _loaded:
                 return _loaded[key]
+            cache_dir = cache_dir or default_cache_dir()
             path = cache_dir / f"iod-requirements-highdicom-{key}.json"
             try:
                 compiled = json.loads(path.read_text(encoding="utf-8"))
@@ -90,6 +91,13 @@ class IODTables:
                 os.replace(tmp, path)
             _loaded[key] = cls(compiled)
             return _loaded[key]
+
+
+def default_cache_dir() -> Path:
+    """The user's cache folder: the compiled tables depend only on the installed
+    highdicom, so every node (and every test's data folder) shares one copy."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lamina"
 
 
 def _iod(name: str, paths: dict[str, list]) -> IOD:

@@ -129,7 +129,7 @@ class IngestService:
         try:
             received = read_received(spooled)
             transfer_syntax = str(received.dataset.file_meta.get("TransferSyntaxUID", ""))
-        except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parse failure is 0xC000
+        except Exception as exc:
             reason = f"cannot parse: {_plain(exc)}"
             if override is not None:
                 return StoreResult(Outcome(status.CANNOT_UNDERSTAND, reason), "failed")
@@ -300,7 +300,7 @@ class IngestService:
 def _uid(ds, keyword: str) -> str:
     try:
         return str(ds.get(keyword, "") or "")[:64]
-    except Exception:  # noqa: BLE001 - an unreadable value is simply not recorded
+    except Exception:
         return ""
 
 

@@ -4,7 +4,8 @@ Refused bytes go to their own content-addressed area (``<data>/quarantine``,
 same layout and durability as the blob store), never to the blob store that
 serves retrievals. What a peer sent may carry PHI, so received bytes are kept
 sealed (AES-GCM under the project key, :mod:`node.storage.sealed`) and only
-unsealed on export or release, by someone holding the key. The node never deletes them. A person can list and show
+unsealed on export or release, by someone holding the key. The node never
+deletes them. A person can list and show
 entries, export the bytes to repair them elsewhere, or release one: release
 re-runs the ingest pipeline on the kept bytes with an override that turns the
 rejecting findings into recorded ones, and audits who did it and why.

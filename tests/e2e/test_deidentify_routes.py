@@ -66,13 +66,14 @@ def test_burned_in_risk_is_quarantined_sealed(tmp_path, phantom):
     capture.SOPClassUID = SecondaryCaptureImageStorage
     capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     capture.Modality = "OT"
+    capture.ConversionType = "WSD"
     with NodeProcess(tmp_path / "n", peers=peers()) as node:
         [(code, comment)] = store(node.port, [capture])
         assert code == status.DOES_NOT_MATCH_SOP_CLASS.code
         assert "burned-in" in comment
         [(sha, sealed)] = rows(node, "SELECT blob_sha256, sealed FROM quarantine")
         assert sealed == 1
-        data = node.blob_path(sha).read_bytes()
+        data = node.blob_path(sha, "quarantine").read_bytes()
         assert data.startswith(MAGIC) and phantom.patient_name.encode() not in data
         assert rows(node, "SELECT count(*) FROM instance") == [(0,)]
 
@@ -83,20 +84,10 @@ def test_annotator_route_moves_original_references_onto_pseudonyms(tmp_path, pha
         key = node.project_key()
         stored = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
 
-        # An annotator's object built on the pseudonymous study, but referencing
-        # the ORIGINAL image UID (its tool had the study from the PACS).
-        note = Dataset()
-        note.file_meta = stored.file_meta.__class__()
-        note.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-        note.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
-        note.SOPClassUID = SecondaryCaptureImageStorage
-        note.SOPInstanceUID = "1.2.3.4.5.6.7.8.9"
-        note.Modality = "OT"
-        note.BurnedInAnnotation = "NO"
-        for keyword in ("PatientID", "PatientName", "StudyInstanceUID",
-                        "PatientIdentityRemoved"):
-            setattr(note, keyword, stored[keyword].value)
+        # An annotator's derived image built on the pseudonymous study, but
+        # referencing the ORIGINAL image UID (its tool had the study from the PACS).
+        note = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+        note.SOPInstanceUID = note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
         note.SeriesInstanceUID = "1.2.3.4.5.6.7.8.10"
         ref = Dataset()
         ref.ReferencedSOPClassUID = phantom.slice(0).SOPClassUID
