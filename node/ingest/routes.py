@@ -6,7 +6,9 @@
   studies we served them. An annotation that still references an original
   clinical UID (the tool loaded the study from the PACS) has that UID moved onto
   its pseudonym; one that still carries patient identity is de-identified too,
-  keeping the pseudonymous UIDs it already references so its links hold.
+  keeping the pseudonymous UIDs it already references so its links hold
+  (unless its patient is already our pseudonym with identity typed back in:
+  that one is quarantined for a person to look at).
 
 Either way the original bytes never reach the blob store; what the
 re-identification map must learn and what de-identification did (the
@@ -23,6 +25,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from node.anonymize.anonymizer import (
+    DeidentificationError,
     Deidentifier,
     ReidEntry,
     looks_identified,
@@ -69,8 +72,16 @@ class Router:
                 return self.reid_map.knows_uid(conn, uid)
 
             remapped, _count = remap_known_uids(received, self.key, known)
-            if looks_identified(remapped) is None:
+            reason = looks_identified(remapped)
+            if reason is None:
                 return Prepared(remapped, (), None, "annotator")
+            patient_id = str(remapped.get("PatientID", "") or "")
+            if self.reid_map.lookup_patient(conn, patient_id) is not None:
+                # Our pseudonym plus identity typed back in: de-identifying again would
+                # pseudonymise the pseudonym and shift shifted dates. A person decides.
+                raise DeidentificationError(f"annotation still carries identity: {reason}")
+            # Built on the clinical original (the tool had it from the PACS): the same
+            # keyed rules give the same pseudonyms and date shift as the stored study.
             result = self.deidentifier.deidentify(remapped, keep_uid=known)
         return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
 

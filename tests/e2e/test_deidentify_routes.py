@@ -109,3 +109,17 @@ def test_serve_refuses_to_start_without_a_key(tmp_path):
                             capture_output=True, text=True, timeout=60, env=node.env)
     assert result.returncode == 2
     assert "lamina keys init" in result.stderr
+
+
+def test_annotation_with_identity_typed_back_is_quarantined(tmp_path, phantom):
+    with NodeProcess(tmp_path / "n", peers=peers()) as node:
+        assert store(node.port, [phantom.slice(0)]) == [(0, "")]
+        note = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+        note.SOPInstanceUID = note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.11"
+        note.OtherPatientNames = "SMITH^JOHN"  # identity back on our pseudonymous patient
+        [(code, comment)] = store(node.port, [note], aet=ANNOTATOR_AET)
+        assert code == status.DOES_NOT_MATCH_SOP_CLASS.code
+        assert comment.startswith("cannot de-identify: annotation still carries identity")
+        [(sha, sealed)] = rows(node, "SELECT blob_sha256, sealed FROM quarantine")
+        assert sealed == 1 and b"SMITH" not in node.blob_path(sha, "quarantine").read_bytes()
+        assert rows(node, "SELECT count(*) FROM instance") == [(1,)]
