@@ -34,6 +34,8 @@ class Peer:
     port: int
     services: frozenset[str]
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    #: Names of the peers this peer may name as C-MOVE destination (default: itself).
+    move_destinations: tuple[str, ...] = ()
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -271,7 +273,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if not isinstance(s, dict):
             raise ConfigError(f"{where}: must be a table")
         for key in s:
-            if key not in {"ae_title", "host", "port", "services"}:
+            if key not in {"ae_title", "host", "port", "services", "move_destinations"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -288,6 +290,45 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
                 f"{where}.services: unknown service {min(unknown)!r}"
                 f" (known: {', '.join(sorted(SERVICES))})"
             )
-        peers.append(Peer(name, ae, host, port, frozenset(services),
-                          _resolve_networks(host, f"{where}.host")))
+        networks = _resolve_networks(host, f"{where}.host")
+        destinations = s.get("move_destinations", [name] if _reachable(host) else [])
+        if not isinstance(destinations, list) or not all(isinstance(x, str) for x in destinations):
+            raise ConfigError(f"{where}.move_destinations: must be a list of peer names")
+        peers.append(Peer(name, ae, host, port, frozenset(services), networks,
+                          tuple(destinations)))
+    _check_move_destinations(peers)
     return tuple(peers)
+
+
+def _reachable(host: str) -> bool:
+    """A host we can open a connection to: a name or a single address, not ``*`` or a network."""
+    if host == "*":
+        return False
+    try:
+        net = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return True
+    return net.num_addresses == 1
+
+
+def _check_move_destinations(peers: list[Peer]) -> None:
+    """Each destination is a known peer we can connect to, and its AE title is unambiguous.
+
+    A C-MOVE names its destination by AE title only, so two allowed
+    destinations with one title would leave the choice of host to chance.
+    """
+    by_name = {p.name: p for p in peers}
+    for peer in peers:
+        where = f"peers.{peer.name}.move_destinations"
+        titles: dict[str, str] = {}
+        for name in peer.move_destinations:
+            dest = by_name.get(name)
+            if dest is None:
+                raise ConfigError(f"{where}: {name!r} is not a configured peer")
+            if not _reachable(dest.host):
+                raise ConfigError(f"{where}: peer {name!r} has no single host to connect to"
+                                  f" (host = {dest.host!r})")
+            if dest.ae_title in titles:
+                raise ConfigError(f"{where}: {titles[dest.ae_title]!r} and {name!r} share"
+                                  f" AE title {dest.ae_title!r}")
+            titles[dest.ae_title] = name
