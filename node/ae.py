@@ -131,7 +131,8 @@ def build_scp(node: NodeSettings) -> AE:
     ae = build_ae(node)
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
     for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES[:3])
+        # Little endian, implicit or explicit VR: what C-FIND responses are encoded in.
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES[:2])
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)

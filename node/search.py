@@ -25,14 +25,14 @@ from node.audit.served import report
 from node.audit.trail import Actor, AuditTrail
 from node.config import Peer
 from node.status import Outcome, Status
-from node.storage.query import Model, Query, QueryEngine, QueryError, parse
+from node.storage.query import Match, Model, Query, QueryEngine, QueryError, parse
 
 log = logging.getLogger("lamina.search")
 
 
 @dataclass
 class Search:
-    """One running search: iterate it for the responses, then :meth:`finish` it once."""
+    """One running search: iterate :meth:`results`, then :meth:`finish` it once."""
 
     engine: QueryEngine
     audit: AuditTrail
@@ -46,10 +46,11 @@ class Search:
         """0xFF01 when some keys were not supported, so the SCU knows they were not matched."""
         return status.PENDING_KEYS_UNSUPPORTED if self.query.unsupported else status.PENDING
 
-    def __iter__(self) -> Iterator[Dataset]:
-        for ds in self.engine.datasets(self.query):
+    def results(self) -> Iterator[Match]:
+        """The matches, straight off the index; close the iterator when stopping early."""
+        for match in self.engine.matches(self.query):
             self.matches += 1
-            yield ds
+            yield match
 
     def finish(self, outcome: Outcome) -> None:
         """Audit how the search ended (complete, cancelled, failed); later calls do nothing."""
@@ -69,12 +70,18 @@ class SearchService:
         self.engine = engine
         self.audit = audit
 
-    def start(self, peer: Peer | None, actor: Actor, identifier: Dataset,
+    def start(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
               model: Model) -> Search | Outcome:
-        """A search ready to iterate, or the refusal to answer (already audited)."""
+        """A search ready to run, or the refusal to answer (already audited).
+
+        ``identifier`` is None when the request's identifier did not decode.
+        """
         if peer is None or "find" not in peer.services:
             return self._refuse(actor, model, Outcome(
                 status.NOT_AUTHORISED, "this peer may not query (find is not in its services)"))
+        if identifier is None:
+            return self._refuse(actor, model, Outcome(
+                status.CANNOT_UNDERSTAND, "identifier cannot be decoded"))
         try:
             query = parse(identifier, model)
         except QueryError as exc:

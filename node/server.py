@@ -29,8 +29,8 @@ from node.context import NodeContext
 from node.handlers.association import Sessions
 from node.handlers.echo import handle_echo
 from node.handlers.find import handle_sop_extended, make_find_handler
-from node.handlers.move_get import install as install_stored_retrieve
 from node.handlers.move_get import make_retrieve_handlers
+from node.handlers.qr_service import install as install_query_retrieve
 from node.handlers.store import make_store_handler
 from node.logs import setup_logging
 
@@ -80,7 +80,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         *make_retrieve_handlers(ctx, sessions),
     ]
-    install_stored_retrieve()
+    install_query_retrieve()
     ae = build_scp(settings.node)
     server = ae.make_server((settings.node.bind, settings.node.port),
                             evt_handlers=handlers, server_class=LaminaServer)

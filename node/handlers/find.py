@@ -1,15 +1,16 @@
-"""C-FIND: hand the identifier to the search service and stream its matches as pending responses.
+"""C-FIND: hand the identifier to the search service; answer SOP Class Extended Negotiation.
 
-Also answers SOP Class Extended Negotiation for the query/retrieve classes:
-relational queries and retrievals are agreed when asked for (the engine
-accepts keys at any level above the query level either way, see
-:mod:`node.storage.query`); the other options (combined date-time matching,
-fuzzy person names, timezone adjustment) are declined.
+The handler only plans: it returns the service's :class:`~node.search.Search`
+(or refusal), and :mod:`node.handlers.qr_service` streams the matches.
+
+Relational queries and retrievals are agreed when an SCU asks for them in
+SOP Class Extended Negotiation (the engine accepts keys at any level above the
+query level either way, see :mod:`node.storage.query`); the other options
+(combined date-time matching, fuzzy person names, timezone adjustment) are
+declined.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -22,12 +23,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node import status
 from node.context import NodeContext
 from node.handlers.association import Sessions
-from node.search import SearchService
+from node.search import Search, SearchService
 from node.status import Outcome
-from node.storage.index import IndexUnavailable
 from node.storage.query import Model, QueryEngine
 
 #: The information model each Q/R SOP class queries or retrieves in.
@@ -53,29 +52,10 @@ def make_find_handler(ctx: NodeContext, sessions: Sessions):
     """Bind the handler to the node's index, audit trail and session registry."""
     service = SearchService(QueryEngine(ctx.index, ctx.settings.node.ae_title), ctx.audit)
 
-    def handle_find(event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    def handle_find(event: evt.Event) -> Search | Outcome:
         session = sessions.of(event.assoc)
-        model = MODELS[event.request.AffectedSOPClassUID]
-        search = service.start(session.peer, session.actor, decoded_identifier(event), model)
-        if isinstance(search, Outcome):
-            yield search.as_dimse(), None
-            return
-        # Until the loop ends, the search counts as cut short (association aborted).
-        outcome = Outcome(status.UNABLE_TO_PROCESS, "association ended before the last match")
-        try:
-            pending = search.pending.code
-            for ds in search:
-                if event.is_cancelled:
-                    outcome = Outcome(status.CANCELLED)
-                    yield outcome.status.code, None
-                    return
-                yield pending, ds
-            outcome = Outcome(status.SUCCESS)
-        except IndexUnavailable:
-            outcome = Outcome(status.OUT_OF_RESOURCES, "index unavailable")
-            yield outcome.as_dimse(), None
-        finally:
-            search.finish(outcome)
+        return service.start(session.peer, session.actor, decoded_identifier(event),
+                             MODELS[event.request.AffectedSOPClassUID])
 
     return handle_find
 

@@ -36,13 +36,13 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from functools import cached_property
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
@@ -228,16 +228,20 @@ def parse(identifier: Dataset, model: Model, *, retrieve: bool = False) -> Query
     returns: dict[str, Key] = {}
     empty: list[tuple[BaseTag, str]] = []
     unsupported = False
-    try:
-        elements = list(identifier)
-    except Exception as exc:  # pydicom raises many types on malformed encodings
-        raise QueryError(status.CANNOT_UNDERSTAND, "identifier cannot be decoded") from exc
-    for elem in elements:
-        if elem.tag in _SKIPPED or elem.tag.element == 0:
+    for tag in list(identifier.keys()):
+        if tag in _SKIPPED or tag.element == 0:
             continue
+        try:
+            elem = identifier[tag]
+        except Exception as exc:  # pydicom raises many types for a malformed value
+            name = keyword_for_tag(tag) or str(tag)
+            raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
+                             f"{name} has a value that cannot be read") from exc
         key = KEYS.get(elem.keyword)
         if key is None or key.level > level:
-            empty.append((elem.tag, elem.VR))
+            # An implicit VR request leaves ambiguous VRs ("US or SS"); for an
+            # empty value any of them encodes the same.
+            empty.append((elem.tag, elem.VR.split(" or ")[0]))
             unsupported = True
             continue
         if retrieve:
@@ -302,13 +306,14 @@ def _values(value: object, kind: str) -> list[str]:
 
 # --- conditions ---------------------------------------------------------------
 
-_DA = re.compile(r"\d{8}")
-_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
-_DT = re.compile(r"(\d{4}(?:\d{2}){0,5})(\.\d{1,6})?([+-]\d{4})?")
-_DT_RANGE = re.compile(
-    r"(?P<lo>\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?)?-"
-    r"(?P<hi>\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?)?"
-)
+_DA = re.compile(r"\d{4}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
+_TM = re.compile(r"([01]\d|2[0-3])([0-5]\d)?([0-5]\d|60)?(\.\d{1,6})?")
+#: A UTC offset is at most 14 hours, which is what tells "2023-2024" (a range)
+#: from "2023-0500" (a year at UTC-5).
+_OFFSET = r"[+-](?:0\d|1[0-4])[0-5]\d"
+_DT_VALUE = rf"\d{{4}}(?:\d{{2}}){{0,5}}(?:\.\d{{1,6}})?(?:{_OFFSET})?"
+_DT = re.compile(rf"(\d{{4}}(?:\d{{2}}){{0,5}})(\.\d{{1,6}})?({_OFFSET})?")
+_DT_RANGE = re.compile(rf"(?P<lo>{_DT_VALUE})?-(?P<hi>{_DT_VALUE})?")
 
 
 def _condition(key: Key, values: list[str]) -> Condition | None:
@@ -549,11 +554,12 @@ class QueryEngine:
         return self._stream(*build_select(query, columns, order=order, limit=limit,
                                           offset=offset))
 
-    def datasets(self, query: Query, *, limit: int | None = None,
-                 offset: int = 0) -> Iterator[Dataset]:
-        """Response identifiers, one per match, in the request's character set when possible."""
+    def matches(self, query: Query, *, limit: int | None = None,
+                offset: int = 0) -> Iterator[Match]:
+        """One :class:`Match` per matching entity, as the response identifier's elements."""
+        layout = _Layout(query, self.retrieve_ae_title)
         for row in self.rows(query, limit=limit, offset=offset):
-            yield self.response(query, row)
+            yield layout.match(row)
 
     def instances(self, query: Query) -> Iterator[StoredInstance]:
         """The stored instances under every match, series by series in instance order."""
@@ -570,29 +576,75 @@ class QueryEngine:
             finally:
                 cursor.close()
 
-    def response(self, query: Query, row: Iterable) -> Dataset:
-        """One match as a response identifier."""
+
+
+#: A response element: (tag, VR, value); value None means zero length.
+Element = tuple[BaseTag, str, object]
+_CHARSET_TAG = Tag(0x0008, 0x0005)
+_LEVEL_TAG = Tag(0x0008, 0x0052)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching entity as the elements of its response identifier, in tag order.
+
+    Front ends serialise it their own way: DIMSE to bytes
+    (:mod:`node.handlers.identifier`), QIDO-RS to DICOM JSON via :meth:`dataset`.
+    """
+
+    elements: list[Element]
+
+    @property
+    def charset(self) -> tuple[str, ...]:
+        """The Specific Character Set the text values are to be encoded in."""
+        for tag, _vr, value in self.elements:
+            if tag == _CHARSET_TAG:
+                return tuple(value) if isinstance(value, list) else (str(value),)
+        return ()
+
+    def dataset(self) -> Dataset:
         ds = Dataset()
-        values = iter(row)
-        texts: list[str] = []
+        for tag, vr, value in self.elements:
+            ds.add_new(tag, vr, [] if vr == "SQ" and value is None else value)
+        return ds
+
+
+class _Layout:
+    """Where each returned value goes in a query's responses, worked out once per query."""
+
+    def __init__(self, query: Query, ae_title: str) -> None:
+        self.charset = query.charset
+        # (tag, VR, index into the SQL row, or None for a fixed value, the fixed value)
+        slots: list[tuple[BaseTag, str, int | None, object]] = []
+        column = 0
         for key in query.returns:
             if key.kind == "constant":
-                value: object = (self.retrieve_ae_title if key.keyword == "RetrieveAETitle"
-                                 else "ONLINE")
+                value = ae_title if key.keyword == "RetrieveAETitle" else "ONLINE"
+                slots.append((key.tag, key.vr, None, value))
             else:
-                value = next(values)
-                if key.kind == "modalities" and value:
-                    value = str(value).split("\\")
-            if isinstance(value, str) and not value.isascii():
-                texts.append(value)
-            ds.add_new(key.tag, key.vr, value)
-        for tag, vr in query.empty:
-            ds.add_new(tag, vr, [] if vr == "SQ" else None)
-        charset = _response_charset(query.charset, texts)
+                slots.append((key.tag, key.vr, column, None))
+                column += 1
+        slots += [(tag, vr, None, None) for tag, vr in query.empty]
+        slots.append((_LEVEL_TAG, "CS", None, query.level.name))
+        self.slots = sorted(slots, key=lambda slot: slot[0])
+        self.splits = {key.tag for key in query.returns if key.kind == "modalities"}
+
+    def match(self, row: tuple) -> Match:
+        elements: list[Element] = []
+        texts: list[str] = []
+        for tag, vr, index, fixed in self.slots:
+            value = fixed if index is None else row[index]
+            if isinstance(value, str):
+                if not value.isascii():
+                    texts.append(value)
+                if tag in self.splits:
+                    value = value.split("\\")
+            elements.append((tag, vr, value))
+        charset = _response_charset(self.charset, texts)
         if charset:
-            ds.SpecificCharacterSet = charset
-        ds.QueryRetrieveLevel = query.level.name
-        return ds
+            at = next((n for n, e in enumerate(elements) if e[0] > _CHARSET_TAG), len(elements))
+            elements.insert(at, (_CHARSET_TAG, "CS", charset))
+        return Match(elements)
 
 
 def _response_charset(requested: tuple[str, ...], texts: list[str]) -> str | list[str] | None:
