@@ -23,6 +23,7 @@ refusal, and the loops below run it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from io import BytesIO
@@ -50,6 +51,9 @@ from node.storage.query import StoredInstance
 log = logging.getLogger("lamina.qr")
 
 _MAX_CONTEXTS = 128  # PS3.8: presentation contexts per association
+_BATCH = 64  # C-FIND responses queued before waiting for the DUL to send them
+_DRAIN_POLL = 0.0002  # seconds between looks at the DUL's send queue
+_DUL_TURN = 0.001  # one idle DUL loop (pynetdicom's run-loop delay): it reads the socket
 _PDV_ITEM_HEADER = 5  # PS3.8 9.3.5.1: item length (4) and presentation context ID (1)
 
 
@@ -264,7 +268,14 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
 
 
 class _PendingFind:
-    """Sends pending C-FIND responses: the command set encoded once, one PDU per match."""
+    """Sends pending C-FIND responses: the command set encoded once, one PDU per match.
+
+    Backpressure: pynetdicom's DUL thread reads the socket only when it has
+    nothing left to send, so a producer faster than the network would queue
+    the whole result set in memory and never see the SCU's C-CANCEL. After
+    every :data:`_BATCH` responses the producer waits for the queue to drain
+    and leaves the DUL one idle turn to read what the SCU sent.
+    """
 
     def __init__(self, service: LaminaQueryRetrieveServiceClass, req: C_FIND,
                  context: PresentationContext, code: int) -> None:
@@ -279,6 +290,7 @@ class _PendingFind:
         message.primitive_to_message(self.rsp)
         self.command = b"\x03" + bytes(encode(message.command_set, True, True))
         self.max_pdu = service.dimse.maximum_pdu_size
+        self.sent = 0
 
     def __call__(self, identifier: bytes) -> None:
         # Both PDVs (each with its message control header byte) in one PDU.
@@ -291,7 +303,13 @@ class _PendingFind:
         pdata = P_DATA()
         pdata.presentation_data_value_list = [
             [self.context_id, self.command], [self.context_id, b"\x02" + identifier]]
-        self.service.assoc.dul.send_pdu(pdata)
+        dul = self.service.assoc.dul
+        dul.send_pdu(pdata)
+        self.sent += 1
+        if self.sent % _BATCH == 0:
+            while not dul.to_provider_queue.empty() and self.service.assoc.is_established:
+                time.sleep(_DRAIN_POLL)
+            time.sleep(_DUL_TURN)
 
 
 def _context_batches(items: list[tuple[StoredInstance, Path]]) -> Iterator[list]:
