@@ -57,6 +57,17 @@ class Node:
     def index(self) -> Index:
         return Index(self.data / "index.sqlite3")
 
+    def blob_path(self, sop_instance_uid: str) -> Path:
+        """Where the node keeps an instance's bytes (content-addressed)."""
+        index = self.index()
+        try:
+            with index.read() as conn:
+                sha = conn.execute("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
+                                   (sop_instance_uid,)).fetchone()[0]
+        finally:
+            index.close()
+        return self.data / "blobs" / sha[:2] / sha[2:4] / sha
+
     def audit_events(self, prefix: str) -> list[dict]:
         """Audit rows whose action starts with ``prefix``, oldest first."""
         index = self.index()
@@ -190,6 +201,7 @@ class StorageSCP:
     fail_uids: set[str] = field(default_factory=set)
     delay: float = 0.0
     received: dict[str, bytes] = field(default_factory=dict)
+    originators: set[str] = field(default_factory=set)
     server: object = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -200,7 +212,8 @@ class StorageSCP:
         if uid in self.fail_uids:
             return 0xA700
         with self.lock:
-            self.received[uid] = event.encoded_dataset()
+            self.received[uid] = event.encoded_dataset(include_meta=False)
+            self.originators.add(str(event.request.MoveOriginatorApplicationEntityTitle))
         return 0x0000
 
     def start(self) -> StorageSCP:
