@@ -216,3 +216,22 @@ def test_relational_queries_are_agreed_when_asked(node):
         assoc.release()
     assert agreed[STUDY_FIND] == b"\x01\x00"  # relational yes, combined date-time no
     assert [code for code, _, _ in responses] == [0xFF00, 0x0000]
+
+
+def test_lamina_find_command(node):
+    from click.testing import CliRunner
+
+    from node.cli import main
+
+    result = CliRunner().invoke(main, [
+        "find", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
+        "--aet", "CLIENT", "-L", "STUDY", "-k", "PatientName=DOE^JA*", "-k", "PatientID",
+        "-k", "StudyDate=20240101-20240131"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "PatientName\tPatientID\tStudyDate"
+    assert lines[1:] == ["Doe^Jane\tLAM-A\t20240105"]
+    denied = CliRunner().invoke(main, [
+        "find", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
+        "--aet", "STOREONLY", "-k", "PatientID"])
+    assert denied.exit_code == 1 and "0x0124" in denied.stderr

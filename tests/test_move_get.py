@@ -246,6 +246,22 @@ def test_get_without_a_context_for_the_stored_syntax_fails_cleanly(env):
     assert still_open
 
 
+def test_lamina_move_command(env):
+    from click.testing import CliRunner
+
+    from node.cli import main
+
+    node, _scps, uids = env
+    args = ["move", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
+            "--aet", "CLIENT", "-k", f"StudyInstanceUID={uids['move-a/study']}"]
+    ok = CliRunner().invoke(main, [*args, "--dest", "DEST"])
+    assert ok.exit_code == 0, ok.output
+    assert "status 0x0000: completed 3, failed 0" in ok.stdout
+    partial = CliRunner().invoke(main, [*args, "--dest", "FLAKY"])
+    assert partial.exit_code == 1
+    assert f"failed: {uids['move-a'][1]}" in partial.stderr
+
+
 def test_context_batches_stay_within_128_contexts():
     items = [(StoredInstance(f"1.2.{i % 200}", f"9.{i}", ExplicitVRLittleEndian, "0" * 64),
               Path("x")) for i in range(400)]
