@@ -163,6 +163,17 @@ _FAMILY = ("ADAMS", "BROWN", "CLARK", "DAVIS", "EVANS", "FISCHER", "GARCIA", "HU
            "QUINN", "ROSSI", "SMITH", "TANAKA", "URBAN", "VARGA", "WEBER", "XU", "YILMAZ",
            "ZIMMERMANN", "BÉRUBÉ", "DUPONT", "NGUYEN", "SILVA")
 _GIVEN = ("ALEX", "BEA", "CHRIS", "DANA", "ELI", "FRAN", "GABI", "HANA", "IVO", "JO")
+#: Pseudonym-like family names: a base name and two syllables, 12,000 of them.
+_SYLLABLES = ("BA", "KO", "MI", "RU", "TE", "LO", "SA", "VI", "NE", "DU", "GA", "PI", "FO",
+              "HE", "ZU", "JA", "WE", "CI", "TO", "YU")
+
+
+def synthetic_patient_name(patient: int) -> str:
+    """The name :func:`index_records` gives patient number ``patient`` (distinct up to 12,000)."""
+    family = (_FAMILY[patient % len(_FAMILY)]
+              + _SYLLABLES[(patient // len(_FAMILY)) % len(_SYLLABLES)]
+              + _SYLLABLES[(patient // (len(_FAMILY) * len(_SYLLABLES))) % len(_SYLLABLES)])
+    return f"{family}^{_GIVEN[patient % len(_GIVEN)]}"
 #: Study modalities, weighted roughly like a general hospital archive.
 _MODALITIES = ("CT",) * 8 + ("MR",) * 6 + ("CR",) * 3 + ("US",) * 2 + ("PT",)
 
@@ -188,7 +199,7 @@ def index_records(patients: int, studies: int, instances_per_study: int,
     per_series = max(1, instances_per_study // series_per_study)
     for s in range(studies):
         pat = s % patients
-        name = f"{_FAMILY[pat % len(_FAMILY)]}^{_GIVEN[(pat // len(_FAMILY)) % len(_GIVEN)]}"
+        name = synthetic_patient_name(pat)
         day = (start + timedelta(days=(s * 7919) % 3652)).strftime("%Y%m%d")
         modality = _MODALITIES[(s * 31) % len(_MODALITIES)]
         study_uid = f"{base}.1.{s}"

@@ -94,12 +94,21 @@ def move(node, destination, query, calling="CLIENT", model=MOVE):
         assoc.release()
 
 
-def test_move_sends_the_stored_bytes_with_pending_counts(env):
+def _consistent_progress(responses, total):
+    """Pending responses: counts add up to the total and Remaining only goes down."""
+    pending = [s for code, s, _ in responses if code == 0xFF00]
+    remaining = [s.NumberOfRemainingSuboperations for s in pending]
+    assert remaining == sorted(remaining, reverse=True)
+    for s in pending:
+        assert (s.NumberOfRemainingSuboperations + s.NumberOfCompletedSuboperations
+                + s.NumberOfFailedSuboperations + s.NumberOfWarningSuboperations) == total
+    return pending
+
+
+def test_move_sends_the_stored_bytes(env):
     node, scps, uids = env
     responses = move(node, "DEST", identifier("STUDY", StudyInstanceUID=uids["move-a/study"]))
-    pending = [s for code, s, _ in responses if code == 0xFF00]
-    assert [s.NumberOfRemainingSuboperations for s in pending] == [2, 1, 0]
-    assert [s.NumberOfCompletedSuboperations for s in pending] == [1, 2, 3]
+    _consistent_progress(responses, 3)
     code, final, ds = responses[-1]
     assert code == 0x0000 and ds is None
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 0)
@@ -112,6 +121,14 @@ def test_move_sends_the_stored_bytes_with_pending_counts(env):
     assert event["object"] == {"model": "study-root", "level": "STUDY", "matches": 3,
                                "completed": 3, "failed": 0, "warning": 0, "status": "0x0000",
                                "destination": "DEST"}
+
+
+def test_slow_move_reports_progress_with_pending_responses(env):
+    node, _scps, uids = env
+    responses = move(node, "SLOW", identifier("STUDY", StudyInstanceUID=uids["move-a/study"]))
+    pending = _consistent_progress(responses, 3)
+    assert len(pending) >= 2  # one per 0.1 s at most; each store takes 0.25 s
+    assert responses[-1][0] == 0x0000
 
 
 def test_move_by_instance_uid_list_in_patient_root(env):
@@ -202,7 +219,8 @@ def test_cancel_stops_a_move(env):
     assert code == 0xFE00
     assert final.NumberOfRemainingSuboperations > 0
     assert final.NumberOfCompletedSuboperations < len(uids["move-b"])
-    assert len(scps["slow"].received) == final.NumberOfCompletedSuboperations
+    moved = [uid for uid in scps["slow"].received if uid in uids["move-b"]]
+    assert len(moved) == final.NumberOfCompletedSuboperations
 
 
 def test_get_returns_stored_bytes_on_the_same_association(env):
@@ -224,7 +242,7 @@ def test_get_returns_stored_bytes_on_the_same_association(env):
         assoc.release()
     assert responses[-1][0] == 0x0000
     assert responses[-1][1].NumberOfCompletedSuboperations == 3
-    assert [s.NumberOfRemainingSuboperations for c, s in responses if c == 0xFF00] == [2, 1, 0]
+    _consistent_progress([(c, s, None) for c, s in responses], 3)
     assert received == {uid: stored_dataset_bytes(node.blob_path(uid))
                         for uid in uids["move-a"]}
     assert node.audit_events("retrieve.get")[-1]["object"]["completed"] == 3

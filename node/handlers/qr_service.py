@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from io import BytesIO
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from node import status
 from node.ae import associate
 from node.handlers.identifier import encode_match
+from node.handlers.stored_send import NoContext, StoredSender
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten
@@ -51,6 +52,9 @@ from node.storage.query import StoredInstance
 log = logging.getLogger("lamina.qr")
 
 _MAX_CONTEXTS = 128  # PS3.8: presentation contexts per association
+#: Pending C-MOVE/C-GET responses are optional (PS3.4 C.4.2.3.1) and cost almost a
+#: millisecond each in pynetdicom: one per interval keeps a progress bar moving.
+_PROGRESS_INTERVAL = 0.1  # seconds
 _BATCH = 64  # C-FIND responses queued before waiting for the DUL to send them
 _DRAIN_POLL = 0.0002  # seconds between looks at the DUL's send queue
 _DUL_TURN = 0.001  # one idle DUL loop (pynetdicom's run-loop delay): it reads the socket
@@ -154,7 +158,7 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
             batches: Iterator[tuple[Association | None, list]] = iter([(self.assoc, items)])
         else:
             batches = self._destination_batches(plan, items)
-        n = 0
+        n, last_progress = 0, time.monotonic()
         for store_assoc, batch in batches:
             if store_assoc is None:
                 fail_the_rest()
@@ -162,21 +166,27 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
                     return plan.outcome()
                 return Outcome(status.SUBOPERATIONS_IMPOSSIBLE,
                                "the move destination did not accept the association")
+            # C-MOVE: our own association, framed directly; C-GET: pynetdicom's sender.
+            sender = StoredSender(store_assoc) if store_assoc is not self.assoc else None
             try:
-                for instance, path in batch:
-                    if self.is_cancelled(req.MessageID):
-                        return plan.outcome(cancelled=True)
-                    if not self.assoc.is_established:
-                        return Outcome(status.UNABLE_TO_PROCESS, "association ended")
-                    if not store_assoc.is_established:
-                        fail_the_rest()
-                        return plan.outcome()
-                    n += 1
-                    code = self._store(store_assoc, instance, path, req, n, plan)
-                    plan.counts.record(code, instance.sop_instance_uid)
-                    self._send_progress(rsp, context, plan)
+                with sender or nullcontext():
+                    for instance, path in batch:
+                        if self.is_cancelled(req.MessageID):
+                            return plan.outcome(cancelled=True)
+                        if not self.assoc.is_established:
+                            return Outcome(status.UNABLE_TO_PROCESS, "association ended")
+                        if not store_assoc.is_established:
+                            fail_the_rest()
+                            return plan.outcome()
+                        n += 1
+                        code = self._store(store_assoc, sender, instance, path, req, n)
+                        plan.counts.record(code, instance.sop_instance_uid)
+                        now = time.monotonic()
+                        if now - last_progress >= _PROGRESS_INTERVAL:
+                            self._send_progress(rsp, context, plan)
+                            last_progress = now
             finally:
-                if store_assoc is not self.assoc and store_assoc.is_established:
+                if sender is not None and store_assoc.is_established:
                     store_assoc.release()
         return plan.outcome()
 
@@ -197,16 +207,16 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
             store_assoc = associate(ae, dest.host, dest.port, dest.ae_title)
             yield (store_assoc if store_assoc.is_established else None), batch
 
-    def _store(self, store_assoc: Association, instance: StoredInstance, path: Path,
-               req: C_MOVE | C_GET, n: int, plan: Retrieval) -> int | None:
+    def _store(self, store_assoc: Association, sender: StoredSender | None,
+               instance: StoredInstance, path: Path, req: C_MOVE | C_GET, n: int) -> int | None:
         """One C-STORE sub-operation; its response status, or None when none came back."""
-        move = plan.destination is not None
+        msg_id = (req.MessageID + n) % 65536 or 1
         try:
-            result = store_assoc.send_c_store(
-                path, msg_id=(req.MessageID + n) % 65536 or 1,
-                originator_aet=self.assoc.requestor.ae_title if move else None,
-                originator_id=req.MessageID if move else None)
-        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+            if sender is not None:  # C-MOVE: Move Originator is the requester, not us
+                return sender.send(instance, path, msg_id, self.assoc.requestor.ae_title,
+                                   req.MessageID)
+            result = store_assoc.send_c_store(path, msg_id=msg_id)
+        except (NoContext, ValueError, AttributeError, OSError, RuntimeError) as exc:
             # No accepted context for the stored syntax, a missing blob, a lost association.
             log.warning("sub-operation not sent", extra={"fields": {
                 "sop_instance_uid": instance.sop_instance_uid, "sha256": instance.blob_sha256,
