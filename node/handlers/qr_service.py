@@ -170,7 +170,7 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
             sender = StoredSender(store_assoc) if store_assoc is not self.assoc else None
             try:
                 with sender or nullcontext():
-                    for instance, path in batch:
+                    for k, (instance, path) in enumerate(batch):
                         if self.is_cancelled(req.MessageID):
                             return plan.outcome(cancelled=True)
                         if not self.assoc.is_established:
@@ -179,7 +179,9 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
                             fail_the_rest()
                             return plan.outcome()
                         n += 1
-                        code = self._store(store_assoc, sender, instance, path, req, n)
+                        upcoming = batch[k + 1] if k + 1 < len(batch) else None
+                        code = self._store(store_assoc, sender, instance, path, req, n,
+                                           upcoming)
                         plan.counts.record(code, instance.sop_instance_uid)
                         now = time.monotonic()
                         if now - last_progress >= _PROGRESS_INTERVAL:
@@ -208,13 +210,14 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
             yield (store_assoc if store_assoc.is_established else None), batch
 
     def _store(self, store_assoc: Association, sender: StoredSender | None,
-               instance: StoredInstance, path: Path, req: C_MOVE | C_GET, n: int) -> int | None:
+               instance: StoredInstance, path: Path, req: C_MOVE | C_GET, n: int,
+               upcoming: tuple[StoredInstance, Path] | None) -> int | None:
         """One C-STORE sub-operation; its response status, or None when none came back."""
         msg_id = (req.MessageID + n) % 65536 or 1
         try:
             if sender is not None:  # C-MOVE: Move Originator is the requester, not us
                 return sender.send(instance, path, msg_id, self.assoc.requestor.ae_title,
-                                   req.MessageID)
+                                   req.MessageID, upcoming)
             result = store_assoc.send_c_store(path, msg_id=msg_id)
         except (NoContext, ValueError, AttributeError, OSError, RuntimeError) as exc:
             # No accepted context for the stored syntax, a missing blob, a lost association.

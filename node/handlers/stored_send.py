@@ -97,6 +97,7 @@ class StoredSender:
         self.fragment = (peer_max or _UNLIMITED_PDU) - _PDV_OVERHEAD
         self.contexts = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx.context_id
                          for cx in assoc.accepted_contexts}
+        self._prefetched: dict[Path, bytes] = {}
 
     def __enter__(self) -> Self:
         # Pause the association's reactor so that the response stays on the DIMSE queue
@@ -110,27 +111,36 @@ class StoredSender:
         self.assoc._reactor_checkpoint.set()
 
     def send(self, instance: StoredInstance, path: Path, msg_id: int,
-             originator_aet: str | None = None, originator_id: int | None = None) -> int | None:
+             originator_aet: str | None = None, originator_id: int | None = None,
+             upcoming: tuple[StoredInstance, Path] | None = None) -> int | None:
         """C-STORE one stored file; the response status, or None when none came back.
 
-        Raises NoContext when the peer did not accept the instance's SOP class
-        in its stored transfer syntax, OSError when the file or socket fails.
+        ``upcoming`` (the next instance) is read and framed while the peer
+        stores this one, so that the next send starts at once. Raises
+        NoContext when the peer did not accept the instance's SOP class in its
+        stored transfer syntax, OSError when the file or socket fails.
         """
         context_id = self.contexts.get((instance.sop_class_uid, instance.transfer_syntax_uid))
         if context_id is None:
             raise NoContext(instance.sop_class_uid)
-        offset = dataset_offset(path)
         sock = self.assoc.dul.socket.socket
-        command = self._command(instance, msg_id, originator_aet, originator_id)
+        command = store_command(instance.sop_class_uid, instance.sop_instance_uid, msg_id,
+                                originator_aet, originator_id)
         sock.sendall(self._frame(context_id, command, is_command=True, last=True))
-        with open(path, "rb") as f:
-            f.seek(offset)
-            block = f.read(_READ_BLOCK)
-            while block:
-                following = f.read(_READ_BLOCK)
-                sock.sendall(self._frame(context_id, block, is_command=False,
-                                         last=not following))
-                block = following
+        framed = self._prefetched.pop(path, None)
+        if framed is not None:
+            sock.sendall(framed)
+        else:
+            with open(path, "rb") as f:
+                f.seek(dataset_offset(path))
+                block = f.read(_READ_BLOCK)
+                while block:
+                    following = f.read(_READ_BLOCK)
+                    sock.sendall(self._frame(context_id, block, is_command=False,
+                                             last=not following))
+                    block = following
+        if upcoming is not None:
+            self._prefetch(*upcoming)
         _cx, rsp = self.assoc.dimse.get_msg(block=True)
         if rsp is None:  # DIMSE timeout: the peer is not answering, as pynetdicom does
             self.assoc.abort()
@@ -139,10 +149,20 @@ class StoredSender:
             return None
         return int(rsp.Status) if rsp.Status is not None else None
 
-    def _command(self, instance: StoredInstance, msg_id: int, originator_aet: str | None,
-                 originator_id: int | None) -> bytes:
-        return store_command(instance.sop_class_uid, instance.sop_instance_uid, msg_id,
-                             originator_aet, originator_id)
+    def _prefetch(self, instance: StoredInstance, path: Path) -> None:
+        """Read and frame a file of at most one read block ahead of its turn."""
+        self._prefetched.clear()
+        context_id = self.contexts.get((instance.sop_class_uid, instance.transfer_syntax_uid))
+        try:
+            offset = dataset_offset(path)
+            if context_id is None or path.stat().st_size - offset > _READ_BLOCK:
+                return
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return  # the send itself will fail and say so
+        self._prefetched[path] = self._frame(context_id, data, is_command=False, last=True)
 
     def _frame(self, context_id: int, data: bytes, is_command: bool, last: bool) -> bytes:
         """P-DATA-TF PDUs carrying ``data`` in fragments the peer accepts (PS3.8 E.2).
