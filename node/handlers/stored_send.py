@@ -36,6 +36,7 @@ _META_START = 132  # 128-byte preamble + "DICM"
 _PDU_HEADER = struct.Struct(">BBI")  # type 0x04, reserved, PDU length
 _PDV_HEADER = struct.Struct(">IBB")  # item length, presentation context ID, control header
 _PDV_OVERHEAD = 6  # item length (4) + context ID (1) + control header (1)
+_DUL_POLL = 0.0002  # seconds between socket polls while sub-operations run
 _UNLIMITED_PDU = 1 << 20  # fragment size when the peer sets no maximum
 _READ_BLOCK = 8 << 20  # bytes read (and framed) at a time: bounds memory for huge objects
 
@@ -100,6 +101,10 @@ class StoredSender:
         self._prefetched: dict[Path, bytes] = {}
 
     def __enter__(self) -> Self:
+        # The DUL thread sleeps between polls of the socket when idle (1 ms by default);
+        # each response waits for that. This association is busy until it is released,
+        # so it polls more often (pynetdicom's run-loop delay is meant to be tuned).
+        self.assoc.dul._run_loop_delay = _DUL_POLL
         # Pause the association's reactor so that the response stays on the DIMSE queue
         # for us (pynetdicom's send_c_store does the same).
         self.assoc._reactor_checkpoint.clear()
