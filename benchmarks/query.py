@@ -43,6 +43,7 @@ from node.ae import associate
 from node.phantom import Phantom, index_records, synthetic_patient_name
 from node.storage import records
 from node.storage.index import Index
+from node.storage.query import Model, build_select, explain, parse
 from tests.qr_support import free_port, start_node
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -112,7 +113,18 @@ def queries(instances: int, rng: random.Random) -> dict[str, Callable[[], Datase
     }
 
 
-def time_queries(port: int, instances: int, repeats: int, seed: int) -> list[dict]:
+def plan(index: Index, query: Dataset) -> str:
+    """SQLite's plan for the query's main statement, one step per ``;``."""
+    parsed = parse(query, Model.STUDY_ROOT)
+    sql, params = build_select(parsed, [(k.level, k.column) for k in parsed.returns
+                                        if k.column])
+    with index.read() as conn:
+        return "; ".join(step for step in explain(conn, sql, params)
+                         if not step.startswith(("CORRELATED", "LIST SUBQUERY")))
+
+
+def time_queries(port: int, index: Index, instances: int, repeats: int,
+                 seed: int) -> list[dict]:
     """Run every query ``repeats`` times over one held association."""
     _config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title="BENCH")
@@ -135,7 +147,8 @@ def time_queries(port: int, instances: int, repeats: int, seed: int) -> list[dic
                 matches.append(count)
             rows.append({"query": name, "matches": statistics.mean(matches),
                          "p50": _pct(totals, 50), "p95": _pct(totals, 95),
-                         "first_p50": _pct(firsts, 50), "runs": runs})
+                         "first_p50": _pct(firsts, 50), "runs": runs,
+                         "plan": plan(index, make())})
     finally:
         assoc.release()
     return rows
@@ -318,15 +331,21 @@ def run(sizes: list[int], repeats: int, move_slices: int, move_runs: int,
         yield f"  bulk fill + ANALYZE: {seconds:.1f} s ({size / seconds:,.0f} instances/s)"
         node = start_node(folder / "node", {
             "bench": {"ae_title": "BENCH", "host": "127.0.0.1", "services": ["find"]}})
+        index = node.index()
         try:
-            rows = time_queries(node.port, size, repeats, seed=size)
+            rows = time_queries(node.port, index, size, repeats, seed=size)
         finally:
+            index.close()
             node.stop()
         yield f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
         for r in rows:
             yield (f"  {r['query']:36} {r['matches']:8.1f} {r['p50']:8.2f} {r['p95']:8.2f}"
                    f" {r['first_p50']:10.2f}" + (f"  ({r['runs']} runs)" if r["runs"] < repeats
                                                  else ""))
+        if size == max(sizes):
+            yield "  plans:"
+            for r in rows:
+                yield f"    {r['query']}: {r['plan']}"
         shutil.rmtree(folder, ignore_errors=True)
     if move_slices:
         yield f"\nC-MOVE of a {move_slices}-slice CT study (512x512) to DCMTK storescp"

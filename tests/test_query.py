@@ -297,6 +297,15 @@ def test_response_character_set(engine):
 # --- safety, streaming, paging, plans -------------------------------------------------------
 
 
+def test_received_values_are_bounded(engine):
+    assert studies(engine, StudyDescription="**Chest***") == ["1.9.1"]  # runs of * are one
+    for keys in ({"StudyDescription": "*a" * 20}, {"AccessionNumber": "A" * 300},
+                 {"StudyInstanceUID": [f"1.{i}" for i in range(10_001)]}):
+        with pytest.raises(QueryError) as err:
+            studies(engine, **keys)
+        assert err.value.status.code == 0xA900 and next(iter(keys)) in err.value.reason
+
+
 def test_received_text_never_becomes_sql(engine):
     hostile = "x' OR '1'='1"
     assert studies(engine, PatientName=hostile, AccessionNumber=hostile) == []

@@ -170,6 +170,10 @@ _PARENT_JOIN = {Level.STUDY: "JOIN patient p ON p.id = st.patient_fk",
 
 _SKIPPED = {Tag(0x0008, 0x0005), Tag(0x0008, 0x0052)}  # SpecificCharacterSet, QueryRetrieveLevel
 _UID_LIST_INLINE = 50  # longer UID lists are bound as one JSON array
+#: Bounds on received values (the longest standard key values are 64 characters).
+MAX_VALUE_LENGTH = 256
+MAX_VALUES = 10_000  # UID lists in a retrieve of many instances
+MAX_WILDCARDS = 16
 
 
 @dataclass(frozen=True)
@@ -320,6 +324,16 @@ def _condition(key: Key, values: list[str]) -> Condition | None:
     """The predicate for a key's values; None when the key matches universally."""
     if not values or (key.kind in ("text", "pn", "uid", "modalities") and "*" in values):
         return None
+    if len(values) > MAX_VALUES or any(len(v) > MAX_VALUE_LENGTH for v in values):
+        raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
+                         f"{key.keyword}: at most {MAX_VALUES} values of at most"
+                         f" {MAX_VALUE_LENGTH} characters")
+    if key.kind in ("text", "pn", "modalities"):
+        # Runs of "*" mean one "*"; SQLite's GLOB backtracks once per star, so cap them.
+        values = [re.sub(r"\*+", "*", v) for v in values]
+        if any(v.count("*") + v.count("?") > MAX_WILDCARDS for v in values):
+            raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
+                             f"{key.keyword}: at most {MAX_WILDCARDS} wildcards")
     if key.kind == "uid":
         return _uid_condition(key, values)
     if key.kind == "int":
