@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import closing, nullcontext
+from contextlib import closing
 from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, association, evt
+from pynetdicom import association, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
@@ -40,9 +40,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from node import status
-from node.ae import associate
 from node.handlers.identifier import encode_match
-from node.handlers.stored_send import NoContext, StoredSender
+from node.handlers.stored_send import AssociationFailed, NoContext, StoreAssociation
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten
@@ -154,78 +153,73 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
             unsent = items[len(items) - plan.counts.remaining:]
             plan.counts.fail_remaining([i.sop_instance_uid for i, _ in unsent])
 
-        if plan.destination is None:  # C-GET: back over the requesting association
-            batches: Iterator[tuple[Association | None, list]] = iter([(self.assoc, items)])
-        else:
-            batches = self._destination_batches(plan, items)
+        move = plan.destination is not None
+        batches = self._destination_batches(plan, items) if move else \
+            iter([(_GetSender(self.assoc), items)])
         n, last_progress = 0, time.monotonic()
-        for store_assoc, batch in batches:
-            if store_assoc is None:
+        for sender, batch in batches:
+            if isinstance(sender, AssociationFailed):
+                log.warning("move destination unavailable", extra={"fields": {
+                    "destination": plan.destination.ae_title if plan.destination else "",
+                    "reason": str(sender)}})
                 fail_the_rest()
                 if plan.counts.completed or plan.counts.warning:
                     return plan.outcome()
                 return Outcome(status.SUBOPERATIONS_IMPOSSIBLE,
                                "the move destination did not accept the association")
-            # C-MOVE: our own association, framed directly; C-GET: pynetdicom's sender.
-            sender = StoredSender(store_assoc) if store_assoc is not self.assoc else None
             try:
-                with sender or nullcontext():
-                    for k, (instance, path) in enumerate(batch):
-                        if self.is_cancelled(req.MessageID):
-                            return plan.outcome(cancelled=True)
-                        if not self.assoc.is_established:
-                            return Outcome(status.UNABLE_TO_PROCESS, "association ended")
-                        if not store_assoc.is_established:
-                            fail_the_rest()
-                            return plan.outcome()
-                        n += 1
-                        upcoming = batch[k + 1] if k + 1 < len(batch) else None
-                        code = self._store(store_assoc, sender, instance, path, req, n,
-                                           upcoming)
-                        plan.counts.record(code, instance.sop_instance_uid)
-                        now = time.monotonic()
-                        if now - last_progress >= _PROGRESS_INTERVAL:
-                            self._send_progress(rsp, context, plan)
-                            last_progress = now
+                for k, (instance, path) in enumerate(batch):
+                    if self.is_cancelled(req.MessageID):
+                        return plan.outcome(cancelled=True)
+                    if not self.assoc.is_established:
+                        return Outcome(status.UNABLE_TO_PROCESS, "association ended")
+                    if not sender.is_established:
+                        fail_the_rest()
+                        return plan.outcome()
+                    n += 1
+                    code = self._store(sender, instance, path, (req.MessageID + n) % 65536 or 1,
+                                       req.MessageID if move else None,
+                                       batch[k + 1] if k + 1 < len(batch) else None)
+                    plan.counts.record(code, instance.sop_instance_uid)
+                    now = time.monotonic()
+                    if now - last_progress >= _PROGRESS_INTERVAL:
+                        self._send_progress(rsp, context, plan)
+                        last_progress = now
             finally:
-                if sender is not None and store_assoc.is_established:
-                    store_assoc.release()
+                sender.release()
         return plan.outcome()
 
-    def _destination_batches(self, plan: Retrieval,
-                             items: list) -> Iterator[tuple[Association | None, list]]:
-        """One association (TCP_NODELAY) per batch of at most 128 presentation contexts."""
+    def _destination_batches(self, plan: Retrieval, items: list
+                             ) -> Iterator[tuple[StoreAssociation | AssociationFailed, list]]:
+        """One association per batch of at most 128 presentation contexts (or why not)."""
         dest = plan.destination
         assert dest is not None
         for batch in _context_batches(items):
-            ae = AE(ae_title=self.ae.ae_title)
-            ae.maximum_pdu_size = self.ae.maximum_pdu_size
-            ae.acse_timeout = self.ae.acse_timeout
-            ae.dimse_timeout = self.ae.dimse_timeout
-            ae.network_timeout = self.ae.network_timeout
-            for sop_class, syntax in dict.fromkeys(
-                    (i.sop_class_uid, i.transfer_syntax_uid) for i, _ in batch):
-                ae.add_requested_context(sop_class, [syntax])  # as stored: never transcoded
-            store_assoc = associate(ae, dest.host, dest.port, dest.ae_title)
-            yield (store_assoc if store_assoc.is_established else None), batch
+            contexts = list(dict.fromkeys(
+                (i.sop_class_uid, i.transfer_syntax_uid) for i, _ in batch))
+            try:
+                yield StoreAssociation.open(
+                    self.ae.ae_title, dest.host, dest.port, dest.ae_title, contexts,
+                    self.ae.maximum_pdu_size, self.ae.acse_timeout or 30,
+                    self.ae.dimse_timeout or 60), batch
+            except AssociationFailed as exc:
+                yield exc, batch
 
-    def _store(self, store_assoc: Association, sender: StoredSender | None,
-               instance: StoredInstance, path: Path, req: C_MOVE | C_GET, n: int,
+    def _store(self, sender: StoreAssociation | _GetSender, instance: StoredInstance,
+               path: Path, msg_id: int, originator_id: int | None,
                upcoming: tuple[StoredInstance, Path] | None) -> int | None:
         """One C-STORE sub-operation; its response status, or None when none came back."""
-        msg_id = (req.MessageID + n) % 65536 or 1
         try:
-            if sender is not None:  # C-MOVE: Move Originator is the requester, not us
-                return sender.send(instance, path, msg_id, self.assoc.requestor.ae_title,
-                                   req.MessageID, upcoming)
-            result = store_assoc.send_c_store(path, msg_id=msg_id)
+            # Move Originator is the C-MOVE's requester (pynetdicom would put our own title).
+            return sender.send(instance, path, msg_id,
+                               None if originator_id is None else self.assoc.requestor.ae_title,
+                               originator_id, upcoming)
         except (NoContext, ValueError, AttributeError, OSError, RuntimeError) as exc:
             # No accepted context for the stored syntax, a missing blob, a lost association.
             log.warning("sub-operation not sent", extra={"fields": {
                 "sop_instance_uid": instance.sop_instance_uid, "sha256": instance.blob_sha256,
                 "reason": type(exc).__name__}})
             return None
-        return int(result.Status) if "Status" in result else None
 
     def _send_progress(self, rsp: C_MOVE | C_GET, context: PresentationContext,
                        plan: Retrieval) -> None:
@@ -278,6 +272,26 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
                                                     syntax.is_little_endian,
                                                     syntax.is_deflated))
         self.dimse.send_msg(rsp, context.context_id)
+
+
+class _GetSender:
+    """C-GET sub-operations: pynetdicom's C-STORE back over the requesting association,
+    reading the stored file from disk (STORE_SEND_CHUNKED_DATASET)."""
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+
+    @property
+    def is_established(self) -> bool:
+        return self.assoc.is_established
+
+    def send(self, instance: StoredInstance, path: Path, msg_id: int, _originator_aet: None,
+             _originator_id: None, _upcoming: object) -> int | None:
+        result = self.assoc.send_c_store(path, msg_id=msg_id)
+        return int(result.Status) if "Status" in result else None
+
+    def release(self) -> None:
+        """The requesting association stays open: the SCU releases it."""
 
 
 class _PendingFind:
