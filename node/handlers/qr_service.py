@@ -9,8 +9,11 @@ Why Lamina runs these loops instead of pynetdicom's Q/R service class:
   (:mod:`node.handlers.identifier`), and both travel in one P-DATA PDU.
 * C-MOVE / C-GET: pynetdicom only sends Datasets its handler yields,
   re-encoding every instance, and puts its own AE title in Move Originator AE
-  Title. Here each blob is sent as stored: ``send_c_store(path)`` with
-  ``STORE_SEND_CHUNKED_DATASET`` reads it from disk in PDU-sized pieces.
+  Title. Here each blob is sent as stored. C-MOVE opens its own storage
+  association to the destination (:mod:`node.handlers.stored_send`, about
+  eight times faster than a pynetdicom association); C-GET sends back over the
+  requesting association with ``send_c_store(path)`` and
+  ``STORE_SEND_CHUNKED_DATASET``, which reads the file in PDU-sized pieces.
 
 Everything else (association handling, C-CANCEL bookkeeping, status
 validation) stays pynetdicom's. :func:`install` routes the Q/R SOP classes to
