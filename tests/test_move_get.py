@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,30 @@ def test_get_returns_stored_bytes_on_the_same_association(env):
     assert received == {uid: stored_dataset_bytes(node.blob_path(uid))
                         for uid in uids["move-a"]}
     assert node.audit_events("retrieve.get")[-1]["object"]["completed"] == 3
+
+
+def test_cancel_stops_a_get(env):
+    node, _, uids = env
+
+    def slow_store(event):
+        time.sleep(0.2)
+        return 0x0000
+
+    assoc = open_assoc(node, get_syntaxes=[ExplicitVRLittleEndian], on_store=slow_store)
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                      if cx.abstract_syntax == GET)
+    responses = []
+    try:
+        for status, _ in assoc.send_c_get(
+                identifier("STUDY", StudyInstanceUID=uids["move-b/study"]), GET, msg_id=11):
+            responses.append(status)
+            if len(responses) == 1:
+                assoc.send_c_cancel(11, context_id)
+    finally:
+        assoc.release()
+    final = responses[-1]
+    assert final.Status == 0xFE00
+    assert 0 < final.NumberOfRemainingSuboperations < len(uids["move-b"])
 
 
 def test_get_without_a_context_for_the_stored_syntax_fails_cleanly(env):
