@@ -71,7 +71,8 @@ def configure_pynetdicom() -> None:
     # meta) so a multi-hundred-MB object is never held whole in memory; the
     # ingest service renames that file into the blob store.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    # C-MOVE / C-GET sub-operations send stored files from disk as they are.
+    # C-GET sub-operations send stored files from disk as they are (C-MOVE has its
+    # own sender, node.handlers.stored_send).
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
