@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pynetdicom import evt
 
 from node.ae import LaminaServer, build_scp, configure_pynetdicom
+from node.audit.served import flush_all as flush_served_audit
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
@@ -90,6 +91,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     try:
         _wait_for_stop()
     finally:
+        flush_served_audit()
         server.shutdown()
         ctx.close()
 

@@ -68,18 +68,28 @@ class Node:
             index.close()
         return self.data / "blobs" / sha[:2] / sha[2:4] / sha
 
-    def audit_events(self, prefix: str) -> list[dict]:
-        """Audit rows whose action starts with ``prefix``, oldest first."""
-        index = self.index()
-        try:
-            with index.read() as conn:
-                rows = conn.execute(
-                    "SELECT action, actor, object, outcome FROM audit_event"
-                    " WHERE action LIKE ? ORDER BY seq", (prefix + "%",)).fetchall()
-        finally:
-            index.close()
-        return [{"action": a, "actor": json.loads(ac), "object": json.loads(o), "outcome": out}
-                for a, ac, o, out in rows]
+    def audit_events(self, prefix: str, until=lambda events: bool(events),
+                     timeout: float = 5.0) -> list[dict]:
+        """Audit rows whose action starts with ``prefix``, oldest first.
+
+        Query and retrieve events are written in the background within a
+        fraction of a second, so this waits (up to ``timeout``) for ``until``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            index = self.index()
+            try:
+                with index.read() as conn:
+                    rows = conn.execute(
+                        "SELECT action, actor, object, outcome FROM audit_event"
+                        " WHERE action LIKE ? ORDER BY seq", (prefix + "%",)).fetchall()
+            finally:
+                index.close()
+            events = [{"action": a, "actor": json.loads(ac), "object": json.loads(o),
+                       "outcome": out} for a, ac, o, out in rows]
+            if until(events) or time.monotonic() > deadline:
+                return events
+            time.sleep(0.05)
 
     def store(self, files: list[Path], calling_ae: str) -> None:
         """C-STORE files through the real ingest path; every one must succeed."""

@@ -140,8 +140,10 @@ def test_peer_without_find_permission_is_refused(node):
         assoc.release()
     assert code == 0x0124 and ds is None
     assert "may not query" in status.ErrorComment
-    [event] = [e for e in node.audit_events("query.refused")
-               if e["actor"]["ae_title"] == "STOREONLY"]
+    def mine(events):
+        return [e for e in events if e["actor"]["ae_title"] == "STOREONLY"]
+
+    [event] = mine(node.audit_events("query.refused", until=mine))
     assert event["object"]["status"] == "0x0124"
 
 
@@ -156,8 +158,10 @@ def test_large_result_set_is_streamed_whole_and_audited_without_values(node):
     assert len(pending) == BULK_STUDIES * BULK_PER_STUDY + 3 * len(SPECS)
     assert len({str(ds.SOPInstanceUID) for ds in pending}) == len(pending)
     assert responses[-1][0] == 0x0000
-    event = [e for e in node.audit_events("query.find")
-             if e["object"]["matches"] == len(pending)][-1]
+    def this_query(events):
+        return [e for e in events if e["object"]["matches"] == len(pending)]
+
+    event = this_query(node.audit_events("query.find", until=this_query))[-1]
     assert event["object"]["level"] == "IMAGE" and event["object"]["keys"] == ["PatientName"]
     assert "*^*" not in str(event)  # key names only, never values
 
@@ -181,7 +185,10 @@ def test_cancel_stops_the_stream(node):
     assert codes[-1] == 0xFE00
     assert 50 <= received < BULK_STUDIES * BULK_PER_STUDY
     assert still_open
-    event = [e for e in node.audit_events("query.find") if e["object"]["status"] == "0xFE00"]
+    def cancelled(events):
+        return [e for e in events if e["object"]["status"] == "0xFE00"]
+
+    event = cancelled(node.audit_events("query.find", until=cancelled))
     assert event and event[-1]["object"]["matches"] < BULK_STUDIES * BULK_PER_STUDY
 
 

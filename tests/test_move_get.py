@@ -118,7 +118,10 @@ def test_move_sends_the_stored_bytes(env):
     for uid in uids["move-a"]:
         assert scps["dest"].received[uid] == stored_dataset_bytes(node.blob_path(uid))
     assert scps["dest"].originators == {"CLIENT"}
-    event = node.audit_events("retrieve.move")[-1]
+    def to_dest(events):
+        return [e for e in events if e["object"].get("destination") == "DEST"]
+
+    event = to_dest(node.audit_events("retrieve.move", until=to_dest))[0]
     assert event["object"] == {"model": "study-root", "level": "STUDY", "matches": 3,
                                "completed": 3, "failed": 0, "warning": 0, "status": "0x0000",
                                "destination": "DEST"}
@@ -189,8 +192,10 @@ def test_peer_without_move_or_get_permission_is_refused(env):
     finally:
         assoc.release()
     assert status.Status == 0x0124 and "may not get" in status.ErrorComment
-    refusals = [e["object"]["status"] for e in node.audit_events("retrieve.")
-                if e["actor"]["ae_title"] == "FINDONLY"]
+    def findonly(events):
+        return [e["object"]["status"] for e in events if e["actor"]["ae_title"] == "FINDONLY"]
+
+    refusals = findonly(node.audit_events("retrieve.", until=lambda ev: len(findonly(ev)) >= 2))
     assert refusals == ["0x0124", "0x0124"]
 
 
@@ -246,7 +251,11 @@ def test_get_returns_stored_bytes_on_the_same_association(env):
     _consistent_progress([(c, s, None) for c, s in responses], 3)
     assert received == {uid: stored_dataset_bytes(node.blob_path(uid))
                         for uid in uids["move-a"]}
-    assert node.audit_events("retrieve.get")[-1]["object"]["completed"] == 3
+    def whole(events):
+        return [e for e in events if e["action"] == "retrieve.get"
+                and e["object"]["completed"] == 3]
+
+    assert whole(node.audit_events("retrieve.get", until=whole))
 
 
 def test_cancel_stops_a_get(env):
