@@ -184,9 +184,11 @@ def index_records(patients: int, studies: int, instances_per_study: int,
 
     No pixel files: the rows point at a blob hash that is not in any store,
     which is what query benchmarks and large-result tests need. Deterministic
-    for a seed: study ``s`` belongs to patient ``s % patients``, is dated
-    ``s`` days after 2015-01-01 modulo ten years, and has accession number
-    ``ACC{s:08d}``; its first series has the study's modality, the others SR.
+    for a seed: patient ``p`` has PatientID ``PAT{p:07d}`` and the name
+    :func:`synthetic_patient_name` gives it; study ``s`` belongs to patient
+    ``s % patients``, is dated ``7919 * s`` days after 2015-01-01 modulo ten
+    years, and has accession number ``ACC{s:08d}``; its first series has the
+    study's modality (CT, MR, CR, US or PT), the others SR.
     """
     import hashlib
     from datetime import date, timedelta
