@@ -10,7 +10,10 @@ For each size an index is filled through the index code in bulk
 50,000 studies over 10,000 patients. A node (one worker) serves it, and one
 held association (pynetdicom, TCP_NODELAY) runs each listed query with fresh
 random values: p50/p95 of the time to the final response, the p50 time to
-the first response, and the mean number of matches.
+the first response, and the mean number of matches. For comparison, DCMTK
+findscu repeats one of each query over one association ("findscu mean"): the
+same server seen by a C++ client, without pynetdicom's per-response cost on
+the client side.
 
 C-MOVE: a 300-slice CT study (512×512) is stored in Lamina through C-STORE,
 then moved with DCMTK movescu to DCMTK storescp (TCP_NODELAY=1); the same
@@ -148,10 +151,32 @@ def time_queries(port: int, index: Index, instances: int, repeats: int,
             rows.append({"query": name, "matches": statistics.mean(matches),
                          "p50": _pct(totals, 50), "p95": _pct(totals, 95),
                          "first_p50": _pct(firsts, 50), "runs": runs,
+                         "findscu": findscu_mean(port, make(), min(runs, 20)),
                          "plan": plan(index, make())})
     finally:
         assoc.release()
     return rows
+
+
+def findscu_mean(port: int, query: Dataset, repeats: int) -> float | None:
+    """Mean ms per query of DCMTK findscu repeating it over one association.
+
+    A C++ client's view: what the node costs without pynetdicom's per-response
+    work on the client side. None when findscu is not installed.
+    """
+    if not shutil.which("findscu"):
+        return None
+    args = ["findscu", "-aet", "BENCH", "-aec", "LAMINA", "-S"]
+    for elem in query:
+        value = elem.value if elem.value not in (None, "") else ""
+        args += ["-k", f"{elem.keyword}={value}" if value != "" else elem.keyword]
+    timings = []
+    for n in (1, repeats + 1):
+        started = time.perf_counter()
+        subprocess.run([*args, "--repeat", str(n), "127.0.0.1", str(port)], env=NODELAY,
+                       capture_output=True, check=True)
+        timings.append(time.perf_counter() - started)
+    return (timings[1] - timings[0]) / repeats * 1000
 
 
 def _run(assoc, query: Dataset) -> tuple[float, float, int]:
@@ -337,11 +362,13 @@ def run(sizes: list[int], repeats: int, move_slices: int, move_runs: int,
         finally:
             index.close()
             node.stop()
-        yield f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
+        yield (f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
+               f" {'findscu mean':>13}")
         for r in rows:
+            dcmtk = f"{r['findscu']:13.2f}" if r["findscu"] is not None else f"{'n/a':>13}"
             yield (f"  {r['query']:36} {r['matches']:8.1f} {r['p50']:8.2f} {r['p95']:8.2f}"
-                   f" {r['first_p50']:10.2f}" + (f"  ({r['runs']} runs)" if r["runs"] < repeats
-                                                 else ""))
+                   f" {r['first_p50']:10.2f} {dcmtk}"
+                   + (f"  ({r['runs']} runs)" if r["runs"] < repeats else ""))
         if size == max(sizes):
             yield "  plans:"
             for r in rows:
