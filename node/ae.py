@@ -32,7 +32,15 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings
@@ -64,6 +72,9 @@ def configure_pynetdicom() -> None:
     # meta) so a multi-hundred-MB object is never held whole in memory; the
     # ingest service renames that file into the blob store.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # C-GET sub-operations send stored files from disk as they are (C-MOVE has its
+    # own sender, node.handlers.stored_send).
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -110,12 +121,32 @@ def build_ae(node: NodeSettings) -> AE:
     return ae
 
 
+#: Query/retrieve SOP classes we serve (C-FIND, C-MOVE, C-GET in both models).
+QUERY_RETRIEVE_SOP_CLASSES = [
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+
+
 def build_scp(node: NodeSettings) -> AE:
-    """The receiving AE: Verification plus every storage SOP class pynetdicom knows."""
+    """The receiving AE: Verification, query/retrieve, every storage SOP class pynetdicom knows.
+
+    Storage contexts accept SCP/SCU role selection both ways: a C-GET SCU
+    proposes to be the storage SCP on them, so the sub-operations can come back
+    on its own association.
+    """
     ae = build_ae(node)
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
+    for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
+        # Little endian, implicit or explicit VR: what C-FIND responses are encoded in.
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES[:2])
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
     return ae
 
 

@@ -126,6 +126,108 @@ def send(settings: Settings, paths: tuple[str, ...], peer: str, aet: str | None)
     sys.exit(1 if failed else 0)
 
 
+def _qr_options(func):
+    """findscu-like options shared by ``find`` and ``move``."""
+    func = click.option("--aet", help="Calling AE title (default: node.ae_title).")(func)
+    func = click.option("-k", "--key", "keys", multiple=True,
+                        help="KEY=VALUE to match (KEY alone: return it). Repeatable.")(func)
+    func = click.option("-L", "--level", default="STUDY", show_default=True,
+                        type=click.Choice(["PATIENT", "STUDY", "SERIES", "IMAGE"],
+                                          case_sensitive=False))(func)
+    func = click.option("-P", "--patient", "model", flag_value="patient",
+                        help="Patient Root information model.")(func)
+    return click.option("-S", "--study", "model", flag_value="study", default=True,
+                        help="Study Root information model (default).")(func)
+
+
+def _identifier(level: str, keys: tuple[str, ...], charset: str | None):
+    from node.qr_scu import UnknownKey, build_identifier
+
+    try:
+        return build_identifier(level, list(keys), charset)
+    except UnknownKey as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _target(settings: Settings, peer: str):
+    from node.scu import PeerError, resolve_peer
+
+    try:
+        return resolve_peer(settings, peer)
+    except PeerError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@main.command()
+@node_options
+@click.argument("peer")
+@_qr_options
+@click.option("--charset", help="SpecificCharacterSet of the query, e.g. 'ISO_IR 192'.")
+def find(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
+         aet: str | None, charset: str | None) -> None:
+    """C-FIND at PEER: one tab-separated line per match (the -k keys, in order)."""
+    from node.qr_scu import find as do_find
+    from node.qr_scu import key_names
+
+    identifier = _identifier(level, keys, charset)
+    columns = key_names(list(keys))
+    click.echo("\t".join(columns))
+    matches, final = 0, None
+    for reply in do_find(settings, _target(settings, peer), model, identifier, aet):
+        if reply.status in (0xFF00, 0xFF01) and reply.identifier is not None:
+            matches += 1
+            click.echo("\t".join(_text(reply.identifier.get(c)) for c in columns))
+        else:
+            final = reply
+    if final is None or final.status != 0x0000:
+        why = f"0x{final.status:04X} {final.comment}" if final and final.status >= 0 else \
+            (final.comment if final else "no final response")
+        click.echo(f"find failed: {why}", err=True)
+        sys.exit(1)
+    click.echo(f"{matches} match{'es' if matches != 1 else ''}", err=True)
+
+
+def _text(value: object) -> str:
+    from pydicom.multival import MultiValue
+
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+@main.command()
+@node_options
+@click.argument("peer")
+@_qr_options
+@click.option("--dest", "destination", required=True,
+              help="Move destination AE title (a peer configured at PEER).")
+def move(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
+         aet: str | None, destination: str) -> None:
+    """C-MOVE from PEER to --dest: progress on stderr, exit 1 unless all sub-operations succeed."""
+    from node.qr_scu import move as do_move
+
+    identifier = _identifier(level, keys, None)
+
+    def progress(reply) -> None:
+        click.echo(f"remaining {reply.remaining}  completed {reply.completed}"
+                   f"  failed {reply.failed}  warning {reply.warning}", err=True)
+
+    final = do_move(settings, _target(settings, peer), model, identifier, destination, aet,
+                    progress)
+    if final.status < 0:
+        click.echo(f"move failed: {final.comment}", err=True)
+        sys.exit(1)
+    click.echo(f"status 0x{final.status:04X}{' ' + final.comment if final.comment else ''}:"
+               f" completed {final.completed or 0}, failed {final.failed or 0},"
+               f" warning {final.warning or 0}")
+    if final.identifier is not None and "FailedSOPInstanceUIDList" in final.identifier:
+        for uid in _text(final.identifier.FailedSOPInstanceUIDList).split("\\"):
+            click.echo(f"failed: {uid}", err=True)
+    sys.exit(0 if final.status == 0x0000 else 1)
+
+
 @main.command()
 @node_options
 def status(settings: Settings) -> None:

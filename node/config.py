@@ -21,7 +21,7 @@ from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get"})
 #: How objects from a peer are treated on the way in (see node.ingest.routes).
-ROUTES = frozenset({"clinical", "annotator"})
+ROUTES = frozenset({"clinical", "annotator", "deidentified"})
 ENV_PREFIX = "LAMINA__"
 
 
@@ -40,6 +40,8 @@ class Peer:
     services: frozenset[str]
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     route: str = "clinical"
+    #: Names of the peers this peer may name as C-MOVE destination (default: itself).
+    move_destinations: tuple[str, ...] = ()
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -337,7 +339,8 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if not isinstance(s, dict):
             raise ConfigError(f"{where}: must be a table")
         for key in s:
-            if key not in {"ae_title", "host", "port", "services", "route"}:
+            if key not in {"ae_title", "host", "port", "services", "route",
+                           "move_destinations"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -358,6 +361,45 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         if route not in ROUTES:
             raise ConfigError(f"{where}.route: must be one of {', '.join(sorted(ROUTES))},"
                               f" got {route!r}")
-        peers.append(Peer(name, ae, host, port, frozenset(services),
-                          _resolve_networks(host, f"{where}.host"), route))
+        networks = _resolve_networks(host, f"{where}.host")
+        destinations = s.get("move_destinations", [name] if _reachable(host) else [])
+        if not isinstance(destinations, list) or not all(isinstance(x, str) for x in destinations):
+            raise ConfigError(f"{where}.move_destinations: must be a list of peer names")
+        peers.append(Peer(name, ae, host, port, frozenset(services), networks, route,
+                          tuple(destinations)))
+    _check_move_destinations(peers)
     return tuple(peers)
+
+
+def _reachable(host: str) -> bool:
+    """A host we can open a connection to: a name or a single address, not ``*`` or a network."""
+    if host == "*":
+        return False
+    try:
+        net = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return True
+    return net.num_addresses == 1
+
+
+def _check_move_destinations(peers: list[Peer]) -> None:
+    """Each destination is a known peer we can connect to, and its AE title is unambiguous.
+
+    A C-MOVE names its destination by AE title only, so two allowed
+    destinations with one title would leave the choice of host to chance.
+    """
+    by_name = {p.name: p for p in peers}
+    for peer in peers:
+        where = f"peers.{peer.name}.move_destinations"
+        titles: dict[str, str] = {}
+        for name in peer.move_destinations:
+            dest = by_name.get(name)
+            if dest is None:
+                raise ConfigError(f"{where}: {name!r} is not a configured peer")
+            if not _reachable(dest.host):
+                raise ConfigError(f"{where}: peer {name!r} has no single host to connect to"
+                                  f" (host = {dest.host!r})")
+            if dest.ae_title in titles:
+                raise ConfigError(f"{where}: {titles[dest.ae_title]!r} and {name!r} share"
+                                  f" AE title {dest.ae_title!r}")
+            titles[dest.ae_title] = name

@@ -18,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    PYDICOM_ROOT_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -154,3 +155,74 @@ class Phantom:
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
         return paths
+
+
+#: Made-up family and given names for synthetic index rows (pseudonym-like, ASCII
+#: plus a few accented ones so that PN matching is exercised).
+_FAMILY = ("ADAMS", "BROWN", "CLARK", "DAVIS", "EVANS", "FISCHER", "GARCIA", "HUGHES",
+           "IVANOV", "JONES", "KOVACS", "LOPEZ", "MÜLLER", "NOVAK", "OKAFOR", "PETIT",
+           "QUINN", "ROSSI", "SMITH", "TANAKA", "URBAN", "VARGA", "WEBER", "XU", "YILMAZ",
+           "ZIMMERMANN", "BÉRUBÉ", "DUPONT", "NGUYEN", "SILVA")
+_GIVEN = ("ALEX", "BEA", "CHRIS", "DANA", "ELI", "FRAN", "GABI", "HANA", "IVO", "JO")
+#: Pseudonym-like family names: a base name and two syllables, 12,000 of them.
+_SYLLABLES = ("BA", "KO", "MI", "RU", "TE", "LO", "SA", "VI", "NE", "DU", "GA", "PI", "FO",
+              "HE", "ZU", "JA", "WE", "CI", "TO", "YU")
+
+
+def synthetic_patient_name(patient: int) -> str:
+    """The name :func:`index_records` gives patient number ``patient`` (distinct up to 12,000)."""
+    family = (_FAMILY[patient % len(_FAMILY)]
+              + _SYLLABLES[(patient // len(_FAMILY)) % len(_SYLLABLES)]
+              + _SYLLABLES[(patient // (len(_FAMILY) * len(_SYLLABLES))) % len(_SYLLABLES)])
+    return f"{family}^{_GIVEN[patient % len(_GIVEN)]}"
+#: Study modalities, weighted roughly like a general hospital archive.
+_MODALITIES = ("CT",) * 8 + ("MR",) * 6 + ("CR",) * 3 + ("US",) * 2 + ("PT",)
+
+
+def index_records(patients: int, studies: int, instances_per_study: int,
+                  series_per_study: int = 2, seed: str = "lamina-index"):
+    """Synthetic (InstanceRecord, Receipt) rows for filling an index in bulk.
+
+    No pixel files: the rows point at a blob hash that is not in any store,
+    which is what query benchmarks and large-result tests need. Deterministic
+    for a seed: patient ``p`` has PatientID ``PAT{p:07d}`` and the name
+    :func:`synthetic_patient_name` gives it; study ``s`` belongs to patient
+    ``s % patients``, is dated ``7919 * s`` days after 2015-01-01 modulo ten
+    years, and has accession number ``ACC{s:08d}``; its first series has the
+    study's modality (CT, MR, CR, US or PT), the others SR.
+    """
+    import hashlib
+    from datetime import date, timedelta
+
+    from node.storage.records import InstanceRecord, Receipt
+
+    # A short root keeps the longest UID (study.series.instance) within 64 characters.
+    base = f"{PYDICOM_ROOT_UID}{int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 10**8}"
+    start = date(2015, 1, 1)
+    per_series = max(1, instances_per_study // series_per_study)
+    for s in range(studies):
+        pat = s % patients
+        name = synthetic_patient_name(pat)
+        day = (start + timedelta(days=(s * 7919) % 3652)).strftime("%Y%m%d")
+        modality = _MODALITIES[(s * 31) % len(_MODALITIES)]
+        study_uid = f"{base}.1.{s}"
+        for n in range(instances_per_study):
+            series_index = min(n // per_series, series_per_study - 1)
+            rec = InstanceRecord(
+                patient_id=f"PAT{pat:07d}", issuer_of_patient_id="", patient_name=name,
+                patient_birth_date=f"{1930 + pat % 80}0{1 + pat % 9}1{pat % 10}",
+                patient_sex="MF"[pat % 2], study_instance_uid=study_uid, study_date=day,
+                study_time=f"{8 + s % 10:02d}{s % 60:02d}00", accession_number=f"ACC{s:08d}",
+                study_id=str(s % 1000), study_description="Synthetic study",
+                referring_physician_name="REFERRER^SYNTHETIC",
+                series_instance_uid=f"{study_uid}.{series_index}",
+                modality=modality if series_index == 0 else "SR",
+                series_number=series_index + 1, series_description=f"Series {series_index + 1}",
+                sop_instance_uid=f"{study_uid}.{series_index}.{n}",
+                sop_class_uid=(CTImageStorage if series_index == 0
+                               else "1.2.840.10008.5.1.4.1.1.88.11"),
+                instance_number=n + 1, series_date=day, content_date=day,
+                content_time="120000", acquisition_date_time=f"{day}120000",
+            )
+            yield rec, Receipt("0" * 64, 0, ExplicitVRLittleEndian, "BULK", "bulk",
+                               "2026-01-01T00:00:00Z")

@@ -24,11 +24,15 @@ from collections.abc import Callable
 from pynetdicom import evt
 
 from node.ae import LaminaServer, build_scp, configure_pynetdicom
+from node.audit.served import flush_all as flush_served_audit
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
 from node.handlers.association import Sessions
 from node.handlers.echo import handle_echo
+from node.handlers.find import handle_sop_extended, make_find_handler
+from node.handlers.move_get import make_retrieve_handlers
+from node.handlers.qr_service import install as install_query_retrieve
 from node.handlers.store import make_store_handler
 from node.logs import quiet_pydicom, setup_logging
 
@@ -75,7 +79,11 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
         *sessions.handlers(),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(ctx, sessions)),
+        (evt.EVT_C_FIND, make_find_handler(ctx, sessions)),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
+        *make_retrieve_handlers(ctx, sessions),
     ]
+    install_query_retrieve()
     ae = build_scp(settings.node)
     server = ae.make_server((settings.node.bind, settings.node.port),
                             evt_handlers=handlers, server_class=LaminaServer)
@@ -85,6 +93,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     try:
         _wait_for_stop()
     finally:
+        flush_served_audit()
         server.stop()
         ctx.close()
 

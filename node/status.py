@@ -28,6 +28,12 @@ class Status:
     def is_success(self) -> bool:
         return self.code == 0x0000
 
+    @property
+    def is_failure(self) -> bool:
+        """Neither success, pending, cancel nor warning (0xB000-0xBFFF)."""
+        return (self.code not in (0x0000, 0xFF00, 0xFF01, 0xFE00)
+                and not 0xB000 <= self.code <= 0xBFFF)
+
 
 SUCCESS = Status(0x0000, 200, "Success")
 #: Out of disk space, or the index could not commit.
@@ -42,6 +48,28 @@ CANNOT_UNDERSTAND = Status(0xC000, 400, "Error: Cannot understand")
 DUPLICATE_SOP_INSTANCE = Status(0x0111, 409, "Failure: Duplicate SOP Instance")
 #: PS3.7 C.4 general failure: the peer is not permitted this service.
 NOT_AUTHORISED = Status(0x0124, 403, "Refused: Not Authorised")
+
+# Query/retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4). The HTTP twins are
+# what QIDO-RS / WADO-RS answer for the same outcome.
+#: A match follows (C-FIND); a sub-operation finished (C-MOVE / C-GET).
+PENDING = Status(0xFF00, 200, "Pending")
+#: A match follows, but some keys of the identifier were not supported.
+PENDING_KEYS_UNSUPPORTED = Status(0xFF01, 200, "Pending: optional keys not supported")
+#: The SCU sent C-CANCEL; the operation stopped.
+CANCELLED = Status(0xFE00, 499, "Cancel: terminated by C-CANCEL")
+#: QueryRetrieveLevel missing or not in the model, or a key's value malformed.
+IDENTIFIER_DOES_NOT_MATCH = Status(0xA900, 400, "Error: Identifier does not match SOP Class")
+#: The C-MOVE destination is not a configured peer.
+MOVE_DESTINATION_UNKNOWN = Status(0xA801, 404, "Refused: Move Destination unknown")
+#: More matches than the sub-operation counters (US, at most 65535) can count.
+TOO_MANY_MATCHES = Status(0xA701, 413, "Refused: Out of Resources - too many matches")
+#: No sub-operation succeeded (destination refused or unreachable, every store failed).
+SUBOPERATIONS_IMPOSSIBLE = Status(
+    0xA702, 502, "Refused: Out of Resources - unable to perform sub-operations")
+#: The node failed while answering (a bug or an association cut short).
+UNABLE_TO_PROCESS = Status(0xC001, 500, "Failed: Unable to process")
+#: Sub-operations complete, one or more failed or warned (FailedSOPInstanceUIDList says which).
+SUBOPERATIONS_FAILED = Status(0xB000, 207, "Warning: Sub-operations complete with failures")
 
 
 @dataclass(frozen=True)

@@ -161,15 +161,11 @@ class IngestService:
                 received, transfer_syntax, [Finding(rule, f"{words}: {exc}"[:64],
                                                     detail=str(exc))], source.route))
 
-        to_store = self.blobs.new_spool_file()
         try:
-            prepared.dataset.save_as(to_store, enforce_file_format=True)
-            blob = self.blobs.promote(to_store)
+            blob = self._promote(spooled, prepared)
         except OSError as exc:
             return self._failed(source, f"cannot write to disk: {exc.strerror or exc}",
                                 rec.sop_instance_uid)
-        finally:
-            to_store.unlink(missing_ok=True)
 
         receipt = Receipt(blob.sha256, blob.size, transfer_syntax, source.calling_ae,
                           source.association_id, utc_now())
@@ -186,6 +182,18 @@ class IngestService:
             # The blob stays in the store unreferenced (fsck reports it); nothing
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
+
+    def _promote(self, spooled: Path, prepared: Prepared) -> BlobRef:
+        """Into the blob store: the received file itself when nothing changed it,
+        else the prepared dataset written to a new spool file."""
+        if prepared.as_received:
+            return self.blobs.promote(spooled)
+        to_store = self.blobs.new_spool_file()
+        try:
+            prepared.dataset.save_as(to_store, enforce_file_format=True)
+            return self.blobs.promote(to_store)
+        finally:
+            to_store.unlink(missing_ok=True)
 
     def _action(self, finding: Finding) -> str:
         return self.validator.settings.action(finding.rule) if self.validator else REJECT

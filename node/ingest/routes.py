@@ -9,6 +9,9 @@
   keeping the pseudonymous UIDs it already references so its links hold
   (unless its patient is already our pseudonym with identity typed back in:
   that one is quarantined for a person to look at).
+* ``deidentified`` peers vouch that their objects were de-identified upstream
+  (a research archive behind its own de-identification gateway): they are
+  stored exactly as received.
 
 Either way the original bytes never reach the blob store; what the
 re-identification map must learn and what de-identification did (the
@@ -44,6 +47,8 @@ class Prepared:
     entries: tuple[ReidEntry, ...]
     evidence: dict[str, Any] | None
     route: str
+    #: Store the received bytes themselves (nothing was changed).
+    as_received: bool = False
 
 
 class Router:
@@ -61,6 +66,8 @@ class Router:
         Raises the engine's ``BurnedInTextRisk`` / ``DeidentificationError`` when
         it must not be stored; the caller quarantines it.
         """
+        if route == "deidentified":
+            return Prepared(received, (), None, route, as_received=True)
         if route == "annotator":
             return self._annotation(received)
         result = self.deidentifier.deidentify(received)

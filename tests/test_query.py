@@ -1,0 +1,380 @@
+"""The matching engine on a small hand-made index: every matching type, level and model."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from node import status
+from node.phantom import index_records
+from node.storage import pn, records
+from node.storage.index import Index
+from node.storage.query import (
+    Level,
+    Model,
+    QueryEngine,
+    QueryError,
+    build_select,
+    explain,
+    parse,
+)
+from node.storage.records import InstanceRecord, Receipt
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+# (patient id, name, study uid, date, time, accession, description, [(series modality, n)])
+STUDIES = [
+    ("PID-1", "Doe^John", "1.9.1", "20240101", "083000", "ACC-1", "Chest CT",
+     [("CT", 3), ("SR", 1)]),
+    ("PID-1", "Doe^John", "1.9.2", "20240215", "1400", "ACC-2", "Brain MR", [("MR", 2)]),
+    ("PID-2", "Müller^Jürgen", "1.9.3", "20231231", "235959.5", "ACC-3", "PET CT",
+     [("CT", 1), ("PT", 1)]),
+    ("PID-3", "Yamada^Tarou=山田^太郎=やまだ^たろう", "1.9.4", "20240301", "101010", "ACC-4",
+     "Abdomen US", [("US", 1)]),
+    ("PID-4", "O'Brien^Ann", "1.9.5", "20240101", "120000", "ACC-5", "[weird]*", [("CR", 1)]),
+    ("PID-5", None, "1.9.6", None, None, None, None, [("OT", 1)]),
+]
+
+
+def _records():
+    for pid, name, study, date, time, acc, desc, series in STUDIES:
+        for s, (modality, count) in enumerate(series, start=1):
+            for n in range(1, count + 1):
+                rec = InstanceRecord(
+                    patient_id=pid, issuer_of_patient_id="", patient_name=name,
+                    patient_birth_date="19700101", patient_sex="O",
+                    study_instance_uid=study, study_date=date, study_time=time,
+                    accession_number=acc, study_id="1", study_description=desc,
+                    referring_physician_name="Smith^Ref", series_instance_uid=f"{study}.{s}",
+                    modality=modality, series_number=s, series_description=None,
+                    sop_instance_uid=f"{study}.{s}.{n}", sop_class_uid=SR if modality == "SR" else CT,
+                    instance_number=n, content_date=date,
+                    acquisition_date_time=f"{date}{time or ''}+0100" if date else None)
+                yield rec, Receipt(f"{n:064x}", 1, "1.2.840.10008.1.2.1", "TEST", "a", "t")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> QueryEngine:
+    index = Index(tmp_path_factory.mktemp("index") / "index.sqlite3")
+    index.migrate()
+    with index.write() as conn:
+        assert records.bulk_insert(conn, _records()) == 11
+    yield QueryEngine(index, "LAMINA")
+    index.close()
+
+
+def ident(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def find(engine: QueryEngine, level: str, model: Model = Model.STUDY_ROOT,
+         **keys: object) -> list[Dataset]:
+    return [m.dataset() for m in engine.matches(parse(ident(level, **keys), model))]
+
+
+def studies(engine: QueryEngine, **keys: object) -> list[str]:
+    keys.setdefault("StudyInstanceUID", "")
+    return sorted(str(ds.StudyInstanceUID) for ds in find(engine, "STUDY", **keys))
+
+
+# --- matching types ------------------------------------------------------------------
+
+
+def test_universal_matching_returns_every_study(engine):
+    assert studies(engine) == [f"1.9.{i}" for i in range(1, 7)]
+    assert studies(engine, AccessionNumber="*") == studies(engine)
+
+
+def test_single_value_matching_is_exact_and_case_sensitive(engine):
+    assert studies(engine, AccessionNumber="ACC-2") == ["1.9.2"]
+    assert studies(engine, AccessionNumber="acc-2") == []
+    assert studies(engine, StudyDescription="Chest") == []
+
+
+def test_uid_list_matching_short_and_long(engine):
+    assert studies(engine, StudyInstanceUID=["1.9.1", "1.9.3"]) == ["1.9.1", "1.9.3"]
+    many = ["1.9.4"] + [f"2.25.{i}" for i in range(200)]  # bound as one JSON array
+    assert studies(engine, StudyInstanceUID=many) == ["1.9.4"]
+
+
+def test_wildcards_star_and_question_mark(engine):
+    assert studies(engine, AccessionNumber="ACC-?") == ["1.9.1", "1.9.2", "1.9.3", "1.9.4",
+                                                        "1.9.5"]
+    assert studies(engine, AccessionNumber="*-1") == ["1.9.1"]
+    assert studies(engine, StudyDescription="*CT") == ["1.9.1", "1.9.3"]
+    assert studies(engine, StudyDescription="B?ain*") == ["1.9.2"]
+
+
+def test_wildcard_treats_glob_brackets_literally(engine):
+    assert studies(engine, StudyDescription="[weird]*") == ["1.9.5"]
+    assert studies(engine, StudyDescription="[w]*") == []
+
+
+def test_date_range_closed_and_open_ended(engine):
+    assert studies(engine, StudyDate="20240101-20240215") == ["1.9.1", "1.9.2", "1.9.5"]
+    assert studies(engine, StudyDate="-20231231") == ["1.9.3"]
+    assert studies(engine, StudyDate="20240201-") == ["1.9.2", "1.9.4"]
+    assert studies(engine, StudyDate="20240101") == ["1.9.1", "1.9.5"]
+
+
+def test_time_range_partial_values_cover_their_period(engine):
+    assert studies(engine, StudyTime="08-09") == ["1.9.1"]
+    assert studies(engine, StudyTime="14") == ["1.9.2"]  # stored "1400"
+    assert studies(engine, StudyTime="1200-") == ["1.9.2", "1.9.3", "1.9.5"]
+    assert studies(engine, StudyTime="235959") == ["1.9.3"]  # stored with a fraction
+
+
+def test_datetime_range_ignores_offsets_and_fractions(engine):
+    def images(value):
+        return sorted(str(ds.SOPInstanceUID) for ds in find(
+            engine, "IMAGE", SOPInstanceUID="", AcquisitionDateTime=value))
+
+    assert images("20240101083000") == ["1.9.1.1.1", "1.9.1.1.2", "1.9.1.1.3", "1.9.1.2.1"]
+    assert images("2024030110-202403011011") == ["1.9.4.1.1"]
+    assert images("2023-") == images("2023-2024")
+    assert images("202312-20231231") == ["1.9.3.1.1", "1.9.3.2.1"]
+
+
+def test_empty_value_matching(engine):
+    assert studies(engine, AccessionNumber='""') == ["1.9.6"]
+    assert studies(engine, PatientName='""') == ["1.9.6"]
+
+
+def test_integer_keys_and_lists(engine):
+    series = find(engine, "SERIES", StudyInstanceUID="1.9.1", SeriesNumber="2",
+                  SeriesInstanceUID="")
+    assert [str(ds.SeriesInstanceUID) for ds in series] == ["1.9.1.2"]
+    bad = ident("SERIES", SeriesInstanceUID="")
+    # As received from the wire: pydicom converts the value only when it is read.
+    bad[0x00200011] = RawDataElement(Tag(0x00200011), "IS", 4, b"two ", 0, False, True)
+    with pytest.raises(QueryError) as err:
+        parse(bad, Model.STUDY_ROOT)
+    assert err.value.status is status.IDENTIFIER_DOES_NOT_MATCH
+    assert "SeriesNumber" in err.value.reason
+
+
+@pytest.mark.parametrize("bad", [{"StudyDate": "2024-01-01"}, {"StudyDate": "yesterday"},
+                                 {"StudyTime": "25:61"}, {"StudyTime": "8am"}])
+def test_malformed_range_values_are_refused_with_the_key_named(engine, bad):
+    with pytest.raises(QueryError) as err:
+        studies(engine, **bad)
+    assert err.value.status.code == 0xA900
+    assert next(iter(bad)) in err.value.reason
+
+
+# --- person names ---------------------------------------------------------------------
+
+
+def test_pn_matching_ignores_case_accents_and_trailing_components(engine):
+    assert studies(engine, PatientName="doe*") == ["1.9.1", "1.9.2"]
+    assert studies(engine, PatientName="MULLER^JURGEN") == ["1.9.3"]
+    assert studies(engine, PatientName="müller^jürgen^^") == ["1.9.3"]
+    assert studies(engine, PatientName="o'brien^*") == ["1.9.5"]
+    assert studies(engine, PatientName="Doe") == []  # single value: the whole name
+
+
+def test_pn_component_groups_match_their_own_group(engine):
+    assert studies(engine, PatientName="Yamada*") == ["1.9.4"]
+    assert studies(engine, PatientName="=山田*") == ["1.9.4"]
+    assert studies(engine, PatientName="Yamada*=山田^太郎") == ["1.9.4"]
+    assert studies(engine, PatientName="Yamada*=田中*") == []
+    assert studies(engine, PatientName="山田*") == []  # alphabetic group is "Yamada^Tarou"
+
+
+def test_pn_keys_normalise_each_group():
+    assert pn.keys("Müller^Jürgen^^") == ("MULLER^JURGEN", None, None)
+    assert pn.keys(" doe ^ john =山田^太郎= ") == ("DOE^JOHN", "山田^太郎", None)
+    assert pn.keys("=が") == (None, "が", None)  # marks kept outside the alphabetic group
+    assert pn.keys(None) == (None, None, None)
+
+
+def test_referring_physician_is_pn_matched(engine):
+    assert len(studies(engine, ReferringPhysicianName="smith*")) == 6
+
+
+# --- levels, models, return keys ---------------------------------------------------------
+
+
+def test_modalities_in_study_matches_any_series_and_lists(engine):
+    assert studies(engine, ModalitiesInStudy="PT") == ["1.9.3"]
+    assert studies(engine, ModalitiesInStudy=["CT", "MR"]) == ["1.9.1", "1.9.2", "1.9.3"]
+    assert studies(engine, ModalitiesInStudy="C?") == ["1.9.1", "1.9.3", "1.9.5"]
+    [first] = find(engine, "STUDY", StudyInstanceUID="1.9.1", ModalitiesInStudy="")
+    assert list(first.ModalitiesInStudy) == ["CT", "SR"]
+
+
+def test_computed_counts_at_each_level(engine):
+    [study] = find(engine, "STUDY", StudyInstanceUID="1.9.1", NumberOfStudyRelatedSeries="",
+                   NumberOfStudyRelatedInstances="")
+    assert (study.NumberOfStudyRelatedSeries, study.NumberOfStudyRelatedInstances) == (2, 4)
+    [series] = find(engine, "SERIES", SeriesInstanceUID="1.9.1.1",
+                    NumberOfSeriesRelatedInstances="")
+    assert series.NumberOfSeriesRelatedInstances == 3
+    [patient] = find(engine, "PATIENT", Model.PATIENT_ROOT, PatientID="PID-1",
+                     NumberOfPatientRelatedStudies="", NumberOfPatientRelatedSeries="",
+                     NumberOfPatientRelatedInstances="")
+    assert (patient.NumberOfPatientRelatedStudies, patient.NumberOfPatientRelatedSeries,
+            patient.NumberOfPatientRelatedInstances) == (2, 3, 6)
+
+
+def test_every_level_of_both_models(engine):
+    assert len(find(engine, "PATIENT", Model.PATIENT_ROOT, PatientID="")) == 5
+    for model in Model:
+        assert len(find(engine, "STUDY", model, StudyInstanceUID="")) == 6
+        assert len(find(engine, "SERIES", model, StudyInstanceUID="1.9.1",
+                        SeriesInstanceUID="")) == 2
+        images = find(engine, "IMAGE", model, SeriesInstanceUID="1.9.1.1", SOPInstanceUID="",
+                      InstanceNumber="")
+        assert sorted(int(ds.InstanceNumber) for ds in images) == [1, 2, 3]
+
+
+def test_higher_level_keys_match_below_their_level(engine):
+    images = find(engine, "IMAGE", PatientName="MÜLLER*", SOPInstanceUID="")
+    assert sorted(str(ds.SOPInstanceUID) for ds in images) == ["1.9.3.1.1", "1.9.3.2.1"]
+
+
+@pytest.mark.parametrize(("model", "level"), [(Model.STUDY_ROOT, "PATIENT"),
+                                              (Model.PATIENT_ROOT, "FRAME"),
+                                              (Model.STUDY_ROOT, "")])
+def test_level_outside_the_model_is_refused(engine, model, level):
+    with pytest.raises(QueryError) as err:
+        find(engine, level, model, PatientID="")
+    assert err.value.status is status.IDENTIFIER_DOES_NOT_MATCH
+    assert "QueryRetrieveLevel" in err.value.reason
+
+
+def test_unsupported_and_lower_level_keys_come_back_empty_and_are_flagged(engine):
+    query = parse(ident("STUDY", StudyInstanceUID="1.9.2", OtherPatientIDs="X",
+                        Modality="CT", ReferencedStudySequence=[]), Model.STUDY_ROOT)
+    assert query.unsupported
+    [ds] = [m.dataset() for m in engine.matches(query)]
+    assert ds.OtherPatientIDs in (None, "")
+    assert ds.Modality in (None, "")  # a SERIES key asked at STUDY level: not matched
+    assert list(ds.ReferencedStudySequence) == []
+    assert not parse(ident("STUDY", StudyInstanceUID=""), Model.STUDY_ROOT).unsupported
+
+
+def test_ambiguous_vr_of_an_unsupported_key_is_resolved(engine):
+    request = ident("STUDY", StudyInstanceUID="1.9.2")
+    request[0x00280106] = RawDataElement(Tag(0x00280106), None, 0, b"", 0, True, True)
+    query = parse(request, Model.STUDY_ROOT)
+    assert (Tag(0x00280106), "US") in query.empty
+
+
+def test_level_unique_key_is_always_returned(engine):
+    [ds] = find(engine, "SERIES", SeriesInstanceUID="1.9.2.1", RetrieveAETitle="")
+    assert ds.SeriesInstanceUID == "1.9.2.1"
+    assert ds.RetrieveAETitle == "LAMINA"
+    assert ds.QueryRetrieveLevel == "SERIES"
+
+
+def test_response_character_set(engine):
+    def name_and_charset(**extra):
+        [ds] = find(engine, "STUDY", StudyInstanceUID="1.9.3", PatientName="", **extra)
+        return str(ds.PatientName), ds.get("SpecificCharacterSet")
+
+    assert name_and_charset() == ("Müller^Jürgen", "ISO_IR 192")
+    assert name_and_charset(SpecificCharacterSet="ISO_IR 100") == ("Müller^Jürgen",
+                                                                   "ISO_IR 100")
+    # Latin-1 cannot carry the Japanese groups: the answer switches to UTF-8.
+    [ds] = find(engine, "STUDY", StudyInstanceUID="1.9.4", PatientName="",
+                SpecificCharacterSet="ISO_IR 100")
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    [ds] = find(engine, "STUDY", StudyInstanceUID="1.9.1", PatientName="")
+    assert "SpecificCharacterSet" not in ds
+
+
+# --- safety, streaming, paging, plans -------------------------------------------------------
+
+
+def test_received_values_are_bounded(engine):
+    assert studies(engine, StudyDescription="**Chest***") == ["1.9.1"]  # runs of * are one
+    for keys in ({"StudyDescription": "*a" * 20}, {"AccessionNumber": "A" * 300},
+                 {"StudyInstanceUID": [f"1.{i}" for i in range(10_001)]}):
+        with pytest.raises(QueryError) as err:
+            studies(engine, **keys)
+        assert err.value.status.code == 0xA900 and next(iter(keys)) in err.value.reason
+
+
+def test_received_text_never_becomes_sql(engine):
+    hostile = "x' OR '1'='1"
+    assert studies(engine, PatientName=hostile, AccessionNumber=hostile) == []
+    assert studies(engine, StudyInstanceUID="1.9.1'; DROP TABLE study; --") == []
+    query = parse(ident("STUDY", PatientName=hostile, StudyDescription="*';--*"),
+                  Model.STUDY_ROOT)
+    sql, params = build_select(query, [(Level.STUDY, "st.id")])
+    assert hostile not in sql and "';--" not in sql
+    assert sql.count("?") == len(params)
+    assert len(studies(engine)) == 6
+
+
+def test_matches_are_built_one_at_a_time(engine, monkeypatch):
+    from node.storage import query as query_mod
+
+    built = []
+    original = query_mod._Layout.match
+    monkeypatch.setattr(query_mod._Layout, "match",
+                        lambda self, row: built.append(row) or original(self, row))
+    stream = engine.matches(parse(ident("IMAGE", SOPInstanceUID=""), Model.STUDY_ROOT))
+    first_two = list(itertools.islice(stream, 2))
+    assert len(first_two) == 2 and len(built) == 2
+    stream.close()
+
+
+def test_paging_is_stable(engine):
+    query = parse(ident("IMAGE", SOPInstanceUID=""), Model.STUDY_ROOT)
+    everything = [m.dataset().SOPInstanceUID for m in engine.matches(query, limit=100)]
+    pages = [m.dataset().SOPInstanceUID for offset in range(0, 11, 5)
+             for m in engine.matches(query, limit=5, offset=offset)]
+    assert len(everything) == 11 and pages == everything
+
+
+def test_retrieve_selects_by_unique_keys_only(engine):
+    query = parse(ident("STUDY", StudyInstanceUID="1.9.1", PatientName="NOBODY",
+                        AccessionNumber="nothing"), Model.STUDY_ROOT, retrieve=True)
+    instances = list(engine.instances(query))
+    assert [i.sop_instance_uid for i in instances] == ["1.9.1.1.1", "1.9.1.1.2", "1.9.1.1.3",
+                                                       "1.9.1.2.1"]
+    assert instances[0].transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert len(instances[0].blob_sha256) == 64
+    patient = parse(ident("PATIENT", PatientID="PID-1"), Model.PATIENT_ROOT, retrieve=True)
+    assert len(list(engine.instances(patient))) == 6
+
+
+@pytest.mark.parametrize("keys", [{"StudyInstanceUID": ""}, {"StudyInstanceUID": "*"},
+                                  {"PatientID": "PID-1"}])
+def test_retrieve_without_its_unique_key_is_refused(engine, keys):
+    with pytest.raises(QueryError) as err:
+        parse(ident("STUDY", **keys), Model.STUDY_ROOT, retrieve=True)
+    assert err.value.status.code == 0xA900 and "StudyInstanceUID" in err.value.reason
+
+
+def test_listed_benchmark_queries_use_indexes(tmp_path: Path):
+    index = Index(tmp_path / "index.sqlite3")
+    index.migrate()
+    with index.write() as conn:
+        records.bulk_insert(conn, index_records(50, 200, 4))
+        conn.execute("ANALYZE")
+    keys = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "", "PatientName": ""}
+    cases = [("STUDY", {"PatientID": "PAT0000007"}), ("STUDY", {"PatientName": "SMITH*"}),
+             ("STUDY", {"StudyDate": "20200101-20200107"}),
+             ("STUDY", {"ModalitiesInStudy": "PT"}), ("STUDY", {"AccessionNumber": "ACC1"}),
+             ("SERIES", {"StudyInstanceUID": "1.2"}), ("IMAGE", {"SeriesInstanceUID": "1.2"})]
+    with index.read() as conn:
+        for level, case in cases:
+            query = parse(ident(level, **{**keys, **case}), Model.STUDY_ROOT)
+            plan = explain(conn, *build_select(
+                query, [(k.level, k.column) for k in query.returns if k.column]))
+            scans = [line for line in plan if line.startswith("SCAN")]
+            assert not scans, (case, plan)
+    index.close()
