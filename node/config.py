@@ -77,6 +77,11 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class AnnotationSettings:
+    protocol: Path | None = None  # labelling protocol TOML; None: generic checks only
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "INFO"
 
@@ -89,6 +94,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     log: LogSettings = field(default_factory=LogSettings)
     peers: tuple[Peer, ...] = ()
+    annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
 
     @property
     def index_path(self) -> Path:
@@ -208,7 +214,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
-        if key not in {"node", "storage", "index", "audit", "log", "peers"}:
+        if key not in {"node", "storage", "index", "audit", "log", "peers", "annotations"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -259,7 +265,14 @@ def _build(raw: dict[str, Any]) -> Settings:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log.level: must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
 
-    return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})))
+    s = _section(raw, "annotations", set(AnnotationSettings.__dataclass_fields__))
+    protocol = _get(s, "annotations", "protocol", str, "")
+    if protocol and not Path(protocol).is_file():
+        raise ConfigError(f"annotations.protocol: file {protocol!r} not found")
+    annotations = AnnotationSettings(protocol=Path(protocol) if protocol else None)
+
+    return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})),
+                    annotations)
 
 
 def _peers(raw: Any) -> tuple[Peer, ...]:

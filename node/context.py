@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.annotations.grid import HeaderGridSource
+from node.annotations.service import AnnotationService
 from node.audit.trail import AuditTrail, HeadCheckpoint
+from node.checks.protocol import Protocol, load_protocol
 from node.config import Settings
 from node.ingest.pipeline import IngestService
 from node.storage.blobs import BlobStore
@@ -23,6 +26,7 @@ class NodeContext:
     blobs: BlobStore
     audit: AuditTrail
     ingest: IngestService
+    annotations: AnnotationService
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> NodeContext:
@@ -35,7 +39,12 @@ class NodeContext:
         blobs = BlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
-        return cls(settings, index, blobs, audit, IngestService(blobs, index, audit))
+        protocol = (load_protocol(settings.annotations.protocol)
+                    if settings.annotations.protocol else Protocol())
+        annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
+                                        protocol)
+        return cls(settings, index, blobs, audit, IngestService(blobs, index, audit, annotations),
+                   annotations)
 
     @property
     def run_dir(self) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -29,6 +30,9 @@ from node.storage import records
 from node.storage.blobs import BlobRef, BlobStore, OutOfSpace
 from node.storage.index import Index, IndexUnavailable
 from node.storage.records import InstanceRecord, Receipt
+
+if TYPE_CHECKING:
+    from node.annotations.service import AnnotationService
 
 log = logging.getLogger("lamina.ingest")
 
@@ -60,10 +64,12 @@ class StoreResult:
 class IngestService:
     """Turns a spooled file into a stored, indexed, audited instance (or a clear refusal)."""
 
-    def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail) -> None:
+    def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail,
+                 annotations: AnnotationService | None = None) -> None:
         self.blobs = blobs
         self.index = index
         self.audit = audit
+        self.annotations = annotations
 
     def ingest_bytes(self, data: bytes, source: Source) -> StoreResult:
         """Spool ``data`` (a DICOM file with meta) and ingest it."""
@@ -103,6 +109,9 @@ class IngestService:
         receipt = Receipt(blob.sha256, blob.size, transfer_syntax, source.calling_ae,
                           source.association_id, utc_now())
         try:
+            # A SEG, or an overlay copy of a stored slice: an annotation, not a conflict.
+            if self.annotations and (kind := self.annotations.classify(header, blob.sha256)):
+                return self.annotations.ingest(kind, header, blob, receipt, source)
             return self._index(rec, receipt, blob, source)
         except IndexUnavailable as exc:
             # The blob stays in the store unreferenced (fsck reports it); nothing
