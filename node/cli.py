@@ -177,3 +177,11 @@ def demo(out: str, slices: int, seed: str) -> None:
 
     paths = Phantom(seed=seed, slices_count=slices).write(Path(out))
     click.echo(f"wrote {len(paths)} CT slices to {out}")
+
+
+# Commands defined beside their services, registered once node_options exists.
+from node.annotations.commands import annotations, import_labels, overlays  # noqa: E402
+
+main.add_command(annotations)
+main.add_command(overlays)
+main.add_command(import_labels)

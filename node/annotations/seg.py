@@ -77,6 +77,8 @@ def read_seg(ds: Dataset) -> SegObject:
     segments = {}
     for item in ds.get("SegmentSequence", []):
         number = int(item.SegmentNumber)
+        if number == 0:
+            continue  # LABELMAP's background (DCM 125040): everything outside the structures
         segments[number] = Segment(
             number, str(item.get("SegmentLabel", f"segment {number}")),
             _code(item, "SegmentedPropertyCategoryCodeSequence"),

@@ -107,7 +107,7 @@ def _check_one(mask: Mask, cls: LabelClass | None, grid: SeriesGrid,
 
     strays = _stray_components(mask.box, gaps, allowed)
     if strays:
-        found.append(finding("components", strays,
+        found.append(finding("components", [k0 + i for i in strays],
                              f"more than {allowed} connected component(s); "
                              f"the extra ones lie on these slices"))
 

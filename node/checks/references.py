@@ -105,9 +105,9 @@ def check_overlay_copy(copy: Dataset, stored: Dataset, planes: list[OverlayPlane
     """
     same_uid = str(copy.SOPInstanceUID) == str(stored.SOPInstanceUID)
     if same_uid and str(copy.get("SeriesInstanceUID", "")) != str(stored.SeriesInstanceUID):
-        raise Refusal("series", f"copy of {where} names another series")
+        raise Refusal("series", f"{where}: copy names another series")
     if str(copy.get("FrameOfReferenceUID", "")) != str(stored.get("FrameOfReferenceUID", "")):
-        raise Refusal("frame-of-reference", f"copy of {where} differs from the stored slice")
+        raise Refusal("frame-of-reference", f"{where}: differs from the stored slice")
     for plane in planes:
         if plane.group > LAST_GROUP:
             raise Refusal("overlay-group", f"group {plane.group:04X} outside 6000-601E on {where}")
