@@ -359,13 +359,18 @@ def encode(ds: Dataset) -> bytes:
 
 
 def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL) -> NodeContext:
-    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored."""
+    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored.
+
+    Its settings are in ``folder/node.toml``, so CLI commands can run against it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = {"storage.data": str(folder / "data"), "audit.signing_key": str(folder / "k.pem")}
+    lines = ["[storage]", f'data = "{folder / "data"}"', "min_free_mb = 0",
+             "[audit]", f'signing_key = "{folder / "k.pem"}"']
     if protocol is not None:
         (folder / "protocol.toml").write_text(protocol)
-        overrides["annotations.protocol"] = str(folder / "protocol.toml")
-    ctx = NodeContext.open(config.load(None, overrides=overrides))
+        lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"']
+    (folder / "node.toml").write_text("\n".join(lines) + "\n")
+    ctx = NodeContext.open(config.load(folder / "node.toml"))
     for k in range(PHANTOM.slices_count):
         assert ctx.ingest.ingest_bytes(encode(PHANTOM.slice(k)), SOURCE).action == "stored"
     return ctx
