@@ -39,7 +39,7 @@ def test_rois_switching_groups_form_one_structure_per_label(ctx) -> None:
     assert len(groups_of_bone) > 1  # the same ROI sits in different groups on different slices
     annotation = _send_all(ctx, copies)
     assert fx.current_findings(ctx, annotation) == []
-    grid, masks = ctx.annotations.masks_of(annotation)
+    _, masks = ctx.annotations.masks_of(annotation)
     by_label = {m.label: m for m in masks}
     assert sorted(by_label) == sorted(fx.LABELS)
     for label, truth in zip(fx.LABELS, fx.truth(), strict=True):
