@@ -6,6 +6,7 @@ way the Horos/OsiriX pipeline builds them (seed 004: one ROI per group 6000 +
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -45,9 +46,13 @@ def sphere_mask(phantom: Phantom, sphere: Sphere) -> np.ndarray:
     return out
 
 
-def truth(phantom: Phantom = PHANTOM) -> list[np.ndarray]:
-    """Ground truth of the three spheres: big soft tissue, bone, small nodule."""
-    return [sphere_mask(phantom, s) for s in phantom.spheres]
+@functools.cache
+def truth(phantom: Phantom = PHANTOM) -> tuple[np.ndarray, ...]:
+    """Ground truth of the three spheres: big soft tissue, bone, small nodule (read-only)."""
+    masks = tuple(sphere_mask(phantom, s) for s in phantom.spheres)
+    for m in masks:
+        m.flags.writeable = False
+    return masks
 
 
 def headers(phantom: Phantom = PHANTOM) -> list[Dataset]:
@@ -263,6 +268,14 @@ def _vessel_through_nodule() -> np.ndarray:
     return m
 
 
+FINDING_CHECKS = ("components", "diameter", "diameter-jump", "empty", "geometry", "overlap",
+                  "slice-gap", "unknown-label", "volume")
+SEG_REFUSAL_CHECKS = ("frame-of-reference", "instances", "plane-position", "seg-format", "series")
+OVERLAY_REFUSAL_CHECKS = ("frame-of-reference", "overlay-data", "overlay-group", "overlay-size",
+                          "pixel-data", "series")
+
+
+@functools.cache
 def seg_finding_variants() -> dict[str, hd.seg.Segmentation]:
     """Finding name → a SEG that should produce exactly that one finding."""
     t = truth()
@@ -280,6 +293,7 @@ def seg_finding_variants() -> dict[str, hd.seg.Segmentation]:
     }
 
 
+@functools.cache
 def seg_refusal_variants() -> dict[str, Dataset]:
     """Refusal check → a SEG (otherwise valid) failing exactly that check."""
     variants = {}
@@ -304,6 +318,7 @@ def seg_refusal_variants() -> dict[str, Dataset]:
     return variants
 
 
+@functools.cache
 def overlay_refusal_variants() -> dict[str, Dataset]:
     """Refusal check → one overlay copy of slice 20 failing exactly that check.
 

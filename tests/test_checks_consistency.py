@@ -110,7 +110,11 @@ def ctx(tmp_path_factory):
     context.close()
 
 
-@pytest.mark.parametrize("check", sorted(fx.seg_finding_variants()))
+def test_the_catalogue_has_one_variant_per_consistency_check() -> None:
+    assert tuple(sorted(fx.seg_finding_variants())) == fx.FINDING_CHECKS
+
+
+@pytest.mark.parametrize("check", fx.FINDING_CHECKS)
 def test_each_defective_seg_is_stored_with_exactly_its_finding(ctx, check: str) -> None:
     seg = fx.seg_finding_variants()[check]
     result = fx.ingest(ctx, seg)

@@ -34,7 +34,12 @@ def _quarantine_reasons(ctx) -> list[str]:
         return [r[0] for r in conn.execute("SELECT reason FROM quarantine ORDER BY id")]
 
 
-@pytest.mark.parametrize("check", sorted(fx.seg_refusal_variants()))
+def test_the_catalogue_has_one_variant_per_reference_check() -> None:
+    assert tuple(sorted(fx.seg_refusal_variants())) == fx.SEG_REFUSAL_CHECKS
+    assert tuple(sorted(fx.overlay_refusal_variants())) == fx.OVERLAY_REFUSAL_CHECKS
+
+
+@pytest.mark.parametrize("check", fx.SEG_REFUSAL_CHECKS)
 def test_each_seg_defect_is_refused_by_its_check(ctx, check: str) -> None:
     seg = fx.seg_refusal_variants()[check]
     result = fx.ingest(ctx, seg)
@@ -51,7 +56,7 @@ def test_each_seg_defect_is_refused_by_its_check(ctx, check: str) -> None:
     assert row[0] == "refused" and indexed == 0
 
 
-@pytest.mark.parametrize("check", sorted(fx.overlay_refusal_variants()))
+@pytest.mark.parametrize("check", fx.OVERLAY_REFUSAL_CHECKS)
 def test_each_overlay_defect_is_refused_by_its_check(ctx, check: str) -> None:
     copy_ = fx.overlay_refusal_variants()[check]
     result = fx.ingest(ctx, copy_)
