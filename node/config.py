@@ -79,6 +79,7 @@ class AuditSettings:
 @dataclass(frozen=True)
 class AnnotationSettings:
     protocol: Path | None = None  # labelling protocol TOML; None: generic checks only
+    settle_seconds: float = 1.0  # an overlay set is checked once quiet this long
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,11 @@ def _build(raw: dict[str, Any]) -> Settings:
     protocol = _get(s, "annotations", "protocol", str, "")
     if protocol and not Path(protocol).is_file():
         raise ConfigError(f"annotations.protocol: file {protocol!r} not found")
-    annotations = AnnotationSettings(protocol=Path(protocol) if protocol else None)
+    annotations = AnnotationSettings(
+        protocol=Path(protocol) if protocol else None,
+        settle_seconds=_get(s, "annotations", "settle_seconds", float,
+                            AnnotationSettings.settle_seconds))
+    _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
 
     return Settings(node, storage, index, audit, LogSettings(level), _peers(raw.get("peers", {})),
                     annotations)

@@ -42,7 +42,7 @@ class NodeContext:
         protocol = (load_protocol(settings.annotations.protocol)
                     if settings.annotations.protocol else Protocol())
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
-                                        protocol)
+                                        protocol, settings.annotations.settle_seconds)
         return cls(settings, index, blobs, audit, IngestService(blobs, index, audit, annotations),
                    annotations)
 
@@ -54,5 +54,6 @@ class NodeContext:
         return path
 
     def close(self) -> None:
+        self.annotations.close()
         self.audit.close()
         self.index.close()

@@ -373,7 +373,8 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL) -> NodeContext:
+def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
+              settle_seconds: float = 1.0) -> NodeContext:
     """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored.
 
     Its settings are in ``folder/node.toml``, so CLI commands can run against it.
@@ -383,7 +384,8 @@ def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL) -> NodeContext
              "[audit]", f'signing_key = "{folder / "k.pem"}"']
     if protocol is not None:
         (folder / "protocol.toml").write_text(protocol)
-        lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"']
+        lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"',
+                  f"settle_seconds = {settle_seconds}"]
     (folder / "node.toml").write_text("\n".join(lines) + "\n")
     ctx = NodeContext.open(config.load(folder / "node.toml"))
     for k in range(PHANTOM.slices_count):
@@ -403,6 +405,8 @@ def annotation_of(ctx: NodeContext, sop_instance_uid: str) -> int:
 
 
 def current_findings(ctx: NodeContext, annotation_id: int) -> list[dict]:
+    """The current findings, once every overlay set still settling has been checked."""
+    ctx.annotations.flush()
     with ctx.index.read() as conn:
         rows = conn.execute(
             "SELECT f.check_name, f.structure_id, f.slices, f.detail FROM annotation_finding f"

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
+from node import config
 from node.annotations.overlay import read_planes
+from node.annotations.settle import SettleQueue
+from node.audit.trail import Actor
+from node.context import NodeContext
 from tests import annotation_fixtures as fx
 
 
@@ -91,3 +97,42 @@ def test_a_copy_without_overlays_but_other_bytes_is_still_a_conflict(ctx) -> Non
     ds = fx.PHANTOM.slice(3)
     ds.SeriesDescription = "edited"
     assert fx.ingest(ctx, ds).action == "conflict"
+
+
+def test_a_set_stays_received_until_it_settles_and_a_restart_checks_it(tmp_path) -> None:
+    ctx = fx.open_node(tmp_path, settle_seconds=3600)
+    try:
+        for ds in fx.overlay_gap_copies():
+            assert fx.ingest(ctx, ds).action == "annotation"
+        annotation = fx.annotation_of(ctx, fx.PHANTOM.sop_uid(13))
+        with ctx.index.read() as conn:
+            state = conn.execute("SELECT state FROM annotation WHERE id = ?",
+                                 (annotation,)).fetchone()[0]
+        assert state == "received"
+    finally:
+        ctx.index.close()  # "crash": the pending check is never run by this context
+    restarted = NodeContext.open(config.load(tmp_path / "node.toml"))
+    try:
+        assert restarted.annotations.check_received(Actor(user="test")) == 1
+        assert [f["check"] for f in fx.current_findings(restarted, annotation)] == ["slice-gap"]
+    finally:
+        restarted.close()
+
+
+def test_settle_queue_runs_a_job_once_per_burst_after_the_quiet_time() -> None:
+    calls: list[tuple[str, object]] = []
+    done = threading.Event()
+
+    def job(key, context):
+        calls.append((key, context))
+        done.set()
+
+    queue = SettleQueue(job, settle_seconds=0.2)
+    for i in range(5):
+        queue.touch("set-1", i)
+    assert queue.pending() == 1 and calls == []
+    assert done.wait(5)
+    assert calls == [("set-1", 4)]
+    queue.touch("set-2")
+    queue.flush()
+    assert calls[-1] == ("set-2", None) and queue.pending() == 0

@@ -112,12 +112,12 @@ class MaskBuilder:
         """Add a 2D bool array whose top-left voxel sits at (``row``, ``column``) of slice ``k``."""
         if not 0 <= k < self.shape[0]:
             raise IndexError(f"slice {k} outside the grid")
-        rows, cols = np.nonzero(plane)
-        if rows.size == 0:
+        bounds = bounding_box(plane)
+        if bounds is None:
             return
-        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        r0, r1, c0, c1 = bounds
         self._planes.setdefault(k, []).append(
-            (row + int(r0), column + int(c0), np.ascontiguousarray(plane[r0:r1, c0:c1], bool)))
+            (row + r0, column + c0, np.ascontiguousarray(plane[r0:r1, c0:c1], bool)))
 
     def build(self, *, structure_id: str, label: str, category: Code | None, type: Code | None,
               annotator: Annotator, source_series_uid: str, provenance: str) -> Mask:
@@ -137,6 +137,15 @@ class MaskBuilder:
             offset = (k0, r0, c0)
         return Mask(structure_id, label, category, type, annotator, source_series_uid,
                     self.shape, offset, box, provenance)
+
+
+def bounding_box(plane: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(first row, end row, first column, end column) of a 2D mask's voxels, or None if empty."""
+    rows = np.flatnonzero(plane.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(plane.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def from_array(array: np.ndarray, **fields) -> Mask:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.annotations.grid import SeriesGrid
-from node.annotations.masks import Annotator, Code, Mask
+from node.annotations.masks import Annotator, Code, Mask, bounding_box
 from node.checks.consistency import Finding, StructureSummary
 from node.checks.protocol import Protocol
 from node.storage.records import Receipt
@@ -34,11 +34,11 @@ class RoiBox:
 
     @classmethod
     def from_plane(cls, group: int, label: str, slice_index: int, plane: np.ndarray) -> RoiBox:
-        rows, cols = np.nonzero(plane)
-        if rows.size == 0:
+        bounds = bounding_box(plane)
+        if bounds is None:
             return cls(group, label, slice_index, 0, 0, np.zeros((0, 0), dtype=bool))
-        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        return cls(group, label, slice_index, int(r0), int(c0), plane[r0:r1, c0:c1].copy())
+        r0, r1, c0, c1 = bounds
+        return cls(group, label, slice_index, r0, c0, plane[r0:r1, c0:c1].copy())
 
 
 def upsert_annotation(conn: sqlite3.Connection, kind: str, key: str, series_uid: str,

@@ -15,9 +15,11 @@ Order of work for one object (a SEG, or one overlay copy of a stored slice):
    arrived meanwhile (that object's check will record instead).
 
 Overlay copies arrive one slice per C-STORE; one annotator's copies of one
-series form one annotation, re-checked as a whole as each slice arrives (from
-ROI boxes kept in the index, so no earlier copy is re-read). A newer copy of
-a slice supersedes the older one.
+series form one annotation. Each copy is reference-checked and stored before
+its answer; step 3 runs once the set has settled (no new copy for
+``settle_seconds``: see :mod:`node.annotations.settle`), from ROI boxes kept
+in the index, so no copy is re-read. A newer copy of a slice supersedes the
+older one. A set left ``received`` by a crash is checked at the next start.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from node.annotations.masks import Annotator, Mask, MaskBuilder, combined_proven
 from node.annotations.overlay import overlay_groups, plane_mask, read_planes
 from node.annotations.records import RoiBox
 from node.annotations.seg import SEG_SOP_CLASSES, SegFormatError, read_seg, seg_masks
+from node.annotations.settle import SettleQueue
 from node.audit.trail import Actor, AuditEntry, AuditTrail, utc_now
 from node.checks.consistency import Finding, check_structures
 from node.checks.protocol import Protocol
@@ -90,12 +93,13 @@ class AnnotationService:
     """Classifies, takes in, checks and records annotations."""
 
     def __init__(self, index: Index, blobs: BlobStore, audit: AuditTrail, grids: GridSource,
-                 protocol: Protocol) -> None:
+                 protocol: Protocol, settle_seconds: float = 1.0) -> None:
         self.index = index
         self.blobs = blobs
         self.audit = audit
         self.grids = grids
         self.protocol = protocol
+        self._settling = SettleQueue(self._check_settled, settle_seconds)
 
     # --- the pipeline's interface -------------------------------------------
 
@@ -134,10 +138,25 @@ class AnnotationService:
         if isinstance(stored, StoreResult):
             return stored
         annotation_id, revision = stored
-        masks = intake.masks if kind == SEG else self._set_masks(annotation_id, claim.annotator,
-                                                                  claim.series_uid)
-        self._check(annotation_id, revision, intake.grid, masks, source.actor)
+        if kind == SEG:
+            self._check(annotation_id, revision, intake.grid, intake.masks, source.actor)
+        else:
+            self._settling.touch(annotation_id, source.actor)
         return StoreResult(Outcome(status.SUCCESS), "annotation", uid, blob.sha256)
+
+    def flush(self) -> None:
+        """Check every overlay set still settling, now (shutdown, tests)."""
+        self._settling.flush()
+
+    close = flush
+
+    def check_received(self, actor: Actor) -> int:
+        """Check every annotation left ``received`` (a crash between store and check)."""
+        with self.index.read() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM annotation WHERE state = 'received'")]
+        for annotation_id in ids:
+            self.recheck(annotation_id, actor)
+        return len(ids)
 
     # --- for the CLI and the bridges -----------------------------------------
 
@@ -318,6 +337,9 @@ class AnnotationService:
                 annotator=annotator, source_series_uid=series_uid,
                 provenance=combined_provenance(sources[label])))
         return masks
+
+    def _check_settled(self, annotation_id: int, actor: Actor) -> None:
+        self.recheck(annotation_id, actor)
 
     def _check(self, annotation_id: int, revision: int, grid: SeriesGrid, masks: list[Mask],
                actor: Actor) -> CheckReport:

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def node(tmp_path_factory):
     (root / "protocol.toml").write_text(fx.TEST_PROTOCOL)
     process = NodeProcess(root / "node")
     with open(process.config, "a") as f:
-        f.write(f'\n[annotations]\nprotocol = "{root / "protocol.toml"}"\n')
+        f.write(f'\n[annotations]\nprotocol = "{root / "protocol.toml"}"\nsettle_seconds = 0.3\n')
     with process:
         slices = [fx.PHANTOM.slice(k) for k in range(fx.PHANTOM.slices_count)]
         assert store(process.port, slices) == [(0, "")] * len(slices)
@@ -45,6 +46,16 @@ def annotations(node: NodeProcess) -> dict[str, dict]:
     with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
         conn.row_factory = sqlite3.Row
         return {row["key"]: dict(row) for row in records.list_annotations(conn)}
+
+
+def settled(node: NodeProcess, key: str, timeout: float = 30.0) -> dict:
+    """An overlay set once its deferred 3D check has run (it settles after the last copy)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = annotations(node).get(key)
+        if (row and row["state"] == "checked") or time.monotonic() > deadline:
+            return row
+        time.sleep(0.2)
 
 
 def findings(node: NodeProcess, annotation_id: int) -> list[dict]:
@@ -123,7 +134,7 @@ def test_horos_overlay_copies_from_storescu_form_one_clean_annotation(node, tmp_
     sent = storescu(node, write(tmp_path / "overlays", copies))
     assert sent.returncode == 0, sent.stderr
     assert (sent.stdout + sent.stderr).count("Received Store Response (Success)") == len(copies)
-    row = annotations(node)[f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|Reader^Horos"]
+    row = settled(node, f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|Reader^Horos")
     assert (row["state"], row["verdict"], row["objects"], row["structures"]) == \
         ("checked", "pass", len(copies), 3)
     run = node.lamina("fsck")
@@ -157,7 +168,7 @@ def test_each_inconsistent_seg_is_stored_with_exactly_its_finding(node, check: s
 def test_overlay_copies_with_a_missing_slice_give_a_slice_gap(node, tmp_path) -> None:
     sent = storescu(node, write(tmp_path / "gap", fx.overlay_gap_copies()))
     assert sent.returncode == 0, sent.stderr
-    row = annotations(node)[f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|Reader^Gap"]
+    row = settled(node, f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|Reader^Gap")
     [found] = findings(node, row["id"])
     assert (found["check"], found["structure_id"]) == ("slice-gap", "roi Nodule 2")
     assert [(s["slice"], s["position_mm"]) for s in found["slices"]] == [(15, -15.0)]
