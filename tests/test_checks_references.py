@@ -118,3 +118,11 @@ def test_an_image_with_overlays_that_annotates_nothing_stored_is_an_instance(ctx
     ds = fx.overlay_copy(0, [(0x6000, "Nodule 1", other.pixels(0) > 1024)], phantom=other)
     assert ds.SOPClassUID == CTImageStorage
     assert fx.ingest(ctx, ds).action == "stored"
+
+
+def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx) -> None:
+    seg = copy.deepcopy(fx.valid_seg())
+    seg.PixelData = seg.PixelData[:100]
+    result = fx.ingest(ctx, seg)
+    assert result.outcome.status is status.DOES_NOT_MATCH_SOP_CLASS
+    assert result.outcome.comment.startswith("seg-format: ")

@@ -47,7 +47,7 @@ from node.ingest.pipeline import Source, StoreResult
 from node.status import Outcome
 from node.storage import records as instance_records
 from node.storage.blobs import BlobRef, BlobStore
-from node.storage.index import Index
+from node.storage.index import Index, IndexUnavailable
 from node.storage.records import InstanceRecord, Receipt
 
 log = logging.getLogger("lamina.annotations")
@@ -139,7 +139,12 @@ class AnnotationService:
             return stored
         annotation_id, revision = stored
         if kind == SEG:
-            self._check(annotation_id, revision, intake.grid, intake.masks, source.actor)
+            try:
+                self._check(annotation_id, revision, intake.grid, intake.masks, source.actor)
+            except Exception as exc:  # the SEG is stored and durable: retry its check later
+                log.error("annotation check deferred", extra={"fields": {
+                    "annotation_id": annotation_id, "error": type(exc).__name__}})
+                self._settling.touch(annotation_id, source.actor)
         else:
             self._settling.touch(annotation_id, source.actor)
         return StoreResult(Outcome(status.SUCCESS), "annotation", uid, blob.sha256)
@@ -256,21 +261,25 @@ class AnnotationService:
             raise Refusal("series-geometry", str(exc)) from None
 
     def _intake(self, claim: Claim, sha256: str) -> Intake:
+        """Read the object and run its reference checks; anything undecodable is a refusal."""
         try:
             ds = dcmread(self.blobs.path_for(sha256))
-        except Exception as exc:  # the header parsed; the rest of this untrusted file did not
-            check = "seg-format" if claim.kind == SEG else "pixel-data"
-            raise Refusal(check, f"cannot read the object ({type(exc).__name__})") from None
-        if claim.kind == SEG:
-            grid, masks = self.masks_from_seg(ds, sha256, claim.annotator)
-            return Intake(claim, grid, masks=masks)
-        grid = self._grid(claim.series_uid)
-        k = grid.slice_of(claim.stored_uid)
-        stored = dcmread(self.blobs.path_for(claim.stored_sha256))
-        planes = read_planes(ds)
-        check_overlay_copy(ds, stored, planes, f"slice {k + 1}")
-        rois = [RoiBox.from_plane(p.group, p.structure_label, k, plane_mask(ds, p)) for p in planes]
-        return Intake(claim, grid, slice_index=k, rois=rois)
+            if claim.kind == SEG:
+                grid, masks = self.masks_from_seg(ds, sha256, claim.annotator)
+                return Intake(claim, grid, masks=masks)
+            grid = self._grid(claim.series_uid)
+            k = grid.slice_of(claim.stored_uid)
+            stored = dcmread(self.blobs.path_for(claim.stored_sha256))
+            planes = read_planes(ds)
+            check_overlay_copy(ds, stored, planes, f"slice {k + 1}")
+            rois = [RoiBox.from_plane(p.group, p.structure_label, k, plane_mask(ds, p))
+                    for p in planes]
+            return Intake(claim, grid, slice_index=k, rois=rois)
+        except (Refusal, IndexUnavailable):
+            raise
+        except Exception as exc:  # untrusted bytes past their header that do not decode
+            check = "seg-format" if claim.kind == SEG else "overlay-data"
+            raise Refusal(check, f"cannot decode the object ({type(exc).__name__})") from None
 
     def _store(self, intake: Intake, header: Dataset, receipt: Receipt,
                source: Source) -> tuple[int, int] | StoreResult:

@@ -17,6 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from node import status
 from node.annotations import records
@@ -129,14 +130,21 @@ def test_a_seg_sent_with_storescu_is_an_annotation(node, tmp_path) -> None:
     assert seg_annotation(node, seg)["verdict"] == "pass"
 
 
-def test_horos_overlay_copies_from_storescu_form_one_clean_annotation(node, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def horos_set(node, tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess, int]:
+    """The three spheres as Horos-pipeline overlay copies, pushed with storescu."""
     copies = fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Horos")
-    sent = storescu(node, write(tmp_path / "overlays", copies))
-    assert sent.returncode == 0, sent.stderr
-    assert (sent.stdout + sent.stderr).count("Received Store Response (Success)") == len(copies)
+    sent = storescu(node, write(tmp_path_factory.mktemp("horos"), copies))
     row = settled(node, f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|Reader^Horos")
+    return row, sent, len(copies)
+
+
+def test_horos_overlay_copies_from_storescu_form_one_clean_annotation(node, horos_set) -> None:
+    row, sent, count = horos_set
+    assert sent.returncode == 0, sent.stderr
+    assert (sent.stdout + sent.stderr).count("Received Store Response (Success)") == count
     assert (row["state"], row["verdict"], row["objects"], row["structures"]) == \
-        ("checked", "pass", len(copies), 3)
+        ("checked", "pass", count, 3)
     run = node.lamina("fsck")
     assert run.returncode == 0, run.stdout
 
@@ -179,3 +187,34 @@ def test_everything_is_audited_and_the_trail_verifies(node) -> None:
     assert run.returncode == 0, run.stderr
     counts = node.lamina("status").stdout
     assert "quarantined" in counts
+
+
+def test_the_seg_lamina_writes_passes_dciodvfy_and_comes_back_clean(node, horos_set,
+                                                                     tmp_path) -> None:
+    row, _, _ = horos_set
+    out = tmp_path / "from-overlays.dcm"
+    run = node.lamina("annotations", "to-seg", str(row["id"]), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    dciodvfy = subprocess.run([fx.tool("dciodvfy", "Debian package dicom3tools"), str(out)],
+                              capture_output=True, text=True, timeout=120)
+    assert not [line for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines()
+                if line.startswith("Error")]
+    sent = storescu(node, [out])
+    assert sent.returncode == 0, sent.stderr
+    uid = dcmread(out, stop_before_pixels=True).SOPInstanceUID
+    seg = annotations(node)[f"seg|{uid}"]
+    assert (seg["verdict"], seg["structures"]) == ("pass", 3)
+
+
+def test_overlays_sent_with_lamina_come_back_as_the_same_annotation(node, tmp_path) -> None:
+    seg = fx.valid_seg()
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    run = node.lamina("overlays", str(path), "--series", fx.PHANTOM.series_uid,
+                      "--out", str(tmp_path / "copies"), "--send",
+                      f"LAMINA@127.0.0.1:{node.port}", "--aet", TEST_AET)
+    assert run.returncode == 0, run.stderr
+    covered = {int(k) for m in fx.truth() for k in m.any(axis=(1, 2)).nonzero()[0]}
+    assert f"sent {len(covered)}" in run.stdout
+    row = settled(node, f"overlay|{fx.PHANTOM.series_uid}|{TEST_AET}|")
+    assert (row["verdict"], row["structures"], row["objects"]) == ("pass", 3, len(covered))
