@@ -44,10 +44,16 @@ def test_grid_image_round_trip_and_mismatch() -> None:
     assert "origin" in grid.image_mismatch(image, 0.01)
 
 
-def test_mixed_orientation_is_a_grid_error() -> None:
+@pytest.mark.parametrize("keyword, value, message", [
+    ("ImageOrientationPatient", [0, 1, 0, 0, 0, -1], "orientation"),
+    ("FrameOfReferenceUID", "1.2.3", "frame of reference"),
+    ("Rows", 128, "size"),
+    ("ImagePositionPatient", [-179.2, -179.2, -50.0], "share a position"),
+])
+def test_a_series_that_is_not_one_grid_is_a_grid_error(keyword, value, message) -> None:
     headers = fx.headers()[:3]
-    headers[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    with pytest.raises(GridError, match="orientation"):
+    setattr(headers[1], keyword, value)
+    with pytest.raises(GridError, match=message):
         SeriesGrid.from_headers(headers)
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_shipped_lung_nodule_example_loads() -> None:
     protocol = load_protocol(REPO / "config" / "protocol.toml")
-    nodule = protocol.class_named("lung_nodule")
+    nodule = next(c for c in protocol.classes if c.key == "lung_nodule")
     assert nodule.type == Code("27925004", "SCT", "Nodule")
     assert nodule.window == "lung" and protocol.windows["lung"] == (-600.0, 1500.0)
     assert nodule.diameter_mm == (3.0, 30.0) and nodule.exclusive_with == {"lung_nodule", "vessel"}

@@ -172,6 +172,8 @@ class SeriesGrid:
                 raise GridError("source slices differ in orientation")
             if "ImagePositionPatient" not in ds:
                 raise GridError("a source slice has no ImagePositionPatient")
+            if ds.get("FrameOfReferenceUID") != first.get("FrameOfReferenceUID"):
+                raise GridError("source slices differ in frame of reference")
             uids.append(str(ds.SOPInstanceUID))
             positions.append(np.asarray(ds.ImagePositionPatient, dtype=float))
         pos = np.asarray(positions)

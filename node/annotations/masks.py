@@ -25,9 +25,6 @@ class Code:
     scheme: str
     meaning: str
 
-    def __str__(self) -> str:
-        return f"({self.scheme} {self.value} {self.meaning!r})"
-
 
 @dataclass(frozen=True)
 class Annotator:

@@ -156,12 +156,22 @@ class AnnotationService:
     close = flush
 
     def check_received(self, actor: Actor) -> int:
-        """Check every annotation left ``received`` (a crash between store and check)."""
+        """Check every annotation left ``received`` (a crash between store and check).
+
+        Returns how many were checked; one that cannot be is logged and stays
+        ``received`` (``lamina annotations check ID`` says why), so the node still starts.
+        """
         with self.index.read() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM annotation WHERE state = 'received'")]
+        checked = 0
         for annotation_id in ids:
-            self.recheck(annotation_id, actor)
-        return len(ids)
+            try:
+                self.recheck(annotation_id, actor)
+                checked += 1
+            except (Refusal, LookupError, IndexUnavailable) as exc:
+                log.error("received annotation not checked", extra={"fields": {
+                    "annotation_id": annotation_id, "error": type(exc).__name__}})
+        return checked
 
     # --- for the CLI and the bridges -----------------------------------------
 

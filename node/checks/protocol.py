@@ -91,9 +91,6 @@ class Protocol:
                 return by_code[0]
         return None
 
-    def class_named(self, key: str) -> LabelClass | None:
-        return next((c for c in self.classes if c.key == key), None)
-
     def limits_for(self, cls: LabelClass | None) -> tuple[int, float]:
         """(allowed components, diameter-jump threshold) for a class, or the protocol defaults."""
         if cls is None:
