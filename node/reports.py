@@ -69,7 +69,8 @@ def fsck(settings: Settings) -> FsckReport:
             report.integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
             referenced = {row[0] for row in conn.execute(
                 "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
-                " UNION SELECT blob_sha256 FROM quarantine")}
+                " UNION SELECT blob_sha256 FROM quarantine"
+                " UNION SELECT blob_sha256 FROM annotation_object")}
         on_disk = set(ctx.blobs.iter_hashes())
         report.missing = sorted(referenced - on_disk)
         for sha in sorted(on_disk):

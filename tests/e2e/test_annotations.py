@@ -147,6 +147,7 @@ def test_horos_overlay_copies_from_storescu_form_one_clean_annotation(node, horo
         ("checked", "pass", count, 3)
     run = node.lamina("fsck")
     assert run.returncode == 0, run.stdout
+    assert "unreferenced" not in run.stdout  # overlay copies are referenced by their annotation
 
 
 @pytest.mark.parametrize("check", fx.SEG_REFUSAL_CHECKS)
