@@ -132,9 +132,11 @@ def test_label_maps_on_the_series_grid_import_as_a_valid_seg(ctx, tmp_path, suff
     out = tmp_path / "imported.dcm"
     seg.save_as(out, enforce_file_format=True)
     assert _dciodvfy_errors(out) == []
-    read = _highdicom_read_back(out, grid)
+    by_highdicom = _highdicom_read_back(out, grid)
+    by_dcmqi = fx.seg_read_back_with_dcmqi(out, tmp_path / "dcmqi", grid)
     for label, truth in zip(fx.LABELS, fx.truth(), strict=True):
-        assert np.array_equal(read[label], truth), label
+        assert np.array_equal(by_highdicom[label], truth), label
+        assert np.array_equal(by_dcmqi[label], truth), label
 
 
 def test_a_label_map_off_the_series_grid_is_refused(ctx, tmp_path) -> None:

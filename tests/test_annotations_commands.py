@@ -40,6 +40,7 @@ def test_list_and_show_name_findings_with_slice_positions(node) -> None:
     assert shown.exit_code == 0, shown.output
     assert "slice-gap" in shown.output and "slice 15 (-15.00 mm)" in shown.output
     assert "segment 1 'Nodule 2'" in shown.output
+    assert "review window lung -600/1500" in shown.output
     report = json.loads(lamina(config, "annotations", "show", str(annotation), "--json").output)
     assert report["findings"][0]["slices"][0]["position_mm"] == -15.0
     assert report["structures"][0]["class_key"] == "nodule"

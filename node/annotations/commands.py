@@ -106,6 +106,7 @@ def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> No
     from node.annotations import records
 
     with _context(settings) as ctx, ctx.index.read() as conn:
+        protocol = ctx.annotations.protocol
         row = records.get_annotation(conn, annotation_id)
         if row is None:
             raise BadInput(f"no annotation {annotation_id}")
@@ -117,8 +118,8 @@ def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> No
     report = {
         "annotation": dict(row),
         "objects": objects,
-        "structures": [{k: v for k, v in dict(s).items() if k not in ("id", "check_fk")}
-                       for s in structures],
+        "structures": [{**{k: v for k, v in dict(s).items() if k not in ("id", "check_fk")},
+                        "window": _window(protocol, s["class_key"])} for s in structures],
         "findings": [{"check": f["check_name"], "structure_id": f["structure_id"],
                       "label": f["label"], "slices": json.loads(f["slices"]),
                       "detail": f["detail"]} for f in findings],
@@ -138,10 +139,11 @@ def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> No
         click.echo(f"  checked    {row['checked_at']} under protocol {row['protocol_name']!r}")
     click.echo(f"  objects    {objects} accepted, {len(refused)} refused")
     click.echo(f"structures ({len(structures)})")
-    for s in structures:
+    for s in report["structures"]:
         span = f"slices {s['first_slice']}-{s['last_slice']}" if s["first_slice"] else "no slice"
+        window = f" (review window {s['window']})" if s["window"] else ""
         click.echo(f"  {s['structure_id']}  {s['label']!r}  class {s['class_key'] or '(unknown)'}"
-                   f"  {s['voxels']} voxels  {s['volume_mm3']:.1f} mm³"
+                   f"{window}  {s['voxels']} voxels  {s['volume_mm3']:.1f} mm³"
                    f"  max diameter {s['max_diameter_mm']:.1f} mm  {span}")
     click.echo(f"findings ({len(findings)})")
     for f in report["findings"]:
@@ -152,6 +154,15 @@ def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> No
         click.echo(f"refused ({len(refused)})")
         for o in report["refused"]:
             click.echo(f"  object {o['object_id']}  {o['reason']}  (quarantine {o['quarantine_id']})")
+
+
+def _window(protocol, class_key: str | None) -> str | None:
+    """A class's review window as ``name center/width``, for the reader checking its findings."""
+    cls = next((c for c in protocol.classes if c.key == class_key), None)
+    if cls is None or cls.window is None:
+        return None
+    center, width = protocol.windows[cls.window]
+    return f"{cls.window} {center:g}/{width:g}"
 
 
 @annotations.command("check")
