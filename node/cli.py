@@ -502,3 +502,11 @@ def check_instance(settings: Settings, sop_instance_uid: str) -> None:
     for line in lines:
         click.echo(line)
     sys.exit(1 if len(lines) > 1 else 0)
+
+
+# Commands defined beside their services, registered once node_options exists.
+from node.annotations.commands import annotations, import_labels, overlays  # noqa: E402
+
+main.add_command(annotations)
+main.add_command(overlays)
+main.add_command(import_labels)

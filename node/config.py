@@ -85,6 +85,12 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class AnnotationSettings:
+    protocol: Path | None = None  # labelling protocol TOML; None: generic checks only
+    settle_seconds: float = 1.0  # an overlay set is checked once quiet this long
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "INFO"
 
@@ -113,6 +119,7 @@ class Settings:
     deidentify: DeidSettings = field(default_factory=DeidSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     peers: tuple[Peer, ...] = ()
+    annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
 
     @property
     def index_path(self) -> Path:
@@ -233,7 +240,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers"}:
+                       "peers", "annotations"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -292,8 +299,18 @@ def _build(raw: dict[str, Any]) -> Settings:
     except ValueError as exc:  # DeidConfigError names the key already
         raise ConfigError(str(exc)) from None
 
+    s = _section(raw, "annotations", set(AnnotationSettings.__dataclass_fields__))
+    protocol = _get(s, "annotations", "protocol", str, "")
+    if protocol and not Path(protocol).is_file():
+        raise ConfigError(f"annotations.protocol: file {protocol!r} not found")
+    annotations = AnnotationSettings(
+        protocol=Path(protocol) if protocol else None,
+        settle_seconds=_get(s, "annotations", "settle_seconds", float,
+                            AnnotationSettings.settle_seconds))
+    _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
+
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), _peers(raw.get("peers", {})))
+                    _validation(raw), _peers(raw.get("peers", {})), annotations)
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:

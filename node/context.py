@@ -6,12 +6,15 @@ services; none of them opens files or databases on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from node.annotations.grid import HeaderGridSource
+from node.annotations.service import AnnotationService
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.trail import AuditTrail, HeadCheckpoint
+from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
 from node.config import Settings
 from node.ingest.iod import IODTables
@@ -31,6 +34,7 @@ class NodeContext:
     blobs: BlobStore
     audit: AuditTrail
     series: SeriesChecker
+    annotations: AnnotationService
     key: ProjectKey | None
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
@@ -54,6 +58,10 @@ class NodeContext:
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
+        protocol = (load_protocol(settings.annotations.protocol)
+                    if settings.annotations.protocol else Protocol())
+        annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
+                                        protocol, settings.annotations.settle_seconds)
         key, ingest, quarantine = None, None, None
         if with_key:
             key = load_project_key(settings.deidentify.key_file, data_dir=data)
@@ -62,10 +70,11 @@ class NodeContext:
             validator = None
             if settings.validation.enabled:
                 validator = Validator(settings.validation, IODTables.load())
-            router = Router(Deidentifier(settings.deidentify, key), key, index)
-            ingest = IngestService(blobs, index, audit, area, router, validator)
+            router = Router(Deidentifier(settings.deidentify, key), key, index,
+                            Deidentifier(replace(settings.deidentify, clean_graphics=True), key))
+            ingest = IngestService(blobs, index, audit, area, router, validator, annotations)
             quarantine = QuarantineService(area)
-        return cls(settings, index, blobs, audit, series, key, ingest, quarantine)
+        return cls(settings, index, blobs, audit, series, annotations, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:
@@ -87,5 +96,6 @@ class NodeContext:
         return path
 
     def close(self) -> None:
+        self.annotations.close()
         self.audit.close()
         self.index.close()

@@ -119,7 +119,8 @@ def fsck(settings: Settings) -> FsckReport:
             report.integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
             referenced = {row[0] for row in conn.execute(
                 "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
-                " UNION SELECT blob_sha256 FROM quarantine WHERE area = 'blobs'")}
+                " UNION SELECT blob_sha256 FROM quarantine WHERE area = 'blobs'"
+                " UNION SELECT blob_sha256 FROM annotation_object")}
             quarantined = {row[0] for row in conn.execute(
                 "SELECT blob_sha256 FROM quarantine WHERE area = 'quarantine'")}
         area = BlobStore(settings.storage.data / "quarantine", ctx.blobs.spool_dir)

@@ -107,6 +107,7 @@ def serve(settings: Settings) -> None:
     ctx = NodeContext.open(settings, migrate=True, with_key=True)  # refuse early without a key
     cleared = ctx.blobs.clear_spool()
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
+    ctx.annotations.check_received(actor)  # annotations a crash left between store and check
     ctx.audit.record("node.started", actor,
                      {"workers": settings.node.workers, "stale_spool_files": cleared})
     sweep_stop = threading.Event()

@@ -1,0 +1,1 @@
+"""Checks on annotations: reference checks refuse, consistency checks report findings."""

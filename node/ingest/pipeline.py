@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -47,6 +48,9 @@ from node.storage import checks, records
 from node.storage.blobs import BlobRef, BlobStore, OutOfSpace
 from node.storage.index import Index, IndexUnavailable
 from node.storage.records import InstanceRecord, Receipt
+
+if TYPE_CHECKING:
+    from node.annotations.service import AnnotationService
 
 log = logging.getLogger("lamina.ingest")
 
@@ -94,13 +98,15 @@ class IngestService:
 
     def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail,
                  quarantine: QuarantineArea, router: Router,
-                 validator: Validator | None = None) -> None:
+                 validator: Validator | None = None,
+                 annotations: AnnotationService | None = None) -> None:
         self.blobs = blobs
         self.index = index
         self.audit = audit
         self.quarantine = quarantine
         self.router = router
         self.validator = validator
+        self.annotations = annotations
 
     def ingest_bytes(self, data: bytes, source: Source) -> StoreResult:
         """Spool ``data`` (a DICOM file with meta) and ingest it."""
@@ -171,6 +177,10 @@ class IngestService:
                           source.association_id, utc_now())
         geometry = InstanceGeometry.from_dataset(prepared.dataset)
         try:
+            # A SEG, or an overlay copy of a stored slice: an annotation, not a conflict.
+            if self.annotations and (kind := self.annotations.classify(prepared.dataset,
+                                                                       blob.sha256)):
+                return self.annotations.ingest(kind, prepared.dataset, blob, receipt, source)
             return self._index(rec, receipt, blob, source, geometry, findings, override,
                                prepared)
         except _RefusedInTransaction as refused:

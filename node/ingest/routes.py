@@ -54,8 +54,12 @@ class Prepared:
 class Router:
     """Applies a peer's route to a received file."""
 
-    def __init__(self, deidentifier: Deidentifier, key: ProjectKey, index: Index) -> None:
+    def __init__(self, deidentifier: Deidentifier, key: ProjectKey, index: Index,
+                 annotation_deidentifier: Deidentifier) -> None:
         self.deidentifier = deidentifier
+        #: The same profile with Clean Graphics on: overlay planes are how Horos
+        #: annotations travel, so on the annotator route they are kept, cleaned.
+        self.annotation_deidentifier = annotation_deidentifier
         self.key = key
         self.reid_map = ReidentificationMap(key)
         self.index = index
@@ -89,7 +93,7 @@ class Router:
                 raise DeidentificationError(f"annotation still carries identity: {reason}")
             # Built on the clinical original (the tool had it from the PACS): the same
             # keyed rules give the same pseudonyms and date shift as the stored study.
-            result = self.deidentifier.deidentify(remapped, keep_uid=known)
+            result = self.annotation_deidentifier.deidentify(remapped, keep_uid=known)
         return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
 
     def record(self, conn: sqlite3.Connection, prepared: Prepared, sop_instance_uid: str,

@@ -1,0 +1,505 @@
+"""Test data for the annotation tests: a small phantom series, its spheres as
+ground-truth masks, SEGs built with highdicom, and overlay copies built the
+way the Horos/OsiriX pipeline builds them (seed 004: one ROI per group 6000 +
+2j, same SOP Instance UID, same pixels)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.pixels import pack_bits
+from pydicom.tag import Tag
+
+from node import config
+from node.context import NodeContext
+from node.ingest.pipeline import Source, StoreResult
+from node.phantom import Phantom, Sphere
+
+#: 40 slices of 256×256 at 1.4 mm (the phantom's 358 mm field), 2.5 mm apart:
+#: every sphere fits, and a script hard-coding 512×512 overlays is wrong here.
+PHANTOM = Phantom(seed="annotations", slices_count=40, rows=256, columns=256, pixel_spacing=1.4)
+
+NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
+ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
+VESSEL = hd.sr.CodedConcept("59820001", "SCT", "Blood Vessel")
+ANATOMY = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
+
+
+def sphere_mask(phantom: Phantom, sphere: Sphere) -> np.ndarray:
+    """The voxels the phantom fills with ``sphere`` (the same rule as its pixels)."""
+    x = phantom.origin[0] + np.arange(phantom.columns) * phantom.pixel_spacing
+    y = phantom.origin[1] + np.arange(phantom.rows) * phantom.pixel_spacing
+    xx, yy = np.meshgrid(x, y)
+    out = np.zeros((phantom.slices_count, phantom.rows, phantom.columns), dtype=bool)
+    for k in range(phantom.slices_count):
+        dz2 = (phantom.z_of(k) - sphere.center_mm[2]) ** 2
+        if dz2 < sphere.radius_mm ** 2:
+            out[k] = (xx - sphere.center_mm[0]) ** 2 + (yy - sphere.center_mm[1]) ** 2 \
+                < sphere.radius_mm ** 2 - dz2
+    return out
+
+
+@functools.cache
+def truth(phantom: Phantom = PHANTOM) -> tuple[np.ndarray, ...]:
+    """Ground truth of the three spheres: big soft tissue, bone, small nodule (read-only)."""
+    masks = tuple(sphere_mask(phantom, s) for s in phantom.spheres)
+    for m in masks:
+        m.flags.writeable = False
+    return masks
+
+
+def headers(phantom: Phantom = PHANTOM) -> list[Dataset]:
+    out = []
+    for k in range(phantom.slices_count):
+        ds = phantom.slice(k)
+        del ds.PixelData
+        out.append(ds)
+    return out
+
+
+def description(number: int, label: str, category=ABNORMAL, type_=NODULE) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label, segmented_property_category=category,
+        segmented_property_type=type_, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+
+
+def make_seg(masks: list[np.ndarray], labels: list[str], *, seg_type: str = "BINARY",
+             omit_empty: bool = True, phantom: Phantom = PHANTOM, codes=None,
+             fractional: np.ndarray | None = None) -> hd.seg.Segmentation:
+    """A SEG of ``masks`` (full-grid bool arrays) on the phantom series.
+
+    FRACTIONAL uses ``fractional`` (slices, rows, cols, segments) floats when given.
+    """
+    codes = codes or [(ABNORMAL, NODULE)] * len(masks)
+    descriptions = [description(i + 1, label, *codes[i]) for i, label in enumerate(labels)]
+    if seg_type == "LABELMAP":
+        pixels = np.zeros(masks[0].shape, dtype=np.uint8)
+        for i, m in enumerate(masks):
+            pixels[m] = i + 1
+    elif seg_type == "FRACTIONAL" and fractional is not None:
+        pixels = fractional.astype(np.float32)
+    else:
+        pixels = np.stack(masks, axis=-1).astype(np.uint8 if seg_type == "BINARY" else np.float32)
+    return hd.seg.Segmentation(
+        source_images=headers(phantom), pixel_array=pixels,
+        segmentation_type=getattr(hd.seg.SegmentationTypeValues, seg_type),
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Lamina tests",
+        manufacturer_model_name="fixtures", software_versions="1", device_serial_number="1",
+        content_creator_name="Reader^One", omit_empty_frames=omit_empty,
+        max_fractional_value=255)
+
+
+def permute_frames(seg: Dataset, seed: int = 7) -> Dataset:
+    """The same SEG with its frames (pixels and per-frame groups) in a shuffled order."""
+    parsed = hd.seg.Segmentation.from_dataset(copy.deepcopy(seg), copy=True)
+    frames = np.stack([parsed.get_stored_frame(i + 1) for i in range(int(seg.NumberOfFrames))])
+    order = np.random.default_rng(seed).permutation(len(frames))
+    out = copy.deepcopy(seg)
+    out.PerFrameFunctionalGroupsSequence = [seg.PerFrameFunctionalGroupsSequence[i] for i in order]
+    shuffled = frames[order]
+    if int(seg.BitsAllocated) == 1:
+        out.PixelData = pack_bits(shuffled.ravel())
+    else:
+        out.PixelData = shuffled.astype(np.uint8).tobytes()
+    return out
+
+
+def overlay_copy(k: int, rois: list[tuple[int, str | None, np.ndarray]],
+                 phantom: Phantom = PHANTOM, size: tuple[int, int] | None = None) -> Dataset:
+    """The annotator's copy of slice ``k``: same UID and pixels, one ROI per overlay group.
+
+    ``rois`` are (group, label or None, rows × columns bool plane). ``size``
+    overrides OverlayRows/Columns (the 512×512 hard-coding of scripts in the wild).
+    """
+    ds = phantom.slice(k)
+    for group, label, plane in rois:
+        rows, cols = size or plane.shape
+        data = np.zeros((rows, cols), dtype=np.uint8)
+        r, c = min(rows, plane.shape[0]), min(cols, plane.shape[1])
+        data[:r, :c] = plane[:r, :c]
+        ds.add_new(Tag(group, 0x0010), "US", rows)
+        ds.add_new(Tag(group, 0x0011), "US", cols)
+        ds.add_new(Tag(group, 0x0040), "CS", "R")
+        ds.add_new(Tag(group, 0x0050), "SS", [1, 1])
+        ds.add_new(Tag(group, 0x0100), "US", 1)
+        ds.add_new(Tag(group, 0x0102), "US", 0)
+        if label is not None:
+            ds.add_new(Tag(group, 0x0022), "LO", label)
+            ds.add_new(Tag(group, 0x1500), "LO", label)
+        ds.add_new(Tag(group, 0x3000), "OW", pack_bits(data.ravel(), pad=True))
+    return ds
+
+
+#: The protocol the annotation tests run under. The phantom's spheres are
+#: "Nodule 1" (r 20 mm), "Bone" (r 12 mm) and "Nodule 2" (r 8 mm): all fit.
+TEST_PROTOCOL = """
+[protocol]
+name = "tests"
+version = "1"
+
+[classes.nodule]
+label = "Nodule"
+pattern = "nodule[ _-]?\\\\d+"
+category = { scheme = "SCT", value = "49755003", meaning = "Morphologically Abnormal Structure" }
+type = { scheme = "SCT", value = "27925004", meaning = "Nodule" }
+window = "lung"
+geometry = "volume"
+components = 1
+diameter_mm = [3.0, 45.0]
+volume_mm3 = [50.0, 40000.0]
+diameter_jump_mm = 3.0
+exclusive_with = ["nodule", "vessel"]
+
+[classes.bone]
+label = "Bone"
+category = { scheme = "SCT", value = "91723000", meaning = "Anatomical Structure" }
+type = { scheme = "SCT", value = "272673000", meaning = "Bone" }
+window = "bone"
+
+[classes.vessel]
+label = "Vessel"
+category = { scheme = "SCT", value = "91723000", meaning = "Anatomical Structure" }
+type = { scheme = "SCT", value = "59820001", meaning = "Blood Vessel" }
+window = "mediastinal"
+components = 3
+"""
+
+BONE = hd.sr.CodedConcept("272673000", "SCT", "Bone")
+LABELS = ["Nodule 1", "Bone", "Nodule 2"]
+CODES = [(ABNORMAL, NODULE), (ANATOMY, BONE), (ABNORMAL, NODULE)]
+
+
+def valid_seg(**kwargs) -> hd.seg.Segmentation:
+    """The three spheres, correctly labelled and coded: a SEG without findings."""
+    return make_seg(truth(), LABELS, codes=CODES, **kwargs)
+
+
+def fractional_seg() -> hd.seg.Segmentation:
+    """FRACTIONAL: 0.8 inside each sphere, 0.3 in a one-voxel halo the threshold must drop."""
+    masks = truth()
+    values = np.zeros((*masks[0].shape, len(masks)), dtype=np.float32)
+    for i, m in enumerate(masks):
+        halo = np.zeros_like(m)
+        halo[:, 1:, :] |= m[:, :-1, :]
+        halo[:, :, 1:] |= m[:, :, :-1]
+        values[..., i][halo & ~m] = 0.3
+        values[..., i][m] = 0.8
+    return make_seg(masks, LABELS, codes=CODES, seg_type="FRACTIONAL", fractional=values)
+
+
+def float32_positions(seg: Dataset) -> Dataset:
+    """Plane positions rewritten the way dcmqi writes them (float32 text, e.g. -44.4500008)."""
+    out = copy.deepcopy(seg)
+    for item in out.PerFrameFunctionalGroupsSequence:
+        plane = item.PlanePositionSequence[0]
+        plane.ImagePositionPatient = [f"{np.float32(v):.9g}" for v in plane.ImagePositionPatient]
+    return out
+
+
+def rotating_overlays(masks: list[np.ndarray], labels: list[str | None],
+                      person: str = "Reader^Horos") -> list[Dataset]:
+    """Overlay copies of every slice a mask touches, the Horos-pipeline way.
+
+    Each slice's ROIs take groups 6000 + 2j in an order that rotates from
+    slice to slice, so the same ROI sits in different groups on different
+    slices; OperatorsName carries the annotator.
+    """
+    copies = []
+    for k in range(masks[0].shape[0]):
+        present = [(labels[i], m[k]) for i, m in enumerate(masks) if m[k].any()]
+        if not present:
+            continue
+        shift = k % len(present)
+        present = present[shift:] + present[:shift]
+        ds = overlay_copy(k, [(0x6000 + 2 * j, label, plane)
+                              for j, (label, plane) in enumerate(present)])
+        ds.OperatorsName = person
+        copies.append(ds)
+    return copies
+
+
+# --- the catalogue: valid objects, and one defective variant per check ------------
+
+
+def _nodule3(mask: np.ndarray) -> hd.seg.Segmentation:
+    return make_seg([mask], ["Nodule 3"])
+
+
+def _line(length: int) -> np.ndarray:
+    """A 1-voxel-thick line of ``length`` voxels along the rows, on slices 30 and 31."""
+    m = np.zeros((PHANTOM.slices_count, PHANTOM.rows, PHANTOM.columns), dtype=bool)
+    m[30:32, 200, 100:100 + length] = True
+    return m
+
+
+def _with_stray() -> np.ndarray:
+    m = truth()[2].copy()
+    m[20:22, 10:13, 10:13] = True  # two slices, far from the nodule, two slices above it
+    return m
+
+
+def _with_gap() -> np.ndarray:
+    m = truth()[2].copy()
+    m[14] = False  # the nodule's equator
+    return m
+
+
+def _with_dent() -> np.ndarray:
+    m = truth()[0].copy()
+    x = PHANTOM.origin[0] + np.arange(PHANTOM.columns) * PHANTOM.pixel_spacing
+    xx, yy = np.meshgrid(x, x)
+    m[20] = xx ** 2 + yy ** 2 < 14.0 ** 2  # the 20 mm sphere's equator drawn at 14 mm
+    return m
+
+
+def _vessel_through_nodule() -> np.ndarray:
+    m = np.zeros_like(truth()[2])
+    center_row = round((40.0 - PHANTOM.origin[1]) / PHANTOM.pixel_spacing)
+    center_col = round((-70.0 - PHANTOM.origin[0]) / PHANTOM.pixel_spacing)
+    m[8:21, center_row - 1:center_row + 2, center_col - 1:center_col + 2] = True
+    return m
+
+
+FINDING_CHECKS = ("components", "diameter", "diameter-jump", "empty", "geometry", "overlap",
+                  "slice-gap", "unknown-label", "volume")
+SEG_REFUSAL_CHECKS = ("frame-of-reference", "instances", "plane-position", "seg-format", "series")
+OVERLAY_REFUSAL_CHECKS = ("frame-of-reference", "overlay-data", "overlay-group", "overlay-size",
+                          "pixel-data", "series")
+
+
+@functools.cache
+def seg_finding_variants() -> dict[str, hd.seg.Segmentation]:
+    """Finding name → a SEG that should produce exactly that one finding."""
+    t = truth()
+    return {
+        "empty": make_seg([t[2], np.zeros_like(t[2])], ["Nodule 2", "Nodule 3"]),
+        "components": make_seg([_with_stray()], ["Nodule 2"]),
+        "slice-gap": make_seg([_with_gap()], ["Nodule 2"]),
+        "diameter-jump": make_seg([_with_dent()], ["Nodule 1"]),
+        "volume": _nodule3(_line(4)),
+        "diameter": _nodule3(_line(40)),
+        "geometry": _nodule3(np.where(np.arange(40)[:, None, None] == 14, t[2], False)),
+        "overlap": make_seg([t[2], _vessel_through_nodule()], ["Nodule 2", "Vessel"],
+                            codes=[(ABNORMAL, NODULE), (ANATOMY, VESSEL)]),
+        "unknown-label": make_seg([t[0]], ["Liver"], codes=[(ANATOMY, ANATOMY)]),
+    }
+
+
+@functools.cache
+def seg_refusal_variants() -> dict[str, Dataset]:
+    """Refusal check → a SEG (otherwise valid) failing exactly that check."""
+    variants = {}
+    ds = copy.deepcopy(valid_seg())
+    del ds.SegmentSequence
+    variants["seg-format"] = ds
+    ds = copy.deepcopy(valid_seg())
+    ds.ReferencedSeriesSequence[0].SeriesInstanceUID = hd.UID()
+    variants["series"] = ds
+    ds = copy.deepcopy(valid_seg())
+    source = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    source.SourceImageSequence[0].ReferencedSOPInstanceUID = hd.UID()
+    variants["instances"] = ds
+    ds = copy.deepcopy(valid_seg())
+    ds.FrameOfReferenceUID = hd.UID()
+    variants["frame-of-reference"] = ds
+    ds = copy.deepcopy(valid_seg())
+    plane = ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
+    x, y, z = (float(v) for v in plane.ImagePositionPatient)
+    plane.ImagePositionPatient = [x, y, z + 1.0]
+    variants["plane-position"] = ds
+    return variants
+
+
+@functools.cache
+def overlay_refusal_variants() -> dict[str, Dataset]:
+    """Refusal check → one overlay copy of slice 20 failing exactly that check.
+
+    Each copy names its own annotator, so each lands in an annotation of its own.
+    """
+    k, t = 20, truth()
+    plane = t[0][k]
+
+    def good(person: str) -> Dataset:
+        ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)])
+        ds.OperatorsName = person
+        return ds
+
+    variants = {}
+    ds = overlay_copy(k, [(0x6000 + 2 * j, f"Nodule {j + 1}", plane) for j in range(17)])
+    ds.OperatorsName = "Reader^Spill"
+    variants["overlay-group"] = ds
+    ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)], size=(512, 512))
+    ds.OperatorsName = "Reader^Hardcoded"
+    variants["overlay-size"] = ds
+    ds = good("Reader^Truncated")
+    ds[0x60003000].value = ds[0x60003000].value[: len(ds[0x60003000].value) // 2]
+    variants["overlay-data"] = ds
+    ds = good("Reader^Rewindowed")
+    pixels = ds.pixel_array.copy()
+    pixels[100:110, 100:110] += 50
+    ds.PixelData = pixels.tobytes()
+    variants["pixel-data"] = ds
+    ds = good("Reader^Frame")
+    ds.FrameOfReferenceUID = hd.UID()
+    variants["frame-of-reference"] = ds
+    ds = good("Reader^Series")
+    ds.SeriesInstanceUID = hd.UID()
+    variants["series"] = ds
+    return variants
+
+
+def overlay_gap_copies() -> list[Dataset]:
+    """Overlay copies of "Nodule 2" with slice 14's copy never sent: a slice gap."""
+    copies = rotating_overlays([truth()[2]], ["Nodule 2"], person="Reader^Gap")
+    return [c for c in copies if int(c.InstanceNumber) != 15]
+
+
+# --- an in-process node (unit tests): same context and services as the server ---------
+
+SOURCE = Source("TESTSCU", "127.0.0.1", "unit-tests")
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
+              settle_seconds: float = 1.0) -> NodeContext:
+    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored.
+
+    Its settings are in ``folder/node.toml``, so CLI commands can run against it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["[storage]", f'data = "{folder / "data"}"', "min_free_mb = 0",
+             "[audit]", f'signing_key = "{folder / "k.pem"}"']
+    if protocol is not None:
+        (folder / "protocol.toml").write_text(protocol)
+        lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"',
+                  f"settle_seconds = {settle_seconds}"]
+    (folder / "node.toml").write_text("\n".join(lines) + "\n")
+    ctx = NodeContext.open(config.load(folder / "node.toml"))
+    for k in range(PHANTOM.slices_count):
+        assert ctx.ingest.ingest_bytes(encode(PHANTOM.slice(k)), SOURCE).action == "stored"
+    return ctx
+
+
+def ingest(ctx: NodeContext, ds: Dataset) -> StoreResult:
+    return ctx.ingest.ingest_bytes(encode(ds), SOURCE)
+
+
+def annotation_of(ctx: NodeContext, sop_instance_uid: str) -> int:
+    """The annotation an object (SEG, overlay copy) was filed under (its newest)."""
+    with ctx.index.read() as conn:
+        return conn.execute("SELECT annotation_fk FROM annotation_object WHERE sop_instance_uid = ?"
+                            " ORDER BY id DESC LIMIT 1", (sop_instance_uid,)).fetchone()[0]
+
+
+def current_findings(ctx: NodeContext, annotation_id: int) -> list[dict]:
+    """The current findings, once every overlay set still settling has been checked."""
+    ctx.annotations.flush()
+    with ctx.index.read() as conn:
+        rows = conn.execute(
+            "SELECT f.check_name, f.structure_id, f.slices, f.detail FROM annotation_finding f"
+            " JOIN annotation a ON a.current_check_fk = f.check_fk WHERE a.id = ?",
+            (annotation_id,)).fetchall()
+    return [{"check": r[0], "structure_id": r[1], "slices": json.loads(r[2]), "detail": r[3]}
+            for r in rows]
+
+
+# --- dcmqi (PyPI "dcmqi"), and dicom3tools' dciodvfy ------------------------------------
+
+
+def tool(name: str, package: str) -> str:
+    """The path of an external tool, or a pytest skip naming what provides it.
+
+    Tools pip installs land beside the interpreter, which may not be on PATH.
+    """
+    import os
+    import shutil
+    import sys
+    import sysconfig
+
+    import pytest
+
+    search = os.pathsep.join([os.environ.get("PATH", ""), sysconfig.get_path("scripts"),
+                              str(Path(sys.executable).parent)])
+    path = shutil.which(name, path=search)
+    if path is None:
+        pytest.skip(f"{name} is not installed ({package}; .ci/run installs it)")
+    return path
+
+
+def dcmqi_seg(folder: Path) -> Dataset:
+    """The three spheres as a SEG written by dcmqi's itkimage2segimage from a NRRD label map.
+
+    dcmqi references only the slices that carry frames and writes float32 positions.
+    """
+    import subprocess
+
+    import SimpleITK as sitk
+    from pydicom import dcmread
+
+    from node.annotations.grid import SeriesGrid
+
+    binary = tool("itkimage2segimage", "PyPI package dcmqi")
+    folder.mkdir(parents=True, exist_ok=True)
+    PHANTOM.write(folder / "ct")
+    labels = np.zeros((PHANTOM.slices_count, PHANTOM.rows, PHANTOM.columns), dtype=np.uint8)
+    for i, m in enumerate(truth()):
+        labels[m] = i + 1
+    sitk.WriteImage(SeriesGrid.from_headers(headers()).to_image(labels), str(folder / "labels.nrrd"))
+
+    def code(c: hd.sr.CodedConcept) -> dict:
+        return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme_designator,
+                "CodeMeaning": c.meaning}
+
+    meta = {"ContentCreatorName": "Reader^Dcmqi", "ClinicalTrialSeriesID": "1",
+            "ClinicalTrialTimePointID": "1", "SeriesDescription": "dcmqi", "SeriesNumber": "300",
+            "InstanceNumber": "1", "segmentAttributes": [[
+                {"labelID": i + 1, "SegmentLabel": label, "SegmentDescription": label,
+                 "SegmentAlgorithmType": "MANUAL",
+                 "SegmentedPropertyCategoryCodeSequence": code(CODES[i][0]),
+                 "SegmentedPropertyTypeCodeSequence": code(CODES[i][1])}
+                for i, label in enumerate(LABELS)]]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    subprocess.run([binary, "--inputImageList", str(folder / "labels.nrrd"),
+                    "--inputDICOMDirectory", str(folder / "ct"),
+                    "--outputDICOM", str(folder / "seg.dcm"),
+                    "--inputMetadata", str(folder / "meta.json")],
+                   check=True, capture_output=True, timeout=120)
+    return dcmread(folder / "seg.dcm")
+
+
+def seg_read_back_with_dcmqi(seg_path: Path, folder: Path, grid) -> dict[str, np.ndarray]:
+    """segimage2itkimage's reading of a SEG: segment label → bool array on ``grid``.
+
+    dcmqi writes each segment over the extent of its frames only; nearest-
+    neighbour resampling onto the grid (voxel centres coincide) places it.
+    """
+    import subprocess
+
+    import SimpleITK as sitk
+
+    binary = tool("segimage2itkimage", "PyPI package dcmqi")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "--inputDICOM", str(seg_path), "--outputDirectory", str(folder),
+                    "-t", "nrrd"], check=True, capture_output=True, timeout=120)
+    meta = json.loads((folder / "meta.json").read_text())
+    reference = grid.to_image(np.zeros(grid.shape, dtype=np.uint8))
+    out = {}
+    for attributes in meta["segmentAttributes"]:
+        for item in attributes:
+            image = sitk.ReadImage(str(folder / f"{item['labelID']}.nrrd"))
+            placed = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            out[item["SegmentLabel"]] = sitk.GetArrayFromImage(placed) != 0
+    return out
