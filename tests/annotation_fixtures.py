@@ -1,26 +1,45 @@
 """Test data for the annotation tests: a small phantom series, its spheres as
 ground-truth masks, SEGs built with highdicom, and overlay copies built the
 way the Horos/OsiriX pipeline builds them (seed 004: one ROI per group 6000 +
-2j, same SOP Instance UID, same pixels)."""
+2j, same SOP Instance UID, same pixels).
+
+The workflow the node tests follow: the phantom series arrives from the
+hospital PACS (a ``clinical`` peer) and is de-identified on the way in; the
+annotators draw on what the node serves them, the stored pseudonymous slices
+(:class:`Served`, read back from the node's blob store), and push their SEGs
+and overlay copies from an ``annotator`` peer of their own. Every builder takes
+the series it draws on; its default, the phantom as the PACS holds it, is for
+the unit tests that never reach a node (the geometry is the same either way).
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
 import json
+import sqlite3
+from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.pixels import pack_bits
 from pydicom.tag import Tag
+from pydicom.uid import RLELossless
 
 from node import config
+from node.anonymize.keys import create_key_file
 from node.context import NodeContext
 from node.ingest.pipeline import Source, StoreResult
 from node.phantom import Phantom, Sphere
+
+if TYPE_CHECKING:
+    from tests.nodeproc import NodeProcess
 
 #: 40 slices of 256×256 at 1.4 mm (the phantom's 358 mm field), 2.5 mm apart:
 #: every sphere fits, and a script hard-coding 512×512 overlays is wrong here.
@@ -55,10 +74,92 @@ def truth(phantom: Phantom = PHANTOM) -> tuple[np.ndarray, ...]:
     return masks
 
 
-def headers(phantom: Phantom = PHANTOM) -> list[Dataset]:
+class Served:
+    """The phantom series as a node serves it: its stored, de-identified slices.
+
+    What an annotator's tool retrieves and draws on: pseudonymous UIDs, patient
+    and shifted dates, as the clinical route stored them. Quacks like the
+    :class:`Phantom` for the builders below (``slice``, ``sop_uid``,
+    ``series_uid`` and the geometry, which de-identification leaves alone:
+    checked when it is read back). Equal (and cached alike) by its slices' UIDs.
+    """
+
+    def __init__(self, datasets: list[Dataset]) -> None:
+        by_depth = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+        assert len(by_depth) == PHANTOM.slices_count, "the whole series is stored"
+        for k, ds in enumerate(by_depth):
+            assert float(ds.ImagePositionPatient[2]) == PHANTOM.z_of(k)
+            assert str(ds.PatientID).startswith("LAMINA-"), "served slices are pseudonymous"
+        self._slices = tuple(by_depth)
+        self._uids = tuple(str(ds.SOPInstanceUID) for ds in by_depth)
+        for name in ("slices_count", "rows", "columns", "origin", "pixel_spacing", "spheres"):
+            setattr(self, name, getattr(PHANTOM, name))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Served) and other._uids == self._uids
+
+    def __hash__(self) -> int:
+        return hash(self._uids)
+
+    @property
+    def series_uid(self) -> str:
+        return str(self._slices[0].SeriesInstanceUID)
+
+    @property
+    def study_uid(self) -> str:
+        return str(self._slices[0].StudyInstanceUID)
+
+    def sop_uid(self, k: int) -> str:
+        return self._uids[k]
+
+    def z_of(self, k: int) -> float:
+        return PHANTOM.z_of(k)
+
+    def slice(self, k: int) -> Dataset:
+        """A copy of stored slice ``k`` (pixels included), as a retrieve would give it."""
+        return copy.deepcopy(self._slices[k])
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k in range(self.slices_count):
+            path = folder / f"CT{k + 1:04d}.dcm"
+            self.slice(k).save_as(path, enforce_file_format=True)
+            paths.append(path)
+        return paths
+
+
+#: What the builders draw on: the phantom as the PACS holds it, or as a node serves it.
+Series = Phantom | Served
+
+
+def served(ctx: NodeContext) -> Served:
+    """The phantom series stored in an in-process node, read back from its blob store.
+
+    Found through the index by the pseudonym the clinical route gave its series UID.
+    """
+    series_uid = ctx.key.uid(PHANTOM.series_uid)
+    with ctx.index.read() as conn:
+        shas = [r[0] for r in conn.execute(
+            "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
+            " WHERE s.series_instance_uid = ?", (series_uid,))]
+    return Served([dcmread(ctx.blobs.path_for(sha)) for sha in shas])
+
+
+def served_by(node: NodeProcess) -> Served:
+    """The phantom series stored by a node subprocess, read back from its blob store."""
+    series_uid = node.project_key().uid(PHANTOM.series_uid)
+    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
+        shas = [r[0] for r in conn.execute(
+            "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
+            " WHERE s.series_instance_uid = ?", (series_uid,))]
+    return Served([dcmread(node.blob_path(sha)) for sha in shas])
+
+
+def headers(series: Series = PHANTOM) -> list[Dataset]:
     out = []
-    for k in range(phantom.slices_count):
-        ds = phantom.slice(k)
+    for k in range(series.slices_count):
+        ds = series.slice(k)
         del ds.PixelData
         out.append(ds)
     return out
@@ -71,9 +172,9 @@ def description(number: int, label: str, category=ABNORMAL, type_=NODULE) -> hd.
 
 
 def make_seg(masks: list[np.ndarray], labels: list[str], *, seg_type: str = "BINARY",
-             omit_empty: bool = True, phantom: Phantom = PHANTOM, codes=None,
+             omit_empty: bool = True, series: Series = PHANTOM, codes=None,
              fractional: np.ndarray | None = None) -> hd.seg.Segmentation:
-    """A SEG of ``masks`` (full-grid bool arrays) on the phantom series.
+    """A SEG of ``masks`` (full-grid bool arrays) on ``series``.
 
     FRACTIONAL uses ``fractional`` (slices, rows, cols, segments) floats when given.
     """
@@ -88,7 +189,7 @@ def make_seg(masks: list[np.ndarray], labels: list[str], *, seg_type: str = "BIN
     else:
         pixels = np.stack(masks, axis=-1).astype(np.uint8 if seg_type == "BINARY" else np.float32)
     return hd.seg.Segmentation(
-        source_images=headers(phantom), pixel_array=pixels,
+        source_images=headers(series), pixel_array=pixels,
         segmentation_type=getattr(hd.seg.SegmentationTypeValues, seg_type),
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Lamina tests",
@@ -113,13 +214,14 @@ def permute_frames(seg: Dataset, seed: int = 7) -> Dataset:
 
 
 def overlay_copy(k: int, rois: list[tuple[int, str | None, np.ndarray]],
-                 phantom: Phantom = PHANTOM, size: tuple[int, int] | None = None) -> Dataset:
-    """The annotator's copy of slice ``k``: same UID and pixels, one ROI per overlay group.
+                 series: Series = PHANTOM, size: tuple[int, int] | None = None) -> Dataset:
+    """The annotator's copy of slice ``k`` of ``series``: same UID and pixels, one ROI
+    per overlay group.
 
     ``rois`` are (group, label or None, rows × columns bool plane). ``size``
     overrides OverlayRows/Columns (the 512×512 hard-coding of scripts in the wild).
     """
-    ds = phantom.slice(k)
+    ds = series.slice(k)
     for group, label, plane in rois:
         rows, cols = size or plane.shape
         data = np.zeros((rows, cols), dtype=np.uint8)
@@ -177,12 +279,12 @@ LABELS = ["Nodule 1", "Bone", "Nodule 2"]
 CODES = [(ABNORMAL, NODULE), (ANATOMY, BONE), (ABNORMAL, NODULE)]
 
 
-def valid_seg(**kwargs) -> hd.seg.Segmentation:
+def valid_seg(series: Series = PHANTOM, **kwargs) -> hd.seg.Segmentation:
     """The three spheres, correctly labelled and coded: a SEG without findings."""
-    return make_seg(truth(), LABELS, codes=CODES, **kwargs)
+    return make_seg(truth(), LABELS, codes=CODES, series=series, **kwargs)
 
 
-def fractional_seg() -> hd.seg.Segmentation:
+def fractional_seg(series: Series = PHANTOM) -> hd.seg.Segmentation:
     """FRACTIONAL: 0.8 inside each sphere, 0.3 in a one-voxel halo the threshold must drop."""
     masks = truth()
     values = np.zeros((*masks[0].shape, len(masks)), dtype=np.float32)
@@ -192,7 +294,8 @@ def fractional_seg() -> hd.seg.Segmentation:
         halo[:, :, 1:] |= m[:, :, :-1]
         values[..., i][halo & ~m] = 0.3
         values[..., i][m] = 0.8
-    return make_seg(masks, LABELS, codes=CODES, seg_type="FRACTIONAL", fractional=values)
+    return make_seg(masks, LABELS, codes=CODES, seg_type="FRACTIONAL", fractional=values,
+                    series=series)
 
 
 def float32_positions(seg: Dataset) -> Dataset:
@@ -205,7 +308,7 @@ def float32_positions(seg: Dataset) -> Dataset:
 
 
 def rotating_overlays(masks: list[np.ndarray], labels: list[str | None],
-                      person: str = "Reader^Horos") -> list[Dataset]:
+                      person: str = "Reader^Horos", series: Series = PHANTOM) -> list[Dataset]:
     """Overlay copies of every slice a mask touches, the Horos-pipeline way.
 
     Each slice's ROIs take groups 6000 + 2j in an order that rotates from
@@ -220,7 +323,7 @@ def rotating_overlays(masks: list[np.ndarray], labels: list[str | None],
         shift = k % len(present)
         present = present[shift:] + present[:shift]
         ds = overlay_copy(k, [(0x6000 + 2 * j, label, plane)
-                              for j, (label, plane) in enumerate(present)])
+                              for j, (label, plane) in enumerate(present)], series)
         ds.OperatorsName = person
         copies.append(ds)
     return copies
@@ -229,8 +332,8 @@ def rotating_overlays(masks: list[np.ndarray], labels: list[str | None],
 # --- the catalogue: valid objects, and one defective variant per check ------------
 
 
-def _nodule3(mask: np.ndarray) -> hd.seg.Segmentation:
-    return make_seg([mask], ["Nodule 3"])
+def _nodule3(mask: np.ndarray, series: Series) -> hd.seg.Segmentation:
+    return make_seg([mask], ["Nodule 3"], series=series)
 
 
 def _line(length: int) -> np.ndarray:
@@ -276,41 +379,47 @@ OVERLAY_REFUSAL_CHECKS = ("frame-of-reference", "overlay-data", "overlay-group",
 
 
 @functools.cache
-def seg_finding_variants() -> dict[str, hd.seg.Segmentation]:
-    """Finding name → a SEG that should produce exactly that one finding."""
+def seg_finding_variants(series: Series = PHANTOM) -> dict[str, hd.seg.Segmentation]:
+    """Finding name → a SEG on ``series`` that should produce exactly that one finding."""
     t = truth()
     return {
-        "empty": make_seg([t[2], np.zeros_like(t[2])], ["Nodule 2", "Nodule 3"]),
-        "components": make_seg([_with_stray()], ["Nodule 2"]),
-        "slice-gap": make_seg([_with_gap()], ["Nodule 2"]),
-        "diameter-jump": make_seg([_with_dent()], ["Nodule 1"]),
-        "volume": _nodule3(_line(4)),
-        "diameter": _nodule3(_line(40)),
-        "geometry": _nodule3(np.where(np.arange(40)[:, None, None] == 14, t[2], False)),
+        "empty": make_seg([t[2], np.zeros_like(t[2])], ["Nodule 2", "Nodule 3"], series=series),
+        "components": make_seg([_with_stray()], ["Nodule 2"], series=series),
+        "slice-gap": make_seg([_with_gap()], ["Nodule 2"], series=series),
+        "diameter-jump": make_seg([_with_dent()], ["Nodule 1"], series=series),
+        "volume": _nodule3(_line(4), series),
+        "diameter": _nodule3(_line(40), series),
+        "geometry": _nodule3(np.where(np.arange(40)[:, None, None] == 14, t[2], False), series),
         "overlap": make_seg([t[2], _vessel_through_nodule()], ["Nodule 2", "Vessel"],
-                            codes=[(ABNORMAL, NODULE), (ANATOMY, VESSEL)]),
-        "unknown-label": make_seg([t[0]], ["Liver"], codes=[(ANATOMY, ANATOMY)]),
+                            codes=[(ABNORMAL, NODULE), (ANATOMY, VESSEL)], series=series),
+        "unknown-label": make_seg([t[0]], ["Liver"], codes=[(ANATOMY, ANATOMY)],
+                                  series=series),
     }
 
 
 @functools.cache
-def seg_refusal_variants() -> dict[str, Dataset]:
-    """Refusal check → a SEG (otherwise valid) failing exactly that check."""
+def seg_refusal_variants(series: Series = PHANTOM) -> dict[str, Dataset]:
+    """Refusal check → a SEG on ``series`` (otherwise valid) failing exactly that check.
+
+    Each is a valid SEG IOD to validation, which runs first on every object (a SEG
+    without its SegmentSequence, say, is refused there as a missing Type 1 attribute).
+    """
     variants = {}
-    ds = copy.deepcopy(valid_seg())
-    del ds.SegmentSequence
+    ds = copy.deepcopy(valid_seg(series))
+    ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0] \
+        .ReferencedSegmentNumber = 9  # described are 1 to 3
     variants["seg-format"] = ds
-    ds = copy.deepcopy(valid_seg())
+    ds = copy.deepcopy(valid_seg(series))
     ds.ReferencedSeriesSequence[0].SeriesInstanceUID = hd.UID()
     variants["series"] = ds
-    ds = copy.deepcopy(valid_seg())
+    ds = copy.deepcopy(valid_seg(series))
     source = ds.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     source.SourceImageSequence[0].ReferencedSOPInstanceUID = hd.UID()
     variants["instances"] = ds
-    ds = copy.deepcopy(valid_seg())
+    ds = copy.deepcopy(valid_seg(series))
     ds.FrameOfReferenceUID = hd.UID()
     variants["frame-of-reference"] = ds
-    ds = copy.deepcopy(valid_seg())
+    ds = copy.deepcopy(valid_seg(series))
     plane = ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
     x, y, z = (float(v) for v in plane.ImagePositionPatient)
     plane.ImagePositionPatient = [x, y, z + 1.0]
@@ -319,8 +428,8 @@ def seg_refusal_variants() -> dict[str, Dataset]:
 
 
 @functools.cache
-def overlay_refusal_variants() -> dict[str, Dataset]:
-    """Refusal check → one overlay copy of slice 20 failing exactly that check.
+def overlay_refusal_variants(series: Series = PHANTOM) -> dict[str, Dataset]:
+    """Refusal check → one overlay copy of slice 20 of ``series`` failing exactly that check.
 
     Each copy names its own annotator, so each lands in an annotation of its own.
     """
@@ -328,15 +437,16 @@ def overlay_refusal_variants() -> dict[str, Dataset]:
     plane = t[0][k]
 
     def good(person: str) -> Dataset:
-        ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)])
+        ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)], series)
         ds.OperatorsName = person
         return ds
 
     variants = {}
-    ds = overlay_copy(k, [(0x6000 + 2 * j, f"Nodule {j + 1}", plane) for j in range(17)])
+    ds = overlay_copy(k, [(0x6000 + 2 * j, f"Nodule {j + 1}", plane) for j in range(17)],
+                      series)
     ds.OperatorsName = "Reader^Spill"
     variants["overlay-group"] = ds
-    ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)], size=(512, 512))
+    ds = overlay_copy(k, [(0x6000, "Nodule 1", plane)], series, size=(512, 512))
     ds.OperatorsName = "Reader^Hardcoded"
     variants["overlay-size"] = ds
     ds = good("Reader^Truncated")
@@ -356,15 +466,33 @@ def overlay_refusal_variants() -> dict[str, Dataset]:
     return variants
 
 
-def overlay_gap_copies() -> list[Dataset]:
+def undecodable_seg(series: Series = PHANTOM) -> Dataset:
+    """An RLE-compressed SEG whose frames are whole fragments of the right count that do
+    not decode: it passes validation (which reads no pixels) and only decoding finds it."""
+    seg = hd.seg.Segmentation(
+        source_images=headers(series), pixel_array=truth()[2].astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=[description(1, "Nodule 2")], series_instance_uid=hd.UID(),
+        series_number=100, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="Lamina tests", manufacturer_model_name="fixtures", software_versions="1",
+        device_serial_number="1", transfer_syntax_uid=RLELossless, max_fractional_value=255)
+    frames = generate_frames(seg.PixelData, number_of_frames=int(seg.NumberOfFrames))
+    seg.PixelData = encapsulate([b"\xff" * len(frame) for frame in frames])  # no RLE header
+    return seg
+
+
+def overlay_gap_copies(series: Series = PHANTOM) -> list[Dataset]:
     """Overlay copies of "Nodule 2" with slice 14's copy never sent: a slice gap."""
-    copies = rotating_overlays([truth()[2]], ["Nodule 2"], person="Reader^Gap")
+    copies = rotating_overlays([truth()[2]], ["Nodule 2"], person="Reader^Gap", series=series)
     return [c for c in copies if int(c.InstanceNumber) != 15]
 
 
 # --- an in-process node (unit tests): same context and services as the server ---------
 
-SOURCE = Source("TESTSCU", "127.0.0.1", "unit-tests")
+#: The hospital PACS: sends the phantom series identified; it is de-identified on the way in.
+PACS = Source("PACS", "127.0.0.1", "unit-tests", route="clinical")
+#: An annotator's workstation: sends SEGs and overlay copies drawn on the served series.
+ANNOTATOR = Source("ANNOTATOR", "127.0.0.1", "unit-tests", route="annotator")
 
 
 def encode(ds: Dataset) -> bytes:
@@ -375,26 +503,33 @@ def encode(ds: Dataset) -> bytes:
 
 def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
               settle_seconds: float = 1.0) -> NodeContext:
-    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored.
+    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored
+    as the PACS sends it (de-identified on the way in: :func:`served` reads it back).
 
-    Its settings are in ``folder/node.toml``, so CLI commands can run against it.
+    Its settings are in ``folder/node.toml``, so CLI commands can run against it;
+    the project key is ``folder/keys/project.key``, outside the data folder.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "keys" / "project.key"
+    if not key_file.exists():
+        create_key_file(key_file)
     lines = ["[storage]", f'data = "{folder / "data"}"', "min_free_mb = 0",
-             "[audit]", f'signing_key = "{folder / "k.pem"}"']
+             "[audit]", f'signing_key = "{folder / "k.pem"}"',
+             "[deidentify]", f'key_file = "{key_file}"']
     if protocol is not None:
         (folder / "protocol.toml").write_text(protocol)
         lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"',
                   f"settle_seconds = {settle_seconds}"]
     (folder / "node.toml").write_text("\n".join(lines) + "\n")
-    ctx = NodeContext.open(config.load(folder / "node.toml"))
+    ctx = NodeContext.open(config.load(folder / "node.toml"), with_key=True)
     for k in range(PHANTOM.slices_count):
-        assert ctx.ingest.ingest_bytes(encode(PHANTOM.slice(k)), SOURCE).action == "stored"
+        assert ctx.ingest.ingest_bytes(encode(PHANTOM.slice(k)), PACS).action == "stored"
     return ctx
 
 
-def ingest(ctx: NodeContext, ds: Dataset) -> StoreResult:
-    return ctx.ingest.ingest_bytes(encode(ds), SOURCE)
+def ingest(ctx: NodeContext, ds: Dataset, source: Source = ANNOTATOR) -> StoreResult:
+    """Receive ``ds`` in-process, from the annotator's workstation unless ``source`` says."""
+    return ctx.ingest.ingest_bytes(encode(ds), source)
 
 
 def annotation_of(ctx: NodeContext, sop_instance_uid: str) -> int:
@@ -439,8 +574,9 @@ def tool(name: str, package: str) -> str:
     return path
 
 
-def dcmqi_seg(folder: Path) -> Dataset:
-    """The three spheres as a SEG written by dcmqi's itkimage2segimage from a NRRD label map.
+def dcmqi_seg(folder: Path, series: Series = PHANTOM) -> Dataset:
+    """The three spheres as a SEG written by dcmqi's itkimage2segimage from a NRRD label map
+    on ``series`` (its slices written out as the DICOM input dcmqi reads).
 
     dcmqi references only the slices that carry frames and writes float32 positions.
     """
@@ -453,11 +589,12 @@ def dcmqi_seg(folder: Path) -> Dataset:
 
     binary = tool("itkimage2segimage", "PyPI package dcmqi")
     folder.mkdir(parents=True, exist_ok=True)
-    PHANTOM.write(folder / "ct")
+    series.write(folder / "ct")
     labels = np.zeros((PHANTOM.slices_count, PHANTOM.rows, PHANTOM.columns), dtype=np.uint8)
     for i, m in enumerate(truth()):
         labels[m] = i + 1
-    sitk.WriteImage(SeriesGrid.from_headers(headers()).to_image(labels), str(folder / "labels.nrrd"))
+    sitk.WriteImage(SeriesGrid.from_headers(headers(series)).to_image(labels),
+                    str(folder / "labels.nrrd"))
 
     def code(c: hd.sr.CodedConcept) -> dict:
         return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme_designator,

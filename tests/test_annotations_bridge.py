@@ -1,7 +1,9 @@
 """Bridges: overlay annotations → SEG, SEG/label map → overlay copies, label maps → SEG.
 
 SEGs Lamina writes must pass dciodvfy and read back voxel-identical with
-highdicom and with dcmqi's segimage2itkimage.
+highdicom and with dcmqi's segimage2itkimage. The series comes from the PACS
+(stored de-identified); annotations are drawn on the served slices and come
+back from the annotator's workstation.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ def ctx(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def overlay_annotation(ctx) -> int:
-    for ds in fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Bridge"):
+def served(ctx) -> fx.Served:
+    return fx.served(ctx)
+
+
+@pytest.fixture(scope="module")
+def overlay_annotation(ctx, served) -> int:
+    for ds in fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Bridge", series=served):
         assert fx.ingest(ctx, ds).action == "annotation"
-    return fx.annotation_of(ctx, fx.PHANTOM.sop_uid(20))
+    return fx.annotation_of(ctx, served.sop_uid(20))
 
 
 def _headers(ctx, grid):
@@ -59,7 +66,8 @@ def _highdicom_read_back(path, grid) -> dict[str, np.ndarray]:
     return out
 
 
-def test_overlay_annotation_becomes_a_valid_seg_read_back_identically(ctx, overlay_annotation,
+def test_overlay_annotation_becomes_a_valid_seg_read_back_identically(ctx, served,
+                                                                      overlay_annotation,
                                                                       tmp_path) -> None:
     grid, masks = ctx.annotations.masks_of(overlay_annotation)
     seg = masks_to_seg(masks, grid, _headers(ctx, grid), ctx.annotations.protocol,
@@ -75,7 +83,7 @@ def test_overlay_annotation_becomes_a_valid_seg_read_back_identically(ctx, overl
     by_dcmqi = fx.seg_read_back_with_dcmqi(path, tmp_path / "dcmqi", grid)
     for label, mask in truth.items():
         assert np.array_equal(by_dcmqi[label], mask), label
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == fx.PHANTOM.series_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == served.series_uid
     bone = next(s for s in seg.SegmentSequence if s.SegmentLabel == "Bone")
     assert bone.SegmentedPropertyTypeCodeSequence[0].CodeValue == "272673000"
     result = fx.ingest(ctx, dcmread(path))  # and our own SEG passes our own checks
@@ -83,8 +91,9 @@ def test_overlay_annotation_becomes_a_valid_seg_read_back_identically(ctx, overl
     assert fx.current_findings(ctx, fx.annotation_of(ctx, str(seg.SOPInstanceUID))) == []
 
 
-def test_seg_masks_become_overlay_copies_that_come_back_identical(ctx, tmp_path) -> None:
-    seg = fx.valid_seg()
+def test_seg_masks_become_overlay_copies_that_come_back_identical(ctx, served,
+                                                                 tmp_path) -> None:
+    seg = fx.valid_seg(served)
     grid, masks = ctx.annotations.masks_from_seg(seg, "0" * 64, Annotator("T"))
     copies = overlay_copies(masks, grid,
                             lambda k: ctx.annotations.stored_slice(grid.sop_instance_uids[k]),
@@ -107,8 +116,9 @@ def test_seg_masks_become_overlay_copies_that_come_back_identical(ctx, tmp_path)
         assert np.array_equal(next(m for m in back if m.label == label).array, truth), label
 
 
-def test_more_than_sixteen_structures_on_a_slice_cannot_be_overlays(ctx) -> None:
-    grid, masks = ctx.annotations.masks_from_seg(fx.valid_seg(), "0" * 64, Annotator("T"))
+def test_more_than_sixteen_structures_on_a_slice_cannot_be_overlays(ctx, served) -> None:
+    grid, masks = ctx.annotations.masks_from_seg(fx.valid_seg(served), "0" * 64,
+                                                 Annotator("T"))
     many = [masks[0]] * 17
     with pytest.raises(BridgeError, match="overlays hold 16"):
         overlay_copies(many, grid, lambda k: ctx.annotations.stored_slice(
@@ -116,8 +126,9 @@ def test_more_than_sixteen_structures_on_a_slice_cannot_be_overlays(ctx) -> None
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
-def test_label_maps_on_the_series_grid_import_as_a_valid_seg(ctx, tmp_path, suffix) -> None:
-    grid = ctx.annotations.grid(fx.PHANTOM.series_uid)
+def test_label_maps_on_the_series_grid_import_as_a_valid_seg(ctx, served, tmp_path,
+                                                            suffix) -> None:
+    grid = ctx.annotations.grid(served.series_uid)
     labels = np.zeros(grid.shape, dtype=np.uint16)
     for i, m in enumerate(fx.truth()):
         labels[m] = i + 1
@@ -139,8 +150,8 @@ def test_label_maps_on_the_series_grid_import_as_a_valid_seg(ctx, tmp_path, suff
         assert np.array_equal(by_dcmqi[label], truth), label
 
 
-def test_a_label_map_off_the_series_grid_is_refused(ctx, tmp_path) -> None:
-    grid = ctx.annotations.grid(fx.PHANTOM.series_uid)
+def test_a_label_map_off_the_series_grid_is_refused(ctx, served, tmp_path) -> None:
+    grid = ctx.annotations.grid(served.series_uid)
     image = grid.to_image(np.zeros(grid.shape, dtype=np.uint8))
     image.SetSpacing((1.0, 1.0, 2.5))
     path = tmp_path / "off.nrrd"

@@ -1,4 +1,8 @@
-"""``lamina annotations | overlays | import-labels`` against an in-process node's data folder."""
+"""``lamina annotations | overlays | import-labels`` against an in-process node's data folder.
+
+The series is stored de-identified from the PACS; annotations are drawn on the
+served slices and sent from the annotator's workstation.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +26,18 @@ def node(tmp_path_factory):
     ctx.close()
 
 
+@pytest.fixture(scope="module")
+def served(node) -> fx.Served:
+    return fx.served(node[0])
+
+
 def lamina(config, *args: str):
     return CliRunner().invoke(main, [*args, "--config", str(config)])
 
 
-def test_list_and_show_name_findings_with_slice_positions(node) -> None:
+def test_list_and_show_name_findings_with_slice_positions(node, served) -> None:
     ctx, config = node
-    seg = fx.seg_finding_variants()["slice-gap"]
+    seg = fx.seg_finding_variants(served)["slice-gap"]
     fx.ingest(ctx, seg)
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
     listed = lamina(config, "annotations", "list", "--json")
@@ -47,9 +56,9 @@ def test_list_and_show_name_findings_with_slice_positions(node) -> None:
     assert lamina(config, "annotations", "show", "999").exit_code == 2
 
 
-def test_check_again_exits_1_on_findings_and_keeps_the_history(node) -> None:
+def test_check_again_exits_1_on_findings_and_keeps_the_history(node, served) -> None:
     ctx, config = node
-    seg = fx.seg_finding_variants()["components"]
+    seg = fx.seg_finding_variants(served)["components"]
     fx.ingest(ctx, seg)
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
     result = lamina(config, "annotations", "check", str(annotation))
@@ -60,9 +69,9 @@ def test_check_again_exits_1_on_findings_and_keeps_the_history(node) -> None:
     assert checks == 2
 
 
-def test_show_lists_refused_objects_with_their_reason(node) -> None:
+def test_show_lists_refused_objects_with_their_reason(node, served) -> None:
     ctx, config = node
-    copy_ = fx.overlay_refusal_variants()["overlay-size"]
+    copy_ = fx.overlay_refusal_variants(served)["overlay-size"]
     fx.ingest(ctx, copy_)
     annotation = fx.annotation_of(ctx, str(copy_.SOPInstanceUID))
     shown = lamina(config, "annotations", "show", str(annotation))
@@ -70,19 +79,19 @@ def test_show_lists_refused_objects_with_their_reason(node) -> None:
     assert "refused" in lamina(config, "annotations", "list", "--state", "refused").output
 
 
-def test_overlays_from_a_seg_file_and_to_seg_of_an_overlay_set(node, tmp_path) -> None:
+def test_overlays_from_a_seg_file_and_to_seg_of_an_overlay_set(node, served, tmp_path) -> None:
     ctx, config = node
     seg_path = tmp_path / "seg.dcm"
-    fx.valid_seg().save_as(seg_path, enforce_file_format=True)
+    fx.valid_seg(served).save_as(seg_path, enforce_file_format=True)
     out = tmp_path / "copies"
-    result = lamina(config, "overlays", str(seg_path), "--series", fx.PHANTOM.series_uid,
+    result = lamina(config, "overlays", str(seg_path), "--series", served.series_uid,
                     "--out", str(out))
     assert result.exit_code == 0, result.output
     files = sorted(out.glob("OV*.dcm"))
     covered = sorted({int(k) for m in fx.truth() for k in np.flatnonzero(m.any(axis=(1, 2)))})
     assert [int(f.stem[2:]) - 1 for f in files] == covered
     first = dcmread(files[0])
-    assert first.SOPInstanceUID == fx.PHANTOM.sop_uid(covered[0])
+    assert first.SOPInstanceUID == served.sop_uid(covered[0])
     assert float(first.WindowCenter) == -600  # "Nodule 1" is reviewed in the lung window
     for f in files:
         ds = dcmread(f)
@@ -97,20 +106,20 @@ def test_overlays_from_a_seg_file_and_to_seg_of_an_overlay_set(node, tmp_path) -
     assert written.ContentCreatorName == "Reader^Cli"
 
 
-def test_import_labels_stores_a_checked_seg(node, tmp_path) -> None:
+def test_import_labels_stores_a_checked_seg(node, served, tmp_path) -> None:
     ctx, config = node
-    grid = ctx.annotations.grid(fx.PHANTOM.series_uid)
+    grid = ctx.annotations.grid(served.series_uid)
     labels = np.zeros(grid.shape, dtype=np.uint8)
     for i, m in enumerate(fx.truth()):
         labels[m] = i + 1
     path = tmp_path / "labels.nii.gz"
     sitk.WriteImage(grid.to_image(labels), str(path))
-    result = lamina(config, "import-labels", str(path), "--series", fx.PHANTOM.series_uid,
+    result = lamina(config, "import-labels", str(path), "--series", served.series_uid,
                     "--label", "1=Nodule 1", "--label", "2=Bone", "--label", "3=Nodule 2",
                     "--creator", "Reader^Itksnap", "--store")
     assert result.exit_code == 0, result.output
     assert "stored: 0x0000 annotation" in result.output
-    bad = lamina(config, "import-labels", str(path), "--series", fx.PHANTOM.series_uid,
+    bad = lamina(config, "import-labels", str(path), "--series", served.series_uid,
                  "--label", "one=Nodule", "--store")
     assert bad.exit_code == 2 and "VALUE=NAME" in bad.output
     with ctx.index.read() as conn:

@@ -10,8 +10,8 @@ from pydicom.filebase import DicomBytesIO
 
 from node import config
 from node.annotations.grid import GridError, HeaderGridSource, SeriesGrid
+from node.anonymize.keys import create_key_file
 from node.context import NodeContext
-from node.ingest.pipeline import Source
 from tests import annotation_fixtures as fx
 
 
@@ -58,22 +58,24 @@ def test_a_series_that_is_not_one_grid_is_a_grid_error(keyword, value, message) 
 
 
 def test_header_source_caches_until_the_series_grows(tmp_path) -> None:
+    key_file = create_key_file(tmp_path / "keys" / "project.key")  # outside the data folder
     settings = config.load(None, overrides={"storage.data": str(tmp_path / "data"),
-                                            "audit.signing_key": str(tmp_path / "k.pem")})
-    ctx = NodeContext.open(settings)
-    source = Source("TESTSCU", "127.0.0.1", "a")
+                                            "audit.signing_key": str(tmp_path / "k.pem"),
+                                            "deidentify.key_file": str(key_file)})
+    ctx = NodeContext.open(settings, with_key=True)
     try:
+        series_uid = ctx.key.uid(fx.PHANTOM.series_uid)  # as the PACS's series is stored
         for k in range(3):
             buffer = DicomBytesIO()
             fx.PHANTOM.slice(k).save_as(buffer, enforce_file_format=True)
-            ctx.ingest.ingest_bytes(buffer.getvalue(), source)
+            assert ctx.ingest.ingest_bytes(buffer.getvalue(), fx.PACS).action == "stored"
         grids = HeaderGridSource(ctx.index, ctx.blobs)
-        first = grids.grid(fx.PHANTOM.series_uid)
-        assert first is grids.grid(fx.PHANTOM.series_uid)
+        first = grids.grid(series_uid)
+        assert first is grids.grid(series_uid)
         buffer = DicomBytesIO()
         fx.PHANTOM.slice(3).save_as(buffer, enforce_file_format=True)
-        ctx.ingest.ingest_bytes(buffer.getvalue(), source)
-        grown = grids.grid(fx.PHANTOM.series_uid)
+        assert ctx.ingest.ingest_bytes(buffer.getvalue(), fx.PACS).action == "stored"
+        grown = grids.grid(series_uid)
         assert grown.shape[0] == 4 and first.shape[0] == 3
         assert grids.grid("1.2.3.4") is None
     finally:

@@ -1,4 +1,9 @@
-"""Overlay intake: Horos-pipeline copies become structures grouped by label across slices."""
+"""Overlay intake: Horos-pipeline copies become structures grouped by label across slices.
+
+The series comes in from the PACS and is stored de-identified; the annotator
+draws on the slices the node serves and sends the copies back from its
+workstation (the ``annotator`` route, which keeps their overlays).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ def ctx(tmp_path_factory):
     context.close()
 
 
+@pytest.fixture(scope="module")
+def served(ctx) -> fx.Served:
+    return fx.served(ctx)
+
+
 def _send_all(ctx, copies) -> int:
     for ds in copies:
         result = fx.ingest(ctx, ds)
@@ -39,8 +49,8 @@ def test_planes_are_read_with_their_labels_and_fallback_names() -> None:
     assert all(p.length_fits for p in planes)
 
 
-def test_rois_switching_groups_form_one_structure_per_label(ctx) -> None:
-    copies = fx.rotating_overlays(fx.truth(), fx.LABELS)
+def test_rois_switching_groups_form_one_structure_per_label(ctx, served) -> None:
+    copies = fx.rotating_overlays(fx.truth(), fx.LABELS, series=served)
     groups_of_bone = {p.group for ds in copies for p in read_planes(ds) if p.label == "Bone"}
     assert len(groups_of_bone) > 1  # the same ROI sits in different groups on different slices
     annotation = _send_all(ctx, copies)
@@ -60,18 +70,19 @@ def test_rois_switching_groups_form_one_structure_per_label(ctx) -> None:
     assert tuple(row) == ("overlay", "checked", "Reader^Horos")
 
 
-def test_a_missing_slice_is_a_gap_and_a_newer_copy_supersedes(ctx) -> None:
-    copies = fx.overlay_gap_copies()
+def test_a_missing_slice_is_a_gap_and_a_newer_copy_supersedes(ctx, served) -> None:
+    copies = fx.overlay_gap_copies(served)
     annotation = _send_all(ctx, copies)
     findings = fx.current_findings(ctx, annotation)
     assert [(f["check"], [s["slice"] for s in f["slices"]]) for f in findings] \
         == [("slice-gap", [15])]
     assert findings[0]["structure_id"] == "roi Nodule 2"
-    fixed = fx.rotating_overlays([fx.truth()[2]], ["Nodule 2"], person="Reader^Gap")
+    fixed = fx.rotating_overlays([fx.truth()[2]], ["Nodule 2"], person="Reader^Gap",
+                                 series=served)
     missing = next(c for c in fixed if int(c.InstanceNumber) == 15)
     assert fx.ingest(ctx, missing).action == "annotation"
     assert fx.current_findings(ctx, annotation) == []
-    redrawn = fx.overlay_copy(14, [(0x6000, "Nodule 2", np.zeros((256, 256), bool))])
+    redrawn = fx.overlay_copy(14, [(0x6000, "Nodule 2", np.zeros((256, 256), bool))], served)
     redrawn.OperatorsName = "Reader^Gap"
     assert fx.ingest(ctx, redrawn).action == "annotation"  # slice 15 redrawn empty
     assert [f["check"] for f in fx.current_findings(ctx, annotation)] == ["slice-gap"]
@@ -82,19 +93,22 @@ def test_a_missing_slice_is_a_gap_and_a_newer_copy_supersedes(ctx) -> None:
     assert states == ["superseded", "current"]
 
 
-def test_identical_copy_resent_is_idempotent(ctx) -> None:
-    copy_ = fx.rotating_overlays([fx.truth()[1]], ["Bone"], person="Reader^Twice")[0]
+def test_identical_copy_resent_is_idempotent(ctx, served) -> None:
+    copy_ = fx.rotating_overlays([fx.truth()[1]], ["Bone"], person="Reader^Twice",
+                                 series=served)[0]
     assert fx.ingest(ctx, copy_).action == "annotation"
     assert fx.ingest(ctx, copy_).action == "annotation-resend"
 
 
-def test_the_stored_slice_itself_resent_is_not_an_annotation(ctx) -> None:
-    result = fx.ingest(ctx, fx.PHANTOM.slice(3))
+def test_the_stored_slice_itself_resent_is_not_an_annotation(ctx, served) -> None:
+    result = fx.ingest(ctx, served.slice(3))  # the annotator pushes the served slice back
+    assert (result.outcome.status.code, result.action) == (0x0000, "resend")
+    result = fx.ingest(ctx, fx.PHANTOM.slice(3), fx.PACS)  # the PACS sends it again
     assert (result.outcome.status.code, result.action) == (0x0000, "resend")
 
 
-def test_a_copy_without_overlays_but_other_bytes_is_still_a_conflict(ctx) -> None:
-    ds = fx.PHANTOM.slice(3)
+def test_a_copy_without_overlays_but_other_bytes_is_still_a_conflict(ctx, served) -> None:
+    ds = served.slice(3)
     ds.SeriesDescription = "edited"
     assert fx.ingest(ctx, ds).action == "conflict"
 
@@ -102,9 +116,10 @@ def test_a_copy_without_overlays_but_other_bytes_is_still_a_conflict(ctx) -> Non
 def test_a_set_stays_received_until_it_settles_and_a_restart_checks_it(tmp_path) -> None:
     ctx = fx.open_node(tmp_path, settle_seconds=3600)
     try:
-        for ds in fx.overlay_gap_copies():
+        served = fx.served(ctx)
+        for ds in fx.overlay_gap_copies(served):
             assert fx.ingest(ctx, ds).action == "annotation"
-        annotation = fx.annotation_of(ctx, fx.PHANTOM.sop_uid(13))
+        annotation = fx.annotation_of(ctx, served.sop_uid(13))
         with ctx.index.read() as conn:
             state = conn.execute("SELECT state FROM annotation WHERE id = ?",
                                  (annotation,)).fetchone()[0]

@@ -1,4 +1,9 @@
-"""SEG intake: every kind of SEG becomes the same masks, voxel for voxel, with no finding."""
+"""SEG intake: every kind of SEG becomes the same masks, voxel for voxel, with no finding.
+
+The reading tests draw on the phantom series itself; the intake tests send SEGs
+drawn on the series the node serves (stored de-identified from the PACS) from
+the annotator's workstation.
+"""
 
 from __future__ import annotations
 
@@ -24,20 +29,21 @@ def _masks(seg):
                      fractional_threshold=0.5)
 
 
+#: Each builder takes the series the SEG is drawn on.
 VALID = {
-    "binary": lambda: fx.valid_seg(),
-    "binary, empty frames present": lambda: fx.valid_seg(omit_empty=False),
-    "binary, frames permuted": lambda: fx.permute_frames(fx.valid_seg()),
-    "binary, float32 positions": lambda: fx.float32_positions(fx.valid_seg()),
+    "binary": lambda s: fx.valid_seg(s),
+    "binary, empty frames present": lambda s: fx.valid_seg(s, omit_empty=False),
+    "binary, frames permuted": lambda s: fx.permute_frames(fx.valid_seg(s)),
+    "binary, float32 positions": lambda s: fx.float32_positions(fx.valid_seg(s)),
     "fractional": fx.fractional_seg,
-    "labelmap": lambda: fx.valid_seg(seg_type="LABELMAP"),
-    "labelmap, frames permuted": lambda: fx.permute_frames(fx.valid_seg(seg_type="LABELMAP")),
+    "labelmap": lambda s: fx.valid_seg(s, seg_type="LABELMAP"),
+    "labelmap, frames permuted": lambda s: fx.permute_frames(fx.valid_seg(s, seg_type="LABELMAP")),
 }
 
 
 @pytest.mark.parametrize("variant", list(VALID))
 def test_every_seg_variant_reads_as_the_ground_truth(variant: str) -> None:
-    masks = _masks(VALID[variant]())
+    masks = _masks(VALID[variant](fx.PHANTOM))
     assert [m.label for m in masks] == fx.LABELS
     for mask, truth in zip(masks, fx.truth(), strict=True):
         assert np.array_equal(mask.array, truth), mask.label
@@ -76,9 +82,15 @@ def ctx(tmp_path_factory):
     context.close()
 
 
+@pytest.fixture(scope="module")
+def served(ctx) -> fx.Served:
+    return fx.served(ctx)
+
+
 @pytest.mark.parametrize("variant", list(VALID))
-def test_valid_segs_are_stored_indexed_and_checked_without_findings(ctx, variant: str) -> None:
-    seg = VALID[variant]()
+def test_valid_segs_are_stored_indexed_and_checked_without_findings(ctx, served,
+                                                                    variant: str) -> None:
+    seg = VALID[variant](served)
     result = fx.ingest(ctx, seg)
     assert (result.outcome.status.code, result.action) == (0x0000, "annotation")
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
@@ -93,10 +105,31 @@ def test_valid_segs_are_stored_indexed_and_checked_without_findings(ctx, variant
     assert (again.outcome.status.code, again.action) == (0x0000, "annotation-resend")
 
 
-def test_a_seg_uid_resent_with_other_bytes_is_a_conflict(ctx) -> None:
-    seg = fx.valid_seg()
+def test_a_seg_uid_resent_with_other_bytes_is_a_conflict(ctx, served) -> None:
+    seg = fx.valid_seg(served)
     assert fx.ingest(ctx, seg).action == "annotation"
     changed = copy.deepcopy(seg)
     changed.ContentLabel = "CHANGED"
     result = fx.ingest(ctx, changed)
     assert (result.outcome.status.code, result.action) == (0x0111, "conflict")
+
+
+def test_a_seg_drawn_on_the_pacs_original_is_moved_onto_the_pseudonyms(ctx, served) -> None:
+    """The annotator's tool had the study from the PACS: its SEG references the original
+    UIDs and names the patient. The annotator route moves it onto the stored study,
+    de-identifies it, and keeps what that learnt, as for any instance it stores."""
+    seg = fx.valid_seg(fx.PHANTOM)
+    result = fx.ingest(ctx, seg)
+    assert (result.outcome.status.code, result.action) == (0x0000, "annotation")
+    uid = ctx.key.uid(str(seg.SOPInstanceUID))
+    assert result.sop_instance_uid == uid
+    stored = ctx.annotations.stored_slice(uid, pixels=False)
+    assert stored.ReferencedSeriesSequence[0].SeriesInstanceUID == served.series_uid
+    assert (stored.PatientID, stored.StudyInstanceUID) == (served.slice(0).PatientID,
+                                                           served.study_uid)
+    assert fx.current_findings(ctx, fx.annotation_of(ctx, uid)) == []
+    with ctx.index.read() as conn:
+        assert ctx.ingest.router.reid_map.knows_uid(conn, uid)  # `lamina reidentify` finds it
+        route = conn.execute("SELECT route FROM deid_evidence WHERE sop_instance_uid = ?",
+                             (uid,)).fetchone()
+    assert route is not None and route[0] == "annotator"  # `lamina deid report` lists it

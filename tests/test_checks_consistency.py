@@ -1,4 +1,8 @@
-"""Consistency checks: each defective structure gives exactly its finding; clean ones none."""
+"""Consistency checks: each defective structure gives exactly its finding; clean ones none.
+
+The intake tests send SEGs drawn on the series the node serves (stored
+de-identified from the PACS) from the annotator's workstation.
+"""
 
 from __future__ import annotations
 
@@ -114,9 +118,14 @@ def test_the_catalogue_has_one_variant_per_consistency_check() -> None:
     assert tuple(sorted(fx.seg_finding_variants())) == fx.FINDING_CHECKS
 
 
+@pytest.fixture(scope="module")
+def served(ctx) -> fx.Served:
+    return fx.served(ctx)
+
+
 @pytest.mark.parametrize("check", fx.FINDING_CHECKS)
-def test_each_defective_seg_is_stored_with_exactly_its_finding(ctx, check: str) -> None:
-    seg = fx.seg_finding_variants()[check]
+def test_each_defective_seg_is_stored_with_exactly_its_finding(ctx, served, check: str) -> None:
+    seg = fx.seg_finding_variants(served)[check]
     result = fx.ingest(ctx, seg)
     assert result.outcome.status.code == 0x0000
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))

@@ -12,6 +12,7 @@ import copy
 import highdicom as hd
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 
 from node import status
@@ -29,9 +30,29 @@ def ctx(tmp_path_factory):
     context.close()
 
 
+@pytest.fixture(scope="module")
+def served(ctx) -> fx.Served:
+    return fx.served(ctx)
+
+
 def _quarantine_reasons(ctx) -> list[str]:
     with ctx.index.read() as conn:
         return [r[0] for r in conn.execute("SELECT reason FROM quarantine ORDER BY id")]
+
+
+def _assert_quarantined_as_refused(ctx, ds, result, check: str) -> None:
+    """The newest quarantine entry is this object's refusal, as ``quarantine show`` gives it:
+    who sent it on which route (what a release re-applies), what it is, and why."""
+    entry = ctx.quarantine.list()[-1]
+    assert (entry.reason, entry.status_code) == (result.outcome.comment, 0xA900)
+    assert [(f["rule"], f["message"]) for f in entry.findings] == [(check,
+                                                                    result.outcome.comment)]
+    assert (entry.calling_ae, entry.address, entry.route) == ("ANNOTATOR", "127.0.0.1",
+                                                              "annotator")
+    assert (entry.sop_class_uid, entry.sop_instance_uid, entry.series_instance_uid) == (
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+    assert (entry.sha256, entry.sealed) == (result.sha256, False)  # de-identified bytes
+    assert ctx.quarantine.path_of(entry).is_file()
 
 
 def test_the_catalogue_has_one_variant_per_reference_check() -> None:
@@ -40,14 +61,14 @@ def test_the_catalogue_has_one_variant_per_reference_check() -> None:
 
 
 @pytest.mark.parametrize("check", fx.SEG_REFUSAL_CHECKS)
-def test_each_seg_defect_is_refused_by_its_check(ctx, check: str) -> None:
-    seg = fx.seg_refusal_variants()[check]
+def test_each_seg_defect_is_refused_by_its_check(ctx, served, check: str) -> None:
+    seg = fx.seg_refusal_variants(served)[check]
     result = fx.ingest(ctx, seg)
     assert result.outcome.status is status.DOES_NOT_MATCH_SOP_CLASS
     assert result.action == "refused"
     assert result.outcome.comment.startswith(f"{check}: ")
     assert len(status.shorten(result.outcome.comment)) <= 64
-    assert _quarantine_reasons(ctx)[-1] == result.outcome.comment
+    _assert_quarantined_as_refused(ctx, seg, result, check)
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
     with ctx.index.read() as conn:
         row = conn.execute("SELECT state FROM annotation WHERE id = ?", (annotation,)).fetchone()
@@ -57,21 +78,23 @@ def test_each_seg_defect_is_refused_by_its_check(ctx, check: str) -> None:
 
 
 @pytest.mark.parametrize("check", fx.OVERLAY_REFUSAL_CHECKS)
-def test_each_overlay_defect_is_refused_by_its_check(ctx, check: str) -> None:
-    copy_ = fx.overlay_refusal_variants()[check]
+def test_each_overlay_defect_is_refused_by_its_check(ctx, served, check: str) -> None:
+    copy_ = fx.overlay_refusal_variants(served)[check]
     result = fx.ingest(ctx, copy_)
     assert result.outcome.status is status.DOES_NOT_MATCH_SOP_CLASS
     assert result.outcome.comment.startswith(f"{check}: ")
     assert "slice 21" in result.outcome.comment
     assert len(result.outcome.comment) <= 64
+    _assert_quarantined_as_refused(ctx, copy_, result, check)
     with ctx.index.read() as conn:
         stored = conn.execute("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
                               (str(copy_.SOPInstanceUID),)).fetchone()[0]
-    assert stored == fx.ingest(ctx, fx.PHANTOM.slice(20)).sha256  # the slice is untouched
+    again = fx.ingest(ctx, fx.PHANTOM.slice(20), fx.PACS)  # the slice is untouched
+    assert (again.action, again.sha256) == ("resend", stored)
 
 
-def test_plane_position_names_the_frame_and_its_depth(ctx) -> None:
-    seg = fx.seg_refusal_variants()["plane-position"]
+def test_plane_position_names_the_frame_and_its_depth(ctx, served) -> None:
+    seg = fx.seg_refusal_variants(served)["plane-position"]
     result = fx.ingest(ctx, seg)
     assert "frame 2 @" in result.outcome.comment and "on no slice" in result.outcome.comment
 
@@ -87,8 +110,8 @@ def test_float32_positions_pass_within_tolerance_and_fail_outside_it() -> None:
         check_seg(read_seg(copy.deepcopy(seg)), grid, 1e-9)
 
 
-def test_seg_without_referenced_series_sequence_is_refused(ctx) -> None:
-    seg = copy.deepcopy(fx.valid_seg())
+def test_seg_without_referenced_series_sequence_is_refused(ctx, served) -> None:
+    seg = copy.deepcopy(fx.valid_seg(served))
     del seg.ReferencedSeriesSequence
     result = fx.ingest(ctx, seg)
     assert result.outcome.comment == "series: ReferencedSeriesSequence missing"
@@ -99,13 +122,17 @@ def test_a_series_that_is_not_one_grid_refuses_its_annotations(ctx) -> None:
     slices = [odd.slice(k) for k in range(3)]
     slices[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     for ds in slices:
-        assert fx.ingest(ctx, ds).action == "stored"
+        assert fx.ingest(ctx, ds, fx.PACS).action == "stored"  # one slice is not on the grid
+    # The annotator draws on the series as the node serves it, on the two slices
+    # that share an orientation (highdicom will not build a SEG across orientations).
     headers = []
-    for ds in [odd.slice(k) for k in range(3)]:
+    for ds in map(dcmread, _stored_blobs(ctx, ctx.key.uid(odd.series_uid))):
         del ds.PixelData
-        headers.append(ds)
+        if [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]:
+            headers.append(ds)
+    assert len(headers) == 2
     seg = hd.seg.Segmentation(
-        headers, (odd.pixels(0)[None] > 1024).repeat(3, axis=0).astype("uint8"),
+        headers, (odd.pixels(0)[None] > 1024).repeat(2, axis=0).astype("uint8"),
         hd.seg.SegmentationTypeValues.BINARY, [fx.description(1, "Nodule 1")], hd.UID(), 1,
         hd.UID(), 1, "t", "t", "1", "1")
     result = fx.ingest(ctx, seg)
@@ -113,16 +140,54 @@ def test_a_series_that_is_not_one_grid_refuses_its_annotations(ctx) -> None:
     assert "orientation" in result.outcome.comment
 
 
+def _stored_blobs(ctx, series_uid: str) -> list:
+    with ctx.index.read() as conn:
+        return [ctx.blobs.path_for(sha) for (sha,) in conn.execute(
+            "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
+            " WHERE s.series_instance_uid = ? ORDER BY i.id", (series_uid,))]
+
+
 def test_an_image_with_overlays_that_annotates_nothing_stored_is_an_instance(ctx) -> None:
     other = Phantom(seed="unrelated", slices_count=1, rows=64, columns=64, pixel_spacing=5.6)
-    ds = fx.overlay_copy(0, [(0x6000, "Nodule 1", other.pixels(0) > 1024)], phantom=other)
+    ds = fx.overlay_copy(0, [(0x6000, "Nodule 1", other.pixels(0) > 1024)], other)
     assert ds.SOPClassUID == CTImageStorage
-    assert fx.ingest(ctx, ds).action == "stored"
+    result = fx.ingest(ctx, ds)  # from the annotator: de-identified, its overlays kept
+    assert result.action == "stored"
+    assert 0x60003000 in dcmread(ctx.blobs.path_for(result.sha256))
 
 
-def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx) -> None:
-    seg = copy.deepcopy(fx.valid_seg())
-    seg.PixelData = seg.PixelData[:100]
+def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx, served) -> None:
+    seg = fx.undecodable_seg(served)
     result = fx.ingest(ctx, seg)
     assert result.outcome.status is status.DOES_NOT_MATCH_SOP_CLASS
-    assert result.outcome.comment.startswith("seg-format: ")
+    assert result.outcome.comment.startswith("seg-format: cannot decode"), result.outcome.comment
+    assert result.action == "refused"
+
+
+def _filed(ctx, sop_instance_uid: str) -> tuple[int, int]:
+    """(annotation objects, instances) the index holds for a SOP Instance UID."""
+    with ctx.index.read() as conn:
+        return tuple(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE sop_instance_uid = ?",
+                                  (sop_instance_uid,)).fetchone()[0]
+                     for table in ("annotation_object", "instance"))
+
+
+@pytest.mark.parametrize("defect, comment", [
+    ("no SegmentSequence", "SegmentSequence (0062,0002) missing (Type 1)"),
+    ("pixel data cut short", "PixelData (7FE0,0010) length 100, expected "),
+])
+def test_a_seg_that_is_not_its_iod_is_refused_by_validation_first(ctx, served, defect,
+                                                                   comment) -> None:
+    """Validation runs on every object before its route: a SEG breaking a rejecting
+    rule is quarantined with that finding and never reaches the annotation checks."""
+    seg = copy.deepcopy(fx.valid_seg(served))
+    if defect == "no SegmentSequence":
+        del seg.SegmentSequence
+    else:
+        seg.PixelData = seg.PixelData[:100]
+    result = fx.ingest(ctx, seg)
+    assert (result.outcome.status, result.action) == (status.DOES_NOT_MATCH_SOP_CLASS,
+                                                      "quarantined")
+    assert result.outcome.comment.startswith(comment), result.outcome.comment
+    assert _quarantine_reasons(ctx)[-1] == result.outcome.comment
+    assert _filed(ctx, str(seg.SOPInstanceUID)) == (0, 0)

@@ -27,14 +27,18 @@ class BadInput(click.ClickException):
 
 
 @contextmanager
-def _context(settings: Settings) -> Iterator:
+def _context(settings: Settings, *, with_key: bool = False) -> Iterator:
+    """The node's context; ``with_key`` to ingest (the project key is needed to receive)."""
+    from node.anonymize.keys import ProjectKeyError
     from node.checks.protocol import ProtocolError
     from node.context import NodeContext
 
     try:
-        ctx = NodeContext.open(settings, migrate=False)
+        ctx = NodeContext.open(settings, migrate=False, with_key=with_key)
     except ProtocolError as exc:
         raise BadInput(f"protocol: {exc}") from None
+    except ProjectKeyError as exc:
+        raise BadInput(str(exc)) from None
     try:
         yield ctx
     finally:
@@ -320,7 +324,7 @@ def import_labels(settings: Settings, label_map: Path, series_uid: str, labels: 
 
     if out is None and not store:
         raise BadInput("give --out FILE, --store, or both")
-    with _context(settings) as ctx:
+    with _context(settings, with_key=store) as ctx:
         annotator = Annotator(settings.node.ae_title, "local", creator)
         try:
             grid = ctx.annotations.grid(series_uid)
@@ -341,7 +345,10 @@ def import_labels(settings: Settings, label_map: Path, series_uid: str, labels: 
         if store:
             buffer = DicomBytesIO()
             seg.save_as(buffer, enforce_file_format=True)
-            source = Source(settings.node.ae_title, "local", f"cli-{uuid.uuid4().hex}")
+            # Drawn on the stored (pseudonymous) series like an annotator's SEG, and
+            # taken in like one: the clinical route would pseudonymise its references again.
+            source = Source(settings.node.ae_title, "local", f"cli-{uuid.uuid4().hex}",
+                            route="annotator")
             result = ctx.ingest.ingest_bytes(buffer.getvalue(), source)
     click.echo(f"SEG with {len(seg.SegmentSequence)} segment(s)"
                + (f" written to {out}" if out else ""))

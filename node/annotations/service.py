@@ -25,7 +25,9 @@ older one. A set left ``received`` by a crash is checked at the next start.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -44,6 +46,9 @@ from node.checks.consistency import Finding, check_structures
 from node.checks.protocol import Protocol
 from node.checks.references import Refusal, check_overlay_copy, check_seg, seg_source_series
 from node.ingest.pipeline import Source, StoreResult
+from node.ingest.quarantine import Refused
+from node.ingest.quarantine import insert_row as insert_quarantine_row
+from node.ingest.validate import Finding as ValidationFinding
 from node.status import Outcome
 from node.storage import records as instance_records
 from node.storage.blobs import BlobRef, BlobStore
@@ -53,6 +58,9 @@ from node.storage.records import InstanceRecord, Receipt
 log = logging.getLogger("lamina.annotations")
 
 SEG, OVERLAY = "seg", "overlay"
+
+#: Writes what the route learnt about an object into the caller's index transaction.
+Recorder = Callable[[sqlite3.Connection], None]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class Claim:
     sop_class_uid: str
     stored_uid: str = ""  # overlay copies: the stored slice they annotate
     stored_sha256: str = ""
+    object_series_uid: str = ""  # the object's own SeriesInstanceUID (its quarantine row)
 
 
 @dataclass
@@ -120,8 +129,12 @@ class AnnotationService:
         return OVERLAY
 
     def ingest(self, kind: str, header: Dataset, blob: BlobRef, receipt: Receipt,
-               source: Source) -> StoreResult:
-        """Take in one promoted annotation object; returns the C-STORE outcome."""
+               source: Source, record: Recorder | None = None) -> StoreResult:
+        """Take in one promoted annotation object; returns the C-STORE outcome.
+
+        ``record`` writes what its route learnt (re-identification entries and
+        de-identification evidence) inside the transaction that indexes a new SEG.
+        """
         uid = str(header.SOPInstanceUID)
         with self.index.read() as conn:
             known = records.object_with_blob(conn, blob.sha256)
@@ -134,7 +147,7 @@ class AnnotationService:
             intake = self._intake(claim, blob.sha256)
         except Refusal as refusal:
             return self._refuse(claim, refusal, receipt, source)
-        stored = self._store(intake, header, receipt, source)
+        stored = self._store(intake, header, receipt, source, record)
         if isinstance(stored, StoreResult):
             return stored
         annotation_id, revision = stored
@@ -246,13 +259,14 @@ class AnnotationService:
 
     def _claim(self, kind: str, header: Dataset, source: Source) -> Claim:
         uid, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
+        own_series = str(header.get("SeriesInstanceUID", "") or "")
         person = str(header.get("ContentCreatorName", "") or "")
         if kind == SEG:
             series = [str(i.SeriesInstanceUID) for i in header.get("ReferencedSeriesSequence", [])
                       if "SeriesInstanceUID" in i]
             annotator = Annotator(source.calling_ae, source.address, person)
             return Claim(SEG, f"seg|{uid}", series[0] if len(series) == 1 else "", annotator,
-                         uid, sop_class)
+                         uid, sop_class, object_series_uid=own_series)
         with self.index.read() as conn:
             stored_uid, stored_sha, series_uid = self._annotated_instance(conn, header)
         if not person and header.get("OperatorsName"):
@@ -262,7 +276,7 @@ class AnnotationService:
                 person = str(header.OperatorsName)
         annotator = Annotator(source.calling_ae, source.address, person)
         return Claim(OVERLAY, f"overlay|{series_uid}|{annotator.key}", series_uid, annotator,
-                     uid, sop_class, stored_uid, stored_sha)
+                     uid, sop_class, stored_uid, stored_sha, own_series)
 
     def _grid(self, series_uid: str) -> SeriesGrid | None:
         try:
@@ -291,14 +305,14 @@ class AnnotationService:
             check = "seg-format" if claim.kind == SEG else "overlay-data"
             raise Refusal(check, f"cannot decode the object ({type(exc).__name__})") from None
 
-    def _store(self, intake: Intake, header: Dataset, receipt: Receipt,
-               source: Source) -> tuple[int, int] | StoreResult:
+    def _store(self, intake: Intake, header: Dataset, receipt: Receipt, source: Source,
+               record: Recorder | None) -> tuple[int, int] | StoreResult:
         """Step 2 of the module docstring: (annotation id, revision), or a SEG's conflict."""
         claim, now = intake.claim, utc_now()
         obj = {"kind": claim.kind, "sop_instance_uid": claim.sop_instance_uid,
                "series_instance_uid": claim.series_uid, "sha256": receipt.blob_sha256}
         with self.index.write() as conn:
-            conflict = (self._index_seg(conn, header, receipt, source, obj)
+            conflict = (self._index_seg(conn, header, receipt, source, obj, record)
                         if claim.kind == SEG else None)
             if conflict is None:
                 annotation_id, revision = records.upsert_annotation(
@@ -319,12 +333,14 @@ class AnnotationService:
         return annotation_id, revision
 
     def _index_seg(self, conn, header: Dataset, receipt: Receipt, source: Source,
-                   obj: dict) -> tuple[StoreResult, AuditEntry] | None:
+                   obj: dict, record: Recorder | None) -> tuple[StoreResult, AuditEntry] | None:
         """Index a SEG as an instance of its own series; a conflict when its UID has other bytes."""
         rec = InstanceRecord.from_dataset(header)
         stored_sha = instance_records.stored_blob_of(conn, rec.sop_instance_uid)
         if stored_sha is None:
             instance_records.insert_instance(conn, rec, receipt)
+            if record is not None:
+                record(conn)
             return None
         if stored_sha == receipt.blob_sha256:
             return None
@@ -381,9 +397,15 @@ class AnnotationService:
                 source: Source) -> StoreResult:
         """Quarantine the object, record the refusal on its annotation, answer 0xA900."""
         code, now = status.DOES_NOT_MATCH_SOP_CLASS, utc_now()
+        # The row says what was refused, by whom and why, like a validation refusal's;
+        # the (de-identified) bytes stay in the blob store under the refused object.
+        refused = Refused(code.code, (ValidationFinding(refusal.check, refusal.reason),),
+                          receipt.transfer_syntax_uid, claim.sop_class_uid,
+                          claim.sop_instance_uid, claim.object_series_uid)
         with self.index.write() as conn:
-            quarantine_id = instance_records.insert_quarantine(conn, receipt, refusal.reason,
-                                                               code.code)
+            quarantine_id = insert_quarantine_row(conn, receipt.blob_sha256, receipt.blob_size,
+                                                  source, refused, area="blobs", sealed=False,
+                                                  received_at=receipt.received_at)
             annotation_id, _ = records.upsert_annotation(
                 conn, claim.kind, claim.key, claim.series_uid, claim.annotator, now,
                 accepted=False)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,7 +181,12 @@ class IngestService:
             # A SEG, or an overlay copy of a stored slice: an annotation, not a conflict.
             if self.annotations and (kind := self.annotations.classify(prepared.dataset,
                                                                        blob.sha256)):
-                return self.annotations.ingest(kind, prepared.dataset, blob, receipt, source)
+                # A new SEG instance keeps what its route learnt, as any instance does.
+                record = partial(self.router.record, prepared=prepared,
+                                 sop_instance_uid=rec.sop_instance_uid,
+                                 study_instance_uid=rec.study_instance_uid)
+                return self.annotations.ingest(kind, prepared.dataset, blob, receipt, source,
+                                               record)
             return self._index(rec, receipt, blob, source, geometry, findings, override,
                                prepared)
         except _RefusedInTransaction as refused:

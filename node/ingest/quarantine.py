@@ -121,19 +121,9 @@ class QuarantineArea:
         return self._record(blob, source, refused, sealed=False)
 
     def _record(self, blob: BlobRef, source: Source, refused: Refused, *, sealed: bool) -> int:
-        findings = json.dumps([f.as_dict() for f in refused.findings])
         with self.index.write() as conn:
-            qid = conn.execute(
-                "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
-                " association_id, received_at, area, address, transfer_syntax_uid,"
-                " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'quarantine', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (blob.sha256, blob.size, refused.reason, refused.status_code,
-                 source.calling_ae, source.association_id, utc_now(), source.address,
-                 refused.transfer_syntax_uid, refused.sop_class_uid,
-                 refused.sop_instance_uid, refused.series_instance_uid, findings,
-                 int(sealed), source.route),
-            ).lastrowid
+            qid = insert_row(conn, blob.sha256, blob.size, source, refused, area="quarantine",
+                             sealed=sealed, received_at=utc_now())
             entry = self.audit.append(
                 conn, "instance.quarantined", source.actor,
                 {"quarantine_id": qid, "sha256": blob.sha256, "status": refused.status_code,
@@ -155,6 +145,28 @@ class QuarantineArea:
         self.audit.append(conn, "quarantine.released", override.actor,
                           {"quarantine_id": override.quarantine_id,
                            "sop_instance_uid": sop_instance_uid, "reason": override.reason})
+
+
+def insert_row(conn: sqlite3.Connection, sha256: str, size: int, source: Source,
+               refused: Refused, *, area: str, sealed: bool, received_at: str) -> int:
+    """One quarantine row, inside the caller's transaction; returns its ID.
+
+    ``area`` says where the bytes are: ``quarantine`` (this area), or ``blobs``
+    for an annotation refused after its route, whose de-identified bytes stay in
+    the blob store under its annotation object. ``source.route`` is what a
+    release re-applies.
+    """
+    return conn.execute(
+        "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
+        " association_id, received_at, area, address, transfer_syntax_uid,"
+        " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (sha256, size, refused.reason, refused.status_code, source.calling_ae,
+         source.association_id, received_at, area, source.address,
+         refused.transfer_syntax_uid, refused.sop_class_uid, refused.sop_instance_uid,
+         refused.series_instance_uid, json.dumps([f.as_dict() for f in refused.findings]),
+         int(sealed), source.route),
+    ).lastrowid
 
 
 class QuarantineService:
