@@ -42,13 +42,14 @@ def _quarantine_reasons(ctx) -> list[str]:
 
 def _assert_quarantined_as_refused(ctx, ds, result, check: str) -> None:
     """The newest quarantine entry is this object's refusal, as ``quarantine show`` gives it:
-    who sent it on which route (what a release re-applies), what it is, and why."""
+    who sent it, what a release re-applies (its bytes already went through their
+    route, so ``deidentified``: stored as they are), what it is, and why."""
     entry = ctx.quarantine.list()[-1]
     assert (entry.reason, entry.status_code) == (result.outcome.comment, 0xA900)
     assert [(f["rule"], f["message"]) for f in entry.findings] == [(check,
                                                                     result.outcome.comment)]
     assert (entry.calling_ae, entry.address, entry.route) == ("ANNOTATOR", "127.0.0.1",
-                                                              "annotator")
+                                                              "deidentified")
     assert (entry.sop_class_uid, entry.sop_instance_uid, entry.series_instance_uid) == (
         str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
     assert (entry.sha256, entry.sealed) == (result.sha256, False)  # de-identified bytes

@@ -134,6 +134,7 @@ def test_conflict_found_inside_the_transaction_is_quarantined_without_loss(ctx, 
     # Refused after de-identification: the kept bytes are the de-identified object.
     kept = dcmread(ctx.quarantine.path_of(entry))
     assert not entry.sealed and kept.PatientIdentityRemoved == "YES"
+    assert entry.route == "deidentified"  # a release stores these bytes as they are
     assert kept.SOPInstanceUID == ctx.key.uid(second.SOPInstanceUID)
     with ctx.index.read() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 1

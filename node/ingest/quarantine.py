@@ -153,9 +153,12 @@ def insert_row(conn: sqlite3.Connection, sha256: str, size: int, source: Source,
 
     ``area`` says where the bytes are: ``quarantine`` (this area), or ``blobs``
     for an annotation refused after its route, whose de-identified bytes stay in
-    the blob store under its annotation object. ``source.route`` is what a
-    release re-applies.
+    the blob store under its annotation object. A release re-applies the
+    recorded route: the sender's for sealed bytes as received, ``deidentified``
+    (store as they are) for bytes that already went through their route, so
+    nothing is pseudonymised twice.
     """
+    route = source.route if sealed else "deidentified"
     return conn.execute(
         "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
         " association_id, received_at, area, address, transfer_syntax_uid,"
@@ -165,7 +168,7 @@ def insert_row(conn: sqlite3.Connection, sha256: str, size: int, source: Source,
          source.association_id, received_at, area, source.address,
          refused.transfer_syntax_uid, refused.sop_class_uid, refused.sop_instance_uid,
          refused.series_instance_uid, json.dumps([f.as_dict() for f in refused.findings]),
-         int(sealed), source.route),
+         int(sealed), route),
     ).lastrowid
 
 

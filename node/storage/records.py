@@ -264,20 +264,6 @@ def insert_conflict(
     ).fetchone()[0]
 
 
-def insert_quarantine(
-    conn: sqlite3.Connection, receipt: Receipt, reason: str, status_code: int
-) -> int:
-    """Record a refused object whose bytes are already in the blob store (after its
-    route: no PHI, so not sealed), with why. Received bytes go through
-    :class:`node.ingest.quarantine.QuarantineArea` instead."""
-    return conn.execute(
-        "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
-        " association_id, received_at, area) VALUES (?, ?, ?, ?, ?, ?, ?, 'blobs')",
-        (receipt.blob_sha256, receipt.blob_size, reason, status_code, receipt.calling_ae,
-         receipt.association_id, receipt.received_at),
-    ).lastrowid
-
-
 def _upsert_id(
     conn: sqlite3.Connection, select: str, key: tuple, insert: str, values: tuple
 ) -> int:
