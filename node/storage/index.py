@@ -5,16 +5,21 @@ write transaction per received instance, from many threads and processes)
 needs explicit ``BEGIN IMMEDIATE`` control and prepared statements, which the
 standard library gives directly. sqlite-utils serves the read-only reports.
 
-Concurrency model: WAL mode, so readers never block the writer. Within one
-process, writers queue on a lock (SQLite's own busy handler backs off in
-sleeps of up to 100 ms, which would serialise associations badly); across
-receiving processes, ``BEGIN IMMEDIATE`` plus a busy timeout makes exactly one
-writer at a time. Transactions are short: everything slow (hashing, fsync of
+Concurrency model: WAL mode, so readers never block the writer. Writers
+queue on a lock before they ask SQLite: a thread lock within one process and
+an ``flock`` on ``<index>.writelock`` across receiving processes. SQLite's own
+busy handler backs off in sleeps of up to 100 ms, which serialised two
+receiving processes to less than one's throughput; the kernel hands a
+released flock to the next waiter at once. ``BEGIN IMMEDIATE`` plus the busy
+timeout still guards against writers that do not take the lock (the CLI's
+read-only tools never write). Transactions are short: everything slow (hashing, fsync of
 blobs, parsing) happens before the transaction opens.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -47,6 +52,7 @@ class Index:
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -84,9 +90,20 @@ class Index:
             raise IndexUnavailable(str(exc)) from exc
 
     @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """The cross-process writer lock (held only by this thread: see _write_lock)."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction: committed on exit, rolled back on error."""
-        with self._write_lock, self._connection() as conn:
+        with self._write_lock, self._process_lock(), self._connection() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -129,6 +146,9 @@ class Index:
             return conn.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         while True:
             try:
                 self._pool.get_nowait().close()
