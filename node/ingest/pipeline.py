@@ -26,7 +26,9 @@ gets 0xC000 or 0xA900. A release from quarantine re-runs this pipeline with an
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +59,7 @@ log = logging.getLogger("lamina.ingest")
 
 #: Elements larger than this are read from the spool file only when written out.
 DEFER_SIZE = 1 << 20
+_PIXEL_DATA = 0x7FE00010
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,8 @@ class IngestService:
         try:
             # The whole object now; values over DEFER_SIZE (pixels) stay on disk
             # until the prepared dataset is written out.
-            prepared = self.router.prepare(dcmread(spooled, defer_size=DEFER_SIZE), source.route)
+            whole = dcmread(spooled, defer_size=DEFER_SIZE)
+            prepared = self.router.prepare(whole, source.route)
             rec = InstanceRecord.from_dataset(prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:
             rule = "burned_in_text" if isinstance(exc, BurnedInTextRisk) else "deidentify"
@@ -169,7 +173,7 @@ class IngestService:
                                                     detail=str(exc))], source.route))
 
         try:
-            blob = self._promote(spooled, prepared)
+            blob = self._promote(spooled, prepared, _raw_pixel_tail(received, whole, prepared))
         except OSError as exc:
             return self._failed(source, f"cannot write to disk: {exc.strerror or exc}",
                                 rec.sop_instance_uid)
@@ -199,14 +203,28 @@ class IngestService:
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
 
-    def _promote(self, spooled: Path, prepared: Prepared) -> BlobRef:
+    def _promote(self, spooled: Path, prepared: Prepared, pixel_tail: int | None) -> BlobRef:
         """Into the blob store: the received file itself when nothing changed it,
-        else the prepared dataset written to a new spool file."""
+        else the prepared dataset written to a new spool file.
+
+        When the route left the pixel data untouched and it ends the received
+        file (``pixel_tail`` is where its element starts), only the header is
+        encoded and the pixel element's bytes are copied after it: the same bytes
+        pydicom would write, without reading the pixels into memory to write them.
+        """
         if prepared.as_received:
             return self.blobs.promote(spooled)
         to_store = self.blobs.new_spool_file()
         try:
-            prepared.dataset.save_as(to_store, enforce_file_format=True)
+            if pixel_tail is None:
+                prepared.dataset.save_as(to_store, enforce_file_format=True)
+            else:
+                header = copy.copy(prepared.dataset)  # shallow: the elements are shared
+                del header[_PIXEL_DATA]
+                header.save_as(to_store, enforce_file_format=True)
+                with open(spooled, "rb") as src, open(to_store, "ab") as dst:
+                    src.seek(pixel_tail)
+                    shutil.copyfileobj(src, dst, 1 << 20)
             return self.blobs.promote(to_store)
         finally:
             to_store.unlink(missing_ok=True)
@@ -319,6 +337,23 @@ class IngestService:
         return StoreResult(Outcome(status.OUT_OF_RESOURCES, reason), "failed", sop_instance_uid)
 
 
+
+
+def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> int | None:
+    """Where the received pixel element starts, when it can be copied as bytes: native
+    pixel data that ends the file, kept by the route as the very same element, last
+    in both datasets, in an unchanged transfer syntax."""
+    pixel = received.pixels
+    if (pixel is None or pixel.tag != _PIXEL_DATA or pixel.start < 0
+            or pixel.length != pixel.available):
+        return None
+    out = prepared.dataset
+    if (_PIXEL_DATA not in out or out.get_item(_PIXEL_DATA) is not whole.get_item(_PIXEL_DATA)
+            or max(out.keys()) != _PIXEL_DATA or max(whole.keys()) != _PIXEL_DATA):
+        return None
+    same_syntax = (out.file_meta.get("TransferSyntaxUID")
+                   == whole.file_meta.get("TransferSyntaxUID"))
+    return pixel.start if same_syntax else None
 
 
 def _uid(ds, keyword: str) -> str:

@@ -125,6 +125,7 @@ class PixelElement:
     fragments: int = 0  # encapsulated: fragment items found before the delimiter
     offsets: int = 0  # encapsulated: Basic Offset Table entries
     whole: bool = True  # encapsulated: every item fits in the file and a delimiter ends them
+    start: int = -1  # native: file offset of the element's tag (lets the pipeline copy it raw)
 
 
 class Unparseable(ValueError):
@@ -205,7 +206,7 @@ def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement
     value_start = f.tell()
     available = size - value_start
     if length != _UNDEFINED:
-        return PixelElement(tag, length, available)
+        return PixelElement(tag, length, available, start=start)
     return _encapsulated(f, tag, endian, available)
 
 
