@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from node.anonymize.keys import create_key_file
 from node.checks.geometry import InstanceGeometry, analyse_series
 from node.config import StorageSettings, ValidationSettings, load
 from node.context import NodeContext
@@ -85,10 +86,13 @@ def series_check(work: Path, slices: int) -> None:
     settings = load(None, environ={})
     settings = dataclasses.replace(
         settings, storage=StorageSettings(data=work / "series", min_free_mb=0),
-        audit=dataclasses.replace(settings.audit, signing_key=work / "series-key.pem"))
-    ctx = NodeContext.open(settings)
+        audit=dataclasses.replace(settings.audit, signing_key=work / "series-key.pem"),
+        deidentify=dataclasses.replace(settings.deidentify,
+                                       key_file=create_key_file(work / "project.key")))
+    ctx = NodeContext.open(settings, with_key=True)
     try:
-        source = Source("BENCH", "127.0.0.1", "bench")
+        # The series check is measured, not de-identification: stored as sent.
+        source = Source("BENCH", "127.0.0.1", "bench", route="deidentified")
         for i in range(slices):
             ctx.ingest.ingest_bytes(as_file(ph.slice(i)), source)
         full = _best_us(lambda: ctx.series.check(ph.series_uid), 5) / 1000

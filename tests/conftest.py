@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import config
 
 from node.phantom import Phantom
 from tests.nodeproc import NodeProcess
+from tests.phi_corpus import Corpus, build_corpus
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,21 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     """A running single-worker node with one permitted peer (TESTSCU at 127.0.0.1)."""
     with NodeProcess(tmp_path / "node") as n:
         yield n
+
+
+@pytest.fixture(scope="module")
+def quiet_pydicom_validation() -> Iterator[None]:
+    """pydicom would warn (quoting values) about the planted invalid TM; restored after."""
+    previous = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    yield
+    config.settings.reading_validation_mode = previous
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """The planted-PHI corpus, built once per test module."""
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def require(binary: str) -> str:

@@ -8,7 +8,7 @@ import copy
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.sr.codedict import codes
@@ -23,24 +23,13 @@ from node.anonymize.anonymizer import (
 )
 from node.anonymize.keys import ProjectKey
 from node.anonymize.settings import DeidSettings
-from tests.phi_corpus import PATIENTS, UNKNOWN_PUBLIC_UID_TAG, Corpus, build_corpus
+from tests.phi_corpus import PATIENTS, UNKNOWN_PUBLIC_UID_TAG
 from tests.test_anonymize_engine import ct
 
 KEY = ProjectKey(b"annotator-test-key-0123456789abc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_validation():
-    """pydicom would warn (quoting values) about the planted invalid TM; restored after."""
-    previous = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.IGNORE
-    yield
-    config.settings.reading_validation_mode = previous
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("quiet_pydicom_validation")
 
 
 @pytest.fixture(scope="module")

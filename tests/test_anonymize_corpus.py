@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -20,23 +20,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from node.anonymize.anonymizer import BurnedInTextRisk, Deidentifier, encode
 from node.anonymize.keys import decode_key, encode_key
 from node.anonymize.settings import DeidSettings
-from tests.phi_corpus import PATIENTS, STUDIES, UNKNOWN_PUBLIC_UID_TAG, Corpus, build_corpus
+from tests.phi_corpus import PATIENTS, STUDIES, UNKNOWN_PUBLIC_UID_TAG
 
 KEY_TEXT = encode_key(b"corpus-test-key-0123456789abcdef")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_validation():
-    """pydicom would warn (quoting values) about the planted invalid TM; restored after."""
-    previous = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.IGNORE
-    yield
-    config.settings.reading_validation_mode = previous
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("quiet_pydicom_validation")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import config, dcmread
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -16,7 +16,7 @@ from node.anonymize.evidence import DeidEvidence, KeptPrivate, element_name
 from node.anonymize.keys import ProjectKey
 from node.anonymize.report import study_report, study_report_json
 from node.anonymize.settings import DeidSettings, MaskRegion, SafePrivateTag
-from tests.phi_corpus import PRIVATE_CREATOR, Corpus, build_corpus
+from tests.phi_corpus import PRIVATE_CREATOR, Corpus
 from tests.test_anonymize_engine import _overlay, _private, _segment, ct
 
 KEY = ProjectKey(b"evidence-test-key-0123456789abcd")
@@ -25,18 +25,7 @@ RICH = DeidSettings(retain_safe_private=True, safe_private=(SafePrivateTag(PRIVA
                     retain_patient_characteristics=True, clean_graphics=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_validation():
-    """pydicom would warn (quoting values) about the planted invalid TM; restored after."""
-    previous = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.IGNORE
-    yield
-    config.settings.reading_validation_mode = previous
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("quiet_pydicom_validation")
 
 
 def evidence(ds: Dataset, **settings) -> DeidEvidence:
