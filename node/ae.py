@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import socket
 import socketserver
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from pydicom.uid import (
     JPEG2000,
@@ -148,6 +149,30 @@ def build_scp(node: NodeSettings) -> AE:
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
     return ae
+
+
+#: PS3.8: at most 128 presentation contexts in one association request.
+MAX_CONTEXTS = 128
+
+
+_Item = TypeVar("_Item")
+
+
+def context_batches(items: Iterable[_Item],
+                    context_of: Callable[[_Item], tuple[str, str]]) -> Iterator[list[_Item]]:
+    """Split items, in order, so that no batch needs more than 128 (SOP class,
+    transfer syntax) presentation contexts: one association per batch."""
+    batch: list[_Item] = []
+    contexts: set[tuple[str, str]] = set()
+    for item in items:
+        key = context_of(item)
+        if key not in contexts and len(contexts) >= MAX_CONTEXTS:
+            yield batch
+            batch, contexts = [], set()
+        contexts.add(key)
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 def associate(

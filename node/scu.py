@@ -17,11 +17,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
-from node.ae import associate, build_ae
+from node.ae import associate, build_ae, context_batches
 from node.config import Settings
 
 _PEER_SPEC = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
-_MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
 
 class PeerError(ValueError):
@@ -116,23 +115,9 @@ def send_files(
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             results.append(SendResult(path, -1, f"unreadable: {exc}"))
             progress(1)
-    for batch in _batches(headers):
+    for batch in context_batches(headers, lambda h: (h[1], h[2])):
         results.extend(_send_batch(settings, target, batch, aet, progress))
     return results
-
-
-def _batches(headers: list[tuple[Path, str, str]]) -> Iterable[list[tuple[Path, str, str]]]:
-    batch: list[tuple[Path, str, str]] = []
-    contexts: set[tuple[str, str]] = set()
-    for item in headers:
-        key = (item[1], item[2])
-        if key not in contexts and len(contexts) >= _MAX_CONTEXTS:
-            yield batch
-            batch, contexts = [], set()
-        contexts.add(key)
-        batch.append(item)
-    if batch:
-        yield batch
 
 
 def _send_batch(settings: Settings, target: Target, batch: list[tuple[Path, str, str]],

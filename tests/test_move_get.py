@@ -18,8 +18,6 @@ from pynetdicom.sop_class import (
 
 from node.ae import associate
 from node.config import ConfigError, load
-from node.handlers.qr_service import _context_batches
-from node.storage.query import StoredInstance
 from tests.qr_support import (
     StorageSCP,
     StudySpec,
@@ -312,14 +310,6 @@ def test_lamina_move_command(env):
     partial = CliRunner().invoke(main, [*args, "--dest", "FLAKY"])
     assert partial.exit_code == 1
     assert f"failed: {uids['move-a'][1]}" in partial.stderr
-
-
-def test_context_batches_stay_within_128_contexts():
-    items = [(StoredInstance(f"1.2.{i % 200}", f"9.{i}", ExplicitVRLittleEndian, "0" * 64),
-              Path("x")) for i in range(400)]
-    batches = list(_context_batches(items))
-    assert [len({i.sop_class_uid for i, _ in b}) for b in batches] == [128, 128, 128, 16]
-    assert [i for b in batches for i in b] == items  # order kept, nothing lost
 
 
 # --- configuration ----------------------------------------------------------------------

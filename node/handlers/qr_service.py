@@ -43,6 +43,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from node import status
+from node.ae import context_batches
 from node.handlers.identifier import encode_match
 from node.handlers.stored_send import AssociationFailed, NoContext, StoreAssociation
 from node.retrieve import Retrieval
@@ -53,7 +54,6 @@ from node.storage.query import StoredInstance
 
 log = logging.getLogger("lamina.qr")
 
-_MAX_CONTEXTS = 128  # PS3.8: presentation contexts per association
 #: Pending C-MOVE/C-GET responses are optional (PS3.4 C.4.2.3.1) and cost almost a
 #: millisecond each in pynetdicom: one per interval keeps a progress bar moving.
 _PROGRESS_INTERVAL = 0.1  # seconds
@@ -197,7 +197,8 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
         """One association per batch of at most 128 presentation contexts (or why not)."""
         dest = plan.destination
         assert dest is not None
-        for batch in _context_batches(items):
+        for batch in context_batches(items, lambda i: (i[0].sop_class_uid,
+                                                         i[0].transfer_syntax_uid)):
             contexts = list(dict.fromkeys(
                 (i.sop_class_uid, i.transfer_syntax_uid) for i, _ in batch))
             try:
@@ -342,16 +343,3 @@ class _PendingFind:
             time.sleep(_DUL_TURN)
 
 
-def _context_batches(items: list[tuple[StoredInstance, Path]]) -> Iterator[list]:
-    """Split items so that no batch needs more than 128 presentation contexts."""
-    batch: list = []
-    contexts: set[tuple[str, str]] = set()
-    for item in items:
-        key = (item[0].sop_class_uid, item[0].transfer_syntax_uid)
-        if key not in contexts and len(contexts) >= _MAX_CONTEXTS:
-            yield batch
-            batch, contexts = [], set()
-        contexts.add(key)
-        batch.append(item)
-    if batch:
-        yield batch
