@@ -22,8 +22,11 @@ from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import Validator
+from node.retrieve import RetrieveService
+from node.search import SearchService
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
+from node.storage.query import QueryEngine
 from node.storage.sealed import Sealer
 
 
@@ -87,6 +90,17 @@ class NodeContext:
         if self._quarantine is None:
             raise RuntimeError("the project key was not loaded: quarantine is sealed")
         return self._quarantine
+
+    @property
+    def search(self) -> SearchService:
+        """C-FIND (and later QIDO-RS): who may search, what matches, what is audited."""
+        return SearchService(QueryEngine(self.index, self.settings.node.ae_title), self.audit)
+
+    @property
+    def retrieve(self) -> RetrieveService:
+        """C-MOVE / C-GET (and later WADO-RS): who may retrieve what, to where."""
+        return RetrieveService(self.settings, QueryEngine(self.index, self.settings.node.ae_title),
+                               self.blobs, self.audit)
 
     @property
     def run_dir(self) -> Path:

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _CHUNK = 1 << 20
 
@@ -77,6 +78,15 @@ class BlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
+
+    def open(self, sha256: str) -> BinaryIO:
+        """The blob's bytes, for reading (FileNotFoundError when it is not stored)."""
+        return open(self.path_for(sha256), "rb")
+
+    def local_path(self, sha256: str) -> Path:
+        """Optional capability of a local store: the blob's file, for senders that stream
+        a file by name (pynetdicom's chunked C-STORE)."""
+        return self.path_for(sha256)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
