@@ -36,7 +36,7 @@ from node.annotations.masks import Annotator
 from node.anonymize.keys import create_key_file
 from node.checks.consistency import check_structures
 from node.context import NodeContext
-from node.ingest.pipeline import Source
+from node.ingest.types import Source
 from node.phantom import Phantom, Sphere
 
 # Check times are measured here, not de-identification: the synthetic series and
@@ -189,7 +189,7 @@ def main() -> int:
             result = ctx.ingest.ingest_bytes(payload, SOURCE)
             per_copy.append(time.perf_counter() - start)
             assert result.action == "annotation", result.outcome.comment
-        with ctx.index.read() as conn:
+        with ctx.index.connection() as conn:
             set_id = conn.execute("SELECT MAX(id) FROM annotation WHERE kind = 'overlay'"
                                   ).fetchone()[0]
         print(f"overlays: {p.slices_count} copies x 4 ROIs, ingested one by one "

@@ -5,7 +5,7 @@
     python -m benchmarks.query --sizes 10000 --no-move
 
 For each size an index is filled through the index code in bulk
-(:func:`node.storage.records.bulk_insert`; no pixel files): N/20 studies of
+(the index's ``bulk_insert``; no pixel files): N/20 studies of
 20 instances (two series of 10) over N/100 patients, so 1M instances is
 50,000 studies over 10,000 patients. A node (one worker) serves it, and one
 held association (pynetdicom, TCP_NODELAY) runs each listed query with fresh
@@ -44,9 +44,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from node.ae import associate
 from node.phantom import Phantom, index_records, synthetic_patient_name
-from node.storage import records
-from node.storage.index import Index
 from node.storage.query import Model, build_select, explain, parse
+from node.storage.sqlite.index import SqliteIndex
 from tests.qr_support import free_port, start_node
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -71,12 +70,12 @@ def identifier(level: str, returned: tuple[str, ...], **match: str) -> Dataset:
 def fill(data: Path, instances: int) -> float:
     """An index with ``instances`` rows, through the bulk insert; seconds taken."""
     data.mkdir(parents=True, exist_ok=True)
-    index = Index(data / "index.sqlite3")
+    index = SqliteIndex(data / "index.sqlite3")
     index.migrate()
     started = time.perf_counter()
-    with index.write() as conn:
-        records.bulk_insert(conn, index_records(max(1, instances // 100), instances // 20, 20))
-    with index.write() as conn:
+    with index.transaction() as tx:
+        tx.instances.bulk_insert(index_records(max(1, instances // 100), instances // 20, 20))
+    with index.connection() as conn:
         conn.execute("ANALYZE")
     index.close()
     return time.perf_counter() - started
@@ -116,17 +115,17 @@ def queries(instances: int, rng: random.Random) -> dict[str, Callable[[], Datase
     }
 
 
-def plan(index: Index, query: Dataset) -> str:
+def plan(index: SqliteIndex, query: Dataset) -> str:
     """SQLite's plan for the query's main statement, one step per ``;``."""
     parsed = parse(query, Model.STUDY_ROOT)
     sql, params = build_select(parsed, [(k.level, k.column) for k in parsed.returns
                                         if k.column])
-    with index.read() as conn:
+    with index.connection() as conn:
         return "; ".join(step for step in explain(conn, sql, params)
                          if not step.startswith(("CORRELATED", "LIST SUBQUERY")))
 
 
-def time_queries(port: int, index: Index, instances: int, repeats: int,
+def time_queries(port: int, index: SqliteIndex, instances: int, repeats: int,
                  seed: int) -> list[dict]:
     """Run every query ``repeats`` times over one held association."""
     _config.LOG_RESPONSE_IDENTIFIERS = False

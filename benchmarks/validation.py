@@ -31,7 +31,7 @@ from node.checks.geometry import InstanceGeometry, analyse_series
 from node.config import StorageSettings, ValidationSettings, load
 from node.context import NodeContext
 from node.ingest.iod import IODTables
-from node.ingest.pipeline import Source
+from node.ingest.types import Source
 from node.ingest.validate import Validator, read_received
 from node.phantom import Phantom
 from node.storage.records import InstanceRecord

@@ -339,10 +339,8 @@ def deid_report(settings: Settings, study_uid: str, as_json: bool) -> None:
 
     ctx = NodeContext.open(settings, migrate=False)
     try:
-        with ctx.index.read() as conn:
-            rows = [json.loads(r[0]) for r in conn.execute(
-                "SELECT evidence FROM deid_evidence WHERE study_instance_uid = ?"
-                " ORDER BY sop_instance_uid", (study_uid,))]
+        with ctx.index.reader() as r:
+            rows = r.evidence.for_study(study_uid)
     finally:
         ctx.close()
     if not rows:

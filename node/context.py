@@ -1,19 +1,34 @@
 """NodeContext: builds, owns and wires the node's parts. The one place state lives.
 
-Handlers, CLI commands and (later) the HTTP app receive a context and call its
-services; none of them opens files or databases on its own.
+Front ends (the DIMSE server, the CLI, and next the HTTP app) receive a
+context and call its services; none of them opens files or databases, or
+starts threads, on its own. Background work is owned here and started and
+stopped in order:
+
+* ``start()``: the audit writer (query/retrieve events), the after-commit
+  worker (annotation checks after the answer), the overlay settle worker;
+  with ``supervisor=True`` (one per node: the process that owns the data
+  folder) also the recovery of annotations a crash left unchecked and the
+  series sweeper.
+* ``stop()``: the same in reverse, each draining what it holds, then the
+  audit head and the index.
+
+A context that is never started (a command-line tool) runs after-commit
+work inline and flushes the rest at ``stop()``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from node.annotations.grid import HeaderGridSource
 from node.annotations.service import AnnotationService
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
-from node.audit.trail import AuditTrail, HeadCheckpoint
+from node.audit.served import AuditQueue
+from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
 from node.config import Settings
@@ -24,60 +39,85 @@ from node.ingest.routes import Router
 from node.ingest.validate import Validator
 from node.retrieve import RetrieveService
 from node.search import SearchService
-from node.storage.blobs import BlobStore
-from node.storage.index import Index
-from node.storage.query import QueryEngine
+from node.storage.backend import open_index
+from node.storage.blobs import LocalBlobStore
+from node.storage.interface import Index, IndexUnavailable
 from node.storage.sealed import Sealer
+from node.worker import Worker
+
+
+class DataFolderMissing(IndexUnavailable):
+    """A read-only tool was pointed at a data folder that has no index: nothing is created."""
 
 
 @dataclass
 class NodeContext:
     settings: Settings
     index: Index
-    blobs: BlobStore
+    blobs: LocalBlobStore
+    #: Refused bytes, kept apart from the blobs that retrievals serve.
+    quarantined: LocalBlobStore
     audit: AuditTrail
+    events: AuditQueue
     series: SeriesChecker
     annotations: AnnotationService
+    search: SearchService
+    retrieve: RetrieveService
+    worker: Worker
     key: ProjectKey | None
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
+    _started: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True,
-             with_key: bool = False) -> NodeContext:
-        """Open (and create on first use) the data folder, index and audit trail.
+    def open(cls, settings: Settings, *, migrate: bool = True, with_key: bool = False,
+             must_exist: bool = False) -> NodeContext:
+        """Open (and, unless ``must_exist``, create on first use) the data folder, index
+        and audit trail.
 
         ``with_key`` loads the project key and builds the services that need it
         (ingest de-identifies, quarantine seals and unseals); without it (status,
         fsck, audit verify, check) nothing can be received.
-        Raises ``ProjectKeyError`` with how to make a key when there is none.
+        Raises ``ProjectKeyError`` with how to make a key when there is none, and
+        :class:`DataFolderMissing` when ``must_exist`` and there is no index.
         """
         data = settings.storage.data
+        if must_exist and not settings.index_path.is_file():
+            raise DataFolderMissing(f"no Lamina data in {data} (no index at "
+                                    f"{settings.index_path}): check --data or the config")
         data.mkdir(parents=True, exist_ok=True)
-        index = Index(settings.index_path, settings.index.busy_timeout_ms)
+        index = open_index(settings.index.backend, settings.index_path,
+                           settings.index.busy_timeout_ms, must_exist=must_exist)
         if migrate:
             index.migrate()
-        blobs = BlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
+        blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
+        quarantined = LocalBlobStore(data / "quarantine", data / "spool")
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key))
+        events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
                     if settings.annotations.protocol else Protocol())
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
                                         protocol, settings.annotations.settle_seconds)
+        matcher = index.matcher(settings.node.ae_title)
+        search = SearchService(matcher, events)
+        retrieve = RetrieveService(settings, matcher, blobs, events)
+        worker = Worker("after-commit")
         key, ingest, quarantine = None, None, None
         if with_key:
             key = load_project_key(settings.deidentify.key_file, data_dir=data)
-            area = QuarantineArea(BlobStore(data / "quarantine", data / "spool"), blobs, index,
-                                  audit, Sealer(key))
+            area = QuarantineArea(quarantined, blobs, index, audit, Sealer(key.map_key))
             validator = None
             if settings.validation.enabled:
                 validator = Validator(settings.validation, IODTables.load())
             router = Router(Deidentifier(settings.deidentify, key), key, index,
                             Deidentifier(replace(settings.deidentify, clean_graphics=True), key))
-            ingest = IngestService(blobs, index, audit, area, router, validator, annotations)
+            ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
+                                   validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
-        return cls(settings, index, blobs, audit, series, annotations, key, ingest, quarantine)
+        return cls(settings, index, blobs, quarantined, audit, events, series, annotations, search, retrieve,
+                   worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:
@@ -92,24 +132,43 @@ class NodeContext:
         return self._quarantine
 
     @property
-    def search(self) -> SearchService:
-        """C-FIND (and later QIDO-RS): who may search, what matches, what is audited."""
-        return SearchService(QueryEngine(self.index, self.settings.node.ae_title), self.audit)
-
-    @property
-    def retrieve(self) -> RetrieveService:
-        """C-MOVE / C-GET (and later WADO-RS): who may retrieve what, to where."""
-        return RetrieveService(self.settings, QueryEngine(self.index, self.settings.node.ae_title),
-                               self.blobs, self.audit)
-
-    @property
     def run_dir(self) -> Path:
-        """Per-node runtime files (association slot locks)."""
+        """Per-node runtime files (association slot locks, the node lock)."""
         path = self.settings.storage.data / "run"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def start(self, *, supervisor: bool = False) -> None:
+        """Start the background work (see the module docstring); idempotent."""
+        if self._started:
+            return
+        self.events.start()
+        self.worker.start()
+        self.annotations.start()
+        self._started += ["events", "worker", "annotations"]
+        if supervisor:
+            actor = Actor(ae_title=self.settings.node.ae_title, user=f"pid:{os.getpid()}")
+            # Annotations a crash left between their store and their check.
+            self.annotations.check_received(actor)
+            self.series.start()
+            self._started.append("series")
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait for after-commit work and queued audit events (tests, before a report)."""
+        self.worker.drain(timeout)
+        self.events.flush(timeout)
+
+    def stop(self) -> None:
+        """Stop the background work in reverse order, each draining what it holds."""
+        if "series" in self._started:
+            self.series.stop()
+        self.worker.stop()
+        self.annotations.stop()
+        self.events.stop()
+        self._started.clear()
+
     def close(self) -> None:
-        self.annotations.close()
+        """Stop, write the audit head, close the index."""
+        self.stop()
         self.audit.close()
         self.index.close()

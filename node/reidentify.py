@@ -27,8 +27,8 @@ def reidentify(ctx: NodeContext, target: str) -> str | Dataset:
            if path.is_file() else {"uid": target})
     actor = Actor(user=f"{getpass.getuser()}@pid:{os.getpid()}")
     try:
-        with ctx.index.read() as conn:
-            result = reidentify_target(target, key=ctx.key, conn=conn)
+        with ctx.index.reader() as reader:
+            result = reidentify_target(target, key=ctx.key, reader=reader)
     except Exception:
         ctx.audit.record("patient-record.reidentify", actor, obj, outcome="minor-failure")
         raise

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-
-import sqlite_utils
 
 from node.config import Settings
 from node.context import NodeContext
-from node.storage.blobs import BlobStore
 
 
 def node_status(settings: Settings) -> dict[str, str]:
     """Counts per level, disk used, quarantine and conflicts."""
-    ctx = NodeContext.open(settings, migrate=False)
+    ctx = NodeContext.open(settings, migrate=False, must_exist=True)
     try:
-        db = sqlite_utils.Database(settings.index_path)
-        counts = {t: db[t].count for t in ("patient", "study", "series", "instance",
-                                          "quarantine", "conflict", "audit_event")}
+        with ctx.index.reader() as r:
+            counts = r.reports.counts()
+            waiting = r.reports.quarantine_waiting()
+            states = r.reports.series_states()
+            instance_rules = r.reports.instance_rule_counts()
+            series_rules = r.reports.series_rule_counts()
         return {
             "ae_title": f"{settings.node.ae_title} (port {settings.node.port})",
             "data": str(settings.storage.data),
@@ -31,56 +30,31 @@ def node_status(settings: Settings) -> dict[str, str]:
             "audit_events": str(counts["audit_event"]),
             "disk_used_mb": f"{ctx.blobs.disk_used() / (1 << 20):.1f}",
             "disk_free_mb": f"{ctx.blobs.free_bytes() / (1 << 20):.0f}",
-            **_validation_status(ctx),
+            "quarantine_waiting": str(waiting),
+            "series_states": ", ".join(f"{k} {states.get(k, 0)}"
+                                       for k in ("receiving", "complete", "incomplete")),
+            "instance_findings": ", ".join(f"{r} {n}" for r, n in instance_rules) or "none",
+            "series_findings": ", ".join(f"{r} {n}" for r, n in series_rules) or "none",
         }
     finally:
         ctx.close()
 
 
-def _validation_status(ctx: NodeContext) -> dict[str, str]:
-    """Quarantine still waiting, series states and findings by rule."""
-    with ctx.index.read() as conn:
-        waiting = conn.execute(
-            "SELECT count(*) FROM quarantine WHERE released_at IS NULL").fetchone()[0]
-        states = dict(conn.execute(
-            "SELECT state, count(*) FROM series_state GROUP BY state").fetchall())
-        instance_rules = conn.execute(
-            "SELECT rule, count(*) FROM finding WHERE instance_fk IS NOT NULL"
-            " GROUP BY rule ORDER BY rule").fetchall()
-        series_rules = conn.execute(
-            "SELECT f.rule, count(*) FROM finding f JOIN series_state st"
-            " ON st.check_fk = f.series_check_fk GROUP BY f.rule ORDER BY f.rule").fetchall()
-    return {
-        "quarantine_waiting": str(waiting),
-        "series_states": ", ".join(f"{k} {states.get(k, 0)}"
-                                   for k in ("receiving", "complete", "incomplete")),
-        "instance_findings": ", ".join(f"{r} {n}" for r, n in instance_rules) or "none",
-        "series_findings": ", ".join(f"{r} {n}" for r, n in series_rules) or "none",
-    }
-
-
 def instance_findings(settings: Settings, sop_instance_uid: str) -> list[str]:
     """What was found on one instance: recorded findings if stored, reasons if quarantined."""
-    ctx = NodeContext.open(settings, migrate=False)
+    ctx = NodeContext.open(settings, migrate=False, must_exist=True)
     try:
-        with ctx.index.read() as conn:
-            stored = conn.execute(
-                "SELECT id FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-            found = conn.execute(
-                "SELECT severity, rule, message FROM finding WHERE instance_fk = ? ORDER BY id",
-                (stored[0],)).fetchall() if stored else []
-            held = conn.execute(
-                "SELECT id, findings, released_at FROM quarantine WHERE sop_instance_uid = ?"
-                " ORDER BY id", (sop_instance_uid,)).fetchall()
+        with ctx.index.reader() as r:
+            stored, found = r.reports.instance_findings(sop_instance_uid)
+            held = r.quarantine.for_instance(sop_instance_uid)
     finally:
         ctx.close()
     lines = [f"instance {sop_instance_uid}: {'stored' if stored else 'not stored'}"]
-    lines += [f"  {severity:<6} [{rule}] {message}" for severity, rule, message in found]
-    for qid, findings, released_at in held:
-        state = f"released {released_at}" if released_at else "waiting"
-        lines += [f"  quarantine {qid} ({state}) [{f['rule']}] {f['message']}"
-                  for f in json.loads(findings)]
+    lines += [f"  {f.severity:<6} [{f.rule}] {f.message}" for f in found]
+    for entry in held:
+        state = f"released {entry.released_at}" if entry.released_at else "waiting"
+        lines += [f"  quarantine {entry.id} ({state}) [{f['rule']}] {f['message']}"
+                  for f in entry.findings]
     return lines
 
 
@@ -112,18 +86,14 @@ class FsckReport:
 
 def fsck(settings: Settings) -> FsckReport:
     """Every blob the index references exists, and every blob hashes to its name."""
-    ctx = NodeContext.open(settings, migrate=False)
+    ctx = NodeContext.open(settings, migrate=False, must_exist=True)
     report = FsckReport()
     try:
-        with ctx.index.read() as conn:
-            report.integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            referenced = {row[0] for row in conn.execute(
-                "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
-                " UNION SELECT blob_sha256 FROM quarantine WHERE area = 'blobs'"
-                " UNION SELECT blob_sha256 FROM annotation_object")}
-            quarantined = {row[0] for row in conn.execute(
-                "SELECT blob_sha256 FROM quarantine WHERE area = 'quarantine'")}
-        area = BlobStore(settings.storage.data / "quarantine", ctx.blobs.spool_dir)
+        with ctx.index.reader() as r:
+            report.integrity = r.reports.integrity()
+            referenced = r.reports.referenced_blobs()
+            quarantined = r.reports.quarantined_blobs()
+        area = ctx.quarantined
         for store, hashes in ((ctx.blobs, referenced), (area, quarantined)):
             on_disk = set(store.iter_hashes())
             report.missing += sorted(hashes - on_disk)

@@ -26,12 +26,12 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node import status
-from node.audit.served import report
-from node.audit.trail import Actor, AuditTrail
+from node.audit.served import AuditQueue, report
+from node.audit.trail import Actor
 from node.config import Peer, Settings
 from node.status import Outcome
-from node.storage.blobs import BlobStore
-from node.storage.index import IndexUnavailable
+from node.storage.blobs import LocalBlobStore
+from node.storage.interface import IndexUnavailable
 from node.storage.query import Model, Query, QueryEngine, QueryError, StoredInstance, parse
 
 log = logging.getLogger("lamina.retrieve")
@@ -78,7 +78,7 @@ class Retrieval:
     instances: list[StoredInstance]
     paths: list[Path]
     destination: Peer | None
-    audit: AuditTrail
+    events: AuditQueue
     actor: Actor
     counts: Counts = field(init=False)
     _finished: bool = field(default=False, repr=False)
@@ -110,19 +110,19 @@ class Retrieval:
                "warning": c.warning, "status": f"0x{outcome.status.code:04X}"}
         if self.destination is not None:
             obj["destination"] = self.destination.ae_title
-        report(self.audit, log, f"retrieve.{self.kind}", self.actor, obj,
+        report(self.events, log, f"retrieve.{self.kind}", self.actor, obj,
                not outcome.status.is_success)
 
 
 class RetrieveService:
     """Plans C-MOVE and C-GET requests for peers; the one place retrieve permission is decided."""
 
-    def __init__(self, settings: Settings, engine: QueryEngine, blobs: BlobStore,
-                 audit: AuditTrail) -> None:
+    def __init__(self, settings: Settings, engine: QueryEngine, blobs: LocalBlobStore,
+                 events: AuditQueue) -> None:
         self.settings = settings
         self.engine = engine
         self.blobs = blobs
-        self.audit = audit
+        self.events = events
 
     def start_move(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
                    model: Model, destination_ae: str) -> Retrieval | Outcome:
@@ -174,11 +174,11 @@ class RetrieveService:
         except IndexUnavailable:
             return self._refuse(kind, actor, model, Outcome(
                 status.OUT_OF_RESOURCES, "index unavailable"))
-        paths = [self.blobs.path_for(i.blob_sha256) for i in instances]
-        return Retrieval(kind, query, instances, paths, destination, self.audit, actor)
+        paths = [self.blobs.local_path(i.blob_sha256) for i in instances]
+        return Retrieval(kind, query, instances, paths, destination, self.events, actor)
 
     def _refuse(self, kind: str, actor: Actor, model: Model, outcome: Outcome) -> Outcome:
-        report(self.audit, log, f"retrieve.{kind}.refused", actor,
+        report(self.events, log, f"retrieve.{kind}.refused", actor,
                {"model": model.value, "status": f"0x{outcome.status.code:04X}",
                 "reason": outcome.comment}, failed=True)
         return outcome

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from node import status
-from node.audit.served import report
-from node.audit.trail import Actor, AuditTrail
+from node.audit.served import AuditQueue, report
+from node.audit.trail import Actor
 from node.config import Peer
 from node.status import Outcome, Status
 from node.storage.query import Match, Model, Query, QueryEngine, QueryError, parse
@@ -35,7 +35,7 @@ class Search:
     """One running search: iterate :meth:`results`, then :meth:`finish` it once."""
 
     engine: QueryEngine
-    audit: AuditTrail
+    events: AuditQueue
     actor: Actor
     query: Query
     matches: int = 0
@@ -60,15 +60,15 @@ class Search:
         obj = {"model": self.query.model.value, "level": self.query.level.name,
                "keys": self.query.matching_keywords, "matches": self.matches,
                "status": f"0x{outcome.status.code:04X}"}
-        report(self.audit, log, "query.find", self.actor, obj, outcome.status.is_failure)
+        report(self.events, log, "query.find", self.actor, obj, outcome.status.is_failure)
 
 
 class SearchService:
     """Starts searches for peers; the one place find permission is decided."""
 
-    def __init__(self, engine: QueryEngine, audit: AuditTrail) -> None:
+    def __init__(self, engine: QueryEngine, events: AuditQueue) -> None:
         self.engine = engine
-        self.audit = audit
+        self.events = events
 
     def start(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
               model: Model) -> Search | Outcome:
@@ -86,10 +86,10 @@ class SearchService:
             query = parse(identifier, model)
         except QueryError as exc:
             return self._refuse(actor, model, Outcome(exc.status, exc.reason))
-        return Search(self.engine, self.audit, actor, query)
+        return Search(self.engine, self.events, actor, query)
 
     def _refuse(self, actor: Actor, model: Model, outcome: Outcome) -> Outcome:
-        report(self.audit, log, "query.refused", actor,
+        report(self.events, log, "query.refused", actor,
                {"model": model.value, "status": f"0x{outcome.status.code:04X}",
                 "reason": outcome.comment}, failed=True)
         return outcome

@@ -17,14 +17,12 @@ import logging
 import multiprocessing
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
 
 from pynetdicom import evt
 
 from node.ae import LaminaServer, build_scp, configure_pynetdicom
-from node.audit.served import flush_all as flush_served_audit
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
@@ -71,9 +69,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     configure_pynetdicom()
     quiet_pydicom()
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
-    # pynetdicom spools received datasets with NamedTemporaryFile in the default
-    # temp folder: point it at our spool so promotion is a same-disk rename.
-    tempfile.tempdir = str(ctx.blobs.spool_dir)
+    ctx.start()
     sessions = Sessions(ctx)
     handlers = [
         *sessions.handlers(),
@@ -93,7 +89,6 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     try:
         _wait_for_stop()
     finally:
-        flush_served_audit()
         server.stop()
         ctx.close()
 
@@ -107,12 +102,9 @@ def serve(settings: Settings) -> None:
     ctx = NodeContext.open(settings, migrate=True, with_key=True)  # refuse early without a key
     cleared = ctx.blobs.clear_spool()
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
-    ctx.annotations.check_received(actor)  # annotations a crash left between store and check
+    ctx.start(supervisor=True)
     ctx.audit.record("node.started", actor,
                      {"workers": settings.node.workers, "stale_spool_files": cleared})
-    sweep_stop = threading.Event()
-    threading.Thread(target=ctx.series.run, args=(sweep_stop,), name="series-sweep",
-                     daemon=True).start()
     try:
         if settings.node.workers == 1:
             run_worker(settings)
@@ -138,6 +130,5 @@ def serve(settings: Settings) -> None:
                     w.kill()
                     w.join()
     finally:
-        sweep_stop.set()
         ctx.audit.record("node.stopped", actor, {})
         ctx.close()

@@ -35,7 +35,7 @@ from pydicom.uid import RLELossless
 from node import config
 from node.anonymize.keys import create_key_file
 from node.context import NodeContext
-from node.ingest.pipeline import Source, StoreResult
+from node.ingest.types import Source, StoreResult
 from node.phantom import Phantom, Sphere
 
 if TYPE_CHECKING:
@@ -139,11 +139,11 @@ def served(ctx: NodeContext) -> Served:
     Found through the index by the pseudonym the clinical route gave its series UID.
     """
     series_uid = ctx.key.uid(PHANTOM.series_uid)
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         shas = [r[0] for r in conn.execute(
             "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
             " WHERE s.series_instance_uid = ?", (series_uid,))]
-    return Served([dcmread(ctx.blobs.path_for(sha)) for sha in shas])
+    return Served([dcmread(ctx.blobs.local_path(sha)) for sha in shas])
 
 
 def served_by(node: NodeProcess) -> Served:
@@ -534,7 +534,7 @@ def ingest(ctx: NodeContext, ds: Dataset, source: Source = ANNOTATOR) -> StoreRe
 
 def annotation_of(ctx: NodeContext, sop_instance_uid: str) -> int:
     """The annotation an object (SEG, overlay copy) was filed under (its newest)."""
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         return conn.execute("SELECT annotation_fk FROM annotation_object WHERE sop_instance_uid = ?"
                             " ORDER BY id DESC LIMIT 1", (sop_instance_uid,)).fetchone()[0]
 
@@ -542,7 +542,7 @@ def annotation_of(ctx: NodeContext, sop_instance_uid: str) -> int:
 def current_findings(ctx: NodeContext, annotation_id: int) -> list[dict]:
     """The current findings, once every overlay set still settling has been checked."""
     ctx.annotations.flush()
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         rows = conn.execute(
             "SELECT f.check_name, f.structure_id, f.slices, f.detail FROM annotation_finding f"
             " JOIN annotation a ON a.current_check_fk = f.check_fk WHERE a.id = ?",

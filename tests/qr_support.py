@@ -28,8 +28,8 @@ from node.anonymize.keys import create_key_file
 from node.config import load
 from node.phantom import Phantom
 from node.scu import Target, send_files
-from node.storage.blobs import BlobStore
-from node.storage.index import Index
+from node.storage.blobs import LocalBlobStore
+from node.storage.sqlite.index import SqliteIndex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,19 +56,19 @@ class Node:
     log: Path
     ae_title: str = "LAMINA"
 
-    def index(self) -> Index:
-        return Index(self.data / "index.sqlite3")
+    def index(self) -> SqliteIndex:
+        return SqliteIndex(self.data / "index.sqlite3")
 
     def blob_path(self, sop_instance_uid: str) -> Path:
         """Where the node keeps an instance's bytes (content-addressed)."""
         index = self.index()
         try:
-            with index.read() as conn:
+            with index.connection() as conn:
                 sha = conn.execute("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
                                    (sop_instance_uid,)).fetchone()[0]
         finally:
             index.close()
-        return BlobStore(self.data / "blobs", self.data / "spool").path_for(sha)
+        return LocalBlobStore(self.data / "blobs", self.data / "spool").local_path(sha)
 
     def audit_events(self, prefix: str, until=lambda events: bool(events),
                      timeout: float = 5.0) -> list[dict]:
@@ -81,7 +81,7 @@ class Node:
         while True:
             index = self.index()
             try:
-                with index.read() as conn:
+                with index.connection() as conn:
                     rows = conn.execute(
                         "SELECT action, actor, object, outcome FROM audit_event"
                         " WHERE action LIKE ? ORDER BY seq", (prefix + "%",)).fetchall()

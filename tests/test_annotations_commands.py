@@ -63,7 +63,7 @@ def test_check_again_exits_1_on_findings_and_keeps_the_history(node, served) -> 
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
     result = lamina(config, "annotations", "check", str(annotation))
     assert result.exit_code == 1 and "components" in result.output
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         checks = conn.execute("SELECT COUNT(*) FROM annotation_check WHERE annotation_fk = ?",
                               (annotation,)).fetchone()[0]
     assert checks == 2
@@ -122,7 +122,7 @@ def test_import_labels_stores_a_checked_seg(node, served, tmp_path) -> None:
     bad = lamina(config, "import-labels", str(path), "--series", served.series_uid,
                  "--label", "one=Nodule", "--store")
     assert bad.exit_code == 2 and "VALUE=NAME" in bad.output
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         actions = [r[0] for r in conn.execute("SELECT action FROM audit_event ORDER BY seq")]
     assert "annotation.imported" in actions and "annotation.exported" in actions
     assert ctx.audit.verify().ok

@@ -62,7 +62,7 @@ def test_rois_switching_groups_form_one_structure_per_label(ctx, served) -> None
         assert np.array_equal(by_label[label].array, truth), label
         assert by_label[label].annotator.person == "Reader^Horos"
     assert by_label["Bone"].type.value == "272673000"  # the protocol class's code
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         stored = conn.execute("SELECT COUNT(*) FROM instance").fetchone()[0]
         row = conn.execute("SELECT kind, state, annotator_person FROM annotation WHERE id = ?",
                            (annotation,)).fetchone()
@@ -86,7 +86,7 @@ def test_a_missing_slice_is_a_gap_and_a_newer_copy_supersedes(ctx, served) -> No
     redrawn.OperatorsName = "Reader^Gap"
     assert fx.ingest(ctx, redrawn).action == "annotation"  # slice 15 redrawn empty
     assert [f["check"] for f in fx.current_findings(ctx, annotation)] == ["slice-gap"]
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         states = [r[0] for r in conn.execute(
             "SELECT state FROM annotation_object WHERE annotation_fk = ? AND slice_index = 14"
             " ORDER BY id", (annotation,))]
@@ -120,7 +120,7 @@ def test_a_set_stays_received_until_it_settles_and_a_restart_checks_it(tmp_path)
         for ds in fx.overlay_gap_copies(served):
             assert fx.ingest(ctx, ds).action == "annotation"
         annotation = fx.annotation_of(ctx, served.sop_uid(13))
-        with ctx.index.read() as conn:
+        with ctx.index.connection() as conn:
             state = conn.execute("SELECT state FROM annotation WHERE id = ?",
                                  (annotation,)).fetchone()[0]
         assert state == "received"
@@ -143,6 +143,7 @@ def test_settle_queue_runs_a_job_once_per_burst_after_the_quiet_time() -> None:
         done.set()
 
     queue = SettleQueue(job, settle_seconds=0.2)
+    queue.start()
     for i in range(5):
         queue.touch("set-1", i)
     assert queue.pending() == 1 and calls == []
@@ -151,3 +152,4 @@ def test_settle_queue_runs_a_job_once_per_burst_after_the_quiet_time() -> None:
     queue.touch("set-2")
     queue.flush()
     assert calls[-1] == ("set-2", None) and queue.pending() == 0
+    queue.stop()

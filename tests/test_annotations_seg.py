@@ -95,7 +95,7 @@ def test_valid_segs_are_stored_indexed_and_checked_without_findings(ctx, served,
     assert (result.outcome.status.code, result.action) == (0x0000, "annotation")
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
     assert fx.current_findings(ctx, annotation) == []
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         state, person = conn.execute("SELECT state, annotator_person FROM annotation WHERE id = ?",
                                      (annotation,)).fetchone()
         indexed = conn.execute("SELECT COUNT(*) FROM instance WHERE sop_instance_uid = ?",
@@ -128,8 +128,9 @@ def test_a_seg_drawn_on_the_pacs_original_is_moved_onto_the_pseudonyms(ctx, serv
     assert (stored.PatientID, stored.StudyInstanceUID) == (served.slice(0).PatientID,
                                                            served.study_uid)
     assert fx.current_findings(ctx, fx.annotation_of(ctx, uid)) == []
-    with ctx.index.read() as conn:
-        assert ctx.ingest.router.reid_map.knows_uid(conn, uid)  # `lamina reidentify` finds it
+    with ctx.index.reader() as reader:
+        assert ctx.ingest.router.reid_map.knows_uid(reader, uid)  # `lamina reidentify` finds it
+    with ctx.index.connection() as conn:
         route = conn.execute("SELECT route FROM deid_evidence WHERE sop_instance_uid = ?",
                              (uid,)).fetchone()
     assert route is not None and route[0] == "annotator"  # `lamina deid report` lists it

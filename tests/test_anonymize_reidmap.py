@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-from importlib import resources
-
 import pytest
 from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -20,6 +17,7 @@ from node.anonymize.reidmap import (
     reidentify_uid,
 )
 from node.anonymize.settings import DeidSettings
+from node.storage.sqlite.index import SqliteIndex
 
 KEY = ProjectKey(b"reid-test-key-0123456789abcdef!!")
 
@@ -30,14 +28,26 @@ def _quiet_validation(monkeypatch):
 
 
 @pytest.fixture
-def conn():
-    connection = sqlite3.connect(":memory:")
-    sql = resources.files("node.storage").joinpath(
-        "migrations/0004_reidentification.sql").read_text()
-    connection.executescript(sql)
-    connection.executescript(sql)  # the migration is idempotent
-    yield connection
-    connection.close()
+def index(tmp_path):
+    store = SqliteIndex(tmp_path / "index.sqlite3")
+    store.migrate()
+    store.migrate()  # migrating again changes nothing
+    yield store
+    store.close()
+
+
+class _Rollback(Exception):
+    """Raised to leave a transaction without committing it."""
+
+
+def _recorded(index, entries) -> None:
+    with index.transaction() as tx:
+        ReidentificationMap(KEY).record(tx, entries)
+
+
+def _count(index, table: str) -> int:
+    with index.connection() as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def _ct() -> Dataset:
@@ -66,78 +76,83 @@ def _deidentified():
     return Deidentifier(DeidSettings(), KEY).deidentify(_ct())
 
 
-def test_record_is_idempotent_and_leaves_the_transaction_to_the_caller(conn):
+def test_record_is_idempotent_and_leaves_the_transaction_to_the_caller(index):
     result = _deidentified()
     rmap = ReidentificationMap(KEY)
-    assert rmap.record(conn, result.entries) == len(result.entries) == 5
-    assert conn.in_transaction
-    assert rmap.record(conn, result.entries) == 0
-    conn.rollback()
-    assert conn.execute("SELECT count(*) FROM reid_uid").fetchone()[0] == 0
-    rmap.record(conn, result.entries)
-    conn.commit()
-    assert conn.execute("SELECT count(*) FROM reid_patient").fetchone()[0] == 1
+    with pytest.raises(_Rollback), index.transaction() as tx:
+        assert rmap.record(tx, result.entries) == len(result.entries) == 5
+        assert _count(index, "reid_uid") == 0  # not committed: nothing visible elsewhere
+        assert rmap.record(tx, result.entries) == 0
+        raise _Rollback
+    assert _count(index, "reid_uid") == 0
+    _recorded(index, result.entries)
+    assert _count(index, "reid_patient") == 1
 
 
-def test_nothing_identifying_is_stored_in_clear(conn):
+def test_nothing_identifying_is_stored_in_clear(index):
     result = _deidentified()
-    ReidentificationMap(KEY).record(conn, result.entries)
-    conn.commit()
-    dump = "\n".join(conn.iterdump()).encode()
-    blobs = b"".join(b for row in conn.execute("SELECT payload FROM reid_uid") for b in row)
+    _recorded(index, result.entries)
+    with index.connection() as conn:
+        dump = "\n".join(conn.iterdump()).encode()
+        blobs = b"".join(b for row in conn.execute("SELECT payload FROM reid_uid") for b in row)
     everything = dump + blobs
     for original in (b"Harrowgate", b"Philomena", b"MRN-778899", b"EASTSIDE",
                      b"1.2.826.0.1.7", result.dataset.PatientID.encode()):
         assert original not in everything
 
 
-def test_lookups_return_the_originals(conn):
+def test_lookups_return_the_originals(index):
     result = _deidentified()
     rmap = ReidentificationMap(KEY)
-    rmap.record(conn, result.entries)
-    patient = rmap.lookup_patient(conn, result.dataset.PatientID)
-    assert (patient.patient_id, patient.patient_name, patient.issuer) == (
-        "MRN-778899", "Harrowgate^Philomena", "EASTSIDE")
-    assert patient.date_offset_days == KEY.date_offset_days("EASTSIDE", "MRN-778899")
-    assert rmap.lookup_uid(conn, result.dataset.StudyInstanceUID) == "1.2.826.0.1.7"
-    assert reidentify_uid(conn, rmap, result.dataset.SOPInstanceUID) == "1.2.826.0.1.7.3"
-    assert rmap.lookup_uid(conn, "2.25.1") is None
-    with pytest.raises(ReidentificationError, match="not a pseudonymous UID"):
-        reidentify_uid(conn, rmap, "2.25.1")
+    _recorded(index, result.entries)
+    with index.reader() as reader:
+        patient = rmap.lookup_patient(reader, result.dataset.PatientID)
+        assert (patient.patient_id, patient.patient_name, patient.issuer) == (
+            "MRN-778899", "Harrowgate^Philomena", "EASTSIDE")
+        assert patient.date_offset_days == KEY.date_offset_days("EASTSIDE", "MRN-778899")
+        assert rmap.lookup_uid(reader, result.dataset.StudyInstanceUID) == "1.2.826.0.1.7"
+        assert reidentify_uid(reader, rmap, result.dataset.SOPInstanceUID) == "1.2.826.0.1.7.3"
+        assert rmap.lookup_uid(reader, "2.25.1") is None
+        with pytest.raises(ReidentificationError, match="not a pseudonymous UID"):
+            reidentify_uid(reader, rmap, "2.25.1")
 
 
-def test_a_wrong_key_is_reported_as_such(conn):
+def test_a_wrong_key_is_reported_as_such(index):
     result = _deidentified()
-    ReidentificationMap(KEY).record(conn, result.entries)
+    _recorded(index, result.entries)
     other = ReidentificationMap(ProjectKey(b"another-key-0123456789abcdef!!!!"))
-    with pytest.raises(ReidentificationError, match=f"written under key {KEY.key_id}"):
+    with pytest.raises(ReidentificationError, match=f"written under key {KEY.key_id}"), \
+            index.reader() as conn:
         other.lookup_uid(conn, result.dataset.StudyInstanceUID)
 
 
-def test_a_tampered_or_swapped_row_does_not_decrypt(conn):
+def test_a_tampered_or_swapped_row_does_not_decrypt(index):
     result = _deidentified()
     rmap = ReidentificationMap(KEY)
-    rmap.record(conn, result.entries)
+    _recorded(index, result.entries)
     study, series = result.dataset.StudyInstanceUID, result.dataset.SeriesInstanceUID
-    conn.execute(
-        "UPDATE reid_uid SET nonce = (SELECT nonce FROM reid_uid WHERE lookup = ?),"
-        " payload = (SELECT payload FROM reid_uid WHERE lookup = ?) WHERE lookup = ?",
-        (KEY.lookup("uid", series), KEY.lookup("uid", series), KEY.lookup("uid", study)),
-    )
-    with pytest.raises(ReidentificationError, match="does not decrypt"):
+    with index.connection() as conn:
+        conn.execute(
+            "UPDATE reid_uid SET nonce = (SELECT nonce FROM reid_uid WHERE lookup = ?),"
+            " payload = (SELECT payload FROM reid_uid WHERE lookup = ?) WHERE lookup = ?",
+            (KEY.lookup("uid", series), KEY.lookup("uid", series), KEY.lookup("uid", study)),
+        )
+    with pytest.raises(ReidentificationError, match="does not decrypt"), \
+            index.reader() as conn:
         rmap.lookup_uid(conn, study)
 
 
-def test_record_rejects_foreign_objects(conn):
-    with pytest.raises(TypeError):
-        ReidentificationMap(KEY).record(conn, ["not an entry"])
+def test_record_rejects_foreign_objects(index):
+    with pytest.raises(TypeError), index.transaction() as tx:
+        ReidentificationMap(KEY).record(tx, ["not an entry"])
 
 
-def test_reidentify_dataset_restores_identifiers_references_and_dates(conn):
+def test_reidentify_dataset_restores_identifiers_references_and_dates(index):
     result = _deidentified()
     rmap = ReidentificationMap(KEY)
-    rmap.record(conn, result.entries)
-    restored = reidentify_dataset(conn, rmap, result.dataset)
+    _recorded(index, result.entries)
+    with index.reader() as conn:
+        restored = reidentify_dataset(conn, rmap, result.dataset)
     original = _ct()
     for keyword in ("PatientID", "PatientName", "IssuerOfPatientID", "StudyInstanceUID",
                     "SeriesInstanceUID", "SOPInstanceUID", "StudyDate", "SOPClassUID"):
@@ -150,10 +165,10 @@ def test_reidentify_dataset_restores_identifiers_references_and_dates(conn):
     assert result.dataset.PatientID.startswith("LAMINA-")  # the input is left alone
 
 
-def test_objects_made_after_deidentification_keep_their_own_dates_and_uids(conn):
+def test_objects_made_after_deidentification_keep_their_own_dates_and_uids(index):
     result = _deidentified()
     rmap = ReidentificationMap(KEY)
-    rmap.record(conn, result.entries)
+    _recorded(index, result.entries)
     seg = Dataset()
     seg.PatientID = result.dataset.PatientID
     seg.SOPInstanceUID = "2.25.4242"
@@ -161,7 +176,8 @@ def test_objects_made_after_deidentification_keep_their_own_dates_and_uids(conn)
     ref = Dataset()
     ref.ReferencedSOPInstanceUID = result.dataset.SOPInstanceUID
     seg.ReferencedImageSequence = Sequence([ref])
-    restored = reidentify_dataset(conn, rmap, seg)
+    with index.reader() as conn:
+        restored = reidentify_dataset(conn, rmap, seg)
     assert restored.SOPInstanceUID == "2.25.4242"
     assert restored.ContentDate == "20240101"
     assert restored.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.826.0.1.7.3"

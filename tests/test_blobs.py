@@ -6,19 +6,20 @@ import hashlib
 
 import pytest
 
-from node.storage.blobs import BlobStore, OutOfSpace
+from node.storage.blobs import LocalBlobStore
+from node.storage.interface import OutOfSpace
 
 
 @pytest.fixture
 def blobs(tmp_path):
-    return BlobStore(tmp_path / "blobs", tmp_path / "spool")
+    return LocalBlobStore(tmp_path / "blobs", tmp_path / "spool")
 
 
 def test_name_is_the_sha256_of_the_bytes(blobs):
     ref = blobs.put_bytes(b"some dicom bytes")
     digest = hashlib.sha256(b"some dicom bytes").hexdigest()
     assert ref.sha256 == digest and ref.created and ref.size == 16
-    assert blobs.path_for(digest).read_bytes() == b"some dicom bytes"
+    assert blobs.local_path(digest).read_bytes() == b"some dicom bytes"
     assert blobs.verify(digest)
     assert list(blobs.spool_dir.iterdir()) == []
 
@@ -32,16 +33,16 @@ def test_identical_bytes_are_stored_once(blobs):
 def test_received_values_never_become_paths(blobs):
     for hostile in ("../../etc/passwd", "1.2.840.10008.1", "A" * 64):
         with pytest.raises(ValueError):
-            blobs.path_for(hostile)
+            blobs.local_path(hostile)
 
 
 def test_corruption_is_detected(blobs):
     ref = blobs.put_bytes(b"original")
-    blobs.path_for(ref.sha256).write_bytes(b"0riginal")
+    blobs.local_path(ref.sha256).write_bytes(b"0riginal")
     assert not blobs.verify(ref.sha256)
 
 
 def test_free_space_floor(tmp_path):
-    store = BlobStore(tmp_path / "b", tmp_path / "s", min_free_bytes=1 << 62)
+    store = LocalBlobStore(tmp_path / "b", tmp_path / "s", min_free_bytes=1 << 62)
     with pytest.raises(OutOfSpace, match="MB free"):
         store.ensure_space()

@@ -36,7 +36,7 @@ def served(ctx) -> fx.Served:
 
 
 def _quarantine_reasons(ctx) -> list[str]:
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         return [r[0] for r in conn.execute("SELECT reason FROM quarantine ORDER BY id")]
 
 
@@ -53,7 +53,7 @@ def _assert_quarantined_as_refused(ctx, ds, result, check: str) -> None:
     assert (entry.sop_class_uid, entry.sop_instance_uid, entry.series_instance_uid) == (
         str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
     assert (entry.sha256, entry.sealed) == (result.sha256, False)  # de-identified bytes
-    assert ctx.quarantine.path_of(entry).is_file()
+    assert ctx.quarantine.store_of(entry).local_path(entry.sha256).is_file()
 
 
 def test_the_catalogue_has_one_variant_per_reference_check() -> None:
@@ -71,7 +71,7 @@ def test_each_seg_defect_is_refused_by_its_check(ctx, served, check: str) -> Non
     assert len(status.shorten(result.outcome.comment)) <= 64
     _assert_quarantined_as_refused(ctx, seg, result, check)
     annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         row = conn.execute("SELECT state FROM annotation WHERE id = ?", (annotation,)).fetchone()
         indexed = conn.execute("SELECT COUNT(*) FROM instance WHERE sop_instance_uid = ?",
                                (str(seg.SOPInstanceUID),)).fetchone()[0]
@@ -87,7 +87,7 @@ def test_each_overlay_defect_is_refused_by_its_check(ctx, served, check: str) ->
     assert "slice 21" in result.outcome.comment
     assert len(result.outcome.comment) <= 64
     _assert_quarantined_as_refused(ctx, copy_, result, check)
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         stored = conn.execute("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
                               (str(copy_.SOPInstanceUID),)).fetchone()[0]
     again = fx.ingest(ctx, fx.PHANTOM.slice(20), fx.PACS)  # the slice is untouched
@@ -142,8 +142,8 @@ def test_a_series_that_is_not_one_grid_refuses_its_annotations(ctx) -> None:
 
 
 def _stored_blobs(ctx, series_uid: str) -> list:
-    with ctx.index.read() as conn:
-        return [ctx.blobs.path_for(sha) for (sha,) in conn.execute(
+    with ctx.index.connection() as conn:
+        return [ctx.blobs.local_path(sha) for (sha,) in conn.execute(
             "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
             " WHERE s.series_instance_uid = ? ORDER BY i.id", (series_uid,))]
 
@@ -154,7 +154,7 @@ def test_an_image_with_overlays_that_annotates_nothing_stored_is_an_instance(ctx
     assert ds.SOPClassUID == CTImageStorage
     result = fx.ingest(ctx, ds)  # from the annotator: de-identified, its overlays kept
     assert result.action == "stored"
-    assert 0x60003000 in dcmread(ctx.blobs.path_for(result.sha256))
+    assert 0x60003000 in dcmread(ctx.blobs.local_path(result.sha256))
 
 
 def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx, served) -> None:
@@ -167,7 +167,7 @@ def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx, served)
 
 def _filed(ctx, sop_instance_uid: str) -> tuple[int, int]:
     """(annotation objects, instances) the index holds for a SOP Instance UID."""
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         return tuple(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE sop_instance_uid = ?",
                                   (sop_instance_uid,)).fetchone()[0]
                      for table in ("annotation_object", "instance"))

@@ -14,7 +14,6 @@ from pynetdicom.sop_class import (
 
 from node.ae import associate
 from node.phantom import index_records
-from node.storage import records
 from tests.qr_support import StudySpec, identifier, start_node, write_study
 
 STUDY_FIND = StudyRootQueryRetrieveInformationModelFind
@@ -41,8 +40,8 @@ def node(tmp_path_factory):
         for spec in SPECS:
             running.store(write_study(folder / spec.seed, spec), "CLIENT")
         index = running.index()
-        with index.write() as conn:
-            records.bulk_insert(conn, index_records(60, BULK_STUDIES, BULK_PER_STUDY))
+        with index.transaction() as tx:
+            tx.instances.bulk_insert( index_records(60, BULK_STUDIES, BULK_PER_STUDY))
         index.close()
         yield running
     finally:

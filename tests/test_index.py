@@ -1,4 +1,4 @@
-"""The SQLite index: migrations, WAL, and concurrent writers that neither corrupt nor lose rows."""
+"""The SQLite backend: migrations, WAL, and concurrent writers that neither corrupt nor lose rows."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import threading
 
 import pytest
 
-from node.storage import records
-from node.storage.index import Index, IndexUnavailable, migrations
+from node.storage.interface import IndexUnavailable
 from node.storage.records import InstanceRecord, Receipt
+from node.storage.sqlite.index import SqliteIndex, migrations
 
 
 @pytest.fixture
 def index(tmp_path):
-    idx = Index(tmp_path / "index.sqlite3")
+    idx = SqliteIndex(tmp_path / "index.sqlite3")
     idx.migrate()
     yield idx
     idx.close()
@@ -38,22 +38,22 @@ def test_migrations_are_applied_once_and_wal_is_on(index):
     newest = migrations()[-1][0]
     assert index.schema_version() == newest
     assert index.migrate() == newest  # idempotent
-    with index.read() as conn:
+    with index.connection() as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_concurrent_writers_lose_nothing(index):
     def writer(study: int) -> None:
         for i in range(50):
-            with index.write() as conn:
-                records.insert_instance(conn, record(i, study), receipt(study * 1000 + i))
+            with index.transaction() as tx:
+                tx.instances.insert(record(i, study), receipt(study * 1000 + i))
 
     threads = [threading.Thread(target=writer, args=(s,)) for s in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with index.read() as conn:
+    with index.connection() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 200
         assert conn.execute("SELECT count(*) FROM study").fetchone()[0] == 4
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -62,9 +62,9 @@ def test_concurrent_writers_lose_nothing(index):
 
 
 def test_a_failed_transaction_leaves_nothing(index):
-    with pytest.raises(IndexUnavailable), index.write() as conn:
-        records.insert_instance(conn, record(1), receipt(1))
-        records.insert_instance(conn, record(1), receipt(2))  # same SOP UID: unique violation
-    with index.read() as conn:
+    with pytest.raises(IndexUnavailable), index.transaction() as tx:
+        tx.instances.insert(record(1), receipt(1))
+        tx.instances.insert(record(1), receipt(2))  # same SOP UID: unique violation
+    with index.connection() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM patient").fetchone()[0] == 0

@@ -13,8 +13,8 @@ from pydicom import dcmread
 from node.audit.trail import Actor
 from node.config import load
 from node.context import NodeContext
-from node.ingest.pipeline import Source
 from node.ingest.quarantine import QuarantineError
+from node.ingest.types import Source
 from node.phantom import Phantom
 from node.reports import fsck
 from tests.lamina_process import as_file, run_cli, write_config
@@ -49,7 +49,7 @@ def refused(ctx: NodeContext, seed: str = "q") -> tuple[int, bytes]:
 
 
 def audit_actions(ctx: NodeContext) -> list[str]:
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         return [a for (a,) in conn.execute("SELECT action FROM audit_event ORDER BY seq")]
 
 
@@ -65,7 +65,7 @@ def test_refused_instance_is_kept_with_sender_reason_and_findings(ctx):
     assert entry.findings[0]["rule"] == "type1_missing"
     # Content-addressed in the quarantine area, not in the blob store that serves
     # retrievals, and sealed: what a clinical peer sent carries PHI.
-    path = ctx.quarantine.path_of(entry)
+    path = ctx.quarantine.store_of(entry).local_path(entry.sha256)
     kept = path.read_bytes()
     assert path.name == hashlib.sha256(kept).hexdigest() and entry.sealed
     assert slice_of("q").PatientName.encode() not in kept
@@ -80,9 +80,9 @@ def test_release_reruns_the_pipeline_with_an_audited_override(ctx):
     assert result.action == "stored" and result.outcome.status.is_success
     entry = ctx.quarantine.show(qid)
     assert entry.released_by == "reviewer" and entry.release_reason == "vendor confirmed Rows"
-    assert ctx.quarantine.path_of(entry).is_file()  # nothing deleted
+    assert ctx.quarantine.store_of(entry).local_path(entry.sha256).is_file()  # nothing deleted
     assert ctx.quarantine.list() == [] and len(ctx.quarantine.list(include_released=True)) == 1
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         finding = conn.execute("SELECT rule, severity FROM finding").fetchall()
         released = conn.execute("SELECT actor, object FROM audit_event"
                                 " WHERE action = 'quarantine.released'").fetchone()
@@ -119,7 +119,8 @@ def test_export_copies_the_bytes_and_is_audited(ctx, tmp_path):
     qid, data = refused(ctx)
     target = ctx.quarantine.export(qid, tmp_path, REVIEWER)
     assert target.read_bytes() == data and target.name.endswith(".dcm")
-    assert ctx.quarantine.path_of(ctx.quarantine.show(qid)).is_file()
+    kept = ctx.quarantine.show(qid)
+    assert ctx.quarantine.store_of(kept).local_path(kept.sha256).is_file()
     assert audit_actions(ctx)[-1] == "quarantine.exported"
 
 
@@ -132,11 +133,11 @@ def test_conflict_found_inside_the_transaction_is_quarantined_without_loss(ctx, 
     entry = ctx.quarantine.show(result.quarantine_id)
     assert entry.findings[0]["rule"] == "patient_conflict"
     # Refused after de-identification: the kept bytes are the de-identified object.
-    kept = dcmread(ctx.quarantine.path_of(entry))
+    kept = dcmread(ctx.quarantine.store_of(entry).local_path(entry.sha256))
     assert not entry.sealed and kept.PatientIdentityRemoved == "YES"
     assert entry.route == "deidentified"  # a release stores these bytes as they are
     assert kept.SOPInstanceUID == ctx.key.uid(second.SOPInstanceUID)
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 1
     report = fsck(ctx.settings)
     assert report.clean and report.unreferenced == []

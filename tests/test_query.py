@@ -12,8 +12,7 @@ from pydicom.tag import Tag
 
 from node import status
 from node.phantom import index_records
-from node.storage import pn, records
-from node.storage.index import Index
+from node.storage import pn
 from node.storage.query import (
     Level,
     Model,
@@ -24,6 +23,7 @@ from node.storage.query import (
     parse,
 )
 from node.storage.records import InstanceRecord, Receipt
+from node.storage.sqlite.index import SqliteIndex
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -61,10 +61,10 @@ def _records():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> QueryEngine:
-    index = Index(tmp_path_factory.mktemp("index") / "index.sqlite3")
+    index = SqliteIndex(tmp_path_factory.mktemp("index") / "index.sqlite3")
     index.migrate()
-    with index.write() as conn:
-        assert records.bulk_insert(conn, _records()) == 11
+    with index.transaction() as tx:
+        assert tx.instances.bulk_insert(_records()) == 11
     yield QueryEngine(index, "LAMINA")
     index.close()
 
@@ -360,17 +360,18 @@ def test_retrieve_without_its_unique_key_is_refused(engine, keys):
 
 
 def test_listed_benchmark_queries_use_indexes(tmp_path: Path):
-    index = Index(tmp_path / "index.sqlite3")
+    index = SqliteIndex(tmp_path / "index.sqlite3")
     index.migrate()
-    with index.write() as conn:
-        records.bulk_insert(conn, index_records(50, 200, 4))
+    with index.transaction() as tx:
+        tx.instances.bulk_insert(index_records(50, 200, 4))
+    with index.connection() as conn:
         conn.execute("ANALYZE")
     keys = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "", "PatientName": ""}
     cases = [("STUDY", {"PatientID": "PAT0000007"}), ("STUDY", {"PatientName": "SMITH*"}),
              ("STUDY", {"StudyDate": "20200101-20200107"}),
              ("STUDY", {"ModalitiesInStudy": "PT"}), ("STUDY", {"AccessionNumber": "ACC1"}),
              ("SERIES", {"StudyInstanceUID": "1.2"}), ("IMAGE", {"SeriesInstanceUID": "1.2"})]
-    with index.read() as conn:
+    with index.connection() as conn:
         for level, case in cases:
             query = parse(ident(level, **{**keys, **case}), Model.STUDY_ROOT)
             plan = explain(conn, *build_select(

@@ -16,7 +16,7 @@ from node.anonymize.keys import create_key_file
 from node.checks.geometry import InstanceGeometry, analyse_series
 from node.config import Settings, StorageSettings, ValidationSettings, load
 from node.context import NodeContext
-from node.ingest.pipeline import Source
+from node.ingest.types import Source
 from node.phantom import Phantom
 
 SPACING = 2.5  # the phantom's slice spacing; z of slice i is -50 + 2.5 i
@@ -169,7 +169,7 @@ def ingest(ctx: NodeContext, ph: Phantom, indices) -> None:
 
 
 def series_state_row(ctx: NodeContext) -> str:
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         return conn.execute("SELECT state FROM series_state").fetchone()[0]
 
 
@@ -184,7 +184,7 @@ def test_clean_300_slice_series_becomes_complete_after_the_quiet_period(ctx: Nod
     assert stored.state == "complete" and stored.instances == 300 and stored.findings == ()
     assert stored.geometry.size == (300, 16, 16) and stored.geometry.regular
     assert stored.geometry.instances[0] == ctx.key.uid(ph.sop_uid(299))
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         events = [json.loads(o) for (o,) in conn.execute(
             "SELECT object FROM audit_event WHERE action = 'series.complete'")]
     assert events and events[0]["instances"] == 300 and events[0]["trigger"] == "quiet-period"
@@ -200,7 +200,7 @@ def test_incomplete_series_goes_back_to_receiving_and_completes_when_the_gap_fil
     ingest(ctx, ph, [4])
     assert series_state_row(ctx) == "receiving"
     assert ctx.series.check(ctx.key.uid(ph.series_uid)).state == "complete"
-    with ctx.index.read() as conn:
+    with ctx.index.connection() as conn:
         actions = [a for (a,) in conn.execute(
             "SELECT action FROM audit_event WHERE action LIKE 'series.%' ORDER BY seq")]
         checks = conn.execute("SELECT count(*) FROM series_check").fetchone()[0]

@@ -8,14 +8,15 @@ import threading
 
 from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
-from node.storage.index import Index
+from node.storage.sqlite.index import SqliteIndex
 
 
 def test_every_event_is_written_in_order_and_the_chain_verifies(tmp_path):
-    index = Index(tmp_path / "index.sqlite3")
+    index = SqliteIndex(tmp_path / "index.sqlite3")
     index.migrate()
     audit = AuditTrail(index, HeadCheckpoint(tmp_path / "head.json", tmp_path / "key.pem"))
     events = AuditQueue(audit)
+    events.start()
 
     def client(n: int) -> None:
         for i in range(50):
@@ -27,7 +28,8 @@ def test_every_event_is_written_in_order_and_the_chain_verifies(tmp_path):
     for t in threads:
         t.join()
     assert events.flush(timeout=10)
-    with index.read() as conn:
+    events.stop()
+    with index.connection() as conn:
         rows = conn.execute("SELECT actor, object FROM audit_event ORDER BY seq").fetchall()
     assert len(rows) == 200
     for n in range(4):
@@ -39,11 +41,11 @@ def test_every_event_is_written_in_order_and_the_chain_verifies(tmp_path):
 
 
 def test_report_logs_the_level_without_clobbering_the_log_level(tmp_path, caplog):
-    index = Index(tmp_path / "index.sqlite3")
+    index = SqliteIndex(tmp_path / "index.sqlite3")
     index.migrate()
     audit = AuditTrail(index, HeadCheckpoint(tmp_path / "head.json", tmp_path / "key.pem"))
     with caplog.at_level(logging.INFO):
-        report(audit, logging.getLogger("lamina.test"), "query.find", Actor(ae_title="X"),
+        report(AuditQueue(audit), logging.getLogger("lamina.test"), "query.find", Actor(ae_title="X"),
                {"level": "STUDY", "matches": 3}, failed=False)
     [record] = caplog.records
     assert record.fields["query_level"] == "STUDY" and "level" not in record.fields

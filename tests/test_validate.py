@@ -311,7 +311,7 @@ def test_malformed_bytes_get_a_clean_status_and_quarantine(node, tmp_path, name,
     settings = load(node.config, environ={})
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
     try:
-        sealed = ctx.quarantine.path_of(entries[-1]).read_bytes()
+        sealed = ctx.quarantine.store_of(entries[-1]).local_path(entries[-1].sha256).read_bytes()
         kept = ctx.quarantine.bytes_of(entries[-1])
     finally:
         ctx.close()
@@ -341,13 +341,13 @@ def test_warn_rule_stores_and_records_the_finding(tmp_path):
         validation=warn)
     ctx = NodeContext.open(settings, with_key=True)
     try:
-        from node.ingest.pipeline import Source
+        from node.ingest.types import Source
 
         ds = good_slice("warn")
         del ds.PatientSex
         result = ctx.ingest.ingest_bytes(encoded(ds), Source("TESTSCU", "127.0.0.1", "a"))
         assert result.action == "stored" and result.outcome.status.code == 0
-        with ctx.index.read() as conn:
+        with ctx.index.connection() as conn:
             rows = conn.execute("SELECT rule, severity, message FROM finding").fetchall()
         assert [tuple(r) for r in rows] == [
             ("type2_missing", "warn", "PatientSex (0010,0040) missing (Type 2)")]

@@ -84,13 +84,11 @@ def annotations() -> None:
 def list_annotations(settings: Settings, state: str | None, series_uid: str | None,
                      as_json: bool) -> None:
     """One line per annotation: id, kind, state, verdict, counts, annotator, series."""
-    from node.annotations import records
-
-    with _context(settings) as ctx, ctx.index.read() as conn:
-        rows = records.list_annotations(conn, state, series_uid)
+    with _context(settings) as ctx, ctx.index.reader() as r:
+        rows = r.annotations.list(state, series_uid)
     if as_json:
         for row in rows:
-            click.echo(json.dumps(dict(row)))
+            click.echo(json.dumps(row))
         return
     click.echo(f"{'ID':>5}  {'KIND':<7} {'STATE':<8} {'VERDICT':<8} {'FINDINGS':>8} "
                f"{'STRUCT':>6} {'OBJECTS':>7} {'REFUSED':>7}  ANNOTATOR  SERIES")
@@ -107,22 +105,20 @@ def list_annotations(settings: Settings, state: str | None, series_uid: str | No
 @click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
 def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> None:
     """An annotation's structures and its current findings, with slice positions."""
-    from node.annotations import records
-
-    with _context(settings) as ctx, ctx.index.read() as conn:
+    with _context(settings) as ctx, ctx.index.reader() as r:
         protocol = ctx.annotations.protocol
-        row = records.get_annotation(conn, annotation_id)
+        row = r.annotations.get(annotation_id)
         if row is None:
             raise BadInput(f"no annotation {annotation_id}")
         check = row["current_check_fk"]
-        structures = records.structures(conn, check) if check else []
-        findings = records.findings(conn, check) if check else []
-        refused = records.refused_objects(conn, annotation_id)
-        objects = len(records.current_objects(conn, annotation_id))
+        structures = r.annotations.structures(check) if check else []
+        findings = r.annotations.findings(check) if check else []
+        refused = r.annotations.refused_objects(annotation_id)
+        objects = len(r.annotations.current_objects(annotation_id))
     report = {
-        "annotation": dict(row),
+        "annotation": row,
         "objects": objects,
-        "structures": [{**{k: v for k, v in dict(s).items() if k not in ("id", "check_fk")},
+        "structures": [{**{k: v for k, v in s.items() if k not in ("id", "check_fk")},
                         "window": _window(protocol, s["class_key"])} for s in structures],
         "findings": [{"check": f["check_name"], "structure_id": f["structure_id"],
                       "label": f["label"], "slices": json.loads(f["slices"]),
@@ -320,7 +316,7 @@ def import_labels(settings: Settings, label_map: Path, series_uid: str, labels: 
 
     from node.annotations.bridge import BridgeError, label_map_masks, masks_to_seg
     from node.annotations.masks import Annotator
-    from node.ingest.pipeline import Source
+    from node.ingest.types import Source
 
     if out is None and not store:
         raise BadInput("give --out FILE, --store, or both")

@@ -22,8 +22,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.storage.blobs import BlobStore
-from node.storage.index import Index
+from node.storage.interface import BlobStore, Index
 
 #: Two orientation cosines closer than this are the same direction.
 ORIENTATION_TOLERANCE = 1e-4
@@ -222,11 +221,8 @@ class HeaderGridSource:
         self._lock = threading.Lock()
 
     def grid(self, series_instance_uid: str) -> SeriesGrid | None:
-        with self.index.read() as conn:
-            rows = conn.execute(
-                "SELECT i.id, i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
-                " WHERE s.series_instance_uid = ? ORDER BY i.id", (series_instance_uid,)
-            ).fetchall()
+        with self.index.reader() as r:
+            rows = r.instances.series_members(series_instance_uid)
         if not rows:
             return None
         state = (len(rows), rows[-1][0])
@@ -234,11 +230,13 @@ class HeaderGridSource:
             cached = self._cache.get(series_instance_uid)
         if cached and cached[0] == state:
             return cached[1]
-        headers = (dcmread(self.blobs.path_for(sha), stop_before_pixels=True,
-                           specific_tags=_HEADER_TAGS) for _id, sha in rows)
-        grid = SeriesGrid.from_headers(headers)
+        grid = SeriesGrid.from_headers(self._header(sha) for _id, sha in rows)
         with self._lock:
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[series_instance_uid] = (state, grid)
         return grid
+
+    def _header(self, sha256: str) -> Dataset:
+        with self.blobs.open(sha256) as f:
+            return dcmread(f, stop_before_pixels=True, specific_tags=_HEADER_TAGS)

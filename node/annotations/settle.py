@@ -5,8 +5,10 @@ Checking the whole set in 3D after every slice makes a 300-slice push cost
 O(n²) checks inside the C-STORE answers; waiting until the set has not grown
 for ``settle_seconds`` gives one check per burst, off the answer path (the
 reference checks, which refuse, still run before each answer). The same
-coalescing idea as the audit head writer: a background thread, started on
-first use, and :meth:`flush` at shutdown so nothing pending is lost.
+coalescing idea as the audit head writer: a background thread the node's
+context starts and stops; :meth:`stop` (and :meth:`flush`) run what is still
+pending, so nothing is lost. Without :meth:`start` (a command-line tool),
+pending jobs wait for :meth:`flush` or :meth:`stop`.
 """
 
 from __future__ import annotations
@@ -28,16 +30,31 @@ class SettleQueue:
         self._due: dict[Hashable, tuple[float, object]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        with self._changed:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="annotation-checks",
+                                                daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread, then run what is still pending in this thread."""
+        with self._changed:
+            thread, self._thread = self._thread, None
+            self._stopping = True
+            self._changed.notify()
+        if thread is not None:
+            thread.join()
+        self.flush()
 
     def touch(self, key: Hashable, context: object = None) -> None:
         """(Re)schedule ``key``: its job runs when no touch came for ``settle_seconds``."""
         with self._changed:
             self._due[key] = (time.monotonic() + self.settle_seconds, context)
             self._changed.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="annotation-checks",
-                                                daemon=True)
-                self._thread.start()
 
     def pending(self) -> int:
         with self._changed:
@@ -54,6 +71,8 @@ class SettleQueue:
         while True:
             with self._changed:
                 while True:
+                    if self._stopping:
+                        return
                     now = time.monotonic()
                     ready = [k for k, (at, _) in self._due.items() if at <= now]
                     if ready:

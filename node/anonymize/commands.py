@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import sqlite3
 import tomllib
 from collections import Counter
 from collections.abc import Iterator
-from importlib import resources
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -43,8 +42,8 @@ from node.anonymize.reidmap import (
 )
 from node.anonymize.settings import DeidConfigError, DeidSettings
 from node.logs import quiet_pydicom
-
-MIGRATION = "migrations/0004_reidentification.sql"
+from node.storage.backend import open_index
+from node.storage.interface import Reader
 
 
 class BadInput(click.ClickException):
@@ -68,14 +67,6 @@ def _settings(config_file: Path | None) -> DeidSettings:
         return DeidSettings.from_mapping(table)
     except (tomllib.TOMLDecodeError, DeidConfigError) as exc:
         raise BadInput(f"{config_file}: {exc}") from None
-
-
-def open_map_index(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a SQLite file holding the re-identification map,
-    for offline use; the node applies the same migration through its own runner."""
-    conn = sqlite3.connect(path)
-    conn.executescript(resources.files("node.storage").joinpath(MIGRATION).read_text("utf-8"))
-    return conn
 
 
 def _inputs(paths: tuple[Path, ...]) -> Iterator[Path]:
@@ -181,32 +172,32 @@ def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
             raise BadInput("--out must not be inside an input folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list(_inputs(inputs))
-    conn = open_map_index(index) if index is not None else None
     rmap = ReidentificationMap(key)
     written, skipped = 0, Counter()
     _start_worker(engine, out_dir)
-    try:
+    with ExitStack() as stack:
+        tx = None
+        if index is not None:
+            # The node's own schema, so the file can become (or join) a node's index later;
+            # one transaction for the whole run, as before: the map is written at the end.
+            store = open_index("sqlite", index, 10_000)
+            stack.callback(store.close)
+            store.migrate()
+            tx = stack.enter_context(store.transaction())
         if jobs == 1:
             results = map(_anonymize_file, files)
-            pool = None
         else:
             pool = multiprocessing.get_context("fork").Pool(jobs)
+            stack.callback(pool.join)
+            stack.callback(pool.close)
             results = pool.imap(_anonymize_file, files, chunksize=8)
         for reason, entries in results:
             if reason is not None:
                 skipped[reason] += 1
                 continue
-            if conn is not None:
-                rmap.record(conn, entries)
+            if tx is not None:
+                rmap.record(tx, entries)
             written += 1
-        if conn is not None:
-            conn.commit()
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        if conn is not None:
-            conn.close()
     click.echo(f"De-identified {written} file(s) into {out_dir}.")
     if index is None and written:
         click.echo("No --index given: the re-identification map was not recorded.", err=True)
@@ -216,7 +207,7 @@ def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
         raise SystemExit(1)
 
 
-def reidentify_target(target: str, *, key: ProjectKey, conn: sqlite3.Connection) -> str | Dataset:
+def reidentify_target(target: str, *, key: ProjectKey, reader: Reader) -> str | Dataset:
     """Map a pseudonymous UID back to the original UID (returns ``str``), or a Part
     10 file back onto the original identifiers (returns the ``Dataset``).
 
@@ -226,8 +217,8 @@ def reidentify_target(target: str, *, key: ProjectKey, conn: sqlite3.Connection)
     rmap = ReidentificationMap(key)
     path = Path(target)
     if path.is_file():
-        return reidentify_dataset(conn, rmap, dcmread(path))
-    return reidentify_uid(conn, rmap, target)
+        return reidentify_dataset(reader, rmap, dcmread(path))
+    return reidentify_uid(reader, rmap, target)
 
 
 @click.group()

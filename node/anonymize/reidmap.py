@@ -4,9 +4,9 @@ The map is the only place Lamina keeps identified data: pseudonymous PatientID â
 original PatientID, PatientName, issuer and date offset; pseudonymous UID â†’ original
 UID. Rows are found by an HMAC of the pseudonym and their payload is AES-GCM
 encrypted, both under keys derived from the project key, so the index file alone
-reveals nothing. Methods take the caller's ``sqlite3.Connection`` and never commit:
-recording belongs in the same transaction as storing the object, so a crash leaves
-both or neither.
+reveals nothing. Methods take the caller's index reader or transaction and never
+commit: recording belongs in the same transaction as storing the object, so a crash
+leaves both or neither.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,8 +32,8 @@ from node.anonymize.anonymizer import (
     shift_date_value,
 )
 from node.anonymize.keys import ProjectKey
+from node.storage.interface import Reader, Transaction
 
-_TABLES = {"patient": "reid_patient", "uid": "reid_uid"}
 _MARKERS = (
     "PatientIdentityRemoved",
     "DeidentificationMethod",
@@ -66,7 +65,7 @@ class ReidentificationMap:
         self._aead = AESGCM(key.map_key)
         self._foreign: dict[str, str | None] = {}
 
-    def record(self, conn: sqlite3.Connection, entries: Iterable[ReidEntry]) -> int:
+    def record(self, tx: Transaction, entries: Iterable[ReidEntry]) -> int:
         """Store entries inside the caller's transaction; entries already present
         are left as they are (an identical resend records nothing new). Returns the
         number of rows inserted."""
@@ -86,20 +85,11 @@ class ReidentificationMap:
             else:
                 raise TypeError(f"not a re-identification entry: {type(entry).__name__}")
             rows[kind].append(self._seal(kind, pseudonym, payload))
-        inserted = 0
-        for kind, values in rows.items():
-            if values:
-                cursor = conn.executemany(
-                    f"INSERT OR IGNORE INTO {_TABLES[kind]} (lookup, key_id, nonce, payload) "
-                    "VALUES (?, ?, ?, ?)",
-                    values,
-                )
-                inserted += cursor.rowcount
-        return inserted
+        return sum(tx.reid.insert(kind, values) for kind, values in rows.items() if values)
 
-    def lookup_patient(self, conn: sqlite3.Connection, pseudonym_id: str) -> PatientIdentity | None:
+    def lookup_patient(self, reader: Reader, pseudonym_id: str) -> PatientIdentity | None:
         """The original identity behind a pseudonymous PatientID, or None."""
-        payload = self._open(conn, "patient", pseudonym_id)
+        payload = self._open(reader, "patient", pseudonym_id)
         if payload is None:
             return None
         return PatientIdentity(
@@ -109,17 +99,14 @@ class ReidentificationMap:
             date_offset_days=int(payload["date_offset_days"]),
         )
 
-    def lookup_uid(self, conn: sqlite3.Connection, pseudonym_uid: str) -> str | None:
+    def lookup_uid(self, reader: Reader, pseudonym_uid: str) -> str | None:
         """The original UID behind a pseudonymous UID, or None."""
-        payload = self._open(conn, "uid", pseudonym_uid)
+        payload = self._open(reader, "uid", pseudonym_uid)
         return None if payload is None else payload["original_uid"]
 
-    def knows_uid(self, conn: sqlite3.Connection, pseudonym_uid: str) -> bool:
+    def knows_uid(self, reader: Reader, pseudonym_uid: str) -> bool:
         """Is this one of our pseudonymous UIDs? (No decryption: a keyed lookup only.)"""
-        lookup = self._key.lookup("uid", pseudonym_uid)
-        return conn.execute(
-            f"SELECT 1 FROM {_TABLES['uid']} WHERE lookup = ?", (lookup,)
-        ).fetchone() is not None
+        return reader.reid.exists("uid", self._key.lookup("uid", pseudonym_uid))
 
     def _seal(self, kind: str, pseudonym: str, payload: dict) -> tuple[bytes, str, bytes, bytes]:
         lookup = self._key.lookup(kind, pseudonym)
@@ -127,14 +114,11 @@ class ReidentificationMap:
         plaintext = json.dumps(payload, sort_keys=True).encode("utf-8")
         return lookup, self._key.key_id, nonce, self._aead.encrypt(nonce, plaintext, _aad(kind, lookup))
 
-    def _open(self, conn: sqlite3.Connection, kind: str, pseudonym: str) -> dict | None:
-        table = _TABLES[kind]
+    def _open(self, reader: Reader, kind: str, pseudonym: str) -> dict | None:
         lookup = self._key.lookup(kind, pseudonym)
-        row = conn.execute(
-            f"SELECT key_id, nonce, payload FROM {table} WHERE lookup = ?", (lookup,)
-        ).fetchone()
+        row = reader.reid.get(kind, lookup)
         if row is None:
-            foreign = self._foreign_key_id(conn, table)
+            foreign = self._foreign_key_id(reader, kind)
             if foreign is not None:
                 raise ReidentificationError(
                     f"{pseudonym} is not in the map under key {self._key.key_id}; the map "
@@ -151,15 +135,11 @@ class ReidentificationMap:
             ) from None
         return json.loads(plaintext)
 
-
-    def _foreign_key_id(self, conn: sqlite3.Connection, table: str) -> str | None:
-        """A key id other than ours found in the table (scanned once per table)."""
-        if table not in self._foreign:
-            row = conn.execute(
-                f"SELECT key_id FROM {table} WHERE key_id != ? LIMIT 1", (self._key.key_id,)
-            ).fetchone()
-            self._foreign[table] = None if row is None else row[0]
-        return self._foreign[table]
+    def _foreign_key_id(self, reader: Reader, kind: str) -> str | None:
+        """A key id other than ours found among the entries (looked up once per kind)."""
+        if kind not in self._foreign:
+            self._foreign[kind] = reader.reid.foreign_key_id(kind, self._key.key_id)
+        return self._foreign[kind]
 
 
 def _aad(kind: str, lookup: bytes) -> bytes:
@@ -167,20 +147,20 @@ def _aad(kind: str, lookup: bytes) -> bytes:
     return b"lamina-reid-v1\x00" + kind.encode() + b"\x00" + lookup
 
 
-def reidentify_uid(conn: sqlite3.Connection, rmap: ReidentificationMap, uid: str) -> str:
+def reidentify_uid(reader: Reader, rmap: ReidentificationMap, uid: str) -> str:
     """The original of a pseudonymous UID. Raises ReidentificationError if unknown.
 
     Re-identification is an auditable event: the node calls this (and
     :func:`reidentify_dataset`) only from its audited re-identification service,
     which records who asked for which pseudonym before returning the result."""
-    original = rmap.lookup_uid(conn, uid.strip())
+    original = rmap.lookup_uid(reader, uid.strip())
     if original is None:
         raise ReidentificationError(f"{uid.strip()} is not a pseudonymous UID in the map")
     return original
 
 
 def reidentify_dataset(
-    conn: sqlite3.Connection, rmap: ReidentificationMap, ds: Dataset
+    reader: Reader, rmap: ReidentificationMap, ds: Dataset
 ) -> Dataset:
     """A copy of a pseudonymous object mapped back onto the original identifiers:
     every UID found in the map (at any depth, in UN elements, and in file meta), the
@@ -194,17 +174,17 @@ def reidentify_dataset(
     :func:`reidentify_uid`."""
     out = copy.deepcopy(ds)
     pseudonym_id = str(out.get("PatientID", "") or "")
-    patient = rmap.lookup_patient(conn, pseudonym_id) if pseudonym_id else None
+    patient = rmap.lookup_patient(reader, pseudonym_id) if pseudonym_id else None
     restore_dates = (
         patient is not None
         and str(out.get("LongitudinalTemporalInformationModified", "")) == "MODIFIED"
     )
     cache: dict[str, str] = {}
-    _restore(out, conn, rmap, cache, -patient.date_offset_days if restore_dates else 0)
+    _restore(out, reader, rmap, cache, -patient.date_offset_days if restore_dates else 0)
     meta = getattr(out, "file_meta", None)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta:
         meta.MediaStorageSOPInstanceUID = _original(
-            str(meta.MediaStorageSOPInstanceUID), conn, rmap, cache
+            str(meta.MediaStorageSOPInstanceUID), reader, rmap, cache
         )
     if patient is not None:
         out.PatientID = patient.patient_id
@@ -217,26 +197,26 @@ def reidentify_dataset(
     return out
 
 
-def _original(uid: str, conn: sqlite3.Connection, rmap: ReidentificationMap,
+def _original(uid: str, reader: Reader, rmap: ReidentificationMap,
               cache: dict[str, str]) -> str:
     if uid not in cache:
         well_known = uid in UID_dictionary or uid.startswith("1.2.840.10008.")
-        cache[uid] = uid if well_known else rmap.lookup_uid(conn, uid) or uid
+        cache[uid] = uid if well_known else rmap.lookup_uid(reader, uid) or uid
     return cache[uid]
 
 
-def _restore(ds: Dataset, conn: sqlite3.Connection, rmap: ReidentificationMap,
+def _restore(ds: Dataset, reader: Reader, rmap: ReidentificationMap,
              cache: dict[str, str], days: int) -> None:
     for elem in ds:
         if elem.VR == "SQ":
             for item in elem.value:
-                _restore(item, conn, rmap, cache, days)
+                _restore(item, reader, rmap, cache, days)
         elif elem.VR == "UI" and elem.value:
             values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-            restored = [_original(str(v), conn, rmap, cache) for v in values]
+            restored = [_original(str(v), reader, rmap, cache) for v in values]
             elem.value = restored if len(restored) > 1 else restored[0]
         elif elem.VR == "UN" and (uids := parse_un_uids(elem.value)) is not None:
-            elem.value = encode_un_uids([_original(u, conn, rmap, cache) for u in uids])
+            elem.value = encode_un_uids([_original(u, reader, rmap, cache) for u in uids])
         elif days and elem.VR in ("DA", "DT", "TM") and elem.value:
             values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
             restored = [shift_date_value(elem.VR, str(v), days) for v in values]

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.storage.index import Index
+from node.storage.interface import Index, Transaction
+from node.storage.records import AuditRow
 
 GENESIS = "0" * 64
 
@@ -187,27 +187,21 @@ class AuditTrail:
 
     def append(
         self,
-        conn: sqlite3.Connection,
+        tx: Transaction,
         action: str,
         actor: Actor,
         obj: dict[str, Any],
         outcome: str = "success",
     ) -> AuditEntry:
-        """Add an event inside the caller's write transaction.
+        """Add an event inside the caller's transaction.
 
         Call :meth:`committed` with the result once the transaction commits.
         """
-        last = conn.execute(
-            "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
+        last = tx.audit.last()
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
         time, actor_s, obj_s = utc_now(), _canonical(actor.as_dict()), _canonical(obj)
         digest = _entry_hash(seq, time, actor_s, action, obj_s, outcome, prev_hash)
-        conn.execute(
-            "INSERT INTO audit_event (seq, time, actor, action, object, outcome, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, time, actor_s, action, obj_s, outcome, prev_hash, digest),
-        )
+        tx.audit.insert(AuditRow(seq, time, actor_s, action, obj_s, outcome, prev_hash, digest))
         return AuditEntry(seq, digest)
 
     def committed(self, entry: AuditEntry) -> None:
@@ -220,8 +214,8 @@ class AuditTrail:
         self, action: str, actor: Actor, obj: dict[str, Any], outcome: str = "success"
     ) -> AuditEntry:
         """Write one event in its own transaction (events with no other index change)."""
-        with self.index.write() as conn:
-            entry = self.append(conn, action, actor, obj, outcome)
+        with self.index.transaction() as tx:
+            entry = self.append(tx, action, actor, obj, outcome)
         self.committed(entry)
         return entry
 
@@ -231,28 +225,26 @@ class AuditTrail:
         self.checkpoint.flush()
         head = self.checkpoint.read()
         hash_at_head = None
-        with self.index.read() as conn:
-            rows = conn.execute(
-                "SELECT seq, time, actor, action, object, outcome, prev_hash, hash"
-                " FROM audit_event ORDER BY rowid"
-            )
-            for seq, time, actor, action, obj, outcome, row_prev, row_hash in rows:
+        with self.index.reader() as r:
+            for row in r.audit.rows():
+                seq = row.seq
                 if seq != expected_seq:
                     return VerifyReport(
                         False, count,
                         f"entry {expected_seq}: missing or out of order (found {seq} in its place)",
                     )
-                if row_prev != prev_hash:
+                if row.prev_hash != prev_hash:
                     return VerifyReport(
                         False, count, f"entry {seq}: previous-hash link broken"
                     )
-                if _entry_hash(seq, time, actor, action, obj, outcome, row_prev) != row_hash:
+                if _entry_hash(seq, row.time, row.actor, row.action, row.object, row.outcome,
+                               row.prev_hash) != row.hash:
                     return VerifyReport(
                         False, count, f"entry {seq}: content does not match its hash"
                     )
                 if head and seq == head[0]:
-                    hash_at_head = row_hash
-                prev_hash, expected_seq, count = row_hash, seq + 1, count + 1
+                    hash_at_head = row.hash
+                prev_hash, expected_seq, count = row.hash, seq + 1, count + 1
         if head is None:
             if count:
                 return VerifyReport(False, count, "head checkpoint missing")

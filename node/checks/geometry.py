@@ -20,77 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from highdicom.spatial import get_volume_positions
 from highdicom.volume import VolumeGeometry as HighdicomGeometry
-from pydicom.dataset import Dataset
 
-from node.ingest.validate import value_text
+from node.storage.records import InstanceGeometry
 
 #: Two slices closer than this along the normal are at the same position (mm).
 DUPLICATE_TOLERANCE_MM = 0.01
 #: A gap larger than this many median spacings means missing slices (the issue's rule).
 GAP_FACTOR = 1.5
-
-
-def _int(ds: Dataset, tag: int) -> int | None:
-    text = value_text(ds, tag)
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split("\\"))
-    except ValueError:
-        return None
-    return values if len(values) == count else None
-
-
-@dataclass(frozen=True)
-class InstanceGeometry:
-    """What one instance says about where its pixels are, as kept in the index."""
-
-    image_position_patient: str | None
-    image_orientation_patient: str | None
-    pixel_spacing: str | None
-    rows: int | None
-    columns: int | None
-    frame_of_reference_uid: str | None
-    number_of_frames: int | None
-    acquisition_number: int | None
-    number_of_series_related_instances: int | None
-    images_in_acquisition: int | None
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceGeometry:
-        rows, columns = ds.get("Rows"), ds.get("Columns")
-        return cls(
-            value_text(ds, 0x00200032), value_text(ds, 0x00200037), value_text(ds, 0x00280030),
-            rows if isinstance(rows, int) else None,
-            columns if isinstance(columns, int) else None,
-            value_text(ds, 0x00200052), _int(ds, 0x00280008), _int(ds, 0x00200012),
-            _int(ds, 0x00201209), _int(ds, 0x00201002),
-        )
-
-    @property
-    def position(self) -> tuple[float, ...] | None:
-        return _floats(self.image_position_patient, 3)
-
-    @property
-    def orientation(self) -> tuple[float, ...] | None:
-        return _floats(self.image_orientation_patient, 6)
-
-    @property
-    def spacing(self) -> tuple[float, ...] | None:
-        return _floats(self.pixel_spacing, 2)
-
-    @property
-    def is_slice(self) -> bool:
-        """One plane with a position and orientation (not multi-frame, not SR)."""
-        return (self.position is not None and self.orientation is not None
-                and (self.number_of_frames or 1) == 1)
 
 
 @dataclass(frozen=True)

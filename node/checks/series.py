@@ -9,22 +9,26 @@ runs are never overwritten.
 
 The check reads and writes in one write transaction, so an instance arriving
 meanwhile is either part of the check or restarts the quiet period after it.
+
+The checker is an ingest hook (a new image instance marks its series
+``receiving`` in the instance's own transaction) and owns the sweeper thread
+that checks series once they are quiet; the node's context starts and stops it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
-from node.audit.trail import Actor, AuditTrail
+from node.audit.trail import Actor, AuditEntry, AuditTrail, utc_now
 from node.checks.geometry import SeriesFinding, VolumeGeometry, analyse_series
 from node.config import ValidationSettings
 from node.ingest.rules import REJECT
-from node.storage import checks
-from node.storage.index import Index, IndexUnavailable
+from node.ingest.types import Incoming, Stored
+from node.storage.interface import Index, IndexUnavailable, Transaction
+from node.storage.records import SeriesFindingRow
 
 log = logging.getLogger("lamina.series")
 
@@ -50,12 +54,29 @@ class SeriesChecker:
         self.audit = audit
         self.settings = settings
         self.actor = Actor(ae_title=ae_title, user="series-check")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- as an ingest hook -----------------------------------------------------
+
+    def classify(self, obj: Incoming) -> None:
+        """Claims nothing: it only follows the image instances others store."""
+
+    def on_stored(self, tx: Transaction, obj: Stored) -> AuditEntry | None:
+        """A new image instance: its series is receiving and its quiet period restarts.
+        Annotations (claimed objects) are not image series and are not checked as such."""
+        if obj.instance_id is not None and obj.claim is None:
+            tx.series.mark_receiving(obj.incoming.record.series_instance_uid, time.time())
+        return None
+
+    def after_commit(self, obj: Stored) -> None:
+        """Nothing: the sweeper checks series once they are quiet."""
 
     def check(self, series_instance_uid: str, trigger: str = "on-demand",
               actor: Actor | None = None) -> SeriesState | None:
         """Check one series now; None when the series is not in the index."""
-        with self.index.write() as conn:
-            rows = checks.series_rows(conn, series_instance_uid)
+        with self.index.transaction() as tx:
+            rows = tx.series.rows(series_instance_uid)
             if rows is None:
                 return None
             if trigger != "on-demand" and rows.state != "receiving":
@@ -64,11 +85,13 @@ class SeriesChecker:
                                     self.settings.orientation_tolerance)
             graded = [(f, self.settings.action(f.rule)) for f in report.findings]
             state = "incomplete" if any(s == REJECT for _, s in graded) else "complete"
-            check_id = checks.insert_series_check(conn, rows.series_fk, trigger, state,
-                                                  report.instances, report.geometry, graded,
-                                                  rows.last_received)
+            check_id = tx.series.insert_check(
+                rows.series_fk, trigger, state, report.instances,
+                report.geometry.as_dict() if report.geometry else None,
+                [SeriesFindingRow(f.rule, severity, f.message, f.positions)
+                 for f, severity in graded], rows.last_received, utc_now())
             entry = self.audit.append(
-                conn, f"series.{state}", actor or self.actor,
+                tx, f"series.{state}", actor or self.actor,
                 {"series_instance_uid": series_instance_uid, "check_id": check_id,
                  "trigger": trigger, "instances": report.instances,
                  "rules": sorted({f.rule for f in report.findings})},
@@ -84,14 +107,26 @@ class SeriesChecker:
     def sweep(self, now: float | None = None) -> list[SeriesState]:
         """Check every series whose quiet period has passed."""
         older_than = (now if now is not None else time.time()) - self.settings.quiet_period
-        with self.index.read() as conn:
-            quiet = checks.quiet_series(conn, older_than)
+        with self.index.reader() as r:
+            quiet = r.series.quiet(older_than)
         return [s for uid in quiet if (s := self.check(uid, "quiet-period")) is not None]
 
-    def run(self, stop: threading.Event) -> None:
-        """Sweep until ``stop`` is set (a thread in the node's parent process)."""
+    def start(self) -> None:
+        """Sweep in a background thread until :meth:`stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="series-sweep", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
         interval = max(0.2, min(1.0, self.settings.quiet_period / 4))
-        while not stop.wait(interval):
+        while not self._stop.wait(interval):
             try:
                 self.sweep()
             except IndexUnavailable as exc:
@@ -100,23 +135,12 @@ class SeriesChecker:
 
     def state(self, series_instance_uid: str) -> SeriesState | None:
         """The stored state of a series and its latest check, without re-checking."""
-        with self.index.read() as conn:
-            row = conn.execute(
-                "SELECT s.id, st.state, c.id AS check_id, c.checked_at, c.geometry,"
-                " (SELECT count(*) FROM instance i WHERE i.series_fk = s.id) AS instances"
-                " FROM series s LEFT JOIN series_state st ON st.series_fk = s.id"
-                " LEFT JOIN series_check c ON c.id = st.check_fk"
-                " WHERE s.series_instance_uid = ?", (series_instance_uid,)).fetchone()
-            if row is None:
-                return None
-            found = conn.execute(
-                "SELECT rule, severity, message, positions FROM finding"
-                " WHERE series_check_fk = ? ORDER BY id", (row["check_id"],)).fetchall() \
-                if row["check_id"] else []
-        findings = tuple((SeriesFinding(f["rule"], f["message"],
-                                        tuple(json.loads(f["positions"] or "[]"))),
-                          f["severity"]) for f in found)
-        geometry = VolumeGeometry.from_dict(json.loads(row["geometry"])) \
-            if row["geometry"] else None
-        return SeriesState(series_instance_uid, row["state"] or "receiving", row["instances"],
-                           row["checked_at"], findings, geometry)
+        with self.index.reader() as r:
+            row = r.series.state(series_instance_uid)
+        if row is None:
+            return None
+        findings = tuple((SeriesFinding(f.rule, f.message, f.positions), f.severity)
+                         for f in row.findings)
+        geometry = VolumeGeometry.from_dict(row.geometry) if row.geometry else None
+        return SeriesState(series_instance_uid, row.state or "receiving", row.instances,
+                           row.checked_at, findings, geometry)

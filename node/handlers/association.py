@@ -18,7 +18,7 @@ from node import status
 from node.audit.trail import Actor
 from node.config import Peer
 from node.context import NodeContext
-from node.ingest.pipeline import Source
+from node.ingest.types import Source
 from node.policy import SlotLimiter, admit
 
 log = logging.getLogger("lamina.association")
@@ -40,7 +40,8 @@ class Session:
     @property
     def source(self) -> Source:
         route = self.peer.route if self.peer else "clinical"
-        return Source(self.calling_ae, self.address, self.association_id, route)
+        may_store = self.peer is not None and "store" in self.peer.services
+        return Source(self.calling_ae, self.address, self.association_id, route, may_store)
 
     @property
     def actor(self) -> Actor:

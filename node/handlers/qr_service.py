@@ -49,7 +49,7 @@ from node.handlers.stored_send import AssociationFailed, NoContext, StoreAssocia
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten
-from node.storage.index import IndexUnavailable
+from node.storage.interface import IndexUnavailable
 from node.storage.query import StoredInstance
 
 log = logging.getLogger("lamina.qr")

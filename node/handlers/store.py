@@ -7,10 +7,8 @@ import logging
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from node import status
 from node.context import NodeContext
 from node.handlers.association import Sessions
-from node.status import Outcome
 
 log = logging.getLogger("lamina.store")
 
@@ -20,9 +18,6 @@ def make_store_handler(ctx: NodeContext, sessions: Sessions):
 
     def handle_store(event: evt.Event) -> Dataset:
         session = sessions.of(event.assoc)
-        if session.peer is None or "store" not in session.peer.services:
-            session.failed += 1
-            return Outcome(status.NOT_AUTHORISED, "this peer may not store").as_dimse()
         result = ctx.ingest.ingest_file(event.dataset_path, session.source)
         if result.outcome.status.is_success:
             session.stored += 1

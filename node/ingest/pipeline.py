@@ -10,83 +10,75 @@ Order of work, chosen so that success is never answered before durability:
 4. apply the peer's route (:mod:`node.ingest.routes`): de-identify, or move an
    annotation onto the pseudonymous study; the received bytes are never stored;
 5. promote the bytes to store into the blob store (hash, fsync, rename, fsync dir);
-6. one short index transaction: the patient/study agreement check (on the
-   pseudonyms, which are deterministic), then new instance (with its geometry,
-   findings, re-identification entries and de-identification evidence, and the
-   series back to ``receiving``), identical resend, or conflict, with its audit
-   event in the same transaction;
-7. advance the signed audit head, then answer.
+6. ask the hooks (:mod:`node.ingest.types`) whether one of them claims the
+   object (a SEG, an overlay copy of a stored slice); a claimed new object must
+   pass the claim's checks (an annotation's references) or is quarantined;
+7. one short index transaction: the patient/study agreement check (on the
+   pseudonyms, which are deterministic), then the one store decision (new,
+   identical resend, or conflict: :meth:`IngestService._decide`), the new
+   instance with its geometry, findings, re-identification entries and
+   de-identification evidence, every hook's ``on_stored``, and the audit event;
+8. advance the signed audit head, answer, and hand the hooks' ``after_commit``
+   work to the context's worker.
 
 An object that cannot be parsed or must not be stored is still kept: its bytes
 go to the quarantine area, sealed under the project key because what a peer
 sent may carry PHI, and a quarantine row says why (nothing is lost); the sender
 gets 0xC000 or 0xA900. A release from quarantine re-runs this pipeline with an
-:class:`Override`.
+:class:`~node.ingest.types.Override`. A peer without the ``store`` service is
+refused here (0x0124), so every way in refuses it the same way.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
-import time
-from dataclasses import dataclass
-from functools import partial
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
-from node.audit.trail import Actor, AuditTrail, utc_now
-from node.checks.geometry import InstanceGeometry
-from node.ingest.quarantine import Override, QuarantineArea, Refused
+from node.audit.trail import AuditEntry, AuditTrail, utc_now
+from node.ingest.quarantine import QuarantineArea, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
+from node.ingest.types import (
+    Claim,
+    Incoming,
+    IngestHook,
+    Override,
+    Refusal,
+    Source,
+    Stored,
+    StoreResult,
+)
 from node.ingest.validate import Finding, Received, Validator, patient_conflict, read_received
 from node.status import Outcome
-from node.storage import checks, records
-from node.storage.blobs import BlobRef, BlobStore, OutOfSpace
-from node.storage.index import Index, IndexUnavailable
-from node.storage.records import InstanceRecord, Receipt
-
-if TYPE_CHECKING:
-    from node.annotations.service import AnnotationService
+from node.storage.interface import (
+    BlobRef,
+    BlobStore,
+    Index,
+    IndexUnavailable,
+    OutOfSpace,
+    Reader,
+    Transaction,
+)
+from node.storage.records import FindingRow, InstanceGeometry, InstanceRecord, Receipt
 
 log = logging.getLogger("lamina.ingest")
 
 #: Elements larger than this are read from the spool file only when written out.
 DEFER_SIZE = 1 << 20
 _PIXEL_DATA = 0x7FE00010
-
-
-@dataclass(frozen=True)
-class Source:
-    """Who sent an object: the association's peer (or an HTTP client later)."""
-
-    calling_ae: str
-    address: str
-    association_id: str
-    route: str = "clinical"
-
-    @property
-    def actor(self) -> Actor:
-        return Actor(ae_title=self.calling_ae, address=self.address,
-                     association_id=self.association_id)
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """An outcome plus what the log line and tests need to know about it."""
-
-    outcome: Outcome
-    action: str  # stored | resend | conflict | quarantined | failed
-    sop_instance_uid: str = ""
-    sha256: str = ""
-    quarantine_id: int | None = None
-    warnings: tuple[Finding, ...] = ()
+#: What runs a hook's after-commit work: the context's worker (or, for a context
+#: that was not started, the calling thread).
+Defer = Callable[[Callable[[], None]], None]
 
 
 class _RefusedInTransaction(Exception):
@@ -98,39 +90,46 @@ class _RefusedInTransaction(Exception):
 
 
 class IngestService:
-    """Turns a spooled file into a stored, indexed, audited instance (or a clear refusal)."""
+    """Turns a received file into a stored, indexed, audited object (or a clear refusal)."""
 
     def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail,
-                 quarantine: QuarantineArea, router: Router,
-                 validator: Validator | None = None,
-                 annotations: AnnotationService | None = None) -> None:
+                 quarantine: QuarantineArea, router: Router, spool_dir: Path,
+                 validator: Validator | None = None, hooks: tuple[IngestHook, ...] = (),
+                 defer: Defer = lambda job: job()) -> None:
         self.blobs = blobs
         self.index = index
         self.audit = audit
         self.quarantine = quarantine
         self.router = router
+        self.spool_dir = spool_dir
         self.validator = validator
-        self.annotations = annotations
+        self.hooks = hooks
+        self.defer = defer
 
-    def ingest_bytes(self, data: bytes, source: Source) -> StoreResult:
+    def ingest_bytes(self, data: bytes, source: Source,
+                     override: Override | None = None) -> StoreResult:
         """Spool ``data`` (a DICOM file with meta) and ingest it."""
-        spooled = self.blobs.new_spool_file()
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
+        spooled = Path(name)
         try:
-            with open(spooled, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return self.ingest_file(spooled, source)
+            return self.ingest_file(spooled, source, override)
         finally:
             spooled.unlink(missing_ok=True)
 
     def ingest_file(self, spooled: Path, source: Source,
                     override: Override | None = None) -> StoreResult:
-        """Ingest a DICOM file (preamble + meta + dataset) in the spool area.
+        """Ingest a DICOM file (preamble + meta + dataset), e.g. pynetdicom's spooled C-STORE.
 
-        The file is moved into the blob store (or the quarantine area) when its
-        bytes are new; otherwise it is left for the caller to delete. With an
+        The file may be moved into the blob store when its bytes are stored as
+        received; the caller deletes it (if still there) afterwards. With an
         ``override`` (a release from quarantine) rejecting findings are
         recorded instead of refused.
         """
+        if not source.may_store:
+            return StoreResult(Outcome(status.NOT_AUTHORISED, "this peer may not store"),
+                               "failed")
         try:
             self.blobs.ensure_space()
         except OutOfSpace as exc:
@@ -180,19 +179,14 @@ class IngestService:
 
         receipt = Receipt(blob.sha256, blob.size, transfer_syntax, source.calling_ae,
                           source.association_id, utc_now())
-        geometry = InstanceGeometry.from_dataset(prepared.dataset)
+        incoming = Incoming(prepared.dataset, rec, blob, receipt, source)
         try:
-            # A SEG, or an overlay copy of a stored slice: an annotation, not a conflict.
-            if self.annotations and (kind := self.annotations.classify(prepared.dataset,
-                                                                       blob.sha256)):
-                # A new SEG instance keeps what its route learnt, as any instance does.
-                record = partial(self.router.record, prepared=prepared,
-                                 sop_instance_uid=rec.sop_instance_uid,
-                                 study_instance_uid=rec.study_instance_uid)
-                return self.annotations.ingest(kind, prepared.dataset, blob, receipt, source,
-                                               record)
-            return self._index(rec, receipt, blob, source, geometry, findings, override,
-                               prepared)
+            claim = self._classify(incoming)
+            if claim is not None:
+                refusal = self._admit(claim, incoming)
+                if refusal is not None:
+                    return self._refuse_claimed(incoming, claim, refusal)
+            return self._commit(incoming, claim, prepared, findings, override)
         except _RefusedInTransaction as refused:
             # The stored blob is the de-identified object: no PHI, kept as it is.
             return self._quarantine_stored(blob, source, self._refused(
@@ -203,9 +197,141 @@ class IngestService:
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
 
+    # --- the store decision, written once -------------------------------------
+
+    @staticmethod
+    def _decide(reader: Reader, incoming: Incoming, claim: Claim | None) -> str:
+        """``new``, ``resend`` (these exact bytes are already taken in) or ``conflict``
+        (other bytes under an indexed SOP Instance UID, kept apart, never overwriting)."""
+        if claim is not None and not claim.as_instance:
+            return "resend" if claim.already_taken(reader) else "new"
+        stored = reader.instances.blob_of(incoming.record.sop_instance_uid)
+        if stored is None:
+            return "new"
+        return "resend" if stored == incoming.blob.sha256 else "conflict"
+
+    def _classify(self, incoming: Incoming) -> Claim | None:
+        for hook in self.hooks:
+            claim = hook.classify(incoming)
+            if claim is not None:
+                return claim
+        return None
+
+    def _admit(self, claim: Claim, incoming: Incoming) -> Refusal | None:
+        """A claim's checks run only for bytes not yet taken in: a resend is answered
+        from the index, without decoding the object again."""
+        with self.index.reader() as reader:
+            if self._decide(reader, incoming, claim) == "resend":
+                return None
+        return claim.admit()
+
+    def _commit(self, incoming: Incoming, claim: Claim | None, prepared: Prepared,
+                findings: list[Finding], override: Override | None) -> StoreResult:
+        rec, blob, source = incoming.record, incoming.blob, incoming.source
+        obj = {"sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+               "study_instance_uid": rec.study_instance_uid,
+               "series_instance_uid": rec.series_instance_uid, "sha256": blob.sha256}
+        stored: Stored | None = None
+        entries: list[AuditEntry | None] = []
+        with self.index.transaction() as tx:
+            indexed = claim is None or claim.as_instance
+            if indexed and self.validator is not None:
+                # Checked under the write lock, so two senders cannot race a study
+                # in under two patients.
+                conflict = patient_conflict(
+                    tx.instances.patient_of_study(rec.study_instance_uid),
+                    rec.patient_id, rec.issuer_of_patient_id)
+                if conflict is not None:
+                    if self._action(conflict) == REJECT and override is None:
+                        raise _RefusedInTransaction(conflict)
+                    findings = [*findings, conflict]
+            if findings:
+                obj["findings"] = sorted({f.rule for f in findings})
+            decision = self._decide(tx, incoming, claim)
+            if decision == "conflict":
+                stored_sha = tx.instances.blob_of(rec.sop_instance_uid) or ""
+                conflict_id = tx.instances.insert_conflict(rec, incoming.receipt, stored_sha)
+                entries.append(self.audit.append(
+                    tx, "instance.conflict", source.actor,
+                    {**obj, "stored_sha256": stored_sha, "conflict_id": conflict_id},
+                    outcome="minor-failure"))
+                result = StoreResult(
+                    Outcome(status.DUPLICATE_SOP_INSTANCE,
+                            f"UID already stored with other bytes; kept as conflict {conflict_id}"),
+                    "conflict", rec.sop_instance_uid, blob.sha256)
+            elif decision == "resend":
+                entries.append(self.audit.append(
+                    tx, "instance.resend" if claim is None else "annotation.resend",
+                    source.actor, obj))
+                result = StoreResult(Outcome(status.SUCCESS),
+                                     "resend" if claim is None else "annotation-resend",
+                                     rec.sop_instance_uid, blob.sha256)
+            else:
+                stored = Stored(incoming, claim, self._index(tx, incoming, prepared, findings)
+                                if indexed else None)
+                entries += [hook.on_stored(tx, stored) for hook in self.hooks]
+                if indexed:
+                    entries.append(self.audit.append(tx, "instance.stored", source.actor, obj))
+                result = StoreResult(Outcome(status.SUCCESS),
+                                     "stored" if claim is None else "annotation",
+                                     rec.sop_instance_uid, blob.sha256,
+                                     warnings=tuple(findings))
+            if override is not None and result.outcome.status.is_success:
+                entries.append(self.quarantine.mark_released(tx, override,
+                                                             rec.sop_instance_uid))
+        self._committed(entries)
+        if stored is not None:
+            self._after_commit(stored)
+        return result
+
+    def _index(self, tx: Transaction, incoming: Incoming, prepared: Prepared,
+               findings: list[Finding]) -> int:
+        """A new instance's rows: the instance, what its route learnt, geometry, findings."""
+        rec = incoming.record
+        instance_id = tx.instances.insert(rec, incoming.receipt)
+        self.router.record(tx, prepared, rec.sop_instance_uid, rec.study_instance_uid)
+        tx.instances.insert_geometry(instance_id, InstanceGeometry.from_dataset(incoming.dataset))
+        tx.instances.insert_findings(
+            instance_id, [FindingRow(f.rule, self._action(f), f.message, f.keyword, f.tag)
+                          for f in findings], utc_now())
+        return instance_id
+
+    def _after_commit(self, stored: Stored) -> None:
+        for hook in self.hooks:
+            self.defer(lambda hook=hook: hook.after_commit(stored))
+
+    def _committed(self, entries: list[AuditEntry | None]) -> None:
+        written = [e for e in entries if e is not None]
+        if written:
+            self.audit.committed(max(written, key=lambda e: e.seq))
+
+    def _refuse_claimed(self, incoming: Incoming, claim: Claim,
+                        refusal: Refusal) -> StoreResult:
+        """Quarantine a claimed object its checks refused, answer 0xA900. The row says what
+        was refused, by whom and why, like a validation refusal's; the (de-identified)
+        bytes stay in the blob store, and the claim records the refusal beside the row."""
+        code, dataset = status.DOES_NOT_MATCH_SOP_CLASS, incoming.dataset
+        refused = Refused(code.code, (Finding(refusal.check, refusal.reason),),
+                          incoming.receipt.transfer_syntax_uid, *(
+                              _uid(dataset, k) for k in ("SOPClassUID", "SOPInstanceUID",
+                                                          "SeriesInstanceUID")))
+        with self.index.transaction() as tx:
+            qid = tx.quarantine.insert(refused.row(incoming.blob, incoming.source, area="blobs",
+                                                   sealed=False,
+                                                   received_at=incoming.receipt.received_at))
+            entry = claim.refused(tx, refusal, qid)
+        self._committed([entry])
+        log.info("claimed object refused", extra={"fields": {
+            "kind": claim.kind, "check": refusal.check, "sha256": incoming.blob.sha256}})
+        return StoreResult(Outcome(code, refusal.reason), "refused",
+                           incoming.record.sop_instance_uid, incoming.blob.sha256,
+                           quarantine_id=qid)
+
+    # --- writing the blob -------------------------------------------------------
+
     def _promote(self, spooled: Path, prepared: Prepared, pixel_tail: int | None) -> BlobRef:
         """Into the blob store: the received file itself when nothing changed it,
-        else the prepared dataset written to a new spool file.
+        else the prepared dataset written through a blob writer.
 
         When the route left the pixel data untouched and it ends the received
         file (``pixel_tail`` is where its element starts), only the header is
@@ -213,21 +339,20 @@ class IngestService:
         pydicom would write, without reading the pixels into memory to write them.
         """
         if prepared.as_received:
-            return self.blobs.promote(spooled)
-        to_store = self.blobs.new_spool_file()
-        try:
+            return self.blobs.put_file(spooled)
+        with self.blobs.writer() as out:
             if pixel_tail is None:
-                prepared.dataset.save_as(to_store, enforce_file_format=True)
+                prepared.dataset.save_as(out, enforce_file_format=True)
             else:
                 header = copy.copy(prepared.dataset)  # shallow: the elements are shared
                 del header[_PIXEL_DATA]
-                header.save_as(to_store, enforce_file_format=True)
-                with open(spooled, "rb") as src, open(to_store, "ab") as dst:
+                header.save_as(out, enforce_file_format=True)
+                with open(spooled, "rb") as src:
                     src.seek(pixel_tail)
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            return self.blobs.promote(to_store)
-        finally:
-            to_store.unlink(missing_ok=True)
+                    shutil.copyfileobj(src, out, 1 << 20)
+        return out.ref
+
+    # --- refusals -------------------------------------------------------------
 
     def _action(self, finding: Finding) -> str:
         return self.validator.settings.action(finding.rule) if self.validator else REJECT
@@ -237,58 +362,6 @@ class IngestService:
         finding is the one the sender reads in the ErrorComment."""
         return sorted(findings, key=lambda f: (self._action(f) != REJECT,
                                                f.rule == "type2_missing"))
-
-    def _index(
-        self, rec: InstanceRecord, receipt: Receipt, blob: BlobRef, source: Source,
-        geometry: InstanceGeometry, findings: list[Finding], override: Override | None,
-        prepared: Prepared,
-    ) -> StoreResult:
-        obj = {"sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
-               "study_instance_uid": rec.study_instance_uid,
-               "series_instance_uid": rec.series_instance_uid, "sha256": blob.sha256}
-        with self.index.write() as conn:
-            if self.validator is not None:
-                # Checked under the write lock, so two senders cannot race a study
-                # in under two patients.
-                conflict = patient_conflict(checks.patient_of_study(conn, rec.study_instance_uid),
-                                            rec.patient_id, rec.issuer_of_patient_id)
-                if conflict is not None:
-                    if self._action(conflict) == REJECT and override is None:
-                        raise _RefusedInTransaction(conflict)
-                    findings = [*findings, conflict]
-            if findings:
-                obj["findings"] = sorted({f.rule for f in findings})
-            stored_sha = records.stored_blob_of(conn, rec.sop_instance_uid)
-            if stored_sha is None:
-                instance_fk = records.insert_instance(conn, rec, receipt)
-                self.router.record(conn, prepared, rec.sop_instance_uid, rec.study_instance_uid)
-                checks.insert_instance_geometry(conn, instance_fk, geometry)
-                checks.insert_instance_findings(conn, instance_fk,
-                                                [(f, self._action(f)) for f in findings])
-                checks.mark_receiving(conn, rec.series_instance_uid, time.time())
-                entry = self.audit.append(conn, "instance.stored", source.actor, obj)
-                result = StoreResult(Outcome(status.SUCCESS), "stored",
-                                     rec.sop_instance_uid, blob.sha256, warnings=tuple(findings))
-            elif stored_sha == blob.sha256:
-                entry = self.audit.append(conn, "instance.resend", source.actor, obj)
-                result = StoreResult(Outcome(status.SUCCESS), "resend",
-                                     rec.sop_instance_uid, blob.sha256)
-            else:
-                conflict_id = records.insert_conflict(conn, rec, receipt, stored_sha)
-                entry = self.audit.append(
-                    conn, "instance.conflict", source.actor,
-                    {**obj, "stored_sha256": stored_sha, "conflict_id": conflict_id},
-                    outcome="minor-failure",
-                )
-                result = StoreResult(
-                    Outcome(status.DUPLICATE_SOP_INSTANCE,
-                            f"UID already stored with other bytes; kept as conflict {conflict_id}"),
-                    "conflict", rec.sop_instance_uid, blob.sha256,
-                )
-            if override is not None and result.outcome.status.is_success:
-                self.quarantine.mark_released(conn, override, rec.sop_instance_uid)
-        self.audit.committed(entry)
-        return result
 
     def _quarantine(self, spooled: Path, source: Source, refused: Refused) -> StoreResult:
         try:
@@ -335,8 +408,6 @@ class IngestService:
         except (IndexUnavailable, OSError):
             log.error("audit write failed while reporting a store failure")
         return StoreResult(Outcome(status.OUT_OF_RESOURCES, reason), "failed", sop_instance_uid)
-
-
 
 
 def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> int | None:

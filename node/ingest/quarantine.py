@@ -5,28 +5,26 @@ same layout and durability as the blob store), never to the blob store that
 serves retrievals. What a peer sent may carry PHI, so received bytes are kept
 sealed (AES-GCM under the project key, :mod:`node.storage.sealed`) and only
 unsealed on export or release, by someone holding the key. The node never
-deletes them. A person can list and show
-entries, export the bytes to repair them elsewhere, or release one: release
-re-runs the ingest pipeline on the kept bytes with an override that turns the
-rejecting findings into recorded ones, and audits who did it and why.
+deletes them. A person can list and show entries, export the bytes to repair
+them elsewhere, or release one: release re-runs the ingest pipeline on the
+kept bytes with an override that turns the rejecting findings into recorded
+ones, and audits who did it and why.
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from node.audit.trail import Actor, AuditTrail, utc_now
+from node.audit.trail import Actor, AuditEntry, AuditTrail, utc_now
+from node.ingest.types import Ingest, Override, Source, StoreResult
 from node.ingest.validate import Finding
-from node.storage.blobs import BlobRef, BlobStore
-from node.storage.index import Index
+from node.storage.interface import BlobRef, BlobStore, Index, NewQuarantine, Transaction
+from node.storage.records import QuarantineRow
 from node.storage.sealed import Sealer
 
-if TYPE_CHECKING:
-    from node.ingest.pipeline import IngestService, Source, StoreResult
+#: One quarantine row, as ``lamina quarantine list/show`` presents it.
+QuarantineEntry = QuarantineRow
 
 
 class QuarantineError(ValueError):
@@ -48,50 +46,20 @@ class Refused:
     def reason(self) -> str:
         return self.findings[0].message if self.findings else "refused"
 
-
-@dataclass(frozen=True)
-class Override:
-    """A person's decision to let a quarantined object in despite its findings."""
-
-    quarantine_id: int
-    reason: str
-    actor: Actor
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """One quarantine row, as ``lamina quarantine list/show`` presents it."""
-
-    id: int
-    received_at: str
-    calling_ae: str
-    address: str
-    association_id: str
-    status_code: int
-    reason: str
-    findings: list[dict[str, str]]
-    sha256: str
-    size: int
-    area: str
-    transfer_syntax_uid: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    released_at: str | None
-    released_by: str | None
-    release_reason: str | None
-    sealed: bool
-    route: str
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> QuarantineEntry:
-        return cls(row["id"], row["received_at"], row["calling_ae"], row["address"],
-                   row["association_id"], row["status_code"], row["reason"],
-                   json.loads(row["findings"]), row["blob_sha256"], row["blob_size"],
-                   row["area"], row["transfer_syntax_uid"], row["sop_class_uid"],
-                   row["sop_instance_uid"], row["series_instance_uid"], row["released_at"],
-                   row["released_by"], row["release_reason"], bool(row["sealed"]),
-                   row["route"])
+    def row(self, blob: BlobRef, source: Source, *, area: str, sealed: bool,
+            received_at: str) -> NewQuarantine:
+        """The quarantine row. ``area`` says where the bytes are: ``quarantine`` (this
+        area), or ``blobs`` for an annotation refused after its route, whose
+        de-identified bytes stay in the blob store under its annotation object. A
+        release re-applies the recorded route: the sender's for sealed bytes as
+        received, ``deidentified`` (store as they are) for bytes that already went
+        through their route, so nothing is pseudonymised twice."""
+        return NewQuarantine(
+            blob.sha256, blob.size, self.reason, self.status_code, source.calling_ae,
+            source.address, source.association_id, received_at, area,
+            self.transfer_syntax_uid, self.sop_class_uid, self.sop_instance_uid,
+            self.series_instance_uid, [f.as_dict() for f in self.findings], sealed,
+            source.route if sealed else "deidentified")
 
 
 class QuarantineArea:
@@ -115,17 +83,17 @@ class QuarantineArea:
         return self._record(blob, source, refused, sealed=True), blob.sha256
 
     def keep_stored_blob(self, blob: BlobRef, source: Source, refused: Refused) -> int:
-        """Quarantine bytes already promoted into the blob store (refused inside the
-        index transaction): hard-link them into the area, so nothing is copied or lost."""
-        self.store.adopt(self.blobs.path_for(blob.sha256), blob.sha256)
+        """Quarantine bytes already in the blob store (refused inside the index
+        transaction): the area keeps them too (a local store links them, copying nothing)."""
+        self.store.copy_from(self.blobs, blob.sha256)
         return self._record(blob, source, refused, sealed=False)
 
     def _record(self, blob: BlobRef, source: Source, refused: Refused, *, sealed: bool) -> int:
-        with self.index.write() as conn:
-            qid = insert_row(conn, blob.sha256, blob.size, source, refused, area="quarantine",
-                             sealed=sealed, received_at=utc_now())
+        with self.index.transaction() as tx:
+            qid = tx.quarantine.insert(refused.row(blob, source, area="quarantine",
+                                                   sealed=sealed, received_at=utc_now()))
             entry = self.audit.append(
-                conn, "instance.quarantined", source.actor,
+                tx, "instance.quarantined", source.actor,
                 {"quarantine_id": qid, "sha256": blob.sha256, "status": refused.status_code,
                  "sop_instance_uid": refused.sop_instance_uid,
                  "rules": sorted({f.rule for f in refused.findings})},
@@ -134,42 +102,15 @@ class QuarantineArea:
         self.audit.committed(entry)
         return qid
 
-    def mark_released(self, conn: sqlite3.Connection, override: Override,
-                      sop_instance_uid: str) -> None:
+    def mark_released(self, tx: Transaction, override: Override,
+                      sop_instance_uid: str) -> AuditEntry:
         """Inside the release's index transaction: stamp the row and audit the override."""
-        conn.execute(
-            "UPDATE quarantine SET released_at = ?, released_by = ?, release_reason = ?"
-            " WHERE id = ?",
-            (utc_now(), override.actor.user, override.reason, override.quarantine_id),
-        )
-        self.audit.append(conn, "quarantine.released", override.actor,
-                          {"quarantine_id": override.quarantine_id,
-                           "sop_instance_uid": sop_instance_uid, "reason": override.reason})
-
-
-def insert_row(conn: sqlite3.Connection, sha256: str, size: int, source: Source,
-               refused: Refused, *, area: str, sealed: bool, received_at: str) -> int:
-    """One quarantine row, inside the caller's transaction; returns its ID.
-
-    ``area`` says where the bytes are: ``quarantine`` (this area), or ``blobs``
-    for an annotation refused after its route, whose de-identified bytes stay in
-    the blob store under its annotation object. A release re-applies the
-    recorded route: the sender's for sealed bytes as received, ``deidentified``
-    (store as they are) for bytes that already went through their route, so
-    nothing is pseudonymised twice.
-    """
-    route = source.route if sealed else "deidentified"
-    return conn.execute(
-        "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
-        " association_id, received_at, area, address, transfer_syntax_uid,"
-        " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (sha256, size, refused.reason, refused.status_code, source.calling_ae,
-         source.association_id, received_at, area, source.address,
-         refused.transfer_syntax_uid, refused.sop_class_uid, refused.sop_instance_uid,
-         refused.series_instance_uid, json.dumps([f.as_dict() for f in refused.findings]),
-         int(sealed), route),
-    ).lastrowid
+        tx.quarantine.mark_released(override.quarantine_id, utc_now(), override.actor.user,
+                                    override.reason)
+        return self.audit.append(tx, "quarantine.released", override.actor,
+                                 {"quarantine_id": override.quarantine_id,
+                                  "sop_instance_uid": sop_instance_uid,
+                                  "reason": override.reason})
 
 
 class QuarantineService:
@@ -179,27 +120,24 @@ class QuarantineService:
         self.area = area
 
     def list(self, include_released: bool = False) -> list[QuarantineEntry]:
-        where = "" if include_released else " WHERE released_at IS NULL"
-        with self.area.index.read() as conn:
-            rows = conn.execute(f"SELECT * FROM quarantine{where} ORDER BY id").fetchall()
-        return [QuarantineEntry.from_row(r) for r in rows]
+        with self.area.index.reader() as r:
+            return r.quarantine.list(include_released)
 
     def show(self, quarantine_id: int) -> QuarantineEntry:
-        with self.area.index.read() as conn:
-            row = conn.execute("SELECT * FROM quarantine WHERE id = ?",
-                               (quarantine_id,)).fetchone()
-        if row is None:
+        with self.area.index.reader() as r:
+            entry = r.quarantine.get(quarantine_id)
+        if entry is None:
             raise QuarantineError(f"no quarantine entry {quarantine_id}")
-        return QuarantineEntry.from_row(row)
+        return entry
 
-    def path_of(self, entry: QuarantineEntry) -> Path:
-        """Rows from before the quarantine area existed kept their bytes in the blob store."""
-        store = self.area.store if entry.area == "quarantine" else self.area.blobs
-        return store.path_for(entry.sha256)
+    def store_of(self, entry: QuarantineEntry) -> BlobStore:
+        """Where the entry's bytes are: the quarantine area, or (rows refused after their
+        route, and rows from before the area existed) the blob store."""
+        return self.area.store if entry.area == "quarantine" else self.area.blobs
 
     def bytes_of(self, entry: QuarantineEntry) -> bytes:
         """The object as received: unsealed when it was kept sealed."""
-        data = self.path_of(entry).read_bytes()
+        data = self.store_of(entry).read(entry.sha256)
         return self.area.sealer.open(data) if entry.sealed else data
 
     def export(self, quarantine_id: int, destination: Path, actor: Actor) -> Path:
@@ -212,21 +150,14 @@ class QuarantineService:
         return target
 
     def release(self, quarantine_id: int, reason: str, actor: Actor,
-                ingest: IngestService) -> StoreResult:
+                ingest: Ingest) -> StoreResult:
         """Re-run the pipeline on the kept bytes with an audited override."""
-        from node.ingest.pipeline import Source
-
         if not reason.strip():
             raise QuarantineError("a release needs a reason")
         entry = self.show(quarantine_id)
         if entry.released_at:
             raise QuarantineError(f"quarantine entry {quarantine_id} was already released"
                                   f" at {entry.released_at} by {entry.released_by}")
-        spooled = ingest.blobs.new_spool_file()
-        try:
-            spooled.write_bytes(self.bytes_of(entry))
-            source = Source(entry.calling_ae, entry.address, entry.association_id, entry.route)
-            return ingest.ingest_file(spooled, source,
-                                      Override(quarantine_id, reason.strip(), actor))
-        finally:
-            spooled.unlink(missing_ok=True)
+        source = Source(entry.calling_ae, entry.address, entry.association_id, entry.route)
+        return ingest.ingest_bytes(self.bytes_of(entry), source,
+                                   Override(quarantine_id, reason.strip(), actor))

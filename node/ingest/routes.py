@@ -20,8 +20,6 @@ evidence) travel with the result into the index transaction.
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +34,7 @@ from node.anonymize.anonymizer import (
 )
 from node.anonymize.keys import ProjectKey
 from node.anonymize.reidmap import ReidentificationMap
-from node.storage.index import Index
+from node.storage.interface import Index, Transaction
 
 
 @dataclass(frozen=True)
@@ -78,16 +76,16 @@ class Router:
         return Prepared(result.dataset, result.entries, result.evidence.as_dict(), route)
 
     def _annotation(self, received: Dataset) -> Prepared:
-        with self.index.read() as conn:
+        with self.index.reader() as reader:
             def known(uid: str) -> bool:
-                return self.reid_map.knows_uid(conn, uid)
+                return self.reid_map.knows_uid(reader, uid)
 
             remapped, _count = remap_known_uids(received, self.key, known)
             reason = looks_identified(remapped)
             if reason is None:
                 return Prepared(remapped, (), None, "annotator")
             patient_id = str(remapped.get("PatientID", "") or "")
-            if self.reid_map.lookup_patient(conn, patient_id) is not None:
+            if self.reid_map.lookup_patient(reader, patient_id) is not None:
                 # Our pseudonym plus identity typed back in: de-identifying again would
                 # pseudonymise the pseudonym and shift shifted dates. A person decides.
                 raise DeidentificationError(f"annotation still carries identity: {reason}")
@@ -96,15 +94,11 @@ class Router:
             result = self.annotation_deidentifier.deidentify(remapped, keep_uid=known)
         return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
 
-    def record(self, conn: sqlite3.Connection, prepared: Prepared, sop_instance_uid: str,
+    def record(self, tx: Transaction, prepared: Prepared, sop_instance_uid: str,
                study_instance_uid: str) -> None:
         """Inside the instance's index transaction: the map entries and the evidence."""
         if prepared.entries:
-            self.reid_map.record(conn, prepared.entries)
+            self.reid_map.record(tx, prepared.entries)
         if prepared.evidence is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO deid_evidence (sop_instance_uid, study_instance_uid,"
-                " route, evidence) VALUES (?, ?, ?, ?)",
-                (sop_instance_uid, study_instance_uid, prepared.route,
-                 json.dumps(prepared.evidence, sort_keys=True, separators=(",", ":"))),
-            )
+            tx.evidence.put(sop_instance_uid, study_instance_uid, prepared.route,
+                            prepared.evidence)

@@ -23,7 +23,6 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
-from pydicom.multival import MultiValue
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -31,6 +30,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from node.config import ValidationSettings
 from node.ingest.iod import IOD, IODTables, Requirement
 from node.ingest.rules import REJECT
+from node.storage.records import value_text
 
 #: What the association accepts (``node.ae``) is what STOW-RS may store too.
 ACCEPTED_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
@@ -68,28 +68,6 @@ _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00009: "DoubleFloatPixelData",
                0x7FE00008: "FloatPixelData"}
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
 _UNDEFINED = 0xFFFFFFFF
-
-
-def value_text(ds: Dataset, tag: int) -> str | None:
-    """A DS/IS/UI/CS value as received, backslash-separated; None when absent or empty.
-
-    Read from the raw bytes while the element is still undecoded: these VRs are
-    ASCII by definition, and pydicom's decoding of a DS multi-value costs tens
-    of microseconds, which adds up on the ingest hot path.
-    """
-    if tag not in ds:
-        return None
-    elem = ds.get_item(tag)
-    if getattr(elem, "is_raw", False):
-        if not elem.value:
-            return None
-        parts = elem.value.decode("ascii", "replace").split("\\")
-        return "\\".join(p.strip(" \0") for p in parts) or None
-    value = elem.value
-    if value is None or value == "":
-        return None
-    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-    return "\\".join(str(v) for v in values)
 
 
 def tag_text(tag: int) -> str:

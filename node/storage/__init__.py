@@ -1,0 +1,1 @@
+"""Storage: the index (a unit of work, :mod:`node.storage.interface`) and the blob store."""

@@ -1,36 +1,30 @@
-"""Content-addressed blob store: a file's name is the SHA-256 of its bytes.
+"""The local blob store: a file's name is the SHA-256 of its bytes.
 
 Received values (UIDs, AE titles) never become paths. A blob enters the store
-only by :meth:`BlobStore.promote`: the spooled file is hashed, fsync'd, renamed
-into place and its directory fsync'd, so a blob that exists under its name is
-always whole. Two writers of the same bytes race harmlessly: the rename is
-atomic and both produce the same content.
+only whole: its bytes are written to the spool area (or handed over as a
+finished file), hashed, fsync'd, renamed into place and the shard folder
+fsync'd, so a blob that exists under its name is always complete. Two writers
+of the same bytes race harmlessly: the rename is atomic and both produce the
+same content.
+
+Implements :class:`node.storage.interface.BlobStore`, plus the optional
+:class:`~node.storage.interface.LocalBlobFiles` capability.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from node.storage.interface import BlobRef, BlobStore, OutOfSpace
+
 _CHUNK = 1 << 20
-
-
-class OutOfSpace(OSError):
-    """Free space on the data filesystem is below the configured minimum."""
-
-
-@dataclass(frozen=True)
-class BlobRef:
-    """A blob that is durable in the store."""
-
-    sha256: str
-    size: int
-    created: bool  # False when identical bytes were already stored
 
 
 def sha256_of_file(path: Path) -> tuple[str, int]:
@@ -53,15 +47,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BlobStore:
-    """Files under ``<root>/<aa>/<sha256>``, spooled through ``spool_dir``.
+class _SpoolWriter:
+    """A blob being written to the spool area; ``ref`` is set once it is committed."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.ref: BlobRef | None = None
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+class LocalBlobStore:
+    """Files under ``<root>/<aa>/<sha256>``, written through ``<spool_dir>``.
 
     One level of 256 shard folders: a second level would make nearly every
     new blob create (and fsync) a new folder until the store holds millions,
     while ext4's hashed directories keep lookups fast at thousands per folder.
 
-    ``spool_dir`` must be on the same filesystem as ``root`` so that promotion
-    is a rename, not a copy.
+    ``spool_dir`` must be on the same filesystem as ``root`` so that committing
+    a blob is a rename, not a copy.
     """
 
     def __init__(self, root: Path, spool_dir: Path, min_free_bytes: int = 0) -> None:
@@ -70,50 +84,47 @@ class BlobStore:
         self.min_free_bytes = min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
         spool_dir.mkdir(parents=True, exist_ok=True)
+        self._device = os.stat(root).st_dev
 
-    def path_for(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise ValueError("not a SHA-256 hex digest")
-        return self.root / sha256[:2] / sha256
+    # --- writing --------------------------------------------------------------
 
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).is_file()
-
-    def open(self, sha256: str) -> BinaryIO:
-        """The blob's bytes, for reading (FileNotFoundError when it is not stored)."""
-        return open(self.path_for(sha256), "rb")
-
-    def local_path(self, sha256: str) -> Path:
-        """Optional capability of a local store: the blob's file, for senders that stream
-        a file by name (pynetdicom's chunked C-STORE)."""
-        return self.path_for(sha256)
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
-    def ensure_space(self) -> None:
-        """Refuse early when the disk is nearly full, before anything is promoted."""
-        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
-            raise OutOfSpace(
-                f"{self.free_bytes() // (1 << 20)} MB free on the data disk, "
-                f"minimum {self.min_free_bytes // (1 << 20)} MB"
-            )
-
-    def new_spool_file(self) -> Path:
-        """A fresh empty file in the spool area, for writers other than pynetdicom."""
+    @contextmanager
+    def writer(self) -> Iterator[_SpoolWriter]:
         fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
-        os.close(fd)
-        return Path(name)
+        spooled = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = _SpoolWriter(f)
+                yield writer
+            writer.ref = self._promote(spooled)
+        finally:
+            spooled.unlink(missing_ok=True)
 
-    def promote(self, spooled: Path) -> BlobRef:
-        """Move a fully written spool file into the store, durably.
+    def put(self, stream: BinaryIO) -> BlobRef:
+        with self.writer() as w:
+            shutil.copyfileobj(stream, w, _CHUNK)
+        assert w.ref is not None
+        return w.ref
 
-        When identical bytes are already stored the spool file is left where it
-        is (its owner deletes it) and ``created`` is False.
-        """
+    def put_bytes(self, data: bytes) -> BlobRef:
+        with self.writer() as w:
+            w.write(data)
+        assert w.ref is not None
+        return w.ref
+
+    def put_file(self, path: Path) -> BlobRef:
+        """Move a finished file into the store when it is on the store's filesystem
+        (a rename: pynetdicom's spooled C-STORE data set), else copy it in."""
+        if os.stat(path).st_dev == self._device:
+            return self._promote(path)
+        with open(path, "rb") as f:
+            return self.put(f)
+
+    def _promote(self, spooled: Path) -> BlobRef:
+        """Rename a fully written file into place, durably; identical bytes already
+        stored leave the file where it is (its owner deletes it)."""
         sha256, size = sha256_of_file(spooled)
-        target = self.path_for(sha256)
+        target = self._path(sha256)
         if target.is_file():
             return BlobRef(sha256, size, created=False)
         fd = os.open(spooled, os.O_RDONLY)
@@ -126,28 +137,22 @@ class BlobStore:
         fsync_dir(target.parent)
         return BlobRef(sha256, size, created=True)
 
-    def put_bytes(self, data: bytes) -> BlobRef:
-        """Spool ``data`` and promote it (used by tests and HTTP uploads)."""
-        spooled = self.new_spool_file()
-        try:
-            with open(spooled, "wb") as f:
-                f.write(data)
-            return self.promote(spooled)
-        finally:
-            spooled.unlink(missing_ok=True)
-
-    def adopt(self, source: Path, sha256: str) -> None:
-        """Hard-link a file already known to hash to ``sha256`` (e.g. from another store on
-        the same filesystem) into place: no copy, and both names stay whole."""
-        target = self.path_for(sha256)
+    def copy_from(self, other: BlobStore, sha256: str) -> None:
+        """Hard-link ``other``'s local file into place (no copy; both names stay whole),
+        or copy its bytes when it is not a local store on this filesystem."""
+        target = self._path(sha256)
         if target.is_file():
             return
-        self._make_dirs(target.parent)
-        try:
-            os.link(source, target)
-        except FileExistsError:
+        if isinstance(other, LocalBlobStore) and other._device == self._device:
+            self._make_dirs(target.parent)
+            try:
+                os.link(other.local_path(sha256), target)
+            except FileExistsError:
+                return
+            fsync_dir(target.parent)
             return
-        fsync_dir(target.parent)
+        with other.open(sha256) as f:
+            self.put(f)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create a shard folder on first use, making its entry durable."""
@@ -159,9 +164,35 @@ class BlobStore:
             return
         fsync_dir(directory.parent)
 
+    # --- reading --------------------------------------------------------------
+
+    def _path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a SHA-256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def local_path(self, sha256: str) -> Path:
+        """The blob's file (the optional LocalBlobFiles capability)."""
+        return self._path(sha256)
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self._path(sha256), "rb")
+
+    def read(self, sha256: str) -> bytes:
+        return self._path(sha256).read_bytes()
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        return self._path(sha256).stat().st_size
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob (fsck repairs only: the node never deletes what it stored)."""
+        self._path(sha256).unlink(missing_ok=True)
+
     def verify(self, sha256: str) -> bool:
-        """True when the blob exists and its bytes still hash to its name."""
-        path = self.path_for(sha256)
+        path = self._path(sha256)
         return path.is_file() and sha256_of_file(path)[0] == sha256
 
     def iter_hashes(self) -> Iterator[str]:
@@ -169,8 +200,28 @@ class BlobStore:
             if path.is_file():
                 yield path.name
 
+    # --- space and the spool --------------------------------------------------
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def disk_used(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("??/*") if p.is_file())
+
+    def ensure_space(self) -> None:
+        """Refuse early when the disk is nearly full, before anything is written."""
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            raise OutOfSpace(
+                f"{self.free_bytes() // (1 << 20)} MB free on the data disk, "
+                f"minimum {self.min_free_bytes // (1 << 20)} MB"
+            )
+
+    def new_spool_file(self) -> Path:
+        """A fresh empty file in the spool area (an upload or a release being written)."""
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
+        os.close(fd)
+        return Path(name)
 
     def stale_spool_files(self) -> list[Path]:
         return [p for p in self.spool_dir.iterdir() if p.is_file()]

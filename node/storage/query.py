@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from functools import cached_property
+from typing import Protocol
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -50,7 +51,6 @@ from pydicom.tag import BaseTag, Tag
 from node import status
 from node.status import Status
 from node.storage import pn
-from node.storage.index import Index
 
 
 class QueryError(ValueError):
@@ -545,6 +545,14 @@ _INSTANCE_COLUMNS = [(Level.IMAGE, "i.sop_class_uid"), (Level.IMAGE, "i.sop_inst
 _INSTANCE_ORDER = "se.study_fk, se.series_number, se.id, i.instance_number, i.id"
 
 
+class Matcher(Protocol):
+    """What the search and retrieve services ask of a backend's matcher."""
+
+    def matches(self, query: Query, *, limit: int | None = None,
+                offset: int = 0) -> Iterator[Match]: ...
+    def instances(self, query: Query) -> Iterator[StoredInstance]: ...
+
+
 class QueryEngine:
     """Runs queries against the index and streams the matches.
 
@@ -553,7 +561,7 @@ class QueryEngine:
     its connection to the pool (the generator's ``finally``).
     """
 
-    def __init__(self, index: Index, retrieve_ae_title: str) -> None:
+    def __init__(self, index, retrieve_ae_title: str) -> None:
         self.index = index
         self.retrieve_ae_title = retrieve_ae_title
 
@@ -580,7 +588,7 @@ class QueryEngine:
             yield StoredInstance(*row)
 
     def _stream(self, sql: str, params: tuple) -> Iterator[tuple]:
-        with self.index.read() as conn:
+        with self.index.connection() as conn:
             cursor = conn.execute(sql, params)
             try:
                 yield from cursor

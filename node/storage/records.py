@@ -1,19 +1,44 @@
-"""What the index keeps of an instance, and the statements that keep it.
+"""What the index keeps, as plain values: the rows every storage backend reads and writes.
 
-Attribute values come from the header only (``stop_before_pixels``). Column
+Attribute values come from the header only (``stop_before_pixels``). Field
 names are DICOM keywords in snake_case so the query matcher can map a key to
-a column by rule.
+a column by rule. Nothing here knows a database: the backends under
+``node.storage.sqlite`` (and later ``node.storage.postgresql``) turn these
+into rows, and the services above the storage layer turn them back into
+their own objects (findings, masks, volumes).
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
-from node.storage import pn
+# --- reading values off a header ---------------------------------------------
+
+
+def value_text(ds: Dataset, tag: int) -> str | None:
+    """A DS/IS/UI/CS value as received, backslash-separated; None when absent or empty.
+
+    Read from the raw bytes while the element is still undecoded: these VRs are
+    ASCII by definition, and pydicom's decoding of a DS multi-value costs tens
+    of microseconds, which adds up on the ingest hot path.
+    """
+    if tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    if getattr(elem, "is_raw", False):
+        if not elem.value:
+            return None
+        parts = elem.value.decode("ascii", "replace").split("\\")
+        return "\\".join(p.strip(" \0") for p in parts) or None
+    value = elem.value
+    if value is None or value == "":
+        return None
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return "\\".join(str(v) for v in values)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -32,6 +57,27 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _int_at(ds: Dataset, tag: int) -> int | None:
+    text = value_text(ds, tag)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _floats(text: str | None, count: int) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split("\\"))
+    except ValueError:
+        return None
+    return values if len(values) == count else None
+
+
+# --- instances ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -109,179 +155,197 @@ class Receipt:
     received_at: str
 
 
-def stored_blob_of(conn: sqlite3.Connection, sop_instance_uid: str) -> str | None:
-    """The blob hash already indexed for this SOP Instance UID, if any."""
-    row = conn.execute(
-        "SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?", (sop_instance_uid,)
-    ).fetchone()
-    return row[0] if row else None
+@dataclass(frozen=True)
+class StoredRef:
+    """An indexed instance, as an annotation or a retrieve finds it."""
+
+    sop_instance_uid: str
+    blob_sha256: str
+    series_instance_uid: str
 
 
-def insert_instance(conn: sqlite3.Connection, rec: InstanceRecord, receipt: Receipt) -> int:
-    """Insert one new instance, creating its patient/study/series rows as needed.
+@dataclass(frozen=True)
+class InstanceGeometry:
+    """What one instance says about where its pixels are, as kept in the index."""
 
-    Runs inside the caller's write transaction. Existing patient/study/series
-    rows keep their first-seen attributes (the validation step decides what a
-    disagreeing resend means).
-    """
-    patient_fk = _upsert_id(
-        conn,
-        "SELECT id FROM patient WHERE patient_id = ? AND issuer_of_patient_id = ?",
-        (rec.patient_id, rec.issuer_of_patient_id),
-        _PATIENT_INSERT, _patient_values(rec),
-    )
-    study_fk = _upsert_id(
-        conn,
-        "SELECT id FROM study WHERE study_instance_uid = ?",
-        (rec.study_instance_uid,),
-        _STUDY_INSERT, _study_values(rec, patient_fk),
-    )
-    series_row = conn.execute(
-        "SELECT id FROM series WHERE series_instance_uid = ?", (rec.series_instance_uid,)
-    ).fetchone()
-    if series_row:
-        series_fk = series_row[0]
-    else:
-        series_fk = conn.execute(_SERIES_INSERT, _series_values(rec, study_fk)).lastrowid
-        _add_modality(conn, study_fk, rec.modality)
-    return conn.execute(_INSTANCE_INSERT, _instance_values(rec, receipt, series_fk)).lastrowid
+    image_position_patient: str | None
+    image_orientation_patient: str | None
+    pixel_spacing: str | None
+    rows: int | None
+    columns: int | None
+    frame_of_reference_uid: str | None
+    number_of_frames: int | None
+    acquisition_number: int | None
+    number_of_series_related_instances: int | None
+    images_in_acquisition: int | None
 
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceGeometry:
+        rows, columns = ds.get("Rows"), ds.get("Columns")
+        return cls(
+            value_text(ds, 0x00200032), value_text(ds, 0x00200037), value_text(ds, 0x00280030),
+            rows if isinstance(rows, int) else None,
+            columns if isinstance(columns, int) else None,
+            value_text(ds, 0x00200052), _int_at(ds, 0x00280008), _int_at(ds, 0x00200012),
+            _int_at(ds, 0x00201209), _int_at(ds, 0x00201002),
+        )
 
-_PATIENT_INSERT = (
-    "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
-    " patient_sex, patient_name_key, patient_name_ideographic_key, patient_name_phonetic_key)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_STUDY_INSERT = (
-    "INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time,"
-    " accession_number, study_id, study_description, referring_physician_name,"
-    " referring_physician_name_key, referring_physician_name_ideographic_key,"
-    " referring_physician_name_phonetic_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SERIES_INSERT = (
-    "INSERT INTO series (study_fk, series_instance_uid, modality, series_number,"
-    " series_description, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_INSTANCE_INSERT = (
-    "INSERT INTO instance (series_fk, sop_instance_uid, sop_class_uid, instance_number,"
-    " blob_sha256, blob_size, transfer_syntax_uid, calling_ae, association_id, received_at,"
-    " content_date, content_time, acquisition_date_time)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+    @property
+    def position(self) -> tuple[float, ...] | None:
+        return _floats(self.image_position_patient, 3)
+
+    @property
+    def orientation(self) -> tuple[float, ...] | None:
+        return _floats(self.image_orientation_patient, 6)
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        return _floats(self.pixel_spacing, 2)
+
+    @property
+    def is_slice(self) -> bool:
+        """One plane with a position and orientation (not multi-frame, not SR)."""
+        return (self.position is not None and self.orientation is not None
+                and (self.number_of_frames or 1) == 1)
 
 
-def _patient_values(rec: InstanceRecord) -> tuple:
-    return (rec.patient_id, rec.issuer_of_patient_id, rec.patient_name,
-            rec.patient_birth_date, rec.patient_sex, *pn.keys(rec.patient_name))
+@dataclass(frozen=True)
+class FindingRow:
+    """A validation finding recorded against a stored instance."""
+
+    rule: str
+    severity: str  # reject | warn
+    message: str
+    keyword: str = ""
+    tag: str = ""
 
 
-def _study_values(rec: InstanceRecord, patient_fk: int) -> tuple:
-    return (patient_fk, rec.study_instance_uid, rec.study_date, rec.study_time,
-            rec.accession_number, rec.study_id, rec.study_description,
-            rec.referring_physician_name, *pn.keys(rec.referring_physician_name))
+# --- series -------------------------------------------------------------------
 
 
-def _series_values(rec: InstanceRecord, study_fk: int) -> tuple:
-    return (study_fk, rec.series_instance_uid, rec.modality, rec.series_number,
-            rec.series_description, rec.series_date, rec.series_time)
+@dataclass(frozen=True)
+class SeriesRows:
+    """A series' index id, its state and the geometry rows of its instances."""
+
+    series_fk: int
+    state: str | None
+    last_received: float | None
+    instances: list[tuple[str, int | None, InstanceGeometry]]  # (SOP UID, number, geometry)
 
 
-def _instance_values(rec: InstanceRecord, receipt: Receipt, series_fk: int) -> tuple:
-    return (series_fk, rec.sop_instance_uid, rec.sop_class_uid, rec.instance_number,
-            receipt.blob_sha256, receipt.blob_size, receipt.transfer_syntax_uid,
-            receipt.calling_ae, receipt.association_id, receipt.received_at,
-            rec.content_date, rec.content_time, rec.acquisition_date_time)
+@dataclass(frozen=True)
+class SeriesFindingRow:
+    """A series-level finding: its rule, severity and the slice positions it concerns."""
+
+    rule: str
+    severity: str
+    message: str
+    positions: tuple[float, ...] = ()
 
 
-def bulk_insert(conn: sqlite3.Connection, items: Iterable[tuple[InstanceRecord, Receipt]]) -> int:
-    """Insert many new instances in the caller's transaction; returns how many.
+@dataclass(frozen=True)
+class SeriesStateRow:
+    """A series' state and its latest check, as stored."""
 
-    The same rows :func:`insert_instance` writes, for loading an index in bulk
-    (benchmarks, large test sets, a rebuild from the blob store): parent ids
-    are cached, instances go in with ``executemany``, and ModalitiesInStudy is
-    brought up to date once per study at the end instead of once per series.
-    Instances whose SOP Instance UID is already indexed are skipped.
-    """
-    patients: dict[tuple[str, str], int] = {}
-    studies: dict[str, int] = {}
-    series: dict[str, int] = {}
-    touched: set[int] = set()
-    pending: list[tuple] = []
-    count = 0
-    for rec, receipt in items:
-        key = (rec.patient_id, rec.issuer_of_patient_id)
-        patient_fk = patients.get(key)
-        if patient_fk is None:
-            patient_fk = patients[key] = _upsert_id(
-                conn, "SELECT id FROM patient WHERE patient_id = ? AND issuer_of_patient_id = ?",
-                key, _PATIENT_INSERT, _patient_values(rec))
-        study_fk = studies.get(rec.study_instance_uid)
-        if study_fk is None:
-            study_fk = studies[rec.study_instance_uid] = _upsert_id(
-                conn, "SELECT id FROM study WHERE study_instance_uid = ?",
-                (rec.study_instance_uid,), _STUDY_INSERT, _study_values(rec, patient_fk))
-        series_fk = series.get(rec.series_instance_uid)
-        if series_fk is None:
-            series_fk = series[rec.series_instance_uid] = _upsert_id(
-                conn, "SELECT id FROM series WHERE series_instance_uid = ?",
-                (rec.series_instance_uid,), _SERIES_INSERT, _series_values(rec, study_fk))
-            touched.add(study_fk)
-        pending.append(_instance_values(rec, receipt, series_fk))
-        if len(pending) >= 10_000:
-            count += _insert_instances(conn, pending)
-            pending.clear()
-    count += _insert_instances(conn, pending)
-    for study_fk in touched:
-        conn.execute(
-            "UPDATE study SET modalities_in_study = coalesce((SELECT group_concat(modality, '\\')"
-            " FROM (SELECT DISTINCT modality FROM series WHERE study_fk = ?1"
-            " AND modality IS NOT NULL AND modality <> '' ORDER BY modality)), '')"
-            " WHERE id = ?1", (study_fk,))
-    return count
+    state: str | None
+    instances: int
+    checked_at: str | None
+    geometry: dict[str, Any] | None
+    findings: tuple[SeriesFindingRow, ...]
 
 
-def _insert_instances(conn: sqlite3.Connection, rows: list[tuple]) -> int:
-    before = conn.total_changes
-    conn.executemany(_INSTANCE_INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows)
-    return conn.total_changes - before
+# --- quarantine ---------------------------------------------------------------
 
 
-def insert_conflict(
-    conn: sqlite3.Connection, rec: InstanceRecord, receipt: Receipt, stored_sha256: str
-) -> int:
-    """Record different bytes under a known SOP Instance UID; idempotent per bytes."""
-    conn.execute(
-        "INSERT OR IGNORE INTO conflict (sop_instance_uid, sop_class_uid, blob_sha256,"
-        " blob_size, transfer_syntax_uid, stored_blob_sha256, calling_ae, association_id,"
-        " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (rec.sop_instance_uid, rec.sop_class_uid, receipt.blob_sha256, receipt.blob_size,
-         receipt.transfer_syntax_uid, stored_sha256, receipt.calling_ae,
-         receipt.association_id, receipt.received_at),
-    )
-    return conn.execute(
-        "SELECT id FROM conflict WHERE sop_instance_uid = ? AND blob_sha256 = ?",
-        (rec.sop_instance_uid, receipt.blob_sha256),
-    ).fetchone()[0]
+@dataclass(frozen=True)
+class QuarantineRow:
+    """One quarantine entry: what was refused, from whom, why, and where its bytes are."""
+
+    id: int
+    received_at: str
+    calling_ae: str
+    address: str
+    association_id: str
+    status_code: int
+    reason: str
+    findings: list[dict[str, str]]
+    sha256: str
+    size: int
+    area: str  # quarantine (sealed or linked bytes in the quarantine area) | blobs
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    released_at: str | None
+    released_by: str | None
+    release_reason: str | None
+    sealed: bool
+    route: str
 
 
-def _upsert_id(
-    conn: sqlite3.Connection, select: str, key: tuple, insert: str, values: tuple
-) -> int:
-    row = conn.execute(select, key).fetchone()
-    if row:
-        return row[0]
-    return conn.execute(insert, values).lastrowid
+# --- audit --------------------------------------------------------------------
 
 
-def _add_modality(conn: sqlite3.Connection, study_fk: int, modality: str | None) -> None:
-    """Keep ModalitiesInStudy current as series of new modalities arrive."""
-    if not modality:
-        return
-    current = conn.execute(
-        "SELECT modalities_in_study FROM study WHERE id = ?", (study_fk,)
-    ).fetchone()[0]
-    modalities = set(filter(None, current.split("\\"))) | {modality}
-    conn.execute(
-        "UPDATE study SET modalities_in_study = ? WHERE id = ?",
-        ("\\".join(sorted(modalities)), study_fk),
-    )
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit event as stored: the hash covers every other field."""
+
+    seq: int
+    time: str
+    actor: str
+    action: str
+    object: str
+    outcome: str
+    prev_hash: str
+    hash: str
+
+
+# --- annotations --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoiRow:
+    """One overlay plane's mask, cut to its bounding box and bit-packed (numpy packbits)."""
+
+    group: int
+    label: str
+    slice_index: int
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+    bits: bytes
+
+
+@dataclass(frozen=True)
+class StructureRow:
+    """One structure of an annotation check: its label, class and measures."""
+
+    structure_id: str
+    label: str
+    class_key: str | None
+    category: str | None  # JSON {value, scheme, meaning}
+    type: str | None
+    voxels: int
+    volume_mm3: float
+    max_diameter_mm: float
+    first_slice: int | None  # 1-based
+    last_slice: int | None
+    slice_count: int
+    provenance: str
+
+
+@dataclass(frozen=True)
+class AnnotationFindingRow:
+    """One consistency finding of an annotation check, with the slices it names (JSON)."""
+
+    check_name: str
+    structure_id: str
+    label: str
+    slices: str
+    detail: str
+
+
+#: Annotation reads come back as plain mappings of column name to value: the CLI
+#: prints and serialises them as they are.
+Row = dict[str, Any]

@@ -14,15 +14,14 @@ import os
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from node.anonymize.keys import ProjectKey
-
 MAGIC = b"LAMINA-SEALED-1\n"
 
 
 class Sealer:
-    def __init__(self, key: ProjectKey) -> None:
-        # A separate purpose-bound subkey: sealing never reuses the map's key.
-        self._aead = AESGCM(hmac.digest(key.map_key, b"lamina/quarantine-seal", hashlib.sha256))
+    def __init__(self, map_key: bytes) -> None:
+        """``map_key``: the project key's map key; sealing derives its own purpose-bound
+        subkey from it and never reuses the map's key."""
+        self._aead = AESGCM(hmac.digest(map_key, b"lamina/quarantine-seal", hashlib.sha256))
 
     def seal(self, data: bytes) -> bytes:
         nonce = os.urandom(12)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import time
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from node import status
-from node.annotations import records
+from node.storage.sqlite.index import SqliteIndex
 from tests import annotation_fixtures as fx
 from tests.conftest import require
 from tests.nodeproc import TEST_AET, NodeProcess, store
@@ -66,19 +64,23 @@ def send(node: NodeProcess, datasets: list) -> list[tuple[int, str]]:
 
 def annotations(node: NodeProcess) -> dict[str, dict]:
     """The node's annotations by key, read from its index as ``annotations list`` does."""
-    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
-        conn.row_factory = sqlite3.Row
-        return {row["key"]: dict(row) for row in records.list_annotations(conn)}
+    index = SqliteIndex(node.data / "index.sqlite3")
+    try:
+        with index.reader() as r:
+            return {row["key"]: row for row in r.annotations.list()}
+    finally:
+        index.close()
 
 
 def settled(node: NodeProcess, key: str, timeout: float = 30.0) -> dict:
-    """An overlay set once its deferred 3D check has run (it settles after the last copy)."""
+    """An annotation once its check after the answer has run: an overlay set settles after
+    its last copy, a SEG is checked on the node's worker. Refused ones never wait."""
     deadline = time.monotonic() + timeout
     while True:
         row = annotations(node).get(key)
-        if (row and row["state"] == "checked") or time.monotonic() > deadline:
+        if (row and row["state"] != "received") or time.monotonic() > deadline:
             return row
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def findings(node: NodeProcess, annotation_id: int) -> list[dict]:
@@ -89,15 +91,17 @@ def findings(node: NodeProcess, annotation_id: int) -> list[dict]:
 
 
 def finding_checks(node: NodeProcess, annotation_id: int) -> list[str]:
-    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
-        conn.row_factory = sqlite3.Row
-        check = conn.execute("SELECT current_check_fk FROM annotation WHERE id = ?",
-                             (annotation_id,)).fetchone()[0]
-        return [f["check_name"] for f in records.findings(conn, check)]
+    index = SqliteIndex(node.data / "index.sqlite3")
+    try:
+        with index.reader() as r:
+            check = r.annotations.get(annotation_id)["current_check_fk"]
+            return [f["check_name"] for f in r.annotations.findings(check)]
+    finally:
+        index.close()
 
 
 def seg_annotation(node: NodeProcess, seg) -> dict:
-    return annotations(node)[f"seg|{seg.SOPInstanceUID}"]
+    return settled(node, f"seg|{seg.SOPInstanceUID}")
 
 
 def storescu(node: NodeProcess, files: list[Path]) -> subprocess.CompletedProcess:
@@ -229,7 +233,7 @@ def test_the_seg_lamina_writes_passes_dciodvfy_and_comes_back_clean(node, horos_
     sent = storescu(node, [out])
     assert sent.returncode == 0, sent.stderr
     uid = dcmread(out, stop_before_pixels=True).SOPInstanceUID
-    seg = annotations(node)[f"seg|{uid}"]
+    seg = settled(node, f"seg|{uid}")
     assert (seg["verdict"], seg["structures"]) == ("pass", 3)
 
 

@@ -17,7 +17,6 @@ import pytest
 from pydicom import dcmread
 
 from node.phantom import index_records
-from node.storage import records
 from tests.qr_support import StudySpec, free_port, start_node, write_study
 
 TOOLS = ("findscu", "movescu", "getscu", "storescp")
@@ -170,8 +169,8 @@ def bulk_node(tmp_path_factory):
         "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "services": ["find"]}})
     try:
         index = node.index()
-        with index.write() as conn:
-            records.bulk_insert(conn, index_records(50, 200, 20))
+        with index.transaction() as tx:
+            tx.instances.bulk_insert( index_records(50, 200, 20))
         index.close()
         yield node
     finally:

@@ -1,19 +1,19 @@
-"""The SQLite index: connections, transactions and schema migrations.
+"""The embedded index: one SQLite file in WAL mode, its connections, transactions and migrations.
 
 Why plain ``sqlite3`` here rather than sqlite-utils: the hot path (one short
 write transaction per received instance, from many threads and processes)
 needs explicit ``BEGIN IMMEDIATE`` control and prepared statements, which the
-standard library gives directly. sqlite-utils serves the read-only reports.
+standard library gives directly.
 
-Concurrency model: WAL mode, so readers never block the writer. Writers
-queue on a lock before they ask SQLite: a thread lock within one process and
-an ``flock`` on ``<index>.writelock`` across receiving processes. SQLite's own
-busy handler backs off in sleeps of up to 100 ms, which serialised two
-receiving processes to less than one's throughput; the kernel hands a
-released flock to the next waiter at once. ``BEGIN IMMEDIATE`` plus the busy
-timeout still guards against writers that do not take the lock (the CLI's
-read-only tools never write). Transactions are short: everything slow (hashing, fsync of
-blobs, parsing) happens before the transaction opens.
+Writer coordination belongs to this backend, not to its callers: WAL mode,
+so readers never block the writer, and writers queue on a lock before they
+ask SQLite: a thread lock within one process and an ``flock`` on
+``<index>.writelock`` across receiving processes. SQLite's own busy handler
+backs off in sleeps of up to 100 ms, which serialised two receiving
+processes to less than one's throughput; the kernel hands a released flock
+to the next waiter at once. ``BEGIN IMMEDIATE`` plus the busy timeout still
+guards against writers that do not take the lock. Transactions are short:
+everything slow (hashing, fsync of blobs, parsing) happens before one opens.
 """
 
 from __future__ import annotations
@@ -28,33 +28,47 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-
-class IndexUnavailable(RuntimeError):
-    """The index could not be read or written (locked, full, corrupt)."""
+from node.storage.interface import IndexUnavailable
+from node.storage.sqlite.matcher import SqliteMatcher
+from node.storage.sqlite.repos import Session
 
 
 def migrations() -> list[tuple[int, str, str]]:
     """The schema migrations shipped with the package, as (version, name, sql)."""
     found = []
-    for entry in resources.files("node.storage").joinpath("migrations").iterdir():
+    for entry in resources.files("node.storage.sqlite").joinpath("migrations").iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
     return sorted(found)
 
 
-class Index:
-    """Owns the index file and hands out pooled connections."""
+class SqliteIndex:
+    """Owns the index file and hands out pooled connections, sessions and transactions."""
 
     def __init__(self, path: Path, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
 
+    @classmethod
+    def open_existing(cls, path: Path, busy_timeout_ms: int = 10_000) -> SqliteIndex:
+        """An index that must already exist and be readable: IndexUnavailable otherwise,
+        and nothing is created (status, verify and fsck on a wrong or damaged folder)."""
+        if not path.is_file():
+            raise IndexUnavailable(f"no index at {path}")
+        index = cls(path, busy_timeout_ms)
+        try:
+            index.schema_version()
+        except IndexUnavailable:
+            index.close()
+            raise
+        return index
+
     def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             self.path,
             timeout=self.busy_timeout_ms / 1000,
@@ -70,29 +84,34 @@ class Index:
         return conn
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection for reads (the matcher streams from it); each statement
+        sees a consistent snapshot."""
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                raise IndexUnavailable(str(exc)) from exc
         try:
             yield conn
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(str(exc)) from exc
         finally:
             self._pool.put(conn)
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A connection for queries; each statement sees a consistent snapshot."""
-        try:
-            with self._connection() as conn:
-                yield conn
-        except sqlite3.Error as exc:
-            raise IndexUnavailable(str(exc)) from exc
+    def reader(self) -> Iterator[Session]:
+        """Reads through the repositories, on one connection."""
+        with self.connection() as conn:
+            yield Session(conn)
 
     @contextmanager
     def _process_lock(self) -> Iterator[None]:
         """The cross-process writer lock (held only by this thread: see _write_lock)."""
         if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
@@ -101,22 +120,23 @@ class Index:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Session]:
         """One short write transaction: committed on exit, rolled back on error."""
-        with self._write_lock, self._process_lock(), self._connection() as conn:
+        with self._write_lock, self._process_lock(), self.connection() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise IndexUnavailable(str(exc)) from exc
             try:
-                yield conn
+                yield Session(conn)
                 conn.execute("COMMIT")
-            except BaseException as exc:
+            except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise IndexUnavailable(str(exc)) from exc
                 raise
+
+    def matcher(self, retrieve_ae_title: str) -> SqliteMatcher:
+        return SqliteMatcher(self, retrieve_ae_title)
 
     def migrate(self) -> int:
         """Bring the schema to the newest version; returns the version reached.
@@ -124,7 +144,7 @@ class Index:
         Runs under an exclusive transaction so that several processes starting
         at once apply each migration exactly once.
         """
-        with self._connection() as conn:
+        with self.connection() as conn:
             conn.execute("BEGIN EXCLUSIVE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -142,7 +162,7 @@ class Index:
         return version
 
     def schema_version(self) -> int:
-        with self.read() as conn:
+        with self.connection() as conn:
             return conn.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:

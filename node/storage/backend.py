@@ -1,0 +1,23 @@
+"""Which index backend serves a node: :func:`open_index` picks the configured one.
+
+Everything above the storage package sees only :mod:`node.storage.interface`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.storage.interface import Index
+
+
+def open_index(backend: str, path: Path, busy_timeout_ms: int, *,
+               must_exist: bool = False) -> Index:
+    """The configured index backend. ``must_exist``: refuse (IndexUnavailable) rather than
+    create an index where there is none (read-only tools on a wrong data folder)."""
+    if backend != "sqlite":
+        raise ValueError(f"index.backend: unknown backend {backend!r}")
+    from node.storage.sqlite.index import SqliteIndex
+
+    if must_exist:
+        return SqliteIndex.open_existing(path, busy_timeout_ms)
+    return SqliteIndex(path, busy_timeout_ms)

@@ -1,0 +1,342 @@
+"""The storage interface: an index with a unit of work, and a blob store addressed by hash.
+
+Every service above this layer reads and writes through these protocols,
+never through a database driver or a file path, so a second backend
+(PostgreSQL, for several nodes on one index) implements them without touching
+the services. The embedded backend is :mod:`node.storage.sqlite`.
+
+The index:
+
+* ``with index.transaction() as tx:`` is one unit of work. Everything written
+  through ``tx.instances``, ``tx.series``, ``tx.annotations``,
+  ``tx.quarantine``, ``tx.audit``, ``tx.reid`` and ``tx.evidence`` commits
+  together or not at all; an exception rolls it back. Writers are serialised
+  by the backend (a lock, an advisory lock): callers never coordinate.
+* ``with index.reader() as r:`` reads a consistent view through the same
+  repositories' read methods.
+* ``index.matcher(retrieve_ae_title)`` runs C-FIND / C-MOVE / C-GET (and
+  QIDO-RS) queries planned by :mod:`node.storage.query`.
+
+Failures of the index itself (locked, full, corrupt, unreachable) raise
+:class:`IndexUnavailable`, which the front ends answer as "out of resources".
+
+The blob store keeps bytes under the SHA-256 of their content. Blobs go in
+by ``put`` (a stream), ``writer()`` (write then commit) or ``put_file`` (a
+finished local file the store may move into place), and come out by
+``open(sha256)``. A store that keeps blobs as local files may also offer
+:class:`LocalBlobFiles` (a file name for senders that stream by name): that
+is an optional capability, checked with ``isinstance``, never the normal route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+from node.storage.query import Matcher
+from node.storage.records import (
+    AnnotationFindingRow,
+    AuditRow,
+    FindingRow,
+    InstanceGeometry,
+    InstanceRecord,
+    QuarantineRow,
+    Receipt,
+    RoiRow,
+    Row,
+    SeriesFindingRow,
+    SeriesRows,
+    SeriesStateRow,
+    StoredRef,
+    StructureRow,
+)
+
+
+class IndexUnavailable(RuntimeError):
+    """The index could not be read or written (locked, full, corrupt, unreachable)."""
+
+
+# --- repositories: read side --------------------------------------------------
+
+
+class InstanceReads(Protocol):
+    def blob_of(self, sop_instance_uid: str) -> str | None:
+        """The blob hash indexed for this SOP Instance UID, if any."""
+
+    def stored(self, sop_instance_uid: str) -> StoredRef | None:
+        """The indexed instance with this UID: its blob and series."""
+
+    def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
+        """(PatientID, IssuerOfPatientID) a known study is stored under."""
+
+    def series_members(self, series_instance_uid: str) -> list[tuple[int, str]]:
+        """(row id, blob hash) of each instance of a series, in arrival order."""
+
+
+class SeriesReads(Protocol):
+    def rows(self, series_instance_uid: str) -> SeriesRows | None:
+        """The series' state and the stored geometry of its instances."""
+
+    def quiet(self, older_than: float) -> list[str]:
+        """Series still receiving whose newest instance arrived before ``older_than``."""
+
+    def state(self, series_instance_uid: str) -> SeriesStateRow | None:
+        """The series' state and its latest check, without checking again."""
+
+
+class AnnotationReads(Protocol):
+    def get(self, annotation_id: int) -> Row | None: ...
+    def list(self, state: str | None = None, series_uid: str | None = None) -> list[Row]: ...
+    def in_state(self, state: str) -> list[int]: ...
+    def current_objects(self, annotation_id: int) -> list[Row]: ...
+    def refused_objects(self, annotation_id: int) -> list[Row]: ...
+    def object_with_blob(self, sha256: str) -> Row | None:
+        """A current annotation object holding exactly these bytes (an identical resend)."""
+
+    def current_rois(self, annotation_id: int) -> list[tuple[RoiRow, str]]:
+        """Every plane of the set's current copies, with the hash of the copy it came from."""
+
+    def structures(self, check_id: int) -> list[Row]: ...
+    def findings(self, check_id: int) -> list[Row]: ...
+
+
+class QuarantineReads(Protocol):
+    def list(self, include_released: bool = False) -> list[QuarantineRow]: ...
+    def get(self, quarantine_id: int) -> QuarantineRow | None: ...
+    def for_instance(self, sop_instance_uid: str) -> list[QuarantineRow]: ...
+
+
+class AuditReads(Protocol):
+    def last(self) -> tuple[int, str] | None:
+        """(seq, hash) of the newest event."""
+
+    def rows(self) -> Iterator[AuditRow]:
+        """Every event in storage order (verify walks them)."""
+
+    def of_action(self, prefix: str) -> list[AuditRow]:
+        """Events whose action starts with ``prefix``, oldest first."""
+
+
+class ReidReads(Protocol):
+    """The encrypted re-identification map: rows found by a keyed lookup, payloads sealed."""
+
+    def get(self, kind: str, lookup: bytes) -> tuple[str, bytes, bytes] | None:
+        """(key id, nonce, sealed payload) of one entry."""
+
+    def exists(self, kind: str, lookup: bytes) -> bool: ...
+    def foreign_key_id(self, kind: str, key_id: str) -> str | None:
+        """A key id other than ``key_id`` found among the entries, if any."""
+
+
+class EvidenceReads(Protocol):
+    def for_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """The de-identification evidence of each instance of a study, by SOP Instance UID."""
+
+
+class ReportReads(Protocol):
+    """Counts and cross-checks for ``lamina status`` and ``lamina fsck``."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table: patient, study, series, instance, quarantine, conflict, audit_event."""
+
+    def quarantine_waiting(self) -> int: ...
+    def series_states(self) -> dict[str, int]: ...
+    def instance_rule_counts(self) -> list[tuple[str, int]]: ...
+    def series_rule_counts(self) -> list[tuple[str, int]]: ...
+    def instance_findings(self, sop_instance_uid: str) -> tuple[bool, list[FindingRow]]:
+        """(is it stored, its recorded findings)."""
+
+    def referenced_blobs(self) -> set[str]:
+        """Blob-store hashes the index points at (instances, conflicts, annotations)."""
+
+    def quarantined_blobs(self) -> set[str]:
+        """Hashes kept in the quarantine area."""
+
+    def integrity(self) -> str:
+        """The backend's own consistency check: ``ok`` or what is wrong."""
+
+
+class Reader(Protocol):
+    """A consistent read view of the index."""
+
+    instances: InstanceReads
+    series: SeriesReads
+    annotations: AnnotationReads
+    quarantine: QuarantineReads
+    audit: AuditReads
+    reid: ReidReads
+    evidence: EvidenceReads
+    reports: ReportReads
+
+
+# --- repositories: write side -------------------------------------------------
+
+
+class Instances(InstanceReads, Protocol):
+    def insert(self, rec: InstanceRecord, receipt: Receipt) -> int:
+        """A new instance with its patient/study/series rows as needed; its row id."""
+
+    def insert_conflict(self, rec: InstanceRecord, receipt: Receipt, stored_sha256: str) -> int:
+        """Other bytes under a known SOP Instance UID; idempotent per bytes. Its id."""
+
+    def bulk_insert(self, items: Iterable[tuple[InstanceRecord, Receipt]]) -> int:
+        """Many new instances at once (benchmarks, large test sets); how many were new."""
+
+    def insert_geometry(self, instance_id: int, geometry: InstanceGeometry) -> None: ...
+    def insert_findings(self, instance_id: int, findings: Iterable[FindingRow],
+                        now: str) -> None: ...
+
+
+class Series(SeriesReads, Protocol):
+    def mark_receiving(self, series_instance_uid: str, now: float) -> None:
+        """A new instance arrived: the series is receiving and its quiet period restarts."""
+
+    def insert_check(self, series_fk: int, trigger: str, state: str, instances: int,
+                     geometry: dict[str, Any] | None, findings: Iterable[SeriesFindingRow],
+                     last_received: float | None, now: str) -> int:
+        """Record one check with its findings and point the series state at it."""
+
+
+class Annotations(AnnotationReads, Protocol):
+    def upsert(self, kind: str, key: str, series_uid: str, annotator_ae: str,
+               annotator_address: str, annotator_person: str, now: str, *,
+               accepted: bool) -> tuple[int, int]:
+        """(id, revision) of the annotation, created on first sight."""
+
+    def insert_object(self, annotation_id: int, sop_instance_uid: str, sop_class_uid: str,
+                      receipt: Receipt, *, slice_index: int | None = None,
+                      refusal: tuple[str, str] | None = None,
+                      quarantine_id: int | None = None) -> int: ...
+    def insert_rois(self, object_id: int, rois: Iterable[RoiRow]) -> None: ...
+    def settle_refused(self, annotation_id: int, now: str) -> None: ...
+    def record_check(self, annotation_id: int, revision: int, protocol_name: str,
+                     protocol_sha256: str, structures: list[StructureRow],
+                     findings: list[AnnotationFindingRow], now: str) -> int | None:
+        """Store one check run and make it current; None when a newer object arrived."""
+
+
+@dataclass(frozen=True)
+class NewQuarantine:
+    """A refused object's quarantine row before it has an id."""
+
+    sha256: str
+    size: int
+    reason: str
+    status_code: int
+    calling_ae: str
+    address: str
+    association_id: str
+    received_at: str
+    area: str
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    findings: list[dict[str, str]]
+    sealed: bool
+    route: str
+
+
+class Quarantine(QuarantineReads, Protocol):
+    def insert(self, entry: NewQuarantine) -> int: ...
+    def mark_released(self, quarantine_id: int, released_at: str, released_by: str,
+                      reason: str) -> None: ...
+
+
+class Audit(AuditReads, Protocol):
+    def insert(self, row: AuditRow) -> None: ...
+
+
+class Reid(ReidReads, Protocol):
+    def insert(self, kind: str, rows: list[tuple[bytes, str, bytes, bytes]]) -> int:
+        """(lookup, key id, nonce, payload) rows; present lookups are left alone. How many new."""
+
+
+class Evidence(EvidenceReads, Protocol):
+    def put(self, sop_instance_uid: str, study_instance_uid: str, route: str,
+            evidence: dict[str, Any]) -> None: ...
+
+
+class Transaction(Reader, Protocol):
+    """One unit of work: commits on leaving the ``with`` block, rolls back on an exception."""
+
+    instances: Instances
+    series: Series
+    annotations: Annotations
+    quarantine: Quarantine
+    audit: Audit
+    reid: Reid
+    evidence: Evidence
+
+
+class Index(Protocol):
+    def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def reader(self) -> AbstractContextManager[Reader]: ...
+    def matcher(self, retrieve_ae_title: str) -> Matcher: ...
+    def migrate(self) -> int:
+        """Bring the schema to the newest version; the version reached."""
+
+    def schema_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+# --- blobs --------------------------------------------------------------------
+
+
+class OutOfSpace(OSError):
+    """Free space for blobs is below the configured minimum."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A blob that is durable in the store."""
+
+    sha256: str
+    size: int
+    created: bool  # False when identical bytes were already stored
+
+
+class BlobWriter(Protocol):
+    """A blob being written: write its bytes, then leave the ``with`` block to commit."""
+
+    def write(self, data: bytes) -> int: ...
+
+
+class BlobStore(Protocol):
+    def writer(self) -> AbstractContextManager[BlobWriter]:
+        """Write a blob; on leaving the block it is durable and ``.ref`` says under what hash."""
+
+    def put(self, stream: BinaryIO) -> BlobRef: ...
+    def put_bytes(self, data: bytes) -> BlobRef: ...
+    def put_file(self, path: Path) -> BlobRef:
+        """Store a finished local file; a local store moves it into place (do not reuse it)."""
+
+    def open(self, sha256: str) -> BinaryIO:
+        """The blob's bytes; FileNotFoundError when it is not stored."""
+
+    def read(self, sha256: str) -> bytes: ...
+    def exists(self, sha256: str) -> bool: ...
+    def size(self, sha256: str) -> int: ...
+    def delete(self, sha256: str) -> None: ...
+    def verify(self, sha256: str) -> bool:
+        """True when the blob exists and its bytes still hash to its name."""
+
+    def iter_hashes(self) -> Iterator[str]: ...
+    def copy_from(self, other: BlobStore, sha256: str) -> None:
+        """Keep ``other``'s blob here too (a local store links it: nothing is copied)."""
+
+    def ensure_space(self) -> None:
+        """Raise OutOfSpace when free space is below the store's minimum."""
+
+    def free_bytes(self) -> int: ...
+    def disk_used(self) -> int: ...
+
+
+@runtime_checkable
+class LocalBlobFiles(Protocol):
+    """Optional capability: blobs are local files, for senders that stream a file by name."""
+
+    def local_path(self, sha256: str) -> Path: ...
