@@ -26,8 +26,9 @@ from node.retrieve import RetrieveService
 from node.search import SearchService
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
-from node.storage.query import QueryEngine
+from node.storage.query import Matcher
 from node.storage.sealed import Sealer
+from node.storage.sqlite.matcher import SqliteMatcher
 
 
 @dataclass
@@ -92,15 +93,19 @@ class NodeContext:
         return self._quarantine
 
     @property
+    def matcher(self) -> Matcher:
+        """The storage backend's query matcher, shared by search and retrieve."""
+        return SqliteMatcher(self.index, self.settings.node.ae_title)
+
+    @property
     def search(self) -> SearchService:
         """C-FIND (and later QIDO-RS): who may search, what matches, what is audited."""
-        return SearchService(QueryEngine(self.index, self.settings.node.ae_title), self.audit)
+        return SearchService(self.matcher, self.audit)
 
     @property
     def retrieve(self) -> RetrieveService:
         """C-MOVE / C-GET (and later WADO-RS): who may retrieve what, to where."""
-        return RetrieveService(self.settings, QueryEngine(self.index, self.settings.node.ae_title),
-                               self.blobs, self.audit)
+        return RetrieveService(self.settings, self.matcher, self.blobs, self.audit)
 
     @property
     def run_dir(self) -> Path:

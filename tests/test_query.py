@@ -14,16 +14,9 @@ from node import status
 from node.phantom import index_records
 from node.storage import pn, records
 from node.storage.index import Index
-from node.storage.query import (
-    Level,
-    Model,
-    QueryEngine,
-    QueryError,
-    build_select,
-    explain,
-    parse,
-)
+from node.storage.query import Level, Model, QueryError, parse
 from node.storage.records import InstanceRecord, Receipt
+from node.storage.sqlite.matcher import SqliteMatcher, build_select, explain, returned_columns
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -60,12 +53,12 @@ def _records():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> QueryEngine:
+def engine(tmp_path_factory) -> SqliteMatcher:
     index = Index(tmp_path_factory.mktemp("index") / "index.sqlite3")
     index.migrate()
     with index.write() as conn:
         assert records.bulk_insert(conn, _records()) == 11
-    yield QueryEngine(index, "LAMINA")
+    yield SqliteMatcher(index, "LAMINA")
     index.close()
 
 
@@ -77,12 +70,12 @@ def ident(level: str, **keys: object) -> Dataset:
     return ds
 
 
-def find(engine: QueryEngine, level: str, model: Model = Model.STUDY_ROOT,
+def find(engine: SqliteMatcher, level: str, model: Model = Model.STUDY_ROOT,
          **keys: object) -> list[Dataset]:
     return [m.dataset() for m in engine.matches(parse(ident(level, **keys), model))]
 
 
-def studies(engine: QueryEngine, **keys: object) -> list[str]:
+def studies(engine: SqliteMatcher, **keys: object) -> list[str]:
     keys.setdefault("StudyInstanceUID", "")
     return sorted(str(ds.StudyInstanceUID) for ds in find(engine, "STUDY", **keys))
 
@@ -373,8 +366,7 @@ def test_listed_benchmark_queries_use_indexes(tmp_path: Path):
     with index.read() as conn:
         for level, case in cases:
             query = parse(ident(level, **{**keys, **case}), Model.STUDY_ROOT)
-            plan = explain(conn, *build_select(
-                query, [(k.level, k.column) for k in query.returns if k.column]))
+            plan = explain(conn, *build_select(query, returned_columns(query)))
             scans = [line for line in plan if line.startswith("SCAN")]
             assert not scans, (case, plan)
     index.close()

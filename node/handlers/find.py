@@ -4,7 +4,7 @@ The handler only plans: it returns the service's :class:`~node.search.Search`
 (or refusal), and :mod:`node.handlers.qr_service` streams the matches.
 
 Relational queries and retrievals are agreed when an SCU asks for them in
-SOP Class Extended Negotiation (the engine accepts keys at any level above the
+SOP Class Extended Negotiation (the matcher accepts keys at any level above the
 query level either way, see :mod:`node.storage.query`); the other options
 (combined date-time matching, fuzzy person names, timezone adjustment) are
 declined.
@@ -25,9 +25,9 @@ from pynetdicom.sop_class import (
 
 from node.context import NodeContext
 from node.handlers.association import Sessions
-from node.search import Search, SearchService
+from node.search import Search
 from node.status import Outcome
-from node.storage.query import Model, QueryEngine
+from node.storage.query import Model
 
 #: The information model each Q/R SOP class queries or retrieves in.
 MODELS: dict[str, Model] = {
@@ -50,7 +50,7 @@ def decoded_identifier(event: evt.Event) -> Dataset | None:
 
 def make_find_handler(ctx: NodeContext, sessions: Sessions):
     """Bind the handler to the node's index, audit trail and session registry."""
-    service = SearchService(QueryEngine(ctx.index, ctx.settings.node.ae_title), ctx.audit)
+    service = ctx.search
 
     def handle_find(event: evt.Event) -> Search | Outcome:
         session = sessions.of(event.assoc)

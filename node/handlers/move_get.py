@@ -12,15 +12,13 @@ from pynetdicom import evt
 from node.context import NodeContext
 from node.handlers.association import Sessions
 from node.handlers.find import MODELS, decoded_identifier
-from node.retrieve import Retrieval, RetrieveService
+from node.retrieve import Retrieval
 from node.status import Outcome
-from node.storage.query import QueryEngine
 
 
 def make_retrieve_handlers(ctx: NodeContext, sessions: Sessions) -> list[tuple]:
     """EVT_C_MOVE and EVT_C_GET handlers bound to the node's retrieve service."""
-    service = RetrieveService(ctx.settings, QueryEngine(ctx.index, ctx.settings.node.ae_title),
-                              ctx.blobs, ctx.audit)
+    service = ctx.retrieve
 
     def handle_move(event: evt.Event) -> Retrieval | Outcome:
         session = sessions.of(event.assoc)

@@ -1,0 +1,1 @@
+"""The embedded SQLite storage backend: the only place (with postgresql/) that holds SQL."""
