@@ -44,8 +44,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from node.ae import associate
 from node.phantom import Phantom, index_records, synthetic_patient_name
-from node.storage.query import Model, build_select, explain, parse
+from node.storage.query import Model, parse
 from node.storage.sqlite.index import SqliteIndex
+from node.storage.sqlite.matcher import explain, rows_select
 from tests.qr_support import free_port, start_node
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -118,8 +119,7 @@ def queries(instances: int, rng: random.Random) -> dict[str, Callable[[], Datase
 def plan(index: SqliteIndex, query: Dataset) -> str:
     """SQLite's plan for the query's main statement, one step per ``;``."""
     parsed = parse(query, Model.STUDY_ROOT)
-    sql, params = build_select(parsed, [(k.level, k.column) for k in parsed.returns
-                                        if k.column])
+    sql, params = rows_select(parsed)
     with index.connection() as conn:
         return "; ".join(step for step in explain(conn, sql, params)
                          if not step.startswith(("CORRELATED", "LIST SUBQUERY")))

@@ -32,7 +32,7 @@ from node.config import Peer, Settings
 from node.status import Outcome
 from node.storage.blobs import LocalBlobStore
 from node.storage.interface import IndexUnavailable
-from node.storage.query import Model, Query, QueryEngine, QueryError, StoredInstance, parse
+from node.storage.query import Matcher, Model, Query, QueryError, StoredInstance, parse
 
 log = logging.getLogger("lamina.retrieve")
 
@@ -117,7 +117,7 @@ class Retrieval:
 class RetrieveService:
     """Plans C-MOVE and C-GET requests for peers; the one place retrieve permission is decided."""
 
-    def __init__(self, settings: Settings, engine: QueryEngine, blobs: LocalBlobStore,
+    def __init__(self, settings: Settings, engine: Matcher, blobs: LocalBlobStore,
                  events: AuditQueue) -> None:
         self.settings = settings
         self.engine = engine

@@ -1,6 +1,7 @@
 """The C-FIND service (and, later, QIDO-RS's): who may search, what matches, what is audited.
 
-The matching itself is :mod:`node.storage.query`; this module adds the rules
+The matching itself is :mod:`node.storage.query` (run by the storage backend's
+:class:`~node.storage.query.Matcher`); this module adds the rules
 around it, so every front end applies them the same way:
 
 * a peer searches only when its ``services`` include ``find``;
@@ -25,7 +26,7 @@ from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor
 from node.config import Peer
 from node.status import Outcome, Status
-from node.storage.query import Match, Model, Query, QueryEngine, QueryError, parse
+from node.storage.query import Match, Matcher, Model, Query, QueryError, parse
 
 log = logging.getLogger("lamina.search")
 
@@ -34,7 +35,7 @@ log = logging.getLogger("lamina.search")
 class Search:
     """One running search: iterate :meth:`results`, then :meth:`finish` it once."""
 
-    engine: QueryEngine
+    engine: Matcher
     events: AuditQueue
     actor: Actor
     query: Query
@@ -66,7 +67,7 @@ class Search:
 class SearchService:
     """Starts searches for peers; the one place find permission is decided."""
 
-    def __init__(self, engine: QueryEngine, events: AuditQueue) -> None:
+    def __init__(self, engine: Matcher, events: AuditQueue) -> None:
         self.engine = engine
         self.events = events
 

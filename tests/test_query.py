@@ -14,16 +14,32 @@ from node import status
 from node.phantom import index_records
 from node.storage import pn
 from node.storage.query import (
+    KEYS,
+    AnyOf,
+    EmptyValue,
+    Exact,
+    IntIn,
     Level,
+    ModalityInStudy,
     Model,
-    QueryEngine,
+    PersonName,
     QueryError,
-    build_select,
-    explain,
+    Range,
+    UidIn,
+    Wildcard,
     parse,
 )
 from node.storage.records import InstanceRecord, Receipt
 from node.storage.sqlite.index import SqliteIndex
+from node.storage.sqlite.matcher import (
+    COLUMNS,
+    SqliteMatcher,
+    build_select,
+    explain,
+    instances_select,
+    returned_columns,
+    rows_select,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -60,12 +76,12 @@ def _records():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> QueryEngine:
+def engine(tmp_path_factory) -> SqliteMatcher:
     index = SqliteIndex(tmp_path_factory.mktemp("index") / "index.sqlite3")
     index.migrate()
     with index.transaction() as tx:
         assert tx.instances.bulk_insert(_records()) == 11
-    yield QueryEngine(index, "LAMINA")
+    yield index.matcher("LAMINA")
     index.close()
 
 
@@ -77,12 +93,12 @@ def ident(level: str, **keys: object) -> Dataset:
     return ds
 
 
-def find(engine: QueryEngine, level: str, model: Model = Model.STUDY_ROOT,
+def find(engine: SqliteMatcher, level: str, model: Model = Model.STUDY_ROOT,
          **keys: object) -> list[Dataset]:
     return [m.dataset() for m in engine.matches(parse(ident(level, **keys), model))]
 
 
-def studies(engine: QueryEngine, **keys: object) -> list[str]:
+def studies(engine: SqliteMatcher, **keys: object) -> list[str]:
     keys.setdefault("StudyInstanceUID", "")
     return sorted(str(ds.StudyInstanceUID) for ds in find(engine, "STUDY", **keys))
 
@@ -374,8 +390,106 @@ def test_listed_benchmark_queries_use_indexes(tmp_path: Path):
     with index.connection() as conn:
         for level, case in cases:
             query = parse(ident(level, **{**keys, **case}), Model.STUDY_ROOT)
-            plan = explain(conn, *build_select(
-                query, [(k.level, k.column) for k in query.returns if k.column]))
+            plan = explain(conn, *build_select(query, returned_columns(query)))
             scans = [line for line in plan if line.startswith("SCAN")]
             assert not scans, (case, plan)
     index.close()
+
+
+# --- the plan (backend-neutral) and its SQLite form ------------------------------------------
+
+
+def predicate(level: str, keyword: str, value: object):
+    [condition] = parse(ident(level, **{keyword: value}), Model.STUDY_ROOT).conditions
+    return condition.predicate
+
+
+def test_parse_decides_the_semantics_as_data():
+    assert predicate("STUDY", "AccessionNumber", "ACC-1") == Exact("ACC-1")
+    assert predicate("STUDY", "StudyDescription", "**Chest***") == Wildcard("*Chest*")
+    assert Wildcard("DOE^J*N?").prefix == "DOE^J" and Wildcard("*X").prefix == ""
+    assert predicate("STUDY", "AccessionNumber", '""') == EmptyValue()
+    assert predicate("STUDY", "PatientName", "Müller*=山田^太郎") == PersonName(
+        Wildcard("MULLER*"), Exact("山田^太郎"), None)
+    assert predicate("STUDY", "PatientName", "=*") == PersonName(None, None, None)
+    assert predicate("STUDY", "StudyInstanceUID", ["1.2", "1.3"]) == UidIn(("1.2", "1.3"))
+    assert predicate("SERIES", "SeriesNumber", ["1", "2"]) == IntIn((1, 2))
+    assert predicate("STUDY", "StudyDate", "20240101-") == Range("date", "20240101", None)
+    assert predicate("STUDY", "StudyTime", "14") == Range("time", "140000", "145959")
+    assert predicate("IMAGE", "AcquisitionDateTime", "2023-0500") == Range(
+        "datetime", "20230101000000", "20231231235959")
+    assert predicate("IMAGE", "AcquisitionDateTime", "-202403") == Range(
+        "datetime", None, "20240331235959")
+    assert predicate("STUDY", "ModalitiesInStudy", ["CT", "M?"]) == AnyOf(
+        (ModalityInStudy(Exact("CT")), ModalityInStudy(Wildcard("M?"))))
+
+
+def test_every_stored_key_has_a_sqlite_column():
+    assert set(COLUMNS) == {k.keyword for k in KEYS.values() if k.kind != "constant"}
+
+
+#: Statements as the single-module engine generated them before the backend split: the
+#: same text means the same plans, and SQLite's statement cache keeps serving them.
+PINNED = [
+    (("STUDY", {"StudyInstanceUID": "", "PatientName": "doe*"}),
+     "SELECT st.study_instance_uid, p.patient_name FROM study st JOIN patient p"
+     " ON p.id = st.patient_fk WHERE (p.patient_name_key >= ? AND p.patient_name_key < ?"
+     " AND p.patient_name_key GLOB ?)", ("DOE", "DOF", "DOE*")),
+    (("STUDY", {"StudyInstanceUID": "", "StudyDate": "20240101-20240107",
+                "ModalitiesInStudy": ["CT", "M?"]}),
+     "SELECT st.study_instance_uid, st.study_date, nullif(st.modalities_in_study, '')"
+     " FROM study st WHERE st.study_date BETWEEN ? AND ? AND (st.id IN (SELECT x.study_fk"
+     " FROM series x WHERE x.modality = ?) OR st.id IN (SELECT x.study_fk FROM series x"
+     " WHERE (x.modality >= ? AND x.modality < ? AND x.modality GLOB ?)))",
+     ("20240101", "20240107", "CT", "M", "N", "M?")),
+    (("IMAGE", {"SOPInstanceUID": "", "StudyTime": "14", "AcquisitionDateTime": "2023-",
+                "SeriesNumber": ["1", "2"]}),
+     "SELECT i.sop_instance_uid, st.study_time, i.acquisition_date_time, se.series_number"
+     " FROM instance i JOIN series se ON se.id = i.series_fk JOIN study st"
+     " ON st.id = se.study_fk WHERE (substr(replace(st.study_time, ':', ''), 1, 6)"
+     " || substr('000000', length(substr(replace(st.study_time, ':', ''), 1, 6)) + 1))"
+     " BETWEEN ? AND ? AND (substr(i.acquisition_date_time, 1, min(14,"
+     " instr(i.acquisition_date_time || '+', '+') - 1,"
+     " instr(i.acquisition_date_time || '-', '-') - 1,"
+     " instr(i.acquisition_date_time || '.', '.') - 1)) || substr('00000101000000',"
+     " length(substr(i.acquisition_date_time, 1, min(14,"
+     " instr(i.acquisition_date_time || '+', '+') - 1,"
+     " instr(i.acquisition_date_time || '-', '-') - 1,"
+     " instr(i.acquisition_date_time || '.', '.') - 1))) + 1)) >= ?"
+     " AND se.series_number IN (?, ?)",
+     ("140000", "145959", "20230101000000", 1, 2)),
+    (("SERIES", {"StudyInstanceUID": [f"2.25.{i}" for i in range(51)], "SeriesInstanceUID": "",
+                 "NumberOfSeriesRelatedInstances": "", "RetrieveAETitle": ""}),
+     "SELECT st.study_instance_uid, se.series_instance_uid, (SELECT count(*) FROM instance z"
+     " WHERE z.series_fk = se.id) FROM series se JOIN study st ON st.id = se.study_fk"
+     " WHERE st.study_instance_uid IN (SELECT value FROM json_each(?))",
+     ('["' + '", "'.join(f"2.25.{i}" for i in range(51)) + '"]',)),
+    (("STUDY", {"StudyInstanceUID": "", "PatientName": "Yamada*=山田^太郎",
+                "AccessionNumber": '""'}),
+     "SELECT st.study_instance_uid, p.patient_name, st.accession_number FROM study st"
+     " JOIN patient p ON p.id = st.patient_fk WHERE (p.patient_name_key >= ?"
+     " AND p.patient_name_key < ? AND p.patient_name_key GLOB ?)"
+     " AND p.patient_name_ideographic_key = ?"
+     " AND (st.accession_number IS NULL OR st.accession_number = '')",
+     ("YAMADA", "YAMADB", "YAMADA*", "山田^太郎")),
+]
+
+
+@pytest.mark.parametrize(("request_", "sql", "params"), PINNED)
+def test_compiled_sql_is_pinned(request_, sql, params):
+    level, keys = request_
+    assert rows_select(parse(ident(level, **keys), Model.STUDY_ROOT)) == (sql, params)
+
+
+def test_paging_and_retrieve_statements_are_pinned():
+    query = parse(ident("IMAGE", SOPInstanceUID=""), Model.STUDY_ROOT)
+    assert rows_select(query, limit=5, offset=10) == (
+        "SELECT i.sop_instance_uid FROM instance i ORDER BY i.id LIMIT ? OFFSET ?", (5, 10))
+    retrieve = parse(ident("STUDY", StudyInstanceUID=["1.2", "1.3"]), Model.STUDY_ROOT,
+                     retrieve=True)
+    assert instances_select(retrieve) == (
+        "SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid, i.blob_sha256"
+        " FROM instance i JOIN series se ON se.id = i.series_fk JOIN study st"
+        " ON st.id = se.study_fk WHERE st.study_instance_uid IN (?, ?)"
+        " ORDER BY se.study_fk, se.series_number, se.id, i.instance_number, i.id",
+        ("1.2", "1.3"))

@@ -4,7 +4,7 @@ The handler only plans: it returns the service's :class:`~node.search.Search`
 (or refusal), and :mod:`node.handlers.qr_service` streams the matches.
 
 Relational queries and retrievals are agreed when an SCU asks for them in
-SOP Class Extended Negotiation (the engine accepts keys at any level above the
+SOP Class Extended Negotiation (the matcher accepts keys at any level above the
 query level either way, see :mod:`node.storage.query`); the other options
 (combined date-time matching, fuzzy person names, timezone adjustment) are
 declined.

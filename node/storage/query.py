@@ -1,31 +1,42 @@
-"""The one matching engine: a DICOM identifier → parameterised SQL → a stream of matches.
+"""The one matcher's plan: a DICOM identifier → a backend-neutral :class:`Query`.
 
 C-FIND answers with it, C-MOVE and C-GET use it to list the instances a
 retrieve names, and QIDO-RS will call it too, so every front end matches the
-same way (PS3.4 C.2.2.2). The engine never builds SQL from received text:
-column expressions and operators come from the :data:`KEYS` table below, and
-every received value travels as a bound parameter.
+same way (PS3.4 C.2.2.2). This module decides what a query means: which keys
+are known and at which level, which values are valid, and which abstract
+predicate each key's values stand for. A storage backend's matcher
+(:mod:`node.storage.sqlite.matcher` today) only translates those predicates
+into its own query language and streams the rows back: the DICOM semantics
+live here once, so a second backend cannot drift from the first one. Received
+values reach a backend only as data inside a predicate, never as query text.
 
 Matching, per key kind:
 
 * universal: an empty value, or ``*`` alone, matches everything (and asks
-  for the value back);
-* single value: exact and case-sensitive, except PN (below);
-* wildcard ``*`` / ``?`` on text and PN keys: SQLite ``GLOB`` plus a range
-  on the literal prefix, so ``DOE*`` is an index range scan;
-* list of UIDs (``uid1\\uid2``): any of them; other keys given several values
-  match any of the values (ModalitiesInStudy ``CT\\MR`` is the common case);
-* range on DA, TM and DT (``a-b``, ``a-``, ``-b``); a partial TM or DT value
-  covers its whole period (``11`` is 11:00:00 to 11:59:59), times compare
-  to the second, and DT timezone offsets are ignored;
-* empty value (``""``): entities where the attribute is empty or absent;
-* PN: insensitive to case, accents and empty trailing components (see
-  :mod:`node.storage.pn`); each component group in the query
-  (``alphabetic=ideographic=phonetic``) must match the same group.
+  for the value back); no predicate is made for it;
+* single value: exact and case-sensitive (:class:`Exact`), except PN (below);
+* wildcard ``*`` / ``?`` on text and PN keys (:class:`Wildcard`): ``*`` is any
+  run of characters, ``?`` exactly one, every other character is literal;
+  runs of ``*`` are one ``*`` and the number of wildcards is capped, since a
+  wildcard matcher backtracks once per star. Backends are expected to serve
+  the literal prefix (``DOE`` of ``DOE*``) from an index;
+* list of UIDs (``uid1\\uid2``, :class:`UidIn`): any of them; other keys given
+  several values match any of the values (:class:`AnyOf`; ModalitiesInStudy
+  ``CT\\MR`` is the common case);
+* range on DA, TM and DT (``a-b``, ``a-``, ``-b``, :class:`Range`); a partial
+  TM or DT value covers its whole period (``11`` is 11:00:00 to 11:59:59),
+  times compare to the second, and DT timezone offsets are ignored;
+* empty value (``""``, :class:`EmptyValue`): entities where the attribute is
+  empty or absent;
+* PN (:class:`PersonName`): insensitive to case, accents and empty trailing
+  components (see :mod:`node.storage.pn`); each component group in the
+  query (``alphabetic=ideographic=phonetic``) must match the same group;
+* ModalitiesInStudy (:class:`ModalityInStudy`): a study matches when one of
+  its series has the modality.
 
 Keys at levels above the query level are matched whether or not the SCU
 negotiated relational queries, and higher-level unique keys are not
-required: being lenient serves SCUs that skip them. Keys the engine does not
+required: being lenient serves SCUs that skip them. Keys the matcher does not
 know, keys below the query level and values given for return-only keys
 (counts, RetrieveAETitle) are answered empty or ignored and flagged as
 unsupported (status 0xFF01), never refused.
@@ -33,14 +44,12 @@ unsupported (status 0xFF01), never refused.
 
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from functools import cached_property
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -86,13 +95,15 @@ class Model(Enum):
 
 @dataclass(frozen=True)
 class Key:
-    """An attribute the engine matches and returns: where it lives and how it compares."""
+    """An attribute the matcher matches and returns: its level and how it compares.
+
+    Where the value is stored is the backend's business (a column per keyword);
+    every key whose ``kind`` is not ``constant`` has a stored value.
+    """
 
     keyword: str
     level: Level
     kind: str  # text | pn | uid | date | time | datetime | int | modalities | count | constant
-    column: str = ""  # SQL expression for the stored value (table aliases p, st, se, i)
-    match_columns: tuple[str, ...] = ()  # PN: (alphabetic, ideographic, phonetic) key columns
     unique: bool = False
 
     @cached_property
@@ -104,55 +115,41 @@ class Key:
         return dictionary_VR(self.keyword)
 
 
-def _pn(keyword: str, level: Level, column: str) -> Key:
-    return Key(keyword, level, "pn", column,
-               (f"{column}_key", f"{column}_ideographic_key", f"{column}_phonetic_key"))
-
-
 _P, _ST, _SE, _I = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
 
 KEYS: dict[str, Key] = {k.keyword: k for k in (
-    _pn("PatientName", _P, "p.patient_name"),
-    Key("PatientID", _P, "text", "p.patient_id", unique=True),
-    Key("IssuerOfPatientID", _P, "text", "nullif(p.issuer_of_patient_id, '')"),
-    Key("PatientBirthDate", _P, "date", "p.patient_birth_date"),
-    Key("PatientSex", _P, "text", "p.patient_sex"),
-    Key("NumberOfPatientRelatedStudies", _P, "count",
-        "(SELECT count(*) FROM study x WHERE x.patient_fk = p.id)"),
-    Key("NumberOfPatientRelatedSeries", _P, "count",
-        "(SELECT count(*) FROM study x JOIN series y ON y.study_fk = x.id"
-        " WHERE x.patient_fk = p.id)"),
-    Key("NumberOfPatientRelatedInstances", _P, "count",
-        "(SELECT count(*) FROM study x JOIN series y ON y.study_fk = x.id"
-        " JOIN instance z ON z.series_fk = y.id WHERE x.patient_fk = p.id)"),
-    Key("StudyInstanceUID", _ST, "uid", "st.study_instance_uid", unique=True),
-    Key("StudyDate", _ST, "date", "st.study_date"),
-    Key("StudyTime", _ST, "time", "st.study_time"),
-    Key("AccessionNumber", _ST, "text", "st.accession_number"),
-    Key("StudyID", _ST, "text", "st.study_id"),
-    Key("StudyDescription", _ST, "text", "st.study_description"),
-    _pn("ReferringPhysicianName", _ST, "st.referring_physician_name"),
-    Key("ModalitiesInStudy", _ST, "modalities", "nullif(st.modalities_in_study, '')"),
-    Key("NumberOfStudyRelatedSeries", _ST, "count",
-        "(SELECT count(*) FROM series y WHERE y.study_fk = st.id)"),
-    Key("NumberOfStudyRelatedInstances", _ST, "count",
-        "(SELECT count(*) FROM series y JOIN instance z ON z.series_fk = y.id"
-        " WHERE y.study_fk = st.id)"),
-    Key("SeriesInstanceUID", _SE, "uid", "se.series_instance_uid", unique=True),
-    Key("Modality", _SE, "text", "se.modality"),
-    Key("SeriesNumber", _SE, "int", "se.series_number"),
-    Key("SeriesDescription", _SE, "text", "se.series_description"),
-    Key("SeriesDate", _SE, "date", "se.series_date"),
-    Key("SeriesTime", _SE, "time", "se.series_time"),
-    Key("NumberOfSeriesRelatedInstances", _SE, "count",
-        "(SELECT count(*) FROM instance z WHERE z.series_fk = se.id)"),
-    Key("SOPInstanceUID", _I, "uid", "i.sop_instance_uid", unique=True),
-    Key("SOPClassUID", _I, "uid", "i.sop_class_uid"),
-    Key("InstanceNumber", _I, "int", "i.instance_number"),
-    Key("ContentDate", _I, "date", "i.content_date"),
-    Key("ContentTime", _I, "time", "i.content_time"),
-    Key("AcquisitionDateTime", _I, "datetime", "i.acquisition_date_time"),
-    # Filled by the engine at every level; never matched.
+    Key("PatientName", _P, "pn"),
+    Key("PatientID", _P, "text", unique=True),
+    Key("IssuerOfPatientID", _P, "text"),
+    Key("PatientBirthDate", _P, "date"),
+    Key("PatientSex", _P, "text"),
+    Key("NumberOfPatientRelatedStudies", _P, "count"),
+    Key("NumberOfPatientRelatedSeries", _P, "count"),
+    Key("NumberOfPatientRelatedInstances", _P, "count"),
+    Key("StudyInstanceUID", _ST, "uid", unique=True),
+    Key("StudyDate", _ST, "date"),
+    Key("StudyTime", _ST, "time"),
+    Key("AccessionNumber", _ST, "text"),
+    Key("StudyID", _ST, "text"),
+    Key("StudyDescription", _ST, "text"),
+    Key("ReferringPhysicianName", _ST, "pn"),
+    Key("ModalitiesInStudy", _ST, "modalities"),
+    Key("NumberOfStudyRelatedSeries", _ST, "count"),
+    Key("NumberOfStudyRelatedInstances", _ST, "count"),
+    Key("SeriesInstanceUID", _SE, "uid", unique=True),
+    Key("Modality", _SE, "text"),
+    Key("SeriesNumber", _SE, "int"),
+    Key("SeriesDescription", _SE, "text"),
+    Key("SeriesDate", _SE, "date"),
+    Key("SeriesTime", _SE, "time"),
+    Key("NumberOfSeriesRelatedInstances", _SE, "count"),
+    Key("SOPInstanceUID", _I, "uid", unique=True),
+    Key("SOPClassUID", _I, "uid"),
+    Key("InstanceNumber", _I, "int"),
+    Key("ContentDate", _I, "date"),
+    Key("ContentTime", _I, "time"),
+    Key("AcquisitionDateTime", _I, "datetime"),
+    # Filled by the matcher at every level; never matched.
     Key("RetrieveAETitle", _P, "constant"),
     Key("InstanceAvailability", _P, "constant"),
 )}
@@ -160,30 +157,145 @@ KEYS: dict[str, Key] = {k.keyword: k for k in (
 UNIQUE_KEY = {Level.PATIENT: KEYS["PatientID"], Level.STUDY: KEYS["StudyInstanceUID"],
               Level.SERIES: KEYS["SeriesInstanceUID"], Level.IMAGE: KEYS["SOPInstanceUID"]}
 
-_ALIAS = {Level.PATIENT: "p", Level.STUDY: "st", Level.SERIES: "se", Level.IMAGE: "i"}
-_TABLE = {Level.PATIENT: "patient p", Level.STUDY: "study st", Level.SERIES: "series se",
-          Level.IMAGE: "instance i"}
-#: How each level joins its parent.
-_PARENT_JOIN = {Level.STUDY: "JOIN patient p ON p.id = st.patient_fk",
-                Level.SERIES: "JOIN study st ON st.id = se.study_fk",
-                Level.IMAGE: "JOIN series se ON se.id = i.series_fk"}
-
 _SKIPPED = {Tag(0x0008, 0x0005), Tag(0x0008, 0x0052)}  # SpecificCharacterSet, QueryRetrieveLevel
-_UID_LIST_INLINE = 50  # longer UID lists are bound as one JSON array
 #: Bounds on received values (the longest standard key values are 64 characters).
 MAX_VALUE_LENGTH = 256
 MAX_VALUES = 10_000  # UID lists in a retrieve of many instances
 MAX_WILDCARDS = 16
 
 
+# --- predicates ---------------------------------------------------------------
+#
+# What a condition asks of one key's stored value, decided here and carried as
+# data: a backend compiles each class to its own syntax and binds every value
+# as a parameter. "The stored value" is the key's value for the entity at the
+# key's level (for a PN key, see PersonName).
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The stored value equals ``value`` (case-sensitive; no wildcard in it)."""
+
+    value: str
+
+
+@dataclass(frozen=True)
+class Wildcard:
+    """The stored value matches ``pattern``: ``*`` any run of characters (also none),
+    ``?`` exactly one character, every other character literal (``[``, ``%``, ``_`` and
+    ``\\`` included: a backend whose pattern syntax gives them meaning escapes them)."""
+
+    pattern: str
+
+    @property
+    def prefix(self) -> str:
+        """The literal text before the first wildcard ("" when the pattern starts with one):
+        every match starts with it, so an index range on it narrows the candidates."""
+        return re.split(r"[*?]", self.pattern, maxsplit=1)[0]
+
+
+#: A single text value as matched: exact, or with wildcards.
+TextMatch = Exact | Wildcard
+
+
+@dataclass(frozen=True)
+class EmptyValue:
+    """The attribute is empty or absent (the query value ``""``); for a PN key, the whole
+    name as stored, for ModalitiesInStudy the list the study keeps."""
+
+
+@dataclass(frozen=True)
+class PersonName:
+    """Each given component group matches the same group of the stored name.
+
+    Values are already normalised with :mod:`node.storage.pn` (the alphabetic
+    group by :func:`~node.storage.pn.alphabetic_key`, the others by
+    :func:`~node.storage.pn.other_key`) and are matched against the stored
+    names' group keys, which the index writer normalised the same way (so
+    matching is exact on them, case and accents already folded). None leaves a
+    group unconstrained; all three None matches every entity.
+    """
+
+    alphabetic: TextMatch | None
+    ideographic: TextMatch | None
+    phonetic: TextMatch | None
+
+    @property
+    def groups(self) -> tuple[TextMatch | None, TextMatch | None, TextMatch | None]:
+        return (self.alphabetic, self.ideographic, self.phonetic)
+
+
+@dataclass(frozen=True)
+class UidIn:
+    """The stored UID is one of ``uids`` (one, or a list of up to :data:`MAX_VALUES`)."""
+
+    uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IntIn:
+    """The stored integer is one of ``numbers``."""
+
+    numbers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The stored value, in its comparable form, lies in ``[low, high]`` (None: open end).
+
+    The bounds are already in the comparable form, a partial query value
+    widened to its whole period. A backend reduces the stored value the same way:
+
+    * ``date`` (DA): as stored, ``YYYYMMDD``;
+    * ``time`` (TM): ``HHMMSS`` — colons removed, cut to six characters (the
+      fraction dropped), missing trailing components as zeros (``14`` is
+      ``140000``);
+    * ``datetime`` (DT): ``YYYYMMDDHHMMSS`` — the fraction and UTC offset
+      dropped, missing trailing components at their minimum (month and day
+      ``01``, time ``00``).
+
+    The forms are fixed-width digit strings, so text order is time order.
+    ``low == high`` is an equality; both None matches every stored value.
+    """
+
+    form: Literal["date", "time", "datetime"]
+    low: str | None
+    high: str | None
+
+
+@dataclass(frozen=True)
+class ModalityInStudy:
+    """A study matches when one of its series has a Modality that ``match`` accepts
+    (not a test of the study's stored ModalitiesInStudy text, which lists them all)."""
+
+    match: TextMatch
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Any of several values (a backslash list on a key other than a UID key)."""
+
+    predicates: tuple[Predicate, ...]
+
+
+Predicate = Exact | Wildcard | EmptyValue | PersonName | UidIn | IntIn | Range | ModalityInStudy | AnyOf
+
+
 @dataclass(frozen=True)
 class Condition:
-    """One SQL predicate over table aliases, with its bound parameters."""
+    """One key's predicate: the entities to keep."""
 
-    keyword: str
-    level: Level  # the highest table the predicate reads
-    sql: str
-    params: tuple
+    key: Key
+    predicate: Predicate
+
+    @property
+    def keyword(self) -> str:
+        return self.key.keyword
+
+    @property
+    def level(self) -> Level:
+        """The level whose entity holds the value (a backend joins up to it)."""
+        return self.key.level
 
 
 @dataclass(frozen=True)
@@ -203,6 +315,12 @@ class Query:
         """Keys that constrained the match (names only: audit entries carry no values)."""
         return sorted({c.keyword for c in self.conditions})
 
+    @property
+    def row_keys(self) -> tuple[Key, ...]:
+        """The returned keys whose values a backend reads, in the order its rows hold them
+        (every returned key but the constants the matcher fills itself)."""
+        return tuple(k for k in self.returns if k.kind != "constant")
+
 
 @dataclass(frozen=True)
 class StoredInstance:
@@ -212,6 +330,25 @@ class StoredInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     blob_sha256: str
+
+
+class Matcher(Protocol):
+    """What the search and retrieve services call; each storage backend provides one.
+
+    Both methods stream: results come as the backend reads them, and closing
+    the iterator early releases what the backend holds (its connection).
+    """
+
+    def matches(self, query: Query, *, limit: int | None = None,
+                offset: int = 0) -> Iterator[Match]:
+        """One :class:`Match` per matching entity at ``query.level``; with ``limit`` or
+        ``offset`` (paging, QIDO-RS) in a stable order, the entities' insertion order."""
+        ...
+
+    def instances(self, query: Query) -> Iterator[StoredInstance]:
+        """The stored instances under every match, study by study, series by series
+        (SeriesNumber), in InstanceNumber order."""
+        ...
 
 
 # --- parsing ------------------------------------------------------------------
@@ -326,100 +463,53 @@ def _condition(key: Key, values: list[str]) -> Condition | None:
                          f"{key.keyword}: at most {MAX_VALUES} values of at most"
                          f" {MAX_VALUE_LENGTH} characters")
     if key.kind in ("text", "pn", "modalities"):
-        # Runs of "*" mean one "*"; SQLite's GLOB backtracks once per star, so cap them.
+        # Runs of "*" mean one "*"; a wildcard matcher backtracks once per star, so cap them.
         values = [re.sub(r"\*+", "*", v) for v in values]
         if any(v.count("*") + v.count("?") > MAX_WILDCARDS for v in values):
             raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
                              f"{key.keyword}: at most {MAX_WILDCARDS} wildcards")
     if key.kind == "uid":
-        return _uid_condition(key, values)
+        return Condition(key, UidIn(tuple(values)))
     if key.kind == "int":
-        return _int_condition(key, values)
+        return Condition(key, _int_predicate(key, values))
     builders = {"text": _text_predicate, "pn": _pn_predicate, "date": _date_predicate,
                 "time": _time_predicate, "datetime": _datetime_predicate,
                 "modalities": _modality_predicate}
-    parts = [builders[key.kind](key, v) for v in values]
-    sql = parts[0][0] if len(parts) == 1 else "(" + " OR ".join(p[0] for p in parts) + ")"
-    return Condition(key.keyword, key.level, sql, tuple(x for p in parts for x in p[1]))
+    parts = tuple(builders[key.kind](key, v) for v in values)
+    return Condition(key, parts[0] if len(parts) == 1 else AnyOf(parts))
 
 
-def _uid_condition(key: Key, values: list[str]) -> Condition:
-    if len(values) == 1:
-        return Condition(key.keyword, key.level, f"{key.column} = ?", (values[0],))
-    if len(values) <= _UID_LIST_INLINE:
-        marks = ", ".join("?" * len(values))
-        return Condition(key.keyword, key.level, f"{key.column} IN ({marks})",
-                         tuple(values))
-    return Condition(key.keyword, key.level,
-                     f"{key.column} IN (SELECT value FROM json_each(?))", (json.dumps(values),))
-
-
-def _int_condition(key: Key, values: list[str]) -> Condition:
+def _int_predicate(key: Key, values: list[str]) -> IntIn:
     try:
-        numbers = tuple(int(v) for v in values)
+        return IntIn(tuple(int(v) for v in values))
     except ValueError:
         raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
                          f"{key.keyword} must be an integer") from None
-    if len(numbers) == 1:
-        return Condition(key.keyword, key.level, f"{key.column} = ?", numbers)
-    marks = ", ".join("?" * len(numbers))
-    return Condition(key.keyword, key.level, f"{key.column} IN ({marks})", numbers)
 
 
 def _is_empty_value_match(value: str) -> bool:
     return value == '""'
 
 
-def _empty(column: str) -> tuple[str, tuple]:
-    return f"({column} IS NULL OR {column} = '')", ()
+def _text(value: str) -> TextMatch:
+    return Wildcard(value) if "*" in value or "?" in value else Exact(value)
 
 
-def _glob(pattern: str) -> str:
-    """A DICOM wildcard pattern as a GLOB pattern (``*`` and ``?`` mean the same)."""
-    return pattern.replace("[", "[[]")
-
-
-def _match_text(column: str, value: str) -> tuple[str, tuple]:
-    """Equality, or GLOB with a range on the literal prefix so an index can serve it."""
-    if "*" not in value and "?" not in value:
-        return f"{column} = ?", (value,)
-    prefix = re.split(r"[*?]", value, maxsplit=1)[0]
-    if prefix and ord(prefix[-1]) < 0x10FFFF:
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        return (f"({column} >= ? AND {column} < ? AND {column} GLOB ?)",
-                (prefix, upper, _glob(value)))
-    return f"{column} GLOB ?", (_glob(value),)
-
-
-def _text_predicate(key: Key, value: str) -> tuple[str, tuple]:
+def _text_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
-    return _match_text(key.column, value)
+        return EmptyValue()
+    return _text(value)
 
 
-def _pn_predicate(key: Key, value: str) -> tuple[str, tuple]:
+def _pn_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
+        return EmptyValue()
     groups = ([*value.split("="), "", ""])[:3]
     normalise = (pn.alphabetic_key, pn.other_key, pn.other_key)
-    parts = [_match_text(column, norm(group))
-             for column, norm, group in zip(key.match_columns, normalise, groups, strict=False)
-             if group.strip() and norm(group) != "*"]
-    if not parts:
-        return "1", ()
-    return " AND ".join(p[0] for p in parts), tuple(x for p in parts for x in p[1])
-
-
-def _range(expr: str, lo: str | None, hi: str | None) -> tuple[str, tuple]:
-    if lo is not None and hi is not None:
-        if lo == hi:
-            return f"{expr} = ?", (lo,)
-        return f"{expr} BETWEEN ? AND ?", (lo, hi)
-    if lo is not None:
-        return f"{expr} >= ?", (lo,)
-    if hi is not None:
-        return f"{expr} <= ?", (hi,)
-    return "1", ()
+    alphabetic, ideographic, phonetic = (
+        _text(norm(group)) if group.strip() and norm(group) != "*" else None
+        for norm, group in zip(normalise, groups, strict=True))
+    return PersonName(alphabetic, ideographic, phonetic)
 
 
 def _split_range(value: str) -> tuple[str | None, str | None] | None:
@@ -429,24 +519,19 @@ def _split_range(value: str) -> tuple[str | None, str | None] | None:
     return (lo or None, hi or None)
 
 
-def _date_predicate(key: Key, value: str) -> tuple[str, tuple]:
+def _date_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
+        return EmptyValue()
     bounds = _split_range(value) or (value, value)
     for bound in bounds:
         if bound is not None and not _DA.fullmatch(bound):
             raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
                              f"{key.keyword} must be a date (YYYYMMDD) or a date range")
-    return _range(key.column, *bounds)
-
-
-def _time_key(column: str) -> str:
-    """A stored TM as ``HHMMSS`` (colons removed, missing components as zeros)."""
-    base = f"substr(replace({column}, ':', ''), 1, 6)"
-    return f"({base} || substr('000000', length({base}) + 1))"
+    return Range("date", *bounds)
 
 
 def _time_bound(key: Key, value: str, ceiling: bool) -> str:
+    """A query TM as the first or last ``HHMMSS`` of the period it names."""
     m = _TM.fullmatch(value.replace(":", ""))
     if not m:
         raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
@@ -455,23 +540,16 @@ def _time_bound(key: Key, value: str, ceiling: bool) -> str:
     return digits + ("595959" if ceiling else "000000")[len(digits):]
 
 
-def _time_predicate(key: Key, value: str) -> tuple[str, tuple]:
+def _time_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
+        return EmptyValue()
     lo, hi = _split_range(value) or (value, value)
-    return _range(_time_key(key.column),
-                  _time_bound(key, lo, False) if lo else None,
-                  _time_bound(key, hi, True) if hi else None)
-
-
-def _datetime_key(column: str) -> str:
-    """A stored DT as ``YYYYMMDDHHMMSS``: fraction and offset dropped, missing parts minimal."""
-    base = (f"substr({column}, 1, min(14, instr({column} || '+', '+') - 1,"
-            f" instr({column} || '-', '-') - 1, instr({column} || '.', '.') - 1))")
-    return f"({base} || substr('00000101000000', length({base}) + 1))"
+    return Range("time", _time_bound(key, lo, False) if lo else None,
+                 _time_bound(key, hi, True) if hi else None)
 
 
 def _datetime_bound(key: Key, value: str, ceiling: bool) -> str:
+    """A query DT as the first or last ``YYYYMMDDHHMMSS`` of the period it names."""
     m = _DT.fullmatch(value)
     if not m:
         raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
@@ -480,9 +558,9 @@ def _datetime_bound(key: Key, value: str, ceiling: bool) -> str:
     return digits + ("00001231235959" if ceiling else "00000101000000")[len(digits):]
 
 
-def _datetime_predicate(key: Key, value: str) -> tuple[str, tuple]:
+def _datetime_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
+        return EmptyValue()
     if _DT.fullmatch(value):
         lo = hi = value
     else:
@@ -491,110 +569,29 @@ def _datetime_predicate(key: Key, value: str) -> tuple[str, tuple]:
             raise QueryError(status.IDENTIFIER_DOES_NOT_MATCH,
                              f"{key.keyword} must be a date-time or a date-time range")
         lo, hi = m.group("lo"), m.group("hi")
-    return _range(_datetime_key(key.column),
-                  _datetime_bound(key, lo, False) if lo else None,
-                  _datetime_bound(key, hi, True) if hi else None)
+    return Range("datetime", _datetime_bound(key, lo, False) if lo else None,
+                 _datetime_bound(key, hi, True) if hi else None)
 
 
-def _modality_predicate(key: Key, value: str) -> tuple[str, tuple]:
-    """A study matches when one of its series has the modality (the index on
-    (modality, study_fk) hands over the study ids directly)."""
+def _modality_predicate(key: Key, value: str) -> Predicate:
     if _is_empty_value_match(value):
-        return _empty(key.column)
-    predicate, params = _match_text("x.modality", value)
-    return f"st.id IN (SELECT x.study_fk FROM series x WHERE {predicate})", params
+        return EmptyValue()
+    return ModalityInStudy(_text(value))
 
 
-# --- SQL and the engine --------------------------------------------------------
+# --- responses ----------------------------------------------------------------
 
 
-def _from_clause(level: Level, top: Level) -> str:
-    """The level's table joined up to the highest level any key needs."""
-    parts = [_TABLE[level]]
-    current = level
-    while current > top:
-        parts.append(_PARENT_JOIN[current])
-        current = Level(current - 1)
-    return " ".join(parts)
+def responses(query: Query, rows: Iterable[tuple], retrieve_ae_title: str) -> Iterator[Match]:
+    """The :class:`Match` of each backend row (the values of ``query.row_keys``, in order).
 
-
-def build_select(query: Query, columns: list[tuple[Level, str]], *, order: str = "",
-                 limit: int | None = None, offset: int = 0) -> tuple[str, tuple]:
-    """SELECT trusted ``(level, expression)`` columns for the query's matches.
-
-    Only the tables the columns and conditions read are joined: a SERIES query
-    on StudyInstanceUID never touches the patient table.
+    Shared by every backend's :meth:`Matcher.matches`, so responses are laid
+    out one way: constants filled, unsupported keys empty, ModalitiesInStudy
+    split into its values, a character set chosen for every match.
     """
-    levels = [c.level for c in query.conditions] + [level for level, _ in columns]
-    top = min([query.level, *levels])
-    sql = (f"SELECT {', '.join(expr for _, expr in columns) or 'NULL'}"
-           f" FROM {_from_clause(query.level, top)}")
-    if query.conditions:
-        sql += " WHERE " + " AND ".join(c.sql for c in query.conditions)
-    if order:
-        sql += f" ORDER BY {order}"
-    params: tuple = tuple(x for c in query.conditions for x in c.params)
-    if limit is not None or offset:
-        sql += " LIMIT ? OFFSET ?"
-        params += (-1 if limit is None else limit, offset)
-    return sql, params
-
-
-_INSTANCE_COLUMNS = [(Level.IMAGE, "i.sop_class_uid"), (Level.IMAGE, "i.sop_instance_uid"),
-                     (Level.IMAGE, "i.transfer_syntax_uid"), (Level.IMAGE, "i.blob_sha256")]
-_INSTANCE_ORDER = "se.study_fk, se.series_number, se.id, i.instance_number, i.id"
-
-
-class Matcher(Protocol):
-    """What the search and retrieve services ask of a backend's matcher."""
-
-    def matches(self, query: Query, *, limit: int | None = None,
-                offset: int = 0) -> Iterator[Match]: ...
-    def instances(self, query: Query) -> Iterator[StoredInstance]: ...
-
-
-class QueryEngine:
-    """Runs queries against the index and streams the matches.
-
-    Results come straight off an SQLite cursor: the first response can leave
-    before the last row is read, and a cancelled or abandoned stream returns
-    its connection to the pool (the generator's ``finally``).
-    """
-
-    def __init__(self, index, retrieve_ae_title: str) -> None:
-        self.index = index
-        self.retrieve_ae_title = retrieve_ae_title
-
-    def rows(self, query: Query, *, limit: int | None = None,
-             offset: int = 0) -> Iterator[tuple]:
-        """Values of ``query.returns`` per match; paging (QIDO-RS) orders by the level's id."""
-        columns = [(k.level, k.column) for k in query.returns if k.column]
-        order = f"{_ALIAS[query.level]}.id" if (limit is not None or offset) else ""
-        return self._stream(*build_select(query, columns, order=order, limit=limit,
-                                          offset=offset))
-
-    def matches(self, query: Query, *, limit: int | None = None,
-                offset: int = 0) -> Iterator[Match]:
-        """One :class:`Match` per matching entity, as the response identifier's elements."""
-        layout = _Layout(query, self.retrieve_ae_title)
-        for row in self.rows(query, limit=limit, offset=offset):
-            yield layout.match(row)
-
-    def instances(self, query: Query) -> Iterator[StoredInstance]:
-        """The stored instances under every match, series by series in instance order."""
-        at_image = Query(query.model, Level.IMAGE, query.conditions, (), (), False)
-        sql, params = build_select(at_image, _INSTANCE_COLUMNS, order=_INSTANCE_ORDER)
-        for row in self._stream(sql, params):
-            yield StoredInstance(*row)
-
-    def _stream(self, sql: str, params: tuple) -> Iterator[tuple]:
-        with self.index.connection() as conn:
-            cursor = conn.execute(sql, params)
-            try:
-                yield from cursor
-            finally:
-                cursor.close()
-
+    layout = _Layout(query, retrieve_ae_title)
+    for row in rows:
+        yield layout.match(row)
 
 
 #: A response element: (tag, VR, value); value None means zero length.
@@ -633,7 +630,7 @@ class _Layout:
 
     def __init__(self, query: Query, ae_title: str) -> None:
         self.charset = query.charset
-        # (tag, VR, index into the SQL row, or None for a fixed value, the fixed value)
+        # (tag, VR, index into the backend row, or None for a fixed value, the fixed value)
         slots: list[tuple[BaseTag, str, int | None, object]] = []
         column = 0
         for key in query.returns:
@@ -679,8 +676,3 @@ def _response_charset(requested: tuple[str, ...], texts: list[str]) -> str | lis
         except (LookupError, UnicodeEncodeError, ValueError):
             pass
     return "ISO_IR 192"
-
-
-def explain(conn: sqlite3.Connection, sql: str, params: tuple) -> list[str]:
-    """SQLite's plan for a statement (benchmarks and tests check that indexes are used)."""
-    return [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]

@@ -136,7 +136,7 @@ class SqliteIndex:
                 raise
 
     def matcher(self, retrieve_ae_title: str) -> SqliteMatcher:
-        return SqliteMatcher(self, retrieve_ae_title)
+        return SqliteMatcher(self.connection, retrieve_ae_title)
 
     def migrate(self) -> int:
         """Bring the schema to the newest version; returns the version reached.

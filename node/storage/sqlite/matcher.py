@@ -1,5 +1,331 @@
-"""Placeholder until the matcher split lands: the SQLite query engine."""
+"""The matcher on SQLite: a :class:`~node.storage.query.Query`'s predicates → SQL → rows.
 
-from node.storage.query import QueryEngine as SqliteMatcher
+:mod:`node.storage.query` decides what a query means; this module only says
+it in SQLite's dialect and runs it. Nothing here builds SQL from received
+text: table and column expressions come from :data:`COLUMNS` and the
+constants below, operators from the predicate's class, and every value a
+predicate carries travels as a bound parameter.
 
-__all__ = ["SqliteMatcher"]
+How each predicate is compiled, and why:
+
+* columns are read through table aliases ``p`` (patient), ``st`` (study),
+  ``se`` (series), ``i`` (instance); a query joins its level's table up to the
+  highest level a returned key or a condition reads, and no further (a SERIES
+  query on StudyInstanceUID never touches the patient table);
+* counts are correlated subqueries over aliases ``x``/``y``/``z``; IssuerOfPatientID
+  and ModalitiesInStudy are stored as ``''`` when absent and returned through
+  ``nullif`` so the response element is empty rather than a zero-length string;
+* :class:`~node.storage.query.Wildcard` becomes ``GLOB`` (``*`` and ``?`` mean
+  the same there; ``[`` opens a character class in GLOB, so it is escaped as
+  ``[[]``) plus a range on the literal prefix, ``col >= 'DOE' AND col < 'DOF'``,
+  which SQLite's planner serves from the column's index where GLOB alone
+  would scan;
+* :class:`~node.storage.query.UidIn` is ``=`` for one UID, ``IN (?, …)`` up to
+  :data:`UID_LIST_INLINE`, and beyond that one JSON array parameter read with
+  ``json_each`` (a retrieve of thousands of instances would otherwise exceed
+  SQLite's bound-parameter limit and prepare a new statement per length);
+* :class:`~node.storage.query.Range` compares the stored value's comparable
+  form: the column itself for DA, and for TM/DT an expression that reduces the
+  stored text to ``HHMMSS`` / ``YYYYMMDDHHMMSS`` the way the predicate's
+  docstring defines (so those ranges cannot use an index; DA ranges do);
+* :class:`~node.storage.query.PersonName` reads the normalised group-key
+  columns the index writer fills (``<name>_key``, ``<name>_ideographic_key``,
+  ``<name>_phonetic_key``), each matched like text;
+* :class:`~node.storage.query.ModalityInStudy` is ``st.id IN (SELECT
+  x.study_fk FROM series x WHERE …)``: the index on ``series(modality,
+  study_fk)`` hands over the study ids directly.
+
+The same query compiles to the same SQL text every time, so SQLite's statement
+cache reuses the prepared statement (``tests/test_query.py`` pins a few).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, closing
+
+from node.storage.query import (
+    AnyOf,
+    Condition,
+    EmptyValue,
+    Exact,
+    IntIn,
+    Level,
+    Match,
+    ModalityInStudy,
+    PersonName,
+    Predicate,
+    Query,
+    Range,
+    StoredInstance,
+    TextMatch,
+    UidIn,
+    Wildcard,
+    responses,
+)
+
+#: The SQL expression of each key's stored value (constants have none).
+COLUMNS: dict[str, str] = {
+    "PatientName": "p.patient_name",
+    "PatientID": "p.patient_id",
+    "IssuerOfPatientID": "nullif(p.issuer_of_patient_id, '')",
+    "PatientBirthDate": "p.patient_birth_date",
+    "PatientSex": "p.patient_sex",
+    "NumberOfPatientRelatedStudies": "(SELECT count(*) FROM study x WHERE x.patient_fk = p.id)",
+    "NumberOfPatientRelatedSeries":
+        "(SELECT count(*) FROM study x JOIN series y ON y.study_fk = x.id"
+        " WHERE x.patient_fk = p.id)",
+    "NumberOfPatientRelatedInstances":
+        "(SELECT count(*) FROM study x JOIN series y ON y.study_fk = x.id"
+        " JOIN instance z ON z.series_fk = y.id WHERE x.patient_fk = p.id)",
+    "StudyInstanceUID": "st.study_instance_uid",
+    "StudyDate": "st.study_date",
+    "StudyTime": "st.study_time",
+    "AccessionNumber": "st.accession_number",
+    "StudyID": "st.study_id",
+    "StudyDescription": "st.study_description",
+    "ReferringPhysicianName": "st.referring_physician_name",
+    "ModalitiesInStudy": "nullif(st.modalities_in_study, '')",
+    "NumberOfStudyRelatedSeries": "(SELECT count(*) FROM series y WHERE y.study_fk = st.id)",
+    "NumberOfStudyRelatedInstances":
+        "(SELECT count(*) FROM series y JOIN instance z ON z.series_fk = y.id"
+        " WHERE y.study_fk = st.id)",
+    "SeriesInstanceUID": "se.series_instance_uid",
+    "Modality": "se.modality",
+    "SeriesNumber": "se.series_number",
+    "SeriesDescription": "se.series_description",
+    "SeriesDate": "se.series_date",
+    "SeriesTime": "se.series_time",
+    "NumberOfSeriesRelatedInstances": "(SELECT count(*) FROM instance z WHERE z.series_fk = se.id)",
+    "SOPInstanceUID": "i.sop_instance_uid",
+    "SOPClassUID": "i.sop_class_uid",
+    "InstanceNumber": "i.instance_number",
+    "ContentDate": "i.content_date",
+    "ContentTime": "i.content_time",
+    "AcquisitionDateTime": "i.acquisition_date_time",
+}
+
+
+def _pn_key_columns(column: str) -> tuple[str, str, str]:
+    """The (alphabetic, ideographic, phonetic) normalised key columns of a PN column."""
+    return (f"{column}_key", f"{column}_ideographic_key", f"{column}_phonetic_key")
+
+
+_ALIAS = {Level.PATIENT: "p", Level.STUDY: "st", Level.SERIES: "se", Level.IMAGE: "i"}
+_TABLE = {Level.PATIENT: "patient p", Level.STUDY: "study st", Level.SERIES: "series se",
+          Level.IMAGE: "instance i"}
+#: How each level joins its parent.
+_PARENT_JOIN = {Level.STUDY: "JOIN patient p ON p.id = st.patient_fk",
+                Level.SERIES: "JOIN study st ON st.id = se.study_fk",
+                Level.IMAGE: "JOIN series se ON se.id = i.series_fk"}
+#: Longer UID lists are bound as one JSON array.
+UID_LIST_INLINE = 50
+
+
+# --- predicates → SQL ------------------------------------------------------------
+
+
+def compile_condition(condition: Condition) -> tuple[str, tuple]:
+    """One condition as an SQL predicate over the table aliases, and its parameters."""
+    return _compile(condition.predicate, COLUMNS[condition.keyword])
+
+
+def _compile(predicate: Predicate, column: str) -> tuple[str, tuple]:
+    match predicate:
+        case Exact() | Wildcard():
+            return _match_text(column, predicate)
+        case EmptyValue():
+            return f"({column} IS NULL OR {column} = '')", ()
+        case UidIn(uids):
+            return _uid_in(column, uids)
+        case IntIn(numbers):
+            if len(numbers) == 1:
+                return f"{column} = ?", numbers
+            return f"{column} IN ({', '.join('?' * len(numbers))})", numbers
+        case Range(form, low, high):
+            return _range(_COMPARABLE[form](column), low, high)
+        case PersonName():
+            return _person_name(column, predicate)
+        case ModalityInStudy(match):
+            sql, params = _match_text("x.modality", match)
+            return f"st.id IN (SELECT x.study_fk FROM series x WHERE {sql})", params
+        case AnyOf(predicates):
+            parts = [_compile(p, column) for p in predicates]
+            if len(parts) == 1:
+                return parts[0]
+            return ("(" + " OR ".join(sql for sql, _ in parts) + ")",
+                    tuple(x for _, params in parts for x in params))
+    raise TypeError(f"no SQLite form for {predicate!r}")
+
+
+def _glob(pattern: str) -> str:
+    """A DICOM wildcard pattern as a GLOB pattern (``*`` and ``?`` mean the same)."""
+    return pattern.replace("[", "[[]")
+
+
+def _match_text(column: str, match: TextMatch) -> tuple[str, tuple]:
+    """Equality, or GLOB with a range on the literal prefix so an index can serve it."""
+    if isinstance(match, Exact):
+        return f"{column} = ?", (match.value,)
+    prefix = match.prefix
+    if prefix and ord(prefix[-1]) < 0x10FFFF:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return (f"({column} >= ? AND {column} < ? AND {column} GLOB ?)",
+                (prefix, upper, _glob(match.pattern)))
+    return f"{column} GLOB ?", (_glob(match.pattern),)
+
+
+def _uid_in(column: str, uids: tuple[str, ...]) -> tuple[str, tuple]:
+    if len(uids) == 1:
+        return f"{column} = ?", uids
+    if len(uids) <= UID_LIST_INLINE:
+        return f"{column} IN ({', '.join('?' * len(uids))})", uids
+    return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(list(uids)),)
+
+
+def _person_name(column: str, predicate: PersonName) -> tuple[str, tuple]:
+    parts = [_match_text(key_column, group)
+             for key_column, group in zip(_pn_key_columns(column), predicate.groups, strict=True)
+             if group is not None]
+    if not parts:
+        return "1", ()
+    return " AND ".join(sql for sql, _ in parts), tuple(x for _, params in parts for x in params)
+
+
+def _range(expr: str, low: str | None, high: str | None) -> tuple[str, tuple]:
+    if low is not None and high is not None:
+        if low == high:
+            return f"{expr} = ?", (low,)
+        return f"{expr} BETWEEN ? AND ?", (low, high)
+    if low is not None:
+        return f"{expr} >= ?", (low,)
+    if high is not None:
+        return f"{expr} <= ?", (high,)
+    return "1", ()
+
+
+def _time_key(column: str) -> str:
+    """A stored TM as ``HHMMSS`` (colons removed, missing components as zeros)."""
+    base = f"substr(replace({column}, ':', ''), 1, 6)"
+    return f"({base} || substr('000000', length({base}) + 1))"
+
+
+def _datetime_key(column: str) -> str:
+    """A stored DT as ``YYYYMMDDHHMMSS``: fraction and offset dropped, missing parts minimal."""
+    base = (f"substr({column}, 1, min(14, instr({column} || '+', '+') - 1,"
+            f" instr({column} || '-', '-') - 1, instr({column} || '.', '.') - 1))")
+    return f"({base} || substr('00000101000000', length({base}) + 1))"
+
+
+#: The SQL reducing a stored value to the comparable form of a Range.
+_COMPARABLE = {"date": lambda column: column, "time": _time_key, "datetime": _datetime_key}
+
+
+# --- statements ------------------------------------------------------------------
+
+
+def _from_clause(level: Level, top: Level) -> str:
+    """The level's table joined up to the highest level any key needs."""
+    parts = [_TABLE[level]]
+    current = level
+    while current > top:
+        parts.append(_PARENT_JOIN[current])
+        current = Level(current - 1)
+    return " ".join(parts)
+
+
+def build_select(query: Query, columns: list[tuple[Level, str]], *, order: str = "",
+                 limit: int | None = None, offset: int = 0) -> tuple[str, tuple]:
+    """SELECT trusted ``(level, expression)`` columns for the query's matches.
+
+    Only the tables the columns and conditions read are joined: a SERIES query
+    on StudyInstanceUID never touches the patient table.
+    """
+    levels = [c.level for c in query.conditions] + [level for level, _ in columns]
+    top = min([query.level, *levels])
+    sql = (f"SELECT {', '.join(expr for _, expr in columns) or 'NULL'}"
+           f" FROM {_from_clause(query.level, top)}")
+    compiled = [compile_condition(c) for c in query.conditions]
+    if compiled:
+        sql += " WHERE " + " AND ".join(predicate for predicate, _ in compiled)
+    if order:
+        sql += f" ORDER BY {order}"
+    params: tuple = tuple(x for _, p in compiled for x in p)
+    if limit is not None or offset:
+        sql += " LIMIT ? OFFSET ?"
+        params += (-1 if limit is None else limit, offset)
+    return sql, params
+
+
+def returned_columns(query: Query) -> list[tuple[Level, str]]:
+    """``(level, expression)`` of each of ``query.row_keys``, in order."""
+    return [(k.level, COLUMNS[k.keyword]) for k in query.row_keys]
+
+
+def rows_select(query: Query, *, limit: int | None = None,
+                offset: int = 0) -> tuple[str, tuple]:
+    """The statement :meth:`SqliteMatcher.rows` runs; paging orders by the level's id."""
+    order = f"{_ALIAS[query.level]}.id" if (limit is not None or offset) else ""
+    return build_select(query, returned_columns(query), order=order, limit=limit,
+                        offset=offset)
+
+
+_INSTANCE_COLUMNS = [(Level.IMAGE, "i.sop_class_uid"), (Level.IMAGE, "i.sop_instance_uid"),
+                     (Level.IMAGE, "i.transfer_syntax_uid"), (Level.IMAGE, "i.blob_sha256")]
+_INSTANCE_ORDER = "se.study_fk, se.series_number, se.id, i.instance_number, i.id"
+
+
+def instances_select(query: Query) -> tuple[str, tuple]:
+    """The statement :meth:`SqliteMatcher.instances` runs: the query's conditions at IMAGE level."""
+    at_image = Query(query.model, Level.IMAGE, query.conditions, (), (), False)
+    return build_select(at_image, _INSTANCE_COLUMNS, order=_INSTANCE_ORDER)
+
+
+def explain(conn: sqlite3.Connection, sql: str, params: tuple) -> list[str]:
+    """SQLite's plan for a statement (benchmarks and tests check that indexes are used)."""
+    return [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+
+# --- the matcher -----------------------------------------------------------------
+
+
+class SqliteMatcher:
+    """Runs queries against the SQLite index and streams the matches
+    (a :class:`~node.storage.query.Matcher`).
+
+    Results come straight off an SQLite cursor: the first response can leave
+    before the last row is read, and a cancelled or abandoned stream returns
+    its connection to the pool (the generator's ``finally``).
+    """
+
+    def __init__(self, connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+                 retrieve_ae_title: str) -> None:
+        """``connection``: the index's pooled-connection context manager."""
+        self.connection = connection
+        self.retrieve_ae_title = retrieve_ae_title
+
+    def rows(self, query: Query, *, limit: int | None = None,
+             offset: int = 0) -> Iterator[tuple]:
+        """Values of ``query.row_keys`` per match; paging (QIDO-RS) orders by the level's id."""
+        return self._stream(*rows_select(query, limit=limit, offset=offset))
+
+    def matches(self, query: Query, *, limit: int | None = None,
+                offset: int = 0) -> Iterator[Match]:
+        """One :class:`~node.storage.query.Match` per matching entity."""
+        with closing(self.rows(query, limit=limit, offset=offset)) as rows:
+            yield from responses(query, rows, self.retrieve_ae_title)
+
+    def instances(self, query: Query) -> Iterator[StoredInstance]:
+        """The stored instances under every match, series by series in instance order."""
+        for row in self._stream(*instances_select(query)):
+            yield StoredInstance(*row)
+
+    def _stream(self, sql: str, params: tuple) -> Iterator[tuple]:
+        with self.connection() as conn:
+            cursor = conn.execute(sql, params)
+            try:
+                yield from cursor
+            finally:
+                cursor.close()
