@@ -1,6 +1,6 @@
 """Files per second of ``lamina anonymize`` against dicognito on the same CT series.
 
-Both tools run as command-line programs (``python -m node.anonymize.commands`` and
+Both tools run as command-line programs (``python -m node anonymize`` and
 ``python -m dicognito``), one after the other in the same run, on the same generated
 300-slice 512x512 CT series with planted PHI, each writing to its own empty folder;
 the wall time includes interpreter start-up for both. Lamina is timed single-process
@@ -52,7 +52,7 @@ def main() -> int:
         key = create_key_file(work / "keys" / "project.key")
         size_mb = sum(p.stat().st_size for p in series) / 1e6
         print(f"series: {len(series)} CT slices, {args.size}x{args.size}, {size_mb:.0f} MB")
-        lamina = [sys.executable, "-m", "node.anonymize.commands", "anonymize",
+        lamina = [sys.executable, "-m", "node", "anonymize",
                   str(work / "in"), "--key-file", str(key), "--out"]
         tools = {
             "lamina anonymize": ([*lamina, str(work / "out-1")], work / "out-1"),

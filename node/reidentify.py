@@ -11,11 +11,14 @@ import hashlib
 import os
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.anonymize.commands import reidentify_target
+from node.anonymize.keys import ProjectKey
+from node.anonymize.reidmap import ReidentificationMap, reidentify_dataset, reidentify_uid
 from node.audit.trail import Actor
 from node.context import NodeContext
+from node.storage.interface import Reader
 
 
 def reidentify(ctx: NodeContext, target: str) -> str | Dataset:
@@ -34,3 +37,15 @@ def reidentify(ctx: NodeContext, target: str) -> str | Dataset:
         raise
     ctx.audit.record("patient-record.reidentify", actor, obj)
     return result
+
+
+def reidentify_target(target: str, *, key: ProjectKey, reader: Reader) -> str | Dataset:
+    """Map a pseudonymous UID back to the original UID (returns ``str``), or a Part
+    10 file back onto the original identifiers (returns the ``Dataset``). Unaudited:
+    :func:`reidentify` is the audited way in. Raises ``ReidentificationError`` for an
+    unknown UID or a map written under another key."""
+    rmap = ReidentificationMap(key)
+    path = Path(target)
+    if path.is_file():
+        return reidentify_dataset(reader, rmap, dcmread(path))
+    return reidentify_uid(reader, rmap, target)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from pydicom import config, dcmread
 
-from node.anonymize.commands import cli
+from node.cli import main as cli
 from node.anonymize.keys import ENV_VAR, create_key_file
 from tests.phi_corpus import PATIENTS, STUDIES, write_ct_series
 
@@ -21,6 +21,13 @@ def _restore_pydicom_validation(monkeypatch):
     """The commands switch pydicom's validation off for their process; not for others."""
     monkeypatch.setattr(config.settings, "reading_validation_mode",
                         config.settings.reading_validation_mode)
+
+
+@pytest.fixture(autouse=True)
+def _away_from_the_repository_config(tmp_path, monkeypatch):
+    """``anonymize`` reads ./config/node.toml like every command: run where there is none."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LAMINA_CONFIG", raising=False)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 ``settings`` holds the options, ``profile`` the standard's table as data, ``keys`` the
 project key and the pseudonyms derived from it, ``anonymizer`` the pure engine,
 ``evidence`` what the engine did to each object, ``report`` the per-study report
-built from it, ``reidmap`` the encrypted re-identification map, ``commands`` the CLI.
+built from it, ``reidmap`` the encrypted re-identification map (the commands are in
+:mod:`node.cli.deid`).
 """
 
 from node.anonymize.anonymizer import (

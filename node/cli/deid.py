@@ -1,7 +1,8 @@
-"""Command-line front end of de-identification: ``keys init``, ``anonymize`` and
-``reidentify``, registered by the node on the ``lamina`` group (and runnable alone as
-``python -m node.anonymize.commands``). The commands only translate arguments into
-calls on the same engine the node uses, so offline and online results are identical.
+"""``lamina keys init | anonymize | reidentify | deid report``: de-identification for people.
+
+The commands only translate arguments into calls on the same engine the node
+uses, so offline and online results are identical; ``anonymize`` reads the
+same config (its ``[deidentify]`` options and ``key_file``) as the node.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -35,21 +35,11 @@ from node.anonymize.keys import (
     default_key_path,
     load_project_key,
 )
-from node.anonymize.reidmap import (
-    ReidentificationMap,
-    reidentify_dataset,
-    reidentify_uid,
-)
-from node.anonymize.settings import DeidConfigError, DeidSettings
+from node.anonymize.reidmap import ReidentificationMap
+from node.cli.options import BadInput, config_option, node_context, node_options
+from node.config import Settings
 from node.logs import quiet_pydicom
 from node.storage.backend import open_index
-from node.storage.interface import Reader
-
-
-class BadInput(click.ClickException):
-    """A usage problem the user can fix: reported by click, exit status 2."""
-
-    exit_code = 2
 
 
 def _key(key_file: Path | None) -> ProjectKey:
@@ -57,16 +47,6 @@ def _key(key_file: Path | None) -> ProjectKey:
         return load_project_key(key_file)
     except ProjectKeyError as exc:
         raise BadInput(str(exc)) from None
-
-
-def _settings(config_file: Path | None) -> DeidSettings:
-    if config_file is None:
-        return DeidSettings()
-    try:
-        table = tomllib.loads(config_file.read_text(encoding="utf-8")).get("deidentify", {})
-        return DeidSettings.from_mapping(table)
-    except (tomllib.TOMLDecodeError, DeidConfigError) as exc:
-        raise BadInput(f"{config_file}: {exc}") from None
 
 
 def _inputs(paths: tuple[Path, ...]) -> Iterator[Path]:
@@ -146,26 +126,24 @@ def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
 
 
 @click.command("anonymize")
+@config_option
 @click.argument("inputs", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the de-identified files (named by content hash).")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help=f"Project key file (default: ${ENV_VAR}).")
-@click.option("--config", "config_file", default=None,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML file whose [deidentify] table sets the options.")
+              help=f"Project key file (default: the config's deidentify.key_file, else ${ENV_VAR}).")
 @click.option("--index", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SQLite file to record the re-identification map in.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes; files are independent, output is the same.")
-def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
-              config_file: Path | None, index: Path | None, jobs: int) -> None:
-    """De-identify DICOM files and folders with the node's engine."""
+def anonymize(settings: Settings, inputs: tuple[Path, ...], out_dir: Path,
+              key_file: Path | None, index: Path | None, jobs: int) -> None:
+    """De-identify DICOM files and folders with the node's engine and the config's options."""
     quiet_pydicom()
-    key = _key(key_file)
-    engine = Deidentifier(_settings(config_file), key)
+    key = _key(key_file or settings.deidentify.key_file)
+    engine = Deidentifier(settings.deidentify, key)
     resolved_out = out_dir.resolve()
     for path in inputs:
         if path.is_dir() and resolved_out.is_relative_to(path.resolve()):
@@ -207,27 +185,52 @@ def anonymize(inputs: tuple[Path, ...], out_dir: Path, key_file: Path | None,
         raise SystemExit(1)
 
 
-def reidentify_target(target: str, *, key: ProjectKey, reader: Reader) -> str | Dataset:
-    """Map a pseudonymous UID back to the original UID (returns ``str``), or a Part
-    10 file back onto the original identifiers (returns the ``Dataset``).
+@click.command()
+@node_options
+@click.argument("target", metavar="UID_OR_FILE")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write a re-identified object (needed for a file).")
+def reidentify(settings: Settings, target: str, out: Path | None) -> None:
+    """Map a pseudonymous UID, or a whole object, back to the originals (audited)."""
+    from node.anonymize.reidmap import ReidentificationError
+    from node.reidentify import reidentify as run
 
-    This is the call the node wraps in its audited re-identification service: the
-    service records who asked for which target before handing the result on. Raises
-    ``ReidentificationError`` for an unknown UID or a map written under another key."""
-    rmap = ReidentificationMap(key)
-    path = Path(target)
-    if path.is_file():
-        return reidentify_dataset(reader, rmap, dcmread(path))
-    return reidentify_uid(reader, rmap, target)
+    if Path(target).is_file() and (out is None or out.exists()):
+        raise BadInput("--out NEW_FILE is required to re-identify a file")
+    if not Path(target).is_file() and not target.replace(".", "").isdigit():
+        raise BadInput(f"{target!r} is neither a file nor a UID")
+    with node_context(settings, with_key=True) as ctx:  # it writes an audit event
+        try:
+            result = run(ctx, target)
+        except ReidentificationError as exc:
+            raise BadInput(str(exc)) from None
+    if isinstance(result, Dataset):
+        result.save_as(out, enforce_file_format=True)
+        click.echo(f"re-identified object written to {out}")
+    else:
+        click.echo(result)
 
 
 @click.group()
-def cli() -> None:
-    """De-identification commands (the node registers them on ``lamina``)."""
+def deid() -> None:
+    """De-identification evidence."""
 
 
-cli.add_command(keys)
-cli.add_command(anonymize)
+@deid.command("report")
+@node_options
+@click.argument("study_uid")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def deid_report(settings: Settings, study_uid: str, as_json: bool) -> None:
+    """What de-identification did to each instance of a (pseudonymous) study."""
+    import json
 
-if __name__ == "__main__":
-    cli()
+    from node.anonymize.report import study_report, study_report_json
+
+    with node_context(settings) as ctx, ctx.index.reader() as r:
+        rows = r.evidence.for_study(study_uid)
+    if not rows:
+        raise BadInput(f"no de-identified instances stored for study {study_uid}")
+    if as_json:
+        click.echo(json.dumps(study_report_json(rows, study_uid=study_uid), indent=2))
+    else:
+        click.echo(study_report(rows, study_uid=study_uid))

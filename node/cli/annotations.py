@@ -1,58 +1,26 @@
 """``lamina annotations | overlays | import-labels``: annotations for people at a terminal.
 
 Thin: each command opens the node's context, calls the annotation service or
-a bridge, prints, and audits what it wrote or sent. Exit codes follow the
-project's rule: 0 done, 1 the check or transfer found problems, 2 bad input.
+a bridge, prints, and audits what it wrote or sent.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from node.cli import node_options
+from node.cli.options import BadInput, node_context, node_options, user_name
 from node.config import Settings
-
-
-class BadInput(click.ClickException):
-    exit_code = 2
-
-
-@contextmanager
-def _context(settings: Settings, *, with_key: bool = False) -> Iterator:
-    """The node's context; ``with_key`` to ingest (the project key is needed to receive)."""
-    from node.anonymize.keys import ProjectKeyError
-    from node.checks.protocol import ProtocolError
-    from node.context import NodeContext
-
-    try:
-        ctx = NodeContext.open(settings, migrate=False, with_key=with_key)
-    except ProtocolError as exc:
-        raise BadInput(f"protocol: {exc}") from None
-    except ProjectKeyError as exc:
-        raise BadInput(str(exc)) from None
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 def _actor():
     from node.audit.trail import Actor
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid:{os.getuid()}"
-    return Actor(user=user)
+    return Actor(user=user_name())
 
 
 def _label_names(pairs: tuple[str, ...]) -> dict[int, str]:
@@ -84,7 +52,7 @@ def annotations() -> None:
 def list_annotations(settings: Settings, state: str | None, series_uid: str | None,
                      as_json: bool) -> None:
     """One line per annotation: id, kind, state, verdict, counts, annotator, series."""
-    with _context(settings) as ctx, ctx.index.reader() as r:
+    with node_context(settings) as ctx, ctx.index.reader() as r:
         rows = r.annotations.list(state, series_uid)
     if as_json:
         for row in rows:
@@ -105,7 +73,7 @@ def list_annotations(settings: Settings, state: str | None, series_uid: str | No
 @click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
 def show_annotation(settings: Settings, annotation_id: int, as_json: bool) -> None:
     """An annotation's structures and its current findings, with slice positions."""
-    with _context(settings) as ctx, ctx.index.reader() as r:
+    with node_context(settings) as ctx, ctx.index.reader() as r:
         protocol = ctx.annotations.protocol
         row = r.annotations.get(annotation_id)
         if row is None:
@@ -172,7 +140,7 @@ def check_annotation(settings: Settings, annotation_id: int) -> None:
     """Check an annotation again under the current protocol; exit 1 when it has findings."""
     from node.checks.references import Refusal
 
-    with _context(settings) as ctx:
+    with node_context(settings) as ctx:
         try:
             report = ctx.annotations.recheck(annotation_id, _actor())
         except (LookupError, Refusal) as exc:
@@ -193,7 +161,7 @@ def to_seg(settings: Settings, annotation_id: int, out: Path) -> None:
     """Write an annotation (overlay copies included) as a DICOM-SEG referencing its series."""
     from node.annotations.bridge import BridgeError, masks_to_seg
 
-    with _context(settings) as ctx:
+    with node_context(settings) as ctx:
         try:
             grid, masks = ctx.annotations.masks_of(annotation_id)
             headers = [ctx.annotations.stored_slice(uid, pixels=False)
@@ -260,7 +228,7 @@ def overlays(settings: Settings, source: Path | None, annotation_id: int | None,
     from node.annotations.bridge import BridgeError, overlay_copies
     from node.scu import PeerError, resolve_peer, send_files
 
-    with _context(settings) as ctx:
+    with node_context(settings) as ctx:
         protocol = ctx.annotations.protocol
         if window is not None and window not in protocol.windows:
             raise BadInput(f"--window: unknown window {window!r} "
@@ -320,7 +288,7 @@ def import_labels(settings: Settings, label_map: Path, series_uid: str, labels: 
 
     if out is None and not store:
         raise BadInput("give --out FILE, --store, or both")
-    with _context(settings, with_key=store) as ctx:
+    with node_context(settings, with_key=store) as ctx:
         annotator = Annotator(settings.node.ae_title, "local", creator)
         try:
             grid = ctx.annotations.grid(series_uid)

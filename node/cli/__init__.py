@@ -1,0 +1,29 @@
+"""The ``lamina`` command: one module per group of commands, registered here.
+
+Every command module imports only :mod:`node.cli.options` from this package,
+so the command modules never import each other or this one.
+"""
+
+from __future__ import annotations
+
+import click
+
+from node.cli.annotations import annotations, import_labels, overlays
+from node.cli.audit import audit
+from node.cli.deid import anonymize, deid, keys, reidentify
+from node.cli.demo import demo
+from node.cli.quarantine import quarantine
+from node.cli.scu import echo, find, move, send
+from node.cli.serve import serve
+from node.cli.status import check, fsck, status
+
+
+@click.group()
+@click.version_option(package_name="lamina")
+def main() -> None:
+    """Lamina: a DICOM node for annotated imaging datasets."""
+
+
+for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
+                anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels):
+    main.add_command(command)
