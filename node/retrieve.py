@@ -1,7 +1,7 @@
 """The C-MOVE / C-GET service: who may retrieve what, to where, and which stored files go.
 
 The DIMSE mechanics (sub-associations, pending responses, C-CANCEL) live in
-:mod:`node.handlers.move_get`; this module decides everything that does not
+:mod:`node.dimse.qr_loops`; this module decides everything that does not
 depend on the wire, so a later WADO-RS can share it:
 
 * a peer retrieves only when its ``services`` include ``move`` or ``get``;

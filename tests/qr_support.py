@@ -26,8 +26,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.anonymize.keys import create_key_file
 from node.config import load
+from node.dimse.scu import Target, send_files
 from node.phantom import Phantom
-from node.scu import Target, send_files
 from node.storage.blobs import BlobStore
 from node.storage.index import Index
 

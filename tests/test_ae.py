@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.ae import context_batches
+from node.dimse.ae import context_batches
 from node.storage.query import StoredInstance
 
 

@@ -16,8 +16,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.ae import associate
 from node.config import ConfigError, load
+from node.dimse.ae import associate
 from tests.qr_support import (
     StorageSCP,
     StudySpec,

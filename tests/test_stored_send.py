@@ -14,7 +14,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.pdu import P_DATA_TF
 
-from node.handlers.stored_send import (
+from node.dimse.sender import (
     AssociationFailed,
     NoContext,
     StoreAssociation,

@@ -17,8 +17,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
-from node.ae import associate, build_ae, context_batches
 from node.config import Settings
+from node.dimse.ae import associate, build_ae, context_batches
 
 _PEER_SPEC = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 

@@ -20,9 +20,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.ae import associate, build_ae
 from node.config import Settings
-from node.scu import Target
+from node.dimse.ae import associate, build_ae
+from node.dimse.scu import Target
 
 FIND = {"patient": PatientRootQueryRetrieveInformationModelFind,
         "study": StudyRootQueryRetrieveInformationModelFind}

@@ -6,11 +6,11 @@ Why Lamina runs these loops instead of pynetdicom's Q/R service class:
   encodes the same pending command set again for each; together about a
   millisecond of CPU per response. Here the pending command set is encoded
   once per request, the identifier goes straight to bytes
-  (:mod:`node.handlers.identifier`), and both travel in one P-DATA PDU.
+  (:mod:`node.dimse.identifier`), and both travel in one P-DATA PDU.
 * C-MOVE / C-GET: pynetdicom only sends Datasets its handler yields,
   re-encoding every instance, and puts its own AE title in Move Originator AE
   Title. Here each blob is sent as stored. C-MOVE opens its own storage
-  association to the destination (:mod:`node.handlers.stored_send`, about
+  association to the destination (:mod:`node.dimse.sender`, about
   eight times faster than a pynetdicom association); C-GET sends back over the
   requesting association with ``send_c_store(path)`` and
   ``STORE_SEND_CHUNKED_DATASET``, which reads the file in PDU-sized pieces.
@@ -43,9 +43,9 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from node import status
-from node.ae import context_batches
-from node.handlers.identifier import encode_match
-from node.handlers.stored_send import AssociationFailed, NoContext, StoreAssociation
+from node.dimse.ae import context_batches
+from node.dimse.identifier import encode_match
+from node.dimse.sender import AssociationFailed, NoContext, StoreAssociation
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten

@@ -74,7 +74,7 @@ def configure_pynetdicom() -> None:
     # ingest service renames that file into the blob store.
     _config.STORE_RECV_CHUNKED_DATASET = True
     # C-GET sub-operations send stored files from disk as they are (C-MOVE has its
-    # own sender, node.handlers.stored_send).
+    # own sender, node.dimse.sender).
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
@@ -116,7 +116,7 @@ def build_ae(node: NodeSettings) -> AE:
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
-    # Our own slot limiter (node.handlers.association) enforces the limit across
+    # Our own slot limiter (node.dimse.handlers.association) enforces the limit across
     # processes; pynetdicom's per-process check must never trigger first.
     ae.maximum_associations = node.max_associations + 1
     return ae

@@ -29,7 +29,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from node.ae import set_nodelay
+from node.dimse.ae import set_nodelay
 from node.storage.query import StoredInstance
 
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name

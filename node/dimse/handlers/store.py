@@ -9,7 +9,7 @@ from pynetdicom import evt
 
 from node import status
 from node.context import NodeContext
-from node.handlers.association import Sessions
+from node.dimse.handlers.association import Sessions
 from node.status import Outcome
 
 log = logging.getLogger("lamina.store")

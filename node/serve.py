@@ -23,17 +23,17 @@ from collections.abc import Callable
 
 from pynetdicom import evt
 
-from node.ae import LaminaServer, build_scp, configure_pynetdicom
 from node.audit.served import flush_all as flush_served_audit
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
-from node.handlers.association import Sessions
-from node.handlers.echo import handle_echo
-from node.handlers.find import handle_sop_extended, make_find_handler
-from node.handlers.move_get import make_retrieve_handlers
-from node.handlers.qr_service import install as install_query_retrieve
-from node.handlers.store import make_store_handler
+from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
+from node.dimse.handlers.association import Sessions
+from node.dimse.handlers.echo import handle_echo
+from node.dimse.handlers.find import handle_sop_extended, make_find_handler
+from node.dimse.handlers.move_get import make_retrieve_handlers
+from node.dimse.handlers.store import make_store_handler
+from node.dimse.qr_loops import install as install_query_retrieve
 from node.logs import quiet_pydicom, setup_logging
 
 log = logging.getLogger("lamina.server")
