@@ -141,7 +141,7 @@ def _qr_options(func):
 
 
 def _identifier(level: str, keys: tuple[str, ...], charset: str | None):
-    from node.dimse.qr_scu import UnknownKey, build_identifier
+    from node.dimse.scu import UnknownKey, build_identifier
 
     try:
         return build_identifier(level, list(keys), charset)
@@ -166,8 +166,8 @@ def _target(settings: Settings, peer: str):
 def find(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
          aet: str | None, charset: str | None) -> None:
     """C-FIND at PEER: one tab-separated line per match (the -k keys, in order)."""
-    from node.dimse.qr_scu import find as do_find
-    from node.dimse.qr_scu import key_names
+    from node.dimse.scu import find as do_find
+    from node.dimse.scu import key_names
 
     identifier = _identifier(level, keys, charset)
     columns = key_names(list(keys))
@@ -206,7 +206,7 @@ def _text(value: object) -> str:
 def move(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
          aet: str | None, destination: str) -> None:
     """C-MOVE from PEER to --dest: progress on stderr, exit 1 unless all sub-operations succeed."""
-    from node.dimse.qr_scu import move as do_move
+    from node.dimse.scu import move as do_move
 
     identifier = _identifier(level, keys, None)
 
