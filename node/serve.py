@@ -1,5 +1,8 @@
 """``lamina serve``: one or several receiving processes sharing one port.
 
+The DIMSE server itself is :func:`node.dimse.server.build_dimse_server`; this
+module only runs processes around it (no pynetdicom here).
+
 One pynetdicom process tops out well below DCMTK's storescp (the GIL and the
 per-PDU Python work), so the node can run N worker processes bound to the same
 port with SO_REUSEPORT; the kernel spreads associations between them and they
@@ -17,23 +20,14 @@ import logging
 import multiprocessing
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
-
-from pynetdicom import evt
 
 from node.audit.served import flush_all as flush_served_audit
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
-from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
-from node.dimse.handlers.association import Sessions
-from node.dimse.handlers.echo import handle_echo
-from node.dimse.handlers.find import handle_sop_extended, make_find_handler
-from node.dimse.handlers.move_get import make_retrieve_handlers
-from node.dimse.handlers.store import make_store_handler
-from node.dimse.qr_loops import install as install_query_retrieve
+from node.dimse.server import build_dimse_server
 from node.logs import quiet_pydicom, setup_logging
 
 log = logging.getLogger("lamina.server")
@@ -68,28 +62,11 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     setup_logging(settings.log.level)
-    configure_pynetdicom()
     quiet_pydicom()
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
-    # pynetdicom spools received datasets with NamedTemporaryFile in the default
-    # temp folder: point it at our spool so promotion is a same-disk rename.
-    tempfile.tempdir = str(ctx.blobs.spool_dir)
-    sessions = Sessions(ctx)
-    handlers = [
-        *sessions.handlers(),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, make_store_handler(ctx, sessions)),
-        (evt.EVT_C_FIND, make_find_handler(ctx, sessions)),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        *make_retrieve_handlers(ctx, sessions),
-    ]
-    install_query_retrieve()
-    ae = build_scp(settings.node)
-    server = ae.make_server((settings.node.bind, settings.node.port),
-                            evt_handlers=handlers, server_class=LaminaServer)
-    threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
+    server = build_dimse_server(ctx).start()
     log.info("listening", extra={"fields": {"ae_title": settings.node.ae_title,
-                                            "port": server.server_address[1]}})
+                                            "port": server.port}})
     try:
         _wait_for_stop()
     finally:

@@ -1,8 +1,8 @@
 """Outgoing DIMSE for people: ``lamina echo | send | find | move`` as an SCU.
 
-* C-ECHO and C-STORE of files to a peer. Files are sent as stored (pynetdicom
-  reads each from disk; no decode/re-encode), proposing for each SOP class the
-  transfer syntax the file is in.
+* C-ECHO, and C-STORE of files to a peer through the node's one outgoing
+  sender (:mod:`node.dimse.sender`): a file goes as it is when the peer
+  accepts its transfer syntax, re-encoded into an uncompressed one otherwise.
 * Query/retrieve: the arguments follow DCMTK's findscu/movescu (``-k
   KEY=VALUE``, ``-P``/``-S``), so a person who knows those tools knows these.
   Identifier values are never logged: pynetdicom's identifier logging stays off
@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove,
@@ -31,7 +31,9 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from node.config import Settings
-from node.dimse.ae import associate, build_ae, context_batches
+from node.dimse import compat
+from node.dimse.ae import associate, build_ae
+from node.dimse.sender import Outgoing, StoreSender
 
 _PEER_SPEC = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
@@ -74,9 +76,7 @@ def resolve_peer(settings: Settings, name: str) -> Target:
 
 def _scu(settings: Settings, aet: str | None, contexts: Iterable[str] = ()) -> AE:
     """Our AE as a requester (calling AE title ``aet`` or the node's), with ``contexts``."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files from disk
+    compat.configure_scu()
     node = replace(settings.node, ae_title=aet) if aet else settings.node
     ae = build_ae(node)
     for context in contexts:
@@ -118,45 +118,32 @@ def send_files(
     aet: str | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[SendResult]:
-    """C-STORE each file, in batches of at most 128 (SOP class, syntax) contexts."""
-    headers: list[tuple[Path, str, str]] = []
-    results: list[SendResult] = []
-    for path in files:
+    """C-STORE each file through the node's one sender (:mod:`node.dimse.sender`).
+
+    A file goes as it is when the peer accepts its transfer syntax, re-encoded
+    into an uncompressed one when not (and when it can be); at most 128
+    presentation contexts per association. Results follow ``files`` in order.
+    """
+    results: list[SendResult | None] = [None] * len(files)
+    items: list[Outgoing] = []
+    positions: list[int] = []  # where each item's result goes
+    for n, path in enumerate(files):
         try:
             ds = dcmread(path, stop_before_pixels=True)
-            headers.append((path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+            items.append(Outgoing.file(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                       str(ds.file_meta.TransferSyntaxUID)))
+            positions.append(n)
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            results.append(SendResult(path, -1, f"unreadable: {exc}"))
+            results[n] = SendResult(path, -1, f"unreadable: {exc}")
             progress(1)
-    for batch in context_batches(headers, lambda h: (h[1], h[2])):
-        results.extend(_send_batch(settings, target, batch, aet, progress))
-    return results
-
-
-def _send_batch(settings: Settings, target: Target, batch: list[tuple[Path, str, str]],
-                aet: str | None, progress: Callable[[int], None]) -> list[SendResult]:
-    ae = _scu(settings, aet)
-    for sop_class, syntax in sorted({(b[1], b[2]) for b in batch}):
-        # Only the file's own syntax: files are sent as stored, never transcoded.
-        ae.add_requested_context(sop_class, [syntax])
-    assoc = associate(ae, target.host, target.port, target.ae_title)
-    if not assoc.is_established:
-        progress(len(batch))
-        return [SendResult(p, -1, "association refused or failed") for p, _, _ in batch]
-    results = []
-    try:
-        for path, _, _ in batch:
-            if not assoc.is_established:
-                results.append(SendResult(path, -1, "association lost"))
-            else:
-                rsp = assoc.send_c_store(path)
-                code = int(rsp.Status) if "Status" in rsp else -1
-                results.append(SendResult(path, code, str(rsp.get("ErrorComment", ""))))
-            progress(1)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return results
+    sender = StoreSender(aet or settings.node.ae_title, settings.node.max_pdu,
+                         settings.node.acse_timeout, settings.node.dimse_timeout)
+    sent = sender.send(items, target.host, target.port, target.ae_title)
+    for n, result in zip(positions, sent, strict=True):
+        results[n] = (SendResult(files[n], -1, result.reason) if result.status is None
+                      else SendResult(files[n], result.status, result.comment))
+        progress(1)
+    return [r for r in results if r is not None]
 
 
 # --- query/retrieve ------------------------------------------------------------

@@ -1,36 +1,65 @@
-"""The C-MOVE sub-association: stored files sent as C-STORE requests, as fast as the peer takes them.
+"""The one outgoing C-STORE: C-MOVE and C-GET sub-operations, ``lamina send`` (and forwarding).
 
-Why not a pynetdicom Association: every PDU it sends or receives passes its
-DUL thread (which polls the socket every millisecond), its state machine and
-pydicom's encoder, about 0.3 ms of Python per PDU and a millisecond per
-command set. DCMTK's storescp accepts 16 KB PDUs by default, so a 512 KB CT
-slice is 32 PDUs; a 300-slice C-MOVE moved ~110 instances/s that way, where
-dcmqrscp and Orthanc move ~650. This association is simple enough to drive
-directly: one requester, one operation at a time, nothing else on the wire.
-pynetdicom's PDU classes still encode the A-ASSOCIATE-RQ and decode the
-answer; this module frames P-DATA (PS3.8 9.3.5, E.2), writes the C-STORE-RQ
-command set (PS3.7 9.3.1.1) and reads the C-STORE-RSP's status, with blocking
-socket calls under the configured timeouts. Tests compare its bytes with
-pynetdicom's and run it against pynetdicom and DCMTK storage SCPs.
+What to send is a list of :class:`Outgoing`: SOP class, SOP instance, the
+transfer syntax the instance is stored in and a way to read the stored DICOM
+file (``open()``; ``local_path()`` where the store is a local folder). There are
+two ways out, and both decide the same way per instance
+(:mod:`node.dimse.transcode`): the stored syntax when the peer accepted it
+(the stored bytes go out as they are, never decoded), else an accepted
+uncompressed syntax the instance is re-encoded into, else the sub-operation
+fails with a reason naming the SOP class and the syntaxes offered and accepted.
+Each yields one :class:`Sent` per item, in order.
 
-Received PDUs are bounded by the maximum length we announced.
+* :class:`StoreSender` requests its own associations to a peer (C-MOVE,
+  ``lamina send``), proposing per SOP class the stored syntaxes and the two
+  uncompressed ones, each as its own presentation context so that the answer
+  says exactly which the peer takes; at most 128 contexts per association.
+* :func:`send_on_association` sends back over a C-GET requester's association:
+  the storage contexts that requester proposed and we accepted decide.
+
+Why :class:`StoreSender` does not use a pynetdicom Association: every PDU it
+sends or receives passes its DUL thread (which polls the socket every
+millisecond), its state machine and pydicom's encoder, about 0.3 ms of Python
+per PDU and a millisecond per command set. DCMTK's storescp accepts 16 KB PDUs
+by default, so a 512 KB CT slice is 32 PDUs; a 300-slice C-MOVE moved ~110
+instances/s that way, where dcmqrscp and Orthanc move ~650. This association
+is simple enough to drive directly: one requester, one operation at a time,
+nothing else on the wire. pynetdicom's PDU classes still encode the
+A-ASSOCIATE-RQ and decode the answer (:mod:`node.dimse.compat`); this module
+frames P-DATA (PS3.8 9.3.5, E.2), writes the C-STORE-RQ command set (PS3.7
+9.3.1.1) and reads the C-STORE-RSP's status, with blocking socket calls under
+the configured timeouts. Tests compare its bytes with pynetdicom's and run it
+against pynetdicom and DCMTK storage SCPs. Received PDUs are bounded by the
+maximum length we announced.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import count
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Protocol, Self
 
+from pydicom.filereader import read_dataset, read_preamble
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import split_dataset
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from node.dimse.ae import set_nodelay
+from node.dimse import compat
+from node.dimse.ae import context_batches, set_nodelay
+from node.dimse.transcode import TranscodeError, choose, file_bytes, offered, transcode, why_not
 from node.storage.query import StoredInstance
+
+log = logging.getLogger("lamina.sender")
 
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
@@ -48,12 +77,281 @@ _C_STORE_RSP = 0x8001
 _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF, _A_RELEASE_RP, _A_ABORT = 0x02, 0x03, 0x04, 0x06, 0x07
 
 
+# --- what to send, and what became of it -------------------------------------------------
+
+
+class BlobSource(Protocol):
+    """The blob store as the sender sees it: bytes by hash (``local_path`` is optional)."""
+
+    def open(self, sha256: str) -> BinaryIO: ...
+
+
+def _no_path() -> Path | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One instance to C-STORE: what it is, how it is stored, how to read the stored file."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str  # the syntax the stored file is in
+    open: Callable[[], BinaryIO]  # the stored DICOM file (preamble, meta, data set)
+    local_path: Callable[[], Path | None] = _no_path  # its file, when the store is local
+    label: str = ""  # what logs call it: a blob hash or a path, never patient data
+
+    @classmethod
+    def stored(cls, instance: StoredInstance, blobs: BlobSource) -> Outgoing:
+        """An instance of the blob store (``local_path`` used when the store offers it)."""
+        local = getattr(blobs, "local_path", None)
+        sha = instance.blob_sha256
+        return cls(instance.sop_class_uid, instance.sop_instance_uid,
+                   instance.transfer_syntax_uid, partial(blobs.open, sha),
+                   partial(local, sha) if local is not None else _no_path, sha)
+
+    @classmethod
+    def file(cls, path: Path, sop_class_uid: str, sop_instance_uid: str,
+             transfer_syntax_uid: str) -> Outgoing:
+        """A DICOM file on disk (``lamina send``)."""
+        return cls(sop_class_uid, sop_instance_uid, transfer_syntax_uid,
+                   partial(open, path, "rb"), lambda: path, str(path))
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of one :class:`Outgoing`."""
+
+    item: Outgoing
+    status: int | None  # the peer's C-STORE status; None: not sent, or no response
+    comment: str = ""  # the peer's ErrorComment, if any
+    reason: str = ""  # why it was not sent or got no response (our words)
+    syntax: str | None = None  # the transfer syntax it travelled in
+    transcoded: bool = False
+    #: "" when the association was usable; "refused" when it could not be opened,
+    #: "lost" when it ended before this item (nothing of the item was sent).
+    association: str = ""
+
+
 class AssociationFailed(ConnectionError):
     """The destination could not be reached, rejected the association or broke it off."""
 
 
 class NoContext(LookupError):
-    """The peer accepted no presentation context for the stored SOP class and syntax."""
+    """The peer accepted no presentation context for the SOP class and syntax."""
+
+
+# --- sending to a peer over our own associations ----------------------------------------
+
+
+@dataclass
+class StoreSender:
+    """C-STORE to a peer over associations we request and drive ourselves."""
+
+    calling_ae: str
+    max_pdu: int
+    acse_timeout: float = 30
+    dimse_timeout: float = 60
+
+    def send(self, items: Iterable[Outgoing], host: str, port: int, called_ae: str,
+             originator: tuple[str, int] | None = None,
+             first_msg_id: int = 1) -> Iterator[Sent]:
+        """Send every item, one association per batch of at most 128 contexts.
+
+        ``originator`` (AE title, message ID) fills the Move Originator fields
+        of a C-MOVE's sub-operations. An association that cannot be opened
+        fails its batch (``association="refused"``); one lost mid-batch fails
+        the rest of the batch (``"lost"``); the next batch tries again. Close
+        the iterator to stop early: the open association is released.
+        """
+        msg_ids = _message_ids(first_msg_id)
+        for batch in context_batches(items, _contexts_of):
+            contexts = list(dict.fromkeys(cx for item in batch for cx in _contexts_of(item)))
+            try:
+                assoc = StoreAssociation.open(self.calling_ae, host, port, called_ae, contexts,
+                                              self.max_pdu, self.acse_timeout,
+                                              self.dimse_timeout)
+            except AssociationFailed as exc:
+                for item in batch:
+                    yield Sent(item, None, reason=str(exc), association="refused")
+                continue
+            try:
+                yield from self._batch(assoc, batch, originator, msg_ids)
+            finally:
+                assoc.release()
+
+    def _batch(self, assoc: StoreAssociation, batch: list[Outgoing],
+               originator: tuple[str, int] | None, msg_ids: Iterator[int]) -> Iterator[Sent]:
+        ready: _Payload | str | None = None
+        try:
+            for k, item in enumerate(batch):
+                payload, ready = ready, None
+                if not assoc.is_established:
+                    if isinstance(payload, _Payload):
+                        payload.close()
+                    yield Sent(item, None, reason="the association ended", association="lost")
+                    continue
+                if payload is None:
+                    payload = _prepare(assoc, item, eager=False)
+                if isinstance(payload, str):
+                    yield Sent(item, None, reason=payload)
+                    continue
+                msg_id = next(msg_ids)
+                response: StoreResponse | None = None
+                try:
+                    assoc.store(payload, item.sop_class_uid, item.sop_instance_uid, msg_id,
+                                *(originator or (None, None)))
+                    if k + 1 < len(batch):  # read (and re-encode) the next while the peer stores
+                        ready = _prepare(assoc, batch[k + 1], eager=True)
+                    response = assoc.response(msg_id)
+                except OSError as exc:  # the socket: timeout, reset, broken pipe
+                    log.debug("sub-association failed", extra={"fields": {"error": str(exc)}})
+                    assoc.abort()
+                finally:
+                    payload.close()
+                if response is None:
+                    yield Sent(item, None, reason="no response: the association ended",
+                               syntax=payload.syntax, transcoded=payload.transcoded)
+                else:
+                    yield Sent(item, response.status, response.comment, syntax=payload.syntax,
+                               transcoded=payload.transcoded)
+        finally:
+            if isinstance(ready, _Payload):
+                ready.close()
+
+
+def _contexts_of(item: Outgoing) -> list[tuple[str, str]]:
+    return [(item.sop_class_uid, syntax) for syntax in offered(item.transfer_syntax_uid)]
+
+
+def _message_ids(first: int) -> Iterator[int]:
+    """Message IDs from ``first`` on, in 1..65535 (US), wrapping around."""
+    return ((first - 1 + n) % 65535 + 1 for n in count())
+
+
+@dataclass
+class _Payload:
+    """An instance ready to go: its context and its data set, framed or as a stream."""
+
+    context_id: int
+    syntax: str
+    transcoded: bool
+    framed: bytes | None = None
+    stream: BinaryIO | None = None  # positioned at the data set
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+def _prepare(assoc: StoreAssociation, item: Outgoing, eager: bool) -> _Payload | str:
+    """The item's payload in the syntax the peer takes, or why it cannot be sent.
+
+    ``eager``: read a stored data set of at most one read block now (framed),
+    so it is ready while the peer stores the previous instance.
+    """
+    accepted = assoc.accepted_syntaxes(item.sop_class_uid)
+    syntax = choose(item.transfer_syntax_uid, accepted)
+    if syntax is None:
+        return why_not(item.sop_class_uid, item.transfer_syntax_uid, accepted,
+                       offered(item.transfer_syntax_uid), "the destination")
+    context_id = assoc.contexts[(item.sop_class_uid, syntax)]
+    try:
+        stream = item.open()
+    except OSError as exc:
+        return f"cannot read the stored instance: {exc.strerror or exc}"
+    try:
+        if syntax != item.transfer_syntax_uid:
+            with stream:
+                data = transcode(stream, syntax)
+            return _Payload(context_id, syntax, True, framed=assoc.frame_data(context_id, data))
+        offset = dataset_offset(stream)
+        size = stream.seek(0, os.SEEK_END) - offset
+        stream.seek(offset)
+        if eager and size <= _READ_BLOCK:
+            with stream:
+                return _Payload(context_id, syntax, False,
+                                framed=assoc.frame_data(context_id, stream.read()))
+        return _Payload(context_id, syntax, False, stream=stream)
+    except TranscodeError as exc:
+        return str(exc)
+    except (OSError, ValueError) as exc:
+        stream.close()
+        return f"cannot read the stored instance: {exc}"
+
+
+# --- sending back over a C-GET requester's association ----------------------------------
+
+
+def send_on_association(assoc: Association, items: Iterable[Outgoing],
+                        first_msg_id: int = 1) -> Iterator[Sent]:
+    """C-STORE every item over ``assoc`` (we are the storage SCU on it: C-GET).
+
+    The storage contexts the requester proposed, with itself as SCP, and we
+    accepted decide the syntax. A stored file in the chosen syntax goes as it
+    is, read from disk in pieces by pynetdicom; otherwise a file in the chosen
+    syntax is written to the temp folder first. The association stays open.
+    """
+    accepted: dict[str, list[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
+            accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
+    msg_ids = _message_ids(first_msg_id)
+    for item in items:
+        if not assoc.is_established:
+            yield Sent(item, None, reason="the association ended", association="lost")
+            continue
+        syntaxes = accepted.get(item.sop_class_uid, [])
+        syntax = choose(item.transfer_syntax_uid, syntaxes)
+        if syntax is None:
+            yield Sent(item, None, reason=why_not(item.sop_class_uid, item.transfer_syntax_uid,
+                                                  syntaxes, who="the C-GET requester"))
+            continue
+        transcoded = syntax != item.transfer_syntax_uid
+        try:
+            with _file_in(item, syntax) as path:
+                response = assoc.send_c_store(path, msg_id=next(msg_ids))
+        except TranscodeError as exc:
+            yield Sent(item, None, reason=str(exc))
+            continue
+        except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+            # A missing blob, no context after all, or the association went away.
+            yield Sent(item, None, reason=f"{type(exc).__name__}: {exc}", syntax=syntax,
+                       transcoded=transcoded)
+            continue
+        code = int(response.Status) if "Status" in response else None
+        yield Sent(item, code, str(response.get("ErrorComment", "")),
+                   "" if code is not None else "no response: the association ended",
+                   syntax, transcoded)
+
+
+@contextmanager
+def _file_in(item: Outgoing, syntax: str) -> Iterator[Path]:
+    """A DICOM file of the item in ``syntax``: the stored file itself when it is local and
+    already in that syntax, else a temporary copy (re-encoded when needed)."""
+    local = item.local_path() if syntax == item.transfer_syntax_uid else None
+    if local is not None:
+        yield local
+        return
+    with item.open() as stored:
+        if syntax == item.transfer_syntax_uid:
+            offset = dataset_offset(stored)
+            stored.seek(offset)
+            data = stored.read()
+        else:
+            data = transcode(stored, syntax)
+    fd, name = tempfile.mkstemp(suffix=".dcm", prefix="lamina-send-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(file_bytes(item.sop_class_uid, item.sop_instance_uid, syntax, data))
+        yield Path(name)
+    finally:
+        with suppress(OSError):
+            os.unlink(name)
+
+
+# --- the wire ------------------------------------------------------------------------------
 
 
 def store_command(sop_class_uid: str, sop_instance_uid: str, msg_id: int,
@@ -82,34 +380,63 @@ def _ui(uid: str) -> bytes:
     return value + b"\0" * (len(value) % 2)
 
 
-def response_status(command: bytes) -> tuple[int, int] | None:
-    """(Status, MessageIDBeingRespondedTo) of a C-STORE-RSP command set, or None if it is not one."""
-    found: dict[int, int] = {}
+def _command_elements(command: bytes) -> dict[int, bytes] | None:
+    """The elements of a command set (group 0000, implicit VR), or None if malformed."""
+    found: dict[int, bytes] = {}
     at = 0
     while at + 8 <= len(command):
         group, element, length = _ELEMENT.unpack_from(command, at)
         at += 8
         if group != 0x0000 or at + length > len(command):
             return None
-        if element in (0x0100, 0x0120, 0x0900) and length == 2:
-            found[element] = _US.unpack_from(command, at)[0]
+        found[element] = command[at:at + length]
         at += length
-    if found.get(0x0100) != _C_STORE_RSP or 0x0900 not in found or 0x0120 not in found:
+    return found
+
+
+def response_status(command: bytes) -> tuple[int, int] | None:
+    """(Status, MessageIDBeingRespondedTo) of a C-STORE-RSP command set, or None if it is not one."""
+    found = _command_elements(command)
+    if found is None:
         return None
-    return found[0x0900], found[0x0120]
+    values = {e: _US.unpack(v)[0] for e, v in found.items()
+              if e in (0x0100, 0x0120, 0x0900) and len(v) == 2}
+    if values.get(0x0100) != _C_STORE_RSP or 0x0900 not in values or 0x0120 not in values:
+        return None
+    return values[0x0900], values[0x0120]
 
 
-def dataset_offset(path: Path) -> int:
+def error_comment(command: bytes) -> str:
+    """The ErrorComment (0000,0902) of a response command set, or ''."""
+    value = (_command_elements(command) or {}).get(0x0902, b"")
+    return value.decode("ascii", "replace").rstrip(" \0")
+
+
+@dataclass(frozen=True)
+class StoreResponse:
+    status: int
+    comment: str = ""
+
+
+def dataset_offset(source: BinaryIO | Path) -> int:
     """Where the data set starts in a stored file: after the preamble and the file meta.
 
     The meta's group length (0002,0000), which PS3.10 requires first, gives it
-    without parsing the meta; files without one are measured by pynetdicom.
+    without parsing the meta; files without one are measured by pydicom.
+    A stream is read from its start and left at an unspecified position.
     """
-    with open(path, "rb") as f:
-        head = f.read(_META_START + 12)
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            return dataset_offset(f)
+    source.seek(0)
+    head = source.read(_META_START + 12)
     if head[128:132] == b"DICM" and head[_META_START:_META_START + 6] == b"\x02\0\0\0UL":
         return _META_START + 12 + _UL.unpack_from(head, _META_START + 8)[0]
-    return split_dataset(path)[1]
+    source.seek(0)
+    read_preamble(source, False)
+    read_dataset(source, is_implicit_VR=False, is_little_endian=True,
+                 stop_when=lambda tag, vr, length: tag.group != 0x0002)
+    return source.tell()
 
 
 def frame(data: bytes | memoryview, context_id: int, fragment: int, is_command: bool,
@@ -130,17 +457,19 @@ def frame(data: bytes | memoryview, context_id: int, fragment: int, is_command: 
     return b"".join(parts)
 
 
+@dataclass
 class StoreAssociation:
     """A storage association we request and drive ourselves, for C-STORE only."""
 
-    def __init__(self, sock: socket.socket, contexts: dict[tuple[str, str], int],
-                 peer_max_pdu: int, max_pdu: int) -> None:
-        self.sock = sock
-        self.contexts = contexts  # (SOP class, transfer syntax) → accepted context ID
-        self.fragment = (peer_max_pdu or _UNLIMITED_PDU) - _PDV_OVERHEAD
-        self.max_pdu = max_pdu
-        self.is_established = True
-        self._prefetched: dict[Path, bytes] = {}
+    sock: socket.socket
+    contexts: dict[tuple[str, str], int]  # (SOP class, transfer syntax) → accepted context ID
+    peer_max_pdu: int
+    max_pdu: int
+    is_established: bool = field(default=True, init=False)
+
+    @property
+    def fragment(self) -> int:
+        return (self.peer_max_pdu or _UNLIMITED_PDU) - _PDV_OVERHEAD
 
     @classmethod
     def open(cls, calling_ae: str, host: str, port: int, called_ae: str,
@@ -148,10 +477,11 @@ class StoreAssociation:
              dimse_timeout: float) -> Self:
         """Connect (TCP_NODELAY), negotiate, and return the association.
 
-        ``contexts`` are (SOP class, transfer syntax) pairs, at most 128; the
-        ones the peer rejects are simply absent afterwards (:class:`NoContext`
-        when used). Connecting and negotiating wait at most ``acse_timeout``,
-        each later read or write ``dimse_timeout``. Raises AssociationFailed.
+        ``contexts`` are (SOP class, transfer syntax) pairs, at most 128, each
+        proposed as its own presentation context; the ones the peer rejects are
+        simply absent afterwards. Connecting and negotiating wait at most
+        ``acse_timeout``, each later read or write ``dimse_timeout``. Raises
+        AssociationFailed.
         """
         request = A_ASSOCIATE()
         request.application_context_name = _APPLICATION_CONTEXT
@@ -168,15 +498,14 @@ class StoreAssociation:
             cx.transfer_syntax = [syntax]
             proposed[cx.context_id] = (sop_class, syntax)
             request.presentation_context_definition_list.append(cx)
-        pdu = A_ASSOCIATE_RQ()
-        pdu.from_primitive(request)
+        encoded = compat.encode_associate_rq(request)
         try:
             sock = socket.create_connection((host, port), timeout=acse_timeout)
         except OSError as exc:
             raise AssociationFailed(f"cannot connect: {exc.strerror or exc}") from exc
         set_nodelay(sock)
         try:
-            sock.sendall(pdu.encode())
+            sock.sendall(encoded)
             kind, body = _read_pdu(sock, _MAX_NEGOTIATION_PDU)
         except OSError as exc:
             sock.close()
@@ -185,52 +514,63 @@ class StoreAssociation:
             sock.close()
             why = "rejected" if kind == _A_ASSOCIATE_RJ else f"answered with PDU {kind}"
             raise AssociationFailed(f"the destination {why} the association")
-        accepted = A_ASSOCIATE_AC()
-        accepted.decode(body)
-        answer = accepted.to_primitive()
+        answer = compat.decode_associate_ac(body)
         agreed = {proposed[cx.context_id]: cx.context_id
                   for cx in answer.presentation_context_definition_results_list
                   if cx.result == 0 and cx.context_id in proposed}
         sock.settimeout(dimse_timeout)
         return cls(sock, agreed, answer.maximum_length_received or 0, max_pdu)
 
-    def send(self, instance: StoredInstance, path: Path, msg_id: int,
-             originator_aet: str | None = None, originator_id: int | None = None,
-             upcoming: tuple[StoredInstance, Path] | None = None) -> int | None:
-        """C-STORE one stored file; the response status, or None when none came back.
+    def accepted_syntaxes(self, sop_class: str) -> list[str]:
+        """The transfer syntaxes the peer accepted for ``sop_class``, in proposal order."""
+        return [syntax for (cls, syntax) in self.contexts if cls == sop_class]
 
-        ``upcoming`` (the next instance) is read and framed while the peer
-        stores this one. Raises NoContext when the peer did not accept the
-        instance's SOP class in its stored syntax, OSError when the file fails.
+    def context_id(self, sop_class: str, syntax: str) -> int:
+        """The accepted context for this SOP class and syntax (NoContext when there is none)."""
+        try:
+            return self.contexts[(sop_class, syntax)]
+        except KeyError:
+            raise NoContext(f"{sop_class} in {syntax}") from None
+
+    def frame_data(self, context_id: int, data: bytes) -> bytes:
+        """A whole data set framed for this peer, ready to send."""
+        return frame(data, context_id, self.fragment, False, True)
+
+    def store(self, payload: _Payload, sop_class: str, sop_instance: str, msg_id: int,
+              originator_aet: str | None = None, originator_id: int | None = None) -> None:
+        """Send a C-STORE-RQ and its data set (read :meth:`response` next). Raises OSError."""
+        command = store_command(sop_class, sop_instance, msg_id, originator_aet, originator_id)
+        self.sock.sendall(frame(command, payload.context_id, self.fragment, True, True))
+        if payload.framed is not None:
+            self.sock.sendall(payload.framed)
+            return
+        assert payload.stream is not None
+        block = payload.stream.read(_READ_BLOCK)
+        while block:
+            following = payload.stream.read(_READ_BLOCK)
+            self.sock.sendall(frame(block, payload.context_id, self.fragment, False,
+                                    not following))
+            block = following
+
+    def send(self, sop_class: str, sop_instance: str, syntax: str, dataset: bytes, msg_id: int,
+             originator_aet: str | None = None,
+             originator_id: int | None = None) -> StoreResponse | None:
+        """C-STORE data set bytes already in ``syntax``: the response, or None when none came.
+
+        Raises NoContext when the peer did not accept the SOP class in that syntax.
         """
-        context_id = self.contexts.get((instance.sop_class_uid, instance.transfer_syntax_uid))
-        if context_id is None:
-            raise NoContext(instance.sop_class_uid)
-        command = store_command(instance.sop_class_uid, instance.sop_instance_uid, msg_id,
-                                originator_aet, originator_id)
-        framed = self._prefetched.pop(path, None)
-        with open(path, "rb") as f:  # opened first: a missing blob fails before any byte is sent
-            try:
-                self.sock.sendall(frame(command, context_id, self.fragment, True, True))
-                if framed is not None:
-                    self.sock.sendall(framed)
-                else:
-                    f.seek(dataset_offset(path))
-                    block = f.read(_READ_BLOCK)
-                    while block:
-                        following = f.read(_READ_BLOCK)
-                        self.sock.sendall(frame(block, context_id, self.fragment, False,
-                                                not following))
-                        block = following
-                if upcoming is not None:
-                    self._prefetch(*upcoming)
-                return self._response(msg_id)
-            except OSError:  # the socket: timeout, reset, broken pipe
-                self.abort()
-                return None
+        context_id = self.context_id(sop_class, syntax)
+        payload = _Payload(context_id, syntax, False, framed=self.frame_data(context_id, dataset))
+        try:
+            self.store(payload, sop_class, sop_instance, msg_id, originator_aet, originator_id)
+            return self.response(msg_id)
+        except OSError:
+            self.abort()
+            return None
 
-    def _response(self, msg_id: int) -> int | None:
-        """Read PDUs until the C-STORE-RSP command is whole; its status."""
+    def response(self, msg_id: int) -> StoreResponse | None:
+        """Read PDUs until the C-STORE-RSP command is whole (None, aborting, when it is not
+        one or answers another message). Raises OSError when the socket fails."""
         command = b""
         while True:
             kind, body = _read_pdu(self.sock, self.max_pdu)
@@ -251,22 +591,7 @@ class StoreAssociation:
                     if parsed is None or parsed[1] != msg_id:
                         self.abort()
                         return None
-                    return parsed[0]
-
-    def _prefetch(self, instance: StoredInstance, path: Path) -> None:
-        """Read and frame a file of at most one read block ahead of its turn."""
-        self._prefetched.clear()
-        context_id = self.contexts.get((instance.sop_class_uid, instance.transfer_syntax_uid))
-        try:
-            offset = dataset_offset(path)
-            if context_id is None or path.stat().st_size - offset > _READ_BLOCK:
-                return
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return  # the send itself will fail and say so
-        self._prefetched[path] = frame(data, context_id, self.fragment, False, True)
+                    return StoreResponse(parsed[0], error_comment(command))
 
     def release(self) -> None:
         """A-RELEASE, waiting for the peer's answer (bounded by the timeout), then close."""
@@ -274,7 +599,7 @@ class StoreAssociation:
             return
         self.is_established = False
         try:
-            self.sock.sendall(A_RELEASE_RQ().encode())
+            self.sock.sendall(compat.encode_release_rq())
             while _read_pdu(self.sock, self.max_pdu)[0] not in (_A_RELEASE_RP, _A_ABORT):
                 pass
         except OSError:
@@ -287,12 +612,8 @@ class StoreAssociation:
         if not self.is_established:
             return
         self.is_established = False
-        primitive = A_ABORT()
-        primitive.abort_source = 0x00
-        pdu = A_ABORT_RQ()
-        pdu.from_primitive(primitive)
         try:
-            self.sock.sendall(pdu.encode())
+            self.sock.sendall(compat.encode_abort_rq(0x00))
         except OSError:
             pass
         finally:

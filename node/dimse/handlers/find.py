@@ -25,9 +25,9 @@ from pynetdicom.sop_class import (
 
 from node.context import NodeContext
 from node.dimse.handlers.association import Sessions
-from node.search import Search, SearchService
+from node.search import Search
 from node.status import Outcome
-from node.storage.query import Model, QueryEngine
+from node.storage.query import Model
 
 #: The information model each Q/R SOP class queries or retrieves in.
 MODELS: dict[str, Model] = {
@@ -49,8 +49,8 @@ def decoded_identifier(event: evt.Event) -> Dataset | None:
 
 
 def make_find_handler(ctx: NodeContext, sessions: Sessions):
-    """Bind the handler to the node's index, audit trail and session registry."""
-    service = SearchService(QueryEngine(ctx.index, ctx.settings.node.ae_title), ctx.audit)
+    """Bind the handler to the node's search service and session registry."""
+    service = ctx.search
 
     def handle_find(event: evt.Event) -> Search | Outcome:
         session = sessions.of(event.assoc)

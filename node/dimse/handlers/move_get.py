@@ -2,7 +2,7 @@
 
 The handlers only plan: the :class:`~node.retrieve.Retrieval` they return (or
 the refusal) is run by :mod:`node.dimse.qr_loops`, which sends each
-instance as stored.
+instance through :mod:`node.dimse.sender`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from pynetdicom import evt
 from node.context import NodeContext
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.find import MODELS, decoded_identifier
-from node.retrieve import Retrieval, RetrieveService
+from node.retrieve import Retrieval
 from node.status import Outcome
-from node.storage.query import QueryEngine
 
 
 def make_retrieve_handlers(ctx: NodeContext, sessions: Sessions) -> list[tuple]:
     """EVT_C_MOVE and EVT_C_GET handlers bound to the node's retrieve service."""
-    service = RetrieveService(ctx.settings, QueryEngine(ctx.index, ctx.settings.node.ae_title),
-                              ctx.blobs, ctx.audit)
+    service = ctx.retrieve
 
     def handle_move(event: evt.Event) -> Retrieval | Outcome:
         session = sessions.of(event.assoc)
