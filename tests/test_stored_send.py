@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
-from pynetdicom import evt
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
@@ -30,7 +31,7 @@ from node.dimse.sender import (
 )
 from node.phantom import Phantom
 from node.storage.query import StoredInstance
-from tests.qr_support import StorageSCP, free_port, stored_dataset_bytes
+from tests.qr_support import StorageSCP, free_port, received_dataset, stored_dataset_bytes
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -211,3 +212,30 @@ def test_a_peer_that_goes_away_mid_batch_fails_the_rest_of_it(study):
         scp.stop()
     assert [s.status for s in sent] == [0x0000, None, None, None]
     assert [s.association for s in sent] == ["", "", "lost", "lost"]
+
+
+def test_a_peer_without_the_stored_syntax_gets_each_instance_re_encoded(study):
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event):
+        received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax), received_dataset(event))
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CT, [ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        sent = list(StoreSender("LAMINA", 16_384, 5, 5).send(
+            _items(study), "127.0.0.1", server.server_address[1], "DEST"))
+    finally:
+        server.shutdown()
+    assert [(s.status, s.syntax, s.transcoded) for s in sent] == \
+        [(0x0000, ImplicitVRLittleEndian, True)] * len(study)
+    for instance, path in study:
+        syntax, data = received[instance.sop_instance_uid]
+        ds = read_dataset(BytesIO(data), True, True)
+        assert syntax == ImplicitVRLittleEndian
+        assert ds.SOPInstanceUID == instance.sop_instance_uid
+        assert ds.PixelData == dcmread(path).PixelData

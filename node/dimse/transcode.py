@@ -7,7 +7,8 @@ storage SCP must support (PS3.5 10.1: Implicit VR Little Endian is the default,
 Explicit VR Little Endian nearly universal), and the instance is re-encoded:
 
 * between uncompressed syntaxes (implicit/explicit VR, big endian, deflated)
-  always: pydicom reads and writes the data set;
+  always: pydicom reads and writes the data set (the words of a big-endian
+  data set's binary values, which pydicom writes as read, are swapped first);
 * from a compressed syntax only where one of pydicom's pixel decoders is
   installed for it (numpy for RLE; pyjpegls, pylibjpeg or Pillow for the JPEG
   family): the pixel data is decoded first.
@@ -22,8 +23,9 @@ from collections.abc import Collection, Iterable
 from io import BytesIO
 from typing import BinaryIO
 
+import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -101,17 +103,50 @@ def transcode(stored: BinaryIO, target_syntax: str) -> bytes:
         raise TranscodeError(f"cannot encode into {target.name}")
     try:
         ds = dcmread(stored)
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.decompress()
+        stored_syntax = ds.file_meta.TransferSyntaxUID
+        if stored_syntax.is_compressed:
+            # The same instance in another transfer syntax: its UID stays (pydicom
+            # would make a new one by default).
+            ds.decompress(generate_instance_uid=False)
+        elif not stored_syntax.is_little_endian:
+            _words_to_little_endian(ds)
         out = DicomBytesIO()
         out.is_little_endian = True
         out.is_implicit_VR = target.is_implicit_VR
         write_dataset(out, ds)
         return out.getvalue()
     except Exception as exc:  # pydicom raises many kinds; all mean "cannot transcode"
-        source = "the stored data"
-        raise TranscodeError(f"cannot re-encode {source} as {target.name}: "
+        raise TranscodeError(f"cannot re-encode the stored instance as {target.name}: "
                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+#: Binary VRs whose values are words of this many bytes (PS3.5 Table 7.1-1): pydicom
+#: writes their bytes as read, so a big-endian data set's must be swapped first.
+_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _words_to_little_endian(ds: Dataset) -> None:
+    """Swap the words of a big-endian data set's binary values (pixel data, LUTs, overlays):
+    the other values pydicom parsed, and writes in the new byte order itself.
+
+    Pixel Data in OW holds pixel cells of Bits Allocated (32 or 64 bits are
+    swapped whole); sequences are walked item by item.
+    """
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _words_to_little_endian(item)
+            continue
+        if elem.VR == "UN" and elem.value:
+            raise ValueError(f"{elem.tag} has an unknown VR: its byte order cannot be changed")
+        width = _WORD_VRS.get(elem.VR)
+        if elem.tag == 0x7FE00010 and elem.VR == "OW":
+            width = max(2, int(ds.get("BitsAllocated", 16)) // 8)
+        if width and elem.value:
+            if len(elem.value) % width:
+                raise ValueError(f"{elem.tag} ({elem.VR}) is not a whole number of words")
+            words = np.frombuffer(elem.value, dtype=f">u{width}")
+            elem.value = words.astype(f"<u{width}").tobytes()
 
 
 def file_bytes(sop_class: str, sop_instance: str, syntax: str, dataset: bytes) -> bytes:
