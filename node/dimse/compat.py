@@ -106,10 +106,9 @@ def configure_process() -> None:
 
 
 def configure_scu() -> None:
-    """The flags an SCU process (``lamina find | move | send``) needs: no identifiers in logs."""
+    """The flags an SCU process (``lamina echo | find | move``) needs: no identifiers in logs."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 # --- hooks: subclass these, override the public-named method ----------------------------

@@ -276,9 +276,9 @@ def _prepare(assoc: StoreAssociation, item: Outgoing, eager: bool) -> _Payload |
         return _Payload(context_id, syntax, False, stream=stream)
     except TranscodeError as exc:
         return str(exc)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged stored file: this sub-operation fails, not the retrieve
         stream.close()
-        return f"cannot read the stored instance: {exc}"
+        return f"cannot read the stored instance: {type(exc).__name__}: {exc}"
 
 
 # --- sending back over a C-GET requester's association ----------------------------------
@@ -315,8 +315,8 @@ def send_on_association(assoc: Association, items: Iterable[Outgoing],
         except TranscodeError as exc:
             yield Sent(item, None, reason=str(exc))
             continue
-        except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-            # A missing blob, no context after all, or the association went away.
+        except Exception as exc:
+            # A missing or damaged blob, no context after all, the association went away.
             yield Sent(item, None, reason=f"{type(exc).__name__}: {exc}", syntax=syntax,
                        transcoded=transcoded)
             continue

@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 #: What a peer lacking the stored syntax is offered, in order of preference.
@@ -51,10 +52,8 @@ def can_decode(syntax: str) -> bool:
     if not uid.is_compressed:  # implicit/explicit VR, big endian, deflated
         return True
     try:
-        from pydicom.pixels import get_decoder
-
         return bool(get_decoder(uid).is_available)
-    except (NotImplementedError, ValueError, ImportError):
+    except (NotImplementedError, ValueError):  # pydicom knows no decoder for it
         return False
 
 
