@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from node.ae import associate
+from node.dimse.ae import associate
 from node.phantom import Phantom, index_records, synthetic_patient_name
 from node.storage.query import Model, parse
 from node.storage.sqlite.index import SqliteIndex

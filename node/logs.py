@@ -3,7 +3,7 @@
 Callers pass structured fields with ``extra={"fields": {...}}``; only UIDs,
 hashes, AE titles, addresses and counts go there (never names or IDs).
 pynetdicom's own logger is kept at WARNING: its INFO lines describe every
-PDU, and identifier logging is switched off in :mod:`node.ae`.
+PDU, and identifier logging is switched off in :mod:`node.dimse.ae`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Association policy: which peer is calling, and whether there is room for it.
 
 Kept free of pynetdicom so that the rules can be read (and tested) on their own;
-``node.handlers.association`` applies them to real associations.
+``node.dimse.handlers.association`` applies them to real associations.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The C-MOVE / C-GET service: who may retrieve what, to where, and which stored files go.
 
 The DIMSE mechanics (sub-associations, pending responses, C-CANCEL) live in
-:mod:`node.handlers.move_get`; this module decides everything that does not
+:mod:`node.dimse.qr_loops`; this module decides everything that does not
 depend on the wire, so a later WADO-RS can share it:
 
 * a peer retrieves only when its ``services`` include ``move`` or ``get``;
@@ -10,8 +10,9 @@ depend on the wire, so a later WADO-RS can share it:
   (else refused, 0x0124): naming an AE title must not be enough to make the
   node send images to it;
 * the instances are chosen by the unique keys of the identifier only, through
-  the same matching engine as C-FIND, and are sent as stored (the blob the
-  index points at, never decoded or re-encoded);
+  the same matching engine as C-FIND; the plan names them by what the index
+  holds (:class:`~node.storage.query.StoredInstance`, with the blob's hash),
+  and the front end reads their bytes from the blob store;
 * every retrieve is audited once when it ends: who, model, level, destination
   AE, how many instances matched, completed, failed and warned — no UIDs or
   other identifier values.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 
@@ -71,12 +71,11 @@ class Counts:
 
 @dataclass
 class Retrieval:
-    """A permitted retrieve: the files to send, where to, and its audit on completion."""
+    """A permitted retrieve: the instances to send, where to, and its audit on completion."""
 
     kind: str  # "move" | "get"
     query: Query
     instances: list[StoredInstance]
-    paths: list[Path]
     destination: Peer | None
     events: AuditQueue
     actor: Actor
@@ -174,8 +173,7 @@ class RetrieveService:
         except IndexUnavailable:
             return self._refuse(kind, actor, model, Outcome(
                 status.OUT_OF_RESOURCES, "index unavailable"))
-        paths = [self.blobs.local_path(i.blob_sha256) for i in instances]
-        return Retrieval(kind, query, instances, paths, destination, self.events, actor)
+        return Retrieval(kind, query, instances, destination, self.events, actor)
 
     def _refuse(self, kind: str, actor: Actor, model: Model, outcome: Outcome) -> Outcome:
         report(self.events, log, f"retrieve.{kind}.refused", actor,

@@ -26,8 +26,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.anonymize.keys import create_key_file
 from node.config import load
+from node.dimse.scu import Target, send_files
 from node.phantom import Phantom
-from node.scu import Target, send_files
 from node.storage.blobs import LocalBlobStore
 from node.storage.sqlite.index import SqliteIndex
 
@@ -61,14 +61,7 @@ class Node:
 
     def blob_path(self, sop_instance_uid: str) -> Path:
         """Where the node keeps an instance's bytes (content-addressed)."""
-        index = self.index()
-        try:
-            with index.connection() as conn:
-                sha = conn.execute("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
-                                   (sop_instance_uid,)).fetchone()[0]
-        finally:
-            index.close()
-        return LocalBlobStore(self.data / "blobs", self.data / "spool").local_path(sha)
+        return blob_path(self.data, sop_instance_uid)
 
     def audit_events(self, prefix: str, until=lambda events: bool(events),
                      timeout: float = 5.0) -> list[dict]:
@@ -111,8 +104,19 @@ class Node:
                 self.process.wait(timeout=5)
 
 
-def start_node(folder: Path, peers: dict[str, dict], ae_title: str = "LAMINA") -> Node:
-    """Write a config with these peers and start the node on an ephemeral port."""
+def blob_path(data: Path, sop_instance_uid: str) -> Path:
+    """Where the node with this data folder keeps an instance's bytes (content-addressed)."""
+    index = SqliteIndex(data / "index.sqlite3")
+    try:
+        with index.reader() as r:
+            sha = r.instances.blob_of(sop_instance_uid)
+    finally:
+        index.close()
+    return LocalBlobStore(data / "blobs", data / "spool").local_path(sha)
+
+
+def write_config(folder: Path, peers: dict[str, dict], ae_title: str = "LAMINA") -> Path:
+    """A node config (port 0, data under ``folder``) with these peers; its path."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         "[node]", f"ae_title = {_toml(ae_title)}", 'bind = "127.0.0.1"', "port = 0",
@@ -135,6 +139,12 @@ def start_node(folder: Path, peers: dict[str, dict], ae_title: str = "LAMINA") -
         lines += [f"{k} = {_toml(v)}" for k, v in peer.items()]
     config = folder / "node.toml"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return config
+
+
+def start_node(folder: Path, peers: dict[str, dict], ae_title: str = "LAMINA") -> Node:
+    """Write a config with these peers and start the node on an ephemeral port."""
+    config = write_config(folder, peers, ae_title)
     log = folder / "node.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "wb") as out:
@@ -233,7 +243,7 @@ class StorageSCP:
         if uid in self.fail_uids:
             return 0xA700
         with self.lock:
-            self.received[uid] = event.encoded_dataset(include_meta=False)
+            self.received[uid] = received_dataset(event)
             self.originators.add(str(event.request.MoveOriginatorApplicationEntityTitle))
         return 0x0000
 
@@ -248,6 +258,18 @@ class StorageSCP:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+
+
+def received_dataset(event: evt.Event) -> bytes:
+    """The data set bytes a C-STORE carried, whether pynetdicom spooled them to a file
+    (``STORE_RECV_CHUNKED_DATASET``, set by a node running in this process) or not."""
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        path = None
+    if path is None:
+        return event.encoded_dataset(include_meta=False)
+    return stored_dataset_bytes(Path(path))
 
 
 def stored_dataset_bytes(path: Path) -> bytes:

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from pydicom import config, dcmread
 
-from node.cli import main as cli
 from node.anonymize.keys import ENV_VAR, create_key_file
+from node.cli import main as cli
 from tests.phi_corpus import PATIENTS, STUDIES, write_ct_series
 
 

@@ -12,7 +12,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from node.ae import associate
+from node.dimse.ae import associate
 from node.phantom import index_records
 from tests.qr_support import StudySpec, identifier, start_node, write_study
 

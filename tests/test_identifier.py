@@ -6,7 +6,7 @@ import pytest
 from pydicom.tag import Tag
 from pynetdicom.dsutils import encode
 
-from node.handlers.identifier import encode_match
+from node.dimse.identifier import encode_match
 from node.storage.query import Match
 
 CHARSET, LEVEL = Tag(0x00080005), Tag(0x00080052)

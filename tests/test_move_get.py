@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -16,8 +16,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.ae import associate
 from node.config import ConfigError, load
+from node.dimse.ae import associate
 from tests.qr_support import (
     StorageSCP,
     StudySpec,
@@ -280,10 +280,11 @@ def test_cancel_stops_a_get(env):
     assert 0 < final.NumberOfRemainingSuboperations < len(uids["move-b"])
 
 
-def test_get_without_a_context_for_the_stored_syntax_fails_cleanly(env):
+def test_get_without_a_usable_context_for_the_stored_instances_fails_cleanly(env):
+    """The requester takes CT only as JPEG Baseline: nothing the node can send (an
+    uncompressed instance is re-encoded only into an uncompressed syntax)."""
     node, _, uids = env
-    assoc = open_assoc(node, get_syntaxes=[ImplicitVRLittleEndian],
-                       on_store=lambda event: 0x0000)
+    assoc = open_assoc(node, get_syntaxes=[JPEGBaseline8Bit], on_store=lambda event: 0x0000)
     try:
         responses = [(int(s.Status), s, ds) for s, ds in assoc.send_c_get(
             identifier("STUDY", StudyInstanceUID=uids["move-a/study"]), GET)]
@@ -294,6 +295,10 @@ def test_get_without_a_context_for_the_stored_syntax_fails_cleanly(env):
     assert code == 0xA702 and final.NumberOfFailedSuboperations == 3
     assert len(ds.FailedSOPInstanceUIDList) == 3
     assert still_open
+    log = node.log.read_text()
+    assert "sub-operation not sent" in log
+    assert ("CT Image Storage (1.2.840.10008.5.1.4.1.1.2) stored as Explicit VR Little Endian:"
+            " the C-GET requester accepted JPEG Baseline (Process 1)") in log
 
 
 def test_lamina_move_command(env):

@@ -1,4 +1,4 @@
-"""The C-MOVE sub-association: its bytes equal pynetdicom's, and it works against a real SCP."""
+"""The sender's own sub-association: its bytes equal pynetdicom's, and it works against a real SCP."""
 
 from __future__ import annotations
 
@@ -8,24 +8,30 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.pdu import P_DATA_TF
 
-from node.handlers.stored_send import (
+from node.dimse.sender import (
     AssociationFailed,
     NoContext,
+    Outgoing,
     StoreAssociation,
+    StoreResponse,
+    StoreSender,
     dataset_offset,
+    error_comment,
     frame,
     response_status,
     store_command,
 )
 from node.phantom import Phantom
 from node.storage.query import StoredInstance
-from tests.qr_support import StorageSCP, free_port, stored_dataset_bytes
+from tests.qr_support import StorageSCP, free_port, received_dataset, stored_dataset_bytes
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -48,10 +54,11 @@ def test_store_command_equals_pynetdicoms(uid, msg_id, originator, originator_id
         bytes(encode(message.command_set, True, True))
 
 
-def _response_command(status: int, msg_id: int) -> bytes:
+def _response_command(status: int, msg_id: int, comment: str | None = None) -> bytes:
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPClassUID = msg_id, CT
     rsp.AffectedSOPInstanceUID, rsp.Status = "1.2.3", status
+    rsp.ErrorComment = comment
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
     return bytes(encode(message.command_set, True, True))
@@ -61,6 +68,8 @@ def test_response_status_reads_a_c_store_rsp_and_nothing_else():
     assert response_status(_response_command(0xA700, 9)) == (0xA700, 9)
     assert response_status(store_command(CT, "1.2.3", 9)) is None  # a request, not a response
     assert response_status(_response_command(0, 9)[:-3]) is None  # truncated
+    assert error_comment(_response_command(0xA900, 9, "Rows missing")) == "Rows missing"
+    assert error_comment(_response_command(0, 9)) == ""
 
 
 def _pdus(stream: bytes) -> list[P_DATA_TF]:
@@ -116,17 +125,22 @@ def _open(port: int, contexts=((CT, ExplicitVRLittleEndian),), called="DEST",
                                  5, 5)
 
 
+def _items(study) -> list[Outgoing]:
+    return [Outgoing.file(path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid)
+            for i, path in study]
+
+
 def test_sends_stored_bytes_to_a_pynetdicom_scp_and_reads_each_status(study):
     scp = StorageSCP("DEST", free_port(), fail_uids={study[2][0].sop_instance_uid}).start()
     try:
-        assoc = _open(scp.port)
-        codes = [assoc.send(i, p, n, "MOVESCU", 1, study[n] if n < len(study) else None)
-                 for n, (i, p) in enumerate(study, start=1)]
-        assoc.release()
+        sender = StoreSender("LAMINA", 16_384, 5, 5)
+        sent = list(sender.send(_items(study), "127.0.0.1", scp.port, "DEST",
+                                originator=("MOVESCU", 1)))
     finally:
         scp.stop()
+    codes = [s.status for s in sent]
     assert codes == [0x0000, 0x0000, 0xA700, 0x0000]
-    assert not assoc.is_established
+    assert {s.syntax for s in sent} == {ExplicitVRLittleEndian} and not any(s.transcoded for s in sent)
     for instance, path in study:
         if instance.sop_instance_uid in scp.received:
             assert scp.received[instance.sop_instance_uid] == stored_dataset_bytes(path)
@@ -138,10 +152,13 @@ def test_a_context_the_peer_rejected_is_no_context(study):
     try:
         assoc = _open(scp.port, contexts=[(CT, ExplicitVRLittleEndian), ("1.2.3.4", JPEGBaseline8Bit)])
         with pytest.raises(NoContext):
-            assoc.send(StoredInstance("1.2.3.4", "9.9", JPEGBaseline8Bit, "0" * 64),
-                       study[0][1], 1)
-        assert assoc.send(*study[0], 2) == 0x0000  # the association is still usable
+            assoc.send("1.2.3.4", "9.9", JPEGBaseline8Bit, b"\0\0", 1)
+        instance, path = study[0]
+        response = assoc.send(CT, instance.sop_instance_uid, ExplicitVRLittleEndian,
+                              stored_dataset_bytes(path), 2)
+        assert response == StoreResponse(0x0000)  # the association is still usable
         assoc.release()
+        assert not assoc.is_established
     finally:
         scp.stop()
 
@@ -155,8 +172,12 @@ def test_unreachable_or_refusing_destinations_raise(study):
     try:
         with pytest.raises(AssociationFailed, match="rejected"):
             _open(scp.port, called="SOMEONE")
+        sent = list(StoreSender("LAMINA", 16_384, 5, 5).send(_items(study), "127.0.0.1",
+                                                             scp.port, "SOMEONE"))
     finally:
         scp.stop()
+    assert [(s.status, s.association) for s in sent] == [(None, "refused")] * len(study)
+    assert all("rejected" in s.reason for s in sent)
 
 
 def test_a_peer_that_goes_away_ends_the_association(study):
@@ -165,7 +186,56 @@ def test_a_peer_that_goes_away_ends_the_association(study):
         assoc = _open(scp.port)
         for server_assoc in scp.server.active_associations:
             server_assoc.abort()
-        assert assoc.send(*study[0], 1) is None
+        instance, path = study[0]
+        assert assoc.send(CT, instance.sop_instance_uid, ExplicitVRLittleEndian,
+                          stored_dataset_bytes(path), 1) is None
         assert not assoc.is_established
     finally:
         scp.stop()
+
+
+def test_a_peer_that_goes_away_mid_batch_fails_the_rest_of_it(study):
+    scp = StorageSCP("DEST", free_port())
+    scp.start()
+
+    def abort_on_second(event):
+        if event.request.MessageID == 2:
+            event.assoc.abort()
+            return 0xC000
+        return 0x0000
+
+    scp.server.bind(evt.EVT_C_STORE, abort_on_second)
+    try:
+        sent = list(StoreSender("LAMINA", 16_384, 5, 5).send(_items(study), "127.0.0.1",
+                                                             scp.port, "DEST"))
+    finally:
+        scp.stop()
+    assert [s.status for s in sent] == [0x0000, None, None, None]
+    assert [s.association for s in sent] == ["", "", "lost", "lost"]
+
+
+def test_a_peer_without_the_stored_syntax_gets_each_instance_re_encoded(study):
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event):
+        received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax), received_dataset(event))
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CT, [ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        sent = list(StoreSender("LAMINA", 16_384, 5, 5).send(
+            _items(study), "127.0.0.1", server.server_address[1], "DEST"))
+    finally:
+        server.shutdown()
+    assert [(s.status, s.syntax, s.transcoded) for s in sent] == \
+        [(0x0000, ImplicitVRLittleEndian, True)] * len(study)
+    for instance, path in study:
+        syntax, data = received[instance.sop_instance_uid]
+        ds = read_dataset(BytesIO(data), True, True)
+        assert syntax == ImplicitVRLittleEndian
+        assert ds.SOPInstanceUID == instance.sop_instance_uid
+        assert ds.PixelData == dcmread(path).PixelData

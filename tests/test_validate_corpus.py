@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.filereader import read_file_meta_info
 
-from node.ae import ACCEPTED_TRANSFER_SYNTAXES
+from node.dimse.ae import ACCEPTED_TRANSFER_SYNTAXES
 from node.ingest.validate import ACCEPTED_SOP_CLASSES
 from tests.lamina_process import send_files, start_node
 

@@ -226,7 +226,7 @@ def overlays(settings: Settings, source: Path | None, annotation_id: int | None,
     """Write copies of the source slices with a SEG's, a label map's or an annotation's
     masks as overlay planes (6000–601E), for Horos/OsiriX readers."""
     from node.annotations.bridge import BridgeError, overlay_copies
-    from node.scu import PeerError, resolve_peer, send_files
+    from node.dimse.scu import PeerError, resolve_peer, send_files
 
     with node_context(settings) as ctx:
         protocol = ctx.annotations.protocol

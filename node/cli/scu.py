@@ -24,8 +24,8 @@ from node.config import Settings
 @click.option("--aet", help="Calling AE title (default: node.ae_title).")
 def echo(settings: Settings, peer: str, aet: str | None) -> None:
     """C-ECHO a PEER (a configured peer name, or AE@HOST:PORT)."""
-    from node.scu import PeerError, resolve_peer
-    from node.scu import echo as do_echo
+    from node.dimse.scu import PeerError, resolve_peer
+    from node.dimse.scu import echo as do_echo
 
     try:
         target = resolve_peer(settings, peer)
@@ -46,7 +46,7 @@ def echo(settings: Settings, peer: str, aet: str | None) -> None:
 @click.option("--aet", help="Calling AE title (default: node.ae_title).")
 def send(settings: Settings, paths: tuple[str, ...], peer: str, aet: str | None) -> None:
     """C-STORE files and folders (recursively) to a peer, with a progress bar."""
-    from node.scu import PeerError, find_dicom_files, resolve_peer, send_files
+    from node.dimse.scu import PeerError, find_dicom_files, resolve_peer, send_files
 
     try:
         target = resolve_peer(settings, peer)
@@ -83,7 +83,7 @@ def _qr_options(func):
 
 
 def _identifier(level: str, keys: tuple[str, ...], charset: str | None):
-    from node.qr_scu import UnknownKey, build_identifier
+    from node.dimse.scu import UnknownKey, build_identifier
 
     try:
         return build_identifier(level, list(keys), charset)
@@ -92,7 +92,7 @@ def _identifier(level: str, keys: tuple[str, ...], charset: str | None):
 
 
 def _target(settings: Settings, peer: str):
-    from node.scu import PeerError, resolve_peer
+    from node.dimse.scu import PeerError, resolve_peer
 
     try:
         return resolve_peer(settings, peer)
@@ -108,8 +108,8 @@ def _target(settings: Settings, peer: str):
 def find(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
          aet: str | None, charset: str | None) -> None:
     """C-FIND at PEER: one tab-separated line per match (the -k keys, in order)."""
-    from node.qr_scu import find as do_find
-    from node.qr_scu import key_names
+    from node.dimse.scu import find as do_find
+    from node.dimse.scu import key_names
 
     identifier = _identifier(level, keys, charset)
     columns = key_names(list(keys))
@@ -148,7 +148,7 @@ def _text(value: object) -> str:
 def move(settings: Settings, peer: str, model: str, level: str, keys: tuple[str, ...],
          aet: str | None, destination: str) -> None:
     """C-MOVE from PEER to --dest: progress on stderr, exit 1 unless all sub-operations succeed."""
-    from node.qr_scu import move as do_move
+    from node.dimse.scu import move as do_move
 
     identifier = _identifier(level, keys, None)
 

@@ -18,7 +18,7 @@ def serve(settings: Settings, workers: int | None) -> None:
     """Run the node until Ctrl-C or SIGTERM: C-ECHO, C-STORE (validated, de-identified on
     the clinical route, stored and indexed), C-FIND, C-MOVE and C-GET for the configured
     peers, with annotation checks, the series sweep and the audit trail."""
-    from node.server import serve as run
+    from node.serve import serve as run
 
     if workers:
         settings = replace(settings, node=replace(settings.node, workers=workers))

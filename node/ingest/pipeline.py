@@ -297,8 +297,17 @@ class IngestService:
         return instance_id
 
     def _after_commit(self, stored: Stored) -> None:
-        for hook in self.hooks:
-            self.defer(lambda hook=hook: hook.after_commit(stored))
+        """One job per stored object on the context's worker, running every hook's
+        ``after_commit`` in turn (one failing hook does not stop the others)."""
+        def run() -> None:
+            for hook in self.hooks:
+                try:
+                    hook.after_commit(stored)
+                except Exception:
+                    log.exception("after-commit hook failed", extra={"fields": {
+                        "hook": type(hook).__name__, "sha256": stored.incoming.blob.sha256}})
+
+        self.defer(run)
 
     def _committed(self, entries: list[AuditEntry | None]) -> None:
         written = [e for e in entries if e is not None]

@@ -25,15 +25,15 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.config import ValidationSettings
 from node.ingest.iod import IOD, IODTables, Requirement
 from node.ingest.rules import REJECT
+from node.sop_classes import STORAGE_SOP_CLASSES
 from node.storage.records import value_text
 
-#: What the association accepts (``node.ae``) is what STOW-RS may store too.
-ACCEPTED_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+#: What the association accepts (``node.dimse.ae``) is what STOW-RS may store too.
+ACCEPTED_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES)
 
 #: The modality an IOD's own series module fixes (PS3.3 enumerated values).
 #: Only IODs that fix one are listed; Secondary Capture allows any.

@@ -605,7 +605,7 @@ class Match:
     """One matching entity as the elements of its response identifier, in tag order.
 
     Front ends serialise it their own way: DIMSE to bytes
-    (:mod:`node.handlers.identifier`), QIDO-RS to DICOM JSON via :meth:`dataset`.
+    (:mod:`node.dimse.identifier`), QIDO-RS to DICOM JSON via :meth:`dataset`.
     """
 
     elements: list[Element]

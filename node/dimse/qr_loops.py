@@ -6,51 +6,51 @@ Why Lamina runs these loops instead of pynetdicom's Q/R service class:
   encodes the same pending command set again for each; together about a
   millisecond of CPU per response. Here the pending command set is encoded
   once per request, the identifier goes straight to bytes
-  (:mod:`node.handlers.identifier`), and both travel in one P-DATA PDU.
+  (:mod:`node.dimse.identifier`), and both travel in one P-DATA PDU.
 * C-MOVE / C-GET: pynetdicom only sends Datasets its handler yields,
   re-encoding every instance, and puts its own AE title in Move Originator AE
-  Title. Here each blob is sent as stored. C-MOVE opens its own storage
-  association to the destination (:mod:`node.handlers.stored_send`, about
-  eight times faster than a pynetdicom association); C-GET sends back over the
-  requesting association with ``send_c_store(path)`` and
-  ``STORE_SEND_CHUNKED_DATASET``, which reads the file in PDU-sized pieces.
+  Title. Here each blob is sent as stored when the peer takes its syntax, and
+  re-encoded only when it does not (:mod:`node.dimse.sender`, the one outgoing
+  C-STORE). C-MOVE opens its own storage association to the destination
+  (about eight times faster than a pynetdicom association); C-GET sends back
+  over the requesting association, a stored file read from disk in PDU-sized
+  pieces.
 
 Everything else (association handling, C-CANCEL bookkeeping, status
-validation) stays pynetdicom's. :func:`install` routes the Q/R SOP classes to
-:class:`LaminaQueryRetrieveServiceClass`. The bound EVT_C_FIND / EVT_C_MOVE /
-EVT_C_GET handlers stay thin: they return the service's plan (a
+validation) stays pynetdicom's. :class:`QueryRetrieveAssociation` routes the
+Q/R SOP classes of the associations our server accepts (and only those) to
+:class:`QueryRetrieveLoops`. The bound EVT_C_FIND / EVT_C_MOVE / EVT_C_GET
+handlers stay thin: they return the service's plan (a
 :class:`~node.search.Search` or :class:`~node.retrieve.Retrieval`) or its
-refusal, and the loops below run it.
+refusal, and the loops below run it, reading stored bytes from the blob store.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from io import BytesIO
-from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import association, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from node import status
-from node.ae import context_batches
-from node.handlers.identifier import encode_match
-from node.handlers.stored_send import AssociationFailed, NoContext, StoreAssociation
+from node.dimse import compat
+from node.dimse.ae import QUERY_RETRIEVE_SOP_CLASSES
+from node.dimse.identifier import encode_match
+from node.dimse.sender import BlobSource, Outgoing, Sent, StoreSender, send_on_association
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten
 from node.storage.interface import IndexUnavailable
-from node.storage.query import StoredInstance
 
 log = logging.getLogger("lamina.qr")
 
@@ -63,26 +63,41 @@ _DUL_TURN = 0.001  # one idle DUL loop (pynetdicom's run-loop delay): it reads t
 _PDV_ITEM_HEADER = 5  # PS3.8 9.3.5.1: item length (4) and presentation context ID (1)
 
 
-def install() -> None:
-    """Route Q/R requests to :class:`LaminaQueryRetrieveServiceClass` (idempotent, per process)."""
-    original = association.uid_to_service_class
-    if getattr(original, "lamina_routes_qr", False):
-        return
+class QueryRetrieveAssociation(compat.AssociationHooks):
+    """An association of our server: Q/R requests go to :class:`QueryRetrieveLoops`,
+    everything else to pynetdicom's own dispatch.
 
-    def route(uid: str) -> type:
-        found = original(uid)
-        return LaminaQueryRetrieveServiceClass if found is QueryRetrieveServiceClass else found
+    ``blobs`` is set when the server adopts the association.
+    """
 
-    route.lamina_routes_qr = True  # type: ignore[attr-defined]
-    association.uid_to_service_class = route
+    blobs: BlobSource
+
+    def serve_request(self, msg: Any, context_id: int) -> None:
+        context = compat.accepted_context(self, context_id)
+        if (context is None or compat.is_releasing(self) or not msg.is_valid_request
+                or not isinstance(msg, (C_FIND, C_MOVE, C_GET))
+                or msg.AffectedSOPClassUID not in QUERY_RETRIEVE_SOP_CLASSES
+                or msg.AffectedSOPClassUID in self.acceptor.accepted_common_extended):
+            super().serve_request(msg, context_id)  # pynetdicom logs, ignores or aborts
+            return
+        try:
+            with compat.serving(self):
+                QueryRetrieveLoops(self, self.blobs).SCP(msg, context)
+        except Exception:
+            log.exception("query/retrieve request failed")
+            self.abort()
 
 
-class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
+class QueryRetrieveLoops(compat.QueryRetrieveHooks):
     """pynetdicom's Q/R service class with Lamina's C-FIND, C-MOVE and C-GET loops."""
+
+    def __init__(self, assoc: Association, blobs: BlobSource) -> None:
+        super().__init__(assoc)
+        self.blobs = blobs
 
     # --- C-FIND ------------------------------------------------------------------
 
-    def _c_find_scp(self, req: C_FIND, context: PresentationContext) -> None:
+    def c_find(self, req: C_FIND, context: PresentationContext) -> None:
         rsp = C_FIND()
         rsp.MessageIDBeingRespondedTo = req.MessageID
         rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
@@ -122,10 +137,10 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
 
     # --- C-MOVE and C-GET ----------------------------------------------------------
 
-    def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+    def c_move(self, req: C_MOVE, context: PresentationContext) -> None:
         self._retrieve(req, C_MOVE(), context, evt.EVT_C_MOVE)
 
-    def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+    def c_get(self, req: C_GET, context: PresentationContext) -> None:
         self._retrieve(req, C_GET(), context, evt.EVT_C_GET)
 
     def _retrieve(self, req: C_MOVE | C_GET, rsp: C_MOVE | C_GET,
@@ -149,81 +164,60 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
 
     def _run(self, plan: Retrieval, req: C_MOVE | C_GET, rsp: C_MOVE | C_GET,
              context: PresentationContext) -> Outcome:
-        """Every sub-operation, batch by batch; the outcome the final response carries."""
-        items = list(zip(plan.instances, plan.paths, strict=False))
-
-        def fail_the_rest() -> None:
-            unsent = items[len(items) - plan.counts.remaining:]
-            plan.counts.fail_remaining([i.sop_instance_uid for i, _ in unsent])
-
-        move = plan.destination is not None
-        batches = self._destination_batches(plan, items) if move else \
-            iter([(_GetSender(self.assoc), items)])
-        n, last_progress = 0, time.monotonic()
-        for sender, batch in batches:
-            if isinstance(sender, AssociationFailed):
-                log.warning("move destination unavailable", extra={"fields": {
-                    "destination": plan.destination.ae_title if plan.destination else "",
-                    "reason": str(sender)}})
-                fail_the_rest()
-                if plan.counts.completed or plan.counts.warning:
-                    return plan.outcome()
-                return Outcome(status.SUBOPERATIONS_IMPOSSIBLE,
-                               "the move destination did not accept the association")
-            try:
-                for k, (instance, path) in enumerate(batch):
-                    if self.is_cancelled(req.MessageID):
-                        return plan.outcome(cancelled=True)
-                    if not self.assoc.is_established:
-                        return Outcome(status.UNABLE_TO_PROCESS, "association ended")
-                    if not sender.is_established:
-                        fail_the_rest()
-                        return plan.outcome()
-                    n += 1
-                    code = self._store(sender, instance, path, (req.MessageID + n) % 65536 or 1,
-                                       req.MessageID if move else None,
-                                       batch[k + 1] if k + 1 < len(batch) else None)
-                    plan.counts.record(code, instance.sop_instance_uid)
-                    now = time.monotonic()
-                    if now - last_progress >= _PROGRESS_INTERVAL:
-                        self._send_progress(rsp, context, plan)
-                        last_progress = now
-            finally:
-                sender.release()
+        """Every sub-operation in turn; the outcome the final response carries."""
+        items = (Outgoing.stored(i, self.blobs) for i in plan.instances)
+        first_msg_id = req.MessageID % 65535 + 1
+        dest = plan.destination
+        if dest is not None:
+            sender = StoreSender(self.ae.ae_title, self.ae.maximum_pdu_size,
+                                 self.ae.acse_timeout or 30, self.ae.dimse_timeout or 60)
+            # Move Originator is the C-MOVE's requester (pynetdicom would put our own title).
+            results = sender.send(items, dest.host, dest.port, dest.ae_title,
+                                  (self.assoc.requestor.ae_title, req.MessageID), first_msg_id)
+        else:
+            results = send_on_association(self.assoc, items, first_msg_id)
+        last_progress = time.monotonic()
+        with closing(results):
+            while plan.counts.remaining:
+                if self.is_cancelled(req.MessageID):
+                    return plan.outcome(cancelled=True)
+                if not self.assoc.is_established:
+                    return Outcome(status.UNABLE_TO_PROCESS, "association ended")
+                sent = next(results, None)
+                if sent is None:  # the sender yields one result per item: not expected
+                    break
+                if sent.association:
+                    return self._association_failed(plan, sent)
+                plan.counts.record(sent.status, sent.item.sop_instance_uid)
+                if sent.status is None:
+                    self._not_sent(plan, sent)
+                now = time.monotonic()
+                if now - last_progress >= _PROGRESS_INTERVAL:
+                    self._send_progress(rsp, context, plan)
+                    last_progress = now
         return plan.outcome()
 
-    def _destination_batches(self, plan: Retrieval, items: list
-                             ) -> Iterator[tuple[StoreAssociation | AssociationFailed, list]]:
-        """One association per batch of at most 128 presentation contexts (or why not)."""
-        dest = plan.destination
-        assert dest is not None
-        for batch in context_batches(items, lambda i: (i[0].sop_class_uid,
-                                                         i[0].transfer_syntax_uid)):
-            contexts = list(dict.fromkeys(
-                (i.sop_class_uid, i.transfer_syntax_uid) for i, _ in batch))
-            try:
-                yield StoreAssociation.open(
-                    self.ae.ae_title, dest.host, dest.port, dest.ae_title, contexts,
-                    self.ae.maximum_pdu_size, self.ae.acse_timeout or 30,
-                    self.ae.dimse_timeout or 60), batch
-            except AssociationFailed as exc:
-                yield exc, batch
+    def _association_failed(self, plan: Retrieval, sent: Sent) -> Outcome:
+        """The destination's association could not be opened or was lost: the rest fail."""
+        unsent = plan.instances[len(plan.instances) - plan.counts.remaining:]
+        plan.counts.fail_remaining([i.sop_instance_uid for i in unsent])
+        if sent.association == "lost":
+            return plan.outcome()
+        log.warning("move destination unavailable", extra={"fields": {
+            "destination": plan.destination.ae_title if plan.destination else "",
+            "reason": sent.reason}})
+        if plan.counts.completed or plan.counts.warning:
+            return plan.outcome()
+        return Outcome(status.SUBOPERATIONS_IMPOSSIBLE,
+                       "the move destination did not accept the association")
 
-    def _store(self, sender: StoreAssociation | _GetSender, instance: StoredInstance,
-               path: Path, msg_id: int, originator_id: int | None,
-               upcoming: tuple[StoredInstance, Path] | None) -> int | None:
-        """One C-STORE sub-operation; its response status, or None when none came back."""
-        try:
-            # Move Originator is the C-MOVE's requester (pynetdicom would put our own title).
-            return sender.send(instance, path, msg_id,
-                               None if originator_id is None else self.assoc.requestor.ae_title,
-                               originator_id, upcoming)
-        except (NoContext, ValueError, AttributeError, OSError, RuntimeError) as exc:
-            # No accepted context for the stored syntax, a missing blob, a lost association.
-            log.warning("sub-operation not sent", extra={"fields": {
-                "sop_instance_uid": instance.sop_instance_uid, "sha256": instance.blob_sha256,
-                "reason": type(exc).__name__}})
-            return None
+    @staticmethod
+    def _not_sent(plan: Retrieval, sent: Sent) -> None:
+        """Log why a sub-operation failed without a status from the peer."""
+        log.warning("sub-operation not sent", extra={"fields": {
+            "retrieve": plan.kind, "sop_class_uid": sent.item.sop_class_uid,
+            "sop_instance_uid": sent.item.sop_instance_uid, "sha256": sent.item.label,
+            "transfer_syntax": sent.item.transfer_syntax_uid, "reason": sent.reason}})
 
     def _send_progress(self, rsp: C_MOVE | C_GET, context: PresentationContext,
                        plan: Retrieval) -> None:
@@ -235,7 +229,7 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
         rsp.NumberOfCompletedSuboperations = c.completed
         rsp.NumberOfFailedSuboperations = c.failed
         rsp.NumberOfWarningSuboperations = c.warning
-        self.dimse.send_msg(rsp, context.context_id)
+        compat.send_message(self.assoc, rsp, context.context_id)
 
     # --- shared ------------------------------------------------------------------
 
@@ -275,27 +269,7 @@ class LaminaQueryRetrieveServiceClass(QueryRetrieveServiceClass):
                     rsp.Identifier = BytesIO(encode(ds, syntax.is_implicit_VR,
                                                     syntax.is_little_endian,
                                                     syntax.is_deflated))
-        self.dimse.send_msg(rsp, context.context_id)
-
-
-class _GetSender:
-    """C-GET sub-operations: pynetdicom's C-STORE back over the requesting association,
-    reading the stored file from disk (STORE_SEND_CHUNKED_DATASET)."""
-
-    def __init__(self, assoc: Association) -> None:
-        self.assoc = assoc
-
-    @property
-    def is_established(self) -> bool:
-        return self.assoc.is_established
-
-    def send(self, instance: StoredInstance, path: Path, msg_id: int, _originator_aet: None,
-             _originator_id: None, _upcoming: object) -> int | None:
-        result = self.assoc.send_c_store(path, msg_id=msg_id)
-        return int(result.Status) if "Status" in result else None
-
-    def release(self) -> None:
-        """The requesting association stays open: the SCU releases it."""
+        compat.send_message(self.assoc, rsp, context.context_id)
 
 
 class _PendingFind:
@@ -308,9 +282,8 @@ class _PendingFind:
     and leaves the DUL one idle turn to read what the SCU sent.
     """
 
-    def __init__(self, service: LaminaQueryRetrieveServiceClass, req: C_FIND,
+    def __init__(self, service: QueryRetrieveLoops, req: C_FIND,
                  context: PresentationContext, code: int) -> None:
-        self.service = service
         self.context_id = context.context_id
         self.rsp = C_FIND()
         self.rsp.MessageIDBeingRespondedTo = req.MessageID
@@ -320,7 +293,8 @@ class _PendingFind:
         message = C_FIND_RSP()
         message.primitive_to_message(self.rsp)
         self.command = b"\x03" + bytes(encode(message.command_set, True, True))
-        self.max_pdu = service.dimse.maximum_pdu_size
+        self.assoc = service.assoc
+        self.max_pdu = self.assoc.requestor.maximum_length  # the SCU's (we are the acceptor)
         self.sent = 0
 
     def __call__(self, identifier: bytes) -> None:
@@ -329,16 +303,15 @@ class _PendingFind:
         if self.max_pdu and size > self.max_pdu:
             # Larger than one PDU: let pynetdicom fragment it.
             self.rsp.Identifier = BytesIO(identifier)
-            self.service.dimse.send_msg(self.rsp, self.context_id)
+            compat.send_message(self.assoc, self.rsp, self.context_id)
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list = [
             [self.context_id, self.command], [self.context_id, b"\x02" + identifier]]
-        dul = self.service.assoc.dul
-        dul.send_pdu(pdata)
+        compat.send_pdata(self.assoc, pdata)
         self.sent += 1
         if self.sent % _BATCH == 0:
-            while not dul.to_provider_queue.empty() and self.service.assoc.is_established:
+            while not compat.send_queue_empty(self.assoc) and self.assoc.is_established:
                 time.sleep(_DRAIN_POLL)
             time.sleep(_DUL_TURN)
 

@@ -1,8 +1,8 @@
 """C-MOVE and C-GET: hand the identifier to the retrieve service and return its plan.
 
 The handlers only plan: the :class:`~node.retrieve.Retrieval` they return (or
-the refusal) is run by :mod:`node.handlers.qr_service`, which sends each
-instance as stored.
+the refusal) is run by :mod:`node.dimse.qr_loops`, which sends each
+instance through :mod:`node.dimse.sender`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pynetdicom import evt
 
 from node.context import NodeContext
-from node.handlers.association import Sessions
-from node.handlers.find import MODELS, decoded_identifier
+from node.dimse.handlers.association import Sessions
+from node.dimse.handlers.find import MODELS, decoded_identifier
 from node.retrieve import Retrieval
 from node.status import Outcome
 

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from node.context import NodeContext
-from node.handlers.association import Sessions
+from node.dimse.handlers.association import Sessions
 
 log = logging.getLogger("lamina.store")
 

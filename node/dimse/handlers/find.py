@@ -1,7 +1,7 @@
 """C-FIND: hand the identifier to the search service; answer SOP Class Extended Negotiation.
 
 The handler only plans: it returns the service's :class:`~node.search.Search`
-(or refusal), and :mod:`node.handlers.qr_service` streams the matches.
+(or refusal), and :mod:`node.dimse.qr_loops` streams the matches.
 
 Relational queries and retrievals are agreed when an SCU asks for them in
 SOP Class Extended Negotiation (the matcher accepts keys at any level above the
@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 )
 
 from node.context import NodeContext
-from node.handlers.association import Sessions
+from node.dimse.handlers.association import Sessions
 from node.search import Search
 from node.status import Outcome
 from node.storage.query import Model
@@ -49,7 +49,7 @@ def decoded_identifier(event: evt.Event) -> Dataset | None:
 
 
 def make_find_handler(ctx: NodeContext, sessions: Sessions):
-    """Bind the handler to the node's index, audit trail and session registry."""
+    """Bind the handler to the node's search service and session registry."""
     service = ctx.search
 
     def handle_find(event: evt.Event) -> Search | Outcome:

@@ -30,9 +30,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -45,6 +44,8 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings
+from node.dimse import compat
+from node.sop_classes import STORAGE_SOP_CLASSES
 
 #: What we accept, stored as received (never transcoded). Uncompressed first
 #: so that an SCU offering several syntaxes in one context gets the plain one.
@@ -66,16 +67,14 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 
 def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings: no patient data in logs, spool to disk."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    # Spool every received dataset straight to a file (the DICOM File Format with
-    # meta) so a multi-hundred-MB object is never held whole in memory; the
-    # ingest service renames that file into the blob store.
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # C-GET sub-operations send stored files from disk as they are (C-MOVE has its
-    # own sender, node.handlers.stored_send).
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    """Process-wide pynetdicom settings: no patient data in logs, spool to disk.
+
+    Received data sets are spooled straight to a file (the DICOM File Format
+    with meta, in the default temp folder) so a multi-hundred-MB object is
+    never held whole in memory; the ingest service takes that file. Stored
+    files sent by path (C-GET) are read in PDU-sized pieces.
+    """
+    compat.configure_process()
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -106,7 +105,7 @@ class LaminaServer(ThreadedAssociationServer):
 
 
 def _nodelay_on_open(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+    set_nodelay(compat.socket_of(event.assoc))
 
 
 def build_ae(node: NodeSettings) -> AE:
@@ -116,7 +115,7 @@ def build_ae(node: NodeSettings) -> AE:
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
-    # Our own slot limiter (node.handlers.association) enforces the limit across
+    # Our own slot limiter (node.dimse.handlers.association) enforces the limit across
     # processes; pynetdicom's per-process check must never trigger first.
     ae.maximum_associations = node.max_associations + 1
     return ae
@@ -145,8 +144,8 @@ def build_scp(node: NodeSettings) -> AE:
     for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
         # Little endian, implicit or explicit VR: what C-FIND responses are encoded in.
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES[:2])
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
     return ae
 
@@ -159,17 +158,22 @@ _Item = TypeVar("_Item")
 
 
 def context_batches(items: Iterable[_Item],
-                    context_of: Callable[[_Item], tuple[str, str]]) -> Iterator[list[_Item]]:
-    """Split items, in order, so that no batch needs more than 128 (SOP class,
-    transfer syntax) presentation contexts: one association per batch."""
+                    contexts_of: Callable[[_Item], Iterable[tuple[str, str]]]
+                    ) -> Iterator[list[_Item]]:
+    """Split items, in order, so that no batch needs more than 128 presentation contexts.
+
+    ``contexts_of(item)`` names the (SOP class, transfer syntax) contexts an
+    item needs (one per syntax proposed for it); one association per batch.
+    """
     batch: list[_Item] = []
     contexts: set[tuple[str, str]] = set()
     for item in items:
-        key = context_of(item)
-        if key not in contexts and len(contexts) >= MAX_CONTEXTS:
+        needed = set(contexts_of(item)) - contexts
+        if batch and len(contexts) + len(needed) > MAX_CONTEXTS:
             yield batch
             batch, contexts = [], set()
-        contexts.add(key)
+            needed = set(contexts_of(item))
+        contexts |= needed
         batch.append(item)
     if batch:
         yield batch

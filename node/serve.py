@@ -1,5 +1,8 @@
 """``lamina serve``: one or several receiving processes sharing one port.
 
+The DIMSE server itself is :func:`node.dimse.server.build_dimse_server`; this
+module only runs processes around it (no pynetdicom here).
+
 One pynetdicom process tops out well below DCMTK's storescp (the GIL and the
 per-PDU Python work), so the node can run N worker processes bound to the same
 port with SO_REUSEPORT; the kernel spreads associations between them and they
@@ -20,18 +23,10 @@ import signal
 import threading
 from collections.abc import Callable
 
-from pynetdicom import evt
-
-from node.ae import LaminaServer, build_scp, configure_pynetdicom
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
-from node.handlers.association import Sessions
-from node.handlers.echo import handle_echo
-from node.handlers.find import handle_sop_extended, make_find_handler
-from node.handlers.move_get import make_retrieve_handlers
-from node.handlers.qr_service import install as install_query_retrieve
-from node.handlers.store import make_store_handler
+from node.dimse.server import build_dimse_server
 from node.logs import quiet_pydicom, setup_logging
 
 log = logging.getLogger("lamina.server")
@@ -66,26 +61,12 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     setup_logging(settings.log.level)
-    configure_pynetdicom()
     quiet_pydicom()
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
     ctx.start()
-    sessions = Sessions(ctx)
-    handlers = [
-        *sessions.handlers(),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, make_store_handler(ctx, sessions)),
-        (evt.EVT_C_FIND, make_find_handler(ctx, sessions)),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        *make_retrieve_handlers(ctx, sessions),
-    ]
-    install_query_retrieve()
-    ae = build_scp(settings.node)
-    server = ae.make_server((settings.node.bind, settings.node.port),
-                            evt_handlers=handlers, server_class=LaminaServer)
-    threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
+    server = build_dimse_server(ctx).start()
     log.info("listening", extra={"fields": {"ae_title": settings.node.ae_title,
-                                            "port": server.server_address[1]}})
+                                            "port": server.port}})
     try:
         _wait_for_stop()
     finally:

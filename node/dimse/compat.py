@@ -1,0 +1,259 @@
+"""Every private pynetdicom name Lamina relies on, reached through this one module.
+
+pynetdicom's public API covers an SCP that answers from event handlers and an
+SCU that sends pydicom Datasets. Lamina goes past it in a few places, each for
+a measured reason (see ``../shared/NOTES.md``): it runs its own C-FIND /
+C-MOVE / C-GET loops, sends stored bytes without re-encoding them, and frames
+its own C-STORE sub-association. Those places touch names pynetdicom may
+rename in any release. They are all here, each with why it is needed, so an
+upgrade has one module to read; ``pyproject.toml`` pins pynetdicom to the
+tested minor version and ``tests/test_dimse_compat.py`` checks every name in
+:data:`CONTRACT` (it fails naming the one that disappeared or changed kind).
+
+The rest of :mod:`node.dimse` never writes a private pynetdicom name itself:
+it subclasses the hook classes below and calls the accessors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pynetdicom import _config
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import DIMSEPrimitive
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, P_DATA
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.transport import RequestHandler
+
+# --- the contract (checked by tests/test_dimse_compat.py) --------------------------------
+
+#: (where, name, kind, why). ``where`` is a dotted path from ``pynetdicom`` to a class
+#: or module, or ``Association()`` for the attributes of an association instance
+#: (``Association().dul`` is its DUL provider, ``Association().dimse`` its DIMSE one).
+#: kind: "method" (callable on the class), "attribute" (present on an instance or
+#: module, not callable) or "class" (a class).
+CONTRACT: tuple[tuple[str, str, str, str], ...] = (
+    # Routing the Q/R SOP classes to Lamina's loops on our own server only.
+    ("association.Association", "_serve_request", "method",
+     "per-request dispatch; overridden for the Q/R SOP classes, parent for the rest"),
+    ("transport.RequestHandler", "_create_association", "method",
+     "builds the acceptor Association; no factory hook, so we adopt the one it made"),
+    ("Association()", "_accepted_cx", "attribute",
+     "accepted presentation contexts by ID, looked up as pynetdicom does per request"),
+    ("Association()", "_sent_release", "attribute",
+     "requests arriving during release are ignored, as pynetdicom does"),
+    ("Association()", "_is_paused", "attribute",
+     "set while a service runs: send_c_store (C-GET) waits for it before sending"),
+    ("Association()", "dimse", "attribute", "the DIMSE provider of the association"),
+    ("Association().dimse", "cancel_req", "attribute",
+     "C-CANCEL requests received; cleared before and after each request"),
+    ("Association().dimse", "send_msg", "method", "sends a response primitive"),
+    ("Association()", "dul", "attribute", "the DUL provider of the association"),
+    ("Association().dul", "send_pdu", "method",
+     "queues one P-DATA PDU holding a C-FIND response's command and identifier"),
+    ("Association().dul", "to_provider_queue", "attribute",
+     "the DUL send queue: C-FIND waits for it to drain (backpressure, C-CANCEL)"),
+    ("Association().dul", "socket", "attribute",
+     "the association socket, to set TCP_NODELAY on outgoing connections"),
+    # Lamina's Q/R loops replace these three methods of pynetdicom's service class.
+    ("service_class.QueryRetrieveServiceClass", "_c_find_scp", "method",
+     "C-FIND loop: pending command encoded once, identifiers straight to bytes"),
+    ("service_class.QueryRetrieveServiceClass", "_move_scp", "method",
+     "C-MOVE loop: stored bytes over Lamina's own sub-association"),
+    ("service_class.QueryRetrieveServiceClass", "_get_scp", "method",
+     "C-GET loop: stored files back over the requesting association"),
+    ("service_class.QueryRetrieveServiceClass", "SCP", "method",
+     "dispatches a Q/R request to the three methods above"),
+    ("service_class.QueryRetrieveServiceClass", "is_cancelled", "method",
+     "whether the SCU sent C-CANCEL for a message ID"),
+    # PDUs of the sub-association Lamina drives itself (node.dimse.sender).
+    ("pdu.A_ASSOCIATE_RQ", "from_primitive", "method", "encodes our association request"),
+    ("pdu.A_ASSOCIATE_RQ", "encode", "method", "encodes our association request"),
+    ("pdu.A_ASSOCIATE_AC", "decode", "method", "decodes the destination's answer"),
+    ("pdu.A_ASSOCIATE_AC", "to_primitive", "method", "reads the accepted contexts"),
+    ("pdu.A_RELEASE_RQ", "encode", "method", "releases the sub-association"),
+    ("pdu.A_ABORT_RQ", "from_primitive", "method", "aborts the sub-association"),
+    ("pdu.A_ABORT_RQ", "encode", "method", "aborts the sub-association"),
+    ("dimse_messages.C_FIND_RSP", "primitive_to_message", "method",
+     "the pending C-FIND command set, encoded once per request"),
+    # Process configuration (pynetdicom reads these module flags at run time).
+    ("_config", "LOG_REQUEST_IDENTIFIERS", "attribute", "off: identifiers are patient data"),
+    ("_config", "LOG_RESPONSE_IDENTIFIERS", "attribute", "off: identifiers are patient data"),
+    ("_config", "STORE_RECV_CHUNKED_DATASET", "attribute",
+     "received data sets are spooled to a file, never held whole in memory"),
+    ("_config", "STORE_SEND_CHUNKED_DATASET", "attribute",
+     "C-GET sends a stored file by path, read in PDU-sized pieces"),
+)
+
+
+# --- process configuration -------------------------------------------------------------
+
+
+def configure_process() -> None:
+    """pynetdicom's process-wide flags as the node needs them (idempotent).
+
+    Identifier logging off (patient data); received data sets spooled to a
+    file (``event.dataset_path``); files sent by path read in pieces.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def configure_scu() -> None:
+    """The flags an SCU process (``lamina echo | find | move``) needs: no identifiers in logs."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+# --- hooks: subclass these, override the public-named method ----------------------------
+
+
+class AssociationHooks(Association):
+    """An Association whose per-request dispatch calls :meth:`serve_request`.
+
+    pynetdicom picks the service class for a request inside
+    ``Association._serve_request`` from a module-level table; overriding the
+    method on our own associations is the only way to route some SOP classes
+    elsewhere without changing that table for the whole process.
+    """
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        self.serve_request(msg, context_id)
+
+    def serve_request(self, msg: Any, context_id: int) -> None:
+        """Default: pynetdicom's own dispatch."""
+        super()._serve_request(msg, context_id)
+
+
+def adopt(assoc: Association, cls: type[AssociationHooks]) -> None:
+    """Make an association pynetdicom has just built an instance of ``cls``.
+
+    ``RequestHandler._create_association`` constructs ``Association`` itself
+    (there is no class or factory to pass in), and configures it in ways we
+    must not duplicate. ``cls`` adds methods only (no state of its own in
+    ``__init__``), so switching the class of the fresh, not yet started object
+    is safe.
+    """
+    if not issubclass(cls, type(assoc)):
+        raise TypeError(f"{cls.__name__} does not extend {type(assoc).__name__}")
+    assoc.__class__ = cls
+
+
+class RequestHandlerHooks(RequestHandler):
+    """A request handler whose new associations pass through :meth:`created`."""
+
+    def _create_association(self) -> Association:
+        return self.created(super()._create_association())
+
+    def created(self, assoc: Association) -> Association:
+        """Default: the association as pynetdicom built it."""
+        return assoc
+
+
+class QueryRetrieveHooks(QueryRetrieveServiceClass):
+    """pynetdicom's Q/R service class with its C-FIND, C-MOVE and C-GET loops replaced.
+
+    ``SCP`` (pynetdicom's) checks the context and sets the statuses, then calls
+    ``_c_find_scp`` / ``_move_scp`` / ``_get_scp``; these call :meth:`c_find`,
+    :meth:`c_move` and :meth:`c_get`.
+    """
+
+    def _c_find_scp(self, req: Any, context: PresentationContext) -> None:
+        self.c_find(req, context)
+
+    def _move_scp(self, req: Any, context: PresentationContext) -> None:
+        self.c_move(req, context)
+
+    def _get_scp(self, req: Any, context: PresentationContext) -> None:
+        self.c_get(req, context)
+
+    def c_find(self, req: Any, context: PresentationContext) -> None:
+        raise NotImplementedError
+
+    def c_move(self, req: Any, context: PresentationContext) -> None:
+        raise NotImplementedError
+
+    def c_get(self, req: Any, context: PresentationContext) -> None:
+        raise NotImplementedError
+
+
+# --- accessors ---------------------------------------------------------------------------
+
+
+def accepted_context(assoc: Association, context_id: int) -> PresentationContext | None:
+    """The accepted presentation context with this ID (None: rejected or unknown)."""
+    return assoc._accepted_cx.get(context_id)
+
+
+def is_releasing(assoc: Association) -> bool:
+    """We sent A-RELEASE-RQ: requests arriving now are ignored."""
+    return bool(assoc._sent_release)
+
+
+@contextmanager
+def serving(assoc: Association) -> Iterator[None]:
+    """What pynetdicom does around a service class's ``SCP`` call.
+
+    Earlier C-CANCELs are forgotten, and the association is marked paused
+    (``send_c_store`` on it, as C-GET does, waits for that mark). On an
+    exception the marks stay: the caller aborts the association.
+    """
+    assoc.dimse.cancel_req = {}
+    assoc._is_paused = True
+    yield
+    assoc._is_paused = False
+    assoc.dimse.cancel_req = {}
+
+
+def send_message(assoc: Association, primitive: DIMSEPrimitive, context_id: int) -> None:
+    """Send a DIMSE response (pynetdicom encodes and fragments it)."""
+    assoc.dimse.send_msg(primitive, context_id)
+
+
+def send_pdata(assoc: Association, pdata: P_DATA) -> None:
+    """Queue one P-DATA PDU as it is (its values already encoded)."""
+    assoc.dul.send_pdu(pdata)
+
+
+def send_queue_empty(assoc: Association) -> bool:
+    """Whether the DUL has sent everything queued (it reads the socket only then)."""
+    return assoc.dul.to_provider_queue.empty()
+
+
+def socket_of(assoc: Association) -> Any:
+    """The association's TCP socket, or None before it connects."""
+    wrapped = assoc.dul.socket
+    return wrapped.socket if wrapped is not None else None
+
+
+# --- PDUs of the sub-association we drive ourselves --------------------------------------
+
+
+def encode_associate_rq(request: A_ASSOCIATE) -> bytes:
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return pdu.encode()
+
+
+def decode_associate_ac(data: bytes) -> A_ASSOCIATE:
+    pdu = A_ASSOCIATE_AC()
+    pdu.decode(data)
+    return pdu.to_primitive()
+
+
+def encode_release_rq() -> bytes:
+    return A_RELEASE_RQ().encode()
+
+
+def encode_abort_rq(source: int = 0x00) -> bytes:
+    primitive = A_ABORT()
+    primitive.abort_source = source
+    pdu = A_ABORT_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()

@@ -1,0 +1,113 @@
+"""The receiving DIMSE server, built from a NodeContext: ``build_dimse_server(ctx)``.
+
+One call wires everything pynetdicom needs from the node: the AE (contexts,
+timeouts, PDU size), the event handlers (association admission, C-ECHO,
+C-STORE, C-FIND, C-MOVE, C-GET), and a server whose associations route the
+query/retrieve SOP classes to Lamina's own loops. That routing is scoped to
+this server (its request handler adopts each new association into
+:class:`~node.dimse.qr_loops.QueryRetrieveAssociation`); no pynetdicom global
+is replaced, so another AE or server in the same process is untouched.
+
+:class:`DimseServer` binds on :meth:`~DimseServer.start` (port 0 picks a free
+port, read back from :attr:`~DimseServer.port`) and serves in a background
+thread until :meth:`~DimseServer.stop`. It does not own the context: whoever
+opened the context closes it after stopping the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import partial
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+
+from node.context import NodeContext
+from node.dimse import compat
+from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
+from node.dimse.handlers.association import Sessions
+from node.dimse.handlers.echo import handle_echo
+from node.dimse.handlers.find import handle_sop_extended, make_find_handler
+from node.dimse.handlers.move_get import make_retrieve_handlers
+from node.dimse.handlers.store import make_store_handler
+from node.dimse.qr_loops import QueryRetrieveAssociation
+from node.dimse.sender import BlobSource
+
+log = logging.getLogger("lamina.server")
+
+
+class NodeRequestHandler(compat.RequestHandlerHooks):
+    """Adopts each association of our server so its Q/R requests run Lamina's loops."""
+
+    def __init__(self, request: Any, client_address: Any, server: Any, *,
+                 blobs: BlobSource) -> None:
+        self.blobs = blobs  # before the parent's __init__, which handles the request
+        super().__init__(request, client_address, server)
+
+    def created(self, assoc: Association) -> Association:
+        compat.adopt(assoc, QueryRetrieveAssociation)
+        assoc.blobs = self.blobs
+        return assoc
+
+
+class DimseServer:
+    """The node's DIMSE server: bind and serve with :meth:`start`, end with :meth:`stop`."""
+
+    def __init__(self, ae: AE, address: tuple[str, int], handlers: list,
+                 blobs: BlobSource) -> None:
+        self.ae = ae
+        self.address = address
+        self.handlers = handlers
+        self.blobs = blobs
+        self._server: LaminaServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DimseServer:
+        """Bind (SO_REUSEPORT, TCP_NODELAY on accepted sockets) and serve in a thread."""
+        if self._server is not None:
+            raise RuntimeError("the DIMSE server is already started")
+        server = self.ae.make_server(
+            self.address, evt_handlers=self.handlers, server_class=LaminaServer,
+            request_handler=partial(NodeRequestHandler, blobs=self.blobs))
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (the configured one, or the free one picked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("the DIMSE server is not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, abort the associations still open, and close the socket."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stop()
+        for assoc in server.active_associations:
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
+def build_dimse_server(ctx: NodeContext) -> DimseServer:
+    """The node's DIMSE server, wired to ``ctx``'s services (not yet bound)."""
+    configure_pynetdicom()
+    node = ctx.settings.node
+    sessions = Sessions(ctx)
+    handlers = [
+        *sessions.handlers(),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, make_store_handler(ctx, sessions)),
+        (evt.EVT_C_FIND, make_find_handler(ctx, sessions)),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
+        *make_retrieve_handlers(ctx, sessions),
+    ]
+    return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs)
