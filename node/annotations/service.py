@@ -150,8 +150,10 @@ class AnnotationService:
         claim = obj.claim
         if not isinstance(claim, AnnotationClaim) or claim.service is not self:
             return None
-        if claim.intake is None:  # bytes taken in meanwhile were superseded: check them now
-            claim.intake = self._intake(claim.info, obj.incoming.blob.sha256)
+        if claim.intake is None:
+            # Taken in already when the pipeline looked, superseded since: the sender's
+            # retry (after 0xA700) runs the reference checks before its answer.
+            raise IndexUnavailable("the annotation changed while this copy was stored; resend")
         info, intake, receipt = claim.info, claim.intake, obj.incoming.receipt
         annotation_id, revision = tx.annotations.upsert(
             info.kind, info.key, info.series_uid, info.annotator.ae_title,

@@ -3,7 +3,8 @@
 Why plain ``sqlite3`` here rather than sqlite-utils: the hot path (one short
 write transaction per received instance, from many threads and processes)
 needs explicit ``BEGIN IMMEDIATE`` control and prepared statements, which the
-standard library gives directly.
+standard library gives directly (the read-only reports need nothing more either, so
+sqlite-utils is not a dependency).
 
 Writer coordination belongs to this backend, not to its callers: WAL mode,
 so readers never block the writer, and writers queue on a lock before they
