@@ -57,6 +57,7 @@ from pynetdicom.presentation import PresentationContext
 from node.dimse import compat
 from node.dimse.ae import context_batches, set_nodelay
 from node.dimse.transcode import TranscodeError, choose, file_bytes, offered, transcode, why_not
+from node.storage.interface import LocalBlobFiles
 from node.storage.query import StoredInstance
 
 log = logging.getLogger("lamina.sender")
@@ -103,12 +104,12 @@ class Outgoing:
 
     @classmethod
     def stored(cls, instance: StoredInstance, blobs: BlobSource) -> Outgoing:
-        """An instance of the blob store (``local_path`` used when the store offers it)."""
-        local = getattr(blobs, "local_path", None)
+        """An instance of the blob store (its file used when the store offers the
+        optional :class:`~node.storage.interface.LocalBlobFiles` capability)."""
         sha = instance.blob_sha256
+        local = partial(blobs.local_path, sha) if isinstance(blobs, LocalBlobFiles) else _no_path
         return cls(instance.sop_class_uid, instance.sop_instance_uid,
-                   instance.transfer_syntax_uid, partial(blobs.open, sha),
-                   partial(local, sha) if local is not None else _no_path, sha)
+                   instance.transfer_syntax_uid, partial(blobs.open, sha), local, sha)
 
     @classmethod
     def file(cls, path: Path, sop_class_uid: str, sop_instance_uid: str,
