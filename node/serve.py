@@ -92,14 +92,31 @@ class NodeLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            refusal = self._served(fd)
             os.close(fd)
-            who = f"lamina pid {holder}" if holder.isdigit() else "another lamina process"
-            raise ServeRefused(f"data folder {self.data} is already served by {who}") from None
+            raise refusal from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def check_free(self) -> None:
+        """Refuse when a node holds the lock; creates nothing (the folder may not exist)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._served(fd) from None
+        finally:
+            os.close(fd)
+
+    def _served(self, fd: int) -> ServeRefused:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        who = f"lamina pid {holder}" if holder.isdigit() else "another lamina process"
+        return ServeRefused(f"data folder {self.data} is already served by {who}")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -181,9 +198,14 @@ def serve(settings: Settings) -> None:
     node = settings.node
     if node.workers > 1 and node.port == 0:
         raise ValueError("node.port: must be fixed when node.workers > 1")
-    lock = NodeLock(settings.storage.data).acquire()
+    lock = NodeLock(settings.storage.data)
     try:
         check_port_free(node.bind, node.port)
+    except ServeRefused:
+        lock.check_free()  # the same node running again: say so, rather than "port in use"
+        raise
+    lock.acquire()
+    try:
         _supervise(settings)
     finally:
         lock.release()

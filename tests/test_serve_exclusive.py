@@ -9,6 +9,7 @@ process is stopped by its PID.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -54,7 +55,16 @@ def test_a_second_node_on_the_same_port_is_refused(tmp_path):
         second = NodeProcess(tmp_path / "second", node={"port": first.port})
         line = one_error_line(second_serve(second))
         assert line == f"Error: port {first.port} is already in use by another process"
-        assert not (second.data / "index.sqlite3").exists()  # refused before preparing
+        assert not second.data.exists()  # refused before anything was created
+        assert first.echo() == 0
+
+
+def test_the_same_node_started_twice_names_its_data_folder(tmp_path):
+    """Same config, same port and folder (make run twice): the data folder is named."""
+    with NodeProcess(tmp_path / "node") as first:
+        line = one_error_line(second_serve(first))
+        assert line == (f"Error: data folder {first.data} is already served by"
+                        f" lamina pid {first.proc.pid}")
         assert first.echo() == 0
 
 
@@ -82,8 +92,13 @@ def test_another_listener_on_the_port_is_found_by_the_probe():
 
 
 def test_the_node_lock_is_exclusive_and_released(tmp_path):
+    NodeLock(tmp_path / "nowhere").check_free()
+    assert not (tmp_path / "nowhere").exists()
     first = NodeLock(tmp_path).acquire()
     with pytest.raises(ServeRefused, match=r"already served by lamina pid \d+"):
         NodeLock(tmp_path).acquire()
+    with pytest.raises(ServeRefused, match=rf"already served by lamina pid {os.getpid()}$"):
+        NodeLock(tmp_path).check_free()
     first.release()
+    NodeLock(tmp_path).check_free()
     NodeLock(tmp_path).acquire().release()
