@@ -13,9 +13,9 @@ and stops them on SIGTERM/SIGINT. Workers die with the parent (PR_SET_PDEATHSIG)
 of the node never leaves orphans holding the port.
 
 One node per port and per data folder: before anything else the supervisor
-takes an ``flock`` on ``<data>/run/node.lock`` for its lifetime (its pid
-written inside), and probes the port with a plain bind (SO_REUSEADDR, not
-SO_REUSEPORT), which fails while any other process listens there. Without
+probes the port with a plain bind (SO_REUSEADDR, not SO_REUSEPORT), which fails
+while any other process listens there, and takes an ``flock`` on
+``<data>/run/node.lock`` for its lifetime (its pid written inside). Without
 these a second ``lamina serve`` would start silently beside the first
 (SO_REUSEPORT) and the kernel would split associations between two data
 folders. Its own workers bind afterwards and share the port. With one worker
@@ -187,7 +187,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Take the data folder and check the port, prepare the data folder, then serve
+    """Check the port and take the data folder, prepare the data folder, then serve
     (in this process with one worker, in spawned workers otherwise) until SIGTERM/SIGINT.
 
     Raises :class:`ServeRefused` when another process serves the data folder or
