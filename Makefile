@@ -1,10 +1,18 @@
 # Two commands on a fresh machine: `make run` and `make test`.
+#
+# The virtualenv is never meant to be activated: pynetdicom installs commands
+# named storescu, findscu, getscu, movescu, storescp and echoscu into .venv/bin,
+# which would hide DCMTK's tools of the same names. `make` links the one command
+# people need, `lamina`, into .bin/; put that folder on PATH instead.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: install run test lint bench clean
+
+## Create .venv, install Lamina and its test tools, link .bin/lamina.
+install: .bin/lamina
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,14 +20,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+.bin/lamina: $(STAMP)
+	mkdir -p .bin
+	ln -sfn ../$(BIN)/lamina .bin/lamina
+
 ## Start the node on the embedded default (config/node.toml: SQLite index, ./data).
 ## The first run creates the project key (pseudonyms, re-identification map) in ./keys.
-run: $(STAMP)
+run: .bin/lamina
 	test -f keys/project.key || $(BIN)/lamina keys init --out keys/project.key
 	$(BIN)/lamina serve --config config/node.toml
 
 ## The whole test suite (DCMTK tests skip with a reason when it is not installed).
-test: $(STAMP)
+test: .bin/lamina
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -30,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .bin .pytest_cache .ruff_cache *.egg-info

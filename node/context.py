@@ -85,15 +85,21 @@ class NodeContext:
         if must_exist and not settings.index_path.is_file():
             raise DataFolderMissing(f"no Lamina data in {data} (no index at "
                                     f"{settings.index_path}): check --data or the config")
-        data.mkdir(parents=True, exist_ok=True)
-        index = open_index(settings.index.backend, settings.index_path,
-                           settings.index.busy_timeout_ms, must_exist=must_exist)
+        if must_exist:  # nothing is created for a tool pointed at the wrong folder
+            index = open_index(settings.index.backend, settings.index_path,
+                               settings.index.busy_timeout_ms, must_exist=True)
+        else:
+            data.mkdir(parents=True, exist_ok=True)
+            index = open_index(settings.index.backend, settings.index_path,
+                               settings.index.busy_timeout_ms)
         if migrate:
             index.migrate()
         blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         quarantined = LocalBlobStore(data / "quarantine", data / "spool")
+        # A tool on an existing node makes no signing key up front (status, verify).
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
-                                                 settings.audit.signing_key))
+                                                 settings.audit.signing_key,
+                                                 create_key=not must_exist))
         events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)

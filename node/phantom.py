@@ -226,3 +226,55 @@ def index_records(patients: int, studies: int, instances_per_study: int,
             )
             yield rec, Receipt("0" * 64, 0, ExplicitVRLittleEndian, "BULK", "bulk",
                                "2026-01-01T00:00:00Z")
+
+
+class NotTheDemoStudy(ValueError):
+    """The slices given to :func:`demo_nodule_seg` are not (one series of) the demo study."""
+
+
+def demo_nodule_seg(folder: Path) -> tuple[Dataset, int, int]:
+    """The annotator's part of the demo: a DICOM-SEG labelling the 16 mm sphere as a nodule.
+
+    Reads the CT slices in ``folder`` (the demo study as retrieved from the node:
+    de-identified, any file names), thresholds the 60 HU sphere and returns a
+    highdicom BINARY SEG referencing those slices, with its voxel and slice counts.
+    """
+    import highdicom as hd
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from pydicom.sr.coding import Code
+
+    slices = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        if ds.get("SOPClassUID") == CTImageStorage and "PixelData" in ds:
+            slices.append(ds)
+    if not slices:
+        raise NotTheDemoStudy(f"no CT slices in {folder}")
+    series = {str(ds.SeriesInstanceUID) for ds in slices}
+    if len(series) > 1:
+        raise NotTheDemoStudy(f"{folder} holds {len(series)} CT series: give a folder with one")
+    slices.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                   for ds in slices])
+    mask = (hu > 55) & (hu < 65)  # the 16 mm sphere of 60 HU
+    if not mask.any():
+        raise NotTheDemoStudy(f"no 60 HU sphere in the slices of {folder}: not the demo study")
+    nodule = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Lung nodule",
+        segmented_property_category=Code("49755003", "SCT", "Morphologically Abnormal Structure"),
+        segmented_property_type=Code("27925004", "SCT", "Nodule"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=slices, pixel_array=mask, segmentation_type="BINARY",
+        segment_descriptions=[nodule], series_instance_uid=hd.UID(), series_number=100,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Lamina demo",
+        manufacturer_model_name="lamina demo seg", software_versions="1",
+        device_serial_number="1", content_creator_name="Annotator^Demo",
+    )
+    return seg, int(mask.sum()), int(mask.any(axis=(1, 2)).sum())

@@ -11,17 +11,31 @@ folder (migrations, stale spool files), starts the workers, runs the series
 sweep (one per node, so a series is checked once when its quiet period ends),
 and stops them on SIGTERM/SIGINT. Workers die with the parent (PR_SET_PDEATHSIG), so a kill -9
 of the node never leaves orphans holding the port.
+
+One node per port and per data folder: before anything else the supervisor
+probes the port with a plain bind (SO_REUSEADDR, not SO_REUSEPORT), which fails
+while any other process listens there, and takes an ``flock`` on
+``<data>/run/node.lock`` for its lifetime (its pid written inside). Without
+these a second ``lamina serve`` would start silently beside the first
+(SO_REUSEPORT) and the kernel would split associations between two data
+folders. Its own workers bind afterwards and share the port. With one worker
+the supervisor serves on its own context; with more, each spawned worker opens
+its own and the supervisor keeps the series sweep.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from node.audit.trail import Actor
 from node.config import Settings
@@ -56,30 +70,148 @@ def _wait_for_stop(alive: Callable[[], bool] = lambda: True) -> bool:
     return True
 
 
+class ServeRefused(RuntimeError):
+    """The node cannot start here (port or data folder taken, address unusable): one line."""
+
+
+class NodeLock:
+    """``<data>/run/node.lock``: held (flock) by the one node serving a data folder.
+
+    The kernel drops the lock when the holder exits, however it exits, so a
+    crashed node never blocks the next start; the pid inside is only for the message.
+    """
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.path = data / "run" / "node.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> NodeLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refusal = self._served(fd)
+            os.close(fd)
+            raise refusal from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def check_free(self) -> None:
+        """Refuse when a node holds the lock; creates nothing (the folder may not exist)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._served(fd) from None
+        finally:
+            os.close(fd)
+
+    def _served(self, fd: int) -> ServeRefused:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        who = f"lamina pid {holder}" if holder.isdigit() else "another lamina process"
+        return ServeRefused(f"data folder {self.data} is already served by {who}")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _bind_refusal(exc: OSError, bind: str, port: int) -> ServeRefused:
+    if exc.errno == errno.EADDRINUSE:
+        return ServeRefused(f"port {port} is already in use by another process")
+    if exc.errno == errno.EACCES:
+        return ServeRefused(f"port {port}: permission denied (ports below 1024 need privileges)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ServeRefused(f"node.bind {bind}: not an address of this machine")
+    if isinstance(exc, socket.gaierror):
+        return ServeRefused(f"node.bind {bind}: does not resolve")
+    return ServeRefused(f"cannot listen on {bind}:{port}: {exc.strerror or exc}")
+
+
+def check_port_free(bind: str, port: int) -> None:
+    """Refuse when any other process listens on ``bind:port`` (port 0: nothing to check).
+
+    A plain bind with SO_REUSEADDR (connections in TIME_WAIT do not count) and
+    without SO_REUSEPORT, which every listener on that port makes fail.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise _bind_refusal(exc, bind, port) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise _bind_refusal(exc, bind, port) from None
+
+
+def _serve_until_stopped(ctx: NodeContext) -> None:
+    """Serve associations on ``ctx`` until SIGTERM/SIGINT."""
+    node = ctx.settings.node
+    try:
+        server = build_dimse_server(ctx).start()
+    except OSError as exc:
+        raise _bind_refusal(exc, node.bind, node.port) from None
+    log.info("listening", extra={"fields": {"ae_title": node.ae_title, "port": server.port}})
+    try:
+        _wait_for_stop()
+    finally:
+        server.stop()
+
+
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """Serve associations on the configured port until told to stop."""
+    """A spawned receiving process: its own context, serving until told to stop."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     setup_logging(settings.log.level)
     quiet_pydicom()
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
     ctx.start()
-    server = build_dimse_server(ctx).start()
-    log.info("listening", extra={"fields": {"ae_title": settings.node.ae_title,
-                                            "port": server.port}})
     try:
-        _wait_for_stop()
+        _serve_until_stopped(ctx)
     finally:
-        server.stop()
         ctx.close()
 
 
 def serve(settings: Settings) -> None:
-    """Prepare the data folder, then run the workers until SIGTERM/SIGINT."""
+    """Check the port and take the data folder, prepare the data folder, then serve
+    (in this process with one worker, in spawned workers otherwise) until SIGTERM/SIGINT.
+
+    Raises :class:`ServeRefused` when another process serves the data folder or
+    listens on the port.
+    """
     setup_logging(settings.log.level)
     quiet_pydicom()
-    if settings.node.workers > 1 and settings.node.port == 0:
+    node = settings.node
+    if node.workers > 1 and node.port == 0:
         raise ValueError("node.port: must be fixed when node.workers > 1")
+    lock = NodeLock(settings.storage.data)
+    try:
+        check_port_free(node.bind, node.port)
+    except ServeRefused:
+        lock.check_free()  # the same node running again: say so, rather than "port in use"
+        raise
+    lock.acquire()
+    try:
+        _supervise(settings)
+    finally:
+        lock.release()
+
+
+def _supervise(settings: Settings) -> None:
     ctx = NodeContext.open(settings, migrate=True, with_key=True)  # refuse early without a key
     cleared = ctx.blobs.clear_spool()
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
@@ -88,7 +220,7 @@ def serve(settings: Settings) -> None:
                      {"workers": settings.node.workers, "stale_spool_files": cleared})
     try:
         if settings.node.workers == 1:
-            run_worker(settings)
+            _serve_until_stopped(ctx)
             return
         spawn = multiprocessing.get_context("spawn")
         workers = [spawn.Process(target=run_worker, args=(settings, os.getpid()),

@@ -79,10 +79,16 @@ def _canonical(value: dict[str, Any]) -> str:
 class HeadCheckpoint:
     """The newest (seq, hash), signed, in a file beside (not inside) the index."""
 
-    def __init__(self, head_path: Path, key_path: Path) -> None:
+    def __init__(self, head_path: Path, key_path: Path, *, create_key: bool = True) -> None:
+        """``create_key=False`` (tools on an existing node): a missing key is not made up
+        front; one is made only when a head is first written, and :meth:`verify` says
+        there is none rather than creating one."""
         self.head_path = head_path
         self.key_path = key_path
-        self._key = self._load_or_create_key()
+        self._key_lock = threading.Lock()
+        self._key: Ed25519PrivateKey | None = None
+        if create_key or self.key_path.exists():
+            self._key = self._load_or_create_key()
         self._write_lock = threading.Lock()  # flock is per open file: threads queue here
         self._lock_fd: int | None = None
         self._pending: AuditEntry | None = None
@@ -155,7 +161,7 @@ class HeadCheckpoint:
                 current = self.read()
                 if current and current[0] >= entry.seq:
                     return
-                signature = self._key.sign(self._message(entry.seq, entry.hash))
+                signature = self._signing_key().sign(self._message(entry.seq, entry.hash))
                 body = json.dumps({"seq": entry.seq, "hash": entry.hash,
                                    "signature": base64.b64encode(signature).decode()})
                 tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
@@ -170,9 +176,19 @@ class HeadCheckpoint:
         data = json.loads(self.head_path.read_text())
         return int(data["seq"]), str(data["hash"]), base64.b64decode(data["signature"])
 
+    def _signing_key(self) -> Ed25519PrivateKey:
+        with self._key_lock:
+            if self._key is None:
+                self._key = self._load_or_create_key()
+            return self._key
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None or self.key_path.exists()
+
     def signature_valid(self, seq: int, hash_: str, signature: bytes) -> bool:
         try:
-            self._key.public_key().verify(signature, self._message(seq, hash_))
+            self._signing_key().public_key().verify(signature, self._message(seq, hash_))
         except InvalidSignature:
             return False
         return True
@@ -250,6 +266,9 @@ class AuditTrail:
                 return VerifyReport(False, count, "head checkpoint missing")
             return VerifyReport(True, 0)
         head_seq, head_hash, signature = head
+        if not self.checkpoint.has_key:
+            return VerifyReport(False, count, f"head checkpoint cannot be checked: no signing key"
+                                              f" at {self.checkpoint.key_path}")
         if not self.checkpoint.signature_valid(head_seq, head_hash, signature):
             return VerifyReport(False, count, "head checkpoint signature invalid")
         if head_seq > count:

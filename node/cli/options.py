@@ -37,7 +37,7 @@ def load_settings(config: str | None, overrides: dict[str, Any] | None = None) -
     try:
         return config_mod.load(Path(path) if path else None, overrides=overrides or {})
     except ConfigError as exc:
-        raise click.UsageError(f"config error: {exc}") from None
+        raise BadInput(f"config error: {exc}") from None
 
 
 def config_option(func: Callable) -> Callable:
@@ -86,12 +86,24 @@ def node_context(settings: Settings, *, with_key: bool = False,
     try:
         ctx = NodeContext.open(settings, migrate=False, with_key=with_key,
                                must_exist=must_exist)
-    except (ProtocolError, ProjectKeyError, IndexUnavailable) as exc:
+    except IndexUnavailable as exc:
+        raise index_problem(settings, exc) from None
+    except (ProtocolError, ProjectKeyError) as exc:
         raise BadInput(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     try:
         yield ctx
+    except IndexUnavailable as exc:  # e.g. a damaged page met while reading
+        raise index_problem(settings, exc) from None
     finally:
         ctx.close()
+
+
+def index_problem(settings: Settings, exc: Exception) -> BadInput:
+    """An unusable index as one line that names it (SQLite's own words do not)."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if str(settings.index_path) not in message and str(settings.storage.data) not in message:
+        message = f"index {settings.index_path}: {message}"
+    return BadInput(message)
 
 
 def user_name(user: str | None = None) -> str:

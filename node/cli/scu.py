@@ -23,17 +23,22 @@ from node.config import Settings
 @click.argument("peer")
 @click.option("--aet", help="Calling AE title (default: node.ae_title).")
 def echo(settings: Settings, peer: str, aet: str | None) -> None:
-    """C-ECHO a PEER (a configured peer name, or AE@HOST:PORT)."""
-    from node.dimse.scu import PeerError, resolve_peer
+    """C-ECHO a PEER (a configured peer name, or AE@HOST:PORT); exit 1 with the reason when
+    it does not answer success (refused by the peer, connection refused, no answer)."""
+    from node.dimse.scu import NoAssociation, PeerError, resolve_peer
     from node.dimse.scu import echo as do_echo
 
     try:
         target = resolve_peer(settings, peer)
     except PeerError as exc:
         raise BadInput(str(exc)) from None
-    code = do_echo(settings, target, aet)
+    try:
+        code = do_echo(settings, target, aet)
+    except NoAssociation as exc:
+        click.echo(f"echo {peer}: {exc}", err=True)
+        sys.exit(1)
     if code is None:
-        click.echo(f"echo {peer}: no association", err=True)
+        click.echo(f"echo {peer}: no C-ECHO response (the association ended)", err=True)
         sys.exit(1)
     click.echo(f"echo {peer}: status 0x{code:04X}")
     sys.exit(0 if code == 0 else 1)
@@ -54,7 +59,7 @@ def send(settings: Settings, paths: tuple[str, ...], peer: str, aet: str | None)
         raise BadInput(str(exc)) from None
     files = find_dicom_files([Path(p) for p in paths])
     if not files:
-        raise click.UsageError("no DICOM files found in the given paths")
+        raise BadInput("no DICOM files found in the given paths")
     with click.progressbar(length=len(files), label=f"sending to {target.ae_title}",
                            file=sys.stderr) as bar:
         results = send_files(settings, target, files, aet, progress=bar.update)
@@ -62,6 +67,10 @@ def send(settings: Settings, paths: tuple[str, ...], peer: str, aet: str | None)
     for text, count in sorted(summary.items()):
         click.echo(f"{count:6d}  {text}")
     failed = [r for r in results if r.status != 0x0000]
+    reasons = {r.comment for r in failed if r.status < 0}
+    if failed and len(reasons) == 1 and all(r.status < 0 for r in failed):
+        click.echo(f"send failed: {reasons.pop()}", err=True)  # e.g. no association at all
+        sys.exit(1)
     for r in failed[:10]:
         click.echo(f"failed: {r.path}: {r.status_text}{': ' + r.comment if r.comment else ''}",
                    err=True)

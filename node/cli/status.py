@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from node.cli.options import BadInput, node_context, node_options, user_name
+from node.cli.options import BadInput, index_problem, node_context, node_options, user_name
 from node.config import Settings
 
 
@@ -83,4 +83,4 @@ def _report(run, settings: Settings, *args):
     try:
         return run(settings, *args)
     except IndexUnavailable as exc:
-        raise BadInput(str(exc)) from None
+        raise index_problem(settings, exc) from None

@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -185,3 +186,45 @@ def associate(
     """Request an association with TCP_NODELAY set as soon as the socket opens."""
     return ae.associate(host, port, ae_title=ae_title,
                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_on_open), *(handlers or [])])
+
+
+# --- why an association could not be made: one wording for every SCU and the sender ---
+
+
+def rejection_text(result: int, source: int, diagnostic: int) -> str:
+    """An A-ASSOCIATE-RJ in pynetdicom's words: ``Calling AE title not recognised
+    (Rejected Permanent, Service User)``."""
+    primitive = A_ASSOCIATE()
+    try:
+        primitive.result = result
+        primitive.result_source = source
+        primitive.diagnostic = diagnostic
+    except ValueError:
+        return f"result {result}, source {source}, reason {diagnostic}"
+    return f"{primitive.reason_str} ({primitive.result_str}, {primitive.source_str})"
+
+
+def connect_failure(exc: OSError, host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to ``host:port`` failed, in one line a person can act on."""
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {host}:{port} (is a DICOM node listening?)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {host}:{port} within {timeout:g} s"
+    if isinstance(exc, socket.gaierror):
+        return f"host {host!r} does not resolve"
+    return f"cannot reach {host}:{port}: {exc.strerror or exc}"
+
+
+def silent_peer(host: str, port: int, timeout: float) -> str:
+    """The peer took the connection but no A-ASSOCIATE-AC/RJ came within ``timeout``."""
+    return (f"{host}:{port} accepted the connection but did not answer the association"
+            f" within {timeout:g} s")
+
+
+def probe_connect(host: str, port: int, timeout: float) -> OSError | None:
+    """Open and close a plain TCP connection: None when it connects, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc

@@ -7,11 +7,16 @@
   KEY=VALUE``, ``-P``/``-S``), so a person who knows those tools knows these.
   Identifier values are never logged: pynetdicom's identifier logging stays off
   as in the node.
+* When no association comes about, :func:`why_no_association` says why in one
+  line: refused by the peer (with its reason), connection refused, no answer, or
+  a connection that was taken but never answered (pynetdicom reports the last
+  three alike as "aborted", so a plain TCP connect tells them apart).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +26,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove,
@@ -32,7 +38,14 @@ from pynetdicom.status import code_to_category
 
 from node.config import Settings
 from node.dimse import compat
-from node.dimse.ae import associate, build_ae
+from node.dimse.ae import (
+    associate,
+    build_ae,
+    connect_failure,
+    probe_connect,
+    rejection_text,
+    silent_peer,
+)
 from node.dimse.sender import Outgoing, StoreSender
 
 _PEER_SPEC = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -42,11 +55,18 @@ class PeerError(ValueError):
     """The named peer is neither configured nor a valid AE@HOST:PORT."""
 
 
+class NoAssociation(ConnectionError):
+    """No association with the peer; the message says why in one line."""
+
+
 @dataclass(frozen=True)
 class Target:
     ae_title: str
     host: str
     port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -75,22 +95,58 @@ def resolve_peer(settings: Settings, name: str) -> Target:
 
 
 def _scu(settings: Settings, aet: str | None, contexts: Iterable[str] = ()) -> AE:
-    """Our AE as a requester (calling AE title ``aet`` or the node's), with ``contexts``."""
+    """Our AE as a requester (calling AE title ``aet`` or the node's), with ``contexts``.
+
+    Connecting waits at most the ACSE timeout too (the OS would wait minutes for a
+    host that drops the connection request).
+    """
     compat.configure_scu()
     node = replace(settings.node, ae_title=aet) if aet else settings.node
     ae = build_ae(node)
+    ae.connection_timeout = node.acse_timeout
     for context in contexts:
         ae.add_requested_context(context)
     return ae
 
 
+def why_no_association(assoc: Association, target: Target, timeout: float,
+                       elapsed: float | None = None) -> str:
+    """Why ``assoc`` was not established, in one line.
+
+    A rejection carries the peer's reason. Otherwise pynetdicom only says
+    "aborted", whether the connection was refused, never answered, or taken and
+    left silent: a plain TCP connect to the peer with the ACSE timeout tells
+    which. ``elapsed`` (how long the attempt took) separates a peer that stayed
+    silent for the whole timeout from one that closed the connection at once.
+    """
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        why = rejection_text(rj.result, rj.result_source, rj.diagnostic)
+        return f"{target} rejected the association: {why}"
+    failure = probe_connect(target.host, target.port, timeout)
+    if failure is not None:
+        return connect_failure(failure, target.host, target.port, timeout)
+    if elapsed is not None and elapsed < 0.8 * timeout:
+        return (f"{target.host}:{target.port} accepted the connection but ended it without"
+                f" answering the association (is it a DICOM node, TLS-only?)")
+    return silent_peer(target.host, target.port, timeout)
+
+
+def open_association(settings: Settings, ae: AE, target: Target) -> Association:
+    """An established association with ``target``, or :class:`NoAssociation` saying why."""
+    started = time.monotonic()
+    assoc = associate(ae, target.host, target.port, target.ae_title)
+    if assoc.is_established:
+        return assoc
+    raise NoAssociation(why_no_association(assoc, target, settings.node.acse_timeout,
+                                           time.monotonic() - started))
+
+
 def echo(settings: Settings, target: Target, aet: str | None = None) -> int | None:
-    """C-ECHO status, or None when no association could be made."""
+    """C-ECHO status (None when the peer sent no status); NoAssociation when no association."""
     ae = _scu(settings, aet)
     ae.add_requested_context(Verification)
-    assoc = associate(ae, target.host, target.port, target.ae_title)
-    if not assoc.is_established:
-        return None
+    assoc = open_association(settings, ae, target)
     try:
         rsp = assoc.send_c_echo()
         return int(rsp.Status) if "Status" in rsp else None
@@ -225,9 +281,10 @@ def find(settings: Settings, target: Target, model: str, identifier: Dataset,
          aet: str | None = None) -> Iterator[Reply]:
     """C-FIND: every response in order, the last one final (or -1 when none came)."""
     ae = _scu(settings, aet, [FIND[model]])
-    assoc = associate(ae, target.host, target.port, target.ae_title)
-    if not assoc.is_established:
-        yield Reply(-1, "association refused or failed")
+    try:
+        assoc = open_association(settings, ae, target)
+    except NoAssociation as exc:
+        yield Reply(-1, str(exc))
         return
     try:
         yield from _replies(assoc.send_c_find(identifier, FIND[model]))
@@ -241,9 +298,10 @@ def move(settings: Settings, target: Target, model: str, identifier: Dataset,
          progress: Callable[[Reply], None] = lambda reply: None) -> Reply:
     """C-MOVE to ``destination`` (an AE title the peer knows); the final response."""
     ae = _scu(settings, aet, [MOVE[model]])
-    assoc = associate(ae, target.host, target.port, target.ae_title)
-    if not assoc.is_established:
-        return Reply(-1, "association refused or failed")
+    try:
+        assoc = open_association(settings, ae, target)
+    except NoAssociation as exc:
+        return Reply(-1, str(exc))
     last = Reply(-1, "no response")
     try:
         for reply in _replies(assoc.send_c_move(identifier, destination, MOVE[model])):

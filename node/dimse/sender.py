@@ -55,7 +55,13 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 from node.dimse import compat
-from node.dimse.ae import context_batches, set_nodelay
+from node.dimse.ae import (
+    connect_failure,
+    context_batches,
+    rejection_text,
+    set_nodelay,
+    silent_peer,
+)
 from node.dimse.transcode import TranscodeError, choose, file_bytes, offered, transcode, why_not
 from node.storage.interface import LocalBlobFiles
 from node.storage.query import StoredInstance
@@ -503,18 +509,26 @@ class StoreAssociation:
         try:
             sock = socket.create_connection((host, port), timeout=acse_timeout)
         except OSError as exc:
-            raise AssociationFailed(f"cannot connect: {exc.strerror or exc}") from exc
+            raise AssociationFailed(connect_failure(exc, host, port, acse_timeout)) from exc
         set_nodelay(sock)
         try:
             sock.sendall(encoded)
             kind, body = _read_pdu(sock, _MAX_NEGOTIATION_PDU)
+        except TimeoutError as exc:
+            sock.close()
+            raise AssociationFailed(silent_peer(host, port, acse_timeout)) from exc
         except OSError as exc:
             sock.close()
-            raise AssociationFailed(f"negotiation failed: {exc}") from exc
+            raise AssociationFailed(f"{host}:{port} ended the connection without answering"
+                                    f" the association: {exc}") from exc
         if kind != _A_ASSOCIATE_AC:
             sock.close()
-            why = "rejected" if kind == _A_ASSOCIATE_RJ else f"answered with PDU {kind}"
-            raise AssociationFailed(f"the destination {why} the association")
+            if kind == _A_ASSOCIATE_RJ and len(body) >= 10:
+                why = rejection_text(body[7], body[8], body[9])
+                raise AssociationFailed(f"{called_ae}@{host}:{port} rejected the association:"
+                                        f" {why}")
+            raise AssociationFailed(f"{called_ae}@{host}:{port} answered the association"
+                                    f" request with PDU type {kind}")
         answer = compat.decode_associate_ac(body)
         agreed = {proposed[cx.context_id]: cx.context_id
                   for cx in answer.presentation_context_definition_results_list

@@ -60,12 +60,27 @@ class SqliteIndex:
         and nothing is created (status, verify and fsck on a wrong or damaged folder)."""
         if not path.is_file():
             raise IndexUnavailable(f"no index at {path}")
+        # Read the header before SQLite opens the file: connecting would turn an
+        # empty or foreign file into a WAL database (and create its -wal/-shm).
+        try:
+            with open(path, "rb") as f:
+                header = f.read(100)
+        except OSError as exc:
+            raise IndexUnavailable(f"index {path} cannot be read: {exc.strerror}") from None
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+            raise IndexUnavailable(f"index {path} is damaged or not an index"
+                                   f" (not an SQLite database)")
+        if header[18] != 2:  # file format write version: 2 is WAL, which every index is in
+            raise IndexUnavailable(f"index {path} is not a Lamina index (not in WAL mode)")
         index = cls(path, busy_timeout_ms)
         try:
-            index.schema_version()
-        except IndexUnavailable:
+            version = index.schema_version()
+        except IndexUnavailable as exc:
             index.close()
-            raise
+            raise IndexUnavailable(f"index {path} is damaged: {exc}") from None
+        if version < 1:
+            index.close()
+            raise IndexUnavailable(f"index {path} is not a Lamina index (no schema)")
         return index
 
     def _connect(self) -> sqlite3.Connection:

@@ -1,0 +1,169 @@
+"""The front door: read-only commands on a wrong or damaged data folder, help texts,
+config errors and the demo data, as a newcomer meets them.
+
+Bad input is one line on stderr and exit status 2, never a traceback, and a
+read-only command creates nothing: not in the folder it was pointed at, not in
+the working directory, not the audit signing key.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydicom import dcmread
+
+from node.audit.trail import Actor
+from node.cli import main
+from node.config import load
+from node.context import NodeContext
+from tests.nodeproc import REPO, write_config
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def lamina(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``lamina ARGS`` as a subprocess in ``cwd`` (no LAMINA_* from the test's environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=120)
+
+
+def config_for(root: Path, data: Path) -> Path:
+    config = root / "node.toml"
+    write_config(config, {
+        "storage": {"data": str(data)},
+        "audit": {"signing_key": str(root / "keys" / "audit-signing.pem")},
+    })
+    return config
+
+
+def _missing(folder: Path) -> None:
+    pass
+
+
+def _empty(folder: Path) -> None:
+    folder.mkdir()
+
+
+def _garbage(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "index.sqlite3").write_bytes(bytes(range(256)) * 64)
+
+
+def _zero_bytes(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "index.sqlite3").write_bytes(b"")
+
+
+BAD_FOLDERS = {
+    "missing": (_missing, "no Lamina data in"),
+    "empty": (_empty, "no Lamina data in"),
+    "garbage": (_garbage, "is damaged or not an index"),
+    "zero-bytes": (_zero_bytes, "is damaged or not an index"),
+}
+
+
+@pytest.mark.parametrize("command", [("status",), ("audit", "verify"), ("fsck",)])
+@pytest.mark.parametrize("kind", sorted(BAD_FOLDERS))
+def test_a_read_only_command_on_a_bad_folder_says_so_and_creates_nothing(tmp_path, kind,
+                                                                          command):
+    make, expected = BAD_FOLDERS[kind]
+    data = tmp_path / "data"
+    make(data)
+    config = config_for(tmp_path, data)
+    before = tree(tmp_path)
+    done = lamina(tmp_path, *command, "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    assert expected in lines[0] and str(data) in lines[0]
+    assert tree(tmp_path) == before  # no index, no blobs/, no run/, no signing key
+
+
+def test_a_node_without_its_signing_key_gets_no_new_one(tmp_path):
+    """A key made up now would sign what the node's own key did not: verify says so."""
+    data = tmp_path / "data"
+    config = config_for(tmp_path, data)
+    ctx = NodeContext.open(load(config, environ={}), migrate=True)  # a real node, one event
+    ctx.audit.record("node.started", Actor(user="test"), {})
+    ctx.close()
+    (tmp_path / "keys" / "audit-signing.pem").unlink()
+    before = tree(tmp_path)
+    status = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    verify = CliRunner().invoke(main, ["audit", "verify", "--config", str(config)])
+    assert verify.exit_code == 1
+    assert verify.stderr.strip() == ("audit trail BROKEN at head checkpoint cannot be checked:"
+                                     f" no signing key at {tmp_path / 'keys' / 'audit-signing.pem'}")
+    assert tree(tmp_path) == before
+
+
+def test_a_good_node_still_reports(tmp_path):
+    data = tmp_path / "data"
+    config = config_for(tmp_path, data)
+    NodeContext.open(load(config, environ={}), migrate=True).close()
+    status = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "instances" in status.output
+    verify = CliRunner().invoke(main, ["audit", "verify", "--config", str(config)])
+    assert verify.exit_code == 0 and "audit trail intact" in verify.output
+
+
+def test_a_config_error_is_one_line_exit_2(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\nport = 70000\n")
+    done = lamina(tmp_path, "status", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "Error: config error: node.port: must be between 0 and 65535, got 70000"]
+
+
+def test_serve_help_says_what_serve_does():
+    text = CliRunner().invoke(main, ["serve", "--help"]).output
+    for words in ("node.lock", "one node per data folder", "listens on node.bind:node.port",
+                  "migrates", "node.workers", "C-MOVE", "Exit 2"):
+        assert words in text, words
+
+
+@pytest.mark.parametrize("command", ["echo", "send", "find", "move"])
+def test_scu_commands_show_no_node_only_flags(command):
+    text = CliRunner().invoke(main, [command, "--help"]).output
+    assert "--config" in text and "--aet" in text
+    for flag in ("--port", "--data", "--ae-title", "--workers"):
+        assert flag not in text, (command, flag)
+
+
+def test_demo_ct_then_seg_plays_the_annotator(tmp_path):
+    runner = CliRunner()
+    ct = runner.invoke(main, ["demo", "ct", str(tmp_path / "study"), "--slices", "40"])
+    assert ct.exit_code == 0, ct.output
+    (tmp_path / "study" / "notes.txt").write_text("not DICOM")  # ignored
+    out = tmp_path / "nodule-seg.dcm"
+    seg = runner.invoke(main, ["demo", "seg", str(tmp_path / "study"), str(out)])
+    assert seg.exit_code == 0, seg.output
+    assert "'Lung nodule'" in seg.output
+    ds = dcmread(out)
+    assert ds.Modality == "SEG" and ds.SegmentSequence[0].SegmentLabel == "Lung nodule"
+    referenced = {str(item.ReferencedSOPInstanceUID)
+                  for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    slices = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+              for p in (tmp_path / "study").glob("*.dcm")}
+    assert referenced <= slices and 5 <= int(ds.NumberOfFrames) <= 9
+
+
+def test_demo_seg_on_something_else_is_bad_input(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["demo", "seg", str(tmp_path / "empty"),
+                                       str(tmp_path / "out.dcm")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: no CT slices in {tmp_path / 'empty'}"
+    assert not (tmp_path / "out.dcm").exists()
