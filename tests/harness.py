@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -162,7 +162,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         sections[f"peers.{name}"] = values
     lines: list[str] = []
     for name, values in sections.items():
-        lines += _table(name, values) + [""]
+        lines += [*_table(name, values), ""]
     path = root / "node.toml"
     path.write_text("\n".join(lines), encoding="utf-8")
     return NodeConfig(root, path, data, key_file)
@@ -421,13 +421,13 @@ class _LogFile(logging.Handler):
 
         super().__init__(logging.INFO)
         self.setFormatter(JsonFormatter())
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 closed in close()
+        self._file = open(path, "a", encoding="utf-8")  # closed in close()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._file.write(self.format(record) + "\n")
             self._file.flush()
-        except Exception:  # noqa: BLE001 logging never fails the node
+        except Exception:  # logging never fails the node
             self.handleError(record)
 
     def close(self) -> None:
@@ -620,10 +620,8 @@ class ProcessNode(Node):
         found = []
         for line in text.splitlines():
             if '"msg": "listening"' in line:
-                try:
+                with suppress(ValueError):  # a line still being written
                     found.append(json.loads(line))
-                except ValueError:
-                    pass  # a line still being written
         return found
 
     def worker_pids(self) -> set[int]:
