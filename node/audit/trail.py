@@ -88,6 +88,7 @@ class HeadCheckpoint:
         self._pending: AuditEntry | None = None
         self._pending_changed = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._closed = False
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         if self.key_path.exists():
@@ -123,10 +124,13 @@ class HeadCheckpoint:
             if self._pending is None or entry.seq > self._pending.seq:
                 self._pending = entry
                 self._pending_changed.notify()
-            if self._writer is None:
+            closed = self._closed
+            if not closed and self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="audit-head",
                                                 daemon=True)
                 self._writer.start()
+        if closed:  # no writer thread any more
+            self.flush()
 
     def flush(self) -> None:
         """Write any pending head now (at shutdown, and before a verify in the same process)."""
@@ -135,11 +139,27 @@ class HeadCheckpoint:
         if entry is not None:
             self._write(entry)
 
+    def close(self) -> None:
+        """Write any pending head, end the writer thread and close the lock file."""
+        with self._pending_changed:
+            self._closed = True
+            self._pending_changed.notify_all()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join(timeout=10)
+        self.flush()
+        with self._write_lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
     def _write_loop(self) -> None:
         while True:
             with self._pending_changed:
-                while self._pending is None:
+                while self._pending is None and not self._closed:
                     self._pending_changed.wait()
+                if self._pending is None:  # closed, nothing left to write
+                    return
                 entry, self._pending = self._pending, None
             self._write(entry)
 
@@ -208,7 +228,7 @@ class AuditTrail:
         self.checkpoint.advance(entry)
 
     def close(self) -> None:
-        self.checkpoint.flush()
+        self.checkpoint.close()
 
     def record(
         self, action: str, actor: Actor, obj: dict[str, Any], outcome: str = "success"
