@@ -325,7 +325,11 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.ae_title = config.settings().node.ae_title
+        settings = config.settings()
+        self.ae_title = settings.node.ae_title
+        #: A calling AE the node admits from 127.0.0.1 (readiness checks).
+        self.local_aet = next((p.ae_title for p in settings.peers
+                               if p.allows_address("127.0.0.1")), TEST_AET)
 
     @property
     def port(self) -> int:
@@ -604,7 +608,7 @@ class ProcessNode(Node):
             listening = self._listening()
             if len(listening) >= self.workers:
                 self._port = self._fixed_port or int(listening[0]["port"])
-                if self.echo() == 0:
+                if self.echo(self.local_aet) == 0:
                     return self
             time.sleep(0.1)
         self.stop()
