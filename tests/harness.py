@@ -434,6 +434,17 @@ class _LogFile(logging.Handler):
         except Exception:  # logging never fails the node
             self.handleError(record)
 
+    def write_traceback(self, args: threading.ExceptHookArgs) -> None:
+        """An exception no thread of the node caught, as a process would print it."""
+        import traceback
+
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                  args.exc_traceback))
+        with suppress(ValueError):  # closed
+            self._file.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n"
+                             f"{text}")
+            self._file.flush()
+
     def close(self) -> None:
         self._file.close()
         super().close()
@@ -444,9 +455,11 @@ class InProcessNode(Node):
 
     As ``lamina serve`` runs a worker: ``NodeContext.open(migrate, with_key)``,
     ``ctx.start(supervisor=True)``, ``build_dimse_server(ctx).start()``. Its
-    ``lamina.*`` log lines go to ``node.log`` as JSON. :meth:`stop` stops the
-    server, closes the context and restores what the node set process-wide
-    (pynetdicom's flags, pydicom's validation modes). A context manager::
+    ``lamina.*`` log lines go to ``node.log`` as JSON, and so does the traceback
+    of any exception a thread leaves uncaught (a process would print it on
+    stderr). :meth:`stop` stops the server, closes the context and restores what
+    the node set process-wide (pynetdicom's flags, pydicom's validation modes,
+    logging, the thread excepthook). A context manager::
 
         with InProcessNode(write_config(tmp_path)) as node:
             assert node.store([ds]) == [(0, "")]
@@ -482,8 +495,16 @@ class InProcessNode(Node):
             "pydicom": (pydicom_config.settings.reading_validation_mode,
                         pydicom_config.settings.writing_validation_mode),
             "lamina_level": logging.getLogger("lamina").level,
+            "excepthook": threading.excepthook,
         }
-        self._handler = _LogFile(self.log_path)
+        self._handler = handler = _LogFile(self.log_path)
+        previous = threading.excepthook
+
+        def excepthook(args: threading.ExceptHookArgs) -> None:
+            handler.write_traceback(args)
+            previous(args)
+
+        threading.excepthook = excepthook
         lamina_log = logging.getLogger("lamina")
         lamina_log.addHandler(self._handler)
         lamina_log.setLevel(logging.INFO)
@@ -538,6 +559,7 @@ class InProcessNode(Node):
             (pydicom_config.settings.reading_validation_mode,
              pydicom_config.settings.writing_validation_mode) = saved["pydicom"]
             logging.getLogger("lamina").setLevel(saved["lamina_level"])
+            threading.excepthook = saved["excepthook"]
         if self._handler is not None:
             logging.getLogger("lamina").removeHandler(self._handler)
             self._handler.close()
