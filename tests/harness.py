@@ -26,11 +26,13 @@ Both node kinds share :class:`Node`: ``port``, ``config``, ``data``, ``store()``
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
 from node.config import Settings, load
@@ -720,6 +723,7 @@ class StorageSCP:
     originators: set[str] = field(default_factory=set)
     server: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
 
     def _on_store(self, event: evt.Event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
@@ -741,15 +745,32 @@ class StorageSCP:
         else:
             for sop_class, syntaxes in self.syntaxes.items():
                 ae.add_supported_context(sop_class, syntaxes)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        # As ae.start_server(block=False) does, but polling for shutdown every 50 ms
+        # rather than 0.5 s (how long stop() waits).
+        self.server = ae.make_server(("127.0.0.1", self.port),
+                                     evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+                                     server_class=ThreadedAssociationServer)
+        self._thread = threading.Thread(
+            target=functools.partial(self.server.serve_forever, poll_interval=0.05),
+            name=f"storage-scp-{self.ae_title}", daemon=True)
+        self._thread.start()
         self.port = int(self.server.server_address[1])
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        server, self.server = self.server, None
+        if server is not None:
+            socketserver.BaseServer.shutdown(server)
+            server.server_close()
+            for assoc in server.active_associations:
+                assoc.abort()
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+
+    def got(self, sop_instance_uid: str) -> tuple[str, bytes]:
+        """(transfer syntax, data set bytes) received for an instance."""
+        with self.lock:
+            return self.syntax[sop_instance_uid], self.received[sop_instance_uid]
 
     def __enter__(self) -> StorageSCP:
         return self.start()
