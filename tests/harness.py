@@ -535,12 +535,6 @@ class InProcessNode(Node):
         if self.ctx is not None:
             self.ctx.drain(timeout)
 
-    def settle(self) -> None:
-        """Check every overlay set still settling now, then drain."""
-        if self.ctx is not None:
-            self.ctx.annotations.flush()
-            self.drain()
-
     def stop(self) -> None:
         server, self.server = self.server, None
         ctx, self.ctx = self.ctx, None
