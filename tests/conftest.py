@@ -55,9 +55,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def require(binary: str) -> str:
-    """The path of a binary the test needs, or a skip naming it."""
+def require(binary: str, package: str = "dcmtk") -> str:
+    """The path of a binary the test needs, or a skip naming it and its Debian package."""
     path = shutil.which(binary)
     if path is None:
-        pytest.skip(f"{binary} is not installed (Debian package dcmtk; .ci/run installs it)")
+        pytest.skip(f"{binary} is not installed (Debian package {package};"
+                    " .ci/run installs it)")
     return path

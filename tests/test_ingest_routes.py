@@ -47,7 +47,7 @@ def test_clinical_route_stores_no_phi_and_can_be_reidentified(tmp_path, phantom)
         assert back.exit_code == 0, back.stderr
         assert back.stdout.strip() == phantom.study_uid
         [(obj,)] = node.rows("SELECT object FROM audit_event"
-                              " WHERE action = 'patient-record.reidentify'")
+                             " WHERE action = 'patient-record.reidentify'")
         assert study_uid in obj and phantom.study_uid not in obj  # the answer is not audited
 
         report = node.cli("deid", "report", study_uid)
@@ -92,7 +92,7 @@ def test_annotator_route_moves_original_references_onto_pseudonyms(tmp_path, pha
 
         assert node.store([note], aet=ANNOTATOR_AET) == [(0, "")]
         [(sha,)] = node.rows("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
-                        "1.2.3.4.5.6.7.8.9")  # already pseudonymous-looking: kept
+                             "1.2.3.4.5.6.7.8.9")  # already pseudonymous-looking: kept
         kept = dcmread(node.blob_path(sha))
         assert kept.SourceImageSequence[0].ReferencedSOPInstanceUID == key.uid(phantom.sop_uid(0))
         assert kept.StudyInstanceUID == stored.StudyInstanceUID

@@ -69,6 +69,7 @@ def send_until_killed(node: ProcessNode, files: list[Path], kill_after: int) -> 
 
 @pytest.mark.parametrize("kill_after", [1, 70, 160])
 def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path, study_200, kill_after):
+    require("storescu")  # before the node starts: a skip would leave it running
     node = ProcessNode.with_workers(tmp_path / "node", 2).start()
     succeeded = send_until_killed(node, study_200, kill_after)
     assert len(succeeded) >= kill_after
