@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,11 +53,3 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """The planted-PHI corpus, built once per test module."""
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
-
-def require(binary: str, package: str = "dcmtk") -> str:
-    """The path of a binary the test needs, or a skip naming it and its Debian package."""
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} is not installed (Debian package {package};"
-                    " .ci/run installs it)")
-    return path

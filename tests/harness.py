@@ -30,11 +30,13 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import socketserver
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -69,6 +71,25 @@ NODE_AET = "LAMINA"
 #: pynetdicom's process-wide flags a node in this process sets (restored when it stops).
 PYNETDICOM_FLAGS = ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS",
                     "STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET")
+
+
+def require(binary: str, package: str = "dcmtk") -> str:
+    """The path of an installed tool a test needs (DCMTK's by default), or a skip naming it
+    and its Debian package.
+
+    The interpreter's own scripts folder is not searched: pynetdicom installs
+    Python apps named like DCMTK's (echoscu, storescu, findscu, getscu, movescu,
+    storescp), and with an activated virtualenv they would stand in for DCMTK.
+    """
+    own = {Path(sysconfig.get_path("scripts")).resolve(), Path(sys.executable).parent.resolve()}
+    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                             if d and Path(d).resolve() not in own)
+    path = shutil.which(binary, path=search)
+    if path is None:
+        import pytest
+
+        pytest.skip(f"{binary} is not installed (Debian package {package}; .ci/run installs it)")
+    return path
 
 
 def free_port() -> int:
@@ -774,13 +795,11 @@ class StorageSCP:
 
 
 def storescp(port: int, out: Path, *options: str, aet: str = "STORESCP") -> subprocess.Popen:
-    """DCMTK's storescp on ``port`` writing into ``out``, once it accepts connections.
-
-    The caller checks the binary first (``tests.conftest.require``) and ends it with
-    :func:`stop_process`.
-    """
+    """DCMTK's storescp on ``port`` writing into ``out``, once it accepts connections (a
+    skip without it). End it with :func:`stop_process`."""
+    binary = require("storescp")
     out.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(["storescp", *options, "-aet", aet, "-od", str(out), str(port)],
+    process = subprocess.Popen([binary, *options, "-aet", aet, "-od", str(out), str(port)],
                                env={**os.environ, "TCP_NODELAY": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10

@@ -17,8 +17,7 @@ import pytest
 from pydicom import dcmread
 
 from tests import annotation_fixtures as fx
-from tests.conftest import require
-from tests.harness import ProcessNode
+from tests.harness import ProcessNode, require
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import pytest
 from pydicom import dcmread
 
 from node.phantom import index_records
-from tests.conftest import require
-from tests.harness import ProcessNode, free_port, stop_process, storescp, write_config
+from tests.harness import ProcessNode, free_port, require, stop_process, storescp, write_config
 from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
 
 TOOLS = ("findscu", "movescu", "getscu", "storescp")
@@ -73,7 +72,8 @@ def findscu(node, cwd: Path, model: str, keys: list, calling: str = "CLIENT",
     """Run findscu; the extracted responses (parsed) and its log."""
     for old in cwd.glob("rsp*.dcm"):
         old.unlink()
-    args: list = ["findscu", "-v", "-X", "-aet", calling, "-aec", node.ae_title, model, *extra]
+    args: list = [require("findscu"), "-v", "-X", "-aet", calling, "-aec", node.ae_title,
+                  model, *extra]
     for key in keys:
         args += ["-k", key]
     result = subprocess.run([*args, "127.0.0.1", str(node.port)], cwd=cwd, env=ENV,
@@ -199,7 +199,8 @@ def test_movescu_to_storescp(env, tmp_path):
     receiver = storescp(dest_port, tmp_path / "received")
     try:
         result = subprocess.run(
-            ["movescu", "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "STORESCP", "-S",
+            [require("movescu"), "-v", "-aet", "CLIENT", "-aec", node.ae_title,
+             "-aem", "STORESCP", "-S",
              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uids['E2']['study']}",
              "127.0.0.1", str(node.port)], env=ENV, capture_output=True, timeout=60,
             check=False)
@@ -217,7 +218,8 @@ def test_movescu_to_storescp(env, tmp_path):
 def test_movescu_unknown_destination(env):
     node, uids, _, _ = env
     result = subprocess.run(
-        ["movescu", "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "NOWHERE", "-S",
+        [require("movescu"), "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "NOWHERE",
+         "-S",
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uids['E1']['study']}",
          "127.0.0.1", str(node.port)], env=ENV, capture_output=True, timeout=60, check=False)
     assert "MoveDestinationUnknown" in result.stderr.decode() + result.stdout.decode()
@@ -228,7 +230,8 @@ def test_getscu(env, tmp_path):
     out = tmp_path / "got"
     out.mkdir()
     result = subprocess.run(
-        ["getscu", "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-S", "-od", str(out),
+        [require("getscu"), "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-S",
+         "-od", str(out),
          "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={uids['E3']['study']}",
          "-k", f"SeriesInstanceUID={uids['E3']['series']}", "127.0.0.1", str(node.port)],
         env=ENV, capture_output=True, timeout=60, check=False)

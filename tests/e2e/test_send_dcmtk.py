@@ -8,8 +8,14 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from node.phantom import Phantom
-from tests.conftest import require
-from tests.harness import free_port, lamina, stop_process, storescp, write_config
+from tests.harness import (
+    free_port,
+    lamina,
+    require,
+    stop_process,
+    storescp,
+    write_config,
+)
 
 
 def test_lamina_send_to_an_implicit_only_storescp(tmp_path):

@@ -11,8 +11,7 @@ import subprocess
 import threading
 
 from node.phantom import Phantom
-from tests.conftest import require
-from tests.harness import TEST_AET, ProcessNode, as_file, peer, write_config
+from tests.harness import TEST_AET, ProcessNode, as_file, peer, require, write_config
 
 
 def test_dcmtk_storescu_and_echoscu(node_process, phantom_files):
