@@ -16,7 +16,8 @@ its index.
 * :func:`send` is the one C-STORE sender (files or datasets, their bytes as they
   are, over one association); :class:`StorageSCP` the one stand-in for a C-MOVE
   destination; :func:`storescp` starts DCMTK's; :func:`lamina` the one CLI runner
-  (in-process, click's ``CliRunner``).
+  (in-process, click's ``CliRunner``); :func:`require` finds DCMTK's tools or skips
+  naming the Debian package.
 
 Both node kinds share :class:`Node`: ``port``, ``config``, ``data``, ``store()``,
 ``echo()``, ``cli()``, ``rows()``, ``audit_actions()``, ``audit_events()``,
