@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from node.phantom import Phantom
-from tests.nodeproc import TEST_AET, NodeProcess, free_port
+from tests.harness import TEST_AET, ProcessNode, free_port
 
 Server = Callable[[Path], "contextmanager[tuple[str, int]]"]
 
@@ -83,7 +83,7 @@ def orthanc(work: Path) -> Iterator[tuple[str, int]]:
 def lamina(workers: int) -> Server:
     @contextmanager
     def server(work: Path) -> Iterator[tuple[str, int]]:
-        node = NodeProcess(work / "lamina", workers=workers).start()
+        node = ProcessNode.with_workers(work / "lamina", workers).start()
         try:
             yield "LAMINA", node.port
         finally:

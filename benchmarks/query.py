@@ -47,7 +47,8 @@ from node.phantom import Phantom, index_records, synthetic_patient_name
 from node.storage.query import Model, parse
 from node.storage.sqlite.index import SqliteIndex
 from node.storage.sqlite.matcher import explain, rows_select
-from tests.qr_support import free_port, start_node
+from tests.harness import ProcessNode, free_port, write_config
+from tests.studies import QR_VALIDATION, qr_peer
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
               "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
@@ -261,12 +262,14 @@ def move_benchmark(work: Path, slices: int, runs: int) -> list[dict]:
     dest = work / "received"
     results = []
 
-    node = start_node(work / "lamina", {
-        "bench": {"ae_title": "MOVESCU", "host": "127.0.0.1", "services": ["store", "move"],
-                  "move_destinations": ["storescp"]},
-        "storescp": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}})
+    node = ProcessNode(write_config(work / "lamina", validation=QR_VALIDATION, peers={
+        "bench": qr_peer("MOVESCU", "store", "move", move_destinations=["storescp"]),
+        "storescp": qr_peer("STORESCP", port=dest_port)}))
     try:
-        node.store(files, "MOVESCU")
+        node.start()
+        failed = [r for r in node.store(files, "MOVESCU") if r.status != 0]
+        if failed:
+            raise RuntimeError(f"loading the study failed: {failed[:3]}")
         results.append(_result("Lamina", _movescu(node.port, "LAMINA", study_uid, runs, dest,
                                                   dest_port), slices))
     finally:
@@ -353,13 +356,13 @@ def run(sizes: list[int], repeats: int, move_slices: int, move_runs: int,
         seconds = fill(folder / "node" / "data", size)
         yield f"\n{size:,} instances ({size // 20:,} studies, {max(1, size // 100):,} patients)"
         yield f"  bulk fill + ANALYZE: {seconds:.1f} s ({size / seconds:,.0f} instances/s)"
-        node = start_node(folder / "node", {
-            "bench": {"ae_title": "BENCH", "host": "127.0.0.1", "services": ["find"]}})
-        index = node.index()
+        node = ProcessNode(write_config(folder / "node", validation=QR_VALIDATION,
+                                        peers={"bench": qr_peer("BENCH", "find")}))
         try:
-            rows = time_queries(node.port, index, size, repeats, seed=size)
+            node.start()
+            with node.index() as index:
+                rows = time_queries(node.port, index, size, repeats, seed=size)
         finally:
-            index.close()
             node.stop()
         yield (f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
                f" {'findscu mean':>13}")

@@ -13,7 +13,6 @@ each into an empty folder, one warm-up then timed repeats.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import socket
@@ -26,16 +25,18 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.anonymize.keys import create_key_file
 from node.checks.geometry import InstanceGeometry, analyse_series
-from node.config import StorageSettings, ValidationSettings, load
+from node.config import ValidationSettings
 from node.context import NodeContext
 from node.ingest.iod import IODTables
 from node.ingest.types import Source
 from node.ingest.validate import Validator, read_received
 from node.phantom import Phantom
 from node.storage.records import InstanceRecord
-from tests.lamina_process import DCMTK_AE, as_file, free_port, start_node
+from tests.harness import ProcessNode, as_file, free_port, peer, write_config
+
+#: storescu's calling AE title, a peer of the node.
+DCMTK_AE = "STORESCU"
 
 
 def _best_us(fn: Callable[[], object], repeats: int) -> float:
@@ -83,12 +84,7 @@ def series_check(work: Path, slices: int) -> None:
     rows = [(ph.sop_uid(i), i + 1, InstanceGeometry.from_dataset(ph.slice(i)))
             for i in range(slices)]
     pure = _best_us(lambda: analyse_series(rows), 5) / 1000
-    settings = load(None, environ={})
-    settings = dataclasses.replace(
-        settings, storage=StorageSettings(data=work / "series", min_free_mb=0),
-        audit=dataclasses.replace(settings.audit, signing_key=work / "series-key.pem"),
-        deidentify=dataclasses.replace(settings.deidentify,
-                                       key_file=create_key_file(work / "project.key")))
+    settings = write_config(work / "series-node", data=work / "series").settings()
     ctx = NodeContext.open(settings, with_key=True)
     try:
         # The series check is measured, not de-identification: stored as sent.
@@ -138,9 +134,10 @@ def _rate_storescp(files: list[Path]) -> float:
 
 def _rate_lamina(files: list[Path], workers: int, enabled: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        node = start_node(Path(tmp), f"[validation]\nenabled = {str(enabled).lower()}\n",
-                          workers=workers)
+        node = ProcessNode.with_workers(Path(tmp), workers, validation={"enabled": enabled},
+                                        peers={"dcmtk": peer(DCMTK_AE, "store")})
         try:
+            node.start()
             return len(files) / _storescu(node.port, "LAMINA", files)
         finally:
             node.stop()

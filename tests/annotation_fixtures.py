@@ -17,10 +17,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import sqlite3
-from contextlib import closing
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
@@ -32,14 +31,13 @@ from pydicom.pixels import pack_bits
 from pydicom.tag import Tag
 from pydicom.uid import RLELossless
 
-from node import config
-from node.anonymize.keys import create_key_file
 from node.context import NodeContext
 from node.ingest.types import Source, StoreResult
 from node.phantom import Phantom, Sphere
+from tests.harness import TEST_AET, NodeConfig, peer, write_config
 
 if TYPE_CHECKING:
-    from tests.nodeproc import NodeProcess
+    from tests.harness import Node, Response
 
 #: 40 slices of 256×256 at 1.4 mm (the phantom's 358 mm field), 2.5 mm apart:
 #: every sphere fits, and a script hard-coding 512×512 overlays is wrong here.
@@ -146,13 +144,13 @@ def served(ctx: NodeContext) -> Served:
     return Served([dcmread(ctx.blobs.local_path(sha)) for sha in shas])
 
 
-def served_by(node: NodeProcess) -> Served:
-    """The phantom series stored by a node subprocess, read back from its blob store."""
+def served_by(node: Node) -> Served:
+    """The phantom series stored by a running node (in-process or not), read back from its
+    blob store."""
     series_uid = node.project_key().uid(PHANTOM.series_uid)
-    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
-        shas = [r[0] for r in conn.execute(
-            "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
-            " WHERE s.series_instance_uid = ?", (series_uid,))]
+    shas = [sha for (sha,) in node.rows(
+        "SELECT i.blob_sha256 FROM instance i JOIN series s ON s.id = i.series_fk"
+        " WHERE s.series_instance_uid = ?", series_uid)]
     return Served([dcmread(node.blob_path(sha)) for sha in shas])
 
 
@@ -501,27 +499,30 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def node_config(folder: Path, protocol: str | None = TEST_PROTOCOL,
+                settle_seconds: float = 1.0, **sections: Any) -> NodeConfig:
+    """A node's config (tests/harness.py) under ``protocol`` (written beside it), with
+    the PACS and the annotators' workstation as peers (:data:`PEERS`)."""
+    annotations = {}
+    if protocol is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "protocol.toml").write_text(protocol)
+        annotations = {"protocol": str(folder / "protocol.toml"),
+                       "settle_seconds": settle_seconds}
+    return write_config(folder, peers=PEERS, annotations=annotations, **sections)
+
+
 def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
               settle_seconds: float = 1.0) -> NodeContext:
-    """A NodeContext on ``folder`` under ``protocol``, with the phantom series stored
-    as the PACS sends it (de-identified on the way in: :func:`served` reads it back).
+    """A NodeContext (not started: after-commit work runs inline) on ``folder`` under
+    ``protocol``, with the phantom series stored as the PACS sends it (de-identified on
+    the way in: :func:`served` reads it back).
 
     Its settings are in ``folder/node.toml``, so CLI commands can run against it;
     the project key is ``folder/keys/project.key``, outside the data folder.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    key_file = folder / "keys" / "project.key"
-    if not key_file.exists():
-        create_key_file(key_file)
-    lines = ["[storage]", f'data = "{folder / "data"}"', "min_free_mb = 0",
-             "[audit]", f'signing_key = "{folder / "k.pem"}"',
-             "[deidentify]", f'key_file = "{key_file}"']
-    if protocol is not None:
-        (folder / "protocol.toml").write_text(protocol)
-        lines += ["[annotations]", f'protocol = "{folder / "protocol.toml"}"',
-                  f"settle_seconds = {settle_seconds}"]
-    (folder / "node.toml").write_text("\n".join(lines) + "\n")
-    ctx = NodeContext.open(config.load(folder / "node.toml"), with_key=True)
+    ctx = NodeContext.open(node_config(folder, protocol, settle_seconds).settings(),
+                           with_key=True)
     for k in range(PHANTOM.slices_count):
         assert ctx.ingest.ingest_bytes(encode(PHANTOM.slice(k)), PACS).action == "stored"
     return ctx
@@ -549,6 +550,72 @@ def current_findings(ctx: NodeContext, annotation_id: int) -> list[dict]:
             (annotation_id,)).fetchall()
     return [{"check": r[0], "structure_id": r[1], "slices": json.loads(r[2]), "detail": r[3]}
             for r in rows]
+
+
+# --- a running node (tests/harness.py): what the annotators send, what it made of it --------
+
+#: The annotators' workstation; the PACS calls as TEST_AET.
+ANNOTATOR_AET = "ANNOTATOR"
+PEERS = {
+    "pacs": peer(TEST_AET, "store", route="clinical"),
+    "workstation": peer(ANNOTATOR_AET, "store", "find", "move", "get", route="annotator"),
+}
+
+
+def store_phantom(node: Node) -> None:
+    """The phantom series from the PACS (stored de-identified: :func:`served_by`)."""
+    slices = [PHANTOM.slice(k) for k in range(PHANTOM.slices_count)]
+    assert node.store(slices) == [(0, "")] * len(slices)
+
+
+def send(node: Node, datasets: list) -> list[Response]:
+    """C-STORE from the annotators' workstation."""
+    return node.store(datasets, aet=ANNOTATOR_AET)
+
+
+def annotations(node: Node) -> dict[str, dict]:
+    """The node's annotations by key, read from its index as ``annotations list`` does."""
+    with node.index() as index, index.reader() as r:
+        return {row["key"]: row for row in r.annotations.list()}
+
+
+def settled(node: Node, key: str, timeout: float = 30.0) -> dict:
+    """An annotation once its check after the answer has run: an overlay set settles after
+    its last copy, a SEG is checked on the node's worker. Refused ones never wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node.drain()
+        row = annotations(node).get(key)
+        if (row and row["state"] != "received") or time.monotonic() > deadline:
+            return row
+        time.sleep(0.1)
+
+
+def seg_annotation(node: Node, seg) -> dict:
+    return settled(node, f"seg|{seg.SOPInstanceUID}")
+
+
+def findings(node: Node, annotation_id: int) -> list[dict]:
+    """The current findings, as ``lamina annotations show ID --json`` reports them."""
+    run = node.cli("annotations", "show", str(annotation_id), "--json")
+    assert run.exit_code == 0, run.output
+    return json.loads(run.stdout)["findings"]
+
+
+def finding_checks(node: Node, annotation_id: int) -> list[str]:
+    with node.index() as index, index.reader() as r:
+        check = r.annotations.get(annotation_id)["current_check_fk"]
+        return [f["check_name"] for f in r.annotations.findings(check)]
+
+
+def write(folder: Path, datasets) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 # --- dcmqi (PyPI "dcmqi"), and dicom3tools' dciodvfy ------------------------------------

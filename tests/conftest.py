@@ -1,8 +1,7 @@
-"""Shared fixtures: the synthetic CT phantom on disk, and nodes on ephemeral ports."""
+"""Shared fixtures: the synthetic CT phantom on disk, and nodes (see tests/harness.py)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from pydicom import config
 
 from node.phantom import Phantom
-from tests.nodeproc import NodeProcess
+from tests.harness import InProcessNode, ProcessNode, write_config
 from tests.phi_corpus import Corpus, build_corpus
 
 
@@ -26,9 +25,17 @@ def phantom_files(phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    """A running single-worker node with one permitted peer (TESTSCU at 127.0.0.1)."""
-    with NodeProcess(tmp_path / "node") as n:
+def node(tmp_path: Path) -> Iterator[InProcessNode]:
+    """A fresh node in this process on port 0, with one permitted peer (TESTSCU at
+    127.0.0.1, every service, clinical route)."""
+    with InProcessNode(write_config(tmp_path / "node")) as n:
+        yield n
+
+
+@pytest.fixture
+def node_process(tmp_path: Path) -> Iterator[ProcessNode]:
+    """The same node as ``lamina serve`` in a subprocess: for DCMTK end-to-end tests."""
+    with ProcessNode(write_config(tmp_path / "node")) as n:
         yield n
 
 
@@ -46,10 +53,3 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """The planted-PHI corpus, built once per test module."""
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
-
-def require(binary: str) -> str:
-    """The path of a binary the test needs, or a skip naming it."""
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} is not installed (Debian package dcmtk; .ci/run installs it)")
-    return path

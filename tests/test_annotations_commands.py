@@ -11,11 +11,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from click.testing import CliRunner
 from pydicom import dcmread
 
-from node.cli import main
 from tests import annotation_fixtures as fx
+from tests import harness
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def served(node) -> fx.Served:
 
 
 def lamina(config, *args: str):
-    return CliRunner().invoke(main, [*args, "--config", str(config)])
+    return harness.lamina(*args, config=config)
 
 
 def test_list_and_show_name_findings_with_slice_positions(node, served) -> None:

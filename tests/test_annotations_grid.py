@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from node import config
 from node.annotations.grid import GridError, HeaderGridSource, SeriesGrid
-from node.anonymize.keys import create_key_file
 from node.context import NodeContext
 from tests import annotation_fixtures as fx
+from tests.harness import write_config
 
 
 def test_grid_sorts_slices_along_the_normal_whatever_the_input_order() -> None:
@@ -58,10 +57,7 @@ def test_a_series_that_is_not_one_grid_is_a_grid_error(keyword, value, message) 
 
 
 def test_header_source_caches_until_the_series_grows(tmp_path) -> None:
-    key_file = create_key_file(tmp_path / "keys" / "project.key")  # outside the data folder
-    settings = config.load(None, overrides={"storage.data": str(tmp_path / "data"),
-                                            "audit.signing_key": str(tmp_path / "k.pem"),
-                                            "deidentify.key_file": str(key_file)})
+    settings = write_config(tmp_path).settings()  # the key in tmp_path/keys: outside the data
     ctx = NodeContext.open(settings, with_key=True)
     try:
         series_uid = ctx.key.uid(fx.PHANTOM.series_uid)  # as the PACS's series is stored

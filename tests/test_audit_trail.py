@@ -3,33 +3,31 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 
 from node.audit.trail import Actor
 from node.config import load
 from node.context import NodeContext
-from tests.nodeproc import NodeProcess
+from tests.harness import lamina, write_config
 
 
 @pytest.fixture
 def trail_config(tmp_path: Path) -> Path:
     """A node config whose audit trail holds six events."""
-    node = NodeProcess(tmp_path)  # writes the config; not started
-    ctx = NodeContext.open(load(node.config))
+    node = write_config(tmp_path)
+    ctx = NodeContext.open(node.settings())
     for i in range(6):
         ctx.audit.record("test.event", Actor(ae_title="TESTSCU", association_id=str(i)),
                          {"n": i})
     ctx.close()
-    return node.config
+    return node.path
 
 
-def verify(config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--config",
-                           str(config)], capture_output=True, text=True, timeout=60)
+def verify(config: Path) -> Result:
+    return lamina("audit", "verify", config=config)
 
 
 def tamper(config: Path, *statements: str) -> None:
@@ -44,7 +42,7 @@ def tamper(config: Path, *statements: str) -> None:
 
 def test_intact_trail_verifies(trail_config):
     result = verify(trail_config)
-    assert result.returncode == 0
+    assert result.exit_code == 0
     assert "6 entries" in result.stdout
 
 
@@ -68,7 +66,7 @@ def test_the_node_itself_cannot_edit_or_delete(trail_config):
 def test_tampering_is_caught_naming_the_first_bad_entry(trail_config, statements, first_bad):
     tamper(trail_config, *statements)
     result = verify(trail_config)
-    assert result.returncode == 1
+    assert result.exit_code == 1
     assert f"BROKEN at {first_bad}" in result.stderr
 
 
@@ -77,4 +75,4 @@ def test_a_forged_head_is_caught(trail_config):
     head = settings.storage.data / "audit" / "head.json"
     head.write_text(head.read_text().replace('"seq": 6', '"seq": 5'))
     result = verify(trail_config)
-    assert result.returncode == 1 and "signature invalid" in result.stderr
+    assert result.exit_code == 1 and "signature invalid" in result.stderr

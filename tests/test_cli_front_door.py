@@ -9,8 +9,6 @@ the working directory, not the audit signing key.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,28 +19,27 @@ from node.audit.trail import Actor
 from node.cli import main
 from node.config import load
 from node.context import NodeContext
-from tests.nodeproc import REPO, write_config
+from tests import harness
+from tests.harness import write_config
 
 
 def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def lamina(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``lamina ARGS`` as a subprocess in ``cwd`` (no LAMINA_* from the test's environment)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "node", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+def lamina(cwd: Path, *args: str):
+    """``lamina ARGS`` run from ``cwd`` (in-process; no LAMINA_* from the environment)."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return harness.lamina(*args)
+    finally:
+        os.chdir(previous)
 
 
 def config_for(root: Path, data: Path) -> Path:
-    config = root / "node.toml"
-    write_config(config, {
-        "storage": {"data": str(data)},
-        "audit": {"signing_key": str(root / "keys" / "audit-signing.pem")},
-    })
-    return config
+    """A node config with its data in ``data``: no project key, nothing else created."""
+    return write_config(root, data=data, key=False).path
 
 
 def _missing(folder: Path) -> None:
@@ -81,7 +78,7 @@ def test_a_read_only_command_on_a_bad_folder_says_so_and_creates_nothing(tmp_pat
     config = config_for(tmp_path, data)
     before = tree(tmp_path)
     done = lamina(tmp_path, *command, "--config", str(config))
-    assert done.returncode == 2, done.stderr
+    assert done.exit_code == 2, done.stderr
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
@@ -122,7 +119,7 @@ def test_a_config_error_is_one_line_exit_2(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text("[node]\nport = 70000\n")
     done = lamina(tmp_path, "status", "--config", str(config))
-    assert done.returncode == 2
+    assert done.exit_code == 2
     assert done.stderr.strip().splitlines() == [
         "Error: config error: node.port: must be between 0 and 65535, got 70000"]
 

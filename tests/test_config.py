@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from node.config import ConfigError, load
+from tests.harness import lamina
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,8 +57,7 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, toml, message):
 def test_cli_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[node]\nworkers = 0\n")
-    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
+    result = lamina("serve", config=path)
+    assert result.exit_code == 2
     assert "node.workers: must be between 1 and 64, got 0" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,19 +1,18 @@
 """A whole node in-process on port 0 (``build_dimse_server``), and retrieves to peers that
 lack the stored transfer syntax: every instance arrives, re-encoded, pixel data equal.
 
-The node, its storage SCP destinations and the C-GET requester all run in this
-process. pynetdicom's configuration is per process, and the node spools what it
-receives to files (``STORE_RECV_CHUNKED_DATASET``): so the peers here read what
-they receive from ``event.dataset_path`` too, and the flags are restored when
-the module's node stops.
+The node (tests/harness.py: InProcessNode), its storage SCP destinations and the
+C-GET requester all run in this process. pynetdicom's configuration is per
+process, and the node spools what it receives to files
+(``STORE_RECV_CHUNKED_DATASET``): so the peers here read what they receive from
+``event.dataset_path`` too, and the flags are restored when the module's node stops.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     RLELossless,
 )
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
@@ -38,21 +37,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.config import load
 from node.context import NodeContext
 from node.dimse.ae import associate
-from node.dimse.scu import Target, send_files
-from node.dimse.server import DimseServer, build_dimse_server
-from tests.qr_support import (
-    StudySpec,
-    blob_path,
-    free_port,
-    identifier,
+from node.dimse.server import build_dimse_server
+from tests.harness import (
+    InProcessNode,
+    StorageSCP,
     received_dataset,
     stored_dataset_bytes,
     write_config,
-    write_study,
 )
+from tests.studies import QR_VALIDATION, StudySpec, identifier, qr_peer, write_study
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
 GET = StudyRootQueryRetrieveInformationModelGet
@@ -60,8 +55,6 @@ FIND = StudyRootQueryRetrieveInformationModelFind
 PLAIN = StudySpec("inproc-plain", "Lee^Lena", "INP-1", "20240401", "080000", "IP-1", "CT",
                   slices=3)
 RLE = StudySpec("inproc-rle", "Kim^Kai", "INP-2", "20240402", "080000", "IP-2", "CT", slices=2)
-_FLAGS = ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS", "STORE_RECV_CHUNKED_DATASET",
-          "STORE_SEND_CHUNKED_DATASET")
 
 
 def decode(data: bytes, syntax: str) -> Dataset:
@@ -73,63 +66,40 @@ def decode(data: bytes, syntax: str) -> Dataset:
 
 
 @dataclass
-class Receiver:
-    """A storage SCP that accepts each SOP class only in the given transfer syntaxes."""
+class LoadedNode:
+    """The module's node and the studies stored in it."""
 
-    ae_title: str
-    port: int
-    syntaxes: dict[str, list[str]]
-    received: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    server: object = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def _on_store(self, event: evt.Event) -> int:
-        with self.lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = (
-                str(event.context.transfer_syntax), received_dataset(event))
-        return 0x0000
-
-    def start(self) -> Receiver:
-        ae = AE(ae_title=self.ae_title)
-        for sop_class, syntaxes in self.syntaxes.items():
-            ae.add_supported_context(sop_class, syntaxes)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-
-
-@dataclass
-class InProcessNode:
-    ctx: NodeContext
-    server: DimseServer
-    ae_title: str
+    node: InProcessNode
     uids: dict[str, list[str]]
     files: dict[str, list[Path]]
+    ae_title: str = "LAMINA"
 
     @property
     def port(self) -> int:
-        return self.server.port
+        return self.node.port
+
+    @property
+    def ctx(self) -> NodeContext:
+        return self.node.ctx
+
+    def path(self, uid: str) -> Path:
+        return self.node.instance_path(uid)
 
     def stored(self, uid: str) -> Dataset:
-        return dcmread(blob_path(self.ctx.settings.storage.data, uid))
+        return dcmread(self.path(uid))
 
 
 @pytest.fixture(scope="module")
 def receivers():
-    ports = {name: free_port() for name in ("implicit", "nothing")}
     started = {
-        "implicit": Receiver("IMPLICIT", ports["implicit"],
-                             {CTImageStorage: [ImplicitVRLittleEndian]}).start(),
+        "implicit": StorageSCP("IMPLICIT", syntaxes={CTImageStorage: [ImplicitVRLittleEndian]}),
         # The association is accepted (MR), but CT only as JPEG Baseline: nothing usable.
-        "nothing": Receiver("NOTHING", ports["nothing"],
-                            {CTImageStorage: [JPEGBaseline8Bit],
-                             MRImageStorage: [ExplicitVRLittleEndian]}).start(),
+        "nothing": StorageSCP("NOTHING", syntaxes={CTImageStorage: [JPEGBaseline8Bit],
+                                                   MRImageStorage: [ExplicitVRLittleEndian]}),
     }
     try:
+        for receiver in started.values():
+            receiver.start()
         yield started
     finally:
         for receiver in started.values():
@@ -140,33 +110,22 @@ def receivers():
 def node(tmp_path_factory, receivers):
     folder: Path = tmp_path_factory.mktemp("inproc")
     peers = {
-        "client": {"ae_title": "CLIENT", "host": "127.0.0.1",
-                   "services": ["store", "find", "move", "get"],
-                   "move_destinations": list(receivers)},
-        **{name: {"ae_title": r.ae_title, "host": "127.0.0.1", "port": r.port, "services": []}
-           for name, r in receivers.items()},
+        "client": qr_peer("CLIENT", "store", "find", "move", "get",
+                          move_destinations=list(receivers)),
+        **{name: qr_peer(r.ae_title, port=r.port) for name, r in receivers.items()},
     }
-    flags = {name: getattr(_config, name) for name in _FLAGS}
-    ctx = NodeContext.open(load(write_config(folder / "node", peers), environ={}),
-                           migrate=True, with_key=True)
-    server = build_dimse_server(ctx).start()
-    try:
+    with InProcessNode(write_config(folder / "node", peers=peers,
+                                    validation=QR_VALIDATION)) as running:
         files = {PLAIN.seed: write_study(folder / PLAIN.seed, PLAIN),
                  RLE.seed: _rle(write_study(folder / RLE.seed, RLE))}
-        target = Target("LAMINA", "127.0.0.1", server.port)
         for paths in files.values():
-            results = send_files(ctx.settings, target, paths, aet="CLIENT")
+            results = running.store(paths, "CLIENT")
             assert [r.status for r in results] == [0] * len(paths), results
         uids = {seed: [str(dcmread(p).SOPInstanceUID) for p in paths]
                 for seed, paths in files.items()}
         for seed, paths in files.items():
             uids[seed + "/study"] = [str(dcmread(paths[0]).StudyInstanceUID)]
-        yield InProcessNode(ctx, server, "LAMINA", uids, files)
-    finally:
-        server.stop()
-        ctx.close()
-        for name, value in flags.items():
-            setattr(_config, name, value)
+        yield LoadedNode(running, uids, files)
 
 
 def _rle(paths: list[Path]) -> list[Path]:
@@ -185,7 +144,7 @@ def _client() -> AE:
     return ae
 
 
-def _move(node: InProcessNode, seed: str, destination: str) -> list[tuple[int, Dataset, Dataset]]:
+def _move(node: LoadedNode, seed: str, destination: str) -> list[tuple[int, Dataset, Dataset]]:
     assoc = associate(_client(), "127.0.0.1", node.port, node.ae_title)
     assert assoc.is_established
     try:
@@ -196,7 +155,7 @@ def _move(node: InProcessNode, seed: str, destination: str) -> list[tuple[int, D
         assoc.release()
 
 
-def _get(node: InProcessNode, seed: str, syntaxes: list[str]) -> tuple[list, dict]:
+def _get(node: LoadedNode, seed: str, syntaxes: list[str]) -> tuple[list, dict]:
     received: dict[str, tuple[str, bytes]] = {}
 
     def on_store(event: evt.Event) -> int:
@@ -252,7 +211,7 @@ def _aborted(assoc, timeout: float = 5.0) -> bool:
     return not assoc.is_established
 
 
-def _assert_same_pixels(node: InProcessNode, uid: str, syntax: str, data: bytes) -> None:
+def _assert_same_pixels(node: LoadedNode, uid: str, syntax: str, data: bytes) -> None:
     ds = decode(data, syntax)
     stored = node.stored(uid)
     assert ds.SOPInstanceUID == uid
@@ -263,9 +222,9 @@ def test_move_to_an_implicit_only_receiver_re_encodes_every_instance(node, recei
     responses = _move(node, PLAIN.seed, "IMPLICIT")
     code, final, _ = responses[-1]
     assert code == 0x0000 and final.NumberOfCompletedSuboperations == 3
-    got = receivers["implicit"].received
+    got = receivers["implicit"]
     for uid in node.uids[PLAIN.seed]:
-        syntax, data = got[uid]
+        syntax, data = got.got(uid)
         assert syntax == ImplicitVRLittleEndian
         assert node.stored(uid).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         _assert_same_pixels(node, uid, syntax, data)
@@ -288,7 +247,7 @@ def test_get_in_the_stored_syntax_sends_the_stored_bytes(node):
     assert responses[-1][0] == 0x0000
     for uid, (syntax, data) in received.items():
         assert syntax == ExplicitVRLittleEndian
-        path = blob_path(node.ctx.settings.storage.data, uid)
+        path = node.path(uid)
         assert data == stored_dataset_bytes(path)
 
 
@@ -300,13 +259,13 @@ def test_a_compressed_instance_arrives_decoded_at_an_uncompressed_only_peer(node
     responses, by_get = _get(node, RLE.seed, [ExplicitVRLittleEndian])
     assert responses[-1][0] == 0x0000
     for uid in node.uids[RLE.seed]:
-        for syntax, data in (receivers["implicit"].received[uid], by_get[uid]):
+        for syntax, data in (receivers["implicit"].got(uid), by_get[uid]):
             assert syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
             ds = decode(data, syntax)
             assert "PixelData" in ds and len(ds.PixelData) == ds.Rows * ds.Columns * 2
             _assert_same_pixels(node, uid, syntax, data)
     original = dcmread(node.files[RLE.seed][0])
-    syntax, data = receivers["implicit"].received[str(original.SOPInstanceUID)]
+    syntax, data = receivers["implicit"].got(str(original.SOPInstanceUID))
     moved = decode(data, syntax)
     assert np.array_equal(moved.pixel_array, original.pixel_array)
 

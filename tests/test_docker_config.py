@@ -19,18 +19,15 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.anonymize.keys import create_key_file
 from node.config import load
 from node.phantom import Phantom
 from node.policy import admit
-from tests.nodeproc import REPO, free_port
+from tests.harness import REPO, StorageSCP, free_port
 
 DOCKER_CONFIG = REPO / "config" / "docker.toml"
 #: Where the image has the repository's files (WORKDIR + COPY in the Dockerfile).
@@ -94,29 +91,6 @@ def test_the_docker_config_reaches_the_host_and_keeps_data_and_keys_on_volumes()
     healthcheck = admit(settings, "HEALTHCHECK", "LAMINA", "127.0.0.1").peer
     assert healthcheck is not None and healthcheck.services == frozenset()
     assert admit(settings, "HEALTHCHECK", "LAMINA", "10.0.0.1").peer is None
-
-
-@dataclass
-class Workstation:
-    """The annotator's storage SCP (AE WORKSTATION) that the node moves studies to."""
-
-    port: int
-    received: list[str] = field(default_factory=list)
-
-    def start(self) -> Workstation:
-        ae = AE(ae_title="WORKSTATION")
-        ae.supported_contexts = AllStoragePresentationContexts
-
-        def on_store(event: evt.Event) -> int:
-            self.received.append(str(event.request.AffectedSOPInstanceUID))
-            return 0x0000
-
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 @pytest.fixture
@@ -186,7 +160,8 @@ def test_the_workstation_moves_a_study_to_itself(container, tmp_path):
                 "-k", "StudyInstanceUID")
     assert found.returncode == 0, found.stderr
     study_uid = found.stdout.splitlines()[1]
-    workstation = Workstation(int(container["LAMINA__PEERS__WORKSTATION__PORT"])).start()
+    workstation = StorageSCP("WORKSTATION", int(container["LAMINA__PEERS__WORKSTATION__PORT"]))
+    workstation.start()
     try:
         moved = run(container, "lamina", "move", node, "--aet", "WORKSTATION", "--dest",
                     "WORKSTATION", "-k", f"StudyInstanceUID={study_uid}")
@@ -194,5 +169,5 @@ def test_the_workstation_moves_a_study_to_itself(container, tmp_path):
         workstation.stop()
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert "completed 3, failed 0" in moved.stdout
-    assert len(set(workstation.received)) == len(study)
+    assert len(workstation.received) == len(study)
 

@@ -16,19 +16,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from pynetdicom import _config
 
 from node.cli import main
 from node.config import load
-from node.context import NodeContext
 from node.dimse import scu
 from node.dimse.ae import connect_failure
-from node.dimse.server import build_dimse_server
 from node.phantom import Phantom
-from tests.qr_support import free_port, write_config
+from tests.harness import InProcessNode, free_port, peer, write_config
 
-_FLAGS = ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS", "STORE_RECV_CHUNKED_DATASET",
-          "STORE_SEND_CHUNKED_DATASET")
 REJECTED = ("rejected the association: Calling AE title not recognised"
             " (Rejected Permanent, Service User)")
 
@@ -36,20 +31,10 @@ REJECTED = ("rejected the association: Calling AE title not recognised"
 @pytest.fixture(scope="module")
 def node_port(tmp_path_factory) -> Iterator[int]:
     """A node in this process admitting only KNOWN from 127.0.0.1."""
-    saved = {name: getattr(_config, name) for name in _FLAGS}
-    folder = tmp_path_factory.mktemp("node")
-    config = write_config(folder, {"known": {"ae_title": "KNOWN", "host": "127.0.0.1",
-                                              "port": 104, "services": ["store", "find"]}})
-    ctx = NodeContext.open(load(config, environ={}), with_key=True)
-    ctx.start()
-    server = build_dimse_server(ctx).start()
-    try:
-        yield server.port
-    finally:
-        server.stop()
-        ctx.close()
-        for name, value in saved.items():
-            setattr(_config, name, value)
+    config = write_config(tmp_path_factory.mktemp("node"),
+                          peers={"known": peer("KNOWN", "store", "find", port=104)})
+    with InProcessNode(config) as node:
+        yield node.port
 
 
 @pytest.fixture(scope="module")

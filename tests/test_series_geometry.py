@@ -12,12 +12,12 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
-from node.anonymize.keys import create_key_file
 from node.checks.geometry import InstanceGeometry, analyse_series
-from node.config import Settings, StorageSettings, ValidationSettings, load
+from node.config import Settings, ValidationSettings
 from node.context import NodeContext
 from node.ingest.types import Source
 from node.phantom import Phantom
+from tests.harness import write_config
 
 SPACING = 2.5  # the phantom's slice spacing; z of slice i is -50 + 2.5 i
 
@@ -144,13 +144,8 @@ def test_series_without_slice_geometry_gets_no_grid():
 
 @pytest.fixture
 def ctx(tmp_path: Path):
-    settings = load(None, environ={})
-    settings = dataclasses.replace(
-        settings, storage=StorageSettings(data=tmp_path / "data", min_free_mb=0),
-        audit=dataclasses.replace(settings.audit, signing_key=tmp_path / "key.pem"),
-        deidentify=dataclasses.replace(settings.deidentify,
-                                       key_file=create_key_file(tmp_path / "project.key")),
-        validation=ValidationSettings(quiet_period=0.5))
+    settings = write_config(tmp_path, validation={"quiet_period": 0.5}).settings()
+    assert settings.validation == ValidationSettings(quiet_period=0.5)
     context = NodeContext.open(settings, with_key=True)
     yield context
     context.close()

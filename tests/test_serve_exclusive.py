@@ -17,15 +17,15 @@ import sys
 import pytest
 
 from node.serve import NodeLock, ServeRefused, check_port_free
-from tests.nodeproc import NodeProcess
+from tests.harness import ProcessNode, write_config
 
 
-def second_serve(node: NodeProcess) -> subprocess.CompletedProcess:
+def second_serve(node: ProcessNode) -> subprocess.CompletedProcess:
     """``lamina serve`` on ``node``'s config: it must refuse, and quickly."""
     try:
         return subprocess.run([sys.executable, "-m", "node", "serve", "--config",
-                               str(node.config)], capture_output=True, text=True,
-                              env=node.env, cwd=node.root, timeout=60)
+                               str(node.config.path)], capture_output=True, text=True,
+                              env=ProcessNode.env(), cwd=node.config.root, timeout=60)
     except subprocess.TimeoutExpired:  # it started: the very thing under test
         pytest.fail("the second node started instead of refusing")
 
@@ -39,20 +39,20 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
 
 
 def test_a_second_node_on_the_same_data_folder_names_the_first(tmp_path):
-    with NodeProcess(tmp_path / "first") as first:
-        second = NodeProcess(tmp_path / "second", data=first.data)  # another port
+    with ProcessNode(write_config(tmp_path / "first")) as first:
+        second = ProcessNode(write_config(tmp_path / "second", data=first.data))  # port 0
         line = one_error_line(second_serve(second))
         assert line == (f"Error: data folder {first.data} is already served by"
-                        f" lamina pid {first.proc.pid}")
+                        f" lamina pid {first.pid}")
         assert first.echo() == 0  # the first is untouched
     # Once the first has stopped, the folder can be served again.
-    with NodeProcess(tmp_path / "second", data=first.data) as again:
+    with ProcessNode(write_config(tmp_path / "second", data=first.data)) as again:
         assert again.echo() == 0
 
 
 def test_a_second_node_on_the_same_port_is_refused(tmp_path):
-    with NodeProcess(tmp_path / "first", workers=2) as first:
-        second = NodeProcess(tmp_path / "second", node={"port": first.port})
+    with ProcessNode.with_workers(tmp_path / "first", 2) as first:
+        second = ProcessNode(write_config(tmp_path / "second", node={"port": first.port}))
         line = one_error_line(second_serve(second))
         assert line == f"Error: port {first.port} is already in use by another process"
         assert not second.data.exists()  # refused before anything was created
@@ -61,21 +61,21 @@ def test_a_second_node_on_the_same_port_is_refused(tmp_path):
 
 def test_the_same_node_started_twice_names_its_data_folder(tmp_path):
     """Same config, same port and folder (make run twice): the data folder is named."""
-    with NodeProcess(tmp_path / "node") as first:
+    with ProcessNode(write_config(tmp_path / "node")) as first:
         line = one_error_line(second_serve(first))
         assert line == (f"Error: data folder {first.data} is already served by"
-                        f" lamina pid {first.proc.pid}")
+                        f" lamina pid {first.pid}")
         assert first.echo() == 0
 
 
 def test_one_worker_serves_in_the_supervisor_itself(tmp_path):
-    with NodeProcess(tmp_path / "node") as node:
+    with ProcessNode(write_config(tmp_path / "node")) as node:
         listening = [json.loads(line) for line in node.log().splitlines()
                      if '"msg": "listening"' in line]
         assert len(listening) == 1
-        assert listening[0]["pid"] == node.proc.pid
+        assert listening[0]["pid"] == node.pid
         lock = node.data / "run" / "node.lock"
-        assert lock.read_text().strip() == str(node.proc.pid)
+        assert lock.read_text().strip() == str(node.pid)
 
 
 def test_another_listener_on_the_port_is_found_by_the_probe():

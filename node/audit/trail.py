@@ -92,8 +92,10 @@ class HeadCheckpoint:
         self._write_lock = threading.Lock()  # flock is per open file: threads queue here
         self._lock_fd: int | None = None
         self._pending: AuditEntry | None = None
+        self._in_flight: AuditEntry | None = None  # taken by the writer thread, being written
         self._pending_changed = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._closed = False
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         if self.key_path.exists():
@@ -129,25 +131,52 @@ class HeadCheckpoint:
             if self._pending is None or entry.seq > self._pending.seq:
                 self._pending = entry
                 self._pending_changed.notify()
-            if self._writer is None:
+            closed = self._closed
+            if not closed and self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="audit-head",
                                                 daemon=True)
                 self._writer.start()
+        if closed:  # no writer thread any more
+            self.flush()
 
     def flush(self) -> None:
-        """Write any pending head now (at shutdown, and before a verify in the same process)."""
+        """Write any pending head now (at shutdown, and before a verify in the same process),
+        after the one the writer thread may be writing at this moment."""
         with self._pending_changed:
             entry, self._pending = self._pending, None
+            self._pending_changed.wait_for(lambda: self._in_flight is None)
         if entry is not None:
             self._write(entry)
+
+    def close(self) -> None:
+        """Write any pending head, end the writer thread and close the lock file."""
+        with self._pending_changed:
+            self._closed = True
+            self._pending_changed.notify_all()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join(timeout=10)
+        self.flush()
+        with self._write_lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def _write_loop(self) -> None:
         while True:
             with self._pending_changed:
-                while self._pending is None:
+                while self._pending is None and not self._closed:
                     self._pending_changed.wait()
+                if self._pending is None:  # closed, nothing left to write
+                    return
                 entry, self._pending = self._pending, None
-            self._write(entry)
+                self._in_flight = entry
+            try:
+                self._write(entry)
+            finally:
+                with self._pending_changed:
+                    self._in_flight = None
+                    self._pending_changed.notify_all()
 
     def _write(self, entry: AuditEntry) -> None:
         """Write ``entry`` as the head unless a newer one is already there (other processes)."""
@@ -224,7 +253,7 @@ class AuditTrail:
         self.checkpoint.advance(entry)
 
     def close(self) -> None:
-        self.checkpoint.flush()
+        self.checkpoint.close()
 
     def record(
         self, action: str, actor: Actor, obj: dict[str, Any], outcome: str = "success"

@@ -72,8 +72,9 @@ class DimseServer:
             self.address, evt_handlers=self.handlers, server_class=LaminaServer,
             request_handler=partial(NodeRequestHandler, blobs=self.blobs))
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor",
-                                        daemon=True)
+        # socketserver's default poll interval (0.5 s) is how long stop() waits.
+        self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
+                                        name="dimse-acceptor", daemon=True)
         self._thread.start()
         return self
 

@@ -1,4 +1,5 @@
-"""DCMTK's findscu, movescu and getscu against a running node (and storescp as destination).
+"""DCMTK's findscu, movescu and getscu against ``lamina serve`` in a subprocess (and storescp
+as destination).
 
 Every matching type at every level, in both information models, as DCMTK
 encodes it; C-MOVE to a DCMTK storescp; C-GET into getscu; refusals as DCMTK
@@ -8,22 +9,24 @@ reports them. Skips when the DCMTK tools are not installed.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from node.phantom import index_records
-from tests.qr_support import StudySpec, free_port, start_node, write_study
+from tests.harness import ProcessNode, free_port, require, stop_process, storescp, write_config
+from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
 
 TOOLS = ("findscu", "movescu", "getscu", "storescp")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(tool) is None for tool in TOOLS),
-    reason=f"DCMTK tools missing ({', '.join(t for t in TOOLS if not shutil.which(t))});"
-           " install dcmtk")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dcmtk() -> None:
+    """Every test here runs DCMTK tools: skip the module, naming the package, without them."""
+    for tool in TOOLS:
+        require(tool)
 
 SPECS = {
     "E1": StudySpec("e2e-1", "Doe^John", "E2E-1", "20240105", "091500", "E-100", "CT",
@@ -41,18 +44,20 @@ def env(tmp_path_factory):
     folder: Path = tmp_path_factory.mktemp("dcmtk")
     dest_port = free_port()
     peers = {
-        "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "port": 104,
-                   "services": ["store", "find", "move", "get"],
-                   "move_destinations": ["storescp"]},
-        "storeonly": {"ae_title": "STOREONLY", "host": "127.0.0.1", "services": ["store"]},
-        "storescp": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port},
+        "client": qr_peer("CLIENT", "store", "find", "move", "get", port=104,
+                          move_destinations=["storescp"]),
+        "storeonly": {"ae_title": "STOREONLY", "host": "127.0.0.1", "services": ["store"],
+                      "route": "deidentified"},
+        "storescp": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port,
+                     "route": "deidentified"},
     }
-    node = start_node(folder / "node", peers)
+    node = ProcessNode(write_config(folder / "node", peers=peers, validation=QR_VALIDATION))
     try:
+        node.start()
         uids: dict[str, dict] = {}
         for key, spec in SPECS.items():
             files = write_study(folder / spec.seed, spec)
-            node.store(files, "CLIENT")
+            assert node.store(files, "CLIENT") == [(0, "")] * len(files)
             first = dcmread(files[0])
             uids[key] = {"study": str(first.StudyInstanceUID),
                          "series": str(first.SeriesInstanceUID),
@@ -67,7 +72,8 @@ def findscu(node, cwd: Path, model: str, keys: list, calling: str = "CLIENT",
     """Run findscu; the extracted responses (parsed) and its log."""
     for old in cwd.glob("rsp*.dcm"):
         old.unlink()
-    args: list = ["findscu", "-v", "-X", "-aet", calling, "-aec", node.ae_title, model, *extra]
+    args: list = [require("findscu"), "-v", "-X", "-aet", calling, "-aec", node.ae_title,
+                  model, *extra]
     for key in keys:
         args += ["-k", key]
     result = subprocess.run([*args, "127.0.0.1", str(node.port)], cwd=cwd, env=ENV,
@@ -165,13 +171,13 @@ def test_findscu_peer_without_permission_is_refused(env, tmp_path):
 @pytest.fixture(scope="module")
 def bulk_node(tmp_path_factory):
     """A node with 4000 instances indexed in bulk (no files): for long result streams."""
-    node = start_node(tmp_path_factory.mktemp("bulk") / "node", {
-        "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "services": ["find"]}})
+    node = ProcessNode(write_config(tmp_path_factory.mktemp("bulk") / "node", peers={
+        "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "services": ["find"],
+                   "route": "deidentified"}}, validation=QR_VALIDATION))
     try:
-        index = node.index()
-        with index.transaction() as tx:
-            tx.instances.bulk_insert( index_records(50, 200, 20))
-        index.close()
+        node.start()
+        with node.index() as index, index.transaction() as tx:
+            tx.instances.bulk_insert(index_records(50, 200, 20))
         yield node
     finally:
         node.stop()
@@ -188,48 +194,23 @@ def test_findscu_streams_a_large_result_and_cancels(bulk_node, tmp_path):
     assert 2 <= len(responses) < 4000
 
 
-def _storescp(port: int, out: Path) -> subprocess.Popen:
-    out.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            import socket
-
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("storescp did not start")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def test_movescu_to_storescp(env, tmp_path):
     node, uids, dest_port, _ = env
-    storescp = _storescp(dest_port, tmp_path / "received")
+    receiver = storescp(dest_port, tmp_path / "received")
     try:
         result = subprocess.run(
-            ["movescu", "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "STORESCP", "-S",
+            [require("movescu"), "-v", "-aet", "CLIENT", "-aec", node.ae_title,
+             "-aem", "STORESCP", "-S",
              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uids['E2']['study']}",
              "127.0.0.1", str(node.port)], env=ENV, capture_output=True, timeout=60,
             check=False)
     finally:
-        _stop(storescp)
+        stop_process(receiver)
     log = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     received = {str(dcmread(p).SOPInstanceUID): p for p in (tmp_path / "received").iterdir()}
     assert sorted(received) == sorted(uids["E2"]["images"]), log[-2000:]
     for uid, path in received.items():
-        stored = dcmread(node.blob_path(uid))
+        stored = dcmread(node.instance_path(uid))
         assert dcmread(path).PixelData == stored.PixelData
     assert result.returncode == 0, log[-2000:]
 
@@ -237,7 +218,8 @@ def test_movescu_to_storescp(env, tmp_path):
 def test_movescu_unknown_destination(env):
     node, uids, _, _ = env
     result = subprocess.run(
-        ["movescu", "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "NOWHERE", "-S",
+        [require("movescu"), "-aet", "CLIENT", "-aec", node.ae_title, "-aem", "NOWHERE",
+         "-S",
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uids['E1']['study']}",
          "127.0.0.1", str(node.port)], env=ENV, capture_output=True, timeout=60, check=False)
     assert "MoveDestinationUnknown" in result.stderr.decode() + result.stdout.decode()
@@ -248,7 +230,8 @@ def test_getscu(env, tmp_path):
     out = tmp_path / "got"
     out.mkdir()
     result = subprocess.run(
-        ["getscu", "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-S", "-od", str(out),
+        [require("getscu"), "-v", "-aet", "CLIENT", "-aec", node.ae_title, "-S",
+         "-od", str(out),
          "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={uids['E3']['study']}",
          "-k", f"SeriesInstanceUID={uids['E3']['series']}", "127.0.0.1", str(node.port)],
         env=ENV, capture_output=True, timeout=60, check=False)

@@ -1,66 +1,21 @@
-"""C-STORE end to end: real associations from pynetdicom and DCMTK into a node subprocess."""
+"""C-STORE end to end into ``lamina serve`` running as a subprocess: DCMTK's storescu and
+echoscu as the peer, and two receiving worker processes sharing one port.
+
+The same receive path with pynetdicom as the peer, in-process, is tests/test_dimse_store.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sqlite3
 import subprocess
 import threading
-import time
-from contextlib import closing
-from pathlib import Path
 
-import pytest
-from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
-
-from node import status
 from node.phantom import Phantom
-from tests.conftest import require
-from tests.nodeproc import TEST_AET, NodeProcess, store
+from tests.harness import TEST_AET, ProcessNode, as_file, peer, require, write_config
 
 
-def index_rows(node: NodeProcess, sql: str) -> list[tuple]:
-    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
-        return conn.execute(sql).fetchall()
-
-
-def blob_path(node: NodeProcess, sha: str) -> Path:
-    return node.blob_path(sha)
-
-
-def audit_actions(node: NodeProcess) -> list[str]:
-    return [r[0] for r in index_rows(node, "SELECT action FROM audit_event ORDER BY seq")]
-
-
-def test_pynetdicom_series_is_indexed_and_blobs_verify(node, phantom_files):
-    results = store(node.port, phantom_files)
-    assert results == [(0, "")] * len(phantom_files)
-
-    rows = index_rows(node, "SELECT sop_instance_uid, blob_sha256, blob_size, calling_ae,"
-                            " transfer_syntax_uid FROM instance")
-    assert len(rows) == len(phantom_files)
-    key = node.project_key()  # the clinical route stores the de-identified object
-    sent = {key.uid(str(dcmread(p).SOPInstanceUID)): p for p in phantom_files}
-    for uid, sha, size, calling_ae, syntax in rows:
-        blob = blob_path(node, sha).read_bytes()
-        assert hashlib.sha256(blob).hexdigest() == sha and len(blob) == size
-        assert calling_ae == TEST_AET and syntax == "1.2.840.10008.1.2.1"
-        stored, original = dcmread(blob_path(node, sha)), dcmread(sent[uid])
-        assert stored.file_meta.MediaStorageSOPInstanceUID == uid
-        assert stored.PixelData == original.PixelData  # pixels untouched, not transcoded
-        assert stored.PatientID != original.PatientID
-        assert stored.PatientIdentityRemoved == "YES"
-        assert original.PatientName.encode() not in blob  # no PHI at rest
-    assert index_rows(node, "SELECT modalities_in_study FROM study") == [("CT",)]
-    assert audit_actions(node).count("instance.stored") == len(phantom_files)
-    assert node.lamina("fsck").returncode == 0
-    assert node.lamina("audit", "verify").returncode == 0
-
-
-def test_dcmtk_storescu_and_echoscu(node, phantom_files):
+def test_dcmtk_storescu_and_echoscu(node_process, phantom_files):
+    node = node_process
     storescu, echoscu = require("storescu"), require("echoscu")
     echo = subprocess.run([echoscu, "-aet", TEST_AET, "-aec", "LAMINA", "127.0.0.1",
                            str(node.port)], capture_output=True, text=True, timeout=30)
@@ -73,203 +28,55 @@ def test_dcmtk_storescu_and_echoscu(node, phantom_files):
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.count("Received Store Response (Success)") + \
         sent.stderr.count("Received Store Response (Success)") == len(phantom_files)
-    assert index_rows(node, "SELECT count(*) FROM instance") == [(len(phantom_files),)]
-    assert node.lamina("fsck").returncode == 0  # every blob hashes to its name
+    assert node.rows("SELECT count(*) FROM instance") == [(len(phantom_files),)]
+    assert node.cli("fsck").exit_code == 0  # every blob hashes to its name
 
 
-def _reject_reason(port: int, aet: str, called: str = "LAMINA") -> tuple[int, int, int] | None:
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if assoc.is_established:
-        assoc.release()
-        return None
-    assert assoc.is_rejected
-    rj = assoc.acceptor.primitive
-    return (rj.result, rj.result_source, rj.diagnostic)
-
-
-def test_unknown_calling_ae_is_rejected_and_audited(node):
-    assert _reject_reason(node.port, "STRANGER") == (0x01, 0x01, 0x03)
-    assert _reject_reason(node.port, TEST_AET, called="NOTLAMINA") == (0x01, 0x01, 0x07)
-    assert node.echo() == 0  # the node keeps serving
-    rejected = index_rows(node, "SELECT object FROM audit_event WHERE action ="
-                                " 'association.rejected' ORDER BY seq")
-    assert len(rejected) == 2 and "calling AE title not recognised" in rejected[0][0]
-    assert "unknown calling AE title" in node.log()
-
-
-def test_known_ae_from_wrong_address_is_rejected(tmp_path):
-    peers = {"remote": {"ae_title": "REMOTE", "host": "192.0.2.10", "port": 104,
-                        "services": ["store"]},
-             "tests": {"ae_title": TEST_AET, "host": "127.0.0.1", "port": 1}}
-    with NodeProcess(tmp_path / "n", peers=peers) as node:
-        assert _reject_reason(node.port, "REMOTE") == (0x01, 0x01, 0x03)
-        [(obj,)] = index_rows(node, "SELECT object FROM audit_event"
-                                    " WHERE action = 'association.rejected'")
-        assert "address does not match" in obj
-
-
-def test_association_limit_rejects_the_one_too_many(tmp_path):
-    with NodeProcess(tmp_path / "n", node={"max_associations": 1}) as node:
-        ae = AE(ae_title=TEST_AET)
-        ae.add_requested_context(Verification)
-        held = ae.associate("127.0.0.1", node.port, ae_title="LAMINA")
-        assert held.is_established
-        try:
-            assert _reject_reason(node.port, TEST_AET) == (0x02, 0x03, 0x02)
-        finally:
-            held.release()
-        assert node.echo() == 0  # the slot is free again
-        [(obj,)] = index_rows(node, "SELECT object FROM audit_event"
-                                    " WHERE action = 'association.rejected'")
-        assert "local limit exceeded" in obj
-
-
-def test_identical_resend_is_success_and_stores_nothing_new(node, phantom_files):
-    first = store(node.port, phantom_files[:3])
-    blobs_before = sorted((node.data / "blobs").rglob("*"))
-    again = store(node.port, phantom_files[:3])
-    assert first == again == [(0, "")] * 3
-    assert index_rows(node, "SELECT count(*) FROM instance") == [(3,)]
-    assert sorted((node.data / "blobs").rglob("*")) == blobs_before
-    assert audit_actions(node).count("instance.resend") == 3
-
-
-def test_conflicting_resend_is_kept_as_conflict_and_never_overwrites(node, phantom, tmp_path):
-    original = phantom.slice(0)
-    assert store(node.port, [original]) == [(0, "")]
-    [(stored_sha,)] = index_rows(node, "SELECT blob_sha256 FROM instance")
-
-    changed = phantom.slice(0)
-    changed.PixelData = b"\x01" + changed.PixelData[1:]  # survives de-identification
-    [(code, comment)] = store(node.port, [changed])
-    assert code == status.DUPLICATE_SOP_INSTANCE.code
-    assert "conflict" in comment
-
-    assert index_rows(node, "SELECT blob_sha256 FROM instance") == [(stored_sha,)]
-    [(conflict_sha, kept_for)] = index_rows(
-        node, "SELECT blob_sha256, stored_blob_sha256 FROM conflict")
-    assert kept_for == stored_sha and conflict_sha != stored_sha
-    assert dcmread(blob_path(node, conflict_sha)).PixelData[:1] == b"\x01"
-    assert "instance.conflict" in audit_actions(node)
-    # the same conflicting bytes again: still refused, still one conflict row
-    assert store(node.port, [changed])[0][0] == status.DUPLICATE_SOP_INSTANCE.code
-    assert index_rows(node, "SELECT count(*) FROM conflict") == [(1,)]
-
-
-def test_low_disk_space_refuses_with_a700_and_indexes_nothing(tmp_path, phantom_files):
-    with NodeProcess(tmp_path / "n", storage={"min_free_mb": 1 << 30}) as node:
-        [(code, comment)] = store(node.port, phantom_files[:1])
-        assert code == status.OUT_OF_RESOURCES.code
-        assert "disk space" in comment
-        assert index_rows(node, "SELECT count(*) FROM instance") == [(0,)]
-        assert not list((node.data / "blobs").rglob("*.dcm"))
-        assert "instance.store-failed" in audit_actions(node)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="requires root to mount a tiny tmpfs")
-def test_filling_a_real_tiny_filesystem(tmp_path, phantom_files):
-    """A 4 MB tmpfs: stores succeed until the free-space floor, then 0xA700, never half-done."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    try:
-        with NodeProcess(tmp_path / "n", data=mount / "data",
-                         storage={"min_free_mb": 1}) as node:
-            results = store(node.port, phantom_files)
-            codes = [code for code, _ in results]
-            assert 0 in codes and status.OUT_OF_RESOURCES.code in codes
-            first_refusal = codes.index(status.OUT_OF_RESOURCES.code)
-            assert all(c == status.OUT_OF_RESOURCES.code for c in codes[first_refusal:])
-            stored = index_rows(node, "SELECT blob_sha256 FROM instance")
-            assert len(stored) == codes.count(0)
-            assert node.echo() == 0
-            fsck = node.lamina("fsck")
-            assert fsck.returncode == 0, fsck.stdout
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
-def test_index_unavailable_answers_a700_and_rolls_back(tmp_path, phantom_files):
-    with NodeProcess(tmp_path / "n", sections={"index": {"busy_timeout_ms": 300}}) as node:
-        blocker = sqlite3.connect(node.data / "index.sqlite3", isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            [(code, comment)] = store(node.port, phantom_files[:1])
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-        assert code == status.OUT_OF_RESOURCES.code
-        assert "index unavailable" in comment
-        assert index_rows(node, "SELECT count(*) FROM instance") == [(0,)]
-        # once the index is back, the same object stores normally
-        assert store(node.port, phantom_files[:1]) == [(0, "")]
-        assert node.lamina("fsck").returncode == 0
-
-
-def test_peer_without_store_permission_is_refused(tmp_path, phantom_files):
-    peers = {"viewer": {"ae_title": TEST_AET, "host": "127.0.0.1", "port": 1,
-                        "services": ["find"]}}
-    with NodeProcess(tmp_path / "n", peers=peers) as node:
-        [(code, comment)] = store(node.port, phantom_files[:1])
-        assert code == status.NOT_AUTHORISED.code and "may not store" in comment
-        assert index_rows(node, "SELECT count(*) FROM instance") == [(0,)]
-
-
-def test_lamina_send_and_status(node, phantom_files):
-    folder = phantom_files[0].parent
-    sent = node.lamina("send", str(folder), "--to", f"LAMINA@127.0.0.1:{node.port}",
-                       "--aet", TEST_AET)
-    assert sent.returncode == 0, sent.stderr
-    assert f"{len(phantom_files):6d}  0x0000 Success" in sent.stdout
-    shown = node.lamina("status")
-    assert shown.returncode == 0
-    assert f"instances              {len(phantom_files)}" in shown.stdout
-    unknown = node.lamina("send", str(folder), "--to", "nowhere")
-    assert unknown.returncode == 2 and "unknown peer" in unknown.stderr
-
-
-def test_ct_storage_is_offered_with_compressed_syntaxes(node):
-    """The SCP accepts a JPEG 2000 context for CT without transcoding (stored as received)."""
-    ae = AE(ae_title=TEST_AET)
-    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.90"])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="LAMINA")
-    try:
-        assert assoc.is_established
-        assert [cx.transfer_syntax[0] for cx in assoc.accepted_contexts] == \
-            ["1.2.840.10008.1.2.4.90"]
-    finally:
-        assoc.release()
+def test_storescu_sees_failure_statuses_and_error_comments(tmp_path):
+    """storescu sees the failure statuses and, in its debug log, the ErrorComment that
+    says why."""
+    storescu = require("storescu")
+    ph = Phantom(seed="e2e-storescu", slices_count=3, rows=16, columns=16)
+    good, missing, skewed = ph.slice(0), ph.slice(1), ph.slice(2)
+    del missing.Rows
+    skewed.ImageOrientationPatient = [1, 0, 0, 0.6, 0.8, 0]
+    files = []
+    for name, ds in (("good", good), ("missing", missing), ("skewed", skewed)):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(as_file(ds))
+        files.append(str(path))
+    config = write_config(tmp_path / "node", peers={"dcmtk": peer("STORESCU", "store")})
+    with ProcessNode(config) as node:
+        run = subprocess.run(
+            [storescu, "-d", "--no-halt", "-aet", "STORESCU", "-aec", "LAMINA", "127.0.0.1",
+             str(node.port), *files],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+    log = run.stdout + run.stderr
+    statuses = [line.split("DIMSE Status", 1)[1].split(":", 1)[1].strip()
+                for line in log.splitlines() if "DIMSE Status" in line]
+    assert statuses == ["0x0000: Success",
+                        "0xa900: Error: Data Set does not match SOP Class",
+                        "0xa900: Error: Data Set does not match SOP Class"]
+    assert "(0000,0902) LO [Rows (0028,0010) missing (Type 1)]" in log
+    assert ("(0000,0902) LO [ImageOrientationPatient (0020,0037) not orthogonal: dot 0.6]"
+            in log)
 
 
 def test_concurrent_associations_into_two_workers(tmp_path):
     """Three senders at once into two receiving processes: every instance indexed once."""
     studies = [list(Phantom(seed=f"concurrent-{i}", slices_count=6).slices()) for i in range(3)]
     results: dict[int, list] = {}
-    with NodeProcess(tmp_path / "n", workers=2) as node:
+    with ProcessNode.with_workers(tmp_path / "n", 2) as node:
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, store(node.port, studies[i]))) for i in range(3)]
+            i, node.store(studies[i]))) for i in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert all(results[i] == [(0, "")] * 6 for i in range(3))
-        assert index_rows(node, "SELECT count(*), count(DISTINCT sop_instance_uid)"
-                                " FROM instance") == [(18, 18)]
-        assert index_rows(node, "SELECT count(*) FROM study") == [(3,)]
-        assert node.lamina("audit", "verify").returncode == 0
-
-
-def test_aborted_association_is_audited(node):
-    ae = AE(ae_title=TEST_AET)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="LAMINA")
-    assert assoc.is_established
-    assoc.abort()
-    for _ in range(50):
-        if "association.aborted" in audit_actions(node):
-            break
-        time.sleep(0.1)
-    assert "association.aborted" in audit_actions(node)
-    assert node.echo() == 0
+        assert node.rows("SELECT count(*), count(DISTINCT sop_instance_uid)"
+                         " FROM instance") == [(18, 18)]
+        assert node.rows("SELECT count(*) FROM study") == [(3,)]
+        assert node.cli("audit", "verify").exit_code == 0

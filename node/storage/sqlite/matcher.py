@@ -36,7 +36,7 @@ How each predicate is compiled, and why:
   study_fk)`` hands over the study ids directly.
 
 The same query compiles to the same SQL text every time, so SQLite's statement
-cache reuses the prepared statement (``tests/test_query.py`` pins a few).
+cache reuses the prepared statement (``tests/test_storage_query.py`` pins a few).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The sender's own sub-association: its bytes equal pynetdicom's, and it works against a real SCP."""
+"""The one outgoing C-STORE (node.dimse.sender): its own sub-association's bytes equal
+pynetdicom's, and it works against a real SCP."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
@@ -31,7 +32,7 @@ from node.dimse.sender import (
 )
 from node.phantom import Phantom
 from node.storage.query import StoredInstance
-from tests.qr_support import StorageSCP, free_port, received_dataset, stored_dataset_bytes
+from tests.harness import StorageSCP, free_port, stored_dataset_bytes
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -131,7 +132,7 @@ def _items(study) -> list[Outgoing]:
 
 
 def test_sends_stored_bytes_to_a_pynetdicom_scp_and_reads_each_status(study):
-    scp = StorageSCP("DEST", free_port(), fail_uids={study[2][0].sop_instance_uid}).start()
+    scp = StorageSCP("DEST", fail_uids={study[2][0].sop_instance_uid}).start()
     try:
         sender = StoreSender("LAMINA", 16_384, 5, 5)
         sent = list(sender.send(_items(study), "127.0.0.1", scp.port, "DEST",
@@ -148,7 +149,7 @@ def test_sends_stored_bytes_to_a_pynetdicom_scp_and_reads_each_status(study):
 
 
 def test_a_context_the_peer_rejected_is_no_context(study):
-    scp = StorageSCP("DEST", free_port()).start()
+    scp = StorageSCP("DEST").start()
     try:
         assoc = _open(scp.port, contexts=[(CT, ExplicitVRLittleEndian), ("1.2.3.4", JPEGBaseline8Bit)])
         with pytest.raises(NoContext):
@@ -166,7 +167,7 @@ def test_a_context_the_peer_rejected_is_no_context(study):
 def test_unreachable_or_refusing_destinations_raise(study):
     with pytest.raises(AssociationFailed, match=r"connection refused by 127\.0\.0\.1"):
         _open(free_port())
-    scp = StorageSCP("DEST", free_port())
+    scp = StorageSCP("DEST")
     scp.start()
     scp.server.ae.require_called_aet = True
     try:
@@ -181,7 +182,7 @@ def test_unreachable_or_refusing_destinations_raise(study):
 
 
 def test_a_peer_that_goes_away_ends_the_association(study):
-    scp = StorageSCP("DEST", free_port()).start()
+    scp = StorageSCP("DEST").start()
     try:
         assoc = _open(scp.port)
         for server_assoc in scp.server.active_associations:
@@ -195,7 +196,7 @@ def test_a_peer_that_goes_away_ends_the_association(study):
 
 
 def test_a_peer_that_goes_away_mid_batch_fails_the_rest_of_it(study):
-    scp = StorageSCP("DEST", free_port())
+    scp = StorageSCP("DEST")
     scp.start()
 
     def abort_on_second(event):
@@ -215,26 +216,13 @@ def test_a_peer_that_goes_away_mid_batch_fails_the_rest_of_it(study):
 
 
 def test_a_peer_without_the_stored_syntax_gets_each_instance_re_encoded(study):
-    received: dict[str, tuple[str, bytes]] = {}
-
-    def on_store(event):
-        received[str(event.request.AffectedSOPInstanceUID)] = (
-            str(event.context.transfer_syntax), received_dataset(event))
-        return 0x0000
-
-    ae = AE(ae_title="DEST")
-    ae.add_supported_context(CT, [ImplicitVRLittleEndian])
-    server = ae.start_server(("127.0.0.1", 0), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
+    with StorageSCP("DEST", syntaxes={CT: [ImplicitVRLittleEndian]}) as scp:
         sent = list(StoreSender("LAMINA", 16_384, 5, 5).send(
-            _items(study), "127.0.0.1", server.server_address[1], "DEST"))
-    finally:
-        server.shutdown()
+            _items(study), "127.0.0.1", scp.port, "DEST"))
     assert [(s.status, s.syntax, s.transcoded) for s in sent] == \
         [(0x0000, ImplicitVRLittleEndian, True)] * len(study)
     for instance, path in study:
-        syntax, data = received[instance.sop_instance_uid]
+        syntax, data = scp.got(instance.sop_instance_uid)
         ds = read_dataset(BytesIO(data), True, True)
         assert syntax == ImplicitVRLittleEndian
         assert ds.SOPInstanceUID == instance.sop_instance_uid

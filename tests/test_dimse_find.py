@@ -1,4 +1,4 @@
-"""C-FIND over real sockets: a node subprocess on an ephemeral port, pynetdicom as SCU."""
+"""C-FIND over real sockets: a node in this process on port 0, pynetdicom as SCU."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pynetdicom.sop_class import (
 
 from node.dimse.ae import associate
 from node.phantom import index_records
-from tests.qr_support import StudySpec, identifier, start_node, write_study
+from tests.harness import InProcessNode, write_config
+from tests.studies import QR_VALIDATION, StudySpec, identifier, qr_peer, write_study
 
 STUDY_FIND = StudyRootQueryRetrieveInformationModelFind
 PATIENT_FIND = PatientRootQueryRetrieveInformationModelFind
@@ -30,22 +31,17 @@ BULK_STUDIES, BULK_PER_STUDY = 300, 20  # 6000 instances through the bulk index 
 def node(tmp_path_factory):
     folder: Path = tmp_path_factory.mktemp("find")
     peers = {
-        "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "port": 104,
-                   "services": ["store", "find"]},
-        "storeonly": {"ae_title": "STOREONLY", "host": "127.0.0.1", "port": 104,
-                      "services": ["store"]},
+        "client": qr_peer("CLIENT", "store", "find", port=104),
+        "storeonly": qr_peer("STOREONLY", "store", port=104),
     }
-    running = start_node(folder / "node", peers)
-    try:
+    with InProcessNode(write_config(folder / "node", peers=peers,
+                                    validation=QR_VALIDATION)) as running:
         for spec in SPECS:
-            running.store(write_study(folder / spec.seed, spec), "CLIENT")
-        index = running.index()
-        with index.transaction() as tx:
-            tx.instances.bulk_insert( index_records(60, BULK_STUDIES, BULK_PER_STUDY))
-        index.close()
+            files = write_study(folder / spec.seed, spec)
+            assert running.store(files, "CLIENT") == [(0, "")] * len(files)
+        with running.index() as index, index.transaction() as tx:
+            tx.instances.bulk_insert(index_records(60, BULK_STUDIES, BULK_PER_STUDY))
         yield running
-    finally:
-        running.stop()
 
 
 def open_assoc(node, calling: str = "CLIENT", max_pdu: int = 0, ext_neg=None):
@@ -225,19 +221,15 @@ def test_relational_queries_are_agreed_when_asked(node):
 
 
 def test_lamina_find_command(node):
-    from click.testing import CliRunner
-
-    from node.cli import main
-
-    result = CliRunner().invoke(main, [
-        "find", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
+    result = node.cli(
+        "find", f"{node.ae_title}@127.0.0.1:{node.port}",
         "--aet", "CLIENT", "-L", "STUDY", "-k", "PatientName=DOE^JA*", "-k", "PatientID",
-        "-k", "StudyDate=20240101-20240131"])
+        "-k", "StudyDate=20240101-20240131")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "PatientName\tPatientID\tStudyDate"
     assert lines[1:] == ["Doe^Jane\tLAM-A\t20240105"]
-    denied = CliRunner().invoke(main, [
-        "find", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
-        "--aet", "STOREONLY", "-k", "PatientID"])
+    denied = node.cli(
+        "find", f"{node.ae_title}@127.0.0.1:{node.port}",
+        "--aet", "STOREONLY", "-k", "PatientID")
     assert denied.exit_code == 1 and "0x0124" in denied.stderr

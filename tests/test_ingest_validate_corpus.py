@@ -1,5 +1,6 @@
 """Every file pydicom and pydicom-data ship that is a valid storage object is accepted
-over a real association; the others are refused for exactly the reason listed here.
+over a real association (into a node in this process); the others are refused for exactly
+the reason listed here.
 
 Files that are not storage objects at all (DICOMDIRs, files without a SOP
 class, SOP classes or transfer syntaxes no node would negotiate) are skipped by
@@ -18,7 +19,7 @@ from pydicom.filereader import read_file_meta_info
 
 from node.dimse.ae import ACCEPTED_TRANSFER_SYNTAXES
 from node.ingest.validate import ACCEPTED_SOP_CLASSES
-from tests.lamina_process import send_files, start_node
+from tests.harness import TEST_AET, InProcessNode, peer, write_config
 
 
 def corpus() -> dict[str, Path]:
@@ -134,10 +135,12 @@ def expected_refusal(key: str) -> tuple[int, str] | None:
 def node(tmp_path_factory):
     # Validation is under test here; de-identification would quarantine every
     # Secondary Capture and ultrasound file by default (burned-in text risk).
-    running = start_node(tmp_path_factory.mktemp("corpus-node"),
-                         deidentify={"burned_in_policy": "accept"})
-    yield running
-    running.stop()
+    config = write_config(tmp_path_factory.mktemp("corpus-node"),
+                          peers={"scu": peer(TEST_AET, "store", port=11113),
+                                 "dcmtk": peer("STORESCU", "store", port=11114)},
+                          deidentify={"burned_in_policy": "accept"})
+    with InProcessNode(config) as running:
+        yield running
 
 
 def test_every_valid_storage_object_is_accepted(node):
@@ -147,7 +150,7 @@ def test_every_valid_storage_object_is_accepted(node):
     responses = {}
     for start in range(0, len(sendable), 20):  # at most 128 contexts per association
         batch = sendable[start:start + 20]
-        for key, response in zip(batch, send_files(node.port, [files[k] for k in batch]),
+        for key, response in zip(batch, node.store([files[k] for k in batch]),
                                   strict=True):
             responses[key] = response
     seen_uids: set[str] = set()

@@ -1,4 +1,5 @@
-"""Per-instance validation: the rules on their own, then over real associations.
+"""Per-instance validation (node.ingest.validate): the rules on their own, then over real
+associations into a node in this process.
 
 Broken variants of a synthetic CT slice each get 0xA900 with an ErrorComment
 naming the problem and a quarantine entry; malformed bytes (truncated, wrong
@@ -8,7 +9,6 @@ quarantine, and the node goes on serving the next association.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 import struct
@@ -19,13 +19,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, RLELossless
 
-from node.anonymize.keys import create_key_file, load_project_key
-from node.config import ValidationSettings, load
+from node.config import ValidationSettings
 from node.context import NodeContext
 from node.ingest.iod import IODTables
 from node.ingest.validate import Validator, read_received
 from node.phantom import Phantom
-from tests.lamina_process import RunningNode, as_file, send_datasets, send_files, start_node
+from tests.harness import TEST_AET, InProcessNode, as_file, peer, write_config
 
 A900, C000 = 0xA900, 0xC000
 
@@ -166,25 +165,24 @@ def test_patient_values_never_appear_in_findings(validator, tmp_path):
 # --- over real associations ---------------------------------------------------
 
 
+#: A pynetdicom sender and a DCMTK one, both clinical.
+PEERS = {"scu": peer(TEST_AET, "store", port=11113), "dcmtk": peer("STORESCU", "store", port=11114)}
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    running = start_node(tmp_path_factory.mktemp("validate-node"))
-    yield running
-    running.stop()
+    with InProcessNode(write_config(tmp_path_factory.mktemp("validate-node"),
+                                    peers=PEERS)) as running:
+        yield running
 
 
-def quarantine_of(node: RunningNode) -> list:
-    settings = load(node.config, environ={})
-    ctx = NodeContext.open(settings, migrate=False, with_key=True)
-    try:
-        return ctx.quarantine.list()
-    finally:
-        ctx.close()
+def quarantine_of(node: InProcessNode) -> list:
+    return node.ctx.quarantine.list()
 
 
-def pseudonym(node: RunningNode, uid: str) -> str:
+def pseudonym(node: InProcessNode, uid: str) -> str:
     """The UID the clinical route gives ``uid``: quarantine rows name pseudonyms."""
-    return load_project_key(node.config.parent / "keys" / "project.key").uid(uid)
+    return node.project_key().uid(uid)
 
 
 def mutate(change: Callable[[Dataset], None], seed: str) -> Dataset:
@@ -226,7 +224,7 @@ BROKEN = [
 @pytest.mark.parametrize(("name", "change", "comment"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_instance_is_refused_named_and_quarantined(node, tmp_path, name, change, comment):
     ds = mutate(change, f"broken-{name}")
-    [response] = send_datasets(node.port, tmp_path, [ds])
+    [response] = node.store([ds])
     assert (response.status, response.comment) == (A900, comment)
     entries = [e for e in quarantine_of(node)
                if e.sop_instance_uid == pseudonym(node, ds.SOPInstanceUID)]
@@ -238,7 +236,7 @@ def test_broken_instance_is_refused_named_and_quarantined(node, tmp_path, name, 
 def test_known_study_under_another_patient_is_a_conflict(node, tmp_path):
     first, second = good_slice("conflict", 0), good_slice("conflict", 1)
     second.PatientID = "SOMEONE-ELSE"
-    responses = send_datasets(node.port, tmp_path, [first, second])
+    responses = node.store([first, second])
     assert responses[0].status == 0x0000
     assert (responses[1].status, responses[1].comment) == (
         A900, "PatientID (0010,0020) differs from the study's stored one")
@@ -300,7 +298,7 @@ def test_malformed_bytes_get_a_clean_status_and_quarantine(node, tmp_path, name,
     data = malformed(name)
     path = tmp_path / f"{name}.dcm"
     path.write_bytes(data)
-    [response] = send_files(node.port, [path])
+    [response] = node.store([path])
     assert response.status == code
     assert response.comment.startswith(comment)
     # The quarantine holds exactly the dataset bytes that crossed the wire.
@@ -308,17 +306,13 @@ def test_malformed_bytes_get_a_clean_status_and_quarantine(node, tmp_path, name,
     entries = [e for e in quarantine_of(node) if e.status_code == code
                and (e.reason.startswith(comment.rstrip("~")))]
     assert entries, f"no quarantine entry for {name}"
-    settings = load(node.config, environ={})
-    ctx = NodeContext.open(settings, migrate=False, with_key=True)
-    try:
-        sealed = ctx.quarantine.store_of(entries[-1]).local_path(entries[-1].sha256).read_bytes()
-        kept = ctx.quarantine.bytes_of(entries[-1])
-    finally:
-        ctx.close()
+    ctx = node.ctx
+    sealed = ctx.quarantine.store_of(entries[-1]).local_path(entries[-1].sha256).read_bytes()
+    kept = ctx.quarantine.bytes_of(entries[-1])
     assert kept.endswith(dataset) and hashlib.sha256(sealed).hexdigest() == entries[-1].sha256
     # ... and the node serves the next association.
     follow_up = good_slice(f"after-{name}")
-    assert [r.status for r in send_datasets(node.port, tmp_path / "next", [follow_up])] == [0]
+    assert [r.status for r in node.store([follow_up])] == [0]
 
 
 def test_moderate_nesting_is_accepted(node, tmp_path):
@@ -326,19 +320,12 @@ def test_moderate_nesting_is_accepted(node, tmp_path):
     pixels = body.index(b"\xe0\x7f\x10\x00OW")
     path = tmp_path / "nested.dcm"
     path.write_bytes(head + body[:pixels] + _nested(50) + body[pixels:])
-    assert [r.status for r in send_files(node.port, [path])] == [0]
+    assert [r.status for r in node.store([path])] == [0]
 
 
 def test_warn_rule_stores_and_records_the_finding(tmp_path):
-    settings = load(None, environ={})
-    warn = ValidationSettings(rules={**ValidationSettings().rules, "type2_missing": "warn"})
-    settings = dataclasses.replace(
-        settings,
-        storage=dataclasses.replace(settings.storage, data=tmp_path / "data", min_free_mb=0),
-        audit=dataclasses.replace(settings.audit, signing_key=tmp_path / "k.pem"),
-        deidentify=dataclasses.replace(settings.deidentify,
-                                       key_file=create_key_file(tmp_path / "project.key")),
-        validation=warn)
+    settings = write_config(tmp_path, validation={"rules": {"type2_missing": "warn"}}).settings()
+    assert settings.validation.rules == {**ValidationSettings().rules, "type2_missing": "warn"}
     ctx = NodeContext.open(settings, with_key=True)
     try:
         from node.ingest.types import Source

@@ -1,4 +1,5 @@
-"""Quarantine: refused bytes are kept with why, nothing is deleted, release is audited."""
+"""Quarantine (node.ingest.quarantine): refused bytes are kept with why, nothing is deleted,
+release is audited; and the ``lamina quarantine`` commands."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from node.ingest.quarantine import QuarantineError
 from node.ingest.types import Source
 from node.phantom import Phantom
 from node.reports import fsck
-from tests.lamina_process import as_file, run_cli, write_config
+from tests.harness import TEST_AET, as_file, lamina, peer, write_config
 
 SOURCE = Source("TESTSCU", "127.0.0.1", "assoc-1")
 REVIEWER = Actor(user="reviewer")
@@ -29,7 +30,9 @@ def slice_of(seed: str, index: int = 0):
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    return write_config(tmp_path, port=11112)
+    peers = {"scu": peer(TEST_AET, "store", port=11113),
+             "dcmtk": peer("STORESCU", "store", port=11114)}
+    return write_config(tmp_path, peers=peers).path
 
 
 @pytest.fixture
@@ -145,26 +148,27 @@ def test_conflict_found_inside_the_transaction_is_quarantined_without_loss(ctx, 
 
 def test_cli_list_show_release_export(ctx, config, tmp_path):
     qid, data = refused(ctx)
-    listed = run_cli(config, "quarantine", "list")
-    assert listed.returncode == 0
+    listed = lamina("quarantine", "list", config=config)
+    assert listed.exit_code == 0
     assert f"{qid:>6}" in listed.stdout
     assert "0xA900  Rows (0028,0010) missing (Type 1)" in listed.stdout
-    shown = run_cli(config, "quarantine", "show", str(qid))
+    shown = lamina("quarantine", "show", str(qid), config=config)
     assert "calling_ae           TESTSCU" in shown.stdout
     assert "[type1_missing] Rows (0028,0010) missing (Type 1)" in shown.stdout
     out = tmp_path / "out.dcm"
-    exported = run_cli(config, "quarantine", "export", str(qid), str(out))
-    assert exported.returncode == 0 and out.read_bytes() == data
-    released = run_cli(config, "quarantine", "release", str(qid), "--reason", "checked",
-                       "--user", "reviewer")
-    assert released.returncode == 0 and "stored (0x0000)" in released.stdout
-    again = run_cli(config, "quarantine", "release", str(qid), "--reason", "checked")
-    assert again.returncode == 2 and "already released" in again.stderr
-    status = run_cli(config, "status")
+    exported = lamina("quarantine", "export", str(qid), str(out), config=config)
+    assert exported.exit_code == 0 and out.read_bytes() == data
+    released = lamina("quarantine", "release", str(qid), "--reason", "checked",
+                      "--user", "reviewer", config=config)
+    assert released.exit_code == 0 and "stored (0x0000)" in released.stdout
+    again = lamina("quarantine", "release", str(qid), "--reason", "checked", config=config)
+    assert again.exit_code == 2 and "already released" in again.stderr
+    status = lamina("status", config=config)
     assert "quarantine_waiting     0" in status.stdout
     assert "instance_findings      type1_missing 1" in status.stdout
-    instance = run_cli(config, "check", "instance", ctx.key.uid(slice_of("q").SOPInstanceUID))
-    assert instance.returncode == 1 and "stored" in instance.stdout
+    instance = lamina("check", "instance", ctx.key.uid(slice_of("q").SOPInstanceUID),
+                      config=config)
+    assert instance.exit_code == 1 and "stored" in instance.stdout
     assert "reject [type1_missing]" in instance.stdout
 
 

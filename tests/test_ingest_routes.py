@@ -1,12 +1,9 @@
-"""De-identification on the way in, by peer route, over real associations."""
+"""De-identification on the way in, by peer route (node.ingest.routes), over real
+associations into a node in this process."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import subprocess
-import sys
-from contextlib import closing
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -15,7 +12,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from node import status
 from node.storage.sealed import MAGIC
-from tests.nodeproc import TEST_AET, NodeProcess, store
+from tests.harness import TEST_AET, InProcessNode, NodeConfig, lamina, write_config
 
 ANNOTATOR_AET = "ANNOTATOR"
 
@@ -28,17 +25,16 @@ def peers() -> dict[str, dict]:
     }
 
 
-def rows(node: NodeProcess, sql: str, *args: object) -> list[tuple]:
-    with closing(sqlite3.connect(node.data / "index.sqlite3")) as conn:
-        return conn.execute(sql, args).fetchall()
+def config(tmp_path) -> NodeConfig:
+    return write_config(tmp_path / "n", peers=peers())
 
 
 def test_clinical_route_stores_no_phi_and_can_be_reidentified(tmp_path, phantom):
-    with NodeProcess(tmp_path / "n", peers=peers()) as node:
+    with InProcessNode(config(tmp_path)) as node:
         slices = [phantom.slice(i) for i in range(3)]
-        assert store(node.port, slices) == [(0, "")] * 3
+        assert node.store(slices) == [(0, "")] * 3
         key = node.project_key()
-        [(study_uid,)] = rows(node, "SELECT study_instance_uid FROM study")
+        [(study_uid,)] = node.rows("SELECT study_instance_uid FROM study")
         assert study_uid == key.uid(phantom.study_uid)
         for path in (node.data / "blobs").rglob("*"):
             if path.is_file():
@@ -47,17 +43,17 @@ def test_clinical_route_stores_no_phi_and_can_be_reidentified(tmp_path, phantom)
                             phantom.study_uid, "19700101"):
                     assert phi.encode() not in data, f"{phi} left in a stored blob"
 
-        back = node.lamina("reidentify", study_uid)
-        assert back.returncode == 0, back.stderr
+        back = node.cli("reidentify", study_uid)
+        assert back.exit_code == 0, back.stderr
         assert back.stdout.strip() == phantom.study_uid
-        [(obj,)] = rows(node, "SELECT object FROM audit_event"
-                              " WHERE action = 'patient-record.reidentify'")
+        [(obj,)] = node.rows("SELECT object FROM audit_event"
+                             " WHERE action = 'patient-record.reidentify'")
         assert study_uid in obj and phantom.study_uid not in obj  # the answer is not audited
 
-        report = node.lamina("deid", "report", study_uid)
-        assert report.returncode == 0, report.stderr
+        report = node.cli("deid", "report", study_uid)
+        assert report.exit_code == 0, report.stderr
         assert "PatientName" in report.stdout and phantom.patient_name not in report.stdout
-        as_json = json.loads(node.lamina("deid", "report", study_uid, "--json").stdout)
+        as_json = json.loads(node.cli("deid", "report", study_uid, "--json").stdout)
         assert as_json  # machine-readable twin
 
 
@@ -67,26 +63,26 @@ def test_burned_in_risk_is_quarantined_sealed(tmp_path, phantom):
     capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     capture.Modality = "OT"
     capture.ConversionType = "WSD"
-    with NodeProcess(tmp_path / "n", peers=peers()) as node:
-        [(code, comment)] = store(node.port, [capture])
+    with InProcessNode(config(tmp_path)) as node:
+        [(code, comment)] = node.store([capture])
         assert code == status.DOES_NOT_MATCH_SOP_CLASS.code
         assert "burned-in" in comment
-        [(sha, sealed)] = rows(node, "SELECT blob_sha256, sealed FROM quarantine")
+        [(sha, sealed)] = node.rows("SELECT blob_sha256, sealed FROM quarantine")
         assert sealed == 1
         data = node.blob_path(sha, "quarantine").read_bytes()
         assert data.startswith(MAGIC) and phantom.patient_name.encode() not in data
-        assert rows(node, "SELECT count(*) FROM instance") == [(0,)]
+        assert node.rows("SELECT count(*) FROM instance") == [(0,)]
 
 
 def test_annotator_route_moves_original_references_onto_pseudonyms(tmp_path, phantom):
-    with NodeProcess(tmp_path / "n", peers=peers()) as node:
-        assert store(node.port, [phantom.slice(0)]) == [(0, "")]
+    with InProcessNode(config(tmp_path)) as node:
+        assert node.store([phantom.slice(0)]) == [(0, "")]
         key = node.project_key()
-        stored = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+        stored = dcmread(node.blob_path(node.rows("SELECT blob_sha256 FROM instance")[0][0]))
 
         # An annotator's derived image built on the pseudonymous study, but
         # referencing the ORIGINAL image UID (its tool had the study from the PACS).
-        note = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+        note = dcmread(node.blob_path(node.rows("SELECT blob_sha256 FROM instance")[0][0]))
         note.SOPInstanceUID = note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
         note.SeriesInstanceUID = "1.2.3.4.5.6.7.8.10"
         ref = Dataset()
@@ -94,32 +90,31 @@ def test_annotator_route_moves_original_references_onto_pseudonyms(tmp_path, pha
         ref.ReferencedSOPInstanceUID = phantom.sop_uid(0)  # original clinical UID
         note.SourceImageSequence = Sequence([ref])
 
-        assert store(node.port, [note], aet=ANNOTATOR_AET) == [(0, "")]
-        [(sha,)] = rows(node, "SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
-                        "1.2.3.4.5.6.7.8.9")  # already pseudonymous-looking: kept
+        assert node.store([note], aet=ANNOTATOR_AET) == [(0, "")]
+        [(sha,)] = node.rows("SELECT blob_sha256 FROM instance WHERE sop_instance_uid = ?",
+                             "1.2.3.4.5.6.7.8.9")  # already pseudonymous-looking: kept
         kept = dcmread(node.blob_path(sha))
         assert kept.SourceImageSequence[0].ReferencedSOPInstanceUID == key.uid(phantom.sop_uid(0))
         assert kept.StudyInstanceUID == stored.StudyInstanceUID
 
 
 def test_serve_refuses_to_start_without_a_key(tmp_path):
-    node = NodeProcess(tmp_path / "n")
+    node = write_config(tmp_path / "n")
     node.key_file.unlink()
-    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(node.config)],
-                            capture_output=True, text=True, timeout=60, env=node.env)
-    assert result.returncode == 2
+    result = lamina("serve", config=node)
+    assert result.exit_code == 2
     assert "lamina keys init" in result.stderr
 
 
 def test_annotation_with_identity_typed_back_is_quarantined(tmp_path, phantom):
-    with NodeProcess(tmp_path / "n", peers=peers()) as node:
-        assert store(node.port, [phantom.slice(0)]) == [(0, "")]
-        note = dcmread(node.blob_path(rows(node, "SELECT blob_sha256 FROM instance")[0][0]))
+    with InProcessNode(config(tmp_path)) as node:
+        assert node.store([phantom.slice(0)]) == [(0, "")]
+        note = dcmread(node.blob_path(node.rows("SELECT blob_sha256 FROM instance")[0][0]))
         note.SOPInstanceUID = note.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.11"
         note.OtherPatientNames = "SMITH^JOHN"  # identity back on our pseudonymous patient
-        [(code, comment)] = store(node.port, [note], aet=ANNOTATOR_AET)
+        [(code, comment)] = node.store([note], aet=ANNOTATOR_AET)
         assert code == status.DOES_NOT_MATCH_SOP_CLASS.code
         assert comment.startswith("cannot de-identify: annotation still carries identity")
-        [(sha, sealed)] = rows(node, "SELECT blob_sha256, sealed FROM quarantine")
+        [(sha, sealed)] = node.rows("SELECT blob_sha256, sealed FROM quarantine")
         assert sealed == 1 and b"SMITH" not in node.blob_path(sha, "quarantine").read_bytes()
-        assert rows(node, "SELECT count(*) FROM instance") == [(1,)]
+        assert node.rows("SELECT count(*) FROM instance") == [(1,)]

@@ -1,4 +1,5 @@
-"""C-MOVE and C-GET over real sockets, the retrieve permissions, and move_destinations config."""
+"""C-MOVE and C-GET over real sockets into a node in this process, the retrieve permissions,
+and move_destinations config."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ from pynetdicom.sop_class import (
 
 from node.config import ConfigError, load
 from node.dimse.ae import associate
-from tests.qr_support import (
+from tests.harness import (
+    InProcessNode,
     StorageSCP,
-    StudySpec,
     free_port,
-    identifier,
-    start_node,
+    received_dataset,
     stored_dataset_bytes,
-    write_study,
+    write_config,
 )
+from tests.studies import QR_VALIDATION, StudySpec, identifier, qr_peer, write_study
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
 GET = StudyRootQueryRetrieveInformationModelGet
@@ -37,25 +38,25 @@ LARGER = StudySpec("move-b", "Poe^Paul", "MOV-B", "20240302", "080000", "MA-2", 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     folder: Path = tmp_path_factory.mktemp("retrieve")
-    ports = {name: free_port() for name in ("dest", "flaky", "slow", "down", "other")}
+    scps = {"dest": StorageSCP("DEST").start(),
+            "flaky": StorageSCP("FLAKY").start(),
+            "slow": StorageSCP("SLOW", delay=0.25).start()}
+    # Nothing listens on "down" (and "other" is never reached).
+    ports = {**{name: scp.port for name, scp in scps.items()},
+             **{name: free_port() for name in ("down", "other")}}
     peers = {
-        "client": {"ae_title": "CLIENT", "host": "127.0.0.1", "port": 104,
-                   "services": ["store", "find", "move", "get"],
-                   "move_destinations": ["dest", "flaky", "slow", "down"]},
-        "findonly": {"ae_title": "FINDONLY", "host": "127.0.0.1", "port": 104,
-                     "services": ["find"]},
-        **{name: {"ae_title": name.upper(), "host": "127.0.0.1", "port": port,
-                  "services": []} for name, port in ports.items()},
+        "client": qr_peer("CLIENT", "store", "find", "move", "get", port=104,
+                          move_destinations=["dest", "flaky", "slow", "down"]),
+        "findonly": qr_peer("FINDONLY", "find", port=104),
+        **{name: qr_peer(name.upper(), port=port) for name, port in ports.items()},
     }
-    node = start_node(folder / "node", peers)
-    scps = {"dest": StorageSCP("DEST", ports["dest"]).start(),
-            "flaky": StorageSCP("FLAKY", ports["flaky"]).start(),
-            "slow": StorageSCP("SLOW", ports["slow"], delay=0.25).start()}
+    node = InProcessNode(write_config(folder / "node", peers=peers, validation=QR_VALIDATION))
     try:
+        node.start()
         uids = {}
         for spec in (SMALL, LARGER):
             files = write_study(folder / spec.seed, spec)
-            node.store(files, "CLIENT")
+            assert node.store(files, "CLIENT") == [(0, "")] * len(files)
             uids[spec.seed] = [str(dcmread(f).SOPInstanceUID) for f in files]
             uids[spec.seed + "/study"] = str(dcmread(files[0]).StudyInstanceUID)
         scps["flaky"].fail_uids.add(uids["move-a"][1])
@@ -114,7 +115,7 @@ def test_move_sends_the_stored_bytes(env):
     assert "NumberOfRemainingSuboperations" not in final or \
         final.NumberOfRemainingSuboperations is None
     for uid in uids["move-a"]:
-        assert scps["dest"].received[uid] == stored_dataset_bytes(node.blob_path(uid))
+        assert scps["dest"].received[uid] == stored_dataset_bytes(node.instance_path(uid))
     assert scps["dest"].originators == {"CLIENT"}
     def to_dest(events):
         return [e for e in events if e["object"].get("destination") == "DEST"]
@@ -232,22 +233,21 @@ def test_get_returns_stored_bytes_on_the_same_association(env):
     received = {}
 
     def on_store(event):
-        received[str(event.request.AffectedSOPInstanceUID)] = \
-            event.encoded_dataset(include_meta=False)
+        received[str(event.request.AffectedSOPInstanceUID)] = received_dataset(event)
         return 0x0000
 
     assoc = open_assoc(node, get_syntaxes=[ExplicitVRLittleEndian], on_store=on_store)
     try:
         responses = [(int(s.Status), s) for s, _ in assoc.send_c_get(
             identifier("SERIES", StudyInstanceUID=uids["move-a/study"],
-                       SeriesInstanceUID=str(dcmread(node.blob_path(uids["move-a"][0]))
+                       SeriesInstanceUID=str(dcmread(node.instance_path(uids["move-a"][0]))
                                              .SeriesInstanceUID)), GET)]
     finally:
         assoc.release()
     assert responses[-1][0] == 0x0000
     assert responses[-1][1].NumberOfCompletedSuboperations == 3
     _consistent_progress([(c, s, None) for c, s in responses], 3)
-    assert received == {uid: stored_dataset_bytes(node.blob_path(uid))
+    assert received == {uid: stored_dataset_bytes(node.instance_path(uid))
                         for uid in uids["move-a"]}
     def whole(events):
         return [e for e in events if e["action"] == "retrieve.get"
@@ -295,24 +295,20 @@ def test_get_without_a_usable_context_for_the_stored_instances_fails_cleanly(env
     assert code == 0xA702 and final.NumberOfFailedSuboperations == 3
     assert len(ds.FailedSOPInstanceUIDList) == 3
     assert still_open
-    log = node.log.read_text()
+    log = node.log()
     assert "sub-operation not sent" in log
     assert ("CT Image Storage (1.2.840.10008.5.1.4.1.1.2) stored as Explicit VR Little Endian:"
             " the C-GET requester accepted JPEG Baseline (Process 1)") in log
 
 
 def test_lamina_move_command(env):
-    from click.testing import CliRunner
-
-    from node.cli import main
-
     node, _scps, uids = env
-    args = ["move", f"{node.ae_title}@127.0.0.1:{node.port}", "--config", str(node.config),
+    args = ["move", f"{node.ae_title}@127.0.0.1:{node.port}",
             "--aet", "CLIENT", "-k", f"StudyInstanceUID={uids['move-a/study']}"]
-    ok = CliRunner().invoke(main, [*args, "--dest", "DEST"])
+    ok = node.cli(*args, "--dest", "DEST")
     assert ok.exit_code == 0, ok.output
     assert "status 0x0000: completed 3, failed 0" in ok.stdout
-    partial = CliRunner().invoke(main, [*args, "--dest", "FLAKY"])
+    partial = node.cli(*args, "--dest", "FLAKY")
     assert partial.exit_code == 1
     assert f"failed: {uids['move-a'][1]}" in partial.stderr
 

@@ -1,0 +1,824 @@
+"""The one test harness: a node's config, the node itself (in-process or as ``lamina serve``),
+the peers around it (a C-STORE sender, a storage SCP, DCMTK's storescp), the CLI, and reads of
+its index.
+
+* :func:`write_config` writes ``node.toml`` and the project key for a test
+  (port 0, data, keys and log under one folder) and returns a :class:`NodeConfig`.
+* :class:`InProcessNode` runs the whole node in this process, as ``lamina serve``
+  runs each worker: ``NodeContext.open`` + ``start(supervisor=True)`` +
+  ``build_dimse_server``, on port 0. The default for every network test: it talks
+  over real sockets on 127.0.0.1 like any peer, starts in a fraction of a second,
+  and ``drain()`` waits for its after-commit work instead of polling.
+* :class:`ProcessNode` runs ``python -m node serve`` in a subprocess, ready once it
+  answers C-ECHO, stopped by its PID (SIGTERM; :meth:`ProcessNode.kill9` for crash
+  tests). Only for what needs a process: kill -9, several workers, and the DCMTK
+  end-to-end tests in ``tests/e2e/``.
+* :func:`send` is the one C-STORE sender (files or datasets, their bytes as they
+  are, over one association); :class:`StorageSCP` the one stand-in for a C-MOVE
+  destination; :func:`storescp` starts DCMTK's; :func:`lamina` the one CLI runner
+  (in-process, click's ``CliRunner``); :func:`require` finds DCMTK's tools or skips
+  naming the Debian package.
+
+Both node kinds share :class:`Node`: ``port``, ``config``, ``data``, ``store()``,
+``echo()``, ``cli()``, ``rows()``, ``audit_actions()``, ``audit_events()``,
+``blob_path()``, ``log()``. Processes are stopped by their PID, never by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from click.testing import CliRunner, Result
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import dcmwrite
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
+from node.config import Settings, load
+from node.storage.blobs import LocalBlobStore
+from node.storage.sqlite.index import SqliteIndex
+
+REPO = Path(__file__).resolve().parents[1]
+#: The calling AE of the default test peer.
+TEST_AET = "TESTSCU"
+#: The node's AE title unless a test sets another.
+NODE_AET = "LAMINA"
+#: pynetdicom's process-wide flags a node in this process sets (restored when it stops).
+PYNETDICOM_FLAGS = ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS",
+                    "STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET")
+
+
+def require(binary: str, package: str = "dcmtk") -> str:
+    """The path of an installed tool a test needs (DCMTK's by default), or a skip naming it
+    and its Debian package.
+
+    The interpreter's own scripts folder is not searched: pynetdicom installs
+    Python apps named like DCMTK's (echoscu, storescu, findscu, getscu, movescu,
+    storescp), and with an activated virtualenv they would stand in for DCMTK.
+    """
+    own = {Path(sysconfig.get_path("scripts")).resolve(), Path(sys.executable).parent.resolve()}
+    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                             if d and Path(d).resolve() not in own)
+    path = shutil.which(binary, path=search)
+    if path is None:
+        import pytest
+
+        pytest.skip(f"{binary} is not installed (Debian package {package}; .ci/run installs it)")
+    return path
+
+
+def free_port() -> int:
+    """A port that was free a moment ago: for a peer that must be configured before it
+    listens, or one that must not listen at all. Anything that can bind port 0, does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+def peer(ae_title: str, *services: str, host: str = "127.0.0.1", port: int = 1,
+         **extra: Any) -> dict[str, Any]:
+    """A ``[peers.NAME]`` table: ``peer("CLIENT", "store", "find", route="deidentified")``."""
+    return {"ae_title": ae_title, "host": host, "port": port, "services": list(services),
+            **extra}
+
+
+#: The default peer: TESTSCU at 127.0.0.1, every service, the default (clinical) route.
+DEFAULT_PEERS = {"tests": peer(TEST_AET, "store", "find", "move", "get")}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A test node's files: its config, data folder and project key (outside the data)."""
+
+    root: Path
+    path: Path
+    data: Path
+    key_file: Path
+
+    def settings(self) -> Settings:
+        """The settings as the node reads them (no environment overrides)."""
+        return load(self.path, environ={})
+
+    def project_key(self) -> ProjectKey:
+        """The node's key, so a test can compute the pseudonym of an original UID."""
+        return load_project_key(self.key_file)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+
+
+def _table(name: str, values: dict[str, Any]) -> list[str]:
+    lines = [f"[{name}]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in values.items()
+              if v is not None and not isinstance(v, dict)]
+    for key, sub in values.items():
+        if isinstance(sub, dict):
+            lines += _table(f"{name}.{key}", sub)
+    return lines
+
+
+def write_config(root: Path, *, peers: dict[str, dict] | None = None,
+                 node: dict | None = None, storage: dict | None = None,
+                 index: dict | None = None, audit: dict | None = None, log: dict | None = None,
+                 deidentify: dict | None = None, validation: dict | None = None,
+                 annotations: dict | None = None, data: Path | None = None,
+                 key: bool = True) -> NodeConfig:
+    """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
+
+    Defaults: AE title LAMINA on 127.0.0.1 port 0, one worker; data in ``root/data``
+    with no free-space floor; audit signing key and project key in ``root/keys``;
+    the one peer of :data:`DEFAULT_PEERS`. Each keyword adds to or overrides its
+    section; a nested dict is a sub-table (``validation={"rules": {...}}``).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    key_file = root / "keys" / "project.key"
+    if key and not key_file.exists():
+        create_key_file(key_file)
+    data = data or root / "data"
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": NODE_AET, "bind": "127.0.0.1", "port": 0, "workers": 1,
+                 **(node or {})},
+        "storage": {"data": str(data), "min_free_mb": 0, **(storage or {})},
+        "audit": {"signing_key": str(root / "keys" / "audit-signing.pem"), **(audit or {})},
+        "log": {"level": "INFO", **(log or {})},
+        "deidentify": {"key_file": str(key_file), **(deidentify or {})},
+    }
+    for name, values in (("index", index), ("validation", validation),
+                         ("annotations", annotations)):
+        if values:
+            sections[name] = dict(values)
+    for name, values in (DEFAULT_PEERS if peers is None else peers).items():
+        sections[f"peers.{name}"] = values
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines += [*_table(name, values), ""]
+    path = root / "node.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return NodeConfig(root, path, data, key_file)
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def lamina(*args: str, config: Path | NodeConfig | None = None,
+           env: dict[str, str | None] | None = None) -> Result:
+    """``lamina ARGS [--config CONFIG]`` in this process (click's CliRunner).
+
+    The result has ``exit_code``, ``stdout``, ``stderr`` and ``output``. Commands
+    that set process-wide state (logging, pydicom's validation modes) have it
+    restored afterwards. ``$LAMINA_*`` from the environment is not seen.
+    """
+    from node.cli import main
+
+    if isinstance(config, NodeConfig):
+        config = config.path
+    argv = [*args, "--config", str(config)] if config is not None else list(args)
+    environ: dict[str, str | None] = {k: None for k in os.environ if k.startswith("LAMINA")}
+    environ.update(env or {})
+    with _process_state_kept():
+        return CliRunner(env=environ).invoke(main, argv)
+
+
+@contextmanager
+def _process_state_kept() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    pynetdicom_level = logging.getLogger("pynetdicom").level
+    reading = pydicom_config.settings.reading_validation_mode
+    writing = pydicom_config.settings.writing_validation_mode
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+        pydicom_config.settings.reading_validation_mode = reading
+        pydicom_config.settings.writing_validation_mode = writing
+
+
+# --- sending -----------------------------------------------------------------------------
+
+
+class Response(NamedTuple):
+    """A C-STORE response: its status (-1: the association was lost first) and ErrorComment."""
+
+    status: int
+    comment: str
+
+
+def as_file(ds: Dataset) -> bytes:
+    """A DICOM file of ``ds`` exactly as given (its file meta too, even when it contradicts
+    the data set: pydicom's file-format enforcement would overwrite it). ``ds`` is not
+    changed."""
+    out = copy.copy(ds)  # shares the elements; the preamble and file meta are its own
+    out.preamble = b"\x00" * 128
+    out.file_meta = copy.deepcopy(ds.file_meta)
+    out.file_meta.FileMetaInformationVersion = b"\x00\x01"
+    out.file_meta.FileMetaInformationGroupLength = 0  # recomputed when written
+    buffer = DicomBytesIO()
+    dcmwrite(buffer, out, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+_chunked = threading.Lock()
+_chunked_users = 0
+_chunked_before = False
+
+
+@contextmanager
+def _files_sent_as_they_are() -> Iterator[None]:
+    """pynetdicom sends a file's data set bytes without decoding them only in its chunked
+    mode, a process-wide flag: on while any send runs, then back as it was."""
+    global _chunked_users, _chunked_before
+    with _chunked:
+        if _chunked_users == 0:
+            _chunked_before = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _chunked_users += 1
+    try:
+        yield
+    finally:
+        with _chunked:
+            _chunked_users -= 1
+            if _chunked_users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _chunked_before
+
+
+def send(port: int, items: Sequence[Path | Dataset], aet: str = TEST_AET,
+         called: str = NODE_AET, host: str = "127.0.0.1") -> list[Response]:
+    """C-STORE each item over one association (pynetdicom as SCU); a Response for each.
+
+    A file goes as its bytes are, file meta and all (the contexts come from its meta);
+    a data set is written as a file first (:func:`as_file`), so a test can put a
+    deliberately broken object on the wire. Raises ConnectionError when the
+    association is not established.
+    """
+    with tempfile.TemporaryDirectory(prefix="lamina-send-") as tmp:
+        paths = []
+        for i, item in enumerate(items):
+            if isinstance(item, Dataset):
+                path = Path(tmp) / f"{i:05d}.dcm"
+                path.write_bytes(as_file(item))
+                item = path
+            paths.append(Path(item))
+        return _send_files(host, port, paths, aet, called)
+
+
+def _send_files(host: str, port: int, paths: list[Path], aet: str,
+                called: str) -> list[Response]:
+    ae = AE(ae_title=aet)
+    contexts = set()
+    for path in paths:
+        meta = read_file_meta_info(path)
+        contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, [syntax])
+    with _files_sent_as_they_are():
+        assoc = ae.associate(host, port, ae_title=called)
+        if not assoc.is_established:
+            raise ConnectionError(f"association to {called}@{host}:{port} not established")
+        responses = []
+        try:
+            for path in paths:
+                if not assoc.is_established:
+                    responses.append(Response(-1, "association lost"))
+                    continue
+                rsp = assoc.send_c_store(path)
+                responses.append(Response(int(rsp.Status) if "Status" in rsp else -1,
+                                          str(rsp.get("ErrorComment", ""))))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return responses
+
+
+def echo(port: int, aet: str = TEST_AET, called: str = NODE_AET) -> int | None:
+    """C-ECHO: the status, or None when the association is not established."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if "Status" in rsp else None
+    finally:
+        assoc.release()
+
+
+# --- the node -----------------------------------------------------------------------------
+
+
+class Node:
+    """What both node kinds offer a test; see :class:`InProcessNode` and :class:`ProcessNode`."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        settings = config.settings()
+        self.ae_title = settings.node.ae_title
+        #: A calling AE the node admits from 127.0.0.1 (readiness checks).
+        self.local_aet = next((p.ae_title for p in settings.peers
+                               if p.allows_address("127.0.0.1")), TEST_AET)
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def data(self) -> Path:
+        return self.config.data
+
+    @property
+    def log_path(self) -> Path:
+        return self.config.root / "node.log"
+
+    def drain(self) -> None:
+        """Wait for the node's after-commit work where the harness can (in-process)."""
+
+    # --- as a peer sees it
+
+    def store(self, items: Sequence[Path | Dataset], aet: str = TEST_AET) -> list[Response]:
+        """C-STORE ``items`` from ``aet`` over one association (see :func:`send`)."""
+        return send(self.port, items, aet=aet, called=self.ae_title)
+
+    def echo(self, aet: str = TEST_AET) -> int | None:
+        return echo(self.port, aet, self.ae_title)
+
+    def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
+        """``lamina ARGS --config`` this node's config (in this process)."""
+        return lamina(*args, config=self.config, env=env)
+
+    # --- what it stored
+
+    @contextmanager
+    def index(self) -> Iterator[SqliteIndex]:
+        """The node's index, for reads (``.reader()``) and raw SQL (``.connection()``)."""
+        index = SqliteIndex(self.config.settings().index_path)
+        try:
+            yield index
+        finally:
+            index.close()
+
+    def rows(self, sql: str, *args: object) -> list[tuple]:
+        """The rows of one SQL query on the node's index, as tuples."""
+        with self.index() as index, index.connection() as conn:
+            return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+
+    def audit_actions(self) -> list[str]:
+        """Every audit event's action, oldest first (after :meth:`drain`)."""
+        self.drain()
+        return [a for (a,) in self.rows("SELECT action FROM audit_event ORDER BY seq")]
+
+    def audit_events(self, prefix: str, until: Callable[[list[dict]], Any] = bool,
+                     timeout: float = 5.0) -> list[dict]:
+        """Audit events whose action starts with ``prefix``, oldest first, decoded.
+
+        Query and retrieve events are written in the background: this drains
+        what it can and waits (up to ``timeout``) until ``until(events)``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            events = [{"action": a, "actor": json.loads(actor), "object": json.loads(obj),
+                       "outcome": outcome}
+                      for a, actor, obj, outcome in self.rows(
+                          "SELECT action, actor, object, outcome FROM audit_event"
+                          " WHERE action LIKE ? ORDER BY seq", prefix + "%")]
+            if until(events) or time.monotonic() > deadline:
+                return events
+            time.sleep(0.05)
+
+    def blob_path(self, sha256: str, area: str = "blobs") -> Path:
+        """Where a blob lives: ``blobs`` (stored) or ``quarantine``."""
+        return LocalBlobStore(self.data / area, self.data / "spool").local_path(sha256)
+
+    def instance_path(self, sop_instance_uid: str) -> Path:
+        """The stored file of an instance (its blob, found through the index)."""
+        with self.index() as index, index.reader() as r:
+            sha = r.instances.blob_of(sop_instance_uid)
+        return self.blob_path(sha)
+
+    def project_key(self) -> ProjectKey:
+        return self.config.project_key()
+
+    def log(self) -> str:
+        """The node's log so far (JSON lines)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class _LogFile(logging.Handler):
+    """The node's log lines (as ``lamina serve`` writes them) appended to its log file."""
+
+    def __init__(self, path: Path) -> None:
+        from node.logs import JsonFormatter
+
+        super().__init__(logging.INFO)
+        self.setFormatter(JsonFormatter())
+        self._file = open(path, "a", encoding="utf-8")  # closed in close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._file.write(self.format(record) + "\n")
+            self._file.flush()
+        except Exception:  # logging never fails the node
+            self.handleError(record)
+
+    def write_traceback(self, args: threading.ExceptHookArgs) -> None:
+        """An exception no thread of the node caught, as a process would print it."""
+        import traceback
+
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                  args.exc_traceback))
+        with suppress(ValueError):  # closed
+            self._file.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n"
+                             f"{text}")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class InProcessNode(Node):
+    """The whole node in this process on port 0 (or the configured port).
+
+    As ``lamina serve`` runs a worker: ``NodeContext.open(migrate, with_key)``,
+    ``ctx.start(supervisor=True)``, ``build_dimse_server(ctx).start()``. Its
+    ``lamina.*`` log lines go to ``node.log`` as JSON, and so does the traceback
+    of any exception a thread leaves uncaught (a process would print it on
+    stderr). :meth:`stop` stops the server, closes the context and restores what
+    the node set process-wide (pynetdicom's flags, pydicom's validation modes,
+    logging, the thread excepthook). A context manager::
+
+        with InProcessNode(write_config(tmp_path)) as node:
+            assert node.store([ds]) == [(0, "")]
+            node.drain()
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        super().__init__(config)
+        self.ctx: Any = None
+        self.server: Any = None
+        self._saved: dict[str, Any] = {}
+        self._handler: _LogFile | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings if self.ctx is not None else self.config.settings()
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            raise RuntimeError("the node is not started")
+        return self.server.port
+
+    def start(self) -> InProcessNode:
+        from node.context import NodeContext
+        from node.dimse.server import build_dimse_server
+        from node.logs import quiet_pydicom
+
+        if self.server is not None:
+            return self
+        self._saved = {
+            "pynetdicom": {name: getattr(_config, name) for name in PYNETDICOM_FLAGS},
+            "pydicom": (pydicom_config.settings.reading_validation_mode,
+                        pydicom_config.settings.writing_validation_mode),
+            "lamina_level": logging.getLogger("lamina").level,
+            "excepthook": threading.excepthook,
+        }
+        self._handler = handler = _LogFile(self.log_path)
+        previous = threading.excepthook
+
+        def excepthook(args: threading.ExceptHookArgs) -> None:
+            handler.write_traceback(args)
+            previous(args)
+
+        threading.excepthook = excepthook
+        lamina_log = logging.getLogger("lamina")
+        lamina_log.addHandler(self._handler)
+        lamina_log.setLevel(logging.INFO)
+        quiet_pydicom()  # as serve does: pydicom's warnings would quote patient data
+        try:
+            self.ctx = NodeContext.open(self.config.settings(), migrate=True, with_key=True)
+            self.ctx.start(supervisor=True)
+            self.server = build_dimse_server(self.ctx).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @contextmanager
+    def index(self) -> Iterator[Any]:
+        """The running node's own index (see :meth:`Node.index`)."""
+        if self.ctx is None:
+            with super().index() as index:
+                yield index
+        else:
+            yield self.ctx.index
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait for after-commit work (a SEG's check) and queued audit events."""
+        if self.ctx is not None:
+            self.ctx.drain(timeout)
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        ctx, self.ctx = self.ctx, None
+        try:
+            if server is not None:
+                server.stop()
+        finally:
+            try:
+                if ctx is not None:
+                    ctx.close()
+            finally:
+                self._restore()
+
+    def _restore(self) -> None:
+        saved, self._saved = self._saved, {}
+        if saved:
+            for name, value in saved["pynetdicom"].items():
+                setattr(_config, name, value)
+            (pydicom_config.settings.reading_validation_mode,
+             pydicom_config.settings.writing_validation_mode) = saved["pydicom"]
+            logging.getLogger("lamina").setLevel(saved["lamina_level"])
+            threading.excepthook = saved["excepthook"]
+        if self._handler is not None:
+            logging.getLogger("lamina").removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+    def __enter__(self) -> InProcessNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ProcessNode(Node):
+    """``lamina serve`` (``python -m node serve --config ...``) in a subprocess.
+
+    Ready when every worker has logged "listening" and the node answers C-ECHO.
+    With one worker it binds port 0 and the port is read from its log; with more,
+    they must share a fixed port, taken from :func:`free_port`. Stopped by PID:
+    :meth:`stop` (SIGTERM, then SIGKILL after 20 s), :meth:`kill9`. Starting again
+    reuses the config and data folder (a restart). Its log is ``node.log``.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        super().__init__(config)
+        settings = config.settings()
+        self.workers = settings.node.workers
+        self._fixed_port = settings.node.port
+        self.proc: subprocess.Popen | None = None
+        self._port: int | None = None
+        self._log_offset = 0
+
+    @classmethod
+    def with_workers(cls, root: Path, workers: int, **config: Any) -> ProcessNode:
+        """A node of ``workers`` receiving processes on one fixed port."""
+        node = dict(config.pop("node", None) or {})
+        node.update(workers=workers, port=free_port() if workers > 1 else 0)
+        return cls(write_config(root, node=node, **config))
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the node is not started")
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self, timeout: float = 60.0) -> ProcessNode:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._port = None
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config.path)],
+                stdout=log, stderr=log, env=self.env(), cwd=self.config.root)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:"
+                                   f" {self.log()[-2000:]}")
+            listening = self._listening()
+            if len(listening) >= self.workers:
+                self._port = self._fixed_port or int(listening[0]["port"])
+                if self.echo(self.local_aet) == 0:
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"node did not answer C-ECHO: {self.log()[-2000:]}")
+
+    def _listening(self) -> list[dict]:
+        """The "listening" lines this run logged (one per worker)."""
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            text = f.read().decode(errors="replace")
+        found = []
+        for line in text.splitlines():
+            if '"msg": "listening"' in line:
+                with suppress(ValueError):  # a line still being written
+                    found.append(json.loads(line))
+        return found
+
+    def worker_pids(self) -> set[int]:
+        """The PIDs of this run's receiving processes."""
+        return {int(line["pid"]) for line in self._listening()}
+
+    def stop(self) -> None:
+        """SIGTERM by PID and wait (SIGKILL after 20 s)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        """SIGKILL the node (its workers die with it) and reap it."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self) -> ProcessNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- peers ----------------------------------------------------------------------------------
+
+
+def received_dataset(event: evt.Event) -> bytes:
+    """The data set bytes a C-STORE carried, whether pynetdicom spooled them to a file
+    (``STORE_RECV_CHUNKED_DATASET``, set while a node runs in this process) or not."""
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        path = None
+    if path is None:
+        return event.encoded_dataset(include_meta=False)
+    return stored_dataset_bytes(Path(path))
+
+
+def stored_dataset_bytes(path: Path) -> bytes:
+    """The data set of a stored file as a C-STORE carries it (the bytes after the file meta)."""
+    _meta, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+@dataclass
+class StorageSCP:
+    """A pynetdicom storage SCP standing in for a C-MOVE (or send) destination.
+
+    Listens on ``port`` (0: a free one, read back from :attr:`port` once started).
+    Accepts every storage SOP class in pynetdicom's default syntaxes, or only
+    ``syntaxes`` ({SOP class: [transfer syntaxes]}) when given. Keeps the data
+    set bytes received per SOP Instance UID (:attr:`received`) and the transfer
+    syntax they came in (:attr:`syntax`); ``fail_uids`` are answered 0xA700 and
+    ``delay`` slows every store (for cancel tests).
+    """
+
+    ae_title: str
+    port: int = 0
+    syntaxes: dict[str, list[str]] | None = None
+    fail_uids: set[str] = field(default_factory=set)
+    delay: float = 0.0
+    received: dict[str, bytes] = field(default_factory=dict)
+    syntax: dict[str, str] = field(default_factory=dict)
+    originators: set[str] = field(default_factory=set)
+    server: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if self.delay:
+            time.sleep(self.delay)
+        if uid in self.fail_uids:
+            return 0xA700
+        with self.lock:
+            self.received[uid] = received_dataset(event)
+            self.syntax[uid] = str(event.context.transfer_syntax)
+            self.originators.add(str(event.request.MoveOriginatorApplicationEntityTitle))
+        return 0x0000
+
+    def start(self) -> StorageSCP:
+        ae = AE(ae_title=self.ae_title)
+        if self.syntaxes is None:
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        else:
+            for sop_class, syntaxes in self.syntaxes.items():
+                ae.add_supported_context(sop_class, syntaxes)
+        # As ae.start_server(block=False) does, but polling for shutdown every 50 ms
+        # rather than 0.5 s (how long stop() waits).
+        self.server = ae.make_server(("127.0.0.1", self.port),
+                                     evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+                                     server_class=ThreadedAssociationServer)
+        self._thread = threading.Thread(
+            target=functools.partial(self.server.serve_forever, poll_interval=0.05),
+            name=f"storage-scp-{self.ae_title}", daemon=True)
+        self._thread.start()
+        self.port = int(self.server.server_address[1])
+        return self
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            socketserver.BaseServer.shutdown(server)
+            server.server_close()
+            for assoc in server.active_associations:
+                assoc.abort()
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+
+    def got(self, sop_instance_uid: str) -> tuple[str, bytes]:
+        """(transfer syntax, data set bytes) received for an instance."""
+        with self.lock:
+            return self.syntax[sop_instance_uid], self.received[sop_instance_uid]
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def storescp(port: int, out: Path, *options: str, aet: str = "STORESCP") -> subprocess.Popen:
+    """DCMTK's storescp on ``port`` writing into ``out``, once it accepts connections (a
+    skip without it). End it with :func:`stop_process`."""
+    binary = require("storescp")
+    out.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([binary, *options, "-aet", aet, "-od", str(out), str(port)],
+                               env={**os.environ, "TCP_NODELAY": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError("storescp did not start")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM a process this test started (by its PID), SIGKILL after 5 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
