@@ -297,8 +297,13 @@ class IngestService:
         return instance_id
 
     def _after_commit(self, stored: Stored) -> None:
-        """One job per stored object on the context's worker, running every hook's
-        ``after_commit`` in turn (one failing hook does not stop the others)."""
+        """One job on the context's worker, running every hook's ``after_commit`` in turn
+        (one failing hook does not stop the others), when some hook left a note in
+        ``on_stored``: most instances have no work after their answer, and a handoff
+        to another thread per instance would cost the receive path for nothing."""
+        if not stored.notes:
+            return
+
         def run() -> None:
             for hook in self.hooks:
                 try:

@@ -16,7 +16,9 @@ as :class:`IngestHook` objects, so the pipeline never imports them:
    not at all.
 4. ``after_commit(obj)`` runs after the answer, on a worker the node's context
    owns (never on the association thread): work whose result does not change
-   the answer (3-D consistency checks) goes there.
+   the answer (3-D consistency checks) goes there. A hook asks for it by
+   leaving a note in ``obj.notes`` during ``on_stored``; an object no hook left
+   a note on has no after-commit work.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class Stored:
     incoming: Incoming
     claim: Claim | None
     instance_id: int | None  # the index row, when it is indexed as an instance
-    #: Set by hooks in ``on_stored`` for their own ``after_commit`` (e.g. the annotation id).
+    #: Set by hooks in ``on_stored`` for their own ``after_commit`` (e.g. the annotation
+    #: id); ``after_commit`` runs only when some hook left a note.
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,4 +141,4 @@ class IngestHook(Protocol):
         """Inside the transaction that stores a new object; the audit event it appended."""
 
     def after_commit(self, obj: Stored) -> None:
-        """After the answer, on the context's worker."""
+        """After the answer, on the context's worker (when some hook left a note)."""
