@@ -92,6 +92,18 @@ class NodeContext:
             data.mkdir(parents=True, exist_ok=True)
             index = open_index(settings.index.backend, settings.index_path,
                                settings.index.busy_timeout_ms)
+        try:
+            return cls._wire(settings, index, migrate=migrate, with_key=with_key,
+                             must_exist=must_exist)
+        except BaseException:  # no key, a bad protocol: nothing is left open
+            index.close()
+            raise
+
+    @classmethod
+    def _wire(cls, settings: Settings, index: Index, *, migrate: bool, with_key: bool,
+              must_exist: bool) -> NodeContext:
+        """Build every part on an open index (see :meth:`open`)."""
+        data = settings.storage.data
         if migrate:
             index.migrate()
         blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
@@ -122,8 +134,8 @@ class NodeContext:
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
-        return cls(settings, index, blobs, quarantined, audit, events, series, annotations, search, retrieve,
-                   worker, key, ingest, quarantine)
+        return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
+                   search, retrieve, worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:
