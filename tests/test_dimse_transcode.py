@@ -96,8 +96,8 @@ def test_transcode_keeps_the_instance_and_its_pixels(name, target):
     path = FILES / name
     original = dcmread(path)
     if not can_decode(original.file_meta.TransferSyntaxUID):
-        pytest.skip(f"a pixel decoder for {original.file_meta.TransferSyntaxUID.name} is not"
-                    " installed (pyjpegls, pylibjpeg-openjpeg)")
+        name = original.file_meta.TransferSyntaxUID.name
+        pytest.skip(f"decoder not installed for {name} (pyjpegls, pylibjpeg-openjpeg)")
     with open(path, "rb") as stored:
         data = transcode(stored, target)
     ds = _decoded(data, target)
