@@ -120,7 +120,7 @@ class NodeContext:
                                         protocol, settings.annotations.settle_seconds)
         matcher = index.matcher(settings.node.ae_title)
         search = SearchService(matcher, events)
-        retrieve = RetrieveService(settings, matcher, blobs, events)
+        retrieve = RetrieveService(settings, matcher, events)
         worker = Worker("after-commit")
         key, ingest, quarantine = None, None, None
         if with_key:

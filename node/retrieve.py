@@ -30,7 +30,6 @@ from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor
 from node.config import Peer, Settings
 from node.status import Outcome
-from node.storage.blobs import LocalBlobStore
 from node.storage.interface import IndexUnavailable
 from node.storage.query import Matcher, Model, Query, QueryError, StoredInstance, parse
 
@@ -116,11 +115,9 @@ class Retrieval:
 class RetrieveService:
     """Plans C-MOVE and C-GET requests for peers; the one place retrieve permission is decided."""
 
-    def __init__(self, settings: Settings, engine: Matcher, blobs: LocalBlobStore,
-                 events: AuditQueue) -> None:
+    def __init__(self, settings: Settings, engine: Matcher, events: AuditQueue) -> None:
         self.settings = settings
         self.engine = engine
-        self.blobs = blobs
         self.events = events
 
     def start_move(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
