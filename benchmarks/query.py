@@ -47,7 +47,7 @@ from node.phantom import Phantom, index_records, synthetic_patient_name
 from node.storage.query import Model, parse
 from node.storage.sqlite.index import SqliteIndex
 from node.storage.sqlite.matcher import explain, rows_select
-from tests.harness import ProcessNode, free_port, write_config
+from tests.harness import ProcessNode, free_port, stop_process, write_config
 from tests.studies import QR_VALIDATION, qr_peer
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -214,15 +214,6 @@ def _wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _movescu(port: int, called: str, study_uid: str, runs: int, dest: Path,
              dest_port: int) -> list[float]:
     """Seconds per C-MOVE of the study to a fresh storescp, ``runs`` times."""
@@ -242,7 +233,7 @@ def _movescu(port: int, called: str, study_uid: str, runs: int, dest: Path,
                  "127.0.0.1", str(port)], env=NODELAY, capture_output=True, check=False)
             times.append(time.perf_counter() - started)
         finally:
-            _stop(storescp)
+            stop_process(storescp)
         received = len(list(dest.iterdir()))
         if result.returncode != 0 or received == 0:
             raise RuntimeError(f"{called}: move failed ({received} received): "
@@ -317,7 +308,7 @@ def _dcmqrscp(folder: Path, files: list[Path], study_uid: str, runs: int, dest: 
         _wait_port(port)
         return _movescu(port, "DCMQRSCP", study_uid, runs, dest, dest_port)
     finally:
-        _stop(server)
+        stop_process(server)
 
 
 def _orthanc(binary: str, folder: Path, files: list[Path], study_uid: str, runs: int,
@@ -343,7 +334,7 @@ def _orthanc(binary: str, folder: Path, files: list[Path], study_uid: str, runs:
         _wait_port(port)
         return _movescu(port, "ORTHANC", study_uid, runs, dest, dest_port)
     finally:
-        _stop(server)
+        stop_process(server)
 
 
 # --- report -----------------------------------------------------------------------------

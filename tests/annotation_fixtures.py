@@ -707,3 +707,14 @@ def seg_read_back_with_dcmqi(seg_path: Path, folder: Path, grid) -> dict[str, np
             placed = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
             out[item["SegmentLabel"]] = sitk.GetArrayFromImage(placed) != 0
     return out
+
+
+#: Valid SEGs of every kind the node takes in, each built on the series it is drawn on.
+VALID_SEGS = {
+    "binary": lambda s: valid_seg(s),
+    "binary, empty frames present": lambda s: valid_seg(s, omit_empty=False),
+    "binary, frames permuted": lambda s: permute_frames(valid_seg(s)),
+    "binary, float32 positions": lambda s: float32_positions(valid_seg(s)),
+    "fractional": fractional_seg,
+    "labelmap": lambda s: valid_seg(s, seg_type="LABELMAP"),
+}

@@ -31,12 +31,7 @@ def _masks(seg):
 
 #: Each builder takes the series the SEG is drawn on.
 VALID = {
-    "binary": lambda s: fx.valid_seg(s),
-    "binary, empty frames present": lambda s: fx.valid_seg(s, omit_empty=False),
-    "binary, frames permuted": lambda s: fx.permute_frames(fx.valid_seg(s)),
-    "binary, float32 positions": lambda s: fx.float32_positions(fx.valid_seg(s)),
-    "fractional": fx.fractional_seg,
-    "labelmap": lambda s: fx.valid_seg(s, seg_type="LABELMAP"),
+    **fx.VALID_SEGS,
     "labelmap, frames permuted": lambda s: fx.permute_frames(fx.valid_seg(s, seg_type="LABELMAP")),
 }
 

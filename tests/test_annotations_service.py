@@ -37,19 +37,10 @@ def served(node) -> fx.Served:
     return fx.served_by(node)
 
 
-#: Each builder takes the series the SEG is drawn on.
-VALID_SEGS = {
-    "binary": lambda s: fx.valid_seg(s),
-    "binary, empty frames present": lambda s: fx.valid_seg(s, omit_empty=False),
-    "binary, frames permuted": lambda s: fx.permute_frames(fx.valid_seg(s)),
-    "binary, float32 positions": lambda s: fx.float32_positions(fx.valid_seg(s)),
-    "fractional": fx.fractional_seg,
-    "labelmap": lambda s: fx.valid_seg(s, seg_type="LABELMAP"),
-}
 
 
 def test_valid_segs_from_pynetdicom_are_stored_without_findings(node, served) -> None:
-    segs = {name: build(served) for name, build in VALID_SEGS.items()}
+    segs = {name: build(served) for name, build in fx.VALID_SEGS.items()}
     assert fx.send(node, list(segs.values())) == [(0, "")] * len(segs)
     for name, seg in segs.items():
         row = fx.seg_annotation(node, seg)
