@@ -25,6 +25,7 @@ from pathlib import Path
 
 from node.annotations.grid import HeaderGridSource
 from node.annotations.service import AnnotationService
+from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.served import AuditQueue
@@ -61,6 +62,8 @@ class NodeContext:
     events: AuditQueue
     series: SeriesChecker
     annotations: AnnotationService
+    #: The one annotation state machine; review and forwarding listen to it.
+    states: AnnotationStates
     search: SearchService
     retrieve: RetrieveService
     worker: Worker
@@ -135,7 +138,7 @@ class NodeContext:
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   search, retrieve, worker, key, ingest, quarantine)
+                   AnnotationStates(audit), search, retrieve, worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:

@@ -212,6 +212,10 @@ class Annotations(AnnotationReads, Protocol):
                       quarantine_id: int | None = None) -> int: ...
     def insert_rois(self, object_id: int, rois: Iterable[RoiRow]) -> None: ...
     def settle_refused(self, annotation_id: int, now: str) -> None: ...
+    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
+        """Compare-and-set of the state; False when it was no longer ``before``.
+        Only node/annotations/states.py calls this."""
+
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
                      findings: list[AnnotationFindingRow], now: str) -> int | None:

@@ -157,24 +157,14 @@ class SqliteIndex:
     def migrate(self) -> int:
         """Bring the schema to the newest version; returns the version reached.
 
-        Runs under an exclusive transaction so that several processes starting
-        at once apply each migration exactly once.
+        Each migration runs in its own exclusive transaction that re-reads the
+        version, so several processes starting at once apply it exactly once.
         """
         with self.connection() as conn:
-            conn.execute("BEGIN EXCLUSIVE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                for number, _name, sql in migrations():
-                    if number <= version:
-                        continue
-                    for statement in _split_sql(sql):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={number}")
-                    version = number
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, name, sql in migrations():
+                if number > version:
+                    version = _apply(conn, number, name, sql)
         return version
 
     def schema_version(self) -> int:
@@ -190,6 +180,40 @@ class SqliteIndex:
                 self._pool.get_nowait().close()
             except queue.Empty:
                 return
+
+
+FOREIGN_KEYS_OFF = "-- lamina: foreign-keys-off"
+
+
+def _apply(conn: sqlite3.Connection, number: int, name: str, sql: str) -> int:
+    """Apply one migration unless another process already did; returns the version reached.
+
+    A migration whose first line is :data:`FOREIGN_KEYS_OFF` rebuilds a table
+    (SQLite cannot alter a constraint): it runs with foreign keys off, which
+    SQLite only allows outside a transaction, and is refused if
+    ``foreign_key_check`` finds a dangling reference before the commit.
+    """
+    keys_off = sql.startswith(FOREIGN_KEYS_OFF)
+    if keys_off:
+        conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < number:
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            if keys_off and conn.execute("PRAGMA foreign_key_check").fetchone():
+                raise sqlite3.IntegrityError(f"migration {name} leaves a dangling reference")
+            conn.execute(f"PRAGMA user_version={number}")
+            version = number
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        if keys_off:
+            conn.execute("PRAGMA foreign_keys=ON")
+    return version
 
 
 def _split_sql(script: str) -> list[str]:

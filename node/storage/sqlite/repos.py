@@ -431,6 +431,11 @@ class SqliteAnnotations(_Repo):
             " (SELECT 1 FROM annotation_object WHERE annotation_fk = ? AND state = 'current')",
             (now, annotation_id, annotation_id))
 
+    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
+        return self.conn.execute(
+            "UPDATE annotation SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+            (after, now, annotation_id, before)).rowcount == 1
+
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
                      findings: list[AnnotationFindingRow], now: str) -> int | None:
