@@ -26,10 +26,10 @@ from node.anonymize.anonymizer import (
     UidEntry,
     burned_in_risk,
     encode,
-    shift_date_value,
 )
 from node.anonymize.keys import ProjectKey
 from node.anonymize.settings import DeidSettings, MaskRegion, SafePrivateTag
+from node.anonymize.temporal import TemporalOffset, shift_value
 
 KEY = ProjectKey(b"engine-test-key-0123456789abcdef")
 VENDOR_CLASS = "1.3.12.2.1107.5.9.1"
@@ -72,25 +72,6 @@ def run(ds: Dataset, **settings) -> Dataset:
     return Deidentifier(DeidSettings(**settings), KEY).deidentify(ds).dataset
 
 
-@pytest.mark.parametrize(
-    ("vr", "value", "days", "expected"),
-    [
-        ("DA", "20200301", -1, "20200229"),
-        ("DA", "20200301", 365, "20210301"),
-        ("DA", "2020-03-01", -1, None),
-        ("DA", "20200230", -1, None),
-        ("DT", "20200301101112.5+0100", -1, "20200229101112.5+0100"),
-        ("DT", "202003", -40, "202001"),
-        ("DT", "2020", -1, "2019"),
-        ("TM", "101112.25", -1, "101112.25"),
-        ("TM", "20200301101112", -1, "20200229101112"),
-        ("DA", "", -1, ""),
-    ],
-)
-def test_shift_date_value(vr, value, days, expected):
-    assert shift_date_value(vr, value, days) == expected
-
-
 def test_dates_shift_by_one_offset_per_patient_at_any_depth():
     item = Dataset()
     item.Date = "20200311"
@@ -98,10 +79,10 @@ def test_dates_shift_by_one_offset_per_patient_at_any_depth():
     inner.AnatomicRegionSequence = Sequence([item])
     ds = ct(SeriesDate="20200302", AnatomicRegionSequence=Sequence([inner]))
     out = run(ds)
-    offset = KEY.date_offset_days("NORTH", "MRN001")
-    assert out.StudyDate == shift_date_value("DA", "20200301", offset)
-    assert out.SeriesDate == shift_date_value("DA", "20200302", offset)
-    assert out.AnatomicRegionSequence[0].AnatomicRegionSequence[0].Date == shift_date_value(
+    offset = TemporalOffset(KEY.date_offset_days("NORTH", "MRN001"))  # dates alone: days
+    assert out.StudyDate == shift_value("DA", "20200301", offset)
+    assert out.SeriesDate == shift_value("DA", "20200302", offset)
+    assert out.AnatomicRegionSequence[0].AnatomicRegionSequence[0].Date == shift_value(
         "DA", "20200311", offset
     )
     assert out.StudyDate != "20200301"

@@ -15,7 +15,6 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
 from io import BytesIO
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +31,12 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, UID_dictionary
 
 from node import __version__
+from node.anonymize.descriptions import (
+    DESCRIPTOR_KEYWORDS,
+    SERIES_LEVEL_KEYWORDS,
+    Vocabulary,
+    describe,
+)
 from node.anonymize.evidence import (
     ADDED,
     AGE_CAPPED,
@@ -65,6 +70,13 @@ from node.anonymize.profile import (
     plan,
 )
 from node.anonymize.settings import DeidSettings, SafePrivateTag
+from node.anonymize.temporal import (
+    TIMES_SHIFTED,
+    TemporalOffset,
+    partner_time_tag,
+    shift_values,
+)
+from node.anonymize.textscan import TextMatcher, clean_text
 
 # A UID that names this implementation in file meta, derived from a fixed name so it
 # is the same on every machine without Lamina owning an OID root.
@@ -89,11 +101,18 @@ _DUMMY = {
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
 _AGE_RE = re.compile(r"(\d{3})([DWMY])")
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
-_DT_RE = re.compile(
-    r"(?P<y>\d{4})(?P<m>\d{2})?(?P<d>\d{2})?"
-    r"(?P<rest>(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?([+-]\d{4})?)"
-)
+# Kept values of these VRs are scanned for the object's names and identifiers
+# (textscan): code strings lose the values that match, free text the matching words,
+# AE titles and URIs that match are emptied.
+_FREE_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})
+_MAX_LENGTH = {"SH": 16, "LO": 64, "ST": 1024, "UC": None, "LT": 10240, "UT": None}
 _OVERLAY_GROUPS = range(0x6000, 0x6020, 2)
+# How times were handled, per retain_longitudinal, for the evidence.
+_TEMPORAL = MappingProxyType({
+    "modified": "shifted",  # dates and times moved by one per-patient offset
+    "off": "table",         # dates and times as Table E.1-1's actions say
+    "full": "kept",         # dates and times kept as they were
+})
 _CURVE_GROUPS = range(0x5000, 0x5020, 2)
 
 _SEGMENT_LABEL = Tag("SegmentLabel")
@@ -159,6 +178,7 @@ class PatientEntry:
     original_name: str
     issuer: str
     date_offset_days: int
+    time_offset_minutes: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,39 +201,6 @@ class DeidResult:
     entries: tuple[ReidEntry, ...]
     pixels_masked: bool
     evidence: DeidEvidence
-
-
-def shift_date_value(vr: str, value: str, days: int) -> str | None:
-    """Shift one DA, DT, or date-carrying TM value by whole days; None if the value
-    is not a date this function can read (the caller then drops it). A TM value
-    carries a date when it has eight or more digits before any fraction, which no
-    valid TM has."""
-    text = value.strip()
-    if not text:
-        return ""
-    if vr == "TM":
-        if len(text.split(".")[0]) < 8:
-            return value
-        vr = "DT"
-    if vr == "DA":
-        if len(text) != 8 or not text.isdigit():
-            return None
-        return _shift_ymd(text, 8, days)
-    match = _DT_RE.fullmatch(text)
-    if match is None or (match["m"] is None and match["d"] is None and match["rest"]):
-        return None
-    precision = 4 + 2 * (match["m"] is not None) + 2 * (match["d"] is not None)
-    padded = match["y"] + (match["m"] or "01") + (match["d"] or "01")
-    shifted = _shift_ymd(padded, precision, days)
-    return None if shifted is None else shifted + match["rest"]
-
-
-def _shift_ymd(yyyymmdd: str, precision: int, days: int) -> str | None:
-    try:
-        moved = date(int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:8])) + timedelta(days)
-    except (ValueError, OverflowError):
-        return None
-    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"[:precision]
 
 
 def _dictionary_vr(tag: int) -> str:
@@ -337,16 +324,17 @@ def _mask_pixels(ds: Dataset, settings: DeidSettings) -> None:
 
 class _Call:
     """State of one deidentify() call: the patient's shift, the UIDs replaced, the
-    patient's own identifiers, which no kept text value may contain, and the notes
-    the evidence is built from (tags and paths only, never values)."""
+    matcher of the names and identifiers the object carries, which no kept text
+    value may contain, and the notes the evidence is built from (tags and paths
+    only, never values)."""
 
-    __slots__ = ("identifiers", "keep_uid", "notes", "offset", "prefix", "private_kept",
+    __slots__ = ("keep_uid", "matcher", "notes", "offset", "prefix", "private_kept",
                  "private_kept_creators", "private_seen", "residual", "uids")
 
-    def __init__(self, offset: int, identifiers: re.Pattern[str] | None,
+    def __init__(self, offset: TemporalOffset, matcher: TextMatcher,
                  keep_uid: Callable[[str], bool] | None = None) -> None:
         self.offset = offset
-        self.identifiers = identifiers
+        self.matcher = matcher
         self.keep_uid = keep_uid
         self.uids: dict[str, str] = {}
         # Evidence: (category, path prefix, tag) per decision; the prefix is the
@@ -362,31 +350,14 @@ class _Call:
         self.notes.append((category, self.prefix, tag))
 
     def hit(self, tag: int) -> None:
-        """The residual-PHI scan stopped this element's value."""
+        """The residual-PHI scan cleaned this element's value."""
         self.residual.append((self.prefix, tag))
 
-    def mentions_patient(self, value: Any) -> bool:
-        """Residual-PHI scan: does a value about to be kept name the patient? This
-        catches identity typed into fields no table can foresee (a name in a code
-        string, a patient ID in a kept description)."""
-        if self.identifiers is None:
-            return False
-        return any(self.identifiers.search(str(v)) for v in _values(value))
-
-
-def _identifier_pattern(ds: Dataset) -> re.Pattern[str] | None:
-    """Whole-word, case-insensitive pattern of the patient's names and IDs (tokens of
-    three characters or more, so initials do not blank every kept value)."""
-    tokens: set[str] = set()
-    for keyword in ("PatientName", "PatientBirthName", "OtherPatientNames"):
-        for value in _values(ds.get(keyword)):
-            tokens.update(t for t in re.split(r"[\^=\s,]+", str(value)) if len(t) >= 3)
-    for keyword in ("PatientID", "OtherPatientIDs"):
-        tokens.update(v for v in map(str, _values(ds.get(keyword))) if len(v.strip()) >= 3)
-    if not tokens:
-        return None
-    alternatives = "|".join(re.escape(t.strip()) for t in sorted(tokens, key=lambda t: (-len(t), t)))
-    return re.compile(f"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE)
+    def names_someone(self, value: Any) -> bool:
+        """Residual-PHI scan: does a value about to be kept name a person or an
+        identifier of the object? This catches identity typed into fields no table
+        can foresee (a name in a code string, an ID in a kept description)."""
+        return bool(self.matcher) and any(self.matcher.search(str(v)) for v in _values(value))
 
 
 class Deidentifier:
@@ -396,8 +367,12 @@ class Deidentifier:
     then call :meth:`deidentify` for every object; instances are thread-safe because
     each call keeps its state in a local object."""
 
-    def __init__(self, settings: DeidSettings, key: ProjectKey) -> None:
+    def __init__(self, settings: DeidSettings, key: ProjectKey, *,
+                 text_scan: bool = True) -> None:
+        """``text_scan=False`` skips the residual-PHI scan of kept text; it exists
+        only so ``benchmarks/anonymize.py`` can measure what the scan costs."""
         self._settings = settings
+        self._text_scan = text_scan
         self._key = key
         self._plan = plan(settings)
         self._basic = plan(DeidSettings(retain_longitudinal="off")).by_tag
@@ -405,6 +380,18 @@ class Deidentifier:
         self._class_uids = keyword_tags(CLASS_UID_KEYWORDS)
         self._user_cs = keyword_tags(USER_TEXT_CS_KEYWORDS)
         self._vocabulary = frozenset(v.casefold() for v in settings.safe_descriptors)
+        self._descriptors = (
+            keyword_tags(DESCRIPTOR_KEYWORDS) if settings.descriptions == "vocabulary"
+            else frozenset()
+        )
+        self._series_descriptors = keyword_tags(SERIES_LEVEL_KEYWORDS)
+        self._terms = Vocabulary(settings.description_terms)
+        # Attributes kept under an option are no source of names to scan for: they
+        # would match themselves (an institution name kept under its option).
+        self._scan_skip = frozenset(
+            t for t, a in self._plan.by_tag.items() if a in ("K", "C")
+            and _dictionary_vr(t) != "PN"
+        )
         self._date_action = {"off": "X", "full": "K", "modified": "C"}[
             settings.retain_longitudinal
         ]
@@ -441,8 +428,10 @@ class Deidentifier:
             # every unidentified object under one pseudonym.
             patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or "")
         pseudonym = self._key.patient(issuer, patient_key)
-        offset = self._key.date_offset_days(issuer, patient_key)
-        call = _Call(offset, _identifier_pattern(ds), keep_uid)
+        offset = self._key.temporal_offset(issuer, patient_key)
+        matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip) if self._text_scan
+                   else TextMatcher(()))
+        call = _Call(offset, matcher, keep_uid)
 
         out = self._dataset(ds, call)
         out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
@@ -460,7 +449,8 @@ class Deidentifier:
             original_id=str(ds.get("PatientID", "") or ""),
             original_name=str(ds.get("PatientName", "") or ""),
             issuer=issuer,
-            date_offset_days=offset,
+            date_offset_days=offset.days,
+            time_offset_minutes=offset.minutes,
         )
         uids = tuple(UidEntry(new, old) for old, new in sorted(call.uids.items()))
         return DeidResult(dataset=out, entries=(patient, *uids), pixels_masked=masked,
@@ -484,6 +474,7 @@ class Deidentifier:
             - call.private_kept_creators,
             residual=call.residual,
             pixels_masked=masked,
+            temporal=_TEMPORAL[self._settings.retain_longitudinal],
         )
 
     def _option_for(self, tag: int) -> str | None:
@@ -580,7 +571,7 @@ class Deidentifier:
         uids = parse_un_uids(elem.value)
         if uids is not None:
             return self._un_uids(elem, call)
-        if call.mentions_patient(elem.value.decode("latin-1")):
+        if call.names_someone(elem.value.decode("latin-1")):
             call.hit(elem.tag)
             call.note(REMOVED, elem.tag)
             return None
@@ -618,6 +609,10 @@ class Deidentifier:
         if vr is None or vr == "UN":
             vr = _dictionary_vr(tag)
         action = self._plan.by_tag.get(tag) or self._vr_rule(tag, vr)
+        if tag in self._descriptors and action != "K" and not (
+            action == "C" and self._in_vocabulary(parent[tag].value)
+        ):
+            return self._descriptor(parent[tag], parent, call)
         if action == "X":
             call.note(REMOVED, tag)
             return None
@@ -671,12 +666,12 @@ class Deidentifier:
             return _new(elem, _DUMMY.get(vr))
         if action == "C":
             if vr in _DATE_VRS:
-                return self._dates(elem, call) if self._date_action == "C" else self._kept(
+                return self._dates(elem, parent, call) if self._date_action == "C" else self._kept(
                     elem, parent, call
                 )
             if vr in _TEXT_VRS or vr == "CS":
                 if self._in_vocabulary(elem.value):
-                    if not call.mentions_patient(elem.value):
+                    if not call.names_someone(elem.value):
                         call.note(CLEANED, elem.tag)
                         return _new(elem, elem.value)
                     call.hit(elem.tag)
@@ -694,18 +689,51 @@ class Deidentifier:
             return self._uids(elem, call)
         if vr in _DATE_VRS and self._date_action != "K":
             if self._date_action == "C":
-                return self._dates(elem, call)
+                return self._dates(elem, parent, call)
             call.note(REMOVED, elem.tag)
             return None
         if vr == "AS":
             return self._age(elem, call)
         value = elem.value
-        if (vr in _TEXT_VRS or vr == "CS") and call.mentions_patient(value):
-            call.hit(elem.tag)
-            call.note(EMPTIED, elem.tag)
-            return _new(elem, None)
+        if vr != "PN" and (vr in _TEXT_VRS or vr == "CS") and call.names_someone(value):
+            return self._scrubbed(elem, call)
         call.note(KEPT, elem.tag)
         return _new(elem, list(value) if isinstance(value, MultiValue) else value)
+
+    def _scrubbed(self, elem: DataElement, call: _Call) -> DataElement:
+        """A kept value that names a person or identifier of the object, cleaned by
+        its VR: a code string loses the values that match (emptied if none is
+        left), free text the matching words, an AE title or URI its value."""
+        call.hit(elem.tag)
+        vr = elem.VR
+        values = [str(v) for v in _values(elem.value)]
+        if vr == "CS":
+            left = [v for v in values if not call.matcher.search(v)]
+        elif vr in _FREE_TEXT_VRS:
+            limit = _MAX_LENGTH[vr]
+            left = [clean_text(v, call.matcher)[:limit] for v in values]
+        else:
+            left = []
+        if not any(v.strip() for v in left):
+            call.note(EMPTIED, elem.tag)
+            return _new(elem, None)
+        call.note(CLEANED, elem.tag)
+        return _new(elem, _one_or_many(left))
+
+    def _descriptor(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement:
+        """Study/Series Description and the like under ``descriptions = "vocabulary"``:
+        kept when every token is vocabulary, else the neutral text of
+        :func:`node.anonymize.descriptions.describe`."""
+        value = " ".join(str(v) for v in _values(elem.value))
+        text, kept = describe(value, self._terms, call.matcher, parent,
+                              series_level=elem.tag in self._series_descriptors)
+        if kept:
+            call.note(CLEANED, elem.tag)
+            return _new(elem, elem.value)
+        if call.names_someone(value):
+            call.hit(elem.tag)
+        call.note(DUMMY, elem.tag)
+        return _new(elem, text or None)
 
     # -- value rules -----------------------------------------------------------------
 
@@ -745,18 +773,25 @@ class Deidentifier:
         call.note(UID_REMAPPED if values != uids else KEPT, elem.tag)
         return _new(elem, encode_un_uids(values))
 
-    def _dates(self, elem: DataElement, call: _Call) -> DataElement | None:
-        shifted = []
-        changed = False
-        for value in map(str, _values(elem.value)):
-            moved = shift_date_value(elem.VR, value, call.offset)
-            if moved is None:
-                call.note(EMPTIED, elem.tag)
-                return _new(elem, None)  # unreadable date: emptied, never kept
-            changed |= moved != value
-            shifted.append(moved)
-        call.note(DATE_SHIFTED if changed else KEPT, elem.tag)
+    def _dates(self, elem: DataElement, parent: Dataset, call: _Call) -> DataElement | None:
+        """A DA, TM or DT moved by the patient's offset (node.anonymize.temporal); a
+        DA moves with its paired TM when that time is shifted too."""
+        values = [str(v) for v in _values(elem.value)]
+        times = None
+        partner = partner_time_tag(elem.tag) if elem.VR == "DA" else None
+        if partner is not None and partner in parent and self._shifted(partner):
+            times = [str(v) for v in _values(parent[partner].value)]
+        shifted = shift_values(elem.VR, values, call.offset, times=times)
+        if shifted is None:
+            call.note(EMPTIED, elem.tag)
+            return _new(elem, None)  # unreadable date or time: emptied, never kept
+        call.note(DATE_SHIFTED if shifted != values else KEPT, elem.tag)
         return _new(elem, _one_or_many(shifted))
+
+    def _shifted(self, tag: int) -> bool:
+        """Is this (TM) tag shifted rather than removed, emptied or kept?"""
+        action = self._plan.by_tag.get(tag) or self._vr_rule(tag, "TM")
+        return action == "C" and self._date_action == "C"
 
     def _age(self, elem: DataElement, call: _Call) -> DataElement:
         """Ages above 89 years become 090Y (HIPAA Safe Harbor groups them)."""
@@ -784,7 +819,7 @@ class Deidentifier:
         call.note(kept_as, elem.tag)
         if elem.VR in _TEXT_VRS or elem.VR == "UN":
             if self._in_vocabulary(elem.value):
-                if not call.mentions_patient(elem.value):
+                if not call.names_someone(elem.value):
                     call.note(CLEANED, elem.tag)
                     return _new(elem, elem.value)
                 call.hit(elem.tag)
@@ -807,7 +842,7 @@ class Deidentifier:
         coded = label in meanings
         known = coded or (action in ("C", "K") and label in self._vocabulary)
         if label and known:
-            if not call.mentions_patient(elem.value):
+            if not call.names_someone(elem.value):
                 call.note(KEPT if coded else CLEANED, elem.tag)
                 return _new(elem, elem.value)
             call.hit(elem.tag)
@@ -824,7 +859,9 @@ class Deidentifier:
         out.PatientIdentityRemoved = "YES"
         out.DeidentificationMethod = [
             f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}"
-        ] + [code.meaning for code in codes[1:]]
+        ] + [code.meaning for code in codes[1:]] + (
+            [TIMES_SHIFTED] if self._date_action == "C" else []
+        )
         out.DeidentificationMethodCodeSequence = Sequence(_code_item(c) for c in codes)
         out.LongitudinalTemporalInformationModified = {
             "off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"

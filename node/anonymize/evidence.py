@@ -111,10 +111,16 @@ class DeidEvidence:
     overlays_cleaned: tuple[str, ...] = ()
     curves_removed: tuple[str, ...] = ()
     curves_cleaned: tuple[str, ...] = ()
-    # Paths whose value would have been kept but named the patient, so it was
-    # emptied or dropped (the residual-PHI scan).
+    # Paths whose value would have been kept but named a person or identifier the
+    # object carries, so it was cleaned, emptied or dropped (the residual-PHI scan),
+    # and how many values that was.
     residual_phi: tuple[str, ...] = ()
+    residual_phi_values: int = 0
     pixels_masked: bool = False
+    # How dates and times were handled: "shifted" (Modified Dates: one per-patient
+    # offset for every DA, TM and DT), "table" (Table E.1-1's actions), "kept".
+    # Empty in evidence recorded before times were handled.
+    temporal: str = ""
     schema: int = field(default=SCHEMA)
 
     def as_dict(self) -> dict[str, Any]:
@@ -138,7 +144,9 @@ class DeidEvidence:
             },
             "graphics": {c: list(getattr(self, c)) for c in GRAPHICS_CATEGORIES},
             "residual_phi": list(self.residual_phi),
+            "residual_phi_values": self.residual_phi_values,
             "pixels_masked": self.pixels_masked,
+            "temporal": self.temporal,
         }
 
     @classmethod
@@ -170,7 +178,10 @@ class DeidEvidence:
                 private_removed=int(private["removed"]),
                 **{c: _paths(graphics.get(c, ())) for c in GRAPHICS_CATEGORIES},
                 residual_phi=_paths(data["residual_phi"]),
+                # Absent from evidence recorded before issue 16: nothing counted then.
+                residual_phi_values=int(data.get("residual_phi_values", 0)),
                 pixels_masked=bool(data["pixels_masked"]),
+                temporal=str(data.get("temporal", "")),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed de-identification evidence: {exc!r}") from None
@@ -195,8 +206,9 @@ def build_evidence(
     tag_cache: dict[int, tuple[str, str | None]],
     private_kept: Iterable[KeptPrivate],
     private_removed: int,
-    residual: Iterable[tuple[str, int]],
+    residual: list[tuple[str, int]],
     pixels_masked: bool,
+    temporal: str,
 ) -> DeidEvidence:
     """Evidence from the engine's notes: ``(category, path prefix, tag)`` per
     decision. ``overridden`` maps top-level tags the engine wrote afterwards
@@ -235,6 +247,8 @@ def build_evidence(
         private_kept=tuple(sorted(set(private_kept), key=_private_order)),
         private_removed=private_removed,
         residual_phi=tuple(sorted({prefix + element_name(tag) for prefix, tag in residual})),
+        residual_phi_values=len(residual),
         pixels_masked=pixels_masked,
+        temporal=temporal,
     )
 

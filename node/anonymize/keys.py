@@ -22,6 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from node.anonymize.temporal import TemporalOffset
+
 ENV_VAR = "LAMINA_PROJECT_KEY"
 KEY_PREFIX = "lamina-project-key-v1:"
 KEY_BYTES = 32
@@ -80,10 +82,19 @@ class ProjectKey:
         )
 
     def date_offset_days(self, issuer: str, patient_id: str) -> int:
-        """The per-patient shift, negative, the same for all of a patient's studies
-        so that intervals between them survive."""
+        """The days of the per-patient shift, negative, the same for all of a
+        patient's studies so that intervals between them survive."""
+        return self.temporal_offset(issuer, patient_id).days
+
+    def temporal_offset(self, issuer: str, patient_id: str) -> TemporalOffset:
+        """The per-patient shift of every date and time: whole days (as
+        :meth:`date_offset_days`) plus keyed minutes, so times move too and a
+        study's time of day reveals nothing."""
         digest = hmac.digest(self._date, _patient_message(issuer, patient_id), "sha256")
-        return -(1 + int.from_bytes(digest[:8], "big") % MAX_DATE_SHIFT_DAYS)
+        return TemporalOffset(
+            days=-(1 + int.from_bytes(digest[:8], "big") % MAX_DATE_SHIFT_DAYS),
+            minutes=int.from_bytes(digest[8:16], "big") % 1440,
+        )
 
     def lookup(self, kind: str, value: str) -> bytes:
         """Index value for the re-identification map: finding a row needs the key."""

@@ -29,9 +29,14 @@ from node.anonymize.anonymizer import (
     UidEntry,
     encode_un_uids,
     parse_un_uids,
-    shift_date_value,
 )
 from node.anonymize.keys import ProjectKey
+from node.anonymize.temporal import (
+    TIMES_SHIFTED,
+    TemporalOffset,
+    partner_time_tag,
+    shift_values,
+)
 from node.storage.interface import Reader, Transaction
 
 _MARKERS = (
@@ -55,6 +60,8 @@ class PatientIdentity:
     patient_name: str
     issuer: str
     date_offset_days: int
+    # None in rows written before times were shifted (issue 16): the key gives it.
+    time_offset_minutes: int | None = None
 
 
 class ReidentificationMap:
@@ -78,6 +85,7 @@ class ReidentificationMap:
                     "patient_name": entry.original_name,
                     "issuer": entry.issuer,
                     "date_offset_days": entry.date_offset_days,
+                    "time_offset_minutes": entry.time_offset_minutes,
                 }
             elif isinstance(entry, UidEntry):
                 kind, pseudonym = "uid", entry.pseudonym_uid
@@ -97,7 +105,20 @@ class ReidentificationMap:
             patient_name=payload["patient_name"],
             issuer=payload["issuer"],
             date_offset_days=int(payload["date_offset_days"]),
+            time_offset_minutes=(None if payload.get("time_offset_minutes") is None
+                                 else int(payload["time_offset_minutes"])),
         )
+
+    def temporal_offset(self, identity: PatientIdentity, study_uid: str) -> TemporalOffset:
+        """The offset de-identification moved this patient's dates and times by.
+        Rows written before times were shifted lack the minutes: they come from the
+        key, as de-identification derived them (from the original PatientID, or the
+        original study when the object had none)."""
+        minutes = identity.time_offset_minutes
+        if minutes is None:
+            patient_key = identity.patient_id.strip() or "study:" + study_uid
+            minutes = self._key.temporal_offset(identity.issuer, patient_key).minutes
+        return TemporalOffset(identity.date_offset_days, minutes)
 
     def lookup_uid(self, reader: Reader, pseudonym_uid: str) -> str | None:
         """The original UID behind a pseudonymous UID, or None."""
@@ -166,7 +187,9 @@ def reidentify_dataset(
     every UID found in the map (at any depth, in UN elements, and in file meta), the
     patient's ID,
     name and issuer, and — when the object declares its dates MODIFIED — its dates,
-    shifted back by the patient's offset. Objects made after de-identification (an
+    shifted back by the patient's offset, and its times too when its
+    DeidentificationMethod says they were shifted (objects de-identified before
+    times were shifted keep theirs). Objects made after de-identification (an
     annotator's SEG) keep their own new UIDs and, lacking that declaration, their own
     dates, while their references land on the original study.
 
@@ -180,7 +203,13 @@ def reidentify_dataset(
         and str(out.get("LongitudinalTemporalInformationModified", "")) == "MODIFIED"
     )
     cache: dict[str, str] = {}
-    _restore(out, reader, rmap, cache, -patient.date_offset_days if restore_dates else 0)
+    offset = None
+    if restore_dates:
+        times = TIMES_SHIFTED in [str(v) for v in _as_list(out.get("DeidentificationMethod"))]
+        study = _original(str(out.get("StudyInstanceUID", "") or ""), reader, rmap, cache)
+        offset = (rmap.temporal_offset(patient, study) if times
+                  else TemporalOffset(patient.date_offset_days))
+    _restore(out, reader, rmap, cache, offset)
     meta = getattr(out, "file_meta", None)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta:
         meta.MediaStorageSOPInstanceUID = _original(
@@ -205,20 +234,37 @@ def _original(uid: str, reader: Reader, rmap: ReidentificationMap,
     return cache[uid]
 
 
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, MultiValue)) else [value]
+
+
 def _restore(ds: Dataset, reader: Reader, rmap: ReidentificationMap,
-             cache: dict[str, str], days: int) -> None:
+             cache: dict[str, str], offset: TemporalOffset | None) -> None:
+    # Dates are restored from the dataset as it came (the paired times still shifted),
+    # so the pair is undone exactly as it was done.
+    dates = {}
+    if offset is not None:
+        for elem in ds:
+            if elem.VR in ("DA", "DT", "TM") and elem.value:
+                partner = partner_time_tag(elem.tag) if elem.VR == "DA" else None
+                times = None
+                if partner is not None and partner in ds and ds[partner].value:
+                    times = [str(v) for v in _as_list(ds[partner].value)]
+                dates[elem.tag] = shift_values(
+                    elem.VR, [str(v) for v in _as_list(elem.value)], offset,
+                    times=times, reverse=True)
     for elem in ds:
         if elem.VR == "SQ":
             for item in elem.value:
-                _restore(item, reader, rmap, cache, days)
+                _restore(item, reader, rmap, cache, offset)
         elif elem.VR == "UI" and elem.value:
             values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
             restored = [_original(str(v), reader, rmap, cache) for v in values]
             elem.value = restored if len(restored) > 1 else restored[0]
         elif elem.VR == "UN" and (uids := parse_un_uids(elem.value)) is not None:
             elem.value = encode_un_uids([_original(u, reader, rmap, cache) for u in uids])
-        elif days and elem.VR in ("DA", "DT", "TM") and elem.value:
-            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-            restored = [shift_date_value(elem.VR, str(v), days) for v in values]
-            if None not in restored:
-                elem.value = restored if len(restored) > 1 else restored[0]
+        elif dates.get(elem.tag) is not None:
+            restored = dates[elem.tag]
+            elem.value = restored if len(restored) > 1 else restored[0]

@@ -51,7 +51,8 @@ def study_report_json(evidences: Iterable[Mapping[str, Any]], *, study_uid: str)
     by_option: dict[str, set[str]] = {}
     private: dict[tuple[str, int, int | None], dict[str, Any]] = {}
     residual: Counter[str] = Counter()
-    private_removed = private_removed_instances = masked = 0
+    temporal: Counter[str] = Counter()
+    private_removed = private_removed_instances = masked = residual_values = 0
     for evidence in items:
         for option in evidence.options:
             options[(option.name, option.code, option.meaning)] += 1
@@ -72,6 +73,8 @@ def study_report_json(evidences: Iterable[Mapping[str, Any]], *, study_uid: str)
         private_removed += evidence.private_removed
         private_removed_instances += evidence.private_removed > 0
         residual.update(evidence.residual_phi)
+        residual_values += evidence.residual_phi_values
+        temporal[evidence.temporal or "unrecorded"] += 1
         masked += evidence.pixels_masked
     return {
         "study_uid": study_uid,
@@ -99,6 +102,8 @@ def study_report_json(evidences: Iterable[Mapping[str, Any]], *, study_uid: str)
         },
         "graphics": {c: _counts(graphics[c]) for c in GRAPHICS_CATEGORIES},
         "residual_phi": _counts(residual),
+        "residual_phi_values": residual_values,
+        "temporal": _counts(temporal),
         "pixels_masked": masked,
     }
 
@@ -115,6 +120,10 @@ def study_report(evidences: Iterable[Mapping[str, Any]], *, study_uid: str) -> s
         "Profile: DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile, "
         "Table E.1-1 edition " + _joined(data["editions"], n),
         "Engine: " + _joined(data["engines"], n),
+        "",
+        "Dates and times: " + "; ".join(
+            f"{_TEMPORAL.get(k, k)}{_of(c, n)}" for k, c in data["temporal"].items()
+        ),
         "",
         "Profile and options applied (DICOM CID 7050):",
     ]
@@ -153,8 +162,9 @@ def study_report(evidences: Iterable[Mapping[str, Any]], *, study_uid: str) -> s
             shown = True
     if not shown:
         lines.append("  none present")
-    lines += ["", "Residual-PHI scan (values that would have been kept but named the "
-                  "patient, emptied or removed instead):"]
+    lines += ["", "Residual-PHI scan (values that would have been kept but named a person "
+                  "or identifier the object carries, cleaned, emptied or removed instead; "
+                  f"{data['residual_phi_values']} value(s)):"]
     if data["residual_phi"]:
         lines += [f"  {path}: {count} instance(s)" for path, count in data["residual_phi"].items()]
     else:
@@ -164,6 +174,14 @@ def study_report(evidences: Iterable[Mapping[str, Any]], *, study_uid: str) -> s
         "instance(s)" if data["pixels_masked"] else "not modified"
     )]
     return "\n".join(lines) + "\n"
+
+
+_TEMPORAL = {
+    "shifted": "every date and time shifted by one per-patient offset (Modified Dates)",
+    "table": "removed, emptied or replaced as Table E.1-1 says",
+    "kept": "kept as they were (Full Dates)",
+    "unrecorded": "not recorded (evidence from before times were handled)",
+}
 
 
 def _counts(counter: Counter[str]) -> dict[str, int]:

@@ -16,6 +16,8 @@ from typing import Any
 
 LONGITUDINAL_CHOICES = ("off", "full", "modified")
 BURNED_IN_POLICIES = ("quarantine", "accept", "mask")
+# What happens to Study/Series Description and the like (node/anonymize/descriptions.py).
+DESCRIPTION_CHOICES = ("vocabulary", "remove")
 
 
 class DeidConfigError(ValueError):
@@ -76,6 +78,8 @@ class DeidSettings:
     clean_structured_content: bool = False
     clean_graphics: bool = False
     safe_descriptors: tuple[str, ...] = ()
+    descriptions: str = "vocabulary"
+    description_terms: tuple[str, ...] = ()
     burned_in_policy: str = "quarantine"
     mask_regions: tuple[MaskRegion, ...] = ()
     key_file: Path | None = None
@@ -114,6 +118,12 @@ class DeidSettings:
             values["burned_in_policy"] = _choice(
                 "burned_in_policy", data["burned_in_policy"], BURNED_IN_POLICIES
             )
+        if "descriptions" in data:
+            values["descriptions"] = _choice(
+                "descriptions", data["descriptions"], DESCRIPTION_CHOICES
+            )
+        if "description_terms" in data:
+            values["description_terms"] = _strings("description_terms", data["description_terms"])
         if "safe_descriptors" in data:
             values["safe_descriptors"] = _strings("safe_descriptors", data["safe_descriptors"])
         if "safe_private" in data:

@@ -1,0 +1,152 @@
+"""Names and identifiers typed where they do not belong.
+
+A staff member's or the patient's name typed into a code string, a kernel name, a
+code meaning or a kept description survives any table of attributes. Before an
+object is written, every text value the engine keeps is scanned for every person
+name and identifier the same object carries anywhere: all PN values at any depth
+(patient, relatives, physicians, operators), IDs, institution and station names.
+
+:meth:`TextMatcher.from_dataset` compiles one pattern per object (the scan must
+cost a small fraction of de-identification, see ``benchmarks/anonymize.py``);
+:func:`clean_text` is the one cleaner, also for annotation text (Segment Label,
+Overlay Description) that must not name the patient.
+
+Matching is case-insensitive and whole-word: a term's words may be joined in the
+text by any of the common separators (``^``, space, comma, dot, hyphen,
+underscore) or none (``SMITH_J``, ``Smith, J.``, ``PAT-0012`` for ``PAT0012``).
+Name words shorter than three characters and IDs shorter than four are not
+terms, so initials and series numbers do not blank every value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cache
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+# What a match is replaced with in free text; short enough for SH.
+REPLACEMENT = "REMOVED"
+_SEPARATORS = r"[\^\s,.\-_']*"
+_WORDS = re.compile(r"[^\W_]+")
+# Preceded or followed by a letter or digit (of any script): not a whole word.
+_BEFORE = r"(?<![^\W_])"
+_AFTER = r"(?![^\W_])"
+# Names: family, given and middle components (prefixes and suffixes are titles).
+_NAME_COMPONENTS = 3
+_MIN_NAME_WORD = 3
+_MIN_ID = 4
+_ID_VRS = frozenset({"LO", "SH", "CS"})
+_PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentName", "StationName"})
+
+
+class TextMatcher:
+    """A compiled pattern of one object's names and identifiers (false when the
+    object carries none)."""
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, terms: Iterable[str]) -> None:
+        alternatives = sorted({_term_pattern(t) for t in terms if t}, key=lambda p: (-len(p), p))
+        self._pattern = (
+            re.compile(f"{_BEFORE}(?:{'|'.join(alternatives)}){_AFTER}", re.IGNORECASE)
+            if alternatives else None
+        )
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def search(self, text: str) -> bool:
+        """Does ``text`` name one of the object's persons or identifiers?"""
+        return self._pattern is not None and self._pattern.search(text) is not None
+
+    def sub(self, text: str) -> tuple[str, int]:
+        """``text`` with every match replaced by :data:`REPLACEMENT`, and the count."""
+        if self._pattern is None:
+            return text, 0
+        return self._pattern.subn(REPLACEMENT, text)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, *, skip: frozenset[int] = frozenset()) -> TextMatcher:
+        """The matcher of everything ``ds`` says about persons, at any depth.
+        ``skip`` holds tags not to take terms from (attributes the project keeps
+        under an option, which would otherwise match themselves)."""
+        terms: list[str] = []
+        _collect(ds, skip, terms)
+        return cls(terms)
+
+
+def clean_text(value: str, matcher: TextMatcher) -> str:
+    """``value`` with every name and identifier of ``matcher`` replaced by
+    :data:`REPLACEMENT` (the same string when nothing matched)."""
+    return matcher.sub(value)[0]
+
+
+def _term_pattern(term: str) -> str:
+    return _SEPARATORS.join(re.escape(w) for w in _WORDS.findall(term))
+
+
+@cache
+def _role(tag: int) -> str | None:
+    """How a tag feeds the matcher: ``name``, ``id``, ``place`` or None (cached per tag)."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    if vr == "PN":
+        return "name"
+    keyword = keyword_for_tag(tag)
+    if keyword in _PLACE_KEYWORDS:
+        return "place"
+    if vr in _ID_VRS and (keyword.endswith(("ID", "IDs")) or keyword == "AccessionNumber"):
+        return "id"
+    return None
+
+
+def _collect(ds: Dataset, skip: frozenset[int], terms: list[str]) -> None:
+    # keys(), not iteration: only person and identifier elements are decoded.
+    for tag in ds.keys():  # noqa: SIM118
+        if tag >> 16 & 1 or tag in skip:
+            continue
+        raw = ds.get_item(tag)
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr == "SQ":
+            for item in ds[tag].value:
+                _collect(item, skip, terms)
+            continue
+        role = _role(tag)
+        if role is None:
+            continue
+        for value in _values(ds[tag].value):
+            text = str(value).strip()
+            if role == "name":
+                terms.extend(_name_words(text))
+            elif role == "id":
+                if len("".join(_WORDS.findall(text))) >= _MIN_ID:
+                    terms.append(text)
+            elif len(text) >= _MIN_NAME_WORD:
+                terms.append(text)
+
+
+def _name_words(name: str) -> list[str]:
+    words = []
+    for group in name.split("="):
+        for component in group.split("^")[:_NAME_COMPONENTS]:
+            words += [w for w in _WORDS.findall(component) if len(w) >= _MIN_NAME_WORD]
+    return words
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
