@@ -137,7 +137,7 @@ def test_as_dict_is_json_deterministic_and_round_trips():
     assert text == json.dumps(second.as_dict())
     assert list(first.as_dict()) == ["schema", "engine", "edition", "options", "actions",
                                      "by_option", "private", "graphics", "residual_phi",
-                                     "pixels_masked"]
+                                     "residual_phi_values", "pixels_masked", "temporal"]
     assert DeidEvidence.from_dict(json.loads(text)) == first
     with pytest.raises(ValueError, match="schema"):
         DeidEvidence.from_dict({**first.as_dict(), "schema": 99})
@@ -212,7 +212,8 @@ def test_study_report_json_counts_instances_per_keyword(corpus):
     actions = report["actions"]
     assert actions["uid_remapped"]["SOPInstanceUID"] == 5
     assert actions["uid_remapped"]["SourceImageSequence>ReferencedSOPInstanceUID"] == 4
-    assert actions["removed"]["StudyDescription"] == 5
+    # "CT chest for <family>": not all vocabulary, so a neutral text (issue 16).
+    assert actions["dummy"]["StudyDescription"] == 5
     assert actions["pseudonym"] == {"PatientID": 5, "PatientName": 5}
     assert actions["age_capped"] == {"PatientAge": 5}  # patient A is 93
     assert actions["dummy"]["SegmentSequence>SegmentLabel"] == 1
@@ -222,7 +223,11 @@ def test_study_report_json_counts_instances_per_keyword(corpus):
         "instances": 4}]
     assert report["private"]["removed_instances"] == 4
     assert report["graphics"]["overlays_cleaned"] == {"6000": 4}
-    assert report["residual_phi"] == {"BodyPartExamined": 4}
+    # The descriptors name the patient: replaced by neutral texts, and counted.
+    assert report["residual_phi"] == {"BodyPartExamined": 4, "ProtocolName": 4,
+                                      "SeriesDescription": 5, "StudyDescription": 5}
+    assert report["residual_phi_values"] == 18
+    assert report["temporal"] == {"shifted": 5}
     assert report["pixels_masked"] == 0
 
 

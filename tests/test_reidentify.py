@@ -27,7 +27,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
 
 
 def test_a_uid_and_a_whole_object_map_back_and_are_audited(setup, tmp_path):
-    config, out, _ = setup
+    config, out, series = setup
     anonymous = next(out.iterdir())
     ds = dcmread(anonymous)
     uid = lamina("reidentify", ds.StudyInstanceUID, config=config)
@@ -40,6 +40,14 @@ def test_a_uid_and_a_whole_object_map_back_and_are_audited(setup, tmp_path):
     assert restored.PatientName == PATIENTS[0].name
     assert restored.PatientID == PATIENTS[0].patient_id
     assert restored.StudyDate == STUDIES[0].study_date
+    # Times were shifted with the dates (issue 16) and come back with them.
+    assert ds.StudyTime != "101112"
+    original = next(dcmread(p) for p in series if dcmread(p).SOPInstanceUID
+                    == restored.SOPInstanceUID)
+    temporal = [e.keyword for e in original
+                if e.VR in ("DA", "TM", "DT") and e.keyword in ds and ds[e.keyword].value]
+    assert {"StudyTime", "ContentTime", "AcquisitionDateTime", "ContentDate"} <= set(temporal)
+    assert {k: restored[k].value for k in temporal} == {k: original[k].value for k in temporal}
     verify = lamina("audit", "verify", config=config)
     assert verify.exit_code == 0 and "2 entries" in verify.output
 
