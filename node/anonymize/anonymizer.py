@@ -76,7 +76,7 @@ from node.anonymize.temporal import (
     partner_time_tag,
     shift_values,
 )
-from node.anonymize.textscan import TextMatcher, clean_text
+from node.anonymize.textscan import REPLACEMENT, TextMatcher, clean_text
 
 # A UID that names this implementation in file meta, derived from a fixed name so it
 # is the same on every machine without Lamina owning an OID root.
@@ -711,7 +711,9 @@ class Deidentifier:
             left = [v for v in values if not call.matcher.search(v)]
         elif vr in _FREE_TEXT_VRS:
             limit = _MAX_LENGTH[vr]
-            left = [clean_text(v, call.matcher)[:limit] for v in values]
+            cleaned = (clean_text(v, call.matcher)[:limit] for v in values)
+            # A value that was nothing but names goes, rather than reading "REMOVED".
+            left = [c for c in cleaned if c.replace(REPLACEMENT, "").strip(" ^,.-_'")]
         else:
             left = []
         if not any(v.strip() for v in left):
