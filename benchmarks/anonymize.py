@@ -4,9 +4,14 @@ Both tools run as command-line programs (``python -m node anonymize`` and
 ``python -m dicognito``), one after the other in the same run, on the same generated
 300-slice 512x512 CT series with planted PHI, each writing to its own empty folder;
 the wall time includes interpreter start-up for both. Lamina is timed single-process
-(like dicognito) and with ``--jobs 2``. Prints the figures; asserts nothing about time.
+(like dicognito) and with ``--jobs 2``.
+
+In the same run, the engine alone (in process: read, de-identify, encode) is timed with
+the residual-PHI text scan (issue 16) off and on, interleaved, on the same files, so the
+scan's cost is a before/after figure. Prints the figures; asserts nothing about time.
 
     .venv/bin/python -m benchmarks.anonymize [--slices 300] [--size 512] [--repeat 1]
+                                             [--scan-only]
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.anonymize.keys import create_key_file
+from node.anonymize.anonymizer import Deidentifier, encode
+from node.anonymize.keys import create_key_file, load_project_key
+from node.anonymize.settings import DeidSettings
 from tests.phi_corpus import PATIENTS, Study, write_ct_series
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +48,39 @@ def _timed(command: list[str], out: Path) -> float:
     return elapsed
 
 
+def _engine_rate(files: list[bytes], engine: Deidentifier) -> float:
+    """Files per second through read + de-identify + encode, in this process."""
+    start = time.perf_counter()
+    for data in files:
+        encode(engine.deidentify(dcmread(BytesIO(data))).dataset)
+    return len(files) / (time.perf_counter() - start)
+
+
+def _text_scan_figure(series: list[Path], key_file: Path, repeat: int) -> None:
+    key = load_project_key(key_file)
+    files = [p.read_bytes() for p in series]
+    engines = {
+        "text scan off": Deidentifier(DeidSettings(), key, text_scan=False),
+        "text scan on": Deidentifier(DeidSettings(), key),
+    }
+    best: dict[str, float] = {}
+    for round_ in range(max(repeat, 2)):
+        for name, engine in engines.items():
+            rate = _engine_rate(files, engine)
+            best[name] = max(best.get(name, 0.0), rate)
+            print(f"round {round_ + 1}  engine, {name:13s} {rate:6.1f} files/s")
+    off, on = best["text scan off"], best["text scan on"]
+    print(f"engine: text scan off {off:.1f} files/s, on {on:.1f} files/s, "
+          f"scan cost {100 * (1 - on / off):.1f}% of the de-identification time")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--scan-only", action="store_true",
+                        help="only the in-process text scan off/on figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lamina-bench-") as tmp:
         work = Path(tmp)
@@ -52,6 +89,9 @@ def main() -> int:
         key = create_key_file(work / "keys" / "project.key")
         size_mb = sum(p.stat().st_size for p in series) / 1e6
         print(f"series: {len(series)} CT slices, {args.size}x{args.size}, {size_mb:.0f} MB")
+        _text_scan_figure(series, key, args.repeat)
+        if args.scan_only:
+            return 0
         lamina = [sys.executable, "-m", "node", "anonymize",
                   str(work / "in"), "--key-file", str(key), "--out"]
         tools = {
