@@ -24,7 +24,9 @@ import re
 from collections.abc import Iterable
 from functools import cache
 
+from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -41,6 +43,8 @@ _MIN_NAME_WORD = 3
 _MIN_ID = 4
 _ID_VRS = frozenset({"LO", "SH", "CS"})
 _PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentName", "StationName"})
+# Bytes that end an ISO 2022 escape sequence's scope in text values: \ ^ =.
+_DELIMITERS = {0x5C, 0x5E, 0x3D}
 
 
 class TextMatcher:
@@ -91,11 +95,15 @@ def _term_pattern(term: str) -> str:
 
 @cache
 def _role(tag: int) -> str | None:
-    """How a tag feeds the matcher: ``name``, ``id``, ``place`` or None (cached per tag)."""
+    """How a tag feeds the matcher: ``sequence`` (look inside), ``name``, ``id``,
+    ``place`` or None, from the data dictionary (cached per tag, so the walk reads
+    only the few elements that matter; private tags are never in it)."""
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         return None
+    if vr == "SQ":
+        return "sequence"
     if vr == "PN":
         return "name"
     keyword = keyword_for_tag(tag)
@@ -109,24 +117,14 @@ def _role(tag: int) -> str | None:
 def _collect(ds: Dataset, skip: frozenset[int], terms: list[str]) -> None:
     # keys(), not iteration: only person and identifier elements are decoded.
     for tag in ds.keys():  # noqa: SIM118
-        if tag >> 16 & 1 or tag in skip:
+        role = _role(tag)
+        if role is None or tag in skip:
             continue
-        raw = ds.get_item(tag)
-        vr = raw.VR
-        if vr is None or vr == "UN":
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                continue
-        if vr == "SQ":
+        if role == "sequence":
             for item in ds[tag].value:
                 _collect(item, skip, terms)
             continue
-        role = _role(tag)
-        if role is None:
-            continue
-        for value in _values(ds[tag].value):
-            text = str(value).strip()
+        for text in _texts(ds, tag, ds.get_item(tag)):
             if role == "name":
                 terms.extend(_name_words(text))
             elif role == "id":
@@ -134,6 +132,20 @@ def _collect(ds: Dataset, skip: frozenset[int], terms: list[str]) -> None:
                     terms.append(text)
             elif len(text) >= _MIN_NAME_WORD:
                 terms.append(text)
+
+
+def _texts(ds: Dataset, tag: int, raw: object) -> list[str]:
+    """The values of a text element. A raw element's bytes are decoded here with
+    pydicom's charset decoder rather than by converting the element, which costs
+    far more and which the engine would not otherwise pay for an element it drops
+    (this is most of what keeps the scan cheap; benchmarks/anonymize.py)."""
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+        # _character_set: the dataset's encodings, inherited by sequence items.
+        text = decode_bytes(raw.value, ds._character_set, _DELIMITERS)
+        values = text.split("\\")
+    else:
+        values = [str(v) for v in _values(ds[tag].value)]
+    return [v.strip(" \x00") for v in values]
 
 
 def _name_words(name: str) -> list[str]:
