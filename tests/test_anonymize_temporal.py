@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from node.anonymize.anonymizer import Deidentifier
+from node.anonymize.report import study_report
 from node.anonymize.settings import DeidSettings
 from node.anonymize.temporal import (
     TIMES_SHIFTED,
@@ -139,3 +140,16 @@ def test_the_same_patient_gets_the_same_time_offset_and_another_patient_another(
     assert a == KEY.temporal_offset("NORTH", "MRN001")
     assert 0 <= a.minutes < 1440 and a.days < 0
     assert len({KEY.temporal_offset("NORTH", str(i)).minutes for i in range(50)}) > 40
+
+
+def test_the_report_says_how_dates_and_times_were_handled():
+    ds = ct(StudyTime="101112")
+    shifted = Deidentifier(DeidSettings(), KEY).deidentify(ds).evidence.as_dict()
+    off = Deidentifier(DeidSettings(retain_longitudinal="off"), KEY).deidentify(ds)
+    older = off.evidence.as_dict()
+    del older["temporal"], older["residual_phi_values"]  # evidence stored before issue 16
+    report = study_report([shifted, off.evidence.as_dict(), older], study_uid="2.25.1")
+    line = next(x for x in report.splitlines() if x.startswith("Dates and times: "))
+    assert "every date and time shifted by one per-patient offset (Modified Dates) (1 of 3" in line
+    assert "as Table E.1-1 says (1 of 3 instances)" in line
+    assert "not recorded" in line
