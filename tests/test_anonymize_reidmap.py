@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from node.anonymize.anonymizer import Deidentifier
+from node.anonymize.anonymizer import Deidentifier, PatientEntry
 from node.anonymize.keys import ProjectKey
 from node.anonymize.reidmap import (
     ReidentificationError,
@@ -17,6 +17,7 @@ from node.anonymize.reidmap import (
     reidentify_uid,
 )
 from node.anonymize.settings import DeidSettings
+from node.anonymize.temporal import TIMES_SHIFTED, TemporalOffset, shift_value
 from node.storage.sqlite.index import SqliteIndex
 
 KEY = ProjectKey(b"reid-test-key-0123456789abcdef!!")
@@ -183,3 +184,43 @@ def test_objects_made_after_deidentification_keep_their_own_dates_and_uids(index
     assert restored.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.826.0.1.7.3"
     assert restored.PatientID == "MRN-778899"
 
+
+
+def _timed_ct() -> Dataset:
+    ds = _ct()
+    ds.StudyTime = "234500"
+    ds.SeriesDate, ds.SeriesTime = "20210406", "001000.5"
+    ds.AcquisitionDateTime = "20210406001500"
+    return ds
+
+
+@pytest.mark.parametrize("old_row", [False, True])
+def test_dates_and_times_map_back_also_from_rows_without_minutes(index, old_row):
+    """Rows recorded before times were shifted hold no minutes: the key gives them."""
+    result = Deidentifier(DeidSettings(), KEY).deidentify(_timed_ct())
+    patient, *uids = result.entries
+    if old_row:
+        patient = PatientEntry(**{**vars(patient), "time_offset_minutes": None})
+    _recorded(index, [patient, *uids])
+    assert result.dataset.StudyTime != "234500"
+    with index.reader() as reader:
+        back = reidentify_dataset(reader, ReidentificationMap(KEY), result.dataset)
+    original = _timed_ct()
+    for keyword in ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "AcquisitionDateTime"):
+        assert back[keyword].value == original[keyword].value, keyword
+
+
+def test_objects_from_before_times_were_shifted_keep_their_times(index):
+    result = Deidentifier(DeidSettings(), KEY).deidentify(_timed_ct())
+    _recorded(index, result.entries)
+    legacy = result.dataset
+    legacy.DeidentificationMethod = [m for m in legacy.DeidentificationMethod
+                                     if m != TIMES_SHIFTED]
+    legacy.StudyTime = "234500"  # as de-identification left times then
+    with index.reader() as reader:
+        back = reidentify_dataset(reader, ReidentificationMap(KEY), legacy)
+    assert back.StudyTime == "234500"
+    # The date moves back by the days alone (the pair was shifted by days then).
+    offset = KEY.temporal_offset("EASTSIDE", "MRN-778899")
+    assert back.StudyDate == shift_value("DA", legacy.StudyDate, TemporalOffset(offset.days),
+                                         reverse=True)
