@@ -42,6 +42,14 @@ def test_project_terms_extend_the_vocabulary():
     assert kept.SeriesDescription == "AXIAL QUANTUMRECON"
 
 
+def test_clean_descriptors_text_naming_the_patient_becomes_neutral_too():
+    ds = ct(SeriesDescription="Doe follow-up", SeriesNumber=4)
+    result = deid(ds, clean_descriptors=True, safe_descriptors=("doe follow-up",))
+    assert result.dataset.SeriesDescription == "CT SERIES 4 FOLLOW-UP"
+    assert result.evidence.residual_phi == ("SeriesDescription",)
+    assert result.evidence.residual_phi_values == 1
+
+
 def test_a_vocabulary_word_that_names_the_patient_is_not_vocabulary():
     ds = ct(PatientName="Head^Anna", SeriesDescription="CT HEAD W/O", SeriesNumber=2)
     result = deid(ds)
@@ -51,6 +59,7 @@ def test_a_vocabulary_word_that_names_the_patient_is_not_vocabulary():
 
 @pytest.mark.parametrize(("text", "known"), [
     ("2.5MM", True), ("120KV", True), ("5", True), ("0.625", True), ("W/O", True),
+    ("T2-FLAIR", True), ("5-MM", True), ("T2-SMITH", False), ("-", False),
     ("2023", False), ("12345678", False), ("SMITH", False), ("lung", False),
 ])
 def test_tokens_known_to_the_vocabulary(text, known):

@@ -220,7 +220,8 @@ def test_clean_descriptors_keep_only_project_vocabulary():
     # vocabulary is the default and has its own tests).
     assert "StudyDescription" not in run(ds, safe_descriptors=("ct chest",),
                                          descriptions="remove")
-    out = run(ds, clean_descriptors=True, safe_descriptors=("ct chest", "doe follow-up"))
+    out = run(ds, clean_descriptors=True, safe_descriptors=("ct chest", "doe follow-up"),
+              descriptions="remove")
     assert out.StudyDescription == "CT CHEST"
     assert "SeriesDescription" not in out  # names the patient: never clean
 

@@ -674,6 +674,8 @@ class Deidentifier:
                     if not call.names_someone(elem.value):
                         call.note(CLEANED, elem.tag)
                         return _new(elem, elem.value)
+                    if elem.tag in self._descriptors:
+                        return self._descriptor(elem, parent, call)  # counts the hit
                     call.hit(elem.tag)
                 # Not provably clean: fall back to what the basic profile does.
                 return self._apply(self._basic.get(elem.tag, "X"), elem, parent, call)

@@ -68,7 +68,12 @@ class Vocabulary:
         self._terms = default_terms() | {t.strip().upper() for t in extra if t.strip()}
 
     def known(self, token: str) -> bool:
-        return token in self._terms or _MEASURE.fullmatch(token) is not None
+        """A term, a measurement, or a hyphenated compound of them (T2-FLAIR)."""
+        if token in self._terms or _MEASURE.fullmatch(token) is not None:
+            return True
+        parts = token.split("-")
+        return len(parts) > 1 and all(
+            p in self._terms or _MEASURE.fullmatch(p) is not None for p in parts)
 
 
 def tokens(text: str) -> list[str]:
