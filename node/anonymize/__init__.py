@@ -2,6 +2,8 @@
 
 ``settings`` holds the options, ``profile`` the standard's table as data, ``keys`` the
 project key and the pseudonyms derived from it, ``anonymizer`` the pure engine,
+``temporal`` how it shifts dates and times, ``textscan`` how it finds names and IDs in
+kept text, ``descriptions`` which descriptors it keeps (issue 16),
 ``evidence`` what the engine did to each object, ``report`` the per-study report
 built from it, ``reidmap`` the encrypted re-identification map (the commands are in
 :mod:`node.cli.deid`).
@@ -29,6 +31,7 @@ from node.anonymize.reidmap import (
 )
 from node.anonymize.report import study_report, study_report_json
 from node.anonymize.settings import DeidConfigError, DeidSettings
+from node.anonymize.textscan import TextMatcher, clean_text
 
 __all__ = [
     "BurnedInTextRisk",
@@ -43,8 +46,10 @@ __all__ = [
     "ProjectKeyError",
     "ReidentificationError",
     "ReidentificationMap",
+    "TextMatcher",
     "UidEntry",
     "burned_in_risk",
+    "clean_text",
     "encode",
     "load_project_key",
     "looks_identified",
