@@ -61,8 +61,6 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "pydicom-data/693_UNCI.dcm": (0xA900, "FrameOfReferenceUID (0020,0052) missing (Type 1)"),
     "pydicom-data/693_UNCR.dcm": (0xA900, "FrameOfReferenceUID (0020,0052) missing (Type 1)"),
     "pydicom-data/bad_sequence.dcm": (0xA900, "FrameOfReferenceUID (0020,0052) missing"),
-    # Ultrasound image stripped of the Patient and General Study Type 2 attributes.
-    "pydicom/ExplVR_BigEnd.dcm": (0xA900, "AccessionNumber (0008,0050) missing (Type 2)"),
     # Secondary Capture without the SC Equipment module's ConversionType / Modality.
     "pydicom/GDCMJ2K_TextGBR.dcm": (0xA900, "ConversionType (0008,0064) missing (Type 1)"),
     "pydicom/JPEGLSNearLossless_08.dcm": (0xA900, "ConversionType (0008,0064) missing"),
@@ -90,9 +88,6 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "pydicom/rtdose_expb.dcm": (0xA900, _META),
     "pydicom/rtdose_expb_1frame.dcm": (0xA900, _META),
     "pydicom/rtplan.dcm": (0xA900, _META),
-    # RT Dose without the RT Series module's Type 2 OperatorsName.
-    "pydicom/rtdose_rle.dcm": (0xA900, "OperatorsName (0008,1070) missing (Type 2)"),
-    "pydicom/rtdose_rle_1frame.dcm": (0xA900, "OperatorsName (0008,1070) missing (Type 2)"),
     # Segmentations reduced to one frame with NumberOfFrames removed.
     "pydicom/liver_1frame.dcm": (0xA900, "NumberOfFrames (0028,0008) missing (Type 1)"),
     "pydicom/liver_expb_1frame.dcm": (0xA900, "NumberOfFrames (0028,0008) missing (Type 1)"),
