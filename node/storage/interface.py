@@ -107,6 +107,8 @@ class QuarantineReads(Protocol):
     def list(self, include_released: bool = False) -> list[QuarantineRow]: ...
     def get(self, quarantine_id: int) -> QuarantineRow | None: ...
     def for_instance(self, sop_instance_uid: str) -> list[QuarantineRow]: ...
+    def with_received(self, received_sha256: str, released: bool) -> QuarantineRow | None:
+        """The entry (waiting, or released) kept for these exact received bytes."""
 
 
 class AuditReads(Protocol):
@@ -242,10 +244,14 @@ class NewQuarantine:
     findings: list[dict[str, str]]
     sealed: bool
     route: str
+    #: SHA-256 of the bytes as received (the sealed blob's hash differs on every seal).
+    received_sha256: str = ""
 
 
 class Quarantine(QuarantineReads, Protocol):
     def insert(self, entry: NewQuarantine) -> int: ...
+    def seen_again(self, quarantine_id: int, now: str) -> int:
+        """Count one more identical send of a waiting entry; returns the new count."""
     def mark_released(self, quarantine_id: int, released_at: str, released_by: str,
                       reason: str) -> None: ...
 

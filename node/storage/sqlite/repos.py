@@ -519,7 +519,7 @@ def _quarantine_row(row: sqlite3.Row) -> QuarantineRow:
         row["blob_sha256"], row["blob_size"], row["area"], row["transfer_syntax_uid"],
         row["sop_class_uid"], row["sop_instance_uid"], row["series_instance_uid"],
         row["released_at"], row["released_by"], row["release_reason"], bool(row["sealed"]),
-        row["route"])
+        row["route"], row["received_sha256"], row["times_received"], row["last_received_at"])
 
 
 class SqliteQuarantine(_Repo):
@@ -529,13 +529,27 @@ class SqliteQuarantine(_Repo):
         return self._id(
             "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
             " association_id, received_at, area, address, transfer_syntax_uid,"
-            " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route,"
+            " received_sha256, last_received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (entry.sha256, entry.size, entry.reason, entry.status_code, entry.calling_ae,
              entry.association_id, entry.received_at, entry.area, entry.address,
              entry.transfer_syntax_uid, entry.sop_class_uid, entry.sop_instance_uid,
              entry.series_instance_uid, json.dumps(entry.findings), int(entry.sealed),
-             entry.route))
+             entry.route, entry.received_sha256, entry.received_at))
+
+    def seen_again(self, quarantine_id: int, now: str) -> int:
+        return self.conn.execute(
+            "UPDATE quarantine SET times_received = times_received + 1, last_received_at = ?"
+            " WHERE id = ? RETURNING times_received", (now, quarantine_id)).fetchone()[0]
+
+    def with_received(self, received_sha256: str, released: bool) -> QuarantineRow | None:
+        if not received_sha256:
+            return None
+        row = self.conn.execute(
+            "SELECT * FROM quarantine WHERE received_sha256 = ? AND (released_at IS NOT NULL) = ?"
+            " ORDER BY id LIMIT 1", (received_sha256, int(released))).fetchone()
+        return _quarantine_row(row) if row else None
 
     def mark_released(self, quarantine_id: int, released_at: str, released_by: str,
                       reason: str) -> None:
