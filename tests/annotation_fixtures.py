@@ -500,16 +500,21 @@ def encode(ds: Dataset) -> bytes:
 
 
 def node_config(folder: Path, protocol: str | None = TEST_PROTOCOL,
-                settle_seconds: float = 1.0, **sections: Any) -> NodeConfig:
+                settle_seconds: float = 1.0, pending_seconds: float | None = None,
+                peers: dict[str, dict] | None = None, **sections: Any) -> NodeConfig:
     """A node's config (tests/harness.py) under ``protocol`` (written beside it), with
-    the PACS and the annotators' workstation as peers (:data:`PEERS`)."""
-    annotations = {}
+    the PACS and the annotators' workstation as peers (:data:`PEERS`, or ``peers``);
+    ``pending_seconds``: how long an annotation waits for its images (default: the node's)."""
+    annotations: dict[str, Any] = {}
     if protocol is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "protocol.toml").write_text(protocol)
         annotations = {"protocol": str(folder / "protocol.toml"),
                        "settle_seconds": settle_seconds}
-    return write_config(folder, peers=PEERS, annotations=annotations, **sections)
+    if pending_seconds is not None:
+        annotations["pending_seconds"] = pending_seconds
+    return write_config(folder, peers=PEERS if peers is None else peers,
+                        annotations=annotations, **sections)
 
 
 def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
@@ -587,6 +592,17 @@ def settled(node: Node, key: str, timeout: float = 30.0) -> dict:
         node.drain()
         row = annotations(node).get(key)
         if (row and row["state"] != "received") or time.monotonic() > deadline:
+            return row
+        time.sleep(0.1)
+
+
+def in_state(node: Node, key: str, state: str, timeout: float = 30.0) -> dict:
+    """An annotation once it is in ``state`` (or its row as it is after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node.drain()
+        row = annotations(node).get(key)
+        if (row and row["state"] == state) or time.monotonic() > deadline:
             return row
         time.sleep(0.1)
 

@@ -91,6 +91,12 @@ class AnnotationReads(Protocol):
     def get(self, annotation_id: int) -> Row | None: ...
     def list(self, state: str | None = None, series_uid: str | None = None) -> list[Row]: ...
     def in_state(self, state: str) -> list[int]: ...
+    def by_key(self, key: str) -> Row | None:
+        """The annotation filed under ``key`` (``seg|UID``, ``overlay|series|AE|person``)."""
+
+    def waiting_on_series(self, series_uid: str) -> list[int]:
+        """The ``pending`` annotations drawn on this series (to look at when it grows)."""
+
     def current_objects(self, annotation_id: int) -> list[Row]: ...
     def refused_objects(self, annotation_id: int) -> list[Row]: ...
     def object_with_blob(self, sha256: str) -> Row | None:
@@ -206,22 +212,30 @@ class Annotations(AnnotationReads, Protocol):
     def upsert(self, kind: str, key: str, series_uid: str, annotator_ae: str,
                annotator_address: str, annotator_person: str, now: str, *,
                accepted: bool) -> tuple[int, int]:
-        """(id, revision) of the annotation, created on first sight."""
+        """(id, revision) of the annotation, created on first sight (``received``, or
+        ``refused`` when its first object is refused); an accepted object bumps the
+        revision of an existing one. Never changes an existing annotation's state:
+        the state machine (node/annotations/states.py) does."""
 
     def insert_object(self, annotation_id: int, sop_instance_uid: str, sop_class_uid: str,
                       receipt: Receipt, *, slice_index: int | None = None,
                       refusal: tuple[str, str] | None = None,
                       quarantine_id: int | None = None) -> int: ...
     def insert_rois(self, object_id: int, rois: Iterable[RoiRow]) -> None: ...
-    def settle_refused(self, annotation_id: int, now: str) -> None: ...
-    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
-        """Compare-and-set of the state; False when it was no longer ``before``.
-        Only node/annotations/states.py calls this."""
+    def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
+        """Mark the annotation's current objects refused with why (a pending annotation
+        whose images never came); returns how many."""
+
+    def set_state(self, annotation_id: int, before: str, after: str, now: str,
+                  reason: str = "") -> bool:
+        """Compare-and-set of the state (with why, and since ``now``); False when it was
+        no longer ``before``. Only node/annotations/states.py calls this."""
 
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
                      findings: list[AnnotationFindingRow], now: str) -> int | None:
-        """Store one check run and make it current; None when a newer object arrived."""
+        """Store one check run and make it current (the state is the caller's move);
+        None when a newer object arrived."""
 
 
 @dataclass(frozen=True)

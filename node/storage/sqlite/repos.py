@@ -351,26 +351,22 @@ class SqliteAnnotations(_Repo):
     def upsert(self, kind: str, key: str, series_uid: str, annotator_ae: str,
                annotator_address: str, annotator_person: str, now: str, *,
                accepted: bool) -> tuple[int, int]:
-        """An accepted object bumps the revision and puts the annotation back to
-        ``received`` until its check is recorded; a refused one leaves an existing
-        annotation as it is (a new one starts ``refused``)."""
         row = self.conn.execute("SELECT id, revision FROM annotation WHERE key = ?",
                                 (key,)).fetchone()
         if row is None:
             annotation_id = self._id(
                 "INSERT INTO annotation (kind, key, source_series_uid, annotator_ae,"
-                " annotator_address, annotator_person, state, revision, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                " annotator_address, annotator_person, state, revision, created_at, updated_at,"
+                " state_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (kind, key, series_uid, annotator_ae, annotator_address, annotator_person,
-                 "received" if accepted else "refused", 1 if accepted else 0, now, now))
+                 "received" if accepted else "refused", 1 if accepted else 0, now, now, now))
             return annotation_id, 1 if accepted else 0
         annotation_id, revision = row
         if accepted:
             revision += 1
             self.conn.execute(
-                "UPDATE annotation SET state = 'received', revision = ?, updated_at = ?,"
-                " source_series_uid = ? WHERE id = ?",
-                (revision, now, series_uid, annotation_id))
+                "UPDATE annotation SET revision = ?, updated_at = ?, source_series_uid = ?"
+                " WHERE id = ?", (revision, now, series_uid, annotation_id))
         return annotation_id, revision
 
     def insert_object(self, annotation_id: int, sop_instance_uid: str, sop_class_uid: str,
@@ -425,16 +421,18 @@ class SqliteAnnotations(_Repo):
             " WHERE o.blob_sha256 = ? AND o.state = 'current'", (sha256,)).fetchone()
         return dict(row) if row else None
 
-    def settle_refused(self, annotation_id: int, now: str) -> None:
-        self.conn.execute(
-            "UPDATE annotation SET state = 'refused', updated_at = ? WHERE id = ? AND NOT EXISTS"
-            " (SELECT 1 FROM annotation_object WHERE annotation_fk = ? AND state = 'current')",
-            (now, annotation_id, annotation_id))
-
-    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
+    def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
         return self.conn.execute(
-            "UPDATE annotation SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
-            (after, now, annotation_id, before)).rowcount == 1
+            "UPDATE annotation_object SET state = 'refused', refusal_check = ?,"
+            " refusal_reason = ? WHERE annotation_fk = ? AND state = 'current'",
+            (check, reason, annotation_id)).rowcount
+
+    def set_state(self, annotation_id: int, before: str, after: str, now: str,
+                  reason: str = "") -> bool:
+        return self.conn.execute(
+            "UPDATE annotation SET state = ?, state_reason = ?, state_since = ?, updated_at = ?"
+            " WHERE id = ? AND state = ?",
+            (after, reason, now, now, annotation_id, before)).rowcount == 1
 
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
@@ -461,8 +459,8 @@ class SqliteAnnotations(_Repo):
             [(check_id, annotation_id, f.check_name, f.structure_id, f.label, f.slices,
               f.detail) for f in findings])
         self.conn.execute(
-            "UPDATE annotation SET state = 'checked', current_check_fk = ?, updated_at = ?"
-            " WHERE id = ?", (check_id, now, annotation_id))
+            "UPDATE annotation SET current_check_fk = ?, updated_at = ? WHERE id = ?",
+            (check_id, now, annotation_id))
         return check_id
 
     def list(self, state: str | None = None, series_uid: str | None = None) -> list[Row]:
@@ -495,6 +493,15 @@ class SqliteAnnotations(_Repo):
             " LEFT JOIN annotation_check c ON c.id = a.current_check_fk WHERE a.id = ?",
             (annotation_id,)).fetchone()
         return dict(row) if row else None
+
+    def by_key(self, key: str) -> Row | None:
+        row = self.conn.execute("SELECT * FROM annotation WHERE key = ?", (key,)).fetchone()
+        return dict(row) if row else None
+
+    def waiting_on_series(self, series_uid: str) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM annotation WHERE source_series_uid = ? AND state = 'pending'"
+            " ORDER BY id", (series_uid,))]
 
     def in_state(self, state: str) -> list[int]:
         return [r[0] for r in self.conn.execute(

@@ -9,3 +9,11 @@ ALTER TABLE quarantine ADD COLUMN times_received INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE quarantine ADD COLUMN last_received_at TEXT;
 UPDATE quarantine SET last_received_at = received_at;
 CREATE INDEX quarantine_received_idx ON quarantine (received_sha256);
+
+-- Annotations that arrive before their images (issue 16): why an annotation is
+-- in its state (the pending wait's reason, a refusal's reason) and since when
+-- (a pending annotation is refused when its series has not come within the
+-- configured wait). Written only by the state machine's moves.
+ALTER TABLE annotation ADD COLUMN state_reason TEXT NOT NULL DEFAULT '';
+ALTER TABLE annotation ADD COLUMN state_since TEXT;
+UPDATE annotation SET state_since = updated_at;
