@@ -69,6 +69,9 @@ class InstanceReads(Protocol):
     def stored(self, sop_instance_uid: str) -> StoredRef | None:
         """The indexed instance with this UID: its blob and series."""
 
+    def holds_uid(self, uid: str) -> bool:
+        """Is ``uid`` a stored study, series, instance or frame of reference?"""
+
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
         """(PatientID, IssuerOfPatientID) a known study is stored under."""
 

@@ -131,6 +131,14 @@ class SqliteInstances(_Repo):
             (sop_instance_uid,)).fetchone()
         return StoredRef(sop_instance_uid, row[0], row[1]) if row else None
 
+    def holds_uid(self, uid: str) -> bool:
+        return self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM study WHERE study_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM series WHERE series_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM instance WHERE sop_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM instance_geometry WHERE frame_of_reference_uid = ?)",
+            (uid, uid, uid, uid)).fetchone()[0] == 1
+
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
         row = self.conn.execute(
             "SELECT p.patient_id, p.issuer_of_patient_id FROM study s"

@@ -17,3 +17,7 @@ CREATE INDEX quarantine_received_idx ON quarantine (received_sha256);
 ALTER TABLE annotation ADD COLUMN state_reason TEXT NOT NULL DEFAULT '';
 ALTER TABLE annotation ADD COLUMN state_since TEXT;
 UPDATE annotation SET state_since = updated_at;
+
+-- An annotation de-identified on the annotator route keeps every UID the index
+-- holds (objects stored as they were received): frames of reference included.
+CREATE INDEX instance_geometry_frame_idx ON instance_geometry (frame_of_reference_uid);
