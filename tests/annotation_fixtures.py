@@ -15,6 +15,7 @@ the unit tests that never reach a node (the geometry is the same either way).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import time
@@ -565,6 +566,33 @@ PEERS = {
     "pacs": peer(TEST_AET, "store", route="clinical"),
     "workstation": peer(ANNOTATOR_AET, "store", "find", "move", "get", route="annotator"),
 }
+
+
+#: A research archive that de-identifies upstream (TCIA, IDC): its studies are stored as
+#: they are received; the annotators' workstation works on them.
+ARCHIVE_AET = "ARCHIVE"
+ARCHIVE_PEERS = {
+    "archive": peer(ARCHIVE_AET, "store", route="deidentified"),
+    "workstation": peer(ANNOTATOR_AET, "store", "find", "move", "get", route="annotator"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Archived(Phantom):
+    """A study from a public collection: de-identified upstream, under its own IDs."""
+
+    def slice(self, index: int) -> Dataset:
+        ds = super().slice(index)
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "collection de-identification"
+        return ds
+
+
+def archived(seed: str) -> Archived:
+    """A collection's study on the grid of :data:`PHANTOM` (so :func:`truth` fits it)."""
+    return Archived(seed=seed, slices_count=PHANTOM.slices_count, rows=PHANTOM.rows,
+                    columns=PHANTOM.columns, pixel_spacing=PHANTOM.pixel_spacing,
+                    patient_id=f"LIDC-{seed}", patient_name=f"LIDC-{seed}")
 
 
 def store_phantom(node: Node) -> None:

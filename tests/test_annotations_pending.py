@@ -88,3 +88,35 @@ def test_a_pending_seg_whose_series_never_comes_is_refused_after_the_wait(node) 
     assert "0 accepted, 1 refused" in shown.stdout
     run = node.cli("audit", "verify")
     assert run.exit_code == 0, run.output
+
+
+def test_overlay_copies_sent_before_their_slices_wait_and_are_checked(tmp_path) -> None:
+    """An annotator's Horos-style overlay copies, drawn on the study as the PACS holds it,
+    reach the node before the PACS forwards the study: they are de-identified with the
+    same keyed pseudonyms the study will get, stored pending (0x0000, not as images), and
+    checked once the slices are stored."""
+    phantom = study("early-overlays")
+    # Overlay labels survive de-identification when they are project vocabulary.
+    config = fx.node_config(tmp_path / "node", settle_seconds=0.3,
+                            pending_seconds=PENDING_SECONDS * 30,
+                            deidentify={"safe_descriptors": fx.LABELS})
+    with InProcessNode(config) as node:
+        copies = fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Early",
+                                      series=phantom)
+        assert fx.send(node, copies) == [(0, "")] * len(copies)
+        series_uid = node.project_key().uid(phantom.series_uid)
+        node.drain()
+        [row] = [r for r in fx.annotations(node).values() if r["kind"] == "overlay"]
+        assert (row["state"], row["objects"], row["source_series_uid"]) == \
+            ("pending", len(copies), series_uid)
+        assert row["state_reason"].startswith("instances: ")
+        assert node.rows("SELECT count(*) FROM instance") == [(0,)]  # not stored as images
+        slices = [phantom.slice(k) for k in range(phantom.slices_count)]
+        assert node.store(slices) == [(0, "")] * len(slices)  # the PACS, clinical route
+        row = fx.in_state(node, row["key"], "checked")
+        assert (row["state"], row["verdict"], row["structures"], row["objects"]) == \
+            ("checked", "pass", 3, len(copies))
+        assert transitions(node, row["id"]) == [("received", "pending"),
+                                                ("pending", "checked")]
+        assert node.rows("SELECT count(*) FROM instance") == [(len(slices),)]
+    assert "Traceback" not in node.log()

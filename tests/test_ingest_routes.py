@@ -3,7 +3,6 @@ associations into a node in this process."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from pydicom import dcmread
@@ -12,10 +11,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from node import status
-from node.phantom import Phantom
 from node.storage.sealed import MAGIC
 from tests import annotation_fixtures as fx
-from tests.harness import TEST_AET, InProcessNode, NodeConfig, lamina, peer, write_config
+from tests.harness import TEST_AET, InProcessNode, NodeConfig, lamina, write_config
 
 ANNOTATOR_AET = "ANNOTATOR"
 
@@ -123,32 +121,15 @@ def test_annotation_with_identity_typed_back_is_quarantined(tmp_path, phantom):
         assert node.rows("SELECT count(*) FROM instance") == [(1,)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Archived(Phantom):
-    """A study from a public collection (TCIA, IDC): de-identified upstream, its own IDs."""
-
-    def slice(self, index: int) -> Dataset:
-        ds = super().slice(index)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "collection de-identification"
-        return ds
-
-
 def test_annotations_on_a_study_that_arrived_deidentified_match_it_as_stored(tmp_path):
     """Source series through a ``deidentified`` peer, a SEG and Horos-style overlay copies
     through an ``annotator`` peer: both are matched to the series as it is stored (no
     second pseudonymisation of their references) and checked against it."""
-    grid = fx.PHANTOM
-    archive = Archived(seed="collection", slices_count=grid.slices_count, rows=grid.rows,
-                       columns=grid.columns, pixel_spacing=grid.pixel_spacing,
-                       patient_id="LIDC-IDRI-0042", patient_name="LIDC-IDRI-0042")
-    node_peers = {"archive": peer("ARCHIVE", "store", route="deidentified"),
-                  "workstation": peer(fx.ANNOTATOR_AET, "store", "find", "move", "get",
-                                      route="annotator")}
-    config = fx.node_config(tmp_path / "node", settle_seconds=0.3, peers=node_peers)
+    archive = fx.archived("collection")
+    config = fx.node_config(tmp_path / "node", settle_seconds=0.3, peers=fx.ARCHIVE_PEERS)
     with InProcessNode(config) as node:
         slices = [archive.slice(k) for k in range(archive.slices_count)]
-        assert node.store(slices, aet="ARCHIVE") == [(0, "")] * len(slices)
+        assert node.store(slices, aet=fx.ARCHIVE_AET) == [(0, "")] * len(slices)
         seg = fx.valid_seg(archive)
         copies = fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Archive",
                                       series=archive)
@@ -164,7 +145,7 @@ def test_annotations_on_a_study_that_arrived_deidentified_match_it_as_stored(tmp
                 overlays["structures"]) == ("checked", "pass", len(copies), 3)
         # Nothing was pseudonymised a second time: one patient, one study, one image series
         # plus the SEG's; the SEG is stored with the collection's IDs and references.
-        assert node.rows("SELECT patient_id FROM patient") == [("LIDC-IDRI-0042",)]
+        assert node.rows("SELECT patient_id FROM patient") == [("LIDC-collection",)]
         assert node.rows("SELECT study_instance_uid FROM study") == [(archive.study_uid,)]
         assert node.rows("SELECT count(*) FROM instance") == [(len(slices) + 1,)]
         stored_seg = dcmread(node.instance_path(str(seg.SOPInstanceUID)))

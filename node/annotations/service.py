@@ -161,7 +161,11 @@ class AnnotationService:
 
     def classify(self, obj: Incoming) -> AnnotationClaim | None:
         """Claim a SEG, or an overlay copy of a stored slice (same SOP Instance UID and
-        other bytes, or referencing one); None for an ordinary instance."""
+        other bytes, or referencing one); None for an ordinary instance.
+
+        An image with overlay planes from an ``annotator`` peer whose slice is not stored
+        (yet) is an overlay copy that came before its image: claimed, it waits
+        ``pending``. From any other peer it is an ordinary image with overlays."""
         header = obj.dataset
         if str(header.SOPClassUID) in SEG_SOP_CLASSES:
             return AnnotationClaim(self, self._claim_info(SEG, header, obj), obj)
@@ -169,8 +173,12 @@ class AnnotationService:
             return None
         with self.index.reader() as r:
             stored = self._annotated_instance(r, header)
-        if stored is None or stored.blob_sha256 == obj.blob.sha256:
-            return None  # not a copy of ours, or the stored slice itself resent
+        if stored is None:
+            if obj.source.route != "annotator":
+                return None
+            return AnnotationClaim(self, self._claim_info(OVERLAY, header, obj), obj)
+        if stored.blob_sha256 == obj.blob.sha256:
+            return None  # the stored slice itself resent
         return AnnotationClaim(self, self._claim_info(OVERLAY, header, obj, stored), obj)
 
     def on_stored(self, tx: Transaction, obj: Stored) -> AuditEntry | None:
@@ -363,13 +371,19 @@ class AnnotationService:
             annotator = Annotator(source.calling_ae, source.address, person)
             return ClaimInfo(SEG, f"seg|{uid}", series[0] if len(series) == 1 else "",
                              annotator, uid, sop_class)
-        assert stored is not None
         if not person and header.get("OperatorsName"):
-            original = self._read(stored.blob_sha256, stop_before_pixels=True,
-                                  specific_tags=["OperatorsName"])
-            if str(original.get("OperatorsName", "")) != str(header.OperatorsName):
+            # The annotator, unless the slice already carried this operator (the copy
+            # kept it). Before its slice is stored the copy's own value is all there is.
+            original = None if stored is None else self._read(
+                stored.blob_sha256, stop_before_pixels=True, specific_tags=["OperatorsName"])
+            if original is None or str(original.get("OperatorsName", "")) != str(
+                    header.OperatorsName):
                 person = str(header.OperatorsName)
         annotator = Annotator(source.calling_ae, source.address, person)
+        if stored is None:  # the Horos pipeline keeps the slice's series and SOP Instance UIDs
+            series = str(header.get("SeriesInstanceUID", "") or "")
+            return ClaimInfo(OVERLAY, f"overlay|{series}|{annotator.key}", series, annotator,
+                             uid, sop_class, uid)
         return ClaimInfo(OVERLAY, f"overlay|{stored.series_instance_uid}|{annotator.key}",
                          stored.series_instance_uid, annotator, uid, sop_class,
                          stored.sop_instance_uid, stored.blob_sha256)
@@ -387,6 +401,9 @@ class AnnotationService:
             if info.kind == SEG:
                 grid, masks = self.masks_from_seg(ds, sha256, info.annotator)
                 return Intake(info, grid, masks=masks)
+            if not info.stored_sha256:
+                raise NotYetStored("instances", "the slice an overlay copy annotates"
+                                                " is not stored")
             grid = self._grid(info.series_uid)
             k = grid.slice_of(info.stored_uid)
             stored = self._read(info.stored_sha256)
@@ -426,18 +443,71 @@ class AnnotationService:
     def _check_settled(self, annotation_id: int, actor: Actor) -> None:
         with self.index.reader() as r:
             row = r.annotations.get(annotation_id)
-        if row is not None and row["state"] == S.PENDING:
-            self._resolve_pending(row, actor)
+        if row is None:
+            return
+        missing = self._place_copies(annotation_id, row) if row["kind"] == OVERLAY else None
+        if row["state"] == S.PENDING or missing is not None:
+            self._resolve_pending(annotation_id, actor, missing)
         else:
             self.recheck(annotation_id, actor)
 
-    def _resolve_pending(self, row: dict, actor: Actor) -> None:
+    def _place_copies(self, annotation_id: int, row: dict) -> NotYetStored | None:
+        """Run the reference checks of an overlay set's copies that came before their
+        slices, now, for those whose slice is stored: each is placed on its slice (or
+        refused alone, as it would have been on arrival). What is still missing, if any."""
+        with self.index.reader() as r:
+            waiting = [o for o in r.annotations.current_objects(annotation_id)
+                       if o["slice_index"] is None]
+        missing = None
+        annotator = Annotator(row["annotator_ae"], row["annotator_address"],
+                              row["annotator_person"])
+        for obj in waiting:
+            header = self._read(obj["blob_sha256"], stop_before_pixels=True)
+            with self.index.reader() as r:
+                stored = self._annotated_instance(r, header)
+            info = ClaimInfo(OVERLAY, row["key"], stored.series_instance_uid if stored else "",
+                             annotator, obj["sop_instance_uid"], obj["sop_class_uid"],
+                             stored.sop_instance_uid if stored else "",
+                             stored.blob_sha256 if stored else "")
+            try:
+                intake = self._intake(info, obj["blob_sha256"])
+            except NotYetStored as still:
+                missing = still
+                continue
+            except Refusal as refusal:
+                with self.index.transaction() as tx:
+                    tx.annotations.refuse_object(obj["id"], refusal.check, refusal.reason)
+                    entry = self.audit.append(tx, "annotation.object-refused", self._actor(row), {
+                        "annotation_id": annotation_id, "object_id": obj["id"],
+                        "check": refusal.check, "reason": refusal.reason},
+                        outcome="minor-failure")
+                self.audit.committed(entry)
+                continue
+            with self.index.transaction() as tx:
+                tx.annotations.place_object(obj["id"], intake.slice_index,
+                                            [roi.row() for roi in intake.rois])
+        return missing
+
+    @staticmethod
+    def _actor(row: dict) -> Actor:
+        return Actor(ae_title=row["annotator_ae"], address=row["annotator_address"])
+
+    def _resolve_pending(self, annotation_id: int, actor: Actor,
+                         missing: NotYetStored | None = None) -> None:
         """Check a pending annotation whose images are all there; refuse it when they are
-        still missing at the end of its wait (or it fails another reference check)."""
-        annotation_id = row["id"]
+        still missing at the end of its wait (or it fails another reference check). An
+        overlay set with copies still waiting for their slices becomes pending."""
         try:
+            if missing is not None:
+                raise missing
             grid, masks = self.masks_of(annotation_id)
         except NotYetStored as missing:
+            with self.index.reader() as r:
+                row = r.annotations.get(annotation_id)
+            if row["state"] != S.PENDING:
+                self._wait(annotation_id, missing, actor)
+                self._settling.touch(annotation_id, actor, delay=self.pending_seconds)
+                return
             waited = _seconds_since(row["state_since"])
             if waited < self.pending_seconds:
                 self._settling.touch(annotation_id, actor, delay=self.pending_seconds - waited)
@@ -448,7 +518,19 @@ class AnnotationService:
         except Refusal as refusal:
             self._refuse(annotation_id, refusal, actor, refusal.reason)
             return
-        self._check(annotation_id, row["revision"], grid, masks, actor)
+        with self.index.reader() as r:
+            revision = r.annotations.get(annotation_id)["revision"]
+        self._check(annotation_id, revision, grid, masks, actor)
+
+    def _wait(self, annotation_id: int, missing: NotYetStored, actor: Actor) -> None:
+        """An annotation found to miss images after it was received waits for them."""
+        try:
+            with self.index.transaction() as tx:
+                entry = self.states.move(tx, annotation_id, S.PENDING, actor,
+                                         reason=missing.reason)
+        except TransitionRefused:
+            return
+        self.audit.committed(entry)
 
     def _refuse(self, annotation_id: int, refusal: Refusal, actor: Actor, reason: str) -> None:
         """A pending annotation becomes ``refused`` with why; its objects stay stored

@@ -225,6 +225,12 @@ class Annotations(AnnotationReads, Protocol):
                       refusal: tuple[str, str] | None = None,
                       quarantine_id: int | None = None) -> int: ...
     def insert_rois(self, object_id: int, rois: Iterable[RoiRow]) -> None: ...
+    def place_object(self, object_id: int, slice_index: int, rois: Iterable[RoiRow]) -> None:
+        """An overlay copy that came before its slice, checked now: on its slice, with its
+        planes; of two current copies of one slice the newer stays current."""
+
+    def refuse_object(self, object_id: int, check: str, reason: str) -> None: ...
+
     def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
         """Mark the annotation's current objects refused with why (a pending annotation
         whose images never came); returns how many."""

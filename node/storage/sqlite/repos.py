@@ -429,6 +429,26 @@ class SqliteAnnotations(_Repo):
             " WHERE o.blob_sha256 = ? AND o.state = 'current'", (sha256,)).fetchone()
         return dict(row) if row else None
 
+    def place_object(self, object_id: int, slice_index: int, rois: Iterable[RoiRow]) -> None:
+        (annotation_id,) = self.conn.execute(
+            "SELECT annotation_fk FROM annotation_object WHERE id = ?", (object_id,)).fetchone()
+        newer = self.conn.execute(
+            "SELECT 1 FROM annotation_object WHERE annotation_fk = ? AND state = 'current'"
+            " AND slice_index = ? AND id > ?", (annotation_id, slice_index, object_id)).fetchone()
+        if newer is None:
+            self.conn.execute(
+                "UPDATE annotation_object SET state = 'superseded' WHERE annotation_fk = ?"
+                " AND state = 'current' AND slice_index = ?", (annotation_id, slice_index))
+        self.conn.execute(
+            "UPDATE annotation_object SET slice_index = ?, state = ? WHERE id = ?",
+            (slice_index, "superseded" if newer else "current", object_id))
+        self.insert_rois(object_id, rois)
+
+    def refuse_object(self, object_id: int, check: str, reason: str) -> None:
+        self.conn.execute(
+            "UPDATE annotation_object SET state = 'refused', refusal_check = ?,"
+            " refusal_reason = ? WHERE id = ?", (check, reason, object_id))
+
     def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
         return self.conn.execute(
             "UPDATE annotation_object SET state = 'refused', refusal_check = ?,"
