@@ -111,11 +111,15 @@ def test_orientation_and_spacing(validator, tmp_path):
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0]
     ds.PixelSpacing = [0.7, 0]
     ds.SliceThickness = "-1"
-    assert [f.message for f in findings_of(validator, ds, tmp_path)] == [
+    findings = findings_of(validator, ds, tmp_path)
+    assert [f.message for f in findings] == [
         "ImageOrientationPatient (0020,0037) column norm 0.8, not 1",
         "PixelSpacing (0028,0030) not 2 positive numbers: 0.7\\0",
         "SliceThickness (0018,0050) not positive: -1",
     ]
+    # A Type 1 geometry attribute refuses; the Type 2 SliceThickness only warns.
+    assert [(f.rule, validator.settings.action(f.rule)) for f in findings] == [
+        ("orientation", "reject"), ("spacing", "reject"), ("slice_thickness", "warn")]
 
 
 def test_modality_must_fit_the_sop_class(validator, tmp_path):

@@ -33,6 +33,7 @@ INSTANCE_RULES: dict[str, str] = {
     "pixel_data": REJECT,
     "orientation": REJECT,
     "spacing": REJECT,
+    "slice_thickness": WARN,
     "modality": REJECT,
     "file_meta": REJECT,
     "patient_conflict": REJECT,
