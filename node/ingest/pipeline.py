@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import AuditEntry, AuditTrail, utc_now
-from node.ingest.quarantine import QuarantineArea, QuarantineEntry, Refused
+from node.ingest.quarantine import AlreadyReleased, QuarantineArea, QuarantineEntry, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
 from node.ingest.types import (
@@ -392,14 +392,14 @@ class IngestService:
         """Keep refused bytes, unless a person released these exact bytes before: then
         they are stored already (the release stored them), and the answer says so.
 
-        The released-resend lookup hashes the received file, so it runs only for
-        objects about to be refused: the same answer as looking before validation,
-        without hashing every received object twice."""
+        The released-resend lookup needs the hash of the received file, so it is made
+        here, for objects about to be refused only: the answer is the one a lookup
+        before validation would give, without hashing every received object."""
         try:
-            released = self.quarantine.released_as(spooled)
-            if released is not None:
-                return self._released_resend(released, source)
-            qid, sha256 = self.quarantine.keep(spooled, source, refused)
+            try:
+                qid, sha256 = self.quarantine.keep(spooled, source, refused)
+            except AlreadyReleased as released:
+                return self._released_resend(released.entry, source)
         except (OSError, IndexUnavailable) as exc:
             return self._failed(source, f"cannot quarantine: {_plain(exc)}",
                                 refused.sop_instance_uid)

@@ -69,6 +69,14 @@ class Refused:
             source.route if sealed else "deidentified", received_sha256)
 
 
+class AlreadyReleased(Exception):
+    """The bytes to keep were released from quarantine before: they are stored."""
+
+    def __init__(self, entry: QuarantineRow) -> None:
+        super().__init__(f"released as quarantine entry {entry.id}")
+        self.entry = entry
+
+
 class QuarantineArea:
     """Keeps refused bytes and their rows; used by the ingest pipeline."""
 
@@ -89,6 +97,9 @@ class QuarantineArea:
         """
         data = spooled.read_bytes()
         received = hashlib.sha256(data).hexdigest()
+        released = self._released(received)
+        if released is not None:
+            raise AlreadyReleased(released)
         with self.index.reader() as r:
             waiting = r.quarantine.with_received(received, released=False)
         if waiting is not None:
@@ -107,10 +118,9 @@ class QuarantineArea:
         self.store.copy_from(self.blobs, blob.sha256)
         return self._record(blob, source, refused, sealed=False, received=blob.sha256)
 
-    def released_as(self, spooled: Path) -> QuarantineRow | None:
+    def _released(self, received: str) -> QuarantineRow | None:
         """The released entry these exact received bytes were once kept under, if any:
         a resend of what a person let in is already stored, not refused again."""
-        received = hashlib.sha256(spooled.read_bytes()).hexdigest()
         with self.index.reader() as r:
             return r.quarantine.with_received(received, released=True)
 
