@@ -88,6 +88,9 @@ class AuditSettings:
 class AnnotationSettings:
     protocol: Path | None = None  # labelling protocol TOML; None: generic checks only
     settle_seconds: float = 1.0  # an overlay set is checked once quiet this long
+    #: An annotation whose images are not stored waits this long (``pending``) for
+    #: them, then is refused with the reason.
+    pending_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,11 @@ def _build(raw: dict[str, Any]) -> Settings:
     annotations = AnnotationSettings(
         protocol=Path(protocol) if protocol else None,
         settle_seconds=_get(s, "annotations", "settle_seconds", float,
-                            AnnotationSettings.settle_seconds))
+                            AnnotationSettings.settle_seconds),
+        pending_seconds=_get(s, "annotations", "pending_seconds", float,
+                             AnnotationSettings.pending_seconds))
     _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
+    _range(annotations.pending_seconds, 0, 30 * 86400, "annotations.pending_seconds")
 
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
                     _validation(raw), _peers(raw.get("peers", {})), annotations)

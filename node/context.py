@@ -119,8 +119,10 @@ class NodeContext:
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
                     if settings.annotations.protocol else Protocol())
+        states = AnnotationStates(audit)
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
-                                        protocol, settings.annotations.settle_seconds)
+                                        protocol, states, settings.annotations.settle_seconds,
+                                        settings.annotations.pending_seconds)
         matcher = index.matcher(settings.node.ae_title)
         search = SearchService(matcher, events)
         retrieve = RetrieveService(settings, matcher, events)
@@ -138,7 +140,7 @@ class NodeContext:
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   AnnotationStates(audit), search, retrieve, worker, key, ingest, quarantine)
+                   states, search, retrieve, worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:

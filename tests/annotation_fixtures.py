@@ -15,6 +15,7 @@ the unit tests that never reach a node (the geometry is the same either way).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import time
@@ -500,16 +501,21 @@ def encode(ds: Dataset) -> bytes:
 
 
 def node_config(folder: Path, protocol: str | None = TEST_PROTOCOL,
-                settle_seconds: float = 1.0, **sections: Any) -> NodeConfig:
+                settle_seconds: float = 1.0, pending_seconds: float | None = None,
+                peers: dict[str, dict] | None = None, **sections: Any) -> NodeConfig:
     """A node's config (tests/harness.py) under ``protocol`` (written beside it), with
-    the PACS and the annotators' workstation as peers (:data:`PEERS`)."""
-    annotations = {}
+    the PACS and the annotators' workstation as peers (:data:`PEERS`, or ``peers``);
+    ``pending_seconds``: how long an annotation waits for its images (default: the node's)."""
+    annotations: dict[str, Any] = {}
     if protocol is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "protocol.toml").write_text(protocol)
         annotations = {"protocol": str(folder / "protocol.toml"),
                        "settle_seconds": settle_seconds}
-    return write_config(folder, peers=PEERS, annotations=annotations, **sections)
+    if pending_seconds is not None:
+        annotations["pending_seconds"] = pending_seconds
+    return write_config(folder, peers=PEERS if peers is None else peers,
+                        annotations=annotations, **sections)
 
 
 def open_node(folder: Path, protocol: str | None = TEST_PROTOCOL,
@@ -562,6 +568,33 @@ PEERS = {
 }
 
 
+#: A research archive that de-identifies upstream (TCIA, IDC): its studies are stored as
+#: they are received; the annotators' workstation works on them.
+ARCHIVE_AET = "ARCHIVE"
+ARCHIVE_PEERS = {
+    "archive": peer(ARCHIVE_AET, "store", route="deidentified"),
+    "workstation": peer(ANNOTATOR_AET, "store", "find", "move", "get", route="annotator"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Archived(Phantom):
+    """A study from a public collection: de-identified upstream, under its own IDs."""
+
+    def slice(self, index: int) -> Dataset:
+        ds = super().slice(index)
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "collection de-identification"
+        return ds
+
+
+def archived(seed: str) -> Archived:
+    """A collection's study on the grid of :data:`PHANTOM` (so :func:`truth` fits it)."""
+    return Archived(seed=seed, slices_count=PHANTOM.slices_count, rows=PHANTOM.rows,
+                    columns=PHANTOM.columns, pixel_spacing=PHANTOM.pixel_spacing,
+                    patient_id=f"LIDC-{seed}", patient_name=f"LIDC-{seed}")
+
+
 def store_phantom(node: Node) -> None:
     """The phantom series from the PACS (stored de-identified: :func:`served_by`)."""
     slices = [PHANTOM.slice(k) for k in range(PHANTOM.slices_count)]
@@ -587,6 +620,17 @@ def settled(node: Node, key: str, timeout: float = 30.0) -> dict:
         node.drain()
         row = annotations(node).get(key)
         if (row and row["state"] != "received") or time.monotonic() > deadline:
+            return row
+        time.sleep(0.1)
+
+
+def in_state(node: Node, key: str, state: str, timeout: float = 30.0) -> dict:
+    """An annotation once it is in ``state`` (or its row as it is after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node.drain()
+        row = annotations(node).get(key)
+        if (row and row["state"] == state) or time.monotonic() > deadline:
             return row
         time.sleep(0.1)
 

@@ -20,11 +20,16 @@ from tests import annotation_fixtures as fx
 from tests.harness import InProcessNode
 
 REFUSED = status.DOES_NOT_MATCH_SOP_CLASS.code
+#: How long an annotation waits for images that are not stored (short, for the test).
+PENDING_SECONDS = 2.0
+#: Refusal checks that mean "not stored": the SEG waits for its images, then is refused.
+WAITS = ("instances", "series")
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    config = fx.node_config(tmp_path_factory.mktemp("annotations") / "node", settle_seconds=0.3)
+    config = fx.node_config(tmp_path_factory.mktemp("annotations") / "node", settle_seconds=0.3,
+                            pending_seconds=PENDING_SECONDS)
     with InProcessNode(config) as running:
         fx.store_phantom(running)  # from the PACS
         yield running
@@ -56,13 +61,33 @@ def test_dcmqi_seg_is_stored_without_findings(node, served, tmp_path) -> None:
         ("pass", 3, "Reader^Dcmqi")
 
 
-@pytest.mark.parametrize("check", fx.SEG_REFUSAL_CHECKS)
+@pytest.mark.parametrize("check", [c for c in fx.SEG_REFUSAL_CHECKS if c not in WAITS])
 def test_each_seg_defect_is_refused_with_its_check(node, served, check: str) -> None:
     seg = fx.seg_refusal_variants(served)[check]
     [(code, comment)] = fx.send(node, [seg])
     assert code == REFUSED and comment.startswith(f"{check}: "), comment
     row = fx.seg_annotation(node, seg)
     assert (row["state"], row["refused"]) == ("refused", 1)
+
+
+@pytest.mark.parametrize("check", WAITS)
+def test_a_seg_whose_images_never_come_waits_then_is_refused(node, served, check: str) -> None:
+    """Stored pending (0x0000) with what it waits for; after the configured wait it is
+    refused with the reason, audited from pending, and listed with the reason."""
+    seg = fx.seg_refusal_variants(served)[check]
+    assert fx.send(node, [seg]) == [(0, "")]
+    key = f"seg|{seg.SOPInstanceUID}"
+    row = fx.annotations(node)[key]
+    assert row["state"] == "pending" and row["state_reason"].startswith(f"{check}: ")
+    row = fx.in_state(node, key, "refused", timeout=PENDING_SECONDS + 20)
+    assert (row["state"], row["objects"], row["refused"]) == ("refused", 0, 1)
+    assert row["state_reason"].startswith(f"{check}: ") and "not stored after" in row["state_reason"]
+    [event] = [e for e in node.audit_events("annotation.refused")
+               if e["object"]["annotation_id"] == row["id"]]
+    assert (event["object"]["from"], event["object"]["check"]) == ("pending", check)
+    listed = node.cli("annotations", "list", "--state", "refused")
+    [line] = [x for x in listed.stdout.splitlines() if x.strip().startswith(str(row["id"]) + " ")]
+    assert "not stored after" in line
 
 
 @pytest.mark.parametrize("check", fx.OVERLAY_REFUSAL_CHECKS)

@@ -149,3 +149,36 @@ def test_the_rebuild_migration_keeps_every_annotation_and_its_references(tmp_pat
                 conn2.execute("UPDATE annotation SET state = 'approve' WHERE id = 5")
     finally:
         index.close()
+
+
+def test_the_services_automatic_changes_go_through_the_machine(tmp_path) -> None:
+    """received → checked, a corrected copy (checked → received) and its check: each an
+    audited move of the one state machine, none a silent write by the storage layer."""
+    import copy
+    import json
+
+    from tests import annotation_fixtures as fx
+
+    ctx = fx.open_node(tmp_path / "node")
+    try:
+        served = fx.served(ctx)
+        copies = fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Again",
+                                      series=served)
+        for ds in copies:
+            assert fx.ingest(ctx, ds).action == "annotation"
+        ctx.annotations.flush()
+        annotation_id = fx.annotation_of(ctx, str(copies[0].SOPInstanceUID))
+        revised = copy.deepcopy(copies[0])
+        revised.ImageComments = "revised"
+        assert fx.ingest(ctx, revised).action == "annotation"
+        with ctx.index.reader() as r:
+            assert r.annotations.get(annotation_id)["state"] == "received"
+        ctx.annotations.flush()
+        with ctx.index.connection() as conn:
+            moves = [json.loads(o) for (o,) in conn.execute(
+                "SELECT object FROM audit_event WHERE action LIKE 'annotation.%' ORDER BY seq")]
+        assert [(m["from"], m["to"]) for m in moves
+                if m.get("annotation_id") == annotation_id and "from" in m] == [
+            ("received", "checked"), ("checked", "received"), ("received", "checked")]
+    finally:
+        ctx.close()

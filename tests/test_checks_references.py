@@ -19,6 +19,7 @@ from node import status
 from node.annotations.grid import SeriesGrid
 from node.annotations.seg import read_seg
 from node.checks.references import Refusal, check_seg
+from node.ingest.types import Source
 from node.phantom import Phantom
 from tests import annotation_fixtures as fx
 
@@ -61,7 +62,11 @@ def test_the_catalogue_has_one_variant_per_reference_check() -> None:
     assert tuple(sorted(fx.overlay_refusal_variants())) == fx.OVERLAY_REFUSAL_CHECKS
 
 
-@pytest.mark.parametrize("check", fx.SEG_REFUSAL_CHECKS)
+#: The checks that fail only because something is not stored (yet): the SEG waits.
+WAITS = ("instances", "series")
+
+
+@pytest.mark.parametrize("check", [c for c in fx.SEG_REFUSAL_CHECKS if c not in WAITS])
 def test_each_seg_defect_is_refused_by_its_check(ctx, served, check: str) -> None:
     seg = fx.seg_refusal_variants(served)[check]
     result = fx.ingest(ctx, seg)
@@ -148,13 +153,35 @@ def _stored_blobs(ctx, series_uid: str) -> list:
             " WHERE s.series_instance_uid = ? ORDER BY i.id", (series_uid,))]
 
 
-def test_an_image_with_overlays_that_annotates_nothing_stored_is_an_instance(ctx) -> None:
-    other = Phantom(seed="unrelated", slices_count=1, rows=64, columns=64, pixel_spacing=5.6)
+@pytest.mark.parametrize("check", WAITS)
+def test_a_seg_whose_images_are_not_stored_waits_pending(ctx, served, check: str) -> None:
+    seg = fx.seg_refusal_variants(served)[check]
+    result = fx.ingest(ctx, seg)
+    assert (result.outcome.status, result.action) == (status.SUCCESS, "annotation")
+    annotation = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
+    with ctx.index.reader() as r:
+        row = r.annotations.get(annotation)
+    assert (row["state"], row["state_reason"].split(":")[0]) == ("pending", check)
+
+
+def test_an_image_with_overlays_that_annotates_nothing_stored(ctx) -> None:
+    """From an annotator it is an overlay copy whose slice has not come (yet): it waits,
+    not indexed as an image. From a peer that is not an annotator it is an image."""
+    other = Phantom(seed="unrelated", slices_count=2, rows=64, columns=64, pixel_spacing=5.6)
     ds = fx.overlay_copy(0, [(0x6000, "Nodule 1", other.pixels(0) > 1024)], other)
     assert ds.SOPClassUID == CTImageStorage
-    result = fx.ingest(ctx, ds)  # from the annotator: de-identified, its overlays kept
-    assert result.action == "stored"
-    assert 0x60003000 in dcmread(ctx.blobs.local_path(result.sha256))
+    result = fx.ingest(ctx, ds)  # from the annotator
+    assert (result.outcome.status, result.action) == (status.SUCCESS, "annotation")
+    with ctx.index.reader() as r:
+        row = r.annotations.get(fx.annotation_of(ctx, result.sop_instance_uid))
+        assert r.instances.blob_of(result.sop_instance_uid) is None
+    assert (row["kind"], row["state"]) == ("overlay", "pending")
+    assert row["state_reason"] == "instances: the slice an overlay copy annotates is not stored"
+    image = fx.overlay_copy(1, [(0x6000, "Nodule 1", other.pixels(1) > 1024)], other)
+    archive = Source("ARCHIVE", "127.0.0.1", "unit-tests", route="deidentified")
+    stored = fx.ingest(ctx, image, archive)
+    assert stored.action == "stored"
+    assert 0x60003000 in dcmread(ctx.blobs.local_path(stored.sha256))
 
 
 def test_a_seg_whose_pixels_do_not_decode_is_refused_not_crashed_on(ctx, served) -> None:

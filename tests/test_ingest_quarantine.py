@@ -18,7 +18,7 @@ from node.ingest.quarantine import QuarantineError
 from node.ingest.types import Source
 from node.phantom import Phantom
 from node.reports import fsck
-from tests.harness import TEST_AET, as_file, lamina, peer, write_config
+from tests.harness import TEST_AET, InProcessNode, as_file, lamina, peer, write_config
 
 SOURCE = Source("TESTSCU", "127.0.0.1", "assoc-1")
 REVIEWER = Actor(user="reviewer")
@@ -182,3 +182,47 @@ def test_validation_can_be_switched_off(ctx, config):
         assert plain.ingest.ingest_bytes(as_file(ds), SOURCE).action == "stored"
     finally:
         plain.close()
+
+
+def test_identical_refused_resends_are_one_counted_entry_over_real_associations(tmp_path):
+    """Three associations send the same refused bytes: one entry received three times;
+    once a person releases it, the same bytes again are answered as already stored."""
+    ds = slice_of("resent")
+    del ds.Rows
+    path = tmp_path / "refused.dcm"
+    path.write_bytes(as_file(ds))
+    config = write_config(tmp_path / "node", peers={"scu": peer(TEST_AET, "store", port=11113)})
+    with InProcessNode(config) as node:
+        for _ in range(3):
+            [response] = node.store([path])
+            assert (response.status, response.comment) == (
+                0xA900, "Rows (0028,0010) missing (Type 1)")
+        [entry] = node.ctx.quarantine.list()
+        assert entry.times_received == 3 and entry.last_received_at >= entry.received_at
+        assert node.rows("SELECT count(*) FROM quarantine") == [(1,)]
+        listed = node.cli("quarantine", "list")
+        assert "[received 3 times, last " in listed.stdout and "1 entry" in listed.stdout
+        assert node.audit_actions().count("instance.quarantined-again") == 2
+
+        released = node.cli("quarantine", "release", str(entry.id), "--reason", "checked",
+                            "--user", "reviewer")
+        assert released.exit_code == 0, released.output
+        [again] = node.store([path])
+        assert (again.status, again.comment) == (0x0000, "")
+        assert node.rows("SELECT count(*) FROM quarantine") == [(1,)]
+        assert node.rows("SELECT count(*) FROM instance") == [(1,)]
+        resend = node.audit_events("instance.resend")[-1]["object"]
+        assert resend["released_quarantine_id"] == entry.id
+        assert resend["sop_instance_uid"] == node.project_key().uid(ds.SOPInstanceUID)
+
+
+def test_identical_unparseable_bytes_are_one_entry(ctx):
+    garbage = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00junk" + b"\xff" * 64
+    first = ctx.ingest.ingest_bytes(garbage, SOURCE)
+    second = ctx.ingest.ingest_bytes(garbage, SOURCE)
+    assert first.quarantine_id == second.quarantine_id
+    assert second.outcome.status.code == 0xC000
+    [entry] = ctx.quarantine.list()
+    assert entry.times_received == 2
+    other = ctx.ingest.ingest_bytes(garbage + b"\x00\x00", SOURCE)
+    assert other.quarantine_id != first.quarantine_id and len(ctx.quarantine.list()) == 2

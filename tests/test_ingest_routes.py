@@ -12,6 +12,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from node import status
 from node.storage.sealed import MAGIC
+from tests import annotation_fixtures as fx
 from tests.harness import TEST_AET, InProcessNode, NodeConfig, lamina, write_config
 
 ANNOTATOR_AET = "ANNOTATOR"
@@ -118,3 +119,36 @@ def test_annotation_with_identity_typed_back_is_quarantined(tmp_path, phantom):
         [(sha, sealed)] = node.rows("SELECT blob_sha256, sealed FROM quarantine")
         assert sealed == 1 and b"SMITH" not in node.blob_path(sha, "quarantine").read_bytes()
         assert node.rows("SELECT count(*) FROM instance") == [(1,)]
+
+
+def test_annotations_on_a_study_that_arrived_deidentified_match_it_as_stored(tmp_path):
+    """Source series through a ``deidentified`` peer, a SEG and Horos-style overlay copies
+    through an ``annotator`` peer: both are matched to the series as it is stored (no
+    second pseudonymisation of their references) and checked against it."""
+    archive = fx.archived("collection")
+    config = fx.node_config(tmp_path / "node", settle_seconds=0.3, peers=fx.ARCHIVE_PEERS)
+    with InProcessNode(config) as node:
+        slices = [archive.slice(k) for k in range(archive.slices_count)]
+        assert node.store(slices, aet=fx.ARCHIVE_AET) == [(0, "")] * len(slices)
+        seg = fx.valid_seg(archive)
+        copies = fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Archive",
+                                      series=archive)
+        assert fx.send(node, [seg, *copies]) == [(0, "")] * (1 + len(copies))
+
+        seg_row = fx.seg_annotation(node, seg)
+        assert (seg_row["state"], seg_row["verdict"], seg_row["structures"]) == \
+            ("checked", "pass", 3)
+        assert seg_row["source_series_uid"] == archive.series_uid
+        overlays = fx.settled(node, f"overlay|{archive.series_uid}|{fx.ANNOTATOR_AET}"
+                                    "|Reader^Archive")
+        assert (overlays["state"], overlays["verdict"], overlays["objects"],
+                overlays["structures"]) == ("checked", "pass", len(copies), 3)
+        # Nothing was pseudonymised a second time: one patient, one study, one image series
+        # plus the SEG's; the SEG is stored with the collection's IDs and references.
+        assert node.rows("SELECT patient_id FROM patient") == [("LIDC-collection",)]
+        assert node.rows("SELECT study_instance_uid FROM study") == [(archive.study_uid,)]
+        assert node.rows("SELECT count(*) FROM instance") == [(len(slices) + 1,)]
+        stored_seg = dcmread(node.instance_path(str(seg.SOPInstanceUID)))
+        assert stored_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == archive.series_uid
+        assert stored_seg.FrameOfReferenceUID == slices[0].FrameOfReferenceUID
+        assert node.rows("SELECT count(*) FROM quarantine") == [(0,)]

@@ -111,11 +111,15 @@ def test_orientation_and_spacing(validator, tmp_path):
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0]
     ds.PixelSpacing = [0.7, 0]
     ds.SliceThickness = "-1"
-    assert [f.message for f in findings_of(validator, ds, tmp_path)] == [
+    findings = findings_of(validator, ds, tmp_path)
+    assert [f.message for f in findings] == [
         "ImageOrientationPatient (0020,0037) column norm 0.8, not 1",
         "PixelSpacing (0028,0030) not 2 positive numbers: 0.7\\0",
         "SliceThickness (0018,0050) not positive: -1",
     ]
+    # A Type 1 geometry attribute refuses; the Type 2 SliceThickness only warns.
+    assert [(f.rule, validator.settings.action(f.rule)) for f in findings] == [
+        ("orientation", "reject"), ("spacing", "reject"), ("slice_thickness", "warn")]
 
 
 def test_modality_must_fit_the_sop_class(validator, tmp_path):
@@ -211,7 +215,6 @@ def _short_pixels(ds: Dataset) -> None:
 BROKEN = [
     ("missing-type1", _del("Rows"), "Rows (0028,0010) missing (Type 1)"),
     ("empty-type1", _set("Modality", ""), "Modality (0008,0060) empty (Type 1)"),
-    ("missing-type2", _del("PatientSex"), "PatientSex (0010,0040) missing (Type 2)"),
     ("bad-uid", _set("SeriesInstanceUID", "1.2..3"),
      "SeriesInstanceUID (0020,000E) bad UID: empty component"),
     ("truncated-pixels", _short_pixels, "PixelData (7FE0,0010) length 256, expected 512"),
@@ -323,20 +326,68 @@ def test_moderate_nesting_is_accepted(node, tmp_path):
     assert [r.status for r in node.store([path])] == [0]
 
 
-def test_warn_rule_stores_and_records_the_finding(tmp_path):
-    settings = write_config(tmp_path, validation={"rules": {"type2_missing": "warn"}}).settings()
-    assert settings.validation.rules == {**ValidationSettings().rules, "type2_missing": "warn"}
+def test_reject_rule_refuses_a_missing_type2_attribute(tmp_path):
+    """A strict archive sets type2_missing = "reject": the default (warn) is one setting away."""
+    settings = write_config(tmp_path, validation={"rules": {"type2_missing": "reject"}}).settings()
+    assert settings.validation.rules == {**ValidationSettings().rules, "type2_missing": "reject"}
     ctx = NodeContext.open(settings, with_key=True)
     try:
         from node.ingest.types import Source
 
-        ds = good_slice("warn")
+        ds = good_slice("strict")
         del ds.PatientSex
         result = ctx.ingest.ingest_bytes(encoded(ds), Source("TESTSCU", "127.0.0.1", "a"))
-        assert result.action == "stored" and result.outcome.status.code == 0
+        assert result.action == "quarantined" and result.outcome.status.code == A900
+        assert result.outcome.comment == "PatientSex (0010,0040) missing (Type 2)"
         with ctx.index.connection() as conn:
-            rows = conn.execute("SELECT rule, severity, message FROM finding").fetchall()
-        assert [tuple(r) for r in rows] == [
-            ("type2_missing", "warn", "PatientSex (0010,0040) missing (Type 2)")]
+            assert conn.execute("SELECT COUNT(*) FROM instance").fetchone()[0] == 0
     finally:
         ctx.close()
+
+
+def scanner_mr(seed: str) -> Dataset:
+    """An MR slice shaped like scanner output: the MR Image module's Type 1 attributes,
+    EchoTrainLength and PositionReferenceIndicator (Type 2) left out."""
+    ds = good_slice(seed)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+    for keyword in ("KVP", "RescaleIntercept", "RescaleSlope", "RescaleType",
+                    "PositionReferenceIndicator", "EchoTrainLength"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
+    ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime = "2D", 15, 500
+    return ds
+
+
+def test_routine_scanner_output_missing_type2_is_stored_with_findings(node):
+    """The default: an MR without EchoTrainLength / PositionReferenceIndicator and a CT
+    without AcquisitionNumber / SliceThickness are stored (0x0000) over a real
+    association, each finding recorded and shown by `check instance` and `status`."""
+    mr = scanner_mr("scanner-mr")
+    ct = good_slice("scanner-ct")
+    del ct.AcquisitionNumber, ct.SliceThickness
+    responses = node.store([mr, ct])
+    assert [(r.status, r.comment) for r in responses] == [(0, ""), (0, "")]
+    expected = [
+        (mr, ["EchoTrainLength (0018,0091) missing (Type 2)",
+             "PositionReferenceIndicator (0020,1040) missing (Type 2)"]),
+        (ct, ["AcquisitionNumber (0020,0012) missing (Type 2)",
+             "SliceThickness (0018,0050) missing (Type 2)"]),
+    ]
+    for ds, messages in expected:
+        uid = pseudonym(node, ds.SOPInstanceUID)
+        rows = node.rows("SELECT f.rule, f.severity, f.message FROM finding f JOIN instance i"
+                         " ON i.id = f.instance_fk WHERE i.sop_instance_uid = ?"
+                         " ORDER BY f.message", uid)
+        assert rows == [("type2_missing", "warn", m) for m in messages]
+        shown = node.cli("check", "instance", uid)
+        assert shown.exit_code == 1, shown.output
+        assert f"instance {uid}: stored" in shown.stdout
+        for message in messages:
+            assert f"warn   [type2_missing] {message}" in shown.stdout
+        assert not [e for e in quarantine_of(node) if e.sop_instance_uid == uid]
+    status = node.cli("status")
+    assert status.exit_code == 0, status.output
+    [line] = [x for x in status.stdout.splitlines() if x.startswith("instance_findings")]
+    assert "type2_missing" in line

@@ -9,17 +9,26 @@ driven by the ingest pipeline (:mod:`node.ingest.types`):
 2. the claim's ``admit`` reads the object and runs the reference checks
    against the stored series; a failure refuses it (0xA900, ErrorComment
    naming the check and the slice), the pipeline quarantines it, and the
-   refusal is recorded on its annotation in the same transaction.
+   refusal is recorded on its annotation in the same transaction. A SEG whose
+   images are not (all) stored yet is not refused: a PACS forwarding a study
+   sends its objects in any order, so it is stored ``pending`` (0x0000).
 3. ``on_stored``, inside the transaction that stores it: a SEG is also an
    indexed instance of its own series (so it can be queried and retrieved);
    an overlay copy is only an annotation object (its SOP Instance UID belongs
    to the stored slice, which it never replaces); the annotation goes to
-   ``received``.
+   ``received`` (or ``pending``). An ordinary image stored into a series that
+   pending annotations wait on schedules a new look at them.
 4. ``after_commit``, on the context's worker after the answer: the
    consistency checks run on the annotation's structures, outside any
    transaction, and a second transaction records the findings and moves the
    annotation to ``checked``, unless a newer object of the same annotation
    arrived meanwhile (that object's check will record instead).
+
+A pending annotation is looked at again once its series has been quiet for
+``settle_seconds`` after an image arrived, and at the end of its wait
+(``pending_seconds``): checked when its images are all there, ``refused``
+with the reason when the wait is over. Every state change goes through the
+one state machine (:mod:`node.annotations.states`), so each is audited.
 
 Overlay copies arrive one slice per C-STORE; one annotator's copies of one
 series form one annotation. Each copy is reference-checked and stored before
@@ -34,6 +43,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -44,10 +54,17 @@ from node.annotations.overlay import overlay_groups, plane_mask, read_planes
 from node.annotations.records import RoiBox, finding_rows, structure_rows
 from node.annotations.seg import SEG_SOP_CLASSES, SegFormatError, read_seg, seg_masks
 from node.annotations.settle import SettleQueue
+from node.annotations.states import TRANSITIONS, AnnotationState, AnnotationStates, TransitionRefused
 from node.audit.trail import Actor, AuditEntry, AuditTrail, utc_now
 from node.checks.consistency import Finding, check_structures
 from node.checks.protocol import Protocol
-from node.checks.references import Refusal, check_overlay_copy, check_seg, seg_source_series
+from node.checks.references import (
+    NotYetStored,
+    Refusal,
+    check_overlay_copy,
+    check_seg,
+    seg_source_series,
+)
 from node.ingest.types import Incoming, Stored
 from node.ingest.types import Refusal as IngestRefusal
 from node.storage.interface import BlobStore, Index, IndexUnavailable, Reader, Transaction
@@ -56,6 +73,7 @@ from node.storage.records import StoredRef
 log = logging.getLogger("lamina.annotations")
 
 SEG, OVERLAY = "seg", "overlay"
+S = AnnotationState
 
 @dataclass(frozen=True)
 class ClaimInfo:
@@ -92,13 +110,20 @@ class AnnotationClaim:
         self.kind = info.kind
         self.as_instance = info.kind == SEG
         self.intake: Intake | None = None
+        #: Set by ``admit`` when the images it references are not stored yet.
+        self.pending: NotYetStored | None = None
 
     def already_taken(self, reader: Reader) -> bool:
         return reader.annotations.object_with_blob(self.incoming.blob.sha256) is not None
 
     def admit(self) -> IngestRefusal | None:
+        closed = self.service._closed(self.info)
+        if closed is not None:
+            return closed
         try:
             self.intake = self.service._intake(self.info, self.incoming.blob.sha256)
+        except NotYetStored as missing:
+            self.pending = missing
         except Refusal as refusal:
             return IngestRefusal(refusal.check, refusal.reason)
         return None
@@ -121,19 +146,26 @@ class AnnotationService:
     """Classifies, takes in, checks and records annotations."""
 
     def __init__(self, index: Index, blobs: BlobStore, audit: AuditTrail, grids: GridSource,
-                 protocol: Protocol, settle_seconds: float = 1.0) -> None:
+                 protocol: Protocol, states: AnnotationStates, settle_seconds: float = 1.0,
+                 pending_seconds: float = 3600.0) -> None:
         self.index = index
         self.blobs = blobs
         self.audit = audit
         self.grids = grids
         self.protocol = protocol
+        self.states = states
+        self.pending_seconds = pending_seconds
         self._settling = SettleQueue(self._check_settled, settle_seconds)
 
     # --- as an ingest hook ---------------------------------------------------
 
     def classify(self, obj: Incoming) -> AnnotationClaim | None:
         """Claim a SEG, or an overlay copy of a stored slice (same SOP Instance UID and
-        other bytes, or referencing one); None for an ordinary instance."""
+        other bytes, or referencing one); None for an ordinary instance.
+
+        An image with overlay planes from an ``annotator`` peer whose slice is not stored
+        (yet) is an overlay copy that came before its image: claimed, it waits
+        ``pending``. From any other peer it is an ordinary image with overlays."""
         header = obj.dataset
         if str(header.SOPClassUID) in SEG_SOP_CLASSES:
             return AnnotationClaim(self, self._claim_info(SEG, header, obj), obj)
@@ -141,16 +173,29 @@ class AnnotationService:
             return None
         with self.index.reader() as r:
             stored = self._annotated_instance(r, header)
-        if stored is None or stored.blob_sha256 == obj.blob.sha256:
-            return None  # not a copy of ours, or the stored slice itself resent
+        if stored is None:
+            if obj.source.route != "annotator":
+                return None
+            return AnnotationClaim(self, self._claim_info(OVERLAY, header, obj), obj)
+        if stored.blob_sha256 == obj.blob.sha256:
+            return None  # the stored slice itself resent
         return AnnotationClaim(self, self._claim_info(OVERLAY, header, obj, stored), obj)
 
     def on_stored(self, tx: Transaction, obj: Stored) -> AuditEntry | None:
-        """File a new annotation object under its annotation, which goes to ``received``."""
+        """File a new annotation object under its annotation, which goes to ``received``
+        (``pending`` while its images are not stored). An ordinary image notes the
+        pending annotations of its series, to look at them after the commit."""
         claim = obj.claim
+        if claim is None:
+            if obj.instance_id is not None:
+                waiting = tx.annotations.waiting_on_series(
+                    obj.incoming.record.series_instance_uid)
+                if waiting:
+                    obj.notes["pending_annotations"] = waiting
+            return None
         if not isinstance(claim, AnnotationClaim) or claim.service is not self:
             return None
-        if claim.intake is None:
+        if claim.intake is None and claim.pending is None:
             # Taken in already when the pipeline looked, superseded since: the sender's
             # retry (after 0xA700) runs the reference checks before its answer.
             raise IndexUnavailable("the annotation changed while this copy was stored; resend")
@@ -158,19 +203,39 @@ class AnnotationService:
         annotation_id, revision = tx.annotations.upsert(
             info.kind, info.key, info.series_uid, info.annotator.ae_title,
             info.annotator.address, info.annotator.person, utc_now(), accepted=True)
-        object_id = tx.annotations.insert_object(annotation_id, info.sop_instance_uid,
-                                                 info.sop_class_uid, receipt,
-                                                 slice_index=intake.slice_index)
-        tx.annotations.insert_rois(object_id, [roi.row() for roi in intake.rois])
+        object_id = tx.annotations.insert_object(
+            annotation_id, info.sop_instance_uid, info.sop_class_uid, receipt,
+            slice_index=intake.slice_index if intake else None)
+        if intake is not None:
+            tx.annotations.insert_rois(object_id, [roi.row() for roi in intake.rois])
         obj.notes["annotation"] = (annotation_id, revision)
-        return self.audit.append(tx, "annotation.received", obj.incoming.source.actor, {
+        return self._arrived(tx, annotation_id, claim, obj.incoming.source.actor, {
             "kind": info.kind, "sop_instance_uid": info.sop_instance_uid,
             "series_instance_uid": info.series_uid, "sha256": receipt.blob_sha256,
             "annotation_id": annotation_id, "object_id": object_id,
-            "slice": None if intake.slice_index is None else intake.slice_index + 1})
+            "slice": None if intake is None or intake.slice_index is None
+            else intake.slice_index + 1})
+
+    def _arrived(self, tx: Transaction, annotation_id: int, claim: AnnotationClaim,
+                 actor: Actor, detail: dict) -> AuditEntry:
+        """A new object's annotation goes to ``received`` (``pending`` when its images are
+        missing) through the state machine; one already there gets the object's event."""
+        before = S(tx.annotations.get(annotation_id)["state"])
+        target, reason = ((S.PENDING, claim.pending.reason) if claim.pending is not None
+                          else (S.RECEIVED, ""))
+        if before is target:
+            return self.audit.append(tx, f"annotation.{target}", actor,
+                                     {**detail, **({"reason": reason} if reason else {})})
+        if target not in TRANSITIONS[before]:
+            self.states.move(tx, annotation_id, S.RECEIVED, actor, reason="a new object",
+                             detail=detail)
+        return self.states.move(tx, annotation_id, target, actor, reason=reason, detail=detail)
 
     def after_commit(self, obj: Stored) -> None:
-        """A SEG is checked now (on the context's worker); an overlay set once it settles."""
+        """A SEG is checked now (on the context's worker); an overlay set once it settles;
+        a pending annotation once the series its images arrive in settles."""
+        for annotation_id in obj.notes.get("pending_annotations", ()):
+            self._settling.touch(annotation_id, obj.incoming.source.actor)
         claim = obj.claim
         if not isinstance(claim, AnnotationClaim) or claim.service is not self:
             return
@@ -201,13 +266,17 @@ class AnnotationService:
         self._settling.stop()
 
     def check_received(self, actor: Actor) -> int:
-        """Check every annotation left ``received`` (a crash between store and check).
+        """Check every annotation left ``received`` (a crash between store and check), and
+        schedule a look at every ``pending`` one (their waits are not kept in memory
+        across a restart; their start is in the index).
 
         Returns how many were checked; one that cannot be is logged and stays
         ``received`` (``lamina annotations check ID`` says why), so the node still starts.
         """
         with self.index.reader() as r:
             ids = r.annotations.in_state("received")
+            for annotation_id in r.annotations.in_state("pending"):
+                self._settling.touch(annotation_id, actor)
         checked = 0
         for annotation_id in ids:
             try:
@@ -302,13 +371,19 @@ class AnnotationService:
             annotator = Annotator(source.calling_ae, source.address, person)
             return ClaimInfo(SEG, f"seg|{uid}", series[0] if len(series) == 1 else "",
                              annotator, uid, sop_class)
-        assert stored is not None
         if not person and header.get("OperatorsName"):
-            original = self._read(stored.blob_sha256, stop_before_pixels=True,
-                                  specific_tags=["OperatorsName"])
-            if str(original.get("OperatorsName", "")) != str(header.OperatorsName):
+            # The annotator, unless the slice already carried this operator (the copy
+            # kept it). Before its slice is stored the copy's own value is all there is.
+            original = None if stored is None else self._read(
+                stored.blob_sha256, stop_before_pixels=True, specific_tags=["OperatorsName"])
+            if original is None or str(original.get("OperatorsName", "")) != str(
+                    header.OperatorsName):
                 person = str(header.OperatorsName)
         annotator = Annotator(source.calling_ae, source.address, person)
+        if stored is None:  # the Horos pipeline keeps the slice's series and SOP Instance UIDs
+            series = str(header.get("SeriesInstanceUID", "") or "")
+            return ClaimInfo(OVERLAY, f"overlay|{series}|{annotator.key}", series, annotator,
+                             uid, sop_class, uid)
         return ClaimInfo(OVERLAY, f"overlay|{stored.series_instance_uid}|{annotator.key}",
                          stored.series_instance_uid, annotator, uid, sop_class,
                          stored.sop_instance_uid, stored.blob_sha256)
@@ -326,6 +401,9 @@ class AnnotationService:
             if info.kind == SEG:
                 grid, masks = self.masks_from_seg(ds, sha256, info.annotator)
                 return Intake(info, grid, masks=masks)
+            if not info.stored_sha256:
+                raise NotYetStored("instances", "the slice an overlay copy annotates"
+                                                " is not stored")
             grid = self._grid(info.series_uid)
             k = grid.slice_of(info.stored_uid)
             stored = self._read(info.stored_sha256)
@@ -363,7 +441,120 @@ class AnnotationService:
         return masks
 
     def _check_settled(self, annotation_id: int, actor: Actor) -> None:
-        self.recheck(annotation_id, actor)
+        with self.index.reader() as r:
+            row = r.annotations.get(annotation_id)
+        if row is None:
+            return
+        missing = self._place_copies(annotation_id, row) if row["kind"] == OVERLAY else None
+        if row["state"] == S.PENDING or missing is not None:
+            self._resolve_pending(annotation_id, actor, missing)
+        else:
+            self.recheck(annotation_id, actor)
+
+    def _place_copies(self, annotation_id: int, row: dict) -> NotYetStored | None:
+        """Run the reference checks of an overlay set's copies that came before their
+        slices, now, for those whose slice is stored: each is placed on its slice (or
+        refused alone, as it would have been on arrival). What is still missing, if any."""
+        with self.index.reader() as r:
+            waiting = [o for o in r.annotations.current_objects(annotation_id)
+                       if o["slice_index"] is None]
+        missing = None
+        annotator = Annotator(row["annotator_ae"], row["annotator_address"],
+                              row["annotator_person"])
+        for obj in waiting:
+            header = self._read(obj["blob_sha256"], stop_before_pixels=True)
+            with self.index.reader() as r:
+                stored = self._annotated_instance(r, header)
+            info = ClaimInfo(OVERLAY, row["key"], stored.series_instance_uid if stored else "",
+                             annotator, obj["sop_instance_uid"], obj["sop_class_uid"],
+                             stored.sop_instance_uid if stored else "",
+                             stored.blob_sha256 if stored else "")
+            try:
+                intake = self._intake(info, obj["blob_sha256"])
+            except NotYetStored as still:
+                missing = still
+                continue
+            except Refusal as refusal:
+                with self.index.transaction() as tx:
+                    tx.annotations.refuse_object(obj["id"], refusal.check, refusal.reason)
+                    entry = self.audit.append(tx, "annotation.object-refused", self._actor(row), {
+                        "annotation_id": annotation_id, "object_id": obj["id"],
+                        "check": refusal.check, "reason": refusal.reason},
+                        outcome="minor-failure")
+                self.audit.committed(entry)
+                continue
+            with self.index.transaction() as tx:
+                tx.annotations.place_object(obj["id"], intake.slice_index,
+                                            [roi.row() for roi in intake.rois])
+        return missing
+
+    @staticmethod
+    def _actor(row: dict) -> Actor:
+        return Actor(ae_title=row["annotator_ae"], address=row["annotator_address"])
+
+    def _resolve_pending(self, annotation_id: int, actor: Actor,
+                         missing: NotYetStored | None = None) -> None:
+        """Check a pending annotation whose images are all there; refuse it when they are
+        still missing at the end of its wait (or it fails another reference check). An
+        overlay set with copies still waiting for their slices becomes pending."""
+        try:
+            if missing is not None:
+                raise missing
+            grid, masks = self.masks_of(annotation_id)
+        except NotYetStored as missing:
+            with self.index.reader() as r:
+                row = r.annotations.get(annotation_id)
+            if row["state"] != S.PENDING:
+                self._wait(annotation_id, missing, actor)
+                self._settling.touch(annotation_id, actor, delay=self.pending_seconds)
+                return
+            waited = _seconds_since(row["state_since"])
+            if waited < self.pending_seconds:
+                self._settling.touch(annotation_id, actor, delay=self.pending_seconds - waited)
+                return
+            self._refuse(annotation_id, missing, actor,
+                         f"{missing.reason}; not stored after {waited:.0f} s")
+            return
+        except Refusal as refusal:
+            self._refuse(annotation_id, refusal, actor, refusal.reason)
+            return
+        with self.index.reader() as r:
+            revision = r.annotations.get(annotation_id)["revision"]
+        self._check(annotation_id, revision, grid, masks, actor)
+
+    def _wait(self, annotation_id: int, missing: NotYetStored, actor: Actor) -> None:
+        """An annotation found to miss images after it was received waits for them."""
+        try:
+            with self.index.transaction() as tx:
+                entry = self.states.move(tx, annotation_id, S.PENDING, actor,
+                                         reason=missing.reason)
+        except TransitionRefused:
+            return
+        self.audit.committed(entry)
+
+    def _refuse(self, annotation_id: int, refusal: Refusal, actor: Actor, reason: str) -> None:
+        """A pending annotation becomes ``refused`` with why; its objects stay stored
+        (they were answered 0x0000) and are marked refused with the same reason."""
+        try:
+            with self.index.transaction() as tx:
+                tx.annotations.refuse_objects(annotation_id, refusal.check, reason)
+                entry = self.states.move(tx, annotation_id, S.REFUSED, actor, reason=reason,
+                                         detail={"check": refusal.check})
+        except TransitionRefused:  # a new object moved it meanwhile: its own look decides
+            return
+        self.audit.committed(entry)
+        log.info("pending annotation refused", extra={"fields": {
+            "annotation_id": annotation_id, "check": refusal.check}})
+
+    def _closed(self, info: ClaimInfo) -> IngestRefusal | None:
+        """An object for an annotation in review (or approved) is refused: a signed or
+        adjudicated annotation takes no new object; it is sent as a new annotation."""
+        with self.index.reader() as r:
+            row = r.annotations.by_key(info.key)
+        if row is None or row["state"] == S.RECEIVED or S.RECEIVED in TRANSITIONS[S(row["state"])]:
+            return None
+        return IngestRefusal("review", f"annotation {row['id']} is {row['state']};"
+                                       " it takes no new object")
 
     def _check(self, annotation_id: int, revision: int, grid: SeriesGrid, masks: list[Mask],
                actor: Actor) -> CheckReport:
@@ -376,10 +567,15 @@ class AnnotationService:
                 annotation_id, revision, self.protocol.name, self.protocol.sha256,
                 structure_rows(masks, summaries), finding_rows(grid, findings), utc_now())
             if check_id is not None:
-                entry = self.audit.append(tx, "annotation.checked", actor, {
-                    "annotation_id": annotation_id, "check_id": check_id, "revision": revision,
-                    "protocol_sha256": self.protocol.sha256, "structures": len(masks),
-                    "findings": sorted({f.check for f in findings})})
+                detail = {"check_id": check_id, "revision": revision,
+                          "protocol_sha256": self.protocol.sha256, "structures": len(masks),
+                          "findings": sorted({f.check for f in findings})}
+                state = S(tx.annotations.get(annotation_id)["state"])
+                if state in (S.RECEIVED, S.PENDING):
+                    entry = self.states.move(tx, annotation_id, S.CHECKED, actor, detail=detail)
+                else:  # a re-check (new protocol) leaves the review state as it is
+                    entry = self.audit.append(tx, "annotation.checked", actor,
+                                              {"annotation_id": annotation_id, **detail})
         if entry is not None:
             self.audit.committed(entry)
         return CheckReport(annotation_id, check_id, findings)
@@ -394,8 +590,22 @@ class AnnotationService:
         tx.annotations.insert_object(annotation_id, info.sop_instance_uid, info.sop_class_uid,
                                      receipt, refusal=(refusal.check, refusal.reason),
                                      quarantine_id=quarantine_id)
-        tx.annotations.settle_refused(annotation_id, now)
-        return self.audit.append(tx, "annotation.refused", claim.incoming.source.actor, {
+        actor = claim.incoming.source.actor
+        entry = self.audit.append(tx, "annotation.refused", actor, {
             "annotation_id": annotation_id, "quarantine_id": quarantine_id,
             "sha256": receipt.blob_sha256, "check": refusal.check, "reason": refusal.reason},
             outcome="minor-failure")
+        state = S(tx.annotations.get(annotation_id)["state"])
+        if (S.REFUSED in TRANSITIONS[state]
+                and not tx.annotations.current_objects(annotation_id)):
+            entry = self.states.move(tx, annotation_id, S.REFUSED, actor, reason=refusal.reason,
+                                     detail={"check": refusal.check})
+        return entry
+
+
+def _seconds_since(stamp: str | None) -> float:
+    """Seconds since an index time stamp (``utc_now``'s ISO form); 0 when unknown."""
+    if not stamp:
+        return 0.0
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (datetime.now(UTC) - then).total_seconds()

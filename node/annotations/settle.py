@@ -50,10 +50,12 @@ class SettleQueue:
             thread.join()
         self.flush()
 
-    def touch(self, key: Hashable, context: object = None) -> None:
-        """(Re)schedule ``key``: its job runs when no touch came for ``settle_seconds``."""
+    def touch(self, key: Hashable, context: object = None, delay: float | None = None) -> None:
+        """(Re)schedule ``key``: its job runs when no touch came for ``settle_seconds``
+        (or ``delay``: a pending annotation's next look is at the end of its wait)."""
+        wait = self.settle_seconds if delay is None else max(0.0, delay)
         with self._changed:
-            self._due[key] = (time.monotonic() + self.settle_seconds, context)
+            self._due[key] = (time.monotonic() + wait, context)
             self._changed.notify()
 
     def pending(self) -> int:

@@ -98,7 +98,7 @@ class AnnotationStates:
         before = AnnotationState(row["state"])
         if after not in TRANSITIONS[before]:
             raise TransitionRefused(f"annotation {annotation_id} is {before}, it cannot become {after}")
-        if not tx.annotations.set_state(annotation_id, before, after, utc_now()):
+        if not tx.annotations.set_state(annotation_id, before, after, utc_now(), reason):
             raise TransitionRefused(f"annotation {annotation_id} changed state meanwhile")
         transition = Transition(annotation_id, before, after, actor, reason, dict(detail or {}))
         event = {"annotation_id": annotation_id, "from": str(before), "to": str(after),

@@ -10,6 +10,8 @@ Checks, in the order they run:
 * ``seg-format``     the object is a SEG highdicom can read (raised by intake);
 * ``series``         the referenced series is named and stored;
 * ``instances``      every referenced source instance is stored in that series;
+                     (these two, when only storage is missing, raise
+                     :class:`NotYetStored`: the images may still be on their way)
 * ``frame-of-reference``  the annotation's FrameOfReferenceUID is the series';
 * ``plane-position`` every SEG frame lies on a source slice (within the
                      protocol's tolerance), in the series' orientation, size
@@ -45,6 +47,12 @@ class Refusal(Exception):
         return f"{self.check}: {self.detail}"
 
 
+class NotYetStored(Refusal):
+    """What the annotation references is not stored (yet): a PACS forwarding a study
+    sends its objects in any order, so the annotation waits (``pending``) rather than
+    being refused at once; it is refused with this reason only if the images never come."""
+
+
 def seg_source_series(obj: SegObject) -> str:
     """The one series a SEG is drawn on, from its ReferencedSeriesSequence.
 
@@ -61,14 +69,15 @@ def seg_source_series(obj: SegObject) -> str:
 def check_seg(obj: SegObject, grid: SeriesGrid | None, tolerance: float) -> dict[int, int]:
     """Run the SEG reference checks; returns each frame's grid slice (frame number → k)."""
     if grid is None:
-        raise Refusal("series", "referenced series is not stored")
+        raise NotYetStored("series", "referenced series is not stored")
     listed = obj.referenced_series.get(grid.series_instance_uid, ())
     for n, uid in enumerate(listed, start=1):
         if grid.slice_of(uid) is None:
-            raise Refusal("instances", f"referenced instance {n} of {len(listed)} is not stored")
+            raise NotYetStored("instances",
+                               f"referenced instance {n} of {len(listed)} is not stored")
     for frame in obj.frames:
         if frame.source_uid is not None and grid.slice_of(frame.source_uid) is None:
-            raise Refusal("instances", f"frame {frame.number}: source image not stored")
+            raise NotYetStored("instances", f"frame {frame.number}: source image not stored")
     if obj.frame_of_reference_uid != grid.frame_of_reference_uid:
         raise Refusal("frame-of-reference", "differs from the referenced series'")
     if (obj.rows, obj.columns) != (grid.rows, grid.columns):

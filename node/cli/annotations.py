@@ -46,12 +46,15 @@ def annotations() -> None:
 
 @annotations.command("list")
 @node_options
-@click.option("--state", type=click.Choice(["received", "checked", "refused"]))
+@click.option("--state", type=click.Choice([
+    "received", "pending", "checked", "refused", "needs-adjudication", "adjudicated",
+    "approved", "rejected"]))
 @click.option("--series", "series_uid", help="Only annotations of this source series.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_annotations(settings: Settings, state: str | None, series_uid: str | None,
                      as_json: bool) -> None:
-    """One line per annotation: id, kind, state, verdict, counts, annotator, series."""
+    """One line per annotation: id, kind, state, verdict, counts, annotator, series, and
+    why it is in its state (what a pending one waits for, why one was refused)."""
     with node_context(settings) as ctx, ctx.index.reader() as r:
         rows = r.annotations.list(state, series_uid)
     if as_json:
@@ -64,7 +67,8 @@ def list_annotations(settings: Settings, state: str | None, series_uid: str | No
         who = r["annotator_ae"] + (f"/{r['annotator_person']}" if r["annotator_person"] else "")
         click.echo(f"{r['id']:>5}  {r['kind']:<7} {r['state']:<8} {r['verdict'] or '-':<8} "
                    f"{r['findings']:>8} {r['structures']:>6} {r['objects']:>7} {r['refused']:>7}"
-                   f"  {who}  {r['source_series_uid'] or '-'}")
+                   f"  {who}  {r['source_series_uid'] or '-'}"
+                   + (f"  ({r['state_reason']})" if r["state_reason"] else ""))
 
 
 @annotations.command("show")

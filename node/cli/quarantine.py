@@ -29,8 +29,10 @@ def quarantine_list(settings: Settings, include_released: bool) -> None:
         entries = ctx.quarantine.list(include_released)
     for e in entries:
         released = f"  [released {e.released_at}]" if e.released_at else ""
+        again = (f"  [received {e.times_received} times, last {e.last_received_at}]"
+                 if e.times_received > 1 else "")
         click.echo(f"{e.id:>6}  {e.received_at}  {e.calling_ae:<16} 0x{e.status_code:04X}"
-                   f"  {e.reason}{released}")
+                   f"  {e.reason}{again}{released}")
     click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
 
 

@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import AuditEntry, AuditTrail, utc_now
-from node.ingest.quarantine import QuarantineArea, Refused
+from node.ingest.quarantine import AlreadyReleased, QuarantineArea, QuarantineEntry, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
 from node.ingest.types import (
@@ -330,10 +330,21 @@ class IngestService:
                               _uid(dataset, k) for k in ("SOPClassUID", "SOPInstanceUID",
                                                           "SeriesInstanceUID")))
         with self.index.transaction() as tx:
-            qid = tx.quarantine.insert(refused.row(incoming.blob, incoming.source, area="blobs",
-                                                   sealed=False,
-                                                   received_at=incoming.receipt.received_at))
-            entry = claim.refused(tx, refusal, qid)
+            waiting = tx.quarantine.with_received(incoming.blob.sha256, released=False)
+            if waiting is not None:  # the same refused bytes again: one entry, counted
+                qid = waiting.id
+                entry = self.audit.append(
+                    tx, "instance.quarantined-again", incoming.source.actor,
+                    {"quarantine_id": qid, "sha256": incoming.blob.sha256,
+                     "times_received": tx.quarantine.seen_again(qid, utc_now()),
+                     "status": code.code, "sop_instance_uid": refused.sop_instance_uid},
+                    outcome="minor-failure")
+            else:
+                qid = tx.quarantine.insert(refused.row(
+                    incoming.blob, incoming.source, area="blobs", sealed=False,
+                    received_at=incoming.receipt.received_at,
+                    received_sha256=incoming.blob.sha256))
+                entry = claim.refused(tx, refusal, qid)
         self._committed([entry])
         log.info("claimed object refused", extra={"fields": {
             "kind": claim.kind, "check": refusal.check, "sha256": incoming.blob.sha256}})
@@ -378,12 +389,28 @@ class IngestService:
                                                f.rule == "type2_missing"))
 
     def _quarantine(self, spooled: Path, source: Source, refused: Refused) -> StoreResult:
+        """Keep refused bytes, unless a person released these exact bytes before: then
+        they are stored already (the release stored them), and the answer says so.
+
+        The released-resend lookup needs the hash of the received file, so it is made
+        here, for objects about to be refused only: the answer is the one a lookup
+        before validation would give, without hashing every received object."""
         try:
-            qid, sha256 = self.quarantine.keep(spooled, source, refused)
+            try:
+                qid, sha256 = self.quarantine.keep(spooled, source, refused)
+            except AlreadyReleased as released:
+                return self._released_resend(released.entry, source)
         except (OSError, IndexUnavailable) as exc:
             return self._failed(source, f"cannot quarantine: {_plain(exc)}",
                                 refused.sop_instance_uid)
         return self._quarantined(refused, qid, sha256)
+
+    def _released_resend(self, released: QuarantineEntry, source: Source) -> StoreResult:
+        """An identical resend of bytes a person released: answered like any resend."""
+        self.audit.record("instance.resend", source.actor, {
+            "sop_instance_uid": released.sop_instance_uid, "released_quarantine_id": released.id,
+            "received_sha256": released.received_sha256})
+        return StoreResult(Outcome(status.SUCCESS), "resend", released.sop_instance_uid)
 
     def _quarantine_stored(self, blob: BlobRef, source: Source, refused: Refused) -> StoreResult:
         try:

@@ -9,10 +9,17 @@ deletes them. A person can list and show entries, export the bytes to repair
 them elsewhere, or release one: release re-runs the ingest pipeline on the
 kept bytes with an override that turns the rejecting findings into recorded
 ones, and audits who did it and why.
+
+Identical refused bytes are one entry: a peer that retries a refused object
+(many do, on every failure status) bumps the entry's count and last-seen time
+instead of adding a row per send. Entries are matched by the hash of the bytes
+as received, which the row keeps because the sealed blob's own hash differs on
+every seal (a fresh nonce).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +54,7 @@ class Refused:
         return self.findings[0].message if self.findings else "refused"
 
     def row(self, blob: BlobRef, source: Source, *, area: str, sealed: bool,
-            received_at: str) -> NewQuarantine:
+            received_at: str, received_sha256: str = "") -> NewQuarantine:
         """The quarantine row. ``area`` says where the bytes are: ``quarantine`` (this
         area), or ``blobs`` for an annotation refused after its route, whose
         de-identified bytes stay in the blob store under its annotation object. A
@@ -59,7 +66,15 @@ class Refused:
             source.address, source.association_id, received_at, area,
             self.transfer_syntax_uid, self.sop_class_uid, self.sop_instance_uid,
             self.series_instance_uid, [f.as_dict() for f in self.findings], sealed,
-            source.route if sealed else "deidentified")
+            source.route if sealed else "deidentified", received_sha256)
+
+
+class AlreadyReleased(Exception):
+    """The bytes to keep were released from quarantine before: they are stored."""
+
+    def __init__(self, entry: QuarantineRow) -> None:
+        super().__init__(f"released as quarantine entry {entry.id}")
+        self.entry = entry
 
 
 class QuarantineArea:
@@ -74,24 +89,63 @@ class QuarantineArea:
         self.sealer = sealer
 
     def keep(self, spooled: Path, source: Source, refused: Refused) -> tuple[int, str]:
-        """Seal received bytes into the area and record why; returns (quarantine ID, sha256).
+        """Seal received bytes into the area and record why; returns (quarantine ID, sha256
+        of the kept blob). Bytes already waiting in quarantine are counted on their entry.
 
         Quarantine is rare, so holding one refused object in memory to seal it
         is an accepted cost.
         """
-        blob = self.store.put_bytes(self.sealer.seal(spooled.read_bytes()))
-        return self._record(blob, source, refused, sealed=True), blob.sha256
+        data = spooled.read_bytes()
+        received = hashlib.sha256(data).hexdigest()
+        released = self._released(received)
+        if released is not None:
+            raise AlreadyReleased(released)
+        with self.index.reader() as r:
+            waiting = r.quarantine.with_received(received, released=False)
+        if waiting is not None:
+            again = self._again(received, source, refused)
+            if again is not None:
+                return again
+        blob = self.store.put_bytes(self.sealer.seal(data))
+        return self._record(blob, source, refused, sealed=True, received=received), blob.sha256
 
     def keep_stored_blob(self, blob: BlobRef, source: Source, refused: Refused) -> int:
         """Quarantine bytes already in the blob store (refused inside the index
         transaction): the area keeps them too (a local store links them, copying nothing)."""
+        again = self._again(blob.sha256, source, refused)
+        if again is not None:
+            return again[0]
         self.store.copy_from(self.blobs, blob.sha256)
-        return self._record(blob, source, refused, sealed=False)
+        return self._record(blob, source, refused, sealed=False, received=blob.sha256)
 
-    def _record(self, blob: BlobRef, source: Source, refused: Refused, *, sealed: bool) -> int:
+    def _released(self, received: str) -> QuarantineRow | None:
+        """The released entry these exact received bytes were once kept under, if any:
+        a resend of what a person let in is already stored, not refused again."""
+        with self.index.reader() as r:
+            return r.quarantine.with_received(received, released=True)
+
+    def _again(self, received: str, source: Source,
+               refused: Refused) -> tuple[int, str] | None:
+        """Count a resend on the waiting entry of these bytes (None: there is none)."""
+        with self.index.transaction() as tx:
+            entry = tx.quarantine.with_received(received, released=False)
+            if entry is None:
+                return None
+            times = tx.quarantine.seen_again(entry.id, utc_now())
+            event = self.audit.append(
+                tx, "instance.quarantined-again", source.actor,
+                {"quarantine_id": entry.id, "sha256": entry.sha256, "times_received": times,
+                 "status": refused.status_code, "sop_instance_uid": refused.sop_instance_uid},
+                outcome="minor-failure")
+        self.audit.committed(event)
+        return entry.id, entry.sha256
+
+    def _record(self, blob: BlobRef, source: Source, refused: Refused, *, sealed: bool,
+                received: str) -> int:
         with self.index.transaction() as tx:
             qid = tx.quarantine.insert(refused.row(blob, source, area="quarantine",
-                                                   sealed=sealed, received_at=utc_now()))
+                                                   sealed=sealed, received_at=utc_now(),
+                                                   received_sha256=received))
             entry = self.audit.append(
                 tx, "instance.quarantined", source.actor,
                 {"quarantine_id": qid, "sha256": blob.sha256, "status": refused.status_code,

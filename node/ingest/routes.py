@@ -8,7 +8,13 @@
   its pseudonym; one that still carries patient identity is de-identified too,
   keeping the pseudonymous UIDs it already references so its links hold
   (unless its patient is already our pseudonym with identity typed back in:
-  that one is quarantined for a person to look at).
+  that one is quarantined for a person to look at). An annotation drawn on a
+  study stored as it was received (from a ``deidentified`` peer: a public
+  collection with its own IDs) names that study's patient exactly as stored:
+  it is matched to the stored objects as they are, never pseudonymised a
+  second time; and when an annotation is de-identified, every UID the index
+  holds (study, series, instance, frame of reference) is kept, so only
+  identifiers neither stored nor known originals get new pseudonyms.
 * ``deidentified`` peers vouch that their objects were de-identified upstream
   (a research archive behind its own de-identification gateway): they are
   stored exactly as received.
@@ -34,7 +40,7 @@ from node.anonymize.anonymizer import (
 )
 from node.anonymize.keys import ProjectKey
 from node.anonymize.reidmap import ReidentificationMap
-from node.storage.interface import Index, Transaction
+from node.storage.interface import Index, Reader, Transaction
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,18 @@ class Router:
                 # Our pseudonym plus identity typed back in: de-identifying again would
                 # pseudonymise the pseudonym and shift shifted dates. A person decides.
                 raise DeidentificationError(f"annotation still carries identity: {reason}")
+            if _names_stored_patient(reader, remapped):
+                # Drawn on a study stored as it was received (a `deidentified` source):
+                # it carries nothing the stored study does not, and is matched to it as is.
+                return Prepared(remapped, (), None, "annotator")
+
+            def kept(uid: str) -> bool:
+                return known(uid) or reader.instances.holds_uid(uid)
+
             # Built on the clinical original (the tool had it from the PACS): the same
-            # keyed rules give the same pseudonyms and date shift as the stored study.
-            result = self.annotation_deidentifier.deidentify(remapped, keep_uid=known)
+            # keyed rules give the same pseudonyms and date shift as the stored study;
+            # references to objects stored as they are keep their UIDs.
+            result = self.annotation_deidentifier.deidentify(remapped, keep_uid=kept)
         return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
 
     def record(self, tx: Transaction, prepared: Prepared, sop_instance_uid: str,
@@ -102,3 +117,13 @@ class Router:
         if prepared.evidence is not None:
             tx.evidence.put(sop_instance_uid, study_instance_uid, prepared.route,
                             prepared.evidence)
+
+
+def _names_stored_patient(reader: Reader, ds: Dataset) -> bool:
+    """The object's study is stored, under exactly the PatientID and issuer it names."""
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    if not study:
+        return False
+    stored = reader.instances.patient_of_study(study)
+    return stored == (str(ds.get("PatientID", "") or ""),
+                      str(ds.get("IssuerOfPatientID", "") or ""))

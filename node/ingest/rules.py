@@ -7,6 +7,14 @@ against it without pulling in pydicom or the standard's tables.
 gets 0xA900; a series that breaks it is ``incomplete``.
 ``warn``: the instance is stored (the series is ``complete``) and the finding
 is recorded in the index.
+
+The defaults follow what PACS (DCMTK, Orthanc, dcm4chee) store: what makes an
+object unusable or unplaceable refuses it (a Type 1 attribute missing or empty,
+a bad UID, a wrong pixel length, impossible geometry, a SOP class / modality
+mismatch); a Type 2 attribute left out, which scanners routinely do
+(EchoTrainLength, PositionReferenceIndicator, AcquisitionNumber,
+SliceThickness), is stored with a recorded finding. Type 3 attributes are
+never required. config/node.toml shows the whole table.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ INSTANCE_RULES: dict[str, str] = {
     "sop_class": REJECT,
     "type1_missing": REJECT,
     "type1_empty": REJECT,
-    "type2_missing": REJECT,
+    "type2_missing": WARN,
     "uid_syntax": REJECT,
     "pixel_data": REJECT,
     "orientation": REJECT,
     "spacing": REJECT,
+    "slice_thickness": WARN,
     "modality": REJECT,
     "file_meta": REJECT,
     "patient_conflict": REJECT,

@@ -451,7 +451,8 @@ def _spacing(ds: Dataset) -> list[Finding]:
     thickness = _floats(ds, 0x00180050)
     if thickness is not None and (len(thickness) != 1 or thickness[0] <= 0):
         shown = f"{thickness[0]:g}" if thickness else "not a number"
-        findings.append(Finding("spacing", f"SliceThickness (0018,0050) not positive:"
+        # SliceThickness is Type 2 (CT, MR): its own rule, which warns by default.
+        findings.append(Finding("slice_thickness", f"SliceThickness (0018,0050) not positive:"
                                 f" {shown[:16]}", "SliceThickness", "(0018,0050)"))
     return findings
 

@@ -69,6 +69,9 @@ class InstanceReads(Protocol):
     def stored(self, sop_instance_uid: str) -> StoredRef | None:
         """The indexed instance with this UID: its blob and series."""
 
+    def holds_uid(self, uid: str) -> bool:
+        """Is ``uid`` a stored study, series, instance or frame of reference?"""
+
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
         """(PatientID, IssuerOfPatientID) a known study is stored under."""
 
@@ -91,6 +94,12 @@ class AnnotationReads(Protocol):
     def get(self, annotation_id: int) -> Row | None: ...
     def list(self, state: str | None = None, series_uid: str | None = None) -> list[Row]: ...
     def in_state(self, state: str) -> list[int]: ...
+    def by_key(self, key: str) -> Row | None:
+        """The annotation filed under ``key`` (``seg|UID``, ``overlay|series|AE|person``)."""
+
+    def waiting_on_series(self, series_uid: str) -> list[int]:
+        """The ``pending`` annotations drawn on this series (to look at when it grows)."""
+
     def current_objects(self, annotation_id: int) -> list[Row]: ...
     def refused_objects(self, annotation_id: int) -> list[Row]: ...
     def object_with_blob(self, sha256: str) -> Row | None:
@@ -107,6 +116,8 @@ class QuarantineReads(Protocol):
     def list(self, include_released: bool = False) -> list[QuarantineRow]: ...
     def get(self, quarantine_id: int) -> QuarantineRow | None: ...
     def for_instance(self, sop_instance_uid: str) -> list[QuarantineRow]: ...
+    def with_received(self, received_sha256: str, released: bool) -> QuarantineRow | None:
+        """The entry (waiting, or released) kept for these exact received bytes."""
 
 
 class AuditReads(Protocol):
@@ -204,22 +215,36 @@ class Annotations(AnnotationReads, Protocol):
     def upsert(self, kind: str, key: str, series_uid: str, annotator_ae: str,
                annotator_address: str, annotator_person: str, now: str, *,
                accepted: bool) -> tuple[int, int]:
-        """(id, revision) of the annotation, created on first sight."""
+        """(id, revision) of the annotation, created on first sight (``received``, or
+        ``refused`` when its first object is refused); an accepted object bumps the
+        revision of an existing one. Never changes an existing annotation's state:
+        the state machine (node/annotations/states.py) does."""
 
     def insert_object(self, annotation_id: int, sop_instance_uid: str, sop_class_uid: str,
                       receipt: Receipt, *, slice_index: int | None = None,
                       refusal: tuple[str, str] | None = None,
                       quarantine_id: int | None = None) -> int: ...
     def insert_rois(self, object_id: int, rois: Iterable[RoiRow]) -> None: ...
-    def settle_refused(self, annotation_id: int, now: str) -> None: ...
-    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
-        """Compare-and-set of the state; False when it was no longer ``before``.
-        Only node/annotations/states.py calls this."""
+    def place_object(self, object_id: int, slice_index: int, rois: Iterable[RoiRow]) -> None:
+        """An overlay copy that came before its slice, checked now: on its slice, with its
+        planes; of two current copies of one slice the newer stays current."""
+
+    def refuse_object(self, object_id: int, check: str, reason: str) -> None: ...
+
+    def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
+        """Mark the annotation's current objects refused with why (a pending annotation
+        whose images never came); returns how many."""
+
+    def set_state(self, annotation_id: int, before: str, after: str, now: str,
+                  reason: str = "") -> bool:
+        """Compare-and-set of the state (with why, and since ``now``); False when it was
+        no longer ``before``. Only node/annotations/states.py calls this."""
 
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
                      findings: list[AnnotationFindingRow], now: str) -> int | None:
-        """Store one check run and make it current; None when a newer object arrived."""
+        """Store one check run and make it current (the state is the caller's move);
+        None when a newer object arrived."""
 
 
 @dataclass(frozen=True)
@@ -242,10 +267,14 @@ class NewQuarantine:
     findings: list[dict[str, str]]
     sealed: bool
     route: str
+    #: SHA-256 of the bytes as received (the sealed blob's hash differs on every seal).
+    received_sha256: str = ""
 
 
 class Quarantine(QuarantineReads, Protocol):
     def insert(self, entry: NewQuarantine) -> int: ...
+    def seen_again(self, quarantine_id: int, now: str) -> int:
+        """Count one more identical send of a waiting entry; returns the new count."""
     def mark_released(self, quarantine_id: int, released_at: str, released_by: str,
                       reason: str) -> None: ...
 

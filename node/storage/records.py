@@ -281,6 +281,10 @@ class QuarantineRow:
     release_reason: str | None
     sealed: bool
     route: str
+    received_sha256: str = ""
+    #: Identical sends of these bytes (one entry for all of them) and the last one's time.
+    times_received: int = 1
+    last_received_at: str | None = None
 
 
 # --- audit --------------------------------------------------------------------

@@ -131,6 +131,14 @@ class SqliteInstances(_Repo):
             (sop_instance_uid,)).fetchone()
         return StoredRef(sop_instance_uid, row[0], row[1]) if row else None
 
+    def holds_uid(self, uid: str) -> bool:
+        return self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM study WHERE study_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM series WHERE series_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM instance WHERE sop_instance_uid = ?)"
+            " OR EXISTS (SELECT 1 FROM instance_geometry WHERE frame_of_reference_uid = ?)",
+            (uid, uid, uid, uid)).fetchone()[0] == 1
+
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
         row = self.conn.execute(
             "SELECT p.patient_id, p.issuer_of_patient_id FROM study s"
@@ -351,26 +359,22 @@ class SqliteAnnotations(_Repo):
     def upsert(self, kind: str, key: str, series_uid: str, annotator_ae: str,
                annotator_address: str, annotator_person: str, now: str, *,
                accepted: bool) -> tuple[int, int]:
-        """An accepted object bumps the revision and puts the annotation back to
-        ``received`` until its check is recorded; a refused one leaves an existing
-        annotation as it is (a new one starts ``refused``)."""
         row = self.conn.execute("SELECT id, revision FROM annotation WHERE key = ?",
                                 (key,)).fetchone()
         if row is None:
             annotation_id = self._id(
                 "INSERT INTO annotation (kind, key, source_series_uid, annotator_ae,"
-                " annotator_address, annotator_person, state, revision, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                " annotator_address, annotator_person, state, revision, created_at, updated_at,"
+                " state_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (kind, key, series_uid, annotator_ae, annotator_address, annotator_person,
-                 "received" if accepted else "refused", 1 if accepted else 0, now, now))
+                 "received" if accepted else "refused", 1 if accepted else 0, now, now, now))
             return annotation_id, 1 if accepted else 0
         annotation_id, revision = row
         if accepted:
             revision += 1
             self.conn.execute(
-                "UPDATE annotation SET state = 'received', revision = ?, updated_at = ?,"
-                " source_series_uid = ? WHERE id = ?",
-                (revision, now, series_uid, annotation_id))
+                "UPDATE annotation SET revision = ?, updated_at = ?, source_series_uid = ?"
+                " WHERE id = ?", (revision, now, series_uid, annotation_id))
         return annotation_id, revision
 
     def insert_object(self, annotation_id: int, sop_instance_uid: str, sop_class_uid: str,
@@ -425,16 +429,38 @@ class SqliteAnnotations(_Repo):
             " WHERE o.blob_sha256 = ? AND o.state = 'current'", (sha256,)).fetchone()
         return dict(row) if row else None
 
-    def settle_refused(self, annotation_id: int, now: str) -> None:
+    def place_object(self, object_id: int, slice_index: int, rois: Iterable[RoiRow]) -> None:
+        (annotation_id,) = self.conn.execute(
+            "SELECT annotation_fk FROM annotation_object WHERE id = ?", (object_id,)).fetchone()
+        newer = self.conn.execute(
+            "SELECT 1 FROM annotation_object WHERE annotation_fk = ? AND state = 'current'"
+            " AND slice_index = ? AND id > ?", (annotation_id, slice_index, object_id)).fetchone()
+        if newer is None:
+            self.conn.execute(
+                "UPDATE annotation_object SET state = 'superseded' WHERE annotation_fk = ?"
+                " AND state = 'current' AND slice_index = ?", (annotation_id, slice_index))
         self.conn.execute(
-            "UPDATE annotation SET state = 'refused', updated_at = ? WHERE id = ? AND NOT EXISTS"
-            " (SELECT 1 FROM annotation_object WHERE annotation_fk = ? AND state = 'current')",
-            (now, annotation_id, annotation_id))
+            "UPDATE annotation_object SET slice_index = ?, state = ? WHERE id = ?",
+            (slice_index, "superseded" if newer else "current", object_id))
+        self.insert_rois(object_id, rois)
 
-    def set_state(self, annotation_id: int, before: str, after: str, now: str) -> bool:
+    def refuse_object(self, object_id: int, check: str, reason: str) -> None:
+        self.conn.execute(
+            "UPDATE annotation_object SET state = 'refused', refusal_check = ?,"
+            " refusal_reason = ? WHERE id = ?", (check, reason, object_id))
+
+    def refuse_objects(self, annotation_id: int, check: str, reason: str) -> int:
         return self.conn.execute(
-            "UPDATE annotation SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
-            (after, now, annotation_id, before)).rowcount == 1
+            "UPDATE annotation_object SET state = 'refused', refusal_check = ?,"
+            " refusal_reason = ? WHERE annotation_fk = ? AND state = 'current'",
+            (check, reason, annotation_id)).rowcount
+
+    def set_state(self, annotation_id: int, before: str, after: str, now: str,
+                  reason: str = "") -> bool:
+        return self.conn.execute(
+            "UPDATE annotation SET state = ?, state_reason = ?, state_since = ?, updated_at = ?"
+            " WHERE id = ? AND state = ?",
+            (after, reason, now, now, annotation_id, before)).rowcount == 1
 
     def record_check(self, annotation_id: int, revision: int, protocol_name: str,
                      protocol_sha256: str, structures: list[StructureRow],
@@ -461,8 +487,8 @@ class SqliteAnnotations(_Repo):
             [(check_id, annotation_id, f.check_name, f.structure_id, f.label, f.slices,
               f.detail) for f in findings])
         self.conn.execute(
-            "UPDATE annotation SET state = 'checked', current_check_fk = ?, updated_at = ?"
-            " WHERE id = ?", (check_id, now, annotation_id))
+            "UPDATE annotation SET current_check_fk = ?, updated_at = ? WHERE id = ?",
+            (check_id, now, annotation_id))
         return check_id
 
     def list(self, state: str | None = None, series_uid: str | None = None) -> list[Row]:
@@ -496,6 +522,15 @@ class SqliteAnnotations(_Repo):
             (annotation_id,)).fetchone()
         return dict(row) if row else None
 
+    def by_key(self, key: str) -> Row | None:
+        row = self.conn.execute("SELECT * FROM annotation WHERE key = ?", (key,)).fetchone()
+        return dict(row) if row else None
+
+    def waiting_on_series(self, series_uid: str) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM annotation WHERE source_series_uid = ? AND state = 'pending'"
+            " ORDER BY id", (series_uid,))]
+
     def in_state(self, state: str) -> list[int]:
         return [r[0] for r in self.conn.execute(
             "SELECT id FROM annotation WHERE state = ? ORDER BY id", (state,))]
@@ -519,7 +554,7 @@ def _quarantine_row(row: sqlite3.Row) -> QuarantineRow:
         row["blob_sha256"], row["blob_size"], row["area"], row["transfer_syntax_uid"],
         row["sop_class_uid"], row["sop_instance_uid"], row["series_instance_uid"],
         row["released_at"], row["released_by"], row["release_reason"], bool(row["sealed"]),
-        row["route"])
+        row["route"], row["received_sha256"], row["times_received"], row["last_received_at"])
 
 
 class SqliteQuarantine(_Repo):
@@ -529,13 +564,27 @@ class SqliteQuarantine(_Repo):
         return self._id(
             "INSERT INTO quarantine (blob_sha256, blob_size, reason, status_code, calling_ae,"
             " association_id, received_at, area, address, transfer_syntax_uid,"
-            " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " sop_class_uid, sop_instance_uid, series_instance_uid, findings, sealed, route,"
+            " received_sha256, last_received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (entry.sha256, entry.size, entry.reason, entry.status_code, entry.calling_ae,
              entry.association_id, entry.received_at, entry.area, entry.address,
              entry.transfer_syntax_uid, entry.sop_class_uid, entry.sop_instance_uid,
              entry.series_instance_uid, json.dumps(entry.findings), int(entry.sealed),
-             entry.route))
+             entry.route, entry.received_sha256, entry.received_at))
+
+    def seen_again(self, quarantine_id: int, now: str) -> int:
+        return self.conn.execute(
+            "UPDATE quarantine SET times_received = times_received + 1, last_received_at = ?"
+            " WHERE id = ? RETURNING times_received", (now, quarantine_id)).fetchone()[0]
+
+    def with_received(self, received_sha256: str, released: bool) -> QuarantineRow | None:
+        if not received_sha256:
+            return None
+        row = self.conn.execute(
+            "SELECT * FROM quarantine WHERE received_sha256 = ? AND (released_at IS NOT NULL) = ?"
+            " ORDER BY id LIMIT 1", (received_sha256, int(released))).fetchone()
+        return _quarantine_row(row) if row else None
 
     def mark_released(self, quarantine_id: int, released_at: str, released_by: str,
                       reason: str) -> None:
