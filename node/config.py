@@ -82,6 +82,18 @@ class IndexSettings:
 @dataclass(frozen=True)
 class AuditSettings:
     signing_key: Path = Path("./keys/audit-signing.pem")
+    #: A second place for signed checkpoints, outside the data folder (rollback detection);
+    #: None: only the head beside the index.
+    checkpoint_path: Path | None = None
+    checkpoint_interval: float = 60.0  # seconds: the longest a checkpoint lags while events come
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """Electronic signatures (issue 10 §4)."""
+
+    allow_self_approval: bool = False
+    lock_after: int = 5  # wrong passphrases in a row before the user is locked
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     peers: tuple[Peer, ...] = ()
     annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
 
     @property
     def index_path(self) -> Path:
@@ -240,7 +253,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations"}:
+                       "peers", "annotations", "review"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -282,9 +295,27 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 
     s = _section(raw, "audit", set(AuditSettings.__dataclass_fields__))
+    checkpoint_path = _get(s, "audit", "checkpoint_path", str, "")
     audit = AuditSettings(
-        signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key)))
+        signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key))),
+        checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
+        checkpoint_interval=_get(s, "audit", "checkpoint_interval", float,
+                                 AuditSettings.checkpoint_interval),
     )
+    _range(audit.checkpoint_interval, 1, 86400, "audit.checkpoint_interval")
+    if audit.checkpoint_path is not None and audit.checkpoint_path.resolve().is_relative_to(
+            storage.data.resolve()):
+        raise ConfigError("audit.checkpoint_path: must be outside the data folder"
+                          f" ({storage.data})")
+
+    s = _section(raw, "review", set(ReviewSettings.__dataclass_fields__))
+    allow_self = s.get("allow_self_approval", ReviewSettings.allow_self_approval)
+    if not isinstance(allow_self, bool):
+        raise ConfigError("review.allow_self_approval: must be true or false")
+    review = ReviewSettings(allow_self_approval=allow_self,
+                            lock_after=_get(s, "review", "lock_after", int,
+                                            ReviewSettings.lock_after))
+    _range(review.lock_after, 1, 100, "review.lock_after")
 
     s = _section(raw, "log", set(LogSettings.__dataclass_fields__))
     level = _get(s, "log", "level", str, LogSettings.level).upper()
@@ -310,7 +341,7 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
 
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), _peers(raw.get("peers", {})), annotations)
+                    _validation(raw), _peers(raw.get("peers", {})), annotations, review)
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:

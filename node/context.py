@@ -29,7 +29,7 @@ from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.served import AuditQueue
-from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
+from node.audit.trail import Actor, AuditTrail, ExternalCheckpoints, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
 from node.config import Settings
@@ -39,6 +39,7 @@ from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import Validator
 from node.retrieve import RetrieveService
+from node.review.service import ReviewService
 from node.search import SearchService
 from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
@@ -64,6 +65,8 @@ class NodeContext:
     annotations: AnnotationService
     #: The one annotation state machine; review and forwarding listen to it.
     states: AnnotationStates
+    #: Approve / reject with an electronic signature, users, verify (issue 10 §4).
+    review: ReviewService
     search: SearchService
     retrieve: RetrieveService
     worker: Worker
@@ -112,9 +115,12 @@ class NodeContext:
         blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         quarantined = LocalBlobStore(data / "quarantine", data / "spool")
         # A tool on an existing node makes no signing key up front (status, verify).
+        external = (ExternalCheckpoints(settings.audit.checkpoint_path,
+                                        settings.audit.checkpoint_interval)
+                    if settings.audit.checkpoint_path else None)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key,
-                                                 create_key=not must_exist))
+                                                 create_key=not must_exist, external=external))
         events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
@@ -137,8 +143,10 @@ class NodeContext:
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
+        states = AnnotationStates(audit)
+        review = ReviewService(index, blobs, audit, states, settings.review)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   AnnotationStates(audit), search, retrieve, worker, key, ingest, quarantine)
+                   states, review, search, retrieve, worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:

@@ -6,6 +6,13 @@ show that its tail was cut off (or that an older copy of the file was put
 back), so after every commit the newest (seq, hash) is written, signed with
 Ed25519, to a head file outside the index. ``verify`` checks both.
 
+The head file lives in the data folder, so whoever owns that folder can cut
+the trail's tail and put an older head back. :class:`ExternalCheckpoints`
+closes that gap: the same signed (seq, hash) is also appended to a configured
+second path outside the data folder, at least every ``interval`` seconds while
+events come, at shutdown, and at once at every approval; ``verify`` checks
+every checkpoint there against the chain.
+
 Entries name UIDs, hashes, AE titles and addresses: never a patient name or
 identifier (the callers pass objects built from UIDs and hashes only).
 """
@@ -18,6 +25,7 @@ import hashlib
 import json
 import os
 import threading
+import time as clock
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,15 +84,70 @@ def _canonical(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class HeadCheckpoint:
-    """The newest (seq, hash), signed, in a file beside (not inside) the index."""
+class ExternalCheckpoints:
+    """Signed (seq, hash) checkpoints appended, one JSON line each, to a file outside the
+    data folder: what a restored old head or a cut tail is compared with."""
 
-    def __init__(self, head_path: Path, key_path: Path, *, create_key: bool = True) -> None:
+    def __init__(self, path: Path, interval: float = 60.0) -> None:
+        self.path = path
+        self.interval = interval
+
+    def append(self, seq: int, hash_: str, signature: bytes) -> None:
+        """Append one checkpoint (fsync'd) unless the file already has one as new."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            last = self._last(fd)
+            if last is not None and last >= seq:
+                return
+            line = json.dumps({"seq": seq, "hash": hash_, "time": utc_now(),
+                               "signature": base64.b64encode(signature).decode()})
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _last(fd: int) -> int | None:
+        size = os.fstat(fd).st_size
+        if not size:
+            return None
+        tail = os.pread(fd, min(size, 4096), max(0, size - 4096)).decode(errors="replace")
+        lines = [line for line in tail.splitlines() if line.strip()]
+        try:
+            return int(json.loads(lines[-1])["seq"])
+        except (IndexError, ValueError, KeyError):
+            return None
+
+    def read(self) -> list[tuple[int, str, bytes]] | None:
+        """Every checkpoint, oldest first; None when there is no file."""
+        if not self.path.exists():
+            return None
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                data = json.loads(line)
+                out.append((int(data["seq"]), str(data["hash"]),
+                            base64.b64decode(data["signature"])))
+        return out
+
+
+class HeadCheckpoint:
+    """The newest (seq, hash), signed, in a file beside (not inside) the index, and
+    (when configured) in :class:`ExternalCheckpoints` too."""
+
+    def __init__(self, head_path: Path, key_path: Path, *, create_key: bool = True,
+                 external: ExternalCheckpoints | None = None) -> None:
         """``create_key=False`` (tools on an existing node): a missing key is not made up
         front; one is made only when a head is first written, and :meth:`verify` says
         there is none rather than creating one."""
         self.head_path = head_path
         self.key_path = key_path
+        self.external = external
+        self._external_at = float("-inf")  # monotonic time of the last external checkpoint
+        self._external_seq = 0
+        self._newest: tuple[int, str, bytes] | None = None  # the last head this process signed
         self._key_lock = threading.Lock()
         self._key: Ed25519PrivateKey | None = None
         if create_key or self.key_path.exists():
@@ -148,6 +211,11 @@ class HeadCheckpoint:
         if entry is not None:
             self._write(entry)
 
+    def checkpoint(self, entry: AuditEntry) -> None:
+        """Write ``entry`` as the head and as an external checkpoint now (an approval)."""
+        self._write(entry)
+        self._write_external(force=True)
+
     def close(self) -> None:
         """Write any pending head, end the writer thread and close the lock file."""
         with self._pending_changed:
@@ -157,6 +225,7 @@ class HeadCheckpoint:
         if writer is not None:
             writer.join(timeout=10)
         self.flush()
+        self._write_external(force=True)
         with self._write_lock:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -166,7 +235,12 @@ class HeadCheckpoint:
         while True:
             with self._pending_changed:
                 while self._pending is None and not self._closed:
-                    self._pending_changed.wait()
+                    # With an external copy, wake at its interval: a head written since
+                    # the last one is copied even when no event follows it.
+                    woken = self._pending_changed.wait(
+                        self.external.interval if self.external else None)
+                    if not woken:
+                        self._write_external(force=True)
                 if self._pending is None:  # closed, nothing left to write
                     return
                 entry, self._pending = self._pending, None
@@ -196,8 +270,23 @@ class HeadCheckpoint:
                 tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(body)
                 os.replace(tmp, self.head_path)
+                self._newest = (entry.seq, entry.hash, signature)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._write_external(force=False)
+
+    def _write_external(self, *, force: bool) -> None:
+        """Copy the newest head this process signed to the external checkpoints, when one
+        is configured and it is new, and ``force`` or the interval has passed."""
+        if self.external is None or self._newest is None:
+            return
+        seq, hash_, signature = self._newest
+        if seq <= self._external_seq:
+            return
+        if not force and clock.monotonic() - self._external_at < self.external.interval:
+            return
+        self.external.append(seq, hash_, signature)
+        self._external_seq, self._external_at = seq, clock.monotonic()
 
     def read(self) -> tuple[int, str, bytes] | None:
         if not self.head_path.exists():
@@ -249,8 +338,13 @@ class AuditTrail:
         tx.audit.insert(AuditRow(seq, time, actor_s, action, obj_s, outcome, prev_hash, digest))
         return AuditEntry(seq, digest)
 
-    def committed(self, entry: AuditEntry) -> None:
-        self.checkpoint.advance(entry)
+    def committed(self, entry: AuditEntry, *, checkpoint: bool = False) -> None:
+        """After the commit: move the head to ``entry``; ``checkpoint`` (an approval)
+        writes it and the external checkpoint before returning."""
+        if checkpoint:
+            self.checkpoint.checkpoint(entry)
+        else:
+            self.checkpoint.advance(entry)
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -270,6 +364,10 @@ class AuditTrail:
         self.checkpoint.flush()
         head = self.checkpoint.read()
         hash_at_head = None
+        external = self.checkpoint.external
+        kept = external.read() if external is not None else None
+        wanted = {seq for seq, _, _ in kept or ()}
+        hashes: dict[int, str] = {}
         with self.index.reader() as r:
             for row in r.audit.rows():
                 seq = row.seq
@@ -289,6 +387,8 @@ class AuditTrail:
                     )
                 if head and seq == head[0]:
                     hash_at_head = row.hash
+                if seq in wanted:
+                    hashes[seq] = row.hash
                 prev_hash, expected_seq, count = row.hash, seq + 1, count + 1
         if head is None:
             if count:
@@ -308,4 +408,24 @@ class AuditTrail:
             )
         if hash_at_head != head_hash:
             return VerifyReport(False, count, f"entry {head_seq}: does not match the signed head")
+        if external is not None:
+            problem = self._compare_external(external, kept, hashes, count)
+            if problem:
+                return VerifyReport(False, count, problem)
         return VerifyReport(True, count)
+
+    def _compare_external(self, external: ExternalCheckpoints,
+                          kept: list[tuple[int, str, bytes]] | None, hashes: dict[int, str],
+                          count: int) -> str:
+        """What is wrong between the trail and the checkpoints kept outside the data folder."""
+        if kept is None:
+            return f"external checkpoints missing at {external.path}" if count else ""
+        for seq, hash_, signature in kept:
+            if not self.checkpoint.signature_valid(seq, hash_, signature):
+                return f"external checkpoint at entry {seq}: signature invalid"
+            if seq > count:
+                return (f"entry {count + 1}: trail rolled back (an external checkpoint is at"
+                        f" entry {seq}, trail ends at {count})")
+            if hashes.get(seq) != hash_:
+                return f"entry {seq}: does not match the external checkpoint"
+        return ""

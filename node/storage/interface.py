@@ -50,8 +50,10 @@ from node.storage.records import (
     SeriesFindingRow,
     SeriesRows,
     SeriesStateRow,
+    SignatureRow,
     StoredRef,
     StructureRow,
+    UserRow,
 )
 
 
@@ -159,6 +161,17 @@ class ReportReads(Protocol):
         """The backend's own consistency check: ``ok`` or what is wrong."""
 
 
+class UserReads(Protocol):
+    def get(self, user_id: str) -> UserRow | None: ...
+    def by_row(self, row_id: int) -> UserRow | None: ...
+    def list(self) -> list[UserRow]: ...
+
+
+class SignatureReads(Protocol):
+    def list(self, annotation_id: int | None = None) -> list[SignatureRow]:
+        """Signatures, oldest first (of one annotation when given)."""
+
+
 class Reader(Protocol):
     """A consistent read view of the index."""
 
@@ -170,6 +183,8 @@ class Reader(Protocol):
     reid: ReidReads
     evidence: EvidenceReads
     reports: ReportReads
+    users: UserReads
+    signatures: SignatureReads
 
 
 # --- repositories: write side -------------------------------------------------
@@ -264,6 +279,25 @@ class Evidence(EvidenceReads, Protocol):
             evidence: dict[str, Any]) -> None: ...
 
 
+class Users(UserReads, Protocol):
+    def insert(self, user_id: str, printed_name: str, rater_ids: list[str],
+               public_key: bytes, private_key: bytes, now: str) -> int:
+        """A new user; raises KeyError when ``user_id`` was ever used (ids are never reused)."""
+
+    def disable(self, user_id: str, now: str) -> bool:
+        """False when the user is unknown or already disabled."""
+
+    def record_failure(self, user_id: str, lock_after: int, now: str) -> tuple[int, bool]:
+        """Count one wrong passphrase; (failures so far, locked now by this one)."""
+
+    def reset_failures(self, user_id: str) -> None: ...
+
+
+class Signatures(SignatureReads, Protocol):
+    def insert(self, annotation_id: int, user_fk: int, decision: str, meaning: str,
+               signed_at: str, manifest: str, signature: bytes) -> int: ...
+
+
 class Transaction(Reader, Protocol):
     """One unit of work: commits on leaving the ``with`` block, rolls back on an exception."""
 
@@ -274,6 +308,8 @@ class Transaction(Reader, Protocol):
     audit: Audit
     reid: Reid
     evidence: Evidence
+    users: Users
+    signatures: Signatures
 
 
 class Index(Protocol):
