@@ -34,3 +34,10 @@ CREATE TABLE review_signature (
     signature          BLOB NOT NULL           -- Ed25519 over the manifest
 );
 CREATE INDEX review_signature_annotation_idx ON review_signature (annotation_fk);
+
+-- A signature is never changed or removed by the node (verify catches whoever
+-- drops these guards and does it anyway).
+CREATE TRIGGER review_signature_no_update BEFORE UPDATE ON review_signature
+BEGIN SELECT RAISE(ABORT, 'signatures are append-only'); END;
+CREATE TRIGGER review_signature_no_delete BEFORE DELETE ON review_signature
+BEGIN SELECT RAISE(ABORT, 'signatures are append-only'); END;
