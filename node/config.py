@@ -86,6 +86,11 @@ class AuditSettings:
     #: None: only the head beside the index.
     checkpoint_path: Path | None = None
     checkpoint_interval: float = 60.0  # seconds: the longest a checkpoint lags while events come
+    #: "host:port" of a syslog collector (RFC 5424 over TLS, RFC 5425); "" streams nothing.
+    syslog: str = ""
+    syslog_ca: Path | None = None  # CA certificates the collector's certificate must chain to
+    syslog_cert: Path | None = None  # client certificate (mutual TLS), optional
+    syslog_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -296,11 +301,28 @@ def _build(raw: dict[str, Any]) -> Settings:
 
     s = _section(raw, "audit", set(AuditSettings.__dataclass_fields__))
     checkpoint_path = _get(s, "audit", "checkpoint_path", str, "")
+    syslog = _get(s, "audit", "syslog", str, "")
+    tls_files = {}
+    for key in ("syslog_ca", "syslog_cert", "syslog_key"):
+        value = _get(s, "audit", key, str, "")
+        if value and not Path(value).is_file():
+            raise ConfigError(f"audit.{key}: file {value!r} not found")
+        tls_files[key] = Path(value) if value else None
+    if syslog:
+        host, _, port = syslog.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"audit.syslog: must be host:port, got {syslog!r}")
+        if tls_files["syslog_ca"] is None:
+            raise ConfigError("audit.syslog_ca: required with audit.syslog (the collector's"
+                              " certificate is always verified)")
+    if (tls_files["syslog_cert"] is None) != (tls_files["syslog_key"] is None):
+        raise ConfigError("audit.syslog_cert and audit.syslog_key: give both or neither")
     audit = AuditSettings(
         signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key))),
         checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
         checkpoint_interval=_get(s, "audit", "checkpoint_interval", float,
                                  AuditSettings.checkpoint_interval),
+        syslog=syslog, **tls_files,
     )
     _range(audit.checkpoint_interval, 1, 86400, "audit.checkpoint_interval")
     if audit.checkpoint_path is not None and audit.checkpoint_path.resolve().is_relative_to(

@@ -8,8 +8,8 @@ stopped in order:
 * ``start()``: the audit writer (query/retrieve events), the after-commit
   worker (annotation checks after the answer), the overlay settle worker;
   with ``supervisor=True`` (one per node: the process that owns the data
-  folder) also the recovery of annotations a crash left unchecked and the
-  series sweeper.
+  folder) also the recovery of annotations a crash left unchecked, the
+  series sweeper and, when configured, the syslog stream of the audit trail.
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -29,6 +29,7 @@ from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.served import AuditQueue
+from node.audit.syslog import SyslogStream
 from node.audit.trail import Actor, AuditTrail, ExternalCheckpoints, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
@@ -73,6 +74,8 @@ class NodeContext:
     key: ProjectKey | None
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
+    #: The audit trail streamed to a syslog collector (supervisor only), when configured.
+    syslog: SyslogStream | None = None
     _started: list[str] = field(default_factory=list)
 
     @classmethod
@@ -145,8 +148,11 @@ class NodeContext:
             quarantine = QuarantineService(area)
         states = AnnotationStates(audit)
         review = ReviewService(index, blobs, audit, states, settings.review)
+        syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,
+                               data / "audit" / "syslog.cursor")
+                  if settings.audit.syslog else None)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   states, review, search, retrieve, worker, key, ingest, quarantine)
+                   states, review, search, retrieve, worker, key, ingest, quarantine, syslog)
 
     @property
     def ingest(self) -> IngestService:
@@ -181,6 +187,9 @@ class NodeContext:
             self.annotations.check_received(actor)
             self.series.start()
             self._started.append("series")
+            if self.syslog is not None:
+                self.syslog.start()
+                self._started.append("syslog")
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -189,6 +198,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
+        if "syslog" in self._started:
+            self.syslog.stop()
         if "series" in self._started:
             self.series.stop()
         self.worker.stop()

@@ -294,6 +294,10 @@ class HeadCheckpoint:
         data = json.loads(self.head_path.read_text())
         return int(data["seq"]), str(data["hash"]), base64.b64decode(data["signature"])
 
+    def sign(self, seq: int, hash_: str) -> bytes:
+        """The signature of a (seq, hash) checkpoint, as the head carries it (syslog stream)."""
+        return self._signing_key().sign(self._message(seq, hash_))
+
     def _signing_key(self) -> Ed25519PrivateKey:
         with self._key_lock:
             if self._key is None:

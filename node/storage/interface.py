@@ -121,6 +121,9 @@ class AuditReads(Protocol):
     def of_action(self, prefix: str) -> list[AuditRow]:
         """Events whose action starts with ``prefix``, oldest first."""
 
+    def after(self, seq: int, limit: int) -> list[AuditRow]:
+        """Up to ``limit`` events after ``seq``, oldest first (the syslog stream's cursor)."""
+
 
 class ReidReads(Protocol):
     """The encrypted re-identification map: rows found by a keyed lookup, payloads sealed."""

@@ -592,6 +592,11 @@ class SqliteAudit(_Repo):
             f"SELECT {_AUDIT_COLUMNS} FROM audit_event WHERE action LIKE ? ESCAPE '\\'"
             " ORDER BY seq", (escaped + "%",))]
 
+    def after(self, seq: int, limit: int) -> list[AuditRow]:
+        return [AuditRow(*r) for r in self.conn.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_event WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit))]
+
 
 # --- reviewers and signatures -------------------------------------------------
 
