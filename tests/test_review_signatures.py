@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.review.signatures import Manifest, canonical
+from node.review.users import open_private_key
 from node.storage.sqlite.index import SqliteIndex
 from tests.review_fixtures import (
     ADMIN,
@@ -156,10 +157,10 @@ def test_a_forged_signature_under_a_swapped_user_key_is_caught(node, made):
 
 
 def original_key(ctx) -> bytes:
-    """rad1's public key, as derived from the (still encrypted) private key."""
+    """rad1's public key, as derived from the (still sealed) private key."""
     with ctx.index.reader() as r:
         user = r.users.get("rad1")
-    key = serialization.load_pem_private_key(user.private_key, PASSPHRASE.encode())
+    key = open_private_key(user.private_key, PASSPHRASE, "rad1")
     return key.public_key().public_bytes(serialization.Encoding.Raw,
                                          serialization.PublicFormat.Raw)
 

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from node.audit.trail import AuditTrail, HeadCheckpoint
-from node.review.users import UserDirectory, UserRefused, fingerprint
+from node.review.users import UserDirectory, UserRefused, fingerprint, open_private_key
 from node.storage.sqlite.index import SqliteIndex
 from tests.review_fixtures import ADMIN, PASSPHRASE
 
@@ -26,12 +26,15 @@ def users(tmp_path):
 def test_a_user_gets_a_key_pair_whose_private_half_needs_the_passphrase(users):
     user = users.add("rad1", "Ann Radiologist", PASSPHRASE, ADMIN, raters=["Ann^R", " "])
     assert user.rater_ids == ("Ann^R",) and len(user.public_key) == 32
-    assert b"ENCRYPTED PRIVATE KEY" in user.private_key
-    with pytest.raises(TypeError):  # no passphrase: not readable
-        serialization.load_pem_private_key(user.private_key, None)
     unlocked = users.unlock("rad1", PASSPHRASE, ADMIN)
     assert unlocked.key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw) == user.public_key
+    raw = unlocked.key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+    assert raw not in user.private_key  # sealed, not stored
+    assert open_private_key(user.private_key, PASSPHRASE + "x", "rad1") is None
+    # a sealed key copied to another user does not open there, even with the right passphrase
+    assert open_private_key(user.private_key, PASSPHRASE, "rad2") is None
     with users.index.reader() as r:
         (added,) = r.audit.of_action("user.added")
     assert json.loads(added.object)["key_sha256"] == fingerprint(user.public_key)

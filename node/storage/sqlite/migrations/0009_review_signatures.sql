@@ -2,9 +2,9 @@
 --
 -- A user row is never deleted: disabling keeps it, so a user id is never
 -- reused and every old signature still finds the public key it was made with.
--- The private key is stored encrypted under the user's passphrase (PKCS#8,
--- the cryptography library's best available encryption): the node cannot
--- sign for a user without that passphrase.
+-- The private key is stored sealed under the user's passphrase (AES-GCM under
+-- a scrypt-derived key, node/review/users.py): the node cannot sign for a user
+-- without that passphrase.
 -- A signature row keeps the canonical manifest exactly as signed; the columns
 -- beside it are copies for queries, and verify checks they agree with it.
 
@@ -16,7 +16,7 @@ CREATE TABLE review_user (
     -- what self-approval is checked against; JSON list
     rater_ids          TEXT NOT NULL DEFAULT '[]',
     public_key         BLOB NOT NULL,                      -- raw Ed25519, 32 bytes
-    private_key        BLOB NOT NULL,                      -- encrypted PKCS#8 PEM
+    private_key        BLOB NOT NULL,                      -- sealed (users.py)
     failed_attempts    INTEGER NOT NULL DEFAULT 0,
     locked_at          TEXT,
     disabled_at        TEXT,
