@@ -157,3 +157,29 @@ def test_bad_requests_are_refused_audited_and_record_nothing(node, made, case):
     assert counts(ctx) == (before[0], before[1] + 1)  # one event: the refusal
     if state:
         assert made.state(annotation_id) == state
+
+
+def test_two_reviewers_racing_one_signature_is_recorded(node, made):
+    import threading
+
+    ctx, _ = node
+    ctx.review.users.add("rad4", "Di Radiologist", PASSPHRASE, ADMIN)
+    annotation_id = made.checked()
+    outcomes: list[str] = []
+
+    def approve(user: str) -> None:
+        try:
+            ctx.review.decide(annotation_id, "approve", user, PASSPHRASE, "approved", REVIEWER)
+            outcomes.append("signed")
+        except ReviewRefused as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=approve, args=(u,)) for u in ("rad1", "rad4")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes)[-1] == "signed" and outcomes.count("signed") == 1, outcomes
+    with ctx.index.reader() as r:
+        assert len(r.signatures.list(annotation_id)) == 1
+    assert [c.ok for c in ctx.review.verify(annotation_id)] == [True]
