@@ -212,7 +212,8 @@ class HeadCheckpoint:
             self._write(entry)
 
     def checkpoint(self, entry: AuditEntry) -> None:
-        """Write ``entry`` as the head and as an external checkpoint now (an approval)."""
+        """Write ``entry`` (or a newer head another process wrote) as the head and as an
+        external checkpoint now (an approval)."""
         self._write(entry)
         self._write_external(force=True)
 
@@ -233,18 +234,23 @@ class HeadCheckpoint:
 
     def _write_loop(self) -> None:
         while True:
+            idle = False
             with self._pending_changed:
-                while self._pending is None and not self._closed:
+                while self._pending is None and not self._closed and not idle:
                     # With an external copy, wake at its interval: a head written since
                     # the last one is copied even when no event follows it.
-                    woken = self._pending_changed.wait(
+                    idle = not self._pending_changed.wait(
                         self.external.interval if self.external else None)
-                    if not woken:
-                        self._write_external(force=True)
-                if self._pending is None:  # closed, nothing left to write
+                if idle and self._pending is None and not self._closed:
+                    entry = None
+                elif self._pending is None:  # closed, nothing left to write
                     return
-                entry, self._pending = self._pending, None
-                self._in_flight = entry
+                else:
+                    entry, self._pending = self._pending, None
+                    self._in_flight = entry
+            if entry is None:
+                self._write_external(force=True)
+                continue
             try:
                 self._write(entry)
             finally:
@@ -263,6 +269,9 @@ class HeadCheckpoint:
             try:
                 current = self.read()
                 if current and current[0] >= entry.seq:
+                    # another process signed a newer head: that one goes outside next
+                    if self._newest is None or current[0] > self._newest[0]:
+                        self._newest = current
                     return
                 signature = self._signing_key().sign(self._message(entry.seq, entry.hash))
                 body = json.dumps({"seq": entry.seq, "hash": entry.hash,
