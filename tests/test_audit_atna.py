@@ -94,11 +94,24 @@ def test_since_filters_and_bad_since_is_refused(node):
     assert bad.exit_code == 2 and "not an ISO 8601" in bad.stderr
 
 
-def test_the_schema_refuses_a_message_without_its_event(schema):
-    document = lxml_etree.fromstring(
-        b'<AuditMessage><ActiveParticipant UserID="x" UserIsRequestor="true"/>'
-        b'<AuditSourceIdentification AuditSourceID="y"/></AuditMessage>')
-    assert not schema.validate(document)
+_PARTS = (b'<ActiveParticipant UserID="x" UserIsRequestor="true"/>'
+          b'<AuditSourceIdentification AuditSourceID="y"/>')
+_EVENT = (b'<EventIdentification EventDateTime="2026-01-01T00:00:00Z" EventOutcomeIndicator="0">'
+          b'<EventID csd-code="110100" codeSystemName="DCM" originalText="Application Activity"/>'
+          b'</EventIdentification>')
+
+
+@pytest.mark.parametrize("document", [
+    b"<AuditMessage>" + _PARTS + b"</AuditMessage>",  # no event
+    b"<AuditMessage>" + _EVENT + _PARTS +  # an object with neither name nor query
+    b'<ParticipantObjectIdentification ParticipantObjectID="1"><ParticipantObjectIDTypeCode'
+    b' csd-code="110180" codeSystemName="DCM" originalText="Study Instance UID"/>'
+    b"</ParticipantObjectIdentification></AuditMessage>",
+], ids=["no-event", "object-without-name"])
+def test_the_schema_refuses_what_the_standard_refuses(schema, document):
+    assert schema.validate(lxml_etree.fromstring(b"<AuditMessage>" + _EVENT + _PARTS +
+                                                 b"</AuditMessage>"))
+    assert not schema.validate(lxml_etree.fromstring(document))
 
 
 @pytest.mark.parametrize("action,code", [("node.started", "110100"), ("query.find", "110112"),

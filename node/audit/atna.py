@@ -94,14 +94,14 @@ def _code(parent: ET.Element, tag: str, code: Code) -> ET.Element:
 
 
 def _participant_object(parent: ET.Element, object_id: str, type_code: str, role: str,
-                        id_type: Code, name: str = "",
+                        id_type: Code, name: str,
                         details: dict[str, str] | None = None) -> None:
+    """The schema requires a name (or a query) for every object: ours is what the ID is."""
     obj = ET.SubElement(parent, "ParticipantObjectIdentification", {
         "ParticipantObjectID": object_id, "ParticipantObjectTypeCode": type_code,
         "ParticipantObjectTypeCodeRole": role})
     _code(obj, "ParticipantObjectIDTypeCode", id_type)
-    if name:
-        ET.SubElement(obj, "ParticipantObjectName").text = name
+    ET.SubElement(obj, "ParticipantObjectName").text = name
     for key, value in (details or {}).items():
         ET.SubElement(obj, "ParticipantObjectDetail",
                       {"type": key, "value": base64.b64encode(value.encode()).decode()})
@@ -147,11 +147,13 @@ def to_message(row: AuditRow, node_ae_title: str, host: str | None = None) -> ET
     _code(source, "AuditSourceTypeCode", Code("4", "Application Server"))
 
     if obj.get("study_instance_uid"):
-        _participant_object(message, obj["study_instance_uid"], "2", "3", STUDY_UID)
+        _participant_object(message, obj["study_instance_uid"], "2", "3", STUDY_UID, "study")
     if obj.get("annotation_id") is not None:
-        _participant_object(message, str(obj["annotation_id"]), "2", "3", ANNOTATION)
+        _participant_object(message, str(obj["annotation_id"]), "2", "3", ANNOTATION,
+                            "annotation")
     if obj.get("user_id"):
-        _participant_object(message, str(obj["user_id"]), "1", "11", USER_IDENTIFIER)
+        _participant_object(message, str(obj["user_id"]), "1", "11", USER_IDENTIFIER,
+                            "reviewer")
     _participant_object(message, str(row.seq), "2", "13", TRAIL_ENTRY, name=row.action,
                         details={"hash": row.hash, "prev_hash": row.prev_hash})
     return message
