@@ -85,10 +85,18 @@ def test_no_patient_data_leaves_in_the_messages(node):
         assert value and value not in text
 
 
+def test_an_export_is_itself_audited_as_audit_log_used(node):
+    before = len(exported(node))
+    after = exported(node)
+    assert len(after) == before + 1  # the first export, recorded after it ran
+    assert codes(after)[-1] == ("audit.exported", "110101", "0")
+
+
 def test_since_filters_and_bad_since_is_refused(node):
     everything = exported(node)
     assert exported(node, "--since", "2999-01-01") == []
-    assert len(exported(node, "--since", "2000-01-01T00:00:00+02:00")) == len(everything)
+    # everything, and the two exports since
+    assert len(exported(node, "--since", "2000-01-01T00:00:00+02:00")) == len(everything) + 2
     bad = harness.lamina("audit", "export", "--format", "atna", "--since", "yesterday",
                          config=node)
     assert bad.exit_code == 2 and "not an ISO 8601" in bad.stderr

@@ -39,6 +39,7 @@ class Code:
 
 
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
+AUDIT_LOG_USED = Code("110101", "Audit Log Used")
 INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 EXPORT = Code("110106", "Export")
@@ -58,6 +59,7 @@ USER_ATTRIBUTES_CHANGED = Code("110137", "User Security Attributes Changed")
 EVENTS: tuple[tuple[str, Code, str, Code | None], ...] = (
     ("node.started", APPLICATION_ACTIVITY, "E", APPLICATION_START),
     ("node.stopped", APPLICATION_ACTIVITY, "E", APPLICATION_STOP),
+    ("audit.", AUDIT_LOG_USED, "R", None),
     ("association.accepted", USER_AUTHENTICATION, "E", LOGIN),
     ("association.rejected", USER_AUTHENTICATION, "E", LOGIN),
     ("association.", USER_AUTHENTICATION, "E", LOGOUT),

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from node.cli.options import BadInput, node_context, node_options
+from node.cli.options import BadInput, node_context, node_options, user_name
 from node.config import Settings
 
 
@@ -41,6 +41,7 @@ def audit_export(settings: Settings, fmt: str, since: str, output: str) -> None:
     from datetime import UTC, datetime
 
     from node.audit.atna import export
+    from node.audit.trail import Actor
 
     if since:
         try:
@@ -50,10 +51,13 @@ def audit_export(settings: Settings, fmt: str, since: str, output: str) -> None:
         moment = moment.replace(tzinfo=moment.tzinfo or UTC).astimezone(UTC)
         since = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
     count = 0
-    with node_context(settings) as ctx, click.open_file(output, "wb") as out, \
-            ctx.index.reader() as r:
-        for message in export(r.audit.rows(), settings.node.ae_title, since):
-            out.write(message + b"\n")
-            count += 1
+    with node_context(settings) as ctx:
+        with click.open_file(output, "wb") as out, ctx.index.reader() as r:
+            for message in export(r.audit.rows(), settings.node.ae_title, since):
+                out.write(message + b"\n")
+                count += 1
+        # Reading the trail out is itself an event (DICOM 110101 Audit Log Used).
+        ctx.audit.record("audit.exported", Actor(user=user_name()),
+                         {"format": fmt, "messages": count, **({"since": since} if since else {})})
     if output != "-":
         click.echo(f"{count} audit messages written to {output}")
