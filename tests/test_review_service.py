@@ -126,7 +126,8 @@ def test_a_right_passphrase_resets_the_count(node, made):
 
 
 @pytest.mark.parametrize("case", ["unknown annotation", "unknown user", "approved twice",
-                                  "pending", "refused", "disabled user", "no meaning"])
+                                  "pending", "refused", "disabled user", "no meaning",
+                                  "damaged bytes"])
 def test_bad_requests_are_refused_audited_and_record_nothing(node, made, case):
     ctx, _ = node
     annotation_id, user = made.checked(), "rad1"
@@ -134,7 +135,8 @@ def test_bad_requests_are_refused_audited_and_record_nothing(node, made, case):
                 "approved twice": "is approved, it cannot become approved",
                 "pending": "is pending, it cannot become approved",
                 "refused": "is refused, it cannot become approved",
-                "disabled user": "user is disabled", "no meaning": "meaning"}[case]
+                "disabled user": "user is disabled", "no meaning": "meaning",
+                "damaged bytes": "stored bytes of .* are damaged"}[case]
     if case == "unknown annotation":
         annotation_id = 9999
     elif case == "unknown user":
@@ -148,6 +150,13 @@ def test_bad_requests_are_refused_audited_and_record_nothing(node, made, case):
         ctx.review.users.add(f"gone{annotation_id}", "Gone Reviewer", PASSPHRASE, ADMIN)
         user = f"gone{annotation_id}"
         ctx.review.users.disable(user, ADMIN)
+    elif case == "damaged bytes":
+        with ctx.index.reader() as r:
+            (obj,) = r.annotations.current_objects(annotation_id)
+        path = ctx.blobs.local_path(obj["blob_sha256"])
+        path.chmod(0o600)
+        data = path.read_bytes()
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     before, state = counts(ctx), made.state(annotation_id) if case != "unknown annotation" \
         else None
     with pytest.raises(ReviewRefused, match=expected) as exc:

@@ -24,7 +24,13 @@ from node.annotations.states import (
 )
 from node.audit.trail import Actor, AuditTrail, utc_now
 from node.config import ReviewSettings
-from node.review.signatures import Manifest, object_list, problems, report_sha256
+from node.review.signatures import (
+    Manifest,
+    blob_sha256,
+    object_list,
+    problems,
+    report_sha256,
+)
 from node.review.users import Unlocked, UserDirectory, UserRefused
 from node.storage.interface import BlobStore, Index
 from node.storage.records import Row, UserRow
@@ -125,6 +131,10 @@ class ReviewService:
         with self.index.reader() as r:
             objects = object_list(r.annotations.current_objects(annotation_id))
             report = report_sha256(r, check_id)
+        for obj in objects:  # what is signed is the bytes, not the name they are stored under
+            if blob_sha256(self.blobs, obj["sha256"]) != obj["sha256"]:
+                raise ReviewRefused(f"annotation {annotation_id}: the stored bytes of"
+                                    f" {obj['sop_instance_uid']} are damaged or missing")
         manifest = Manifest(annotation_id, annotation["key"], str(after), meaning, reason,
                             user.user_id, user.id, user.printed_name, utc_now(), objects,
                             check_id, report)
