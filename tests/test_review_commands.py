@@ -81,6 +81,10 @@ def test_approve_over_the_cli_then_verify(node, made, rad1):
     assert "signatures valid: 2" in verified.stdout
     one = lamina(config, "review", "verify", str(annotation_id))
     assert one.exit_code == 0 and "signatures valid: 1" in one.stdout
+    shown = lamina(config, "review", "show", str(rejected))
+    assert shown.exit_code == 0, shown.output
+    assert "rejected by Ann Radiologist (rad1) at " in shown.stdout
+    assert '"reviewed and rejected", reason: wrong class [valid]' in shown.stdout
     assert lamina(config, "audit", "verify").exit_code == 0
 
 

@@ -64,6 +64,40 @@ def review_reject(settings: Settings, annotation_id: int, user_id: str, meaning:
     _decide(settings, "reject", annotation_id, user_id, meaning, reason, passphrase_fd)
 
 
+@review.command("show")
+@click.argument("annotation_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per signature.")
+@node_options
+def review_show(settings: Settings, annotation_id: int, as_json: bool) -> None:
+    """The signatures of an annotation as signed (printed name, UTC time, meaning), each
+    verified."""
+    import json
+
+    from node.review.service import ReviewRefused
+
+    with node_context(settings) as ctx:
+        try:
+            checks = {c.signature_id: c for c in ctx.review.verify(annotation_id)}
+        except ReviewRefused as exc:
+            raise BadInput(str(exc)) from None
+        with ctx.index.reader() as r:
+            rows = r.signatures.list(annotation_id)
+    if not rows:
+        click.echo(f"annotation {annotation_id}: no signatures")
+    for row in rows:
+        manifest = json.loads(row.manifest)
+        verdict = "valid" if checks[row.id].ok else "INVALID: " + "; ".join(checks[row.id].problems)
+        if as_json:
+            click.echo(json.dumps({"signature_id": row.id, "manifest": manifest,
+                                   "valid": checks[row.id].ok}))
+            continue
+        click.echo(f"signature {row.id}: {manifest['decision']} by {manifest['printed_name']}"
+                   f" ({manifest['user_id']}) at {manifest['signed_at']}: "
+                   f"\"{manifest['meaning']}\"" + (f", reason: {manifest['reason']}"
+                                                   if manifest["reason"] else "")
+                   + f" [{verdict}]")
+
+
 @review.command("verify")
 @click.argument("annotation_id", type=int, required=False)
 @node_options
