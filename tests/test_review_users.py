@@ -75,3 +75,9 @@ def test_lockout_raises_one_security_alert(users):
         alerts = r.audit.of_action("security.alert")
         assert r.users.get("rad1").locked_at
     assert len(alerts) == 1 and alerts[0].outcome == "serious-failure"
+    users.unlock_user("rad1", ADMIN)
+    assert users.unlock("rad1", PASSPHRASE, ADMIN).user.user_id == "rad1"
+    with pytest.raises(UserRefused, match="not locked"):
+        users.unlock_user("rad1", ADMIN)
+    with users.index.reader() as r:
+        assert len(r.audit.of_action("user.unlocked")) == 1

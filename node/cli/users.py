@@ -24,7 +24,9 @@ def _actor():
 
 @click.group()
 def users() -> None:
-    """Reviewers: user ids (never reused), each with a key pair under a passphrase."""
+    """Reviewers: user ids (never reused), each with a key pair under a passphrase.
+
+    ``lamina users unlock ID`` lifts a lockout after repeated wrong passphrases."""
 
 
 @users.command("add")
@@ -81,3 +83,18 @@ def users_disable(settings: Settings, user_id: str) -> None:
         except UserRefused as exc:
             raise BadInput(str(exc)) from None
     click.echo(f"user {user_id} disabled")
+
+
+@users.command("unlock")
+@click.argument("user_id")
+@node_options
+def users_unlock(settings: Settings, user_id: str) -> None:
+    """Lift the lockout that repeated wrong passphrases put on a user (audited)."""
+    from node.review.users import UserRefused
+
+    with node_context(settings) as ctx:
+        try:
+            ctx.review.users.unlock_user(user_id, _actor())
+        except UserRefused as exc:
+            raise BadInput(str(exc)) from None
+    click.echo(f"user {user_id} unlocked")

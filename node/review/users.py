@@ -125,6 +125,16 @@ class UserDirectory:
             entry = self.audit.append(tx, "user.disabled", actor, {"user_id": user_id})
         self.audit.committed(entry)
 
+    def unlock_user(self, user_id: str, actor: Actor) -> None:
+        """An administrator lifts a lockout (after checking who tried the passphrases)."""
+        with self.index.transaction() as tx:
+            if tx.users.get(user_id) is None:
+                raise UserRefused(f"unknown user {user_id!r}")
+            if not tx.users.clear_lock(user_id):
+                raise UserRefused(f"user {user_id!r} is not locked")
+            entry = self.audit.append(tx, "user.unlocked", actor, {"user_id": user_id})
+        self.audit.committed(entry)
+
     def list(self) -> list[UserRow]:
         with self.index.reader() as r:
             return r.users.list()

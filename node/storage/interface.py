@@ -294,6 +294,8 @@ class Users(UserReads, Protocol):
         """Count one wrong passphrase; (failures so far, locked now by this one)."""
 
     def reset_failures(self, user_id: str) -> None: ...
+    def clear_lock(self, user_id: str) -> bool:
+        """Unlock a locked user (and reset the count); False when the user was not locked."""
 
 
 class Signatures(SignatureReads, Protocol):

@@ -656,6 +656,11 @@ class SqliteUsers(_Repo):
         self.conn.execute("UPDATE review_user SET failed_attempts = 0 WHERE user_id = ?",
                           (user_id,))
 
+    def clear_lock(self, user_id: str) -> bool:
+        return self.conn.execute(
+            "UPDATE review_user SET locked_at = NULL, failed_attempts = 0 WHERE user_id = ?"
+            " AND locked_at IS NOT NULL", (user_id,)).rowcount == 1
+
 
 _SIGNATURE_COLUMNS = "id, annotation_fk, user_fk, decision, meaning, signed_at, manifest, signature"
 
