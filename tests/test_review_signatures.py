@@ -128,6 +128,12 @@ def test_a_signature_moved_to_another_record_is_caught(node, made):
     assert problems(node, annotation_id) == ["approved without a signature"]
 
 
+def test_an_approved_annotation_moved_on_behind_the_state_machine_is_caught(node, made):
+    annotation_id, _ = approved(node, made)
+    tamper(node, f"UPDATE annotation SET state = 'received' WHERE id = {annotation_id}")
+    assert problems(node, annotation_id) == ["approved, but the annotation is now received"]
+
+
 def test_a_deleted_signature_is_caught(node, made):
     annotation_id, signature_id = approved(node, made)
     tamper(node, f"DELETE FROM review_signature WHERE id = {signature_id}")

@@ -176,6 +176,10 @@ class ReviewService:
                 current = r.annotations.current_objects(row.annotation_id) if still else []
                 found = problems(row, user, keys.get(row.user_fk), annotation, still, current,
                                  r, self.blobs)
+                if (row.decision == AnnotationState.APPROVED and annotation is not None
+                        and annotation["state"] != AnnotationState.APPROVED):
+                    # approval is final in the state machine: nothing may move it on
+                    found.append(f"approved, but the annotation is now {annotation['state']}")
                 out.append(SignatureCheck(row.id, row.annotation_id,
                                           user.user_id if user else "?", row.decision, found))
             signed = {(row.annotation_id, row.decision) for row in r.signatures.list()}
