@@ -123,6 +123,8 @@ def test_a_missing_or_forged_external_checkpoint_is_caught(tmp_path):
     line = external.read_text()
     external.write_text(line.replace('"seq": ', '"seq": 1').replace('"seq": 11', '"seq": 2'))
     assert "signature invalid" in verify(node.path).stderr
+    external.write_text(line[: len(line) // 2])  # cut mid-line
+    assert "unreadable" in verify(node.path).stderr
     external.unlink()
     assert "external checkpoints missing" in verify(node.path).stderr
 

@@ -378,7 +378,10 @@ class AuditTrail:
         head = self.checkpoint.read()
         hash_at_head = None
         external = self.checkpoint.external
-        kept = external.read() if external is not None else None
+        try:
+            kept = external.read() if external is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return VerifyReport(False, 0, f"external checkpoints at {external.path} unreadable")
         wanted = {seq for seq, _, _ in kept or ()}
         hashes: dict[int, str] = {}
         with self.index.reader() as r:
