@@ -155,3 +155,18 @@ def test_the_external_checkpoint_path_must_be_outside_the_data_folder(tmp_path):
     node = write_config(tmp_path, audit={"checkpoint_path": str(tmp_path / "data" / "cp")})
     result = lamina("audit", "verify", config=node.path)
     assert result.exit_code == 2 and "must be outside the data folder" in result.stderr
+
+
+def test_an_unwritable_external_path_does_not_stop_the_head(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    node = write_config(tmp_path, audit={"checkpoint_path": str(blocker / "cp.jsonl")})
+    ctx = NodeContext.open(node.settings())
+    try:
+        entry = ctx.audit.record("test.event", Actor(user="tests"), {"n": 1})
+        ctx.audit.committed(entry, checkpoint=True)  # logged, not raised
+        assert ctx.audit.checkpoint.read()[0] == entry.seq  # the head still moved
+    finally:
+        ctx.close()
+    result = verify(node.path)
+    assert result.exit_code == 1 and "external checkpoints missing" in result.stderr

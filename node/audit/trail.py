@@ -23,6 +23,7 @@ import base64
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 import time as clock
@@ -37,6 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.storage.interface import Index, Transaction
 from node.storage.records import AuditRow
+
+log = logging.getLogger("lamina.audit")
 
 GENESIS = "0" * 64
 
@@ -294,7 +297,12 @@ class HeadCheckpoint:
             return
         if not force and clock.monotonic() - self._external_at < self.external.interval:
             return
-        self.external.append(seq, hash_, signature)
+        try:
+            self.external.append(seq, hash_, signature)
+        except OSError as exc:  # a lost mount must not stop the head: retried next time
+            log.error("external audit checkpoint not written", extra={"fields": {
+                "path": str(self.external.path), "seq": seq, "error": exc.strerror or str(exc)}})
+            return
         self._external_seq, self._external_at = seq, clock.monotonic()
 
     def read(self) -> tuple[int, str, bytes] | None:
