@@ -9,11 +9,12 @@ structures), then:
 * each is approved through ``ReviewService.decide`` (passphrase unlock of the user's
   encrypted key, hashing, signing, the transaction, the external checkpoint);
 * ``review verify`` re-hashes every signed object and checks every signature;
-* every audit event is exported as a DICOM audit message.
+* ``--events`` store-like events are added to the trail, and every audit event is
+  exported as a DICOM audit message.
 
 Prints the figures; asserts nothing.
 
-    .venv/bin/python -m benchmarks.review [--annotations 50] [--object-mb 5]
+    .venv/bin/python -m benchmarks.review [--annotations 50] [--object-mb 5] [--events 20000]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", type=int, default=50)
     parser.add_argument("--object-mb", type=float, default=5.0)
+    parser.add_argument("--events", type=int, default=20000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -81,6 +83,13 @@ def main() -> None:
             checks = ctx.review.verify()
             verify_s = time.perf_counter() - start
             assert all(c.ok for c in checks)
+            with ctx.index.transaction() as tx:
+                for i in range(args.events):
+                    entry = ctx.audit.append(tx, "instance.stored", Actor(
+                        ae_title="PACS", address="127.0.0.1", association_id=str(i)), {
+                        "study_instance_uid": f"2.25.{i // 300}", "sop_instance_uid": f"2.25.9{i}",
+                        "sha256": "0" * 64})
+            ctx.audit.committed(entry)
             start = time.perf_counter()
             with ctx.index.reader() as r:
                 messages = sum(1 for _ in export(r.audit.rows(), "LAMINA"))
