@@ -82,6 +82,23 @@ class IndexSettings:
 @dataclass(frozen=True)
 class AuditSettings:
     signing_key: Path = Path("./keys/audit-signing.pem")
+    #: A second place for signed checkpoints, outside the data folder (rollback detection);
+    #: None: only the head beside the index.
+    checkpoint_path: Path | None = None
+    checkpoint_interval: float = 60.0  # seconds: the longest a checkpoint lags while events come
+    #: "host:port" of a syslog collector (RFC 5424 over TLS, RFC 5425); "" streams nothing.
+    syslog: str = ""
+    syslog_ca: Path | None = None  # CA certificates the collector's certificate must chain to
+    syslog_cert: Path | None = None  # client certificate (mutual TLS), optional
+    syslog_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """Electronic signatures (issue 10 §4)."""
+
+    allow_self_approval: bool = False
+    lock_after: int = 5  # wrong passphrases in a row before the user is locked
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,7 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     peers: tuple[Peer, ...] = ()
     annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
 
     @property
     def index_path(self) -> Path:
@@ -243,7 +261,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations"}:
+                       "peers", "annotations", "review"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -285,9 +303,44 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 
     s = _section(raw, "audit", set(AuditSettings.__dataclass_fields__))
+    checkpoint_path = _get(s, "audit", "checkpoint_path", str, "")
+    syslog = _get(s, "audit", "syslog", str, "")
+    tls_files = {}
+    for key in ("syslog_ca", "syslog_cert", "syslog_key"):
+        value = _get(s, "audit", key, str, "")
+        if value and not Path(value).is_file():
+            raise ConfigError(f"audit.{key}: file {value!r} not found")
+        tls_files[key] = Path(value) if value else None
+    if syslog:
+        host, _, port = syslog.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"audit.syslog: must be host:port, got {syslog!r}")
+        if tls_files["syslog_ca"] is None:
+            raise ConfigError("audit.syslog_ca: required with audit.syslog (the collector's"
+                              " certificate is always verified)")
+    if (tls_files["syslog_cert"] is None) != (tls_files["syslog_key"] is None):
+        raise ConfigError("audit.syslog_cert and audit.syslog_key: give both or neither")
     audit = AuditSettings(
-        signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key)))
+        signing_key=Path(_get(s, "audit", "signing_key", str, str(AuditSettings.signing_key))),
+        checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
+        checkpoint_interval=_get(s, "audit", "checkpoint_interval", float,
+                                 AuditSettings.checkpoint_interval),
+        syslog=syslog, **tls_files,
     )
+    _range(audit.checkpoint_interval, 1, 86400, "audit.checkpoint_interval")
+    if audit.checkpoint_path is not None and audit.checkpoint_path.resolve().is_relative_to(
+            storage.data.resolve()):
+        raise ConfigError("audit.checkpoint_path: must be outside the data folder"
+                          f" ({storage.data})")
+
+    s = _section(raw, "review", set(ReviewSettings.__dataclass_fields__))
+    allow_self = s.get("allow_self_approval", ReviewSettings.allow_self_approval)
+    if not isinstance(allow_self, bool):
+        raise ConfigError("review.allow_self_approval: must be true or false")
+    review = ReviewSettings(allow_self_approval=allow_self,
+                            lock_after=_get(s, "review", "lock_after", int,
+                                            ReviewSettings.lock_after))
+    _range(review.lock_after, 1, 100, "review.lock_after")
 
     s = _section(raw, "log", set(LogSettings.__dataclass_fields__))
     level = _get(s, "log", "level", str, LogSettings.level).upper()
@@ -316,7 +369,7 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(annotations.pending_seconds, 0, 30 * 86400, "annotations.pending_seconds")
 
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), _peers(raw.get("peers", {})), annotations)
+                    _validation(raw), _peers(raw.get("peers", {})), annotations, review)
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:

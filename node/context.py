@@ -8,8 +8,8 @@ stopped in order:
 * ``start()``: the audit writer (query/retrieve events), the after-commit
   worker (annotation checks after the answer), the overlay settle worker;
   with ``supervisor=True`` (one per node: the process that owns the data
-  folder) also the recovery of annotations a crash left unchecked and the
-  series sweeper.
+  folder) also the recovery of annotations a crash left unchecked, the
+  series sweeper and, when configured, the syslog stream of the audit trail.
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -29,7 +29,8 @@ from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
 from node.anonymize.keys import ProjectKey, load_project_key
 from node.audit.served import AuditQueue
-from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
+from node.audit.syslog import SyslogStream
+from node.audit.trail import Actor, AuditTrail, ExternalCheckpoints, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
 from node.config import Settings
@@ -39,6 +40,7 @@ from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import Validator
 from node.retrieve import RetrieveService
+from node.review.service import ReviewService
 from node.search import SearchService
 from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
@@ -64,12 +66,16 @@ class NodeContext:
     annotations: AnnotationService
     #: The one annotation state machine; review and forwarding listen to it.
     states: AnnotationStates
+    #: Approve / reject with an electronic signature, users, verify (issue 10 §4).
+    review: ReviewService
     search: SearchService
     retrieve: RetrieveService
     worker: Worker
     key: ProjectKey | None
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
+    #: The audit trail streamed to a syslog collector (supervisor only), when configured.
+    syslog: SyslogStream | None = None
     _started: list[str] = field(default_factory=list)
 
     @classmethod
@@ -112,9 +118,12 @@ class NodeContext:
         blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
         quarantined = LocalBlobStore(data / "quarantine", data / "spool")
         # A tool on an existing node makes no signing key up front (status, verify).
+        external = (ExternalCheckpoints(settings.audit.checkpoint_path,
+                                        settings.audit.checkpoint_interval)
+                    if settings.audit.checkpoint_path else None)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key,
-                                                 create_key=not must_exist))
+                                                 create_key=not must_exist, external=external))
         events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
@@ -139,8 +148,12 @@ class NodeContext:
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
+        review = ReviewService(index, blobs, audit, states, settings.review)
+        syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,
+                               data / "audit" / "syslog.cursor")
+                  if settings.audit.syslog else None)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   states, search, retrieve, worker, key, ingest, quarantine)
+                   states, review, search, retrieve, worker, key, ingest, quarantine, syslog)
 
     @property
     def ingest(self) -> IngestService:
@@ -175,6 +188,9 @@ class NodeContext:
             self.annotations.check_received(actor)
             self.series.start()
             self._started.append("series")
+            if self.syslog is not None:
+                self.syslog.start()
+                self._started.append("syslog")
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -183,6 +199,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
+        if "syslog" in self._started:
+            self.syslog.stop()
         if "series" in self._started:
             self.series.stop()
         self.worker.stop()

@@ -157,7 +157,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  node: dict | None = None, storage: dict | None = None,
                  index: dict | None = None, audit: dict | None = None, log: dict | None = None,
                  deidentify: dict | None = None, validation: dict | None = None,
-                 annotations: dict | None = None, data: Path | None = None,
+                 annotations: dict | None = None, review: dict | None = None,
+                 data: Path | None = None,
                  key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
 
@@ -180,7 +181,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         "deidentify": {"key_file": str(key_file), **(deidentify or {})},
     }
     for name, values in (("index", index), ("validation", validation),
-                         ("annotations", annotations)):
+                         ("annotations", annotations), ("review", review)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():
@@ -197,12 +198,13 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
 
 
 def lamina(*args: str, config: Path | NodeConfig | None = None,
-           env: dict[str, str | None] | None = None) -> Result:
+           env: dict[str, str | None] | None = None, input: str | None = None) -> Result:
     """``lamina ARGS [--config CONFIG]`` in this process (click's CliRunner).
 
     The result has ``exit_code``, ``stdout``, ``stderr`` and ``output``. Commands
     that set process-wide state (logging, pydicom's validation modes) have it
-    restored afterwards. ``$LAMINA_*`` from the environment is not seen.
+    restored afterwards. ``$LAMINA_*`` from the environment is not seen. ``input`` is
+    what the user types at prompts.
     """
     from node.cli import main
 
@@ -212,7 +214,7 @@ def lamina(*args: str, config: Path | NodeConfig | None = None,
     environ: dict[str, str | None] = {k: None for k in os.environ if k.startswith("LAMINA")}
     environ.update(env or {})
     with _process_state_kept():
-        return CliRunner(env=environ).invoke(main, argv)
+        return CliRunner(env=environ).invoke(main, argv, input=input)
 
 
 @contextmanager

@@ -76,3 +76,97 @@ def test_a_forged_head_is_caught(trail_config):
     head.write_text(head.read_text().replace('"seq": 6', '"seq": 5'))
     result = verify(trail_config)
     assert result.exit_code == 1 and "signature invalid" in result.stderr
+
+
+# --- rollback: checkpoints kept outside the data folder -----------------------------------
+
+
+def rolled_back(tmp_path: Path, external: bool) -> Path:
+    """Six events, an approval-style checkpoint at the sixth; then the owner of the data folder
+    cuts the last three and puts back the head.json saved after the third."""
+    audit = {"checkpoint_path": str(tmp_path / "elsewhere" / "checkpoints.jsonl")} \
+        if external else {}
+    node = write_config(tmp_path, audit=audit)
+    ctx = NodeContext.open(node.settings())
+    head = node.data / "audit" / "head.json"
+    for i in range(6):
+        entry = ctx.audit.record("test.event", Actor(user="tests"), {"n": i})
+        if i == 2:
+            ctx.audit.checkpoint.flush()
+            old_head = head.read_text()
+    ctx.audit.committed(entry, checkpoint=True)
+    ctx.close()
+    tamper(node.path, "DELETE FROM audit_event WHERE seq > 3")
+    head.write_text(old_head)
+    return node.path
+
+
+def test_a_cut_tail_under_an_old_head_passes_without_an_external_checkpoint(tmp_path):
+    """The gap the external checkpoints close: the data folder alone cannot show it."""
+    assert verify(rolled_back(tmp_path, external=False)).exit_code == 0
+
+
+def test_a_cut_tail_under_an_old_head_is_caught_by_the_external_checkpoint(tmp_path):
+    result = verify(rolled_back(tmp_path, external=True))
+    assert result.exit_code == 1
+    assert "trail rolled back (an external checkpoint is at entry 6, trail ends at 3)" \
+        in result.stderr
+
+
+def test_a_missing_or_forged_external_checkpoint_is_caught(tmp_path):
+    external = tmp_path / "elsewhere" / "checkpoints.jsonl"
+    node = write_config(tmp_path, audit={"checkpoint_path": str(external)})
+    ctx = NodeContext.open(node.settings())
+    ctx.audit.record("test.event", Actor(user="tests"), {"n": 1})
+    ctx.close()
+    assert verify(node.path).exit_code == 0
+    line = external.read_text()
+    external.write_text(line.replace('"seq": ', '"seq": 1').replace('"seq": 11', '"seq": 2'))
+    assert "signature invalid" in verify(node.path).stderr
+    external.write_text(line[: len(line) // 2])  # cut mid-line
+    assert "unreadable" in verify(node.path).stderr
+    external.unlink()
+    assert "external checkpoints missing" in verify(node.path).stderr
+
+
+def test_an_external_checkpoint_follows_within_the_interval_without_more_events(tmp_path):
+    import json
+    import time
+
+    external = tmp_path / "elsewhere" / "checkpoints.jsonl"
+    node = write_config(tmp_path, audit={"checkpoint_path": str(external),
+                                         "checkpoint_interval": 1})
+    ctx = NodeContext.open(node.settings())
+    try:
+        ctx.audit.record("test.event", Actor(user="tests"), {"n": 1})  # the first is copied
+        last = ctx.audit.record("test.event", Actor(user="tests"), {"n": 2})  # too soon
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            lines = external.read_text().splitlines() if external.exists() else []
+            if lines and json.loads(lines[-1])["seq"] == last.seq:
+                break
+            time.sleep(0.1)
+        assert json.loads(lines[-1])["seq"] == last.seq
+    finally:
+        ctx.close()
+
+
+def test_the_external_checkpoint_path_must_be_outside_the_data_folder(tmp_path):
+    node = write_config(tmp_path, audit={"checkpoint_path": str(tmp_path / "data" / "cp")})
+    result = lamina("audit", "verify", config=node.path)
+    assert result.exit_code == 2 and "must be outside the data folder" in result.stderr
+
+
+def test_an_unwritable_external_path_does_not_stop_the_head(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    node = write_config(tmp_path, audit={"checkpoint_path": str(blocker / "cp.jsonl")})
+    ctx = NodeContext.open(node.settings())
+    try:
+        entry = ctx.audit.record("test.event", Actor(user="tests"), {"n": 1})
+        ctx.audit.committed(entry, checkpoint=True)  # logged, not raised
+        assert ctx.audit.checkpoint.read()[0] == entry.seq  # the head still moved
+    finally:
+        ctx.close()
+    result = verify(node.path)
+    assert result.exit_code == 1 and "external checkpoints missing" in result.stderr

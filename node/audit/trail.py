@@ -6,6 +6,13 @@ show that its tail was cut off (or that an older copy of the file was put
 back), so after every commit the newest (seq, hash) is written, signed with
 Ed25519, to a head file outside the index. ``verify`` checks both.
 
+The head file lives in the data folder, so whoever owns that folder can cut
+the trail's tail and put an older head back. :class:`ExternalCheckpoints`
+closes that gap: the same signed (seq, hash) is also appended to a configured
+second path outside the data folder, at least every ``interval`` seconds while
+events come, at shutdown, and at once at every approval; ``verify`` checks
+every checkpoint there against the chain.
+
 Entries name UIDs, hashes, AE titles and addresses: never a patient name or
 identifier (the callers pass objects built from UIDs and hashes only).
 """
@@ -16,8 +23,10 @@ import base64
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
+import time as clock
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.storage.interface import Index, Transaction
 from node.storage.records import AuditRow
+
+log = logging.getLogger("lamina.audit")
 
 GENESIS = "0" * 64
 
@@ -76,15 +87,70 @@ def _canonical(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class HeadCheckpoint:
-    """The newest (seq, hash), signed, in a file beside (not inside) the index."""
+class ExternalCheckpoints:
+    """Signed (seq, hash) checkpoints appended, one JSON line each, to a file outside the
+    data folder: what a restored old head or a cut tail is compared with."""
 
-    def __init__(self, head_path: Path, key_path: Path, *, create_key: bool = True) -> None:
+    def __init__(self, path: Path, interval: float = 60.0) -> None:
+        self.path = path
+        self.interval = interval
+
+    def append(self, seq: int, hash_: str, signature: bytes) -> None:
+        """Append one checkpoint (fsync'd) unless the file already has one as new."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            last = self._last(fd)
+            if last is not None and last >= seq:
+                return
+            line = json.dumps({"seq": seq, "hash": hash_, "time": utc_now(),
+                               "signature": base64.b64encode(signature).decode()})
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _last(fd: int) -> int | None:
+        size = os.fstat(fd).st_size
+        if not size:
+            return None
+        tail = os.pread(fd, min(size, 4096), max(0, size - 4096)).decode(errors="replace")
+        lines = [line for line in tail.splitlines() if line.strip()]
+        try:
+            return int(json.loads(lines[-1])["seq"])
+        except (IndexError, ValueError, KeyError):
+            return None
+
+    def read(self) -> list[tuple[int, str, bytes]] | None:
+        """Every checkpoint, oldest first; None when there is no file."""
+        if not self.path.exists():
+            return None
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                data = json.loads(line)
+                out.append((int(data["seq"]), str(data["hash"]),
+                            base64.b64decode(data["signature"])))
+        return out
+
+
+class HeadCheckpoint:
+    """The newest (seq, hash), signed, in a file beside (not inside) the index, and
+    (when configured) in :class:`ExternalCheckpoints` too."""
+
+    def __init__(self, head_path: Path, key_path: Path, *, create_key: bool = True,
+                 external: ExternalCheckpoints | None = None) -> None:
         """``create_key=False`` (tools on an existing node): a missing key is not made up
         front; one is made only when a head is first written, and :meth:`verify` says
         there is none rather than creating one."""
         self.head_path = head_path
         self.key_path = key_path
+        self.external = external
+        self._external_at = float("-inf")  # monotonic time of the last external checkpoint
+        self._external_seq = 0
+        self._newest: tuple[int, str, bytes] | None = None  # the last head this process signed
         self._key_lock = threading.Lock()
         self._key: Ed25519PrivateKey | None = None
         if create_key or self.key_path.exists():
@@ -148,6 +214,12 @@ class HeadCheckpoint:
         if entry is not None:
             self._write(entry)
 
+    def checkpoint(self, entry: AuditEntry) -> None:
+        """Write ``entry`` (or a newer head another process wrote) as the head and as an
+        external checkpoint now (an approval)."""
+        self._write(entry)
+        self._write_external(force=True)
+
     def close(self) -> None:
         """Write any pending head, end the writer thread and close the lock file."""
         with self._pending_changed:
@@ -157,6 +229,7 @@ class HeadCheckpoint:
         if writer is not None:
             writer.join(timeout=10)
         self.flush()
+        self._write_external(force=True)
         with self._write_lock:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -164,13 +237,23 @@ class HeadCheckpoint:
 
     def _write_loop(self) -> None:
         while True:
+            idle = False
             with self._pending_changed:
-                while self._pending is None and not self._closed:
-                    self._pending_changed.wait()
-                if self._pending is None:  # closed, nothing left to write
+                while self._pending is None and not self._closed and not idle:
+                    # With an external copy, wake at its interval: a head written since
+                    # the last one is copied even when no event follows it.
+                    idle = not self._pending_changed.wait(
+                        self.external.interval if self.external else None)
+                if idle and self._pending is None and not self._closed:
+                    entry = None
+                elif self._pending is None:  # closed, nothing left to write
                     return
-                entry, self._pending = self._pending, None
-                self._in_flight = entry
+                else:
+                    entry, self._pending = self._pending, None
+                    self._in_flight = entry
+            if entry is None:
+                self._write_external(force=True)
+                continue
             try:
                 self._write(entry)
             finally:
@@ -189,6 +272,9 @@ class HeadCheckpoint:
             try:
                 current = self.read()
                 if current and current[0] >= entry.seq:
+                    # another process signed a newer head: that one goes outside next
+                    if self._newest is None or current[0] > self._newest[0]:
+                        self._newest = current
                     return
                 signature = self._signing_key().sign(self._message(entry.seq, entry.hash))
                 body = json.dumps({"seq": entry.seq, "hash": entry.hash,
@@ -196,14 +282,38 @@ class HeadCheckpoint:
                 tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(body)
                 os.replace(tmp, self.head_path)
+                self._newest = (entry.seq, entry.hash, signature)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._write_external(force=False)
+
+    def _write_external(self, *, force: bool) -> None:
+        """Copy the newest head this process signed to the external checkpoints, when one
+        is configured and it is new, and ``force`` or the interval has passed."""
+        if self.external is None or self._newest is None:
+            return
+        seq, hash_, signature = self._newest
+        if seq <= self._external_seq:
+            return
+        if not force and clock.monotonic() - self._external_at < self.external.interval:
+            return
+        try:
+            self.external.append(seq, hash_, signature)
+        except OSError as exc:  # a lost mount must not stop the head: retried next time
+            log.error("external audit checkpoint not written", extra={"fields": {
+                "path": str(self.external.path), "seq": seq, "error": exc.strerror or str(exc)}})
+            return
+        self._external_seq, self._external_at = seq, clock.monotonic()
 
     def read(self) -> tuple[int, str, bytes] | None:
         if not self.head_path.exists():
             return None
         data = json.loads(self.head_path.read_text())
         return int(data["seq"]), str(data["hash"]), base64.b64decode(data["signature"])
+
+    def sign(self, seq: int, hash_: str) -> bytes:
+        """The signature of a (seq, hash) checkpoint, as the head carries it (syslog stream)."""
+        return self._signing_key().sign(self._message(seq, hash_))
 
     def _signing_key(self) -> Ed25519PrivateKey:
         with self._key_lock:
@@ -249,8 +359,13 @@ class AuditTrail:
         tx.audit.insert(AuditRow(seq, time, actor_s, action, obj_s, outcome, prev_hash, digest))
         return AuditEntry(seq, digest)
 
-    def committed(self, entry: AuditEntry) -> None:
-        self.checkpoint.advance(entry)
+    def committed(self, entry: AuditEntry, *, checkpoint: bool = False) -> None:
+        """After the commit: move the head to ``entry``; ``checkpoint`` (an approval)
+        writes it and the external checkpoint before returning."""
+        if checkpoint:
+            self.checkpoint.checkpoint(entry)
+        else:
+            self.checkpoint.advance(entry)
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -270,6 +385,13 @@ class AuditTrail:
         self.checkpoint.flush()
         head = self.checkpoint.read()
         hash_at_head = None
+        external = self.checkpoint.external
+        try:
+            kept = external.read() if external is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return VerifyReport(False, 0, f"external checkpoints at {external.path} unreadable")
+        wanted = {seq for seq, _, _ in kept or ()}
+        hashes: dict[int, str] = {}
         with self.index.reader() as r:
             for row in r.audit.rows():
                 seq = row.seq
@@ -289,6 +411,8 @@ class AuditTrail:
                     )
                 if head and seq == head[0]:
                     hash_at_head = row.hash
+                if seq in wanted:
+                    hashes[seq] = row.hash
                 prev_hash, expected_seq, count = row.hash, seq + 1, count + 1
         if head is None:
             if count:
@@ -308,4 +432,24 @@ class AuditTrail:
             )
         if hash_at_head != head_hash:
             return VerifyReport(False, count, f"entry {head_seq}: does not match the signed head")
+        if external is not None:
+            problem = self._compare_external(external, kept, hashes, count)
+            if problem:
+                return VerifyReport(False, count, problem)
         return VerifyReport(True, count)
+
+    def _compare_external(self, external: ExternalCheckpoints,
+                          kept: list[tuple[int, str, bytes]] | None, hashes: dict[int, str],
+                          count: int) -> str:
+        """What is wrong between the trail and the checkpoints kept outside the data folder."""
+        if kept is None:
+            return f"external checkpoints missing at {external.path}" if count else ""
+        for seq, hash_, signature in kept:
+            if not self.checkpoint.signature_valid(seq, hash_, signature):
+                return f"external checkpoint at entry {seq}: signature invalid"
+            if seq > count:
+                return (f"entry {count + 1}: trail rolled back (an external checkpoint is at"
+                        f" entry {seq}, trail ends at {count})")
+            if hashes.get(seq) != hash_:
+                return f"entry {seq}: does not match the external checkpoint"
+        return ""

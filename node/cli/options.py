@@ -71,12 +71,13 @@ def node_options(func: Callable) -> Callable:
 
 @contextmanager
 def node_context(settings: Settings, *, with_key: bool = False,
-                 must_exist: bool = True) -> Iterator:
+                 must_exist: bool = True, migrate: bool = False) -> Iterator:
     """The node's context for one command, closed afterwards.
 
     ``must_exist``: the command reads or changes a node's data, so a data folder
     without an index is bad input (said in one line), never silently created.
     ``with_key``: load the project key (to ingest, seal or unseal).
+    ``migrate``: bring the schema up to date first (commands that write new tables).
     """
     from node.anonymize.keys import ProjectKeyError
     from node.checks.protocol import ProtocolError
@@ -84,7 +85,7 @@ def node_context(settings: Settings, *, with_key: bool = False,
     from node.storage.interface import IndexUnavailable
 
     try:
-        ctx = NodeContext.open(settings, migrate=False, with_key=with_key,
+        ctx = NodeContext.open(settings, migrate=migrate, with_key=with_key,
                                must_exist=must_exist)
     except IndexUnavailable as exc:
         raise index_problem(settings, exc) from None
@@ -114,3 +115,26 @@ def user_name(user: str | None = None) -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return f"uid:{os.getuid()}"
+
+
+def passphrase_option(func: Callable) -> Callable:
+    """``--passphrase-fd N``: read the passphrase from file descriptor N (one line) instead of
+    asking for it; a passphrase is never taken on the command line."""
+    return click.option("--passphrase-fd", "passphrase_fd", type=int, default=None,
+                        help="Read the passphrase from this file descriptor (scripts).")(func)
+
+
+def read_passphrase(fd: int | None, *, confirm: bool = False) -> str:
+    """The passphrase: the first line of ``fd``, or asked for without echo."""
+    if fd is None:
+        return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = os.read(fd, 1)  # byte by byte: nothing after the line is consumed
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise BadInput(f"--passphrase-fd {fd}: {exc.strerror}") from None
+    return data.decode("utf-8", "replace").rstrip("\r\n")

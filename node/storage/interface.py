@@ -50,8 +50,10 @@ from node.storage.records import (
     SeriesFindingRow,
     SeriesRows,
     SeriesStateRow,
+    SignatureRow,
     StoredRef,
     StructureRow,
+    UserRow,
 )
 
 
@@ -130,6 +132,9 @@ class AuditReads(Protocol):
     def of_action(self, prefix: str) -> list[AuditRow]:
         """Events whose action starts with ``prefix``, oldest first."""
 
+    def after(self, seq: int, limit: int) -> list[AuditRow]:
+        """Up to ``limit`` events after ``seq``, oldest first (the syslog stream's cursor)."""
+
 
 class ReidReads(Protocol):
     """The encrypted re-identification map: rows found by a keyed lookup, payloads sealed."""
@@ -170,6 +175,17 @@ class ReportReads(Protocol):
         """The backend's own consistency check: ``ok`` or what is wrong."""
 
 
+class UserReads(Protocol):
+    def get(self, user_id: str) -> UserRow | None: ...
+    def by_row(self, row_id: int) -> UserRow | None: ...
+    def list(self) -> list[UserRow]: ...
+
+
+class SignatureReads(Protocol):
+    def list(self, annotation_id: int | None = None) -> list[SignatureRow]:
+        """Signatures, oldest first (of one annotation when given)."""
+
+
 class Reader(Protocol):
     """A consistent read view of the index."""
 
@@ -181,6 +197,8 @@ class Reader(Protocol):
     reid: ReidReads
     evidence: EvidenceReads
     reports: ReportReads
+    users: UserReads
+    signatures: SignatureReads
 
 
 # --- repositories: write side -------------------------------------------------
@@ -293,6 +311,27 @@ class Evidence(EvidenceReads, Protocol):
             evidence: dict[str, Any]) -> None: ...
 
 
+class Users(UserReads, Protocol):
+    def insert(self, user_id: str, printed_name: str, rater_ids: list[str],
+               public_key: bytes, private_key: bytes, now: str) -> int:
+        """A new user; raises KeyError when ``user_id`` was ever used (ids are never reused)."""
+
+    def disable(self, user_id: str, now: str) -> bool:
+        """False when the user is unknown or already disabled."""
+
+    def record_failure(self, user_id: str, lock_after: int, now: str) -> tuple[int, bool]:
+        """Count one wrong passphrase; (failures so far, locked now by this one)."""
+
+    def reset_failures(self, user_id: str) -> None: ...
+    def clear_lock(self, user_id: str) -> bool:
+        """Unlock a locked user (and reset the count); False when the user was not locked."""
+
+
+class Signatures(SignatureReads, Protocol):
+    def insert(self, annotation_id: int, user_fk: int, decision: str, meaning: str,
+               signed_at: str, manifest: str, signature: bytes) -> int: ...
+
+
 class Transaction(Reader, Protocol):
     """One unit of work: commits on leaving the ``with`` block, rolls back on an exception."""
 
@@ -303,6 +342,8 @@ class Transaction(Reader, Protocol):
     audit: Audit
     reid: Reid
     evidence: Evidence
+    users: Users
+    signatures: Signatures
 
 
 class Index(Protocol):

@@ -353,3 +353,36 @@ class AnnotationFindingRow:
 #: Annotation reads come back as plain mappings of column name to value: the CLI
 #: prints and serialises them as they are.
 Row = dict[str, Any]
+
+
+# --- reviewers and signatures (issue 10 §4) -----------------------------------
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """A reviewer: ``id`` is the row number (never reused), ``user_id`` the name they sign as."""
+
+    id: int
+    user_id: str
+    printed_name: str
+    rater_ids: tuple[str, ...]
+    public_key: bytes
+    private_key: bytes
+    failed_attempts: int
+    locked_at: str | None
+    disabled_at: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class SignatureRow:
+    """One electronic signature as stored: ``manifest`` is the exact canonical JSON signed."""
+
+    id: int
+    annotation_id: int
+    user_fk: int
+    decision: str
+    meaning: str
+    signed_at: str
+    manifest: str
+    signature: bytes

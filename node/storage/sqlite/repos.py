@@ -29,8 +29,10 @@ from node.storage.records import (
     SeriesFindingRow,
     SeriesRows,
     SeriesStateRow,
+    SignatureRow,
     StoredRef,
     StructureRow,
+    UserRow,
 )
 
 
@@ -38,7 +40,7 @@ class Session:
     """One connection's view of the index, through its repositories."""
 
     __slots__ = ("annotations", "audit", "conn", "evidence", "instances", "quarantine",
-                 "reid", "reports", "series")
+                 "reid", "reports", "series", "signatures", "users")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -50,6 +52,8 @@ class Session:
         self.reid = SqliteReid(conn)
         self.evidence = SqliteEvidence(conn)
         self.reports = SqliteReports(conn)
+        self.users = SqliteUsers(conn)
+        self.signatures = SqliteSignatures(conn)
 
 
 class _Repo:
@@ -636,6 +640,97 @@ class SqliteAudit(_Repo):
         return [AuditRow(*r) for r in self.conn.execute(
             f"SELECT {_AUDIT_COLUMNS} FROM audit_event WHERE action LIKE ? ESCAPE '\\'"
             " ORDER BY seq", (escaped + "%",))]
+
+    def after(self, seq: int, limit: int) -> list[AuditRow]:
+        return [AuditRow(*r) for r in self.conn.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_event WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit))]
+
+
+# --- reviewers and signatures -------------------------------------------------
+
+_USER_COLUMNS = ("id, user_id, printed_name, rater_ids, public_key, private_key, failed_attempts,"
+                 " locked_at, disabled_at, created_at")
+
+
+def _user(row: sqlite3.Row | None) -> UserRow | None:
+    if row is None:
+        return None
+    values = list(row)
+    values[3] = tuple(json.loads(values[3]))
+    values[4], values[5] = bytes(values[4]), bytes(values[5])
+    return UserRow(*values)
+
+
+class SqliteUsers(_Repo):
+    __slots__ = ()
+
+    def get(self, user_id: str) -> UserRow | None:
+        return _user(self.conn.execute(
+            f"SELECT {_USER_COLUMNS} FROM review_user WHERE user_id = ?", (user_id,)).fetchone())
+
+    def by_row(self, row_id: int) -> UserRow | None:
+        return _user(self.conn.execute(
+            f"SELECT {_USER_COLUMNS} FROM review_user WHERE id = ?", (row_id,)).fetchone())
+
+    def list(self) -> list[UserRow]:
+        return [_user(r) for r in self.conn.execute(
+            f"SELECT {_USER_COLUMNS} FROM review_user ORDER BY id")]
+
+    def insert(self, user_id: str, printed_name: str, rater_ids: list[str],
+               public_key: bytes, private_key: bytes, now: str) -> int:
+        try:
+            return self._id(
+                "INSERT INTO review_user (user_id, printed_name, rater_ids, public_key,"
+                " private_key, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (user_id, printed_name, json.dumps(rater_ids), public_key, private_key, now))
+        except sqlite3.IntegrityError:
+            raise KeyError(user_id) from None
+
+    def disable(self, user_id: str, now: str) -> bool:
+        return self.conn.execute(
+            "UPDATE review_user SET disabled_at = ? WHERE user_id = ? AND disabled_at IS NULL",
+            (now, user_id)).rowcount == 1
+
+    def record_failure(self, user_id: str, lock_after: int, now: str) -> tuple[int, bool]:
+        failures = self.conn.execute(
+            "UPDATE review_user SET failed_attempts = failed_attempts + 1 WHERE user_id = ?"
+            " RETURNING failed_attempts", (user_id,)).fetchone()[0]
+        locked = self.conn.execute(
+            "UPDATE review_user SET locked_at = ? WHERE user_id = ? AND locked_at IS NULL"
+            " AND failed_attempts >= ?", (now, user_id, lock_after)).rowcount == 1
+        return failures, locked
+
+    def reset_failures(self, user_id: str) -> None:
+        self.conn.execute("UPDATE review_user SET failed_attempts = 0 WHERE user_id = ?",
+                          (user_id,))
+
+    def clear_lock(self, user_id: str) -> bool:
+        return self.conn.execute(
+            "UPDATE review_user SET locked_at = NULL, failed_attempts = 0 WHERE user_id = ?"
+            " AND locked_at IS NOT NULL", (user_id,)).rowcount == 1
+
+
+_SIGNATURE_COLUMNS = "id, annotation_fk, user_fk, decision, meaning, signed_at, manifest, signature"
+
+
+class SqliteSignatures(_Repo):
+    __slots__ = ()
+
+    def insert(self, annotation_id: int, user_fk: int, decision: str, meaning: str,
+               signed_at: str, manifest: str, signature: bytes) -> int:
+        return self._id(
+            "INSERT INTO review_signature (annotation_fk, user_fk, decision, meaning, signed_at,"
+            " manifest, signature) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (annotation_id, user_fk, decision, meaning, signed_at, manifest, signature))
+
+    def list(self, annotation_id: int | None = None) -> list[SignatureRow]:
+        sql = f"SELECT {_SIGNATURE_COLUMNS} FROM review_signature"
+        args: tuple = ()
+        if annotation_id is not None:
+            sql, args = sql + " WHERE annotation_fk = ?", (annotation_id,)
+        return [SignatureRow(*r[:7], bytes(r[7])) for r in self.conn.execute(
+            sql + " ORDER BY id", args)]
 
 
 # --- re-identification map and de-identification evidence ---------------------

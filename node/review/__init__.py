@@ -1,0 +1,1 @@
+"""Review: reviewers, their electronic signatures, approve and reject (issue 10 §4)."""
