@@ -8,8 +8,8 @@ stopped in order:
 * ``start()``: the audit writer (query/retrieve events), the after-commit
   worker (annotation checks after the answer), the overlay settle worker;
   with ``supervisor=True`` (one per node: the process that owns the data
-  folder) also the recovery of annotations a crash left unchecked and the
-  series sweeper.
+  folder) also the recovery of annotations a crash left unchecked, the
+  series sweeper and the forward worker (node.forward.worker).
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -32,7 +32,9 @@ from node.audit.served import AuditQueue
 from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
-from node.config import Settings
+from node.config import ConfigError, Settings
+from node.forward.queue import Outbox
+from node.forward.worker import ForwardWorker
 from node.ingest.iod import IODTables
 from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
@@ -68,6 +70,9 @@ class NodeContext:
     retrieve: RetrieveService
     worker: Worker
     key: ProjectKey | None
+    #: Approved results queued for forwarding (a listener on ``states``), and their sender.
+    outbox: Outbox
+    forwarder: ForwardWorker
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
     _started: list[str] = field(default_factory=list)
@@ -119,6 +124,11 @@ class NodeContext:
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
                     if settings.annotations.protocol else Protocol())
+        try:  # a rule's class must be one the protocol declares
+            settings.forward.check({p.name: True for p in settings.peers},
+                                   [c.key for c in protocol.classes] or None)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
                                         protocol, settings.annotations.settle_seconds)
         matcher = index.matcher(settings.node.ae_title)
@@ -137,8 +147,12 @@ class NodeContext:
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series), defer=worker.submit)
             quarantine = QuarantineService(area)
+        states = AnnotationStates(audit)
+        outbox = Outbox(index, audit, settings.forward)
+        states.listen(outbox)
+        forwarder = ForwardWorker(settings, index, blobs, audit, key)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   AnnotationStates(audit), search, retrieve, worker, key, ingest, quarantine)
+                   states, search, retrieve, worker, key, outbox, forwarder, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:
@@ -173,6 +187,9 @@ class NodeContext:
             self.annotations.check_received(actor)
             self.series.start()
             self._started.append("series")
+            # Approved results not yet delivered, queued before a restart included.
+            self.forwarder.start()
+            self._started.append("forward")
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -181,6 +198,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
+        if "forward" in self._started:
+            self.forwarder.stop()
         if "series" in self._started:
             self.series.stop()
         self.worker.stop()

@@ -9,7 +9,7 @@ The index:
 
 * ``with index.transaction() as tx:`` is one unit of work. Everything written
   through ``tx.instances``, ``tx.series``, ``tx.annotations``,
-  ``tx.quarantine``, ``tx.audit``, ``tx.reid`` and ``tx.evidence`` commits
+  ``tx.quarantine``, ``tx.audit``, ``tx.reid``, ``tx.evidence`` and ``tx.outbox`` commits
   together or not at all; an exception rolls it back. Writers are serialised
   by the backend (a lock, an advisory lock): callers never coordinate.
 * ``with index.reader() as r:`` reads a consistent view through the same
@@ -159,6 +159,24 @@ class ReportReads(Protocol):
         """The backend's own consistency check: ``ok`` or what is wrong."""
 
 
+class OutboxReads(Protocol):
+    """The forwarding outbox (node.forward.queue): one row per (object, destination)."""
+
+    def due(self, at: float, limit: int) -> list[Row]:
+        """Rows to send at ``at`` (epoch seconds), by destination, with their annotation's
+        state (``annotation_state``) and source series."""
+
+    def next_due(self) -> float | None: ...
+    def annotation_classes(self, annotation_id: int) -> set[str]:
+        """Protocol classes of the structures of the annotation's current check."""
+
+    def get(self, item_id: int) -> Row | None: ...
+    def list(self, state: str | None = None, destination: str | None = None,
+             annotation_id: int | None = None) -> list[Row]: ...
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows by destination, then by state."""
+
+
 class Reader(Protocol):
     """A consistent read view of the index."""
 
@@ -170,6 +188,7 @@ class Reader(Protocol):
     reid: ReidReads
     evidence: EvidenceReads
     reports: ReportReads
+    outbox: OutboxReads
 
 
 # --- repositories: write side -------------------------------------------------
@@ -264,6 +283,26 @@ class Evidence(EvidenceReads, Protocol):
             evidence: dict[str, Any]) -> None: ...
 
 
+class Outbox(OutboxReads, Protocol):
+    def enqueue_annotation(self, annotation_id: int, rule: str, destination: str, mode: str,
+                           now: str, at: float) -> int:
+        """Queue the annotation's current objects; idempotent per (SOP Instance UID,
+        destination). How many rows were new."""
+
+    def enqueue_series(self, annotation_id: int, series_uid: str, rule: str, destination: str,
+                       mode: str, now: str, at: float) -> int:
+        """Queue every stored instance of a series, idempotently; how many rows were new."""
+
+    def mark_sent(self, item_id: int, status: int, warning: str | None, now: str) -> bool: ...
+    def mark_failed(self, item_id: int, status: int | None, error: str, next_at: float,
+                    max_attempts: int, now: str) -> str | None:
+        """``failed`` or, at ``max_attempts``, ``dead``; None when the row was not pending."""
+
+    def refuse(self, item_id: int, reason: str, now: str) -> bool: ...
+    def retry(self, item_id: int, at: float, now: str) -> bool: ...
+    def cancel(self, item_id: int, now: str) -> bool: ...
+
+
 class Transaction(Reader, Protocol):
     """One unit of work: commits on leaving the ``with`` block, rolls back on an exception."""
 
@@ -274,6 +313,7 @@ class Transaction(Reader, Protocol):
     audit: Audit
     reid: Reid
     evidence: Evidence
+    outbox: Outbox
 
 
 class Index(Protocol):
