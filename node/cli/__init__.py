@@ -13,6 +13,7 @@ from node.cli.audit import audit
 from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
 from node.cli.quarantine import quarantine
+from node.cli.queue import queue
 from node.cli.scu import echo, find, move, send
 from node.cli.serve import serve
 from node.cli.status import check, fsck, status
@@ -25,5 +26,6 @@ def main() -> None:
 
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
-                anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels):
+                anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
+                queue):
     main.add_command(command)
