@@ -9,107 +9,45 @@ SCP of the harness, or DCMTK's storescp for the re-identified route.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from node.annotations.states import AnnotationState
-from node.audit.trail import Actor
 from node.config import ConfigError
 from node.context import NodeContext
 from node.forward.queue import QueueError
 from tests import annotation_fixtures as fx
-from tests.harness import StorageSCP, free_port, lamina, peer, stop_process, storescp, write_config
-
-REVIEWER = Actor(user="reviewer-1")
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-
-
-class CountingSCP(StorageSCP):
-    """The harness's storage SCP, counting receptions per instance and answering
-    ``answers[uid]`` (a warning or failure status) where one is set."""
-
-    def __init__(self, *args, answers: dict[str, int] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.counts: Counter[str] = Counter()
-        self.answers = answers or {}
-
-    def _on_store(self, event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
-        status = super()._on_store(event)
-        with self.lock:
-            self.counts[uid] += 1
-        return self.answers.get(uid, status)
-
-
-def config(folder: Path, dest_port: int, rule: dict | None = None, **forward):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "protocol.toml").write_text(fx.TEST_PROTOCOL)
-    rules = {"to_dest": {"class": "*", "destination": "dest", **(rule or {})}}
-    return write_config(
-        folder, peers={**fx.PEERS, "dest": peer("DEST", port=dest_port)},
-        annotations={"protocol": str(folder / "protocol.toml"), "settle_seconds": 0.1},
-        forward={"max_attempts": 3, "backoff_seconds": 0.0, "poll_seconds": 0.05,
-                 **forward, "rules": rules})
-
-
-@dataclass(frozen=True)
-class Template:
-    """A node folder with the phantom stored (from the PACS) and a valid SEG (from the
-    annotator) checked, built once and copied for each test."""
-
-    root: Path
-    seg_uid: str
-    annotation_id: int
+from tests.forward_fixtures import (
+    CT_CLASS,
+    REVIEWER,
+    SEG_CLASS,
+    CountingSCP,
+    Template,
+    approve,
+    audit,
+    build_template,
+    config,
+    rows,
+)
+from tests.harness import free_port, lamina, stop_process, storescp
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Template:
-    root = tmp_path_factory.mktemp("forward-template")
-    ctx = NodeContext.open(config(root, 1).settings(), with_key=True)
-    try:
-        for k in range(fx.PHANTOM.slices_count):
-            assert fx.ingest(ctx, fx.PHANTOM.slice(k), fx.PACS).action == "stored"
-        seg = fx.valid_seg(fx.served(ctx))
-        assert fx.ingest(ctx, seg).action == "annotation"
-        annotation_id = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
-        with ctx.index.reader() as r:
-            assert r.annotations.get(annotation_id)["state"] == "checked"
-    finally:
-        ctx.close()
-    return Template(root, str(seg.SOPInstanceUID), annotation_id)
+    return build_template(tmp_path_factory.mktemp("forward-template"))
 
 
 def open_node(template: Template, folder: Path, dest_port: int, rule: dict | None = None,
               **forward) -> NodeContext:
-    """The template's node in ``folder``, its config naming the destination on ``dest_port``
-    and the rule ``to_dest`` (any class, as stored, unless ``rule`` says otherwise). The
+    """The template's node in ``folder`` (see :func:`tests.forward_fixtures.config`). The
     SEG's UID and annotation are ``ctx.seg_uid`` and ``ctx.seg_annotation``."""
-    shutil.copytree(template.root, folder)
-    ctx = NodeContext.open(config(folder, dest_port, rule, **forward).settings(), with_key=True)
+    settings = template.copy(folder, dest_port, rule, **forward).settings()
+    ctx = NodeContext.open(settings, with_key=True)
     ctx.seg_uid, ctx.seg_annotation = template.seg_uid, template.annotation_id
     return ctx
-
-
-def approve(ctx: NodeContext, annotation_id: int) -> None:
-    with ctx.index.transaction() as tx:
-        entry = ctx.states.move(tx, annotation_id, AnnotationState.APPROVED, REVIEWER)
-    ctx.audit.committed(entry)
-
-
-def rows(ctx: NodeContext) -> list[dict]:
-    with ctx.index.reader() as r:
-        return r.outbox.list()
-
-
-def audit(ctx: NodeContext, prefix: str) -> list[dict]:
-    with ctx.index.reader() as r:
-        return [json.loads(e.object) | {"outcome": e.outcome} for e in r.audit.of_action(prefix)]
 
 
 @pytest.fixture
