@@ -124,13 +124,16 @@ class NodeContext:
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
                     if settings.annotations.protocol else Protocol())
-        try:  # a rule's class must be one the protocol declares
-            settings.forward.check({p.name: True for p in settings.peers},
-                                   [c.key for c in protocol.classes] or None)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
                                         protocol, settings.annotations.settle_seconds)
+        # A node being served refuses a forward rule naming a class its protocol lacks;
+        # tools on an existing node (must_exist) open it whatever the rules say, to report.
+        if not must_exist and protocol.classes:
+            try:
+                settings.forward.check({p.name: True for p in settings.peers},
+                                       [c.key for c in protocol.classes])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         matcher = index.matcher(settings.node.ae_title)
         search = SearchService(matcher, events)
         retrieve = RetrieveService(settings, matcher, events)
