@@ -42,6 +42,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.tag import Tag
 
 from node.annotations.states import AnnotationState
 from node.anonymize.keys import ProjectKey
@@ -58,6 +59,7 @@ log = logging.getLogger("lamina.forward")
 RECORD_EVERY = 16
 #: Rows read per pass.
 PASS_LIMIT = 1024
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 def is_warning(status: int) -> bool:
@@ -256,11 +258,17 @@ class ForwardWorker:
                         partial(self._reidentified, sha, rmap), label=f"reidentified:{sha}")
 
     def _reidentified(self, sha: str, rmap: ReidentificationMap) -> BinaryIO:
-        """The stored object mapped back onto the originals, as a Part 10 file in memory."""
+        """The stored object mapped back onto the originals, as a Part 10 file in memory.
+
+        The pixel data (which holds no identifiers) is set aside while the rest is
+        mapped, so that the mapping's defensive copy does not copy the pixels too."""
         with self.blobs.open(sha) as f:
             ds = dcmread(f)
+        pixels = ds.pop(_PIXEL_DATA, None)
         with self.index.reader() as r:
             out = reidentify_dataset(r, rmap, ds)
+        if pixels is not None:
+            out[_PIXEL_DATA] = pixels
         buffer = DicomBytesIO()
         out.save_as(buffer, enforce_file_format=True)
         return io.BytesIO(buffer.getvalue())
