@@ -153,7 +153,7 @@ class NodeContext:
         states = AnnotationStates(audit)
         outbox = Outbox(index, audit, settings.forward)
         states.listen(outbox)
-        forwarder = ForwardWorker(settings, index, blobs, audit, key)
+        forwarder = ForwardWorker(settings, index, blobs, audit, key, annotations.as_seg)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
                    states, search, retrieve, worker, key, outbox, forwarder, ingest, quarantine)
 

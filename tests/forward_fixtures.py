@@ -3,9 +3,10 @@ copied per test; a counting storage SCP; the approval as the review would make i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +22,24 @@ CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
 class CountingSCP(StorageSCP):
-    """The harness's storage SCP, counting receptions per instance and answering
-    ``answers[uid]`` (a warning or failure status) where one is set."""
+    """The harness's storage SCP, counting receptions per instance (and the hash of each
+    data set received), answering ``answers[uid]`` (a warning or failure status) where one
+    is set, and 0xA700 to everything while ``refuse_all``."""
 
     def __init__(self, *args, answers: dict[str, int] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.counts: Counter[str] = Counter()
+        self.hashes: dict[str, list[str]] = defaultdict(list)
         self.answers = answers or {}
+        self.refuse_all = False
 
     def _on_store(self, event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
         status = super()._on_store(event)
         with self.lock:
             self.counts[uid] += 1
-        return self.answers.get(uid, status)
+            self.hashes[uid].append(hashlib.sha256(self.received[uid]).hexdigest())
+        return 0xA700 if self.refuse_all else self.answers.get(uid, status)
 
 
 def config(folder: Path, dest_port: int, rule: dict | None = None, **forward) -> NodeConfig:

@@ -282,3 +282,33 @@ def test_queue_commands_and_status_counts(template, tmp_path) -> None:
         assert [e["was"] for e in audit(ctx, "forward.retry")] == ["cancelled"]
     finally:
         ctx.close()
+
+
+def test_an_overlay_annotation_leaves_as_a_seg_made_once(template, tmp_path, scp) -> None:
+    ctx = open_node(template, tmp_path / "node", scp.port, {"source_series": False})
+    try:
+        served = fx.served(ctx)
+        for copy in fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Horos",
+                                         series=served):
+            assert fx.ingest(ctx, copy).action == "annotation"
+        ctx.annotations.flush()
+        annotation_id = fx.annotation_of(ctx, served.sop_uid(20))
+        approve(ctx, annotation_id)
+        [row] = rows(ctx)
+        assert (row["kind"], row["blob_sha256"]) == ("seg", "")  # made at its first send
+        scp.refuse_all = True
+        assert ctx.forwarder.deliver_due() == 0
+        scp.refuse_all = False
+        assert ctx.forwarder.deliver_due() == 1
+        [row] = rows(ctx)
+        assert row["state"] == "sent" and row["sop_class_uid"] == SEG_CLASS
+        assert set(scp.counts) == {row["sop_instance_uid"]}  # no overlay copy left the node
+        first, second = scp.hashes[row["sop_instance_uid"]]
+        assert first == second  # the retry sent the same SEG, not a new one
+        seg = dcmread(ctx.blobs.open(row["blob_sha256"]))
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == served.series_uid
+        assert len(seg.SegmentSequence) == 3
+    finally:
+        ctx.close()
+    run = lamina("fsck", config=tmp_path / "node" / "node.toml")
+    assert run.exit_code == 0 and "unreferenced" not in run.stdout  # the made SEG is kept

@@ -5,7 +5,10 @@
 writes one row per (object, destination) for every matching rule, inside the
 approval's own transaction, so an approval and its forwards commit or roll
 back together. Nothing else queues rows: only approved annotations (and the
-source series a rule names) can leave. The rows live behind the storage
+source series a rule names) can leave. A SEG is sent as it was received; an
+overlay annotation (Horos/OsiriX copies) is sent as a SEG made from its masks
+when its first row is sent, kept in the blob store and reused for every
+destination and retry, so that a resend is byte-identical. The rows live behind the storage
 interface (``tx.outbox``); :mod:`node.forward.worker` sends them.
 
 Operators list, show, retry and cancel rows (``lamina queue ...``); each
@@ -17,6 +20,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pydicom.uid import SegmentationStorage
+
 from node.annotations.states import AnnotationState, Transition
 from node.audit.trail import Actor, AuditTrail, utc_now
 from node.forward.rules import ForwardSettings
@@ -25,6 +30,11 @@ from node.storage.records import Row
 
 #: Row states, in the order reports show them.
 STATES = ("queued", "failed", "sent", "dead", "cancelled", "refused")
+
+
+def placeholder_uid(annotation_id: int) -> str:
+    """What a row for a SEG not yet made is keyed by (one per annotation and destination)."""
+    return f"annotation-{annotation_id}-seg"
 
 
 class QueueError(ValueError):
@@ -66,8 +76,13 @@ class Outbox:
         for rule in self.settings.rules:
             if not rule.applies_to(classes):
                 continue
-            seg = tx.outbox.enqueue_annotation(annotation_id, rule.name, rule.destination,
-                                               rule.mode, now, at) if row["kind"] == "seg" else 0
+            if row["kind"] == "seg":
+                seg = tx.outbox.enqueue_annotation(annotation_id, rule.name, rule.destination,
+                                                   rule.mode, now, at)
+            else:  # overlay copies: their SEG is made (once) when first sent
+                seg = tx.outbox.enqueue_to_build(annotation_id, placeholder_uid(annotation_id),
+                                                 SegmentationStorage, rule.name,
+                                                 rule.destination, rule.mode, now, at)
             source = 0
             if rule.source_series and row["source_series_uid"]:
                 source = tx.outbox.enqueue_series(annotation_id, row["source_series_uid"],
@@ -76,12 +91,7 @@ class Outbox:
             queued.append(Queued(rule.name, rule.destination, rule.mode, seg, source))
         if queued:
             self.audit.append(tx, "forward.queued", transition.actor, {
-                "annotation_id": annotation_id,
-                "queued": [q.__dict__ for q in queued],
-                # An overlay annotation has no SEG of its own to send (yet).
-                **({"note": "overlay annotation: no SEG stored"} if row["kind"] != "seg"
-                   else {}),
-            })
+                "annotation_id": annotation_id, "queued": [q.__dict__ for q in queued]})
 
     # --- operators -------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from itertools import groupby
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.tag import Tag
 
@@ -71,13 +72,16 @@ class ForwardWorker:
     """Sends due outbox rows; start()/stop() by the context, or deliver_due() directly."""
 
     def __init__(self, settings: Settings, index: Index, blobs: BlobStore, audit: AuditTrail,
-                 key: ProjectKey | None, clock: Callable[[], float] = time.time) -> None:
+                 key: ProjectKey | None, make_seg: Callable[[int], Dataset],
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.forward = settings.forward
         self.index = index
         self.blobs = blobs
         self.audit = audit
         self.key = key
+        #: An annotation as a new SEG (overlay annotations: AnnotationService.as_seg).
+        self.make_seg = make_seg
         self.clock = clock
         self.actor = Actor(ae_title=settings.node.ae_title, user="forward-worker")
         self.sender = StoreSender(settings.node.ae_title, settings.node.max_pdu,
@@ -163,6 +167,7 @@ class ForwardWorker:
             self._record(destination, [(row, None, f"{destination!r} is no longer a configured"
                                         " peer") for row in rows])
             return 0
+        rows = self._made(destination, rows)
         try:
             items = [self._outgoing(row) for row in rows]
         except Exception as exc:  # no key, an unknown map entry: retried, then dead
@@ -240,6 +245,41 @@ class ForwardWorker:
         return delay / 2 + self._random.uniform(0, delay / 2)
 
     # --- what goes out -----------------------------------------------------------------
+
+    def _made(self, destination: str, rows: list[Row]) -> list[Row]:
+        """Rows whose object exists: an overlay annotation's SEG is made at its first send,
+        stored, and reused by its other rows (other destinations, retries). Rows whose SEG
+        cannot be made fail (retried, then dead) with the reason."""
+        ready, failed = [], []
+        for row in rows:
+            if row["blob_sha256"]:
+                ready.append(row)
+                continue
+            try:
+                ready.append(self._make(row))
+            except Exception as exc:  # nothing to convert, a slice gone: said in the row
+                failed.append((row, None, f"cannot make the SEG: {exc}"))
+        if failed:
+            self._record(destination, failed)
+        return ready
+
+    def _make(self, row: Row) -> Row:
+        annotation_id = row["annotation_fk"]
+        with self.index.reader() as r:
+            made = next((o for o in r.outbox.list(annotation_id=annotation_id)
+                         if o["kind"] == "seg" and o["blob_sha256"]), None)
+        if made is None:
+            seg = self.make_seg(annotation_id)
+            buffer = DicomBytesIO()
+            seg.save_as(buffer, enforce_file_format=True)
+            ref = self.blobs.put_bytes(buffer.getvalue())
+            made = {"sop_instance_uid": str(seg.SOPInstanceUID),
+                    "sop_class_uid": str(seg.SOPClassUID), "blob_sha256": ref.sha256,
+                    "transfer_syntax_uid": str(seg.file_meta.TransferSyntaxUID)}
+        keys = ("sop_instance_uid", "sop_class_uid", "blob_sha256", "transfer_syntax_uid")
+        with self.index.transaction() as tx:
+            tx.outbox.set_object(row["id"], *(made[k] for k in keys), utc_now())
+        return {**row, **{k: made[k] for k in keys}}
 
     def _outgoing(self, row: Row) -> Outgoing:
         sha = row["blob_sha256"]

@@ -150,7 +150,8 @@ class ReportReads(Protocol):
         """(is it stored, its recorded findings)."""
 
     def referenced_blobs(self) -> set[str]:
-        """Blob-store hashes the index points at (instances, conflicts, annotations)."""
+        """Blob-store hashes the index points at (instances, conflicts, annotations, SEGs
+        made for forwarding)."""
 
     def quarantined_blobs(self) -> set[str]:
         """Hashes kept in the quarantine area."""
@@ -292,6 +293,14 @@ class Outbox(OutboxReads, Protocol):
     def enqueue_series(self, annotation_id: int, series_uid: str, rule: str, destination: str,
                        mode: str, now: str, at: float) -> int:
         """Queue every stored instance of a series, idempotently; how many rows were new."""
+
+    def enqueue_to_build(self, annotation_id: int, placeholder_uid: str, sop_class_uid: str,
+                         rule: str, destination: str, mode: str, now: str, at: float) -> int:
+        """Queue an object made at its first send (an overlay annotation's SEG)."""
+
+    def set_object(self, item_id: int, sop_instance_uid: str, sop_class_uid: str,
+                   blob_sha256: str, transfer_syntax_uid: str, now: str) -> None:
+        """Record the object made for a row queued by ``enqueue_to_build``."""
 
     def mark_sent(self, item_id: int, status: int, warning: str | None, now: str) -> bool: ...
     def mark_failed(self, item_id: int, status: int | None, error: str, next_at: float,

@@ -43,6 +43,24 @@ class SqliteOutbox:
             " ORDER BY o.id" + _ON_CONFLICT,
             (annotation_id, rule, destination, mode, at, now, now, annotation_id)).rowcount
 
+    def enqueue_to_build(self, annotation_id: int, placeholder_uid: str, sop_class_uid: str,
+                         rule: str, destination: str, mode: str, now: str, at: float) -> int:
+        """One row for an object made at its first send (an overlay annotation's SEG): no
+        blob yet, ``placeholder_uid`` until :meth:`set_object`. How many rows were new."""
+        return self.conn.execute(
+            f"INSERT INTO forward_item ({_COLUMNS}) VALUES (?, ?, ?, 'seg', ?, ?, ?, '', '',"
+            " 'queued', ?, ?, ?)" + _ON_CONFLICT,
+            (annotation_id, rule, destination, mode, placeholder_uid, sop_class_uid, at, now,
+             now)).rowcount
+
+    def set_object(self, item_id: int, sop_instance_uid: str, sop_class_uid: str,
+                   blob_sha256: str, transfer_syntax_uid: str, now: str) -> None:
+        """The object made for a row queued by :meth:`enqueue_to_build`."""
+        self.conn.execute(
+            "UPDATE forward_item SET sop_instance_uid = ?, sop_class_uid = ?, blob_sha256 = ?,"
+            " transfer_syntax_uid = ?, updated_at = ? WHERE id = ? AND blob_sha256 = ''",
+            (sop_instance_uid, sop_class_uid, blob_sha256, transfer_syntax_uid, now, item_id))
+
     def enqueue_series(self, annotation_id: int, series_uid: str, rule: str, destination: str,
                        mode: str, now: str, at: float) -> int:
         """Every stored instance of the annotation's source series; how many rows were new."""

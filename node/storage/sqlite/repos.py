@@ -686,7 +686,8 @@ class SqliteReports(_Repo):
         return {row[0] for row in self.conn.execute(
             "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
             " UNION SELECT blob_sha256 FROM quarantine WHERE area = 'blobs'"
-            " UNION SELECT blob_sha256 FROM annotation_object")}
+            " UNION SELECT blob_sha256 FROM annotation_object"
+            " UNION SELECT blob_sha256 FROM forward_item WHERE blob_sha256 != ''")}
 
     def quarantined_blobs(self) -> set[str]:
         return {row[0] for row in self.conn.execute(
