@@ -145,11 +145,7 @@ class TrainingExport:
         """The case's image and label files; the series' modality (the channel name)."""
         grid, masks = self.annotations.masks_of(case.annotation_id)
         slices = [self.annotations.stored_slice(uid) for uid in grid.sop_instance_uids]
-        volume = np.stack([apply_rescale(ds.pixel_array, ds) for ds in slices])
-        if np.all(np.mod(volume, 1) == 0) and volume.min() >= -32768 and volume.max() <= 32767:
-            volume = volume.astype(np.int16)
-        else:
-            volume = volume.astype(np.float32)
+        volume = _volume(slices)
         labels = self.labels()
         label_map = np.zeros(grid.shape, dtype=np.uint8)
         claimed = np.zeros(grid.shape, dtype=bool)
@@ -176,3 +172,26 @@ class TrainingExport:
             path.parent.mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(grid.to_image(array), str(path), useCompression=True)
         return str(slices[0].get("Modality", ""))
+
+
+def _volume(slices: list) -> np.ndarray:
+    """The series' pixels through the modality LUT (CT: HU), ``[k, r, c]``.
+
+    The common case (one integral slope and intercept, no LUT sequence) is done
+    in integers and kept as int16 when it fits: the same arithmetic as pydicom's
+    ``apply_rescale``, without its float64 copy of every slice (the export's
+    largest cost otherwise). Anything else goes through ``apply_rescale``, as
+    float32.
+    """
+    rescales = {(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+                for ds in slices}
+    simple = (len(rescales) == 1 and all(v.is_integer() for v in next(iter(rescales)))
+              and not any("ModalityLUTSequence" in ds for ds in slices))
+    if simple:
+        slope, intercept = (int(v) for v in next(iter(rescales)))
+        volume = np.stack([ds.pixel_array for ds in slices]).astype(np.int32)
+        volume = volume * slope + intercept
+        if volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
+            return volume.astype(np.int16)
+        return volume
+    return np.stack([apply_rescale(ds.pixel_array, ds).astype(np.float32) for ds in slices])
