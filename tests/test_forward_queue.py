@@ -312,3 +312,19 @@ def test_an_overlay_annotation_leaves_as_a_seg_made_once(template, tmp_path, scp
         ctx.close()
     run = lamina("fsck", config=tmp_path / "node" / "node.toml")
     assert run.exit_code == 0 and "unreferenced" not in run.stdout  # the made SEG is kept
+
+
+def test_a_destination_refusing_the_stored_syntax_gets_it_re_encoded(template,
+                                                                     tmp_path) -> None:
+    implicit = "1.2.840.10008.1.2"
+    with CountingSCP("DEST", syntaxes={SEG_CLASS: [implicit]}) as scp:
+        ctx = open_node(template, tmp_path / "node", scp.port)
+        try:
+            approve(ctx, ctx.seg_annotation)
+            [row] = rows(ctx)
+            assert row["transfer_syntax_uid"] != implicit  # stored explicit
+            assert ctx.forwarder.deliver_due() == 1
+            assert scp.got(ctx.seg_uid)[0] == implicit
+            assert rows(ctx)[0]["state"] == "sent"
+        finally:
+            ctx.close()
