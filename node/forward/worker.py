@@ -61,6 +61,8 @@ RECORD_EVERY = 16
 #: Rows read per pass.
 PASS_LIMIT = 1024
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
+#: Shortest pause between passes (seconds).
+_MIN_WAIT = 0.05
 
 
 def is_warning(status: int) -> bool:
@@ -120,8 +122,8 @@ class ForwardWorker:
                 wait = self.forward.poll_seconds
                 with self.index.reader() as r:
                     due = r.outbox.next_due()
-                if due is not None:
-                    wait = max(0.0, min(wait, due - self.clock()))
+                if due is not None:  # never a busy loop, whatever the backoff
+                    wait = max(_MIN_WAIT, min(wait, due - self.clock()))
             except Exception:  # the index or a peer misbehaving must not end forwarding
                 log.exception("forward pass failed")
                 wait = self.forward.poll_seconds
