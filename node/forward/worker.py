@@ -74,8 +74,7 @@ class ForwardWorker:
     """Sends due outbox rows; start()/stop() by the context, or deliver_due() directly."""
 
     def __init__(self, settings: Settings, index: Index, blobs: BlobStore, audit: AuditTrail,
-                 key: ProjectKey | None, make_seg: Callable[[int], Dataset],
-                 clock: Callable[[], float] = time.time) -> None:
+                 key: ProjectKey | None, make_seg: Callable[[int], Dataset]) -> None:
         self.settings = settings
         self.forward = settings.forward
         self.index = index
@@ -84,7 +83,6 @@ class ForwardWorker:
         self.key = key
         #: An annotation as a new SEG (overlay annotations: AnnotationService.as_seg).
         self.make_seg = make_seg
-        self.clock = clock
         self.actor = Actor(ae_title=settings.node.ae_title, user="forward-worker")
         self.sender = StoreSender(settings.node.ae_title, settings.node.max_pdu,
                                   settings.node.acse_timeout, settings.node.dimse_timeout)
@@ -101,10 +99,6 @@ class ForwardWorker:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="forward", daemon=True)
         self._thread.start()
-
-    def wake(self) -> None:
-        """Look at the queue now rather than at the next poll."""
-        self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the instance in flight; rows not sent stay queued for the next start."""
@@ -123,7 +117,7 @@ class ForwardWorker:
                 with self.index.reader() as r:
                     due = r.outbox.next_due()
                 if due is not None:  # never a busy loop, whatever the backoff
-                    wait = max(_MIN_WAIT, min(wait, due - self.clock()))
+                    wait = max(_MIN_WAIT, min(wait, due - time.time()))
             except Exception:  # the index or a peer misbehaving must not end forwarding
                 log.exception("forward pass failed")
                 wait = self.forward.poll_seconds
@@ -135,7 +129,7 @@ class ForwardWorker:
     def deliver_due(self) -> int:
         """Send every row due now; how many were delivered."""
         with self.index.reader() as r:
-            rows = r.outbox.due(self.clock(), PASS_LIMIT)
+            rows = r.outbox.due(time.time(), PASS_LIMIT)
         delivered = 0
         for destination, group in groupby(rows, key=lambda row: row["destination"]):
             if self._stopping.is_set():
@@ -218,7 +212,7 @@ class ForwardWorker:
                     error = (f"0x{status:04X}" + (f": {result.comment}" if result.comment else "")
                              if status is not None else result.reason)
                 state = tx.outbox.mark_failed(row["id"], status, error,
-                                              self.clock() + self.backoff(row["attempts"] + 1),
+                                              time.time() + self.backoff(row["attempts"] + 1),
                                               self.forward.max_attempts, now)
                 outcome = {"item": row["id"], "uid": row["sop_instance_uid"], "error": error}
                 if state == "dead":
