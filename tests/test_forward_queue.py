@@ -8,6 +8,7 @@ SCP of the harness, or DCMTK's storescp for the re-identified route.
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -285,7 +286,7 @@ def test_queue_commands_and_status_counts(template, tmp_path) -> None:
 
 
 def test_an_overlay_annotation_leaves_as_a_seg_made_once(template, tmp_path, scp) -> None:
-    ctx = open_node(template, tmp_path / "node", scp.port, {"source_series": False})
+    ctx = open_node(template, tmp_path / "node", scp.port, {"reidentify": True})
     try:
         served = fx.served(ctx)
         for copy in fx.rotating_overlays(fx.truth(), fx.LABELS, person="Reader^Horos",
@@ -305,6 +306,11 @@ def test_an_overlay_annotation_leaves_as_a_seg_made_once(template, tmp_path, scp
         assert set(scp.counts) == {row["sop_instance_uid"]}  # no overlay copy left the node
         first, second = scp.hashes[row["sop_instance_uid"]]
         assert first == second  # the retry sent the same SEG, not a new one
+        _syntax, received = scp.got(row["sop_instance_uid"])
+        sent = dcmread(io.BytesIO(received), force=True)
+        assert (sent.StudyInstanceUID, sent.PatientID) == \
+            (fx.PHANTOM.study_uid, fx.PHANTOM.patient_id)  # re-identified on its way out
+        assert sent.ReferencedSeriesSequence[0].SeriesInstanceUID == fx.PHANTOM.series_uid
         seg = dcmread(ctx.blobs.open(row["blob_sha256"]))
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == served.series_uid
         assert len(seg.SegmentSequence) == 3
