@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from node.anonymize.settings import DeidSettings
+from node.forward.rules import ForwardSettings
 from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get"})
@@ -141,6 +142,7 @@ class Settings:
     peers: tuple[Peer, ...] = ()
     annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
 
     @property
     def index_path(self) -> Path:
@@ -261,7 +263,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations", "review"}:
+                       "peers", "annotations", "review", "forward"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -368,8 +370,14 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
     _range(annotations.pending_seconds, 0, 30 * 86400, "annotations.pending_seconds")
 
+    peers = _peers(raw.get("peers", {}))
+    try:
+        forward = ForwardSettings.from_mapping(raw.get("forward", {}))
+        forward.check({p.name: _reachable(p.host) for p in peers}, None)
+    except ValueError as exc:  # ForwardConfigError names the key already
+        raise ConfigError(str(exc)) from None
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), _peers(raw.get("peers", {})), annotations, review)
+                    _validation(raw), peers, annotations, review, forward)
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:

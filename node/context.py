@@ -9,7 +9,8 @@ stopped in order:
   worker (annotation checks after the answer), the overlay settle worker;
   with ``supervisor=True`` (one per node: the process that owns the data
   folder) also the recovery of annotations a crash left unchecked, the
-  series sweeper and, when configured, the syslog stream of the audit trail.
+  series sweeper, the forward worker (node.forward.worker) and, when configured,
+  the syslog stream of the audit trail.
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -33,7 +34,9 @@ from node.audit.syslog import SyslogStream
 from node.audit.trail import Actor, AuditTrail, ExternalCheckpoints, HeadCheckpoint
 from node.checks.protocol import Protocol, load_protocol
 from node.checks.series import SeriesChecker
-from node.config import Settings
+from node.config import ConfigError, Settings
+from node.forward.queue import Outbox
+from node.forward.worker import ForwardWorker
 from node.ingest.iod import IODTables
 from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
@@ -72,6 +75,9 @@ class NodeContext:
     retrieve: RetrieveService
     worker: Worker
     key: ProjectKey | None
+    #: Approved results queued for forwarding (a listener on ``states``), and their sender.
+    outbox: Outbox
+    forwarder: ForwardWorker
     _ingest: IngestService | None
     _quarantine: QuarantineService | None
     #: The audit trail streamed to a syslog collector (supervisor only), when configured.
@@ -132,6 +138,14 @@ class NodeContext:
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
                                         protocol, states, settings.annotations.settle_seconds,
                                         settings.annotations.pending_seconds)
+        # A node being served refuses a forward rule naming a class its protocol lacks;
+        # tools on an existing node (must_exist) open it whatever the rules say, to report.
+        if not must_exist and protocol.classes:
+            try:
+                settings.forward.check({p.name: True for p in settings.peers},
+                                       [c.key for c in protocol.classes])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         matcher = index.matcher(settings.node.ae_title)
         search = SearchService(matcher, events)
         retrieve = RetrieveService(settings, matcher, events)
@@ -152,8 +166,12 @@ class NodeContext:
         syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,
                                data / "audit" / "syslog.cursor")
                   if settings.audit.syslog else None)
+        outbox = Outbox(index, audit, settings.forward)
+        states.listen(outbox)
+        forwarder = ForwardWorker(settings, index, blobs, audit, key, annotations.as_seg)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   states, review, search, retrieve, worker, key, ingest, quarantine, syslog)
+                   states, review, search, retrieve, worker, key, outbox, forwarder, ingest,
+                   quarantine, syslog)
 
     @property
     def ingest(self) -> IngestService:
@@ -191,6 +209,9 @@ class NodeContext:
             if self.syslog is not None:
                 self.syslog.start()
                 self._started.append("syslog")
+            # Approved results not yet delivered, queued before a restart included.
+            self.forwarder.start()
+            self._started.append("forward")
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -199,6 +220,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
+        if "forward" in self._started:
+            self.forwarder.stop()
         if "syslog" in self._started:
             self.syslog.stop()
         if "series" in self._started:

@@ -18,6 +18,7 @@ def node_status(settings: Settings) -> dict[str, str]:
             states = r.reports.series_states()
             instance_rules = r.reports.instance_rule_counts()
             series_rules = r.reports.series_rule_counts()
+            forward = r.outbox.counts()
         return {
             "ae_title": f"{settings.node.ae_title} (port {settings.node.port})",
             "data": str(settings.storage.data),
@@ -35,9 +36,21 @@ def node_status(settings: Settings) -> dict[str, str]:
                                        for k in ("receiving", "complete", "incomplete")),
             "instance_findings": ", ".join(f"{r} {n}" for r, n in instance_rules) or "none",
             "series_findings": ", ".join(f"{r} {n}" for r, n in series_rules) or "none",
+            **forward_counts(forward),
         }
     finally:
         ctx.close()
+
+
+def forward_counts(counts: dict[str, dict[str, int]]) -> dict[str, str]:
+    """One ``forward_<destination>`` line per destination: rows queued, failed (to be
+    retried), sent and dead-lettered, then cancelled and refused when there are any."""
+    lines = {}
+    for destination, states in counts.items():
+        shown = [f"{s} {states.get(s, 0)}" for s in ("queued", "failed", "sent", "dead")]
+        shown += [f"{s} {states[s]}" for s in ("cancelled", "refused") if states.get(s)]
+        lines[f"forward_{destination}"] = ", ".join(shown)
+    return lines or {"forward": "nothing queued"}
 
 
 def instance_findings(settings: Settings, sop_instance_uid: str) -> list[str]:

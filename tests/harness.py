@@ -158,7 +158,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  index: dict | None = None, audit: dict | None = None, log: dict | None = None,
                  deidentify: dict | None = None, validation: dict | None = None,
                  annotations: dict | None = None, review: dict | None = None,
-                 data: Path | None = None,
+                 forward: dict | None = None, data: Path | None = None,
                  key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
 
@@ -181,7 +181,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         "deidentify": {"key_file": str(key_file), **(deidentify or {})},
     }
     for name, values in (("index", index), ("validation", validation),
-                         ("annotations", annotations), ("review", review)):
+                         ("annotations", annotations), ("review", review),
+                         ("forward", forward)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node.annotations.bridge import masks_to_seg
 from node.annotations.grid import GridError, GridSource, SeriesGrid
 from node.annotations.masks import Annotator, Mask, MaskBuilder, combined_provenance
 from node.annotations.overlay import overlay_groups, plane_mask, read_planes
@@ -316,6 +317,15 @@ class AnnotationService:
         return grid, seg_masks(obj, placement, grid.shape, annotator=annotator,
                                source_series_uid=grid.series_instance_uid, provenance=sha256,
                                fractional_threshold=self.protocol.fractional_threshold)
+
+    def as_seg(self, annotation_id: int) -> Dataset:
+        """A stored annotation (overlay copies included) as a new DICOM-SEG referencing its
+        series (``lamina annotations to-seg``, forwarding an overlay annotation). Raises
+        LookupError (nothing stored) or BridgeError (nothing to convert)."""
+        grid, masks = self.masks_of(annotation_id)
+        headers = [self.stored_slice(uid, pixels=False) for uid in grid.sop_instance_uids]
+        return masks_to_seg(masks, grid, headers, self.protocol,
+                            content_creator=masks[0].annotator.person if masks else "")
 
     def grid(self, series_uid: str) -> SeriesGrid:
         """The grid of a stored series; LookupError when it is not stored."""

@@ -12,8 +12,10 @@ from node.cli.annotations import annotations, import_labels, overlays
 from node.cli.audit import audit
 from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
+from node.cli.export import export
 from node.cli.quarantine import quarantine
 from node.cli.review import review
+from node.cli.queue import queue
 from node.cli.scu import echo, find, move, send
 from node.cli.serve import serve
 from node.cli.status import check, fsck, status
@@ -28,5 +30,5 @@ def main() -> None:
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
                 anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
-                review, users):
+                review, users, queue, export):
     main.add_command(command)

@@ -163,15 +163,11 @@ def check_annotation(settings: Settings, annotation_id: int) -> None:
               help="Where to write the DICOM-SEG.")
 def to_seg(settings: Settings, annotation_id: int, out: Path) -> None:
     """Write an annotation (overlay copies included) as a DICOM-SEG referencing its series."""
-    from node.annotations.bridge import BridgeError, masks_to_seg
+    from node.annotations.bridge import BridgeError
 
     with node_context(settings) as ctx:
         try:
-            grid, masks = ctx.annotations.masks_of(annotation_id)
-            headers = [ctx.annotations.stored_slice(uid, pixels=False)
-                       for uid in grid.sop_instance_uids]
-            seg = masks_to_seg(masks, grid, headers, ctx.annotations.protocol,
-                               content_creator=masks[0].annotator.person if masks else "")
+            seg = ctx.annotations.as_seg(annotation_id)
         except (LookupError, BridgeError) as exc:
             raise BadInput(str(exc)) from None
         seg.save_as(out, enforce_file_format=True)

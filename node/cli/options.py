@@ -89,7 +89,7 @@ def node_context(settings: Settings, *, with_key: bool = False,
                                must_exist=must_exist)
     except IndexUnavailable as exc:
         raise index_problem(settings, exc) from None
-    except (ProtocolError, ProjectKeyError) as exc:
+    except (ProtocolError, ProjectKeyError, ConfigError) as exc:
         raise BadInput(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     try:
         yield ctx

@@ -9,7 +9,7 @@ The index:
 
 * ``with index.transaction() as tx:`` is one unit of work. Everything written
   through ``tx.instances``, ``tx.series``, ``tx.annotations``,
-  ``tx.quarantine``, ``tx.audit``, ``tx.reid`` and ``tx.evidence`` commits
+  ``tx.quarantine``, ``tx.audit``, ``tx.reid``, ``tx.evidence`` and ``tx.outbox`` commits
   together or not at all; an exception rolls it back. Writers are serialised
   by the backend (a lock, an advisory lock): callers never coordinate.
 * ``with index.reader() as r:`` reads a consistent view through the same
@@ -166,7 +166,8 @@ class ReportReads(Protocol):
         """(is it stored, its recorded findings)."""
 
     def referenced_blobs(self) -> set[str]:
-        """Blob-store hashes the index points at (instances, conflicts, annotations)."""
+        """Blob-store hashes the index points at (instances, conflicts, annotations, SEGs
+        made for forwarding)."""
 
     def quarantined_blobs(self) -> set[str]:
         """Hashes kept in the quarantine area."""
@@ -184,6 +185,22 @@ class UserReads(Protocol):
 class SignatureReads(Protocol):
     def list(self, annotation_id: int | None = None) -> list[SignatureRow]:
         """Signatures, oldest first (of one annotation when given)."""
+class OutboxReads(Protocol):
+    """The forwarding outbox (node.forward.queue): one row per (object, destination)."""
+
+    def due(self, at: float, limit: int) -> list[Row]:
+        """Rows to send at ``at`` (epoch seconds), by destination, with their annotation's
+        state (``annotation_state``) and source series."""
+
+    def next_due(self) -> float | None: ...
+    def annotation_classes(self, annotation_id: int) -> set[str]:
+        """Protocol classes of the structures of the annotation's current check."""
+
+    def get(self, item_id: int) -> Row | None: ...
+    def list(self, state: str | None = None, destination: str | None = None,
+             annotation_id: int | None = None) -> list[Row]: ...
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows by destination, then by state."""
 
 
 class Reader(Protocol):
@@ -199,6 +216,7 @@ class Reader(Protocol):
     reports: ReportReads
     users: UserReads
     signatures: SignatureReads
+    outbox: OutboxReads
 
 
 # --- repositories: write side -------------------------------------------------
@@ -330,6 +348,32 @@ class Users(UserReads, Protocol):
 class Signatures(SignatureReads, Protocol):
     def insert(self, annotation_id: int, user_fk: int, decision: str, meaning: str,
                signed_at: str, manifest: str, signature: bytes) -> int: ...
+class Outbox(OutboxReads, Protocol):
+    def enqueue_annotation(self, annotation_id: int, rule: str, destination: str, mode: str,
+                           now: str, at: float) -> int:
+        """Queue the annotation's current objects; idempotent per (SOP Instance UID,
+        destination). How many rows were new."""
+
+    def enqueue_series(self, annotation_id: int, series_uid: str, rule: str, destination: str,
+                       mode: str, now: str, at: float) -> int:
+        """Queue every stored instance of a series, idempotently; how many rows were new."""
+
+    def enqueue_to_build(self, annotation_id: int, placeholder_uid: str, sop_class_uid: str,
+                         rule: str, destination: str, mode: str, now: str, at: float) -> int:
+        """Queue an object made at its first send (an overlay annotation's SEG)."""
+
+    def set_object(self, item_id: int, sop_instance_uid: str, sop_class_uid: str,
+                   blob_sha256: str, transfer_syntax_uid: str, now: str) -> None:
+        """Record the object made for a row queued by ``enqueue_to_build``."""
+
+    def mark_sent(self, item_id: int, status: int, warning: str | None, now: str) -> bool: ...
+    def mark_failed(self, item_id: int, status: int | None, error: str, next_at: float,
+                    max_attempts: int, now: str) -> str | None:
+        """``failed`` or, at ``max_attempts``, ``dead``; None when the row was not pending."""
+
+    def refuse(self, item_id: int, reason: str, now: str) -> bool: ...
+    def retry(self, item_id: int, at: float, now: str) -> bool: ...
+    def cancel(self, item_id: int, now: str) -> bool: ...
 
 
 class Transaction(Reader, Protocol):
@@ -344,6 +388,7 @@ class Transaction(Reader, Protocol):
     evidence: Evidence
     users: Users
     signatures: Signatures
+    outbox: Outbox
 
 
 class Index(Protocol):

@@ -34,13 +34,14 @@ from node.storage.records import (
     StructureRow,
     UserRow,
 )
+from node.storage.sqlite.outbox import SqliteOutbox
 
 
 class Session:
     """One connection's view of the index, through its repositories."""
 
-    __slots__ = ("annotations", "audit", "conn", "evidence", "instances", "quarantine",
-                 "reid", "reports", "series", "signatures", "users")
+    __slots__ = ("annotations", "audit", "conn", "evidence", "instances", "outbox",
+                 "quarantine", "reid", "reports", "series", "signatures", "users")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -54,6 +55,7 @@ class Session:
         self.reports = SqliteReports(conn)
         self.users = SqliteUsers(conn)
         self.signatures = SqliteSignatures(conn)
+        self.outbox = SqliteOutbox(conn)
 
 
 class _Repo:
@@ -828,7 +830,8 @@ class SqliteReports(_Repo):
         return {row[0] for row in self.conn.execute(
             "SELECT blob_sha256 FROM instance UNION SELECT blob_sha256 FROM conflict"
             " UNION SELECT blob_sha256 FROM quarantine WHERE area = 'blobs'"
-            " UNION SELECT blob_sha256 FROM annotation_object")}
+            " UNION SELECT blob_sha256 FROM annotation_object"
+            " UNION SELECT blob_sha256 FROM forward_item WHERE blob_sha256 != ''")}
 
     def quarantined_blobs(self) -> set[str]:
         return {row[0] for row in self.conn.execute(

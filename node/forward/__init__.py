@@ -1,0 +1,1 @@
+"""Forwarding approved results: rules (what goes where), the outbox, the worker that sends."""
