@@ -14,8 +14,8 @@ from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
 from node.cli.export import export
 from node.cli.quarantine import quarantine
-from node.cli.review import review
 from node.cli.queue import queue
+from node.cli.review import review
 from node.cli.scu import echo, find, move, send
 from node.cli.serve import serve
 from node.cli.status import check, fsck, status
