@@ -32,13 +32,14 @@ from node.storage.records import (
     StoredRef,
     StructureRow,
 )
+from node.storage.sqlite.agreement import SqliteAgreement
 
 
 class Session:
     """One connection's view of the index, through its repositories."""
 
-    __slots__ = ("annotations", "audit", "conn", "evidence", "instances", "quarantine",
-                 "reid", "reports", "series")
+    __slots__ = ("agreement", "annotations", "audit", "conn", "evidence", "instances",
+                 "quarantine", "reid", "reports", "series")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -50,6 +51,7 @@ class Session:
         self.reid = SqliteReid(conn)
         self.evidence = SqliteEvidence(conn)
         self.reports = SqliteReports(conn)
+        self.agreement = SqliteAgreement(conn)
 
 
 class _Repo:
