@@ -88,6 +88,9 @@ class AuditSettings:
 class AnnotationSettings:
     protocol: Path | None = None  # labelling protocol TOML; None: generic checks only
     settle_seconds: float = 1.0  # an overlay set is checked once quiet this long
+    #: Share of studies chosen (by a keyed hash of the pseudonymous StudyInstanceUID) for
+    #: a second independent reading (issue 10).
+    double_read_fraction: float = 0.12
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,11 @@ def _build(raw: dict[str, Any]) -> Settings:
     annotations = AnnotationSettings(
         protocol=Path(protocol) if protocol else None,
         settle_seconds=_get(s, "annotations", "settle_seconds", float,
-                            AnnotationSettings.settle_seconds))
+                            AnnotationSettings.settle_seconds),
+        double_read_fraction=_get(s, "annotations", "double_read_fraction", float,
+                                  AnnotationSettings.double_read_fraction))
     _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
+    _range(annotations.double_read_fraction, 0, 1, "annotations.double_read_fraction")
 
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
                     _validation(raw), _peers(raw.get("peers", {})), annotations)

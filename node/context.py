@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from node.annotations.grid import HeaderGridSource
+from node.annotations.reading import DoubleReading
 from node.annotations.service import AnnotationService
 from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
@@ -64,6 +65,8 @@ class NodeContext:
     annotations: AnnotationService
     #: The one annotation state machine; review and forwarding listen to it.
     states: AnnotationStates
+    #: Raters, double-read choice, agreement between readings, adjudication.
+    reading: DoubleReading
     search: SearchService
     retrieve: RetrieveService
     worker: Worker
@@ -121,13 +124,17 @@ class NodeContext:
                     if settings.annotations.protocol else Protocol())
         annotations = AnnotationService(index, blobs, audit, HeaderGridSource(index, blobs),
                                         protocol, settings.annotations.settle_seconds)
+        states = AnnotationStates(audit)
+        key = load_project_key(settings.deidentify.key_file, data_dir=data) if with_key else None
+        reading = DoubleReading(index, audit, states, protocol, annotations.spacing_and_masks,
+                                key, settings.annotations.double_read_fraction)
+        annotations.after_check.append(reading.checked)
         matcher = index.matcher(settings.node.ae_title)
-        search = SearchService(matcher, events)
-        retrieve = RetrieveService(settings, matcher, events)
+        search = SearchService(matcher, events, reading.blinded_series)
+        retrieve = RetrieveService(settings, matcher, events, reading.blinded_series)
         worker = Worker("after-commit")
-        key, ingest, quarantine = None, None, None
-        if with_key:
-            key = load_project_key(settings.deidentify.key_file, data_dir=data)
+        ingest, quarantine = None, None
+        if key is not None:
             area = QuarantineArea(quarantined, blobs, index, audit, Sealer(key.map_key))
             validator = None
             if settings.validation.enabled:
@@ -135,10 +142,11 @@ class NodeContext:
             router = Router(Deidentifier(settings.deidentify, key), key, index,
                             Deidentifier(replace(settings.deidentify, clean_graphics=True), key))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
-                                   validator, hooks=(annotations, series), defer=worker.submit)
+                                   validator, hooks=(annotations, series, reading),
+                                   defer=worker.submit)
             quarantine = QuarantineService(area)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   AnnotationStates(audit), search, retrieve, worker, key, ingest, quarantine)
+                   states, reading, search, retrieve, worker, key, ingest, quarantine)
 
     @property
     def ingest(self) -> IngestService:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -128,6 +129,9 @@ class AnnotationService:
         self.grids = grids
         self.protocol = protocol
         self._settling = SettleQueue(self._check_settled, settle_seconds)
+        #: Called after each recorded check commits, with (annotation id, actor): double
+        #: reading compares the reading with the series' others there.
+        self.after_check: list[Callable[[int, Actor], object]] = []
 
     # --- as an ingest hook ---------------------------------------------------
 
@@ -234,6 +238,12 @@ class AnnotationService:
             return grid, self._set_masks(annotation_id, annotator, row["source_series_uid"])
         sha = objects[-1]["blob_sha256"]
         return self.masks_from_seg(self._read(sha), sha, annotator)
+
+    def spacing_and_masks(self, annotation_id: int) -> tuple[tuple[float, float, float],
+                                                              list[Mask]]:
+        """The grid spacing (ITK order, mm) and current masks of a stored annotation."""
+        grid, masks = self.masks_of(annotation_id)
+        return grid.spacing, masks
 
     def masks_from_seg(self, ds: Dataset, sha256: str,
                        annotator: Annotator) -> tuple[SeriesGrid, list[Mask]]:
@@ -382,6 +392,12 @@ class AnnotationService:
                     "findings": sorted({f.check for f in findings})})
         if entry is not None:
             self.audit.committed(entry)
+            for listener in self.after_check:
+                try:
+                    listener(annotation_id, actor)
+                except Exception as exc:  # the check stands; the comparison is redone later
+                    log.error("after-check listener failed", extra={"fields": {
+                        "annotation_id": annotation_id, "error": type(exc).__name__}})
         return CheckReport(annotation_id, check_id, findings)
 
     def _record_refusal(self, tx: Transaction, claim: AnnotationClaim, refusal: IngestRefusal,

@@ -76,11 +76,9 @@ class Protocol:
     windows: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     classes: tuple[LabelClass, ...] = ()
     #: Agreement (issue 10): kappa below ``kappa_min`` flags a class (the guideline needs
-    #: revision); a matched pair below ``dice_min`` (or its class's) goes to adjudication;
-    #: ``double_read_fraction`` of studies is chosen for a second independent reading.
+    #: revision); a matched pair below ``dice_min`` (or its class's) goes to adjudication.
     kappa_min: float = 0.6
     dice_min: float = 0.7
-    double_read_fraction: float = 0.12
 
     def dice_min_for(self, class_key: str) -> float:
         """The Dice from which two readings of a class agree."""
@@ -114,7 +112,7 @@ class Protocol:
 
 
 _TOP = {"protocol", "windows", "classes", "agreement"}
-_AGREEMENT_KEYS = {"kappa_min", "dice_min", "double_read_fraction"}
+_AGREEMENT_KEYS = {"kappa_min", "dice_min"}
 _PROTOCOL_KEYS = {"name", "version", "position_tolerance_mm", "fractional_threshold",
                   "components", "diameter_jump_mm"}
 _CLASS_KEYS = {"label", "aliases", "pattern", "category", "type", "window", "geometry",
@@ -166,8 +164,6 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
     _known(agreement, _AGREEMENT_KEYS, "agreement")
     kappa_min = _fraction(agreement, "kappa_min", "agreement", defaults.kappa_min)
     dice_min = _fraction(agreement, "dice_min", "agreement", defaults.dice_min)
-    double_read = _fraction(agreement, "double_read_fraction", "agreement",
-                            defaults.double_read_fraction)
 
     classes = [_label_class(key, spec, windows, components, jump)
                for key, spec in _table(raw, "classes", "classes").items()]
@@ -188,7 +184,6 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
         classes=tuple(classes),
         kappa_min=kappa_min,
         dice_min=dice_min,
-        double_read_fraction=double_read,
     )
 
 
