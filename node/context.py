@@ -140,7 +140,8 @@ class NodeContext:
             if settings.validation.enabled:
                 validator = Validator(settings.validation, IODTables.load())
             router = Router(Deidentifier(settings.deidentify, key), key, index,
-                            Deidentifier(replace(settings.deidentify, clean_graphics=True), key))
+                            Deidentifier(replace(settings.deidentify, clean_graphics=True), key,
+                                         keep_annotation_text=True))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series, reading),
                                    defer=worker.submit)

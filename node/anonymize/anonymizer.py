@@ -97,6 +97,9 @@ _OVERLAY_GROUPS = range(0x6000, 0x6020, 2)
 _CURVE_GROUPS = range(0x5000, 0x5020, 2)
 
 _SEGMENT_LABEL = Tag("SegmentLabel")
+_CONTENT_CREATOR = Tag("ContentCreatorName")
+# Overlay elements an annotator writes as the annotation's content (per overlay group).
+_OVERLAY_TEXT_ELEMENTS = frozenset({0x0022, 0x1500})  # OverlayDescription, OverlayLabel
 _PATIENT_ID = Tag("PatientID")
 _PATIENT_NAME = Tag("PatientName")
 _PIXEL_DATA = Tag("PixelData")
@@ -374,6 +377,15 @@ class _Call:
         return any(self.identifiers.search(str(v)) for v in _values(value))
 
 
+def clean_kept_text(value: str, call: _Call) -> str:
+    """The kept-text cleaner: ``value`` with every whole-word mention of the patient's
+    names and IDs taken out (whitespace tidied). The one place kept free text is
+    cleaned, so a wider cleaner replaces this function only."""
+    if call.identifiers is None or not call.mentions_patient(value):
+        return value
+    return " ".join(call.identifiers.sub(" ", value).split())
+
+
 def _identifier_pattern(ds: Dataset) -> re.Pattern[str] | None:
     """Whole-word, case-insensitive pattern of the patient's names and IDs (tokens of
     three characters or more, so initials do not blank every kept value)."""
@@ -396,9 +408,15 @@ class Deidentifier:
     then call :meth:`deidentify` for every object; instances are thread-safe because
     each call keeps its state in a local object."""
 
-    def __init__(self, settings: DeidSettings, key: ProjectKey) -> None:
+    def __init__(self, settings: DeidSettings, key: ProjectKey, *,
+                 keep_annotation_text: bool = False) -> None:
+        """``keep_annotation_text``: the annotator route's engine. Segment and overlay
+        labels, overlay descriptions and ContentCreatorName are the annotation's content
+        (how Horos ROIs are told apart, who the rater is): kept, with the patient's
+        identifiers cleaned out of them (:meth:`_annotation_text`), never removed."""
         self._settings = settings
         self._key = key
+        self._keep_annotation_text = keep_annotation_text
         self._plan = plan(settings)
         self._basic = plan(DeidSettings(retain_longitudinal="off")).by_tag
         self._safe_text = keyword_tags(SAFE_TEXT_KEYWORDS)
@@ -604,6 +622,10 @@ class Deidentifier:
             if element:
                 call.note(REMOVED, tag)  # command or file meta elements in the body
             return None  # and group lengths, which are structure, not data
+        if self._keep_annotation_text and (
+                tag in (_SEGMENT_LABEL, _CONTENT_CREATOR)
+                or (group in _OVERLAY_GROUPS and element in _OVERLAY_TEXT_ELEMENTS)):
+            return self._annotation_text(parent[tag], call)
         if group in _OVERLAY_GROUPS:
             if self._graphics_kept:
                 return self._graphic(parent[tag], call, OVERLAYS_CLEANED)
@@ -792,6 +814,18 @@ class Deidentifier:
             return None
         value = elem.value
         return _new(elem, list(value) if isinstance(value, MultiValue) else value)
+
+    def _annotation_text(self, elem: DataElement, call: _Call) -> DataElement:
+        """An annotator's label kept, through the one kept-text cleaner."""
+        values = [clean_kept_text(str(v), call) for v in _values(elem.value)]
+        if any(v != str(o) for v, o in zip(values, _values(elem.value), strict=True)):
+            call.hit(elem.tag)
+            call.note(CLEANED, elem.tag)
+        else:
+            call.note(KEPT, elem.tag)
+        if elem.tag == _SEGMENT_LABEL and not any(values):  # Type 1: never left empty
+            return _new(elem, "Segment")
+        return _new(elem, _one_or_many(values) if values else None)
 
     def _segment_label(
         self, elem: DataElement, parent: Dataset, action: str, call: _Call
