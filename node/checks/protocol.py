@@ -79,6 +79,9 @@ class Protocol:
     #: revision); a matched pair below ``dice_min`` (or its class's) goes to adjudication.
     kappa_min: float = 0.6
     dice_min: float = 0.7
+    #: Categorical questions and their allowed answers (``lamina labels import``); empty:
+    #: any question and answer is accepted.
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def dice_min_for(self, class_key: str) -> float:
         """The Dice from which two readings of a class agree."""
@@ -112,7 +115,7 @@ class Protocol:
 
 
 _TOP = {"protocol", "windows", "classes", "agreement"}
-_AGREEMENT_KEYS = {"kappa_min", "dice_min"}
+_AGREEMENT_KEYS = {"kappa_min", "dice_min", "categories"}
 _PROTOCOL_KEYS = {"name", "version", "position_tolerance_mm", "fractional_threshold",
                   "components", "diameter_jump_mm"}
 _CLASS_KEYS = {"label", "aliases", "pattern", "category", "type", "window", "geometry",
@@ -164,6 +167,11 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
     _known(agreement, _AGREEMENT_KEYS, "agreement")
     kappa_min = _fraction(agreement, "kappa_min", "agreement", defaults.kappa_min)
     dice_min = _fraction(agreement, "dice_min", "agreement", defaults.dice_min)
+    categories = _table(agreement, "categories", "agreement.categories")
+    for question, answers in categories.items():
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise ProtocolError(f"agreement.categories.{question}: must be a list of answers")
 
     classes = [_label_class(key, spec, windows, components, jump)
                for key, spec in _table(raw, "classes", "classes").items()]
@@ -184,6 +192,7 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
         classes=tuple(classes),
         kappa_min=kappa_min,
         dice_min=dice_min,
+        categories={q: tuple(a.strip() for a in answers) for q, answers in categories.items()},
     )
 
 

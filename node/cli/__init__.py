@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import click
 
+from node.cli.adjudicate import adjudicate
 from node.cli.annotations import annotations, import_labels, overlays
 from node.cli.audit import audit
 from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
+from node.cli.labels import labels
+from node.cli.qa import qa
 from node.cli.quarantine import quarantine
 from node.cli.scu import echo, find, move, send
 from node.cli.serve import serve
@@ -25,5 +28,6 @@ def main() -> None:
 
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
-                anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels):
+                anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
+                adjudicate, labels, qa):
     main.add_command(command)

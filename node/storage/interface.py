@@ -177,6 +177,12 @@ class AgreementReads(Protocol):
     def rated(self, question: str, item: str, rater: str) -> bool: ...
     def ratings(self) -> list[Row]: ...
     def double_reads(self, state: str | None = None) -> list[Row]: ...
+    def finding_counts(self) -> list[Row]:
+        """Current checks' findings by rater and check name (the QA report)."""
+
+    def readings_by_rater(self) -> list[Row]:
+        """Annotations per rater and state (the QA report)."""
+
     def blinded_series(self, ae_title: str) -> list[str]:
         """Annotation series an annotator peer must not see while their study waits for
         its second reading (made by another peer)."""

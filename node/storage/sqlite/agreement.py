@@ -128,6 +128,19 @@ class SqliteAgreement:
             (sop_instance_uid,)).fetchone()
         return row[0] if row else None
 
+    def finding_counts(self) -> list[Row]:
+        """Findings of every annotation's current check, by rater and check name."""
+        return _rows(self.conn.execute(
+            "SELECT a.rater, f.check_name, COUNT(*) AS findings FROM annotation a"
+            " JOIN annotation_finding f ON f.check_fk = a.current_check_fk"
+            " GROUP BY a.rater, f.check_name ORDER BY a.rater, f.check_name"))
+
+    def readings_by_rater(self) -> list[Row]:
+        """Annotations per rater and state."""
+        return _rows(self.conn.execute(
+            "SELECT rater, state, COUNT(*) AS annotations FROM annotation"
+            " GROUP BY rater, state ORDER BY rater, state"))
+
     # --- double reading -------------------------------------------------------
 
     def choose(self, study_uid: str, now: str) -> bool:
