@@ -31,6 +31,8 @@ compare, and the adjudication of those that disagree (issue 10 §1–§3).
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,7 +58,12 @@ log = logging.getLogger("lamina.reading")
 S = AnnotationState
 
 #: The masks of a stored annotation on its grid: (spacing in ITK order, masks).
-MasksOf = Callable[[int], tuple[tuple[float, float, float], list[Mask]]]
+Masks = tuple[tuple[float, float, float], list[Mask]]
+MasksOf = Callable[[int], Masks]
+#: Readings whose masks are kept after their check (boxed masks: small). A second
+#: reading usually arrives while the first is still here, and then is compared without
+#: decoding the first SEG again.
+CACHED_READINGS = 8
 
 
 class AdjudicationError(ValueError):
@@ -98,6 +105,8 @@ class DoubleReading:
         self.protocol = protocol
         self.masks_of = masks_of
         self.key = key
+        self._masks: OrderedDict[tuple[int, int], Masks] = OrderedDict()
+        self._lock = threading.Lock()
 
     # --- as an ingest hook (after the annotation service's) --------------------
 
@@ -136,8 +145,11 @@ class DoubleReading:
 
     # --- after a reading is checked ---------------------------------------------
 
-    def checked(self, annotation_id: int, actor: Actor) -> Comparison:
-        """Compare a freshly checked reading with the series' other raters' readings."""
+    def checked(self, annotation_id: int, actor: Actor,
+                spacing: tuple[float, float, float] | None = None,
+                masks: list[Mask] | None = None) -> Comparison:
+        """Compare a freshly checked reading with the series' other raters' readings
+        (``spacing`` and ``masks``: the reading as its check just decoded it, if at hand)."""
         with self.index.reader() as r:
             row = r.annotations.get(annotation_id)
             if row is None or row["current_check_fk"] is None:
@@ -152,11 +164,17 @@ class DoubleReading:
             return Comparison((), ())
         others = [x for x in readings if x["id"] != annotation_id and x["rater"] != me["rater"]]
         if not others:
+            if masks is not None and spacing is not None:
+                self._keep(me, (spacing, masks))
             return self._complete_double_read(study_uid, actor)
-        spacing, mine = self.masks_of(annotation_id)
+        if spacing is None or masks is None:
+            spacing, masks = self._masks_of(me)
+        else:
+            self._keep(me, (spacing, masks))
+        mine = masks
         measured = []
         for other in others:
-            _, theirs = self.masks_of(other["id"])
+            _, theirs = self._masks_of(other)
             first, second = (other, me) if other["id"] < me["id"] else (me, other)
             a, b = (theirs, mine) if first is other else (mine, theirs)
             pairs = compare(a, b, spacing, self.protocol)
@@ -192,6 +210,24 @@ class DoubleReading:
         for entry in entries:
             self.audit.committed(entry)
         return Comparison(tuple(agreements), tuple(adjudications))
+
+    def _masks_of(self, reading: Row) -> Masks:
+        """A reading's masks under its current check: kept from its check, else decoded."""
+        key = (reading["id"], reading["current_check_fk"])
+        with self._lock:
+            kept = self._masks.get(key)
+            if kept is not None:
+                self._masks.move_to_end(key)
+                return kept
+        found = self.masks_of(reading["id"])
+        self._keep(reading, found)
+        return found
+
+    def _keep(self, reading: Row, masks: Masks) -> None:
+        with self._lock:
+            self._masks[(reading["id"], reading["current_check_fk"])] = masks
+            while len(self._masks) > CACHED_READINGS:
+                self._masks.popitem(last=False)
 
     def _complete_double_read(self, study_uid: str, actor: Actor) -> Comparison:
         with self.index.transaction() as tx:

@@ -129,9 +129,11 @@ class AnnotationService:
         self.grids = grids
         self.protocol = protocol
         self._settling = SettleQueue(self._check_settled, settle_seconds)
-        #: Called after each recorded check commits, with (annotation id, actor): double
-        #: reading compares the reading with the series' others there.
-        self.after_check: list[Callable[[int, Actor], object]] = []
+        #: Called after each recorded check commits, with (annotation id, actor, grid
+        #: spacing, the masks just checked): double reading compares the reading with the
+        #: series' others there, without decoding it again.
+        self.after_check: list[Callable[[int, Actor, tuple[float, float, float], list[Mask]],
+                                        object]] = []
 
     # --- as an ingest hook ---------------------------------------------------
 
@@ -394,7 +396,7 @@ class AnnotationService:
             self.audit.committed(entry)
             for listener in self.after_check:
                 try:
-                    listener(annotation_id, actor)
+                    listener(annotation_id, actor, grid.spacing, masks)
                 except Exception as exc:  # the check stands; the comparison is redone later
                     log.error("after-check listener failed", extra={"fields": {
                         "annotation_id": annotation_id, "error": type(exc).__name__}})
