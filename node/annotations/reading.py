@@ -30,7 +30,6 @@ compare, and the adjudication of those that disagree (issue 10 §1–§3).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,8 +51,6 @@ from node.config import Peer
 from node.ingest.types import Incoming, Stored
 from node.storage.interface import Index, Transaction
 from node.storage.records import AgreementStructureRow, Row
-
-log = logging.getLogger("lamina.reading")
 
 S = AnnotationState
 

@@ -10,6 +10,7 @@ import json
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import (
     CTImageStorage,
     SegmentationStorage,
@@ -91,6 +92,21 @@ def classes_got(node: InProcessNode, aet: str, study_uid: str) -> list[str]:
     return received
 
 
+def store_as_user(node: InProcessNode, ds: Dataset, aet: str, username: str) -> int:
+    """C-STORE one object over an association that negotiates a DICOM user identity."""
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 1
+    identity.primary_field = username.encode()
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(SegmentationStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET, ext_neg=[identity])
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+
+
 def annotation(node: InProcessNode, seg) -> dict:
     return fx.seg_annotation(node, seg)
 
@@ -105,9 +121,10 @@ def test_two_readers_are_blinded_then_adjudicated(node, tmp_path):
     seg_b = fx.make_seg(list(fx.truth()[:2]), fx.LABELS[:2], codes=fx.CODES[:2], series=served)
     seg_b.ContentCreatorName = "Reader^B"
 
-    assert node.store([seg_a], aet=READER_A) == [(0, "")]
+    assert store_as_user(node, seg_a, READER_A, "reader.a") == 0x0000
     a = annotation(node, seg_a)
-    assert (a["state"], a["rater"]) == ("checked", "Reader^A")
+    # The negotiated user identity names the rater (over ContentCreatorName), never logged.
+    assert (a["state"], a["rater"]) == ("checked", "reader.a")
     assert node.rows("SELECT study_uid, state FROM double_read") == [(study, "waiting")]
     seg_a_series = str(seg_a.SeriesInstanceUID)
 
@@ -160,4 +177,5 @@ def test_two_readers_are_blinded_then_adjudicated(node, tmp_path):
     assert "Double reads: 1 chosen, 0 waiting" in report.stdout
     assert "Adjudications: 1 (0 open)" in report.stdout
     page = html.read_text()
-    assert page.count("<svg") == 4 and "nodule" in page and "Reader^A" in page
+    assert page.count("<svg") == 4 and "nodule" in page and "reader.a" in page
+    assert "reader.a" not in node.log() and "Reader^B" not in node.log()
