@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import pytest
+from pydicom.sr.codedict import codes
 
 from node.context import NodeContext
 from tests import annotation_fixtures as fx
@@ -113,3 +115,54 @@ def test_imported_labels_give_exact_kappas_and_a_flag(node, tmp_path):
     assert "0.625 (5/8)" in row and not row.endswith("!")
     page = (tmp_path / "qa.html").read_text()
     assert "Guideline review needed" in page and "1/2" in page and page.count("<svg") == 4
+
+
+def measurement_report(served, evaluations: list[tuple[int | None, str, str]]) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 SR on the served study: one measurement group per (slice or None for the
+    whole study, question, answer), each with one qualitative evaluation."""
+    groups = []
+    for n, (k, question, answer) in enumerate(evaluations):
+        sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(served.slice(k))] \
+            if k is not None else None
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"g{n}"),
+            source_images=sources,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                hd.sr.CodedConcept(question, "99LAMINA", question),
+                hd.sr.CodedConcept(answer, "99LAMINA", answer))]))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+            name="Reader^SR"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_person_context=observer),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
+    evidence = [served.slice(k) for k in {0, *(k for k, _, _ in evaluations if k is not None)}]
+    return hd.sr.Comprehensive3DSR(evidence=evidence, content=report, series_number=9,
+                                   series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(),
+                                   instance_number=1, manufacturer="Lamina tests")
+
+
+def test_qualitative_evaluations_of_a_tid1500_report_are_labels(node, tmp_path):
+    config, served = node
+    path = tmp_path / "report.dcm"
+    measurement_report(served, [(5, "nodule_present", "yes"), (None, "malignancy", "benign")]
+                       ).save_as(path, enforce_file_format=True)
+    before = recorded(config)[0]
+    done = lamina("labels", "import", str(path), "--rater", "sr-reader", config=config)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == "2 label(s) recorded for malignancy, nodule_present"
+    assert recorded(config)[0] == before + 2
+    again = lamina("labels", "import", str(path), "--rater", "sr-reader", config=config)
+    assert again.exit_code == 2 and "measurement group 1: this rater already labelled" \
+        in again.stderr
+    bad = tmp_path / "bad.dcm"
+    measurement_report(served, [(6, "nodule_present", "perhaps")]).save_as(
+        bad, enforce_file_format=True)
+    refused = lamina("labels", "import", str(bad), "--rater", "sr-reader", config=config)
+    assert refused.exit_code == 2 and "unknown category 'perhaps'" in refused.stderr
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(path.read_bytes()[:400])
+    refused = lamina("labels", "import", str(broken), "--rater", "sr-reader", config=config)
+    assert refused.exit_code == 2 and "not a TID 1500 measurement report" in refused.stderr
+    assert recorded(config)[0] == before + 2

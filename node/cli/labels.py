@@ -20,7 +20,8 @@ def labels() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--rater", required=True, help="The rater id the labels are recorded under.")
 def import_labels_csv(settings: Settings, file: Path, rater: str) -> None:
-    """Import FILE (columns study_instance_uid, sop_instance_uid, question, answer)."""
+    """Import FILE: a CSV (columns study_instance_uid, sop_instance_uid, question, answer)
+    or a DICOM SR measurement report (TID 1500) whose qualitative evaluations are read."""
     from node.annotations.ratings import RatingsRefused, import_ratings
     from node.audit.trail import Actor
 
