@@ -148,13 +148,23 @@ def _seg_kappas(structures: list[Row]) -> list[ClassAgreement]:
 
 def _label_kappas(ratings: list[Row]) -> list[ClassAgreement]:
     """Per imported question: Cohen (two raters) or Fleiss (three or more)."""
-    by_question: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    for row in ratings:
-        by_question[row["question"]][row["item"]][row["rater"]] = row["answer"]
+    by_question: dict[str, list[Row]] = defaultdict(list)
+    for row in sorted(ratings, key=lambda r: (r["recorded_at"], r["id"])):
+        by_question[row["question"]].append(row)
     out = []
     for question in sorted(by_question):
-        items = by_question[question]
         result = ClassAgreement(question, "labels")
+        items: dict[str, dict[str, str]] = defaultdict(dict)
+        rows = by_question[question]
+        for n, row in enumerate(rows):
+            items[row["item"]][row["rater"]] = row["answer"]
+            if n + 1 == len(rows) or rows[n + 1]["recorded_at"] != row["recorded_at"]:
+                try:  # the running kappa after each import
+                    _, value, _ = kappa(items)
+                except KappaError:
+                    continue
+                if value is not None:
+                    result.kappa_over_time.append((row["recorded_at"], float(value)))
         try:
             result.kappa_method, result.kappa, result.items = kappa(items)
         except KappaError as exc:

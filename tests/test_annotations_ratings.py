@@ -115,6 +115,7 @@ def test_imported_labels_give_exact_kappas_and_a_flag(node, tmp_path):
     assert "0.625 (5/8)" in row and not row.endswith("!")
     page = (tmp_path / "qa.html").read_text()
     assert "Guideline review needed" in page and "1/2" in page and page.count("<svg") == 4
+    assert page.count("<polyline") == 2  # running kappa of both questions, import by import
 
 
 def measurement_report(served, evaluations: list[tuple[int | None, str, str]]) -> hd.sr.Comprehensive3DSR:
