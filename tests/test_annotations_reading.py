@@ -111,3 +111,20 @@ def test_a_study_read_once_still_waits_and_the_same_rater_is_not_compared(ctx):
     report = lamina("qa", "report", config=ctx.settings.storage.data.parent / "node.toml")
     assert report.exit_code == 0, report.output
     assert "Double reads: 1 chosen, 1 waiting for a second reader" in report.stdout
+
+
+def test_a_recheck_after_the_adjudication_does_not_reopen_it(ctx):
+    served = fx.served(ctx)
+    a = reading(ctx, fx.valid_seg(served), "Reader^A")
+    b = reading(ctx, fx.make_seg(list(fx.truth()[:2]), fx.LABELS[:2], codes=fx.CODES[:2],
+                                 series=served), "Reader^B")
+    with ctx.index.reader() as r:
+        [item] = r.agreement.adjudications("open")
+    ctx.reading.pick(item["id"], a, ADJUDICATOR, "adjudicator")
+    assert states(ctx) == {a: "adjudicated", b: "rejected"}
+    ctx.annotations.recheck(b, ADJUDICATOR)  # e.g. after a protocol change: compared again
+    with ctx.index.reader() as r:
+        assert r.agreement.adjudications("open") == []
+        assert [c["verdict"] for c in r.agreement.comparisons()] == ["disagree"]
+        assert len(r.audit.of_action("agreement.computed")) == 2
+    assert states(ctx) == {a: "adjudicated", b: "checked"}  # not sent back to adjudication

@@ -195,6 +195,8 @@ class DoubleReading:
                     continue
                 adjudication_id = tx.agreement.open_adjudication(agreement_id, now)
                 adjudications.append(adjudication_id)
+                if tx.agreement.adjudication(adjudication_id)["state"] != "open":
+                    continue  # this pair was adjudicated already: a re-check does not reopen it
                 for reading in (first, second):
                     current = tx.annotations.get(reading["id"])
                     if current is not None and current["state"] == S.CHECKED:
