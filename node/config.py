@@ -109,6 +109,9 @@ class AnnotationSettings:
     #: An annotation whose images are not stored waits this long (``pending``) for
     #: them, then is refused with the reason.
     pending_seconds: float = 3600.0
+    #: Share of studies chosen (by a keyed hash of the pseudonymous StudyInstanceUID) for
+    #: a second independent reading (issue 10).
+    double_read_fraction: float = 0.12
 
 
 @dataclass(frozen=True)
@@ -366,9 +369,12 @@ def _build(raw: dict[str, Any]) -> Settings:
         settle_seconds=_get(s, "annotations", "settle_seconds", float,
                             AnnotationSettings.settle_seconds),
         pending_seconds=_get(s, "annotations", "pending_seconds", float,
-                             AnnotationSettings.pending_seconds))
+                             AnnotationSettings.pending_seconds),
+        double_read_fraction=_get(s, "annotations", "double_read_fraction", float,
+                                  AnnotationSettings.double_read_fraction))
     _range(annotations.settle_seconds, 0, 3600, "annotations.settle_seconds")
     _range(annotations.pending_seconds, 0, 30 * 86400, "annotations.pending_seconds")
+    _range(annotations.double_read_fraction, 0, 1, "annotations.double_read_fraction")
 
     peers = _peers(raw.get("peers", {}))
     try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from node.annotations.grid import HeaderGridSource
+from node.annotations.reading import DoubleReading
 from node.annotations.service import AnnotationService
 from node.annotations.states import AnnotationStates
 from node.anonymize.anonymizer import Deidentifier
@@ -71,6 +72,8 @@ class NodeContext:
     states: AnnotationStates
     #: Approve / reject with an electronic signature, users, verify (issue 10 §4).
     review: ReviewService
+    #: Raters, double-read choice, agreement between readings, adjudication.
+    reading: DoubleReading
     search: SearchService
     retrieve: RetrieveService
     worker: Worker
@@ -146,21 +149,26 @@ class NodeContext:
                                        [c.key for c in protocol.classes])
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        key = load_project_key(settings.deidentify.key_file, data_dir=data) if with_key else None
+        reading = DoubleReading(index, audit, states, protocol, annotations.spacing_and_masks,
+                                key, settings.annotations.double_read_fraction)
+        annotations.after_check.append(reading.checked)
         matcher = index.matcher(settings.node.ae_title)
-        search = SearchService(matcher, events)
-        retrieve = RetrieveService(settings, matcher, events)
+        search = SearchService(matcher, events, reading.blinded_series)
+        retrieve = RetrieveService(settings, matcher, events, reading.blinded_series)
         worker = Worker("after-commit")
-        key, ingest, quarantine = None, None, None
-        if with_key:
-            key = load_project_key(settings.deidentify.key_file, data_dir=data)
+        ingest, quarantine = None, None
+        if key is not None:
             area = QuarantineArea(quarantined, blobs, index, audit, Sealer(key.map_key))
             validator = None
             if settings.validation.enabled:
                 validator = Validator(settings.validation, IODTables.load())
             router = Router(Deidentifier(settings.deidentify, key), key, index,
-                            Deidentifier(replace(settings.deidentify, clean_graphics=True), key))
+                            Deidentifier(replace(settings.deidentify, clean_graphics=True), key,
+                                         keep_annotation_text=True))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
-                                   validator, hooks=(annotations, series), defer=worker.submit)
+                                   validator, hooks=(annotations, series, reading),
+                                   defer=worker.submit)
             quarantine = QuarantineService(area)
         review = ReviewService(index, blobs, audit, states, settings.review)
         syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,
@@ -170,8 +178,8 @@ class NodeContext:
         states.listen(outbox)
         forwarder = ForwardWorker(settings, index, blobs, audit, key, annotations.as_seg)
         return cls(settings, index, blobs, quarantined, audit, events, series, annotations,
-                   states, review, search, retrieve, worker, key, outbox, forwarder, ingest,
-                   quarantine, syslog)
+                   states, review, reading, search, retrieve, worker, key, outbox, forwarder,
+                   ingest, quarantine, syslog)
 
     @property
     def ingest(self) -> IngestService:

@@ -29,9 +29,10 @@ from node import status
 from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor
 from node.config import Peer, Settings
+from node.search import Blinding
 from node.status import Outcome
 from node.storage.interface import IndexUnavailable
-from node.storage.query import Matcher, Model, Query, QueryError, StoredInstance, parse
+from node.storage.query import Matcher, Model, Query, QueryError, StoredInstance, hiding, parse
 
 log = logging.getLogger("lamina.retrieve")
 
@@ -115,10 +116,12 @@ class Retrieval:
 class RetrieveService:
     """Plans C-MOVE and C-GET requests for peers; the one place retrieve permission is decided."""
 
-    def __init__(self, settings: Settings, engine: Matcher, events: AuditQueue) -> None:
+    def __init__(self, settings: Settings, engine: Matcher, events: AuditQueue,
+                 blinding: Blinding | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.events = events
+        self.blinding = blinding
 
     def start_move(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
                    model: Model, destination_ae: str) -> Retrieval | Outcome:
@@ -129,7 +132,7 @@ class RetrieveService:
         destination = self.destination(peer, destination_ae)
         if isinstance(destination, Outcome):
             return self._refuse("move", actor, model, destination)
-        return self._plan("move", actor, identifier, model, destination)
+        return self._plan("move", peer, actor, identifier, model, destination)
 
     def start_get(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
                   model: Model) -> Retrieval | Outcome:
@@ -137,7 +140,7 @@ class RetrieveService:
         if peer is None or "get" not in peer.services:
             return self._refuse("get", actor, model, Outcome(
                 status.NOT_AUTHORISED, "this peer may not get (get is not in its services)"))
-        return self._plan("get", actor, identifier, model, None)
+        return self._plan("get", peer, actor, identifier, model, None)
 
     def destination(self, requester: Peer, ae_title: str) -> Peer | Outcome:
         """The configured peer a C-MOVE names, if the requester may send to it."""
@@ -151,13 +154,15 @@ class RetrieveService:
             return Outcome(status.NOT_AUTHORISED, f"this peer may not move to {title[:16]}")
         return allowed[0]
 
-    def _plan(self, kind: str, actor: Actor, identifier: Dataset | None, model: Model,
-              destination: Peer | None) -> Retrieval | Outcome:
+    def _plan(self, kind: str, peer: Peer, actor: Actor, identifier: Dataset | None,
+              model: Model, destination: Peer | None) -> Retrieval | Outcome:
         if identifier is None:
             return self._refuse(kind, actor, model, Outcome(
                 status.CANNOT_UNDERSTAND, "identifier cannot be decoded"))
         try:
             query = parse(identifier, model, retrieve=True)
+            if self.blinding is not None:
+                query = hiding(query, self.blinding(peer), retrieve=True)
             instances = []
             for instance in self.engine.instances(query):
                 instances.append(instance)

@@ -16,7 +16,7 @@ around it, so every front end applies them the same way:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -26,7 +26,11 @@ from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor
 from node.config import Peer
 from node.status import Outcome, Status
-from node.storage.query import Match, Matcher, Model, Query, QueryError, parse
+from node.storage.query import Match, Matcher, Model, Query, QueryError, hiding, parse
+
+#: The series a peer must not see (an annotator blinded to another reader's annotation
+#: while their study waits for its second reading): the context wires double reading here.
+Blinding = Callable[[Peer], Sequence[str]]
 
 log = logging.getLogger("lamina.search")
 
@@ -67,9 +71,11 @@ class Search:
 class SearchService:
     """Starts searches for peers; the one place find permission is decided."""
 
-    def __init__(self, engine: Matcher, events: AuditQueue) -> None:
+    def __init__(self, engine: Matcher, events: AuditQueue,
+                 blinding: Blinding | None = None) -> None:
         self.engine = engine
         self.events = events
+        self.blinding = blinding
 
     def start(self, peer: Peer | None, actor: Actor, identifier: Dataset | None,
               model: Model) -> Search | Outcome:
@@ -87,6 +93,8 @@ class SearchService:
             query = parse(identifier, model)
         except QueryError as exc:
             return self._refuse(actor, model, Outcome(exc.status, exc.reason))
+        if self.blinding is not None:
+            query = hiding(query, self.blinding(peer))
         return Search(self.engine, self.events, actor, query)
 
     def _refuse(self, actor: Actor, model: Model, outcome: Outcome) -> Outcome:

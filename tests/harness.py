@@ -180,8 +180,10 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         "log": {"level": "INFO", **(log or {})},
         "deidentify": {"key_file": str(key_file), **(deidentify or {})},
     }
-    for name, values in (("index", index), ("validation", validation),
-                         ("annotations", annotations), ("review", review),
+    # Double reading is off unless a test asks for it: which studies a random project
+    # key chooses must not decide what an unrelated test sees.
+    sections["annotations"] = {"double_read_fraction": 0.0, **(annotations or {})}
+    for name, values in (("index", index), ("validation", validation), ("review", review),
                          ("forward", forward)):
         if values:
             sections[name] = dict(values)

@@ -223,3 +223,30 @@ def test_looks_identified_flags_identity_that_came_back_into_a_pseudonymous_obje
     trailing = copy.deepcopy(output)
     trailing.PatientName = str(output.PatientName) + "^^"
     assert looks_identified(trailing) is None
+
+
+def test_the_annotator_engine_keeps_labels_and_rater_cleaned_of_the_patient():
+    """Issue 10 §1: labels and the rater's name are the annotation's content; only the
+    patient's own identifiers are taken out of them."""
+    ds = ct(ContentCreatorName="Reader^Ann")
+    ds.add_new(0x60000010, "US", 4)
+    ds.add_new(0x60000011, "US", 4)
+    ds.add_new(0x60000022, "LO", "Nodule 2 of Jonathan")  # OverlayDescription
+    ds.add_new(0x60001500, "LO", "Nodule 2")  # OverlayLabel
+    ds.add_new(0x60020022, "LO", "Nodule 3")
+    segment = Dataset()
+    segment.SegmentNumber = 1
+    segment.SegmentLabel = "left nodule MRN001"
+    ds.SegmentSequence = [segment]
+    plain = Deidentifier(DeidSettings(clean_graphics=True), KEY).deidentify(ds).dataset
+    # The clinical engine still drops or replaces them.
+    assert 0x60000022 not in plain and str(plain.ContentCreatorName) == "ANONYMOUS^"
+    out = Deidentifier(DeidSettings(clean_graphics=True), KEY,
+                       keep_annotation_text=True).deidentify(ds)
+    kept = out.dataset
+    assert kept[0x60000022].value == "Nodule 2 of REMOVED"  # the patient's name cleaned out
+    assert kept[0x60001500].value == "Nodule 2"
+    assert kept[0x60020022].value == "Nodule 3"  # a second ROI keeps its own name
+    assert str(kept.ContentCreatorName) == "Reader^Ann"
+    assert kept.SegmentSequence[0].SegmentLabel == "left nodule REMOVED"
+    assert kept.PatientName != ds.PatientName

@@ -72,6 +72,13 @@ def test_no_protocol_means_defaults_and_no_unknown_labels() -> None:
      "classes.x.components: must be a whole number"),
     ("[windows.wide]\ncenter = 0\n", "windows.wide.width: missing"),
     ("[rules]\n", "rules: unknown section"),
+    ("[agreement]\nkappa_min = 1.5\n", "agreement.kappa_min: must be between 0 and 1"),
+    ("[agreement]\ndouble_read_fraction = 0.1\n", "agreement.double_read_fraction: unknown key"),
+    ("[agreement.categories]\nmalignancy = []\n",
+     "agreement.categories.malignancy: must be a list of answers"),
+    ("[classes.x]\ncategory = { scheme = 'SCT', value = '1', meaning = 'm' }\n"
+     "type = { scheme = 'SCT', value = '2', meaning = 'n' }\ndice_min = -1\n",
+     "classes.x.dice_min: must be between 0 and 1"),
 ])
 def test_bad_protocols_are_refused_naming_the_key(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "protocol.toml"
@@ -79,6 +86,14 @@ def test_bad_protocols_are_refused_naming_the_key(tmp_path, text: str, message: 
     with pytest.raises(ProtocolError) as error:
         load_protocol(path)
     assert message in str(error.value)
+
+
+def test_agreement_thresholds_and_categories_are_read() -> None:
+    protocol = load_protocol(REPO / "config" / "protocol.toml")
+    assert (protocol.kappa_min, protocol.dice_min) == (0.6, 0.7)
+    assert protocol.categories["malignancy"] == ("benign", "indeterminate", "malignant")
+    assert protocol.dice_min_for("lung_nodule") == 0.7
+    assert Protocol().kappa_min == 0.6 and Protocol().categories == {}
 
 
 def test_a_missing_protocol_file_is_a_config_error(tmp_path) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -157,6 +158,11 @@ class AnnotationService:
         self.states = states
         self.pending_seconds = pending_seconds
         self._settling = SettleQueue(self._check_settled, settle_seconds)
+        #: Called after each recorded check commits, with (annotation id, actor, grid
+        #: spacing, the masks just checked): double reading compares the reading with the
+        #: series' others there, without decoding it again.
+        self.after_check: list[Callable[[int, Actor, tuple[float, float, float], list[Mask]],
+                                        object]] = []
 
     # --- as an ingest hook ---------------------------------------------------
 
@@ -304,6 +310,12 @@ class AnnotationService:
             return grid, self._set_masks(annotation_id, annotator, row["source_series_uid"])
         sha = objects[-1]["blob_sha256"]
         return self.masks_from_seg(self._read(sha), sha, annotator)
+
+    def spacing_and_masks(self, annotation_id: int) -> tuple[tuple[float, float, float],
+                                                              list[Mask]]:
+        """The grid spacing (ITK order, mm) and current masks of a stored annotation."""
+        grid, masks = self.masks_of(annotation_id)
+        return grid.spacing, masks
 
     def masks_from_seg(self, ds: Dataset, sha256: str,
                        annotator: Annotator) -> tuple[SeriesGrid, list[Mask]]:
@@ -588,6 +600,12 @@ class AnnotationService:
                                               {"annotation_id": annotation_id, **detail})
         if entry is not None:
             self.audit.committed(entry)
+            for listener in self.after_check:
+                try:
+                    listener(annotation_id, actor, grid.spacing, masks)
+                except Exception as exc:  # the check stands; the comparison is redone later
+                    log.error("after-check listener failed", extra={"fields": {
+                        "annotation_id": annotation_id, "error": type(exc).__name__}})
         return CheckReport(annotation_id, check_id, findings)
 
     def _record_refusal(self, tx: Transaction, claim: AnnotationClaim, refusal: IngestRefusal,

@@ -116,6 +116,9 @@ _TEMPORAL = MappingProxyType({
 _CURVE_GROUPS = range(0x5000, 0x5020, 2)
 
 _SEGMENT_LABEL = Tag("SegmentLabel")
+_CONTENT_CREATOR = Tag("ContentCreatorName")
+# Overlay elements an annotator writes as the annotation's content (per overlay group).
+_OVERLAY_TEXT_ELEMENTS = frozenset({0x0022, 0x1500})  # OverlayDescription, OverlayLabel
 _PATIENT_ID = Tag("PatientID")
 _PATIENT_NAME = Tag("PatientName")
 _PIXEL_DATA = Tag("PixelData")
@@ -360,6 +363,12 @@ class _Call:
         return bool(self.matcher) and any(self.matcher.search(str(v)) for v in _values(value))
 
 
+def clean_kept_text(value: str, call: _Call) -> str:
+    """The kept-text cleaner of annotators' labels: the one text scan
+    (:func:`node.anonymize.textscan.clean_text`) with this object's matcher."""
+    return clean_text(value, call.matcher) if call.matcher else value
+
+
 class Deidentifier:
     """Applies PS3.15 Annex E with the project's options and keyed pseudonyms.
 
@@ -368,12 +377,18 @@ class Deidentifier:
     each call keeps its state in a local object."""
 
     def __init__(self, settings: DeidSettings, key: ProjectKey, *,
-                 text_scan: bool = True) -> None:
+                 text_scan: bool = True, keep_annotation_text: bool = False) -> None:
         """``text_scan=False`` skips the residual-PHI scan of kept text; it exists
-        only so ``benchmarks/anonymize.py`` can measure what the scan costs."""
+        only so ``benchmarks/anonymize.py`` can measure what the scan costs.
+
+        ``keep_annotation_text``: the annotator route's engine. Segment and overlay
+        labels, overlay descriptions and ContentCreatorName are the annotation's content
+        (how Horos ROIs are told apart, who the rater is): kept, with the object's
+        names and identifiers cleaned out of them (:meth:`_annotation_text`), never removed."""
         self._settings = settings
         self._text_scan = text_scan
         self._key = key
+        self._keep_annotation_text = keep_annotation_text
         self._plan = plan(settings)
         self._basic = plan(DeidSettings(retain_longitudinal="off")).by_tag
         self._safe_text = keyword_tags(SAFE_TEXT_KEYWORDS)
@@ -388,10 +403,12 @@ class Deidentifier:
         self._terms = Vocabulary(settings.description_terms)
         # Attributes kept under an option are no source of names to scan for: they
         # would match themselves (an institution name kept under its option).
+        # The rater's own name (ContentCreatorName, kept on the annotator route) is no
+        # source either: it would be cleaned out of itself.
         self._scan_skip = frozenset(
             t for t, a in self._plan.by_tag.items() if a in ("K", "C")
             and _dictionary_vr(t) != "PN"
-        )
+        ) | (frozenset({_CONTENT_CREATOR}) if keep_annotation_text else frozenset())
         self._date_action = {"off": "X", "full": "K", "modified": "C"}[
             settings.retain_longitudinal
         ]
@@ -595,6 +612,10 @@ class Deidentifier:
             if element:
                 call.note(REMOVED, tag)  # command or file meta elements in the body
             return None  # and group lengths, which are structure, not data
+        if self._keep_annotation_text and (
+                tag in (_SEGMENT_LABEL, _CONTENT_CREATOR)
+                or (group in _OVERLAY_GROUPS and element in _OVERLAY_TEXT_ELEMENTS)):
+            return self._annotation_text(parent[tag], call)
         if group in _OVERLAY_GROUPS:
             if self._graphics_kept:
                 return self._graphic(parent[tag], call, OVERLAYS_CLEANED)
@@ -831,6 +852,18 @@ class Deidentifier:
             return None
         value = elem.value
         return _new(elem, list(value) if isinstance(value, MultiValue) else value)
+
+    def _annotation_text(self, elem: DataElement, call: _Call) -> DataElement:
+        """An annotator's label kept, through the one kept-text cleaner."""
+        values = [clean_kept_text(str(v), call) for v in _values(elem.value)]
+        if any(v != str(o) for v, o in zip(values, _values(elem.value), strict=True)):
+            call.hit(elem.tag)
+            call.note(CLEANED, elem.tag)
+        else:
+            call.note(KEPT, elem.tag)
+        if elem.tag == _SEGMENT_LABEL and not any(values):  # Type 1: never left empty
+            return _new(elem, "Segment")
+        return _new(elem, _one_or_many(values) if values else None)
 
     def _segment_label(
         self, elem: DataElement, parent: Dataset, action: str, call: _Call

@@ -53,6 +53,8 @@ class LabelClass:
     volume_mm3: tuple[float, float] | None = None
     diameter_mm: tuple[float, float] | None = None
     exclusive_with: frozenset[str] = frozenset()
+    #: Two readings of this class agree from this Dice up (None: the protocol's ``dice_min``).
+    dice_min: float | None = None
 
     def matches_label(self, label: str) -> bool:
         text = label.strip().casefold()
@@ -73,6 +75,20 @@ class Protocol:
     diameter_jump_mm: float = 3.0
     windows: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     classes: tuple[LabelClass, ...] = ()
+    #: Agreement (issue 10): kappa below ``kappa_min`` flags a class (the guideline needs
+    #: revision); a matched pair below ``dice_min`` (or its class's) goes to adjudication.
+    kappa_min: float = 0.6
+    dice_min: float = 0.7
+    #: Categorical questions and their allowed answers (``lamina labels import``); empty:
+    #: any question and answer is accepted.
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def dice_min_for(self, class_key: str) -> float:
+        """The Dice from which two readings of a class agree."""
+        for cls in self.classes:
+            if cls.key == class_key and cls.dice_min is not None:
+                return cls.dice_min
+        return self.dice_min
 
     @property
     def knows_labels(self) -> bool:
@@ -98,11 +114,13 @@ class Protocol:
         return cls.components, cls.diameter_jump_mm
 
 
-_TOP = {"protocol", "windows", "classes"}
+_TOP = {"protocol", "windows", "classes", "agreement"}
+_AGREEMENT_KEYS = {"kappa_min", "dice_min", "categories"}
 _PROTOCOL_KEYS = {"name", "version", "position_tolerance_mm", "fractional_threshold",
                   "components", "diameter_jump_mm"}
 _CLASS_KEYS = {"label", "aliases", "pattern", "category", "type", "window", "geometry",
-               "components", "diameter_jump_mm", "volume_mm3", "diameter_mm", "exclusive_with"}
+               "components", "diameter_jump_mm", "volume_mm3", "diameter_mm", "exclusive_with",
+               "dice_min"}
 
 
 def load_protocol(path: Path) -> Protocol:
@@ -145,6 +163,16 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
                 raise ProtocolError(f"{where}.{key}: missing")
         windows[name] = (_number(spec, "center", where, 0.0), _positive(spec, "width", where, 1.0))
 
+    agreement = _table(raw, "agreement", "agreement")
+    _known(agreement, _AGREEMENT_KEYS, "agreement")
+    kappa_min = _fraction(agreement, "kappa_min", "agreement", defaults.kappa_min)
+    dice_min = _fraction(agreement, "dice_min", "agreement", defaults.dice_min)
+    categories = _table(agreement, "categories", "agreement.categories")
+    for question, answers in categories.items():
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise ProtocolError(f"agreement.categories.{question}: must be a list of answers")
+
     classes = [_label_class(key, spec, windows, components, jump)
                for key, spec in _table(raw, "classes", "classes").items()]
     keys = {c.key for c in classes}
@@ -162,6 +190,9 @@ def parse_protocol(raw: dict[str, Any], sha256: str = "") -> Protocol:
         diameter_jump_mm=jump,
         windows=windows,
         classes=tuple(classes),
+        kappa_min=kappa_min,
+        dice_min=dice_min,
+        categories={q: tuple(a.strip() for a in answers) for q, answers in categories.items()},
     )
 
 
@@ -206,6 +237,7 @@ def _label_class(key: str, spec: Any, windows: dict, components: int, jump: floa
         volume_mm3=_range(spec, "volume_mm3", where),
         diameter_mm=_range(spec, "diameter_mm", where),
         exclusive_with=frozenset(exclusive),
+        dice_min=_fraction(spec, "dice_min", where, 0.0) if "dice_min" in spec else None,
     )
 
 
@@ -234,6 +266,14 @@ def _number(table: dict, key: str, where: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{where}.{key}: must be a number, got {value!r}")
     return float(value)
+
+
+def _fraction(table: dict, key: str, where: str, default: float) -> float:
+    """A number in [0, 1] (a kappa or Dice threshold, a sampling fraction)."""
+    value = _number(table, key, where, default)
+    if not 0 <= value <= 1:
+        raise ProtocolError(f"{where}.{key}: must be between 0 and 1, got {value}")
+    return value
 
 
 def _positive(table: dict, key: str, where: str, default: float) -> float:

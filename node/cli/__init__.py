@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import click
 
+from node.cli.adjudicate import adjudicate
 from node.cli.annotations import annotations, import_labels, overlays
 from node.cli.audit import audit
 from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
 from node.cli.export import export
+from node.cli.labels import labels
+from node.cli.qa import qa
 from node.cli.quarantine import quarantine
 from node.cli.queue import queue
 from node.cli.review import review
@@ -30,5 +33,5 @@ def main() -> None:
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
                 anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
-                review, users, queue, export):
+                review, users, queue, export, adjudicate, labels, qa):
     main.add_command(command)

@@ -61,8 +61,9 @@ class Router:
     def __init__(self, deidentifier: Deidentifier, key: ProjectKey, index: Index,
                  annotation_deidentifier: Deidentifier) -> None:
         self.deidentifier = deidentifier
-        #: The same profile with Clean Graphics on: overlay planes are how Horos
-        #: annotations travel, so on the annotator route they are kept, cleaned.
+        #: The same profile with Clean Graphics on and the annotation text kept (labels,
+        #: descriptions, ContentCreatorName; cleaned of the patient): overlay planes and
+        #: their labels are how Horos annotations travel, so on this route they are kept.
         self.annotation_deidentifier = annotation_deidentifier
         self.key = key
         self.reid_map = ReidentificationMap(key)

@@ -47,6 +47,9 @@ class Source:
     #: The peer's ``services`` include ``store`` (checked by the ingest service, so every
     #: way in, C-STORE and STOW-RS, refuses the same way).
     may_store: bool = True
+    #: The username of the association's DICOM user identity, when one was negotiated:
+    #: the rater id of annotations it sends (issue 10). Never logged.
+    user_identity: str = ""
 
     @property
     def actor(self) -> Actor:

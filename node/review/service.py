@@ -72,7 +72,7 @@ def _names(value: str) -> frozenset[str]:
 
 def is_own(user: UserRow, annotation: Row) -> bool:
     """The reviewer is the annotation's annotator (its rater id, its content creator)."""
-    authors = {annotation.get("rater_id") or "", annotation.get("annotator_person") or ""}
+    authors = {annotation.get("rater") or "", annotation.get("annotator_person") or ""}
     mine = {user.user_id, user.printed_name, *user.rater_ids}
     return any(_names(a) and _names(a) == _names(m) for a in authors for m in mine)
 

@@ -38,12 +38,14 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from node.storage.query import Matcher
 from node.storage.records import (
+    AgreementStructureRow,
     AnnotationFindingRow,
     AuditRow,
     FindingRow,
     InstanceGeometry,
     InstanceRecord,
     QuarantineRow,
+    RatingRow,
     Receipt,
     RoiRow,
     Row,
@@ -185,6 +187,8 @@ class UserReads(Protocol):
 class SignatureReads(Protocol):
     def list(self, annotation_id: int | None = None) -> list[SignatureRow]:
         """Signatures, oldest first (of one annotation when given)."""
+
+
 class OutboxReads(Protocol):
     """The forwarding outbox (node.forward.queue): one row per (object, destination)."""
 
@@ -203,6 +207,36 @@ class OutboxReads(Protocol):
         """Rows by destination, then by state."""
 
 
+class AgreementReads(Protocol):
+    """Agreement between raters, double reading, ratings and adjudication (issue 10)."""
+
+    def readings(self, series_uid: str) -> list[Row]:
+        """The series' annotations with a current check (checked or further on), oldest first."""
+
+    def study_of_series(self, series_uid: str) -> str | None: ...
+    def study_of_instance(self, sop_instance_uid: str) -> str | None: ...
+    def study_known(self, study_uid: str) -> bool: ...
+    def raters_of_study(self, study_uid: str) -> list[str]: ...
+    def get(self, agreement_id: int) -> Row | None: ...
+    def comparisons(self) -> list[Row]: ...
+    def structures(self, agreement_id: int | None = None) -> list[Row]: ...
+    def rated(self, question: str, item: str, rater: str) -> bool: ...
+    def ratings(self) -> list[Row]: ...
+    def double_reads(self, state: str | None = None) -> list[Row]: ...
+    def finding_counts(self) -> list[Row]:
+        """Current checks' findings by rater and check name (the QA report)."""
+
+    def readings_by_rater(self) -> list[Row]:
+        """Annotations per rater and state (the QA report)."""
+
+    def blinded_series(self, ae_title: str) -> list[str]:
+        """Annotation series an annotator peer must not see while their study waits for
+        its second reading (made by another peer)."""
+
+    def adjudications(self, state: str | None = None) -> list[Row]: ...
+    def adjudication(self, adjudication_id: int) -> Row | None: ...
+
+
 class Reader(Protocol):
     """A consistent read view of the index."""
 
@@ -217,6 +251,7 @@ class Reader(Protocol):
     users: UserReads
     signatures: SignatureReads
     outbox: OutboxReads
+    agreement: AgreementReads
 
 
 # --- repositories: write side -------------------------------------------------
@@ -348,6 +383,8 @@ class Users(UserReads, Protocol):
 class Signatures(SignatureReads, Protocol):
     def insert(self, annotation_id: int, user_fk: int, decision: str, meaning: str,
                signed_at: str, manifest: str, signature: bytes) -> int: ...
+
+
 class Outbox(OutboxReads, Protocol):
     def enqueue_annotation(self, annotation_id: int, rule: str, destination: str, mode: str,
                            now: str, at: float) -> int:
@@ -376,6 +413,21 @@ class Outbox(OutboxReads, Protocol):
     def cancel(self, item_id: int, now: str) -> bool: ...
 
 
+class Agreements(AgreementReads, Protocol):
+    def set_rater(self, annotation_id: int, rater: str) -> None: ...
+    def record(self, series_uid: str, study_uid: str, pair: tuple[Row, Row],
+               protocol_sha256: str, reasons: list[str],
+               structures: Iterable[AgreementStructureRow], now: str) -> int:
+        """Store or replace the comparison of two readings (rows of :meth:`readings`)."""
+
+    def insert_ratings(self, rows: Iterable[RatingRow], now: str) -> int: ...
+    def choose(self, study_uid: str, now: str) -> bool: ...
+    def complete(self, study_uid: str, now: str) -> bool: ...
+    def open_adjudication(self, agreement_id: int, now: str) -> int: ...
+    def decide(self, adjudication_id: int, decision: str, chosen: int | None, by: str,
+               now: str) -> bool: ...
+
+
 class Transaction(Reader, Protocol):
     """One unit of work: commits on leaving the ``with`` block, rolls back on an exception."""
 
@@ -389,6 +441,7 @@ class Transaction(Reader, Protocol):
     users: Users
     signatures: Signatures
     outbox: Outbox
+    agreement: Agreements
 
 
 class Index(Protocol):

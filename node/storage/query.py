@@ -45,8 +45,8 @@ unsupported (status 0xFF01), never refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum, IntEnum
 from functools import cached_property
 from typing import Literal, Protocol
@@ -233,6 +233,13 @@ class UidIn:
 
 
 @dataclass(frozen=True)
+class UidNotIn:
+    """The stored UID is none of ``uids``: entities a peer must not see (see :func:`hiding`)."""
+
+    uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class IntIn:
     """The stored integer is one of ``numbers``."""
 
@@ -278,7 +285,8 @@ class AnyOf:
     predicates: tuple[Predicate, ...]
 
 
-Predicate = Exact | Wildcard | EmptyValue | PersonName | UidIn | IntIn | Range | ModalityInStudy | AnyOf
+Predicate = (Exact | Wildcard | EmptyValue | PersonName | UidIn | UidNotIn | IntIn | Range
+             | ModalityInStudy | AnyOf)
 
 
 @dataclass(frozen=True)
@@ -313,13 +321,25 @@ class Query:
     @property
     def matching_keywords(self) -> list[str]:
         """Keys that constrained the match (names only: audit entries carry no values)."""
-        return sorted({c.keyword for c in self.conditions})
+        return sorted({c.keyword for c in self.conditions
+                       if not isinstance(c.predicate, UidNotIn)})
 
     @property
     def row_keys(self) -> tuple[Key, ...]:
         """The returned keys whose values a backend reads, in the order its rows hold them
         (every returned key but the constants the matcher fills itself)."""
         return tuple(k for k in self.returns if k.kind != "constant")
+
+
+def hiding(query: Query, series_uids: Sequence[str], *, retrieve: bool = False) -> Query:
+    """``query`` with these series left out (an annotator blinded to another reader's
+    annotation until both readings are in): out of every retrieve (whose instances are
+    always selected at IMAGE level), and out of SERIES and IMAGE matches. A PATIENT or
+    STUDY match is not narrowed: its counts may still include them."""
+    if not series_uids or (not retrieve and query.level < Level.SERIES):
+        return query
+    hidden = Condition(KEYS["SeriesInstanceUID"], UidNotIn(tuple(sorted(set(series_uids)))))
+    return replace(query, conditions=(*query.conditions, hidden))
 
 
 @dataclass(frozen=True)

@@ -386,3 +386,35 @@ class SignatureRow:
     signed_at: str
     manifest: str
     signature: bytes
+# --- agreement (issue 10) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgreementStructureRow:
+    """One structure of a comparison of two readings: a matched pair, or one rater's only."""
+
+    class_key: str
+    structure_a: str | None
+    structure_b: str | None
+    answer_a: str  # categorical answer (SEG type code) or '(absent)'
+    answer_b: str
+    question: str  # the SEG category the answers belong to
+    classes_differ: bool
+    dice: float | None
+    jaccard: float | None
+    hausdorff_mm: float | None
+    hd95_mm: float | None
+    volume_a_mm3: float | None
+    volume_b_mm3: float | None
+
+
+@dataclass(frozen=True)
+class RatingRow:
+    """One rater's categorical answer about one item (a study or an instance)."""
+
+    question: str
+    item: str  # 'study:<uid>' | 'instance:<uid>'
+    study_uid: str
+    rater: str
+    answer: str
+    source: str

@@ -32,6 +32,9 @@ class Session:
     calling_ae: str
     address: str
     peer: Peer | None = None
+    #: The DICOM user identity (username) the peer negotiated, if any: the rater id of
+    #: the annotations it sends. Staff, not patients, but never logged.
+    user_identity: str = ""
     slot_fd: int | None = None
     stored: int = 0
     failed: int = 0
@@ -41,11 +44,20 @@ class Session:
     def source(self) -> Source:
         route = self.peer.route if self.peer else "clinical"
         may_store = self.peer is not None and "store" in self.peer.services
-        return Source(self.calling_ae, self.address, self.association_id, route, may_store)
+        return Source(self.calling_ae, self.address, self.association_id, route, may_store,
+                      self.user_identity)
 
     @property
     def actor(self) -> Actor:
         return self.source.actor
+
+
+def _username(assoc: Association) -> str:
+    """The username of a negotiated DICOM user identity (types 1 and 2), else ''."""
+    item = assoc.requestor.user_identity
+    if item is None or item.user_identity_type not in (1, 2) or not item.primary_field:
+        return ""
+    return bytes(item.primary_field).decode("utf-8", "replace").strip()[:64]
 
 
 class Sessions:
@@ -66,7 +78,7 @@ class Sessions:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         session = Session(uuid.uuid4().hex, str(rq.calling_ae_title).strip(),
-                          str(assoc.requestor.address))
+                          str(assoc.requestor.address), user_identity=_username(assoc))
         with self._lock:
             self._by_assoc[assoc] = session
         verdict = admit(self.ctx.settings, session.calling_ae, str(rq.called_ae_title),

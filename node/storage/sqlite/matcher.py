@@ -62,6 +62,7 @@ from node.storage.query import (
     StoredInstance,
     TextMatch,
     UidIn,
+    UidNotIn,
     Wildcard,
     responses,
 )
@@ -140,6 +141,9 @@ def _compile(predicate: Predicate, column: str) -> tuple[str, tuple]:
             return f"({column} IS NULL OR {column} = '')", ()
         case UidIn(uids):
             return _uid_in(column, uids)
+        case UidNotIn(uids):
+            sql, params = _uid_in(column, uids)
+            return f"NOT ({sql})", params
         case IntIn(numbers):
             if len(numbers) == 1:
                 return f"{column} = ?", numbers

@@ -35,12 +35,13 @@ from node.storage.records import (
     UserRow,
 )
 from node.storage.sqlite.outbox import SqliteOutbox
+from node.storage.sqlite.agreement import SqliteAgreement
 
 
 class Session:
     """One connection's view of the index, through its repositories."""
 
-    __slots__ = ("annotations", "audit", "conn", "evidence", "instances", "outbox",
+    __slots__ = ("agreement", "annotations", "audit", "conn", "evidence", "instances", "outbox",
                  "quarantine", "reid", "reports", "series", "signatures", "users")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -56,6 +57,7 @@ class Session:
         self.users = SqliteUsers(conn)
         self.signatures = SqliteSignatures(conn)
         self.outbox = SqliteOutbox(conn)
+        self.agreement = SqliteAgreement(conn)
 
 
 class _Repo:
