@@ -34,8 +34,8 @@ from node.storage.records import (
     StructureRow,
     UserRow,
 )
-from node.storage.sqlite.outbox import SqliteOutbox
 from node.storage.sqlite.agreement import SqliteAgreement
+from node.storage.sqlite.outbox import SqliteOutbox
 
 
 class Session:
