@@ -122,9 +122,12 @@ def test_a_recheck_after_the_adjudication_does_not_reopen_it(ctx):
         [item] = r.agreement.adjudications("open")
     ctx.reading.pick(item["id"], a, ADJUDICATOR, "adjudicator")
     assert states(ctx) == {a: "adjudicated", b: "rejected"}
-    ctx.annotations.recheck(b, ADJUDICATOR)  # e.g. after a protocol change: compared again
+    ctx.annotations.recheck(b, ADJUDICATOR)  # e.g. after a protocol change
     with ctx.index.reader() as r:
         assert r.agreement.adjudications("open") == []
         assert [c["verdict"] for c in r.agreement.comparisons()] == ["disagree"]
-        assert len(r.audit.of_action("agreement.computed")) == 2
-    assert states(ctx) == {a: "adjudicated", b: "checked"}  # not sent back to adjudication
+        # The rejected reading is checked again but is no reading any more: the state
+        # machine keeps the decision, and nothing is compared or sent back to adjudication.
+        assert len(r.audit.of_action("agreement.computed")) == 1
+        assert len(r.audit.of_action("annotation.checked")) >= 3
+    assert states(ctx) == {a: "adjudicated", b: "rejected"}
