@@ -157,8 +157,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  node: dict | None = None, storage: dict | None = None,
                  index: dict | None = None, audit: dict | None = None, log: dict | None = None,
                  deidentify: dict | None = None, validation: dict | None = None,
-                 annotations: dict | None = None, data: Path | None = None,
-                 key: bool = True) -> NodeConfig:
+                 annotations: dict | None = None, http: dict | None = None,
+                 data: Path | None = None, key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
 
     Defaults: AE title LAMINA on 127.0.0.1 port 0, one worker; data in ``root/data``
@@ -180,7 +180,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         "deidentify": {"key_file": str(key_file), **(deidentify or {})},
     }
     for name, values in (("index", index), ("validation", validation),
-                         ("annotations", annotations)):
+                         ("annotations", annotations), ("http", http)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():

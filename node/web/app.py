@@ -42,6 +42,10 @@ def _refusal(status: int, reason: str, headers: dict[str, str] | None = None) ->
 def root_url(request: Request, base_path: str, forwarded: bool) -> str:
     """The DICOMweb root as the client reaches it (RetrieveURL, BulkDataURI)."""
     scheme, host, prefix = request.url.scheme, request.url.netloc, ""
+    server = request.scope.get("server")
+    if not forwarded and server and request.url.port is None and server[1] not in (80, 443):
+        # A client that leaves the port out of Host (dicomweb-client does) reached this socket.
+        host = f"{request.url.hostname}:{server[1]}"
     if forwarded:
         h = request.headers
         scheme = h.get("x-forwarded-proto", scheme).split(",")[0].strip() or scheme

@@ -31,9 +31,9 @@ def metadata(path: Path, root_url: str) -> dict[str, Any]:
                     f"{ds.get('SeriesInstanceUID', '')}/instances/{ds.get('SOPInstanceUID', '')}")
     out: dict[str, Any] = {}
     for tag in ds.keys():  # noqa: SIM118 (keys: iterating converts every raw element)
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         key = f"{int(tag):08X}"
-        if isinstance(raw, RawDataElement) and _bulky(raw):
+        if tag in _ALWAYS_BULK or (isinstance(raw, RawDataElement) and _bulky(raw)):
             vr = raw.VR or "UN"
             out[key] = {"vr": "OW" if vr in ("OB or OW", "US or OW") else vr,
                         "BulkDataURI": f"{instance_url}/bulkdata/{key}"}
@@ -43,8 +43,6 @@ def metadata(path: Path, root_url: str) -> dict[str, Any]:
 
 
 def _bulky(raw: RawDataElement) -> bool:
-    if raw.tag in _ALWAYS_BULK:
-        return True
     return (raw.VR in _BINARY_VRS and raw.length is not None and raw.length != 0xFFFFFFFF
             and raw.length >= BULK_THRESHOLD)
 

@@ -340,32 +340,17 @@ class DicomWeb:
             stored = str(source.syntax)
             compressed = source.syntax.is_compressed
             stored_media = FRAME_MEDIA.get(stored)
-            for alt in media.accepted(request.headers.get("accept"),
-                                      'multipart/related; type="application/octet-stream"'):
-                if alt.type not in ("multipart/related", "*/*", "multipart/*"):
-                    continue
-                part = alt.part_type or "application/octet-stream"
-                ts = alt.transfer_syntax
-                if part == "application/octet-stream" and ts in ("*", stored) and not compressed:
-                    ts = None
-                if part == "application/octet-stream" and ts in (None, media.EXPLICIT_LE):
-                    frames, part_type = source.native_frames(numbers), (
-                        f"application/octet-stream; transfer-syntax={media.EXPLICIT_LE}")
-                    break
-                if compressed and (alt.type != "multipart/related" or part == "*/*" or ts == "*"
-                                   or part == stored_media) and ts in (None, "*", stored):
-                    frames = source.stored_frames(numbers)
-                    shown = part if part == "application/octet-stream" else stored_media
-                    part_type = f"{shown}; transfer-syntax={stored}"
-                    break
-                if alt.type != "multipart/related":  # */*: native frames
-                    frames, part_type = source.native_frames(numbers), (
-                        f"application/octet-stream; transfer-syntax={media.EXPLICIT_LE}")
-                    break
-            else:
+            choice = _frame_choice(request.headers.get("accept"), stored, compressed, stored_media)
+            if choice is None:
                 raise WebError(406, "frames are sent as multipart/related; type="
                                     '"application/octet-stream"' + (
                                         f' or type="{stored_media}"' if stored_media else ""))
+            if choice == "native":
+                frames = source.native_frames(numbers)
+                part_type = f"application/octet-stream; transfer-syntax={media.EXPLICIT_LE}"
+            else:
+                frames = source.stored_frames(numbers)
+                part_type = f"{choice}; transfer-syntax={stored}"
             plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
@@ -516,6 +501,30 @@ def _negotiate_json(request: Request) -> None:
     alts = media.accepted(request.headers.get("accept"), DICOM_JSON)
     if not any(a.matches(DICOM_JSON) or a.matches("application/json") for a in alts):
         raise WebError(406, "this resource is available as application/dicom+json only")
+
+
+def _frame_choice(accept: str | None, stored: str, compressed: bool,
+                  stored_media: str | None) -> str | None:
+    """How to send frames: ``native`` (uncompressed, decoded if need be), the media type to
+    send the stored compressed frames under, or None (406)."""
+    octet = "application/octet-stream"
+    for alt in media.accepted(accept, f'multipart/related; type="{octet}"'):
+        if alt.type in ("*/*", "multipart/*"):
+            part, ts = "*/*", None
+        elif alt.type == "multipart/related":
+            part, ts = alt.part_type or octet, alt.transfer_syntax
+        else:
+            continue
+        if part in ("*/*", "*"):
+            return (stored_media or octet) if compressed else "native"
+        if part == octet:
+            if ts in (None, media.EXPLICIT_LE) or (ts in ("*", stored) and not compressed):
+                return "native"
+            if ts in ("*", stored):
+                return octet
+        if compressed and part == stored_media and ts in (None, "*", stored):
+            return stored_media
+    return None
 
 
 def _retrieve_url(root: str, level: Level, ds: Dataset) -> str:

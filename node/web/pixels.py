@@ -83,7 +83,7 @@ class PixelSource:
         self.check(numbers)
         ds = self.ds
         bits = int(ds.get("BitsAllocated", 16))
-        raw = ds.get_item(_PIXEL_DATA)
+        raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
         if (not self.syntax.is_compressed and self.syntax.is_little_endian and bits >= 8
                 and isinstance(raw, RawDataElement) and raw.value is None):
             size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
