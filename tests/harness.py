@@ -179,8 +179,10 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
         "log": {"level": "INFO", **(log or {})},
         "deidentify": {"key_file": str(key_file), **(deidentify or {})},
     }
+    # HTTP is off unless a test asks for it (then on port 0 unless it says otherwise).
+    sections["http"] = {"port": 0, **http} if http is not None else {"enabled": False}
     for name, values in (("index", index), ("validation", validation),
-                         ("annotations", annotations), ("http", http)):
+                         ("annotations", annotations)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():
