@@ -42,7 +42,7 @@ from node.retrieve import Retrieval
 from node.status import Outcome
 from node.storage.query import KEYS, Level, Model, StoredInstance
 from node.web import media
-from node.web.dicomjson import bulk_value, match_json, metadata
+from node.web.dicomjson import MetadataCache, bulk_value, match_json
 from node.web.errors import WebError
 from node.web.identity import Caller
 from node.web.metrics import Metrics
@@ -54,7 +54,6 @@ DICOM_JSON = "application/dicom+json"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 _CHUNK = 1 << 20
-_RETRIEVE_URL = Tag(0x0008, 0x1190)
 _LEVEL_TAG = Tag(0x0008, 0x0052)
 
 #: PS3.18 Table 6.7.1-2 (the keys the matcher holds): returned without includefield.
@@ -114,6 +113,7 @@ class DicomWeb:
         self.ctx = ctx
         self.metrics = metrics
         self.max_upload = ctx.settings.http.max_upload_mb << 20
+        self.metadata = MetadataCache()
 
     def routes(self) -> list[Route]:
         s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
@@ -162,10 +162,9 @@ class DicomWeb:
         outcome = Outcome(status.UNABLE_TO_PROCESS, "failed while answering")
         try:
             for match in search.results(limit, offset):
-                ds = match.dataset()
-                del ds[_LEVEL_TAG]
-                ds.add_new(_RETRIEVE_URL, "UR", _retrieve_url(root, level, ds))
-                out.append(match_json(ds))
+                answer = match_json(e for e in match.elements if e[0] != _LEVEL_TAG)
+                answer["00081190"] = {"vr": "UR", "Value": [_retrieve_url(root, level, answer)]}
+                out.append(answer)
             outcome = Outcome(status.SUCCESS)
         finally:
             search.finish(outcome)
@@ -324,13 +323,13 @@ class DicomWeb:
     def _metadata(self, request: Request, plan: Retrieval) -> Response:
         try:
             _negotiate_json(request)
-            root = request.state.root
-            out = [metadata(self._path(i), root) for i in plan.instances]
+            items = []
             for instance in plan.instances:
+                items.append(self.metadata.get(instance.blob_sha256, self._path(instance)))
                 plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
-        return JSONResponse(out, media_type=DICOM_JSON)
+        return Response(MetadataCache.answer(items, request.state.root), media_type=DICOM_JSON)
 
     def _frames(self, request: Request, plan: Retrieval) -> Response:
         instance = plan.instances[0]
@@ -527,12 +526,14 @@ def _frame_choice(accept: str | None, stored: str, compressed: bool,
     return None
 
 
-def _retrieve_url(root: str, level: Level, ds: Dataset) -> str:
-    url = f"{root}/studies/{ds.get('StudyInstanceUID', '')}"
+def _retrieve_url(root: str, level: Level, answer: dict[str, Any]) -> str:
+    def uid(key: str) -> str:
+        return (answer.get(key, {}).get("Value") or [""])[0]
+    url = f"{root}/studies/{uid('0020000D')}"
     if level >= Level.SERIES:
-        url += f"/series/{ds.get('SeriesInstanceUID', '')}"
+        url += f"/series/{uid('0020000E')}"
     if level == Level.IMAGE:
-        url += f"/instances/{ds.get('SOPInstanceUID', '')}"
+        url += f"/instances/{uid('00080018')}"
     return url
 
 

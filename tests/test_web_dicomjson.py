@@ -1,0 +1,42 @@
+"""DICOM JSON as the web front end writes it: query matches agree with pydicom's encoder, and
+cached metadata completes its BulkDataURIs per request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from node.phantom import Phantom
+from node.storage.query import Match
+from node.web.dicomjson import MetadataCache, match_json, metadata
+
+
+def test_match_json_agrees_with_pydicom():
+    elements = [
+        (Tag(0x00080020), "DA", "20240105"), (Tag(0x00080050), "SH", ""),
+        (Tag(0x00080061), "CS", ["CT", "MR"]), (Tag(0x00100010), "PN", "Doe^Jane=ド^ジ"),
+        (Tag(0x00200011), "IS", 3), (Tag(0x00201208), "IS", "12"),
+        (Tag(0x0020000D), "UI", "1.2.3"), (Tag(0x00081030), "LO", None),
+        (Tag(0x00280030), "DS", "0.5\\0.5"),
+    ]
+    ours = match_json(elements)
+    theirs = Match(elements).dataset().to_json_dict()
+    assert ours == theirs
+
+
+def test_metadata_cache_makes_bulk_uris_absolute(tmp_path: Path):
+    ds: Dataset = Phantom(slices_count=1, rows=32, columns=32).slice(0)
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    cache = MetadataCache()
+    body = cache.answer([cache.get("x" * 64, path)], "http://host:1/dicom-web")
+    [item] = json.loads(body)
+    direct = metadata(path, "http://host:1/dicom-web")
+    assert item == direct
+    assert item["7FE00010"]["BulkDataURI"] == (
+        f"http://host:1/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010")
+    assert cache.used > 0 and cache.get("x" * 64, tmp_path / "gone.dcm") == cache.get("x" * 64, path)
