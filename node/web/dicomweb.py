@@ -54,7 +54,8 @@ DICOM_JSON = "application/dicom+json"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 _CHUNK = 1 << 20
-_LEVEL_TAG = Tag(0x0008, 0x0052)
+#: QueryRetrieveLevel is C-FIND's: QIDO-RS answers leave it out.
+_SKIPPED = frozenset({0x00080052})
 
 #: PS3.18 Table 6.7.1-2 (the keys the matcher holds): returned without includefield.
 DEFAULT_RETURN: dict[Level, tuple[str, ...]] = {
@@ -162,7 +163,7 @@ class DicomWeb:
         outcome = Outcome(status.UNABLE_TO_PROCESS, "failed while answering")
         try:
             for match in search.results(limit, offset):
-                answer = match_json(e for e in match.elements if e[0] != _LEVEL_TAG)
+                answer = match_json(match.elements, _SKIPPED)
                 answer["00081190"] = {"vr": "UR", "Value": [_retrieve_url(root, level, answer)]}
                 out.append(answer)
             outcome = Outcome(status.SUCCESS)
