@@ -404,7 +404,8 @@ class DicomWeb:
             viewport = parse_viewport(params.get("viewport")) or ((128, 128) if thumbnail
                                                                   else None)
             body = render(self._path(instance), numbers[0], kind,
-                          parse_window(params.get("window")), viewport)
+                          parse_window(params.get("window"),
+                                       self.ctx.annotations.protocol.windows), viewport)
             plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())

@@ -11,7 +11,7 @@ with numpy and Pillow.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,15 +106,21 @@ class PixelSource:
         return out
 
 
-def parse_window(text: str | None) -> tuple[float, float] | None:
-    """``window=center,width[,function]`` (PS3.18 8.3.5.1.4; only LINEAR is honoured)."""
+def parse_window(text: str | None,
+                 presets: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
+    """``window=center,width[,function]`` (PS3.18 8.3.5.1.4; only LINEAR is honoured), or the
+    name of one of the labelling protocol's review windows (``window=lung``)."""
     if not text:
         return None
+    if text in presets:
+        return presets[text]
     parts = text.split(",")
     try:
         center, width = float(parts[0]), float(parts[1])
     except (IndexError, ValueError):
-        raise WebError(400, "window must be center,width[,function]") from None
+        known = ", ".join(sorted(presets))
+        raise WebError(400, f"window must be center,width[,function] or a preset ({known})"
+                       ) from None
     if width <= 0:
         raise WebError(400, "window width must be positive")
     return center, width
