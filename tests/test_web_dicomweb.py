@@ -182,6 +182,8 @@ def test_stow_seg_then_wado_back_byte_identical(tmp_path, site):
     assert "FailedSOPSequence" not in answer
     item = answer.ReferencedSOPSequence[0]
     assert item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert item.RetrieveURL == (f"{url}/studies/{seg.StudyInstanceUID}/series/"
+                                f"{seg.SeriesInstanceUID}/instances/{seg.SOPInstanceUID}")
     back = get(url, f"/studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}"
                     f"/instances/{seg.SOPInstanceUID}",
                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})

@@ -460,7 +460,7 @@ class DicomWeb:
                     with one.open("wb") as f:
                         body.seek(part.start)
                         _copy(body, f, part.end - part.start)
-                    sop_class, sop_instance, study_uid = _received_uids(one)
+                    sop_class, sop_instance, study_uid, series_uid = _received_uids(one)
                     if study is not None and study_uid != study:
                         failed.append(_failed(sop_class, sop_instance, 0xA900,
                                               "StudyInstanceUID differs from the request's"))
@@ -479,10 +479,11 @@ class DicomWeb:
                     item = Dataset()
                     item.ReferencedSOPClassUID = sop_class
                     item.ReferencedSOPInstanceUID = sop_instance
-                    if result.sop_instance_uid == sop_instance and study_uid:
+                    if result.sop_instance_uid == sop_instance and study_uid and series_uid:
                         # Only where the route kept the sender's UIDs: a pseudonymised
                         # instance's location would link the sender's UIDs to ours.
-                        item.RetrieveURL = f"{root}/studies/{study_uid}/instances/{sop_instance}"
+                        item.RetrieveURL = (f"{root}/studies/{study_uid}/series/{series_uid}"
+                                            f"/instances/{sop_instance}")
                     referenced.append(item)
                 else:
                     failed.append(_failed(sop_class, sop_instance, code,
@@ -558,16 +559,15 @@ def _copy(src, dst, length: int) -> None:
         length -= len(chunk)
 
 
-def _received_uids(path: Path) -> tuple[str, str, str]:
-    """The part's SOP class, SOP instance and study UIDs as sent ("" when unreadable: the
-    ingest then quarantines the bytes and says why)."""
+def _received_uids(path: Path) -> tuple[str, str, str, str]:
+    """The part's SOP class, SOP instance, study and series UIDs as sent ("" when
+    unreadable: the ingest then quarantines the bytes and says why)."""
+    keywords = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     try:
-        ds = dcmread(path, stop_before_pixels=True,
-                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        return (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")),
-                str(ds.get("StudyInstanceUID", "")))
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
+        return tuple(str(ds.get(k, "")) for k in keywords)  # type: ignore[return-value]
     except Exception:  # not DICOM: the ingest's parse step reports it
-        return "", "", ""
+        return "", "", "", ""
 
 
 def _failed(sop_class: str, sop_instance: str, code: int, reason: str) -> Dataset:
