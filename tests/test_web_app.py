@@ -4,6 +4,7 @@ protocol's review windows render."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ def site(tmp_path_factory):
     peers = {"client": qr_peer("CLIENT", "store", "find", "get", port=104)}
     http = {"forwarded": True, "cors_origins": [VIEWER], "anonymous": "client"}
     with InProcessNode(write_config(folder / "node", peers=peers, validation=QR_VALIDATION,
-                                    http=http)) as node:
+                                    http=http, node={"network_timeout": 1})) as node:
         spec = StudySpec("app-a", "Doe^Jane", "APP-A", "20240105", "091500", "AA-1", "CT",
                          slices=2)
         files = write_study(folder / spec.seed, spec)
@@ -72,3 +73,19 @@ def test_rendered_window_from_query_or_protocol_preset(site):
     small = httpx.get(url + "?viewport=16,16", headers=png)
     assert small.status_code == 200
     assert httpx.get(url + "?viewport=0,5").status_code == 400
+
+
+def test_a_body_that_stops_coming_is_answered_408(site):
+    host, port = site.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                     b'Content-Type: multipart/related; type="application/dicom"; boundary=B\r\n'
+                     b"\r\n--B\r\n")
+        answer = ""
+        while "network_timeout" not in answer:
+            data = conn.recv(4096)
+            if not data:
+                break
+            answer += data.decode("latin-1")
+    assert answer.startswith("HTTP/1.1 408") and "network_timeout" in answer
+    assert httpx.get(site + "/studies").status_code == 200

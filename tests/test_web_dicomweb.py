@@ -294,13 +294,20 @@ def test_stow_bad_bodies(site):
 
 
 def test_health_and_metrics(site):
-    _node, url = site
+    node, url = site
     root = url.rsplit("/dicom-web", 1)[0]
     assert httpx.get(root + "/livez").status_code == 200
     ready = httpx.get(root + "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     get(url, "/studies")
-    text = httpx.get(root + "/metrics").text
+    ae = AE(ae_title="CLIENT")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = associate(ae, "127.0.0.1", node.port, node.ae_title)
+    try:
+        text = httpx.get(root + "/metrics").text
+    finally:
+        assoc.release()
+    assert "lamina_associations_open 1.0" in text
     assert "lamina_instances_stored " in text
     assert 'lamina_http_requests_total{method="GET",route="/studies"' in text
     assert "lamina_query_duration_seconds_bucket" in text

@@ -17,6 +17,7 @@ Refusals are :class:`~node.web.errors.WebError` (4xx with a reason), never 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -115,6 +116,8 @@ class DicomWeb:
         self.metrics = metrics
         self.max_upload = ctx.settings.http.max_upload_mb << 20
         self.metadata = MetadataCache()
+        #: A client that stops sending its body mid-way is answered, not waited for.
+        self.read_timeout = ctx.settings.node.network_timeout
 
     def routes(self) -> list[Route]:
         s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
@@ -432,8 +435,16 @@ class DicomWeb:
         spooled = self.ctx.blobs.new_spool_file()
         try:
             size = 0
+            chunks = request.stream().__aiter__()
             with spooled.open("wb") as f:
-                async for chunk in request.stream():
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(chunks.__anext__(), self.read_timeout)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise WebError(408, f"no body data came for {self.read_timeout:g} s "
+                                            "(node.network_timeout)") from None
                     size += len(chunk)
                     if size > self.max_upload:
                         raise WebError(413, f"the body is over http.max_upload_mb "

@@ -7,8 +7,9 @@ Two kinds of figures:
   out). Under ``lamina serve`` every worker process writes them to
   ``PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before any worker
   starts), and a scrape of any worker sums them over all;
-* state read from the index and the disk at scrape time (instances stored,
-  conflicts kept, quarantine waiting, free disk): the same in every process,
+* state read from the index, the disk and the association slots at scrape time
+  (instances stored, conflicts kept, quarantine waiting, free disk, associations
+  open): the same in every process,
   and counting C-STORE and STOW-RS alike because both end in the index.
 """
 
@@ -28,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from node.context import NodeContext
+from node.policy import SlotLimiter
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -79,6 +81,11 @@ class IndexCollector:
                                 "Quarantined objects not released", value=waiting)
         yield GaugeMetricFamily("lamina_disk_free_bytes", "Free bytes on the data disk",
                                 value=self.ctx.blobs.free_bytes())
+        held = SlotLimiter(self.ctx.run_dir, self.ctx.settings.node.max_associations).held()
+        if held is not None:
+            yield GaugeMetricFamily("lamina_associations_open",
+                                    "DICOM associations open across the worker processes",
+                                    value=held)
 
 
 def exposition(ctx: NodeContext) -> tuple[bytes, str]:
