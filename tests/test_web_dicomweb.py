@@ -165,6 +165,12 @@ def test_wado_type_unquoted_and_transcoding_to_implicit(site):
     for accept in ("multipart/related; type=application/dicom",
                    'multipart/related; type="application/dicom"; transfer-syntax=*'):
         assert get(url, path, headers={"Accept": accept}).status_code == 200
+    bare = get(url, path, headers={"Accept": "application/dicom"})
+    assert bare.status_code == 200 and bare.headers["content-type"] == "application/dicom"
+    assert dcmread(DicomBytesIO(bare.content)).SOPInstanceUID == sop
+    bulk = get(url, path + "/bulkdata/7FE00010", headers={"Accept": "application/octet-stream"})
+    assert bulk.status_code == 200 and bulk.content == dcmread(DicomBytesIO(bare.content)).PixelData
+    assert get(url, f"/studies/{study}", headers={"Accept": "application/dicom"}).status_code == 406
     implicit = get(url, path, headers={
         "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
     assert implicit.status_code == 200

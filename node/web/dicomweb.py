@@ -274,16 +274,24 @@ class DicomWeb:
         return self.ctx.blobs.local_path(instance.blob_sha256)
 
     def _instances(self, request: Request, plan: Retrieval) -> Response:
+        """multipart/related of application/dicom parts; for one instance also a bare
+        application/dicom body (single part, as OHIF asks for SEGs)."""
         syntaxes: list[str] = []
+        single: bool | None = None
         for alt in media.accepted(request.headers.get("accept"),
                                   'multipart/related; type="application/dicom"'):
             if alt.type in ("*/*", "multipart/*") or (
                     alt.type == "multipart/related" and alt.part_type in (None, "application/dicom")):
                 default = "*" if alt.type != "multipart/related" else media.EXPLICIT_LE
                 syntaxes.append(alt.transfer_syntax or default)
+                single = False if single is None else single
+            elif alt.type == "application/dicom" and len(plan.instances) == 1:
+                syntaxes.append(alt.transfer_syntax or "*")
+                single = True if single is None else single
         if not syntaxes:
             plan.finish(Outcome(status.SUCCESS))
-            raise WebError(406, 'instances are sent as multipart/related; type="application/dicom"')
+            raise WebError(406, 'instances are sent as multipart/related; type="application/dicom"'
+                                " (one instance also as application/dicom)")
         chosen = []
         for instance in plan.instances:
             target = (instance.transfer_syntax_uid if "*" in syntaxes
@@ -293,16 +301,21 @@ class DicomWeb:
                 raise WebError(406, "an instance cannot be sent in the transfer syntax asked "
                                     "for; ask for transfer-syntax=* to get it as stored")
             chosen.append((instance, target))
+        if single:
+            return StreamingResponse(self._stream_instances(plan, chosen, None),
+                                     media_type="application/dicom")
         boundary = media.new_boundary()
         return StreamingResponse(self._stream_instances(plan, chosen, boundary),
                                  media_type=media.content_type("application/dicom", boundary))
 
     def _stream_instances(self, plan: Retrieval, chosen: list[tuple[StoredInstance, str]],
-                          boundary: str) -> Iterator[bytes]:
+                          boundary: str | None) -> Iterator[bytes]:
+        """The instances as parts of ``boundary`` (None: one bare instance)."""
         sent = 0
         try:
             for instance, target in chosen:
-                yield media.part_head(boundary, f"application/dicom; transfer-syntax={target}")
+                if boundary:
+                    yield media.part_head(boundary, f"application/dicom; transfer-syntax={target}")
                 path = self._path(instance)
                 if target == instance.transfer_syntax_uid:
                     with path.open("rb") as f:
@@ -315,9 +328,11 @@ class DicomWeb:
                                           target, transcode(f, target))
                     sent += len(data)
                     yield data
-                yield b"\r\n"
+                if boundary:
+                    yield b"\r\n"
                 plan.counts.record(0x0000, instance.sop_instance_uid)
-            yield media.closing(boundary)
+            if boundary:
+                yield media.closing(boundary)
         finally:
             plan.counts.fail_remaining(
                 [i.sop_instance_uid for i, _ in chosen[plan.counts.completed:]])
@@ -368,19 +383,28 @@ class DicomWeb:
             name = request.path_params["tag"]
             if not _HEX_TAG.fullmatch(name):
                 raise WebError(400, "bulkdata is addressed by a tag of 8 hexadecimal digits")
-            alts = media.accepted(request.headers.get("accept"),
-                                  'multipart/related; type="application/octet-stream"')
-            if not any(a.type in ("*/*", "multipart/*") or (
-                    a.type == "multipart/related"
-                    and a.part_type in (None, "application/octet-stream")) for a in alts):
+            single = None
+            for a in media.accepted(request.headers.get("accept"),
+                                    'multipart/related; type="application/octet-stream"'):
+                if a.type in ("*/*", "multipart/*") or (
+                        a.type == "multipart/related"
+                        and a.part_type in (None, "application/octet-stream")):
+                    single = False
+                    break
+                if a.type == "application/octet-stream":
+                    single = True
+                    break
+            if single is None:
                 raise WebError(406, 'bulk data is sent as multipart/related; '
-                                    'type="application/octet-stream"')
+                                    'type="application/octet-stream" or application/octet-stream')
             found = bulk_value(self._path(instance), int(name, 16))
             if found is None:
                 raise WebError(404, f"the instance has no bulk data at {name}")
             plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
+        if single:
+            return Response(found[1], media_type="application/octet-stream")
         boundary = media.new_boundary()
         body = b"".join(media.multipart([("application/octet-stream", (found[1],))], boundary))
         return Response(body, media_type=media.content_type("application/octet-stream", boundary))
