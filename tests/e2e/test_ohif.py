@@ -1,11 +1,13 @@
-"""OHIF v3 in a real browser on our DICOMweb: the study list, the CT rendered, the SEG listed.
+"""OHIF v3 in a real browser on our DICOMweb: the study list, the CT rendered, the SEG loaded.
 
 The prebuilt viewer is the npm package ``@ohif/app`` (its ``dist/``), fetched
 once with ``npm pack`` into ``~/.cache/lamina/ohif`` (or taken from
 ``$LAMINA_OHIF_DIST``) and served beside the node with an ``app-config.js``
 whose one data source is the node's DICOMweb root; the browser is Debian's
 ``chromium``, headless, driven from its command line (``--dump-dom``,
-``--screenshot`` after a virtual-time budget): no browser download, no driver.
+``--screenshot`` after a virtual-time budget), and for the clicks that load the
+SEG by ``tests/e2e/ohif_seg.js`` on npm's ``playwright-core`` (no browser download:
+it drives the same system Chromium).
 Screenshots and DOM dumps are kept in ``$LAMINA_TEST_ARTIFACTS`` (default
 ``test-artifacts/ohif`` in the repository). Skips with the reason when
 Chromium, npm or the package is missing.
@@ -13,6 +15,7 @@ Chromium, npm or the package is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -71,6 +74,26 @@ def ohif_dist() -> Path:
         archive.extractall(cache, filter="data")
     tarballs[0].unlink()
     return dist
+
+
+def playwright_core() -> Path:
+    """npm's playwright-core (the driver only), installed once into the cache."""
+    given = os.environ.get("LAMINA_PLAYWRIGHT_CORE")
+    if given:
+        return Path(given)
+    cache = Path.home() / ".cache" / "lamina" / "playwright"
+    package = cache / "node_modules" / "playwright-core"
+    if (package / "package.json").is_file():
+        return package
+    npm = shutil.which("npm")
+    if not npm or not shutil.which("node"):
+        pytest.skip("node/npm are not installed: cannot drive the browser's clicks")
+    cache.mkdir(parents=True, exist_ok=True)
+    installed = subprocess.run([npm, "install", "--no-audit", "--no-fund", "playwright-core@1"],
+                               cwd=cache, capture_output=True, text=True, timeout=600)
+    if installed.returncode != 0 or not package.is_dir():
+        pytest.skip(f"npm install playwright-core failed: {installed.stderr.strip()[-200:]}")
+    return package
 
 
 def app_config(root: str) -> str:
@@ -147,6 +170,26 @@ def test_study_list_shows_the_study_with_its_description(site):
     assert DESCRIPTION in dom, "the study list shows the study's description"
 
 
+def overlay_pixels(png: Path) -> int:
+    """Pixels of the viewport that OHIF's segmentation colours (green), not grey CT."""
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)[60:880, 290:1360]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((g - r > 40) & (g - b > 40)).sum())
+
+
+def test_the_seg_loads_over_its_ct(site):
+    browser, origin = site
+    driver = playwright_core()
+    url = f"{origin}/viewer?StudyInstanceUIDs={PHANTOM.study_uid}"
+    run = subprocess.run(["node", str(Path(__file__).with_name("ohif_seg.js")), url,
+                          str(ARTIFACTS)], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "PLAYWRIGHT_CORE": str(driver), "CHROMIUM": browser})
+    assert run.returncode == 0, run.stderr[-2000:]
+    shots = json.loads(run.stdout.strip().splitlines()[-1])
+    assert overlay_pixels(Path(shots["hydrated"])) > 50, "the SEG's segment is drawn on the CT"
+    assert "SEG" in shots["text"]
+
+
 def test_viewer_renders_the_ct_and_lists_the_seg(site):
     browser, origin = site
     url = f"{origin}/viewer?StudyInstanceUIDs={PHANTOM.study_uid}"
@@ -158,3 +201,4 @@ def test_viewer_renders_the_ct_and_lists_the_seg(site):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.int16)
     centre = pixels[300:600, 550:850]  # inside the main viewport, on the phantom's body
     assert 40 < float(np.median(centre)) < 220, "the CT is drawn (grey water, not a blank view)"
+    assert overlay_pixels(shot) == 0, "no segmentation is drawn before the SEG is loaded"
