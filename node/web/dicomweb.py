@@ -71,6 +71,7 @@ DEFAULT_RETURN: dict[Level, tuple[str, ...]] = {
     Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
                   "InstanceNumber", "InstanceAvailability", "RetrieveAETitle"),
 }
+#: The most matches one QIDO-RS answer carries (asked for or not).
 MAX_LIMIT = 100_000
 
 
@@ -164,8 +165,13 @@ class DicomWeb:
         root = request.state.root
         out: list[dict[str, Any]] = []
         outcome = Outcome(status.UNABLE_TO_PROCESS, "failed while answering")
+        cut = limit is None  # unbounded answers are bounded here, and say so
+        truncated = False
         try:
-            for match in search.results(limit, offset):
+            for n, match in enumerate(search.results(MAX_LIMIT + 1 if cut else limit, offset)):
+                if n == MAX_LIMIT:
+                    truncated = True
+                    break
                 answer = match_json(match.elements, _SKIPPED)
                 answer["00081190"] = {"vr": "UR", "Value": [_retrieve_url(root, level, answer)]}
                 out.append(answer)
@@ -174,10 +180,14 @@ class DicomWeb:
             search.finish(outcome)
         self.metrics.query_seconds.labels(level.name.lower()).observe(
             time.perf_counter() - started)
-        headers = {}
+        warnings = []
         if search.query.unsupported:
-            headers["Warning"] = ('299 lamina "some keys are not supported here: '
-                                  'they were answered empty"')
+            warnings.append('299 lamina "some keys are not supported here: they were answered '
+                            'empty"')
+        if truncated:
+            warnings.append(f'299 lamina "the answer stops at {MAX_LIMIT} matches: page with '
+                            'limit and offset"')
+        headers = {"Warning": ", ".join(warnings)} if warnings else {}
         return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
 
     def _identifier(self, request: Request, level: Level) -> tuple[Dataset, int | None, int]:
