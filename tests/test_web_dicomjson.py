@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -40,3 +41,21 @@ def test_metadata_cache_makes_bulk_uris_absolute(tmp_path: Path):
         f"http://host:1/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010")
     assert cache.used > 0 and cache.get("x" * 64, tmp_path / "gone.dcm") == cache.get("x" * 64, path)
+
+
+def test_metadata_agrees_with_pydicom_for_everything_but_bulk_data(tmp_path: Path):
+    """The raw-bytes fast path writes what pydicom's own encoder writes (CT and SEG)."""
+    from tests.annotation_fixtures import PHANTOM, valid_seg
+
+    ct = Phantom(slices_count=1, rows=32, columns=32).slice(0)
+    for name, ds in (("ct", ct), ("seg", valid_seg(PHANTOM))):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        ours = metadata(path, "R")
+        theirs = dcmread(path).to_json_dict(1024, lambda elem: "bulk")
+        for key, value in theirs.items():
+            if "BulkDataURI" in value or key == "7FE00010":
+                assert "BulkDataURI" in ours[key]
+            else:
+                assert ours[key] == value, key
+        assert set(ours) == set(theirs)

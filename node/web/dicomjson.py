@@ -9,6 +9,7 @@ serves. Binary values inside sequences are small in practice and go inline.
 from __future__ import annotations
 
 import json
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ def metadata(path: Path, root_url: str) -> dict[str, Any]:
     under ``root_url`` (the DICOMweb root; "" for URIs relative to it) by the
     instance's own UIDs."""
     ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    little = ds.original_encoding[1] if ds.original_encoding else True
     instance_url = (f"{root_url}/studies/{ds.get('StudyInstanceUID', '')}/series/"
                     f"{ds.get('SeriesInstanceUID', '')}/instances/{ds.get('SOPInstanceUID', '')}")
     out: dict[str, Any] = {}
@@ -42,8 +44,51 @@ def metadata(path: Path, root_url: str) -> dict[str, Any]:
             out[key] = {"vr": "OW" if vr in ("OB or OW", "US or OW") else vr,
                         "BulkDataURI": f"{instance_url}/bulkdata/{key}"}
             continue
-        out[key] = ds[tag].to_json_dict(None, _NO_THRESHOLD)
+        fast = _plain(raw, little) if isinstance(raw, RawDataElement) else None
+        out[key] = fast if fast is not None else ds[tag].to_json_dict(None, _NO_THRESHOLD)
     return out
+
+
+#: Values pydicom would convert that are plain ASCII (or plain binary numbers): written
+#: straight from the raw bytes, which halves the time of a first metadata request (the
+#: element conversion is most of it). Anything else goes through pydicom.
+_ASCII_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "IS", "DS"}
+_BINARY_NUMBERS = {"US": ("H", 2), "UL": ("I", 4), "SS": ("h", 2), "SL": ("i", 4),
+                   "FL": ("f", 4), "FD": ("d", 8)}
+
+
+def _plain(raw: RawDataElement, little: bool) -> dict[str, Any] | None:
+    vr, value = raw.VR, raw.value
+    if value is None or not isinstance(value, bytes):
+        return None
+    if vr in _ASCII_VRS:
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        items = [v.strip(" \0") for v in text.split("\\")]
+        if not any(items):
+            return {"vr": vr}
+        try:
+            if vr == "IS":
+                values: list[Any] = [int(v) if v else None for v in items]
+            elif vr == "DS":
+                values = [float(v) if v else None for v in items]
+            else:
+                if any(not v for v in items):
+                    return None  # empty values inside a list: pydicom's rules
+                values = items
+        except ValueError:
+            return None
+        return {"vr": vr, "Value": values}
+    if vr in _BINARY_NUMBERS and little:
+        code, size = _BINARY_NUMBERS[vr]
+        if not value:
+            return {"vr": vr}
+        if len(value) % size:
+            return None
+        return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}
+    return None
 
 
 _BULK_KEY = b'"BulkDataURI":"'
