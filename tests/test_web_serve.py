@@ -11,7 +11,7 @@ import httpx
 from pydicom import dcmread
 
 from tests.annotation_fixtures import encode
-from tests.harness import ProcessNode, free_port
+from tests.harness import ProcessNode, free_port, lamina, write_config
 from tests.studies import StudySpec, qr_peer, write_study
 
 TOKEN = "serve-test-token-0123456789"
@@ -53,3 +53,14 @@ def test_serve_runs_http_with_the_workers_and_stops_it(tmp_path: Path):
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", http_port))  # the HTTP port was released with the node
+
+
+def test_serve_refuses_an_http_port_in_use(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "node", http={"port": port})
+        result = lamina("serve", config=config)
+    assert result.exit_code == 2
+    assert f"port {port} is already in use" in result.output
