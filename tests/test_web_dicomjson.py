@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from node.phantom import Phantom
 from node.storage.query import Match
-from node.web.dicomjson import MetadataCache, match_json, metadata
+from node.web.dicomjson import MetadataCache, _plain, match_json, metadata
 
 
 def test_match_json_agrees_with_pydicom():
@@ -59,3 +61,16 @@ def test_metadata_agrees_with_pydicom_for_everything_but_bulk_data(tmp_path: Pat
             else:
                 assert ours[key] == value, key
         assert set(ours) == set(theirs)
+
+
+@pytest.mark.parametrize(("vr", "raw"), [
+    ("LO", b"  ab \\ c  "), ("SH", b" x"), ("PN", b"Doe^J=Y^Z "), ("LT", b" text \\ more  "),
+    ("CS", b" A\\B "), ("UC", b"a\\b"), ("DS", b"1\\2.5 "), ("IS", b" 3"), ("UI", b"1.2.3\0"),
+    ("DA", b"20240101"), ("LO", b""), ("US", b"\x01\x00\x02\x00"), ("FD", b"\0" * 8),
+    ("LO", b"caf\xe9"), ("SH", b"a\\\\b"),
+])
+def test_raw_values_written_as_pydicom_writes_them(vr: str, raw: bytes):
+    element = RawDataElement(Tag(0x00081030), vr, len(raw), raw, 0, False, True)
+    fast = _plain(element, True)
+    if fast is not None:  # None: left to pydicom (non-ASCII text, empty list items)
+        assert fast == convert_raw_data_element(element).to_json_dict(None, 1 << 30)

@@ -53,6 +53,8 @@ def metadata(path: Path, root_url: str) -> dict[str, Any]:
 #: straight from the raw bytes, which halves the time of a first metadata request (the
 #: element conversion is most of it). Anything else goes through pydicom.
 _ASCII_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "IS", "DS"}
+_TEXT_VRS = {"LO", "SH", "PN", "ST", "LT", "UT", "UC"}
+_SINGLE_TEXT_VRS = {"ST", "LT", "UT"}
 _BINARY_NUMBERS = {"US": ("H", 2), "UL": ("I", 4), "SS": ("h", 2), "SL": ("i", 4),
                    "FL": ("f", 4), "FD": ("d", 8)}
 
@@ -61,12 +63,32 @@ def _plain(raw: RawDataElement, little: bool) -> dict[str, Any] | None:
     vr, value = raw.VR, raw.value
     if value is None or not isinstance(value, bytes):
         return None
+    if vr in _TEXT_VRS:
+        # Every character set a data set may declare reads ASCII bytes as ASCII
+        # (ISO 2022 escapes start with ESC, which is ASCII too: refused below).
+        if b"\x1b" in value:
+            return None
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if vr in _SINGLE_TEXT_VRS:
+            text = text.rstrip(" \0")
+            return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+        items = [v.rstrip(" \0") for v in text.split("\\")]
+        if not any(items):
+            return {"vr": vr}
+        if any(not v for v in items):
+            return None
+        if vr == "PN":
+            return {"vr": vr, "Value": [_person(v) for v in items]}
+        return {"vr": vr, "Value": items}
     if vr in _ASCII_VRS:
         try:
             text = value.decode("ascii")
         except UnicodeDecodeError:
             return None
-        items = [v.strip(" \0") for v in text.split("\\")]
+        items = [v.rstrip(" \0") for v in text.split("\\")]
         if not any(items):
             return {"vr": vr}
         try:
