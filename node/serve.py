@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -243,6 +244,8 @@ def _metrics_folder(data: Path) -> None:
     """Every process of this node writes its HTTP metrics to ``<data>/run/metrics``
     (prometheus-client's multiprocess mode, read at import: set before any worker
     starts), emptied at start so a previous run's figures do not count."""
+    if "prometheus_client" in sys.modules:
+        return  # this process chose its mode already (an in-process test): per-process figures
     folder = data / "run" / "metrics"
     if folder.is_dir():
         for stale in folder.glob("*.db"):
