@@ -134,6 +134,34 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class HttpClient:
+    """A DICOMweb client: its bearer token and the configured peer whose identity it takes
+    (services, route, audit name)."""
+
+    name: str
+    token: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP front end (DICOMweb, health, metrics), served beside DIMSE by ``lamina serve``."""
+
+    enabled: bool = True
+    bind: str = ""  # empty: node.bind
+    port: int = 8042
+    #: Path prefix of the DICOMweb root (``/dicom-web``); QIDO/WADO/STOW live under it.
+    base_path: str = "/dicom-web"
+    #: Honour X-Forwarded-Proto/Host/Prefix (only behind a reverse proxy that sets them).
+    forwarded: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_upload_mb: int = 2048
+    #: A peer name whose identity requests without a token take; empty: 401 without a token.
+    anonymous: str = ""
+    clients: tuple[HttpClient, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -146,6 +174,7 @@ class Settings:
     annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     @property
     def index_path(self) -> Path:
@@ -266,7 +295,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations", "review", "forward"}:
+                       "peers", "annotations", "review", "forward", "http"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -383,7 +412,58 @@ def _build(raw: dict[str, Any]) -> Settings:
     except ValueError as exc:  # ForwardConfigError names the key already
         raise ConfigError(str(exc)) from None
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), peers, annotations, review, forward)
+                    _validation(raw), peers, annotations, review, forward,
+                    _http(raw, peers))
+
+
+def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
+    d = HttpSettings()
+    s = _section(raw, "http", set(HttpSettings.__dataclass_fields__))
+    enabled = s.get("enabled", d.enabled)
+    forwarded = s.get("forwarded", d.forwarded)
+    for key, value in (("enabled", enabled), ("forwarded", forwarded)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"http.{key}: must be true or false, got {value!r}")
+    base = _get(s, "http", "base_path", str, d.base_path).rstrip("/")
+    if base and (not base.startswith("/") or "?" in base or "#" in base):
+        raise ConfigError(f"http.base_path: must be a path starting with /, got {base!r}")
+    origins = s.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("http.cors_origins: must be a list of origins")
+    names = {p.name for p in peers}
+    anonymous = _get(s, "http", "anonymous", str, d.anonymous)
+    if anonymous and anonymous not in names:
+        raise ConfigError(f"http.anonymous: {anonymous!r} is not a configured peer")
+    clients_raw = s.get("clients", {})
+    if not isinstance(clients_raw, dict):
+        raise ConfigError("http.clients: must be a section of [http.clients.NAME] tables")
+    clients, tokens = [], set()
+    for name, c in clients_raw.items():
+        where = f"http.clients.{name}"
+        if not isinstance(c, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in c:
+            if key not in {"token", "peer"}:
+                raise ConfigError(f"{where}.{key}: unknown key")
+        token = _get(c, where, "token", str, "")
+        if len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError(f"{where}.token: must be at least 16 printable ASCII characters")
+        if token in tokens:
+            raise ConfigError(f"{where}.token: the same token is given to another client")
+        tokens.add(token)
+        peer = _get(c, where, "peer", str, "")
+        if peer not in names:
+            raise ConfigError(f"{where}.peer: {peer!r} is not a configured peer")
+        clients.append(HttpClient(name, token, peer))
+    settings = HttpSettings(
+        enabled=enabled, bind=_get(s, "http", "bind", str, d.bind),
+        port=_get(s, "http", "port", int, d.port), base_path=base, forwarded=forwarded,
+        cors_origins=tuple(origins),
+        max_upload_mb=_get(s, "http", "max_upload_mb", int, d.max_upload_mb),
+        anonymous=anonymous, clients=tuple(clients))
+    _range(settings.port, 0, 65535, "http.port")
+    _range(settings.max_upload_mb, 1, 1 << 20, "http.max_upload_mb")
+    return settings
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:

@@ -65,3 +65,31 @@ class SlotLimiter:
     @staticmethod
     def release(fd: int) -> None:
         os.close(fd)
+
+    def held(self) -> int | None:
+        """How many slots are held now, across every process (None where the kernel's lock
+        table cannot be read). Read from ``/proc/locks`` rather than by probing each slot
+        with a lock of our own, which could make a concurrent acquire skip that slot."""
+        inodes = set()
+        for path in self.paths:
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            inodes.add((os.major(info.st_dev), os.minor(info.st_dev), info.st_ino))
+        try:
+            table = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        held = 0
+        for line in table.splitlines():
+            fields = line.split()
+            if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+                continue
+            try:
+                major, minor, inode = fields[5].split(":")
+                key = (int(major, 16), int(minor, 16), int(inode))
+            except ValueError:
+                continue
+            held += key in inodes
+        return held

@@ -51,9 +51,11 @@ class Search:
         """0xFF01 when some keys were not supported, so the SCU knows they were not matched."""
         return status.PENDING_KEYS_UNSUPPORTED if self.query.unsupported else status.PENDING
 
-    def results(self) -> Iterator[Match]:
-        """The matches, straight off the index; close the iterator when stopping early."""
-        for match in self.engine.matches(self.query):
+    def results(self, limit: int | None = None, offset: int = 0) -> Iterator[Match]:
+        """The matches, straight off the index; close the iterator when stopping early.
+
+        ``limit`` / ``offset`` page through them (QIDO-RS) in the index's stable order."""
+        for match in self.engine.matches(self.query, limit=limit, offset=offset):
             self.matches += 1
             yield match
 

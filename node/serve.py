@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -159,17 +160,38 @@ def check_port_free(bind: str, port: int) -> None:
 
 
 def _serve_until_stopped(ctx: NodeContext) -> None:
-    """Serve associations on ``ctx`` until SIGTERM/SIGINT."""
+    """Serve associations (and HTTP, when ``http.enabled``) on ``ctx`` until SIGTERM/SIGINT."""
     node = ctx.settings.node
     try:
         server = build_dimse_server(ctx).start()
     except OSError as exc:
         raise _bind_refusal(exc, node.bind, node.port) from None
     log.info("listening", extra={"fields": {"ae_title": node.ae_title, "port": server.port}})
+    web = None
     try:
+        web = _start_http(ctx)
         _wait_for_stop()
     finally:
+        if web is not None:
+            web.stop()
         server.stop()
+
+
+def _start_http(ctx: NodeContext):
+    """The HTTP front end on ``http.port`` (shared by every worker, SO_REUSEPORT), or None."""
+    http, node = ctx.settings.http, ctx.settings.node
+    if not http.enabled:
+        return None
+    from node.web.app import build_app  # Starlette only where HTTP is served
+    from node.web.server import HttpServer
+
+    bind = http.bind or node.bind
+    try:
+        web = HttpServer(build_app(ctx), bind, http.port, reuse_port=node.workers > 1).start()
+    except OSError as exc:
+        raise _bind_refusal(exc, bind, http.port) from None
+    log.info("http listening", extra={"fields": {"port": web.port, "base_path": http.base_path}})
+    return web
 
 
 def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
@@ -198,17 +220,38 @@ def serve(settings: Settings) -> None:
     node = settings.node
     if node.workers > 1 and node.port == 0:
         raise ValueError("node.port: must be fixed when node.workers > 1")
+    http = settings.http
+    if http.enabled and node.workers > 1 and http.port == 0:
+        raise ValueError("http.port: must be fixed when node.workers > 1")
     lock = NodeLock(settings.storage.data)
     try:
         check_port_free(node.bind, node.port)
+        if http.enabled:
+            check_port_free(http.bind or node.bind, http.port)
     except ServeRefused:
         lock.check_free()  # the same node running again: say so, rather than "port in use"
         raise
     lock.acquire()
+    if http.enabled:
+        _metrics_folder(settings.storage.data)
     try:
         _supervise(settings)
     finally:
         lock.release()
+
+
+def _metrics_folder(data: Path) -> None:
+    """Every process of this node writes its HTTP metrics to ``<data>/run/metrics``
+    (prometheus-client's multiprocess mode, read at import: set before any worker
+    starts), emptied at start so a previous run's figures do not count."""
+    if "prometheus_client" in sys.modules:
+        return  # this process chose its mode already (an in-process test): per-process figures
+    folder = data / "run" / "metrics"
+    if folder.is_dir():
+        for stale in folder.glob("*.db"):
+            stale.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder.resolve())
 
 
 def _supervise(settings: Settings) -> None:

@@ -158,8 +158,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  index: dict | None = None, audit: dict | None = None, log: dict | None = None,
                  deidentify: dict | None = None, validation: dict | None = None,
                  annotations: dict | None = None, review: dict | None = None,
-                 forward: dict | None = None, data: Path | None = None,
-                 key: bool = True) -> NodeConfig:
+                 forward: dict | None = None, http: dict | None = None,
+                 data: Path | None = None, key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
 
     Defaults: AE title LAMINA on 127.0.0.1 port 0, one worker; data in ``root/data``
@@ -183,6 +183,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
     # Double reading is off unless a test asks for it: which studies a random project
     # key chooses must not decide what an unrelated test sees.
     sections["annotations"] = {"double_read_fraction": 0.0, **(annotations or {})}
+    # HTTP is off unless a test asks for it (then on port 0 unless it says otherwise).
+    sections["http"] = {"port": 0, **http} if http is not None else {"enabled": False}
     for name, values in (("index", index), ("validation", validation), ("review", review),
                          ("forward", forward)):
         if values:

@@ -30,7 +30,9 @@ def serve(settings: Settings, workers: int | None) -> None:
     process): C-ECHO, C-STORE (validated, de-identified on the clinical route,
     stored and indexed), C-FIND, C-MOVE and C-GET for the configured peers, with
     annotation checks, the series sweep and the audit trail (node.started /
-    node.stopped, every association).
+    node.stopped, every association). With http.enabled each process also
+    serves HTTP on http.port: DICOMweb (QIDO-RS, WADO-RS, STOW-RS) under
+    http.base_path for the clients of [http.clients], /livez, /readyz, /metrics.
 
     Exit 2 with one line when the config, the project key, the port or the data
     folder cannot be used.
