@@ -7,6 +7,7 @@ clinical PACS, a re-identified SEG lands on the original study and its reference
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -97,7 +98,8 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 @pytest.fixture
 def orthanc(tmp_path):
     """Orthanc (the Debian package) on ephemeral DICOM and HTTP ports, stopped by PID."""
-    binary = shutil.which("Orthanc") or shutil.which("orthanc")
+    # Debian installs it in /usr/sbin, which a user's PATH may lack.
+    binary = shutil.which("Orthanc", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if binary is None:
         pytest.skip("Orthanc is not installed (Debian package orthanc)")
     dicom, http = free_port(), free_port()
