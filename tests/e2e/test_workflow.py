@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -187,7 +188,10 @@ def test_two_readers_adjudicated_signed_verified_reported_and_forwarded(setup, t
 
     # The QA report shows the agreement, the adjudication and the approval.
     text = ok(lamina(node, "qa", "report"))
-    assert "nodule" in text and "Adjudications: 1 (0 open)" in text
+    # per class: the matched nodule and bone drawn alike by both (mean Dice 1.000)
+    assert re.search(r"^\s+nodule\s+seg\s+\d+\s+\S+\s+1\.000", text, re.M), text
+    assert re.search(r"^\s+bone\s+seg\s+\d+\s+\S+\s+1\.000", text, re.M), text
+    assert "Comparisons: 1 (1 disagree)" in text and "Adjudications: 1 (0 open)" in text
     assert "Approvals: 1" in text and "Double reads: 1 chosen, 0 waiting" in text
     html = tmp_path / "qa.html"
     ok(lamina(node, "qa", "report", "--html", str(html)))
