@@ -232,12 +232,15 @@ class NotTheDemoStudy(ValueError):
     """The slices given to :func:`demo_nodule_seg` are not (one series of) the demo study."""
 
 
-def demo_nodule_seg(folder: Path) -> tuple[Dataset, int, int]:
+def demo_nodule_seg(folder: Path, rater: str = "Annotator^Demo",
+                    shift_mm: float = 0.0) -> tuple[Dataset, int, int]:
     """The annotator's part of the demo: a DICOM-SEG labelling the 16 mm sphere as a nodule.
 
     Reads the CT slices in ``folder`` (the demo study as retrieved from the node:
     de-identified, any file names), thresholds the 60 HU sphere and returns a
     highdicom BINARY SEG referencing those slices, with its voxel and slice counts.
+    ``rater`` is the SEG's ContentCreatorName (who drew it: a second reader is another
+    name); ``shift_mm`` moves the drawn nodule along the rows, as a reader who disagrees.
     """
     import highdicom as hd
     from pydicom import dcmread
@@ -263,6 +266,9 @@ def demo_nodule_seg(folder: Path) -> tuple[Dataset, int, int]:
     mask = (hu > 55) & (hu < 65)  # the 16 mm sphere of 60 HU
     if not mask.any():
         raise NotTheDemoStudy(f"no 60 HU sphere in the slices of {folder}: not the demo study")
+    columns = round(shift_mm / float(slices[0].PixelSpacing[1]))
+    if columns:
+        mask = np.roll(mask, columns, axis=2)  # the sphere is far from the image's edge
     nodule = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="Lung nodule",
@@ -275,6 +281,6 @@ def demo_nodule_seg(folder: Path) -> tuple[Dataset, int, int]:
         segment_descriptions=[nodule], series_instance_uid=hd.UID(), series_number=100,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Lamina demo",
         manufacturer_model_name="lamina demo seg", software_versions="1",
-        device_serial_number="1", content_creator_name="Annotator^Demo",
+        device_serial_number="1", content_creator_name=rater,
     )
     return seg, int(mask.sum()), int(mask.any(axis=(1, 2)).sum())

@@ -131,3 +131,21 @@ def test_a_recheck_after_the_adjudication_does_not_reopen_it(ctx):
         assert len(r.audit.of_action("agreement.computed")) == 1
         assert len(r.audit.of_action("annotation.checked")) >= 3
     assert states(ctx) == {a: "adjudicated", b: "rejected"}
+
+
+def test_a_reading_rejected_at_adjudication_needs_no_signature(ctx):
+    served = fx.served(ctx)
+    a = reading(ctx, fx.valid_seg(served), "Reader^A")
+    b = reading(ctx, fx.make_seg(list(fx.truth()[:2]), fx.LABELS[:2], codes=fx.CODES[:2],
+                                 series=served), "Reader^B")
+    with ctx.index.reader() as r:
+        [item] = r.agreement.adjudications("open")
+    ctx.reading.pick(item["id"], a, ADJUDICATOR, "adjudicator")
+    assert states(ctx) == {a: "adjudicated", b: "rejected"}
+    # The adjudication rejected b (recorded, audited): review verify has nothing to report.
+    assert [c.problems for c in ctx.review.verify()] == []
+    # Any other rejection without a signature still fails.
+    with ctx.index.transaction() as tx:
+        tx.annotations.set_state(a, "adjudicated", "rejected", "2026-01-01T00:00:00Z")
+    assert [(c.annotation_id, c.problems) for c in ctx.review.verify()] == [
+        (a, ["rejected without a signature"])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
@@ -155,6 +156,23 @@ def test_demo_ct_then_seg_plays_the_annotator(tmp_path):
     slices = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
               for p in (tmp_path / "study").glob("*.dcm")}
     assert referenced <= slices and 5 <= int(ds.NumberOfFrames) <= 9
+
+
+def test_demo_seg_plays_a_second_reader_who_disagrees(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, ["demo", "ct", str(tmp_path / "study")]).exit_code == 0
+    first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
+    assert runner.invoke(main, ["demo", "seg", str(tmp_path / "study"), str(first)]).exit_code == 0
+    run = runner.invoke(main, ["demo", "seg", str(tmp_path / "study"), str(second),
+                               "--rater", "Reader^Two", "--shift-mm", "4.2"])
+    assert run.exit_code == 0, run.output
+    a, b = dcmread(first), dcmread(second)
+    assert (str(a.ContentCreatorName), str(b.ContentCreatorName)) == ("Annotator^Demo",
+                                                                       "Reader^Two")
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    # 4.2 mm at the demo's 0.7 mm pixels: the same nodule six columns further along the rows
+    assert (b.pixel_array == np.roll(a.pixel_array, 6, axis=2)).all()
+    assert b.pixel_array.sum() == a.pixel_array.sum() > 0
 
 
 def test_demo_seg_on_something_else_is_bad_input(tmp_path):

@@ -31,13 +31,18 @@ def demo_ct(out: str, slices: int, seed: str) -> None:
 @click.argument("slices", metavar="IN", type=click.Path(exists=True, file_okay=False,
                                                         path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-def demo_seg(slices: Path, out: Path) -> None:
+@click.option("--rater", default="Annotator^Demo", show_default=True,
+              help="Who drew it (ContentCreatorName, a DICOM person name): another name is "
+                   "another reader.")
+@click.option("--shift-mm", default=0.0, show_default=True, type=click.FloatRange(-50, 50),
+              help="Draw the nodule this far off along the rows: a reader who disagrees.")
+def demo_seg(slices: Path, out: Path, rater: str, shift_mm: float) -> None:
     """Play the annotator's tool: label the demo study's 16 mm sphere as a lung nodule and
     write a DICOM-SEG on the CT slices in IN (e.g. the study retrieved from the node) to OUT."""
     from node.phantom import NotTheDemoStudy, demo_nodule_seg
 
     try:
-        seg, voxels, on_slices = demo_nodule_seg(slices)
+        seg, voxels, on_slices = demo_nodule_seg(slices, rater, shift_mm)
     except NotTheDemoStudy as exc:
         raise BadInput(str(exc)) from None
     seg.save_as(out)

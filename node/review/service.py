@@ -183,6 +183,12 @@ class ReviewService:
                 out.append(SignatureCheck(row.id, row.annotation_id,
                                           user.user_id if user else "?", row.decision, found))
             signed = {(row.annotation_id, row.decision) for row in r.signatures.list()}
+            # A reading not chosen at an adjudication is rejected by the adjudicator's
+            # decision (recorded with the adjudication and audited), not by a signature.
+            signed |= {(reading, AnnotationState.REJECTED)
+                       for item in r.agreement.adjudications("decided")
+                       for reading in (item["annotation_a"], item["annotation_b"])
+                       if reading != item["chosen_annotation"]}
             for state in (AnnotationState.APPROVED, AnnotationState.REJECTED):
                 for unsigned in r.annotations.in_state(state):
                     if annotation_id in (None, unsigned) and (unsigned, state) not in signed:
