@@ -3,6 +3,7 @@ SimpleITK: the series grid's geometry, the approved masks' voxels, the split by 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from node.forward.export import split_patients
 from tests import annotation_fixtures as fx
 from tests.forward_fixtures import approve, audit, build_template, config
 from tests.harness import lamina
+from tests.review_fixtures import ADMIN, PASSPHRASE, REVIEWER
 
 SECOND = replace(fx.PHANTOM, seed="annotations-second", patient_id="SYN-0002",
                  patient_name="PHANTOM^SECOND")
@@ -55,12 +57,18 @@ def node(tmp_path_factory) -> dict:
             seg = fx.valid_seg(series_b)
             fx.ingest(ctx, seg)
             ids[name] = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
-        for name in ("a1", "a2", "b1"):
+        for name in ("a1", "a2"):
             approve(ctx, ids[name])
+        # b1 is approved with an electronic signature, as a reviewer does.
+        ctx.review.users.add("rad1", "Ann Radiologist", PASSPHRASE, ADMIN)
+        ctx.review.decide(ids["b1"], "approve", "rad1", PASSPHRASE, "approved", REVIEWER)
+        with ctx.index.reader() as r:
+            [signed] = r.signatures.list(ids["b1"])
         grid = ctx.annotations.grid(fx.served(ctx).series_uid)
     finally:
         ctx.close()
-    return {"config": cfg, "ids": ids, "grid": grid}
+    return {"config": cfg, "ids": ids, "grid": grid,
+            "signature": hashlib.sha256(signed.manifest.encode() + signed.signature).hexdigest()}
 
 
 def test_nnunet_export_has_the_grid_the_masks_and_a_split_by_patient(node, tmp_path) -> None:
@@ -81,6 +89,9 @@ def test_nnunet_export_has_the_grid_the_masks_and_a_split_by_patient(node, tmp_p
              for side in ("train", "test")}
     assert sides["train"] and sides["test"] and not sides["train"] & sides["test"]
     assert cases[ids["a1"]]["split"] == cases[ids["a2"]]["split"]  # one patient, one side
+    # Traceable to the signed approval (a state moved without a signature has none).
+    assert cases[ids["b1"]]["signatures"] == [node["signature"]]
+    assert cases[ids["a1"]]["signatures"] == []
     grid = node["grid"]
     for case in cases.values():
         assert case["approval"] and case["objects"]  # traceable to its approval and bytes

@@ -52,6 +52,9 @@ class Case:
     label: str = ""
     objects: list[str] = field(default_factory=list)  # SHA-256 of the annotation's objects
     approval: str = ""  # hash of the audit event that approved it
+    #: SHA-256 of each approving electronic signature (manifest + signature bytes), so a
+    #: model's training set traces to the signed approvals (`lamina review verify`).
+    signatures: list[str] = field(default_factory=list)
     structures: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # structures of no protocol class
     overlap_voxels: int = 0  # voxels claimed by two classes (the later class kept them)
@@ -87,6 +90,9 @@ class TrainingExport:
             rows = {a: r.annotations.get(a) for a in approved}
             objects = {a: [o["blob_sha256"] for o in r.annotations.current_objects(a)]
                        for a in approved}
+            signatures = {a: [hashlib.sha256(s.manifest.encode() + s.signature).hexdigest()
+                              for s in r.signatures.list(a) if s.decision == "approved"]
+                          for a in approved}
         if not approved:
             raise ExportError("no annotation is approved: nothing to export")
         cases = []
@@ -97,7 +103,8 @@ class TrainingExport:
             cases.append(Case(f"lamina_{annotation_id:04d}", annotation_id, series_uid,
                               str(header.get("PatientID", "")), "train",
                               objects=objects[annotation_id],
-                              approval=approvals.get(annotation_id, "")))
+                              approval=approvals.get(annotation_id, ""),
+                              signatures=signatures[annotation_id]))
         held_out = split_patients({c.patient for c in cases}, holdout)
         for case in cases:
             case.split = "test" if case.patient in held_out else "train"
