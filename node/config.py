@@ -78,6 +78,8 @@ class IndexSettings:
     backend: str = "sqlite"
     path: Path | None = None  # default: <data>/index.sqlite3
     busy_timeout_ms: int = 10_000
+    #: backend "postgresql": the libpq connection string or URI (password: LAMINA_PG_PASSWORD)
+    dsn: str = ""
 
 
 @dataclass(frozen=True)
@@ -297,13 +299,18 @@ def _build(raw: dict[str, Any]) -> Settings:
 
     s = _section(raw, "index", set(IndexSettings.__dataclass_fields__))
     backend = _get(s, "index", "backend", str, IndexSettings.backend)
-    if backend != "sqlite":
-        raise ConfigError(f"index.backend: only 'sqlite' is supported, got {backend!r}")
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"index.backend: 'sqlite' or 'postgresql', got {backend!r}")
     index_path = _get(s, "index", "path", str, "")
+    dsn = _get(s, "index", "dsn", str, "")
+    if backend == "postgresql" and not dsn:
+        raise ConfigError("index.dsn: backend 'postgresql' needs a connection string"
+                          " (e.g. \"host=db dbname=lamina user=lamina\")")
     index = IndexSettings(
         backend=backend,
         path=Path(index_path) if index_path else None,
         busy_timeout_ms=_get(s, "index", "busy_timeout_ms", int, IndexSettings.busy_timeout_ms),
+        dsn=dsn,
     )
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 

@@ -100,16 +100,18 @@ class NodeContext:
         :class:`DataFolderMissing` when ``must_exist`` and there is no index.
         """
         data = settings.storage.data
-        if must_exist and not settings.index_path.is_file():
+        sqlite = settings.index.backend == "sqlite"
+        if must_exist and sqlite and not settings.index_path.is_file():
             raise DataFolderMissing(f"no Lamina data in {data} (no index at "
                                     f"{settings.index_path}): check --data or the config")
         if must_exist:  # nothing is created for a tool pointed at the wrong folder
             index = open_index(settings.index.backend, settings.index_path,
-                               settings.index.busy_timeout_ms, must_exist=True)
+                               settings.index.busy_timeout_ms, must_exist=True,
+                               dsn=settings.index.dsn)
         else:
             data.mkdir(parents=True, exist_ok=True)
             index = open_index(settings.index.backend, settings.index_path,
-                               settings.index.busy_timeout_ms)
+                               settings.index.busy_timeout_ms, dsn=settings.index.dsn)
         try:
             return cls._wire(settings, index, migrate=migrate, with_key=with_key,
                              must_exist=must_exist)

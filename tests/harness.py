@@ -827,3 +827,84 @@ def stop_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+# --- a throwaway PostgreSQL cluster -----------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """The directory of Debian's PostgreSQL server tools (initdb, pg_ctl), newest first;
+    None when the server is not installed."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                        else 0, reverse=True)
+    if candidates:
+        return candidates[0].parent
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    return Path(found).resolve().parent if found else None
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of its own for a test session: ``initdb`` into a temporary
+    folder, ``pg_ctl start`` on a free port (TCP on 127.0.0.1, and a Unix socket in that
+    folder), stopped by its postmaster's PID. :meth:`database` makes a fresh database.
+
+    initdb and the server refuse to run as root. When the tests run as root (CI does), the
+    cluster runs as the unprivileged ``nobody`` through ``runuser`` and its folder is given
+    to that user; as any other user it runs as that user. Authentication is ``trust`` on the
+    socket and on 127.0.0.1 only, for the one user ``lamina``; fsync is off (a test cluster
+    is thrown away, durability is not what these tests measure).
+    """
+
+    USER = "lamina"
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="lamina-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.pid: int | None = None
+        self._as: list[str] = []
+        self._count = 0
+        if os.geteuid() == 0:
+            self._as = ["runuser", "-u", "nobody", "--"]
+            shutil.chown(self.root, "nobody")
+            os.chmod(self.root, 0o755)
+
+    def start(self) -> PostgresCluster:
+        run = functools.partial(subprocess.run, check=True, capture_output=True, text=True,
+                                timeout=120)
+        run([*self._as, str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER,
+             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"])
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+                   " -c fsync=off -c max_connections=200")
+        run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+             str(self.root / "server.log"), "-w", "-t", "60", "-o", options, "start"])
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        return self
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.root} port={self.port} user={self.USER} dbname={dbname}"
+
+    def database(self) -> str:
+        """A new, empty database; its DSN."""
+        import psycopg
+
+        self._count += 1
+        name = f"test_{self._count}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def stop(self) -> None:
+        """Fast shutdown by the postmaster's PID, then the folder is removed."""
+        if self.pid is not None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGINT)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+                os.kill(self.pid, signal.SIGKILL)
+            self.pid = None
+        shutil.rmtree(self.root, ignore_errors=True)
