@@ -61,8 +61,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
 from node.config import Settings, load
+from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
-from node.storage.sqlite.index import SqliteIndex
+from node.storage.interface import Index
+from node.storage.postgresql.connection import PgConnection
+from node.storage.postgresql.index import PostgresIndex
 
 REPO = Path(__file__).resolve().parents[1]
 #: The calling AE of the default test peer.
@@ -392,17 +395,22 @@ class Node:
     # --- what it stored
 
     @contextmanager
-    def index(self) -> Iterator[SqliteIndex]:
-        """The node's index, for reads (``.reader()``) and raw SQL (``.connection()``)."""
-        index = SqliteIndex(self.config.settings().index_path)
+    def index(self) -> Iterator[Index]:
+        """The node's index (SQLite or PostgreSQL, as configured), for reads (``.reader()``)
+        and raw SQL (``.connection()``)."""
+        settings = self.config.settings()
+        index = open_index(settings.index.backend, settings.index_path,
+                           settings.index.busy_timeout_ms, dsn=settings.index.dsn)
         try:
             yield index
         finally:
             index.close()
 
     def rows(self, sql: str, *args: object) -> list[tuple]:
-        """The rows of one SQL query on the node's index, as tuples."""
+        """The rows of one SQL query (``?`` placeholders) on the node's index, as tuples."""
         with self.index() as index, index.connection() as conn:
+            if isinstance(index, PostgresIndex):
+                conn = PgConnection(conn)
             return [tuple(r) for r in conn.execute(sql, args).fetchall()]
 
     def audit_actions(self) -> list[str]:
