@@ -882,8 +882,9 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         run = functools.partial(subprocess.run, check=True, capture_output=True, text=True,
                                 timeout=120)
-        run([*self._as, str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER,
-             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"])
+        if not self.data.exists():
+            run([*self._as, str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER,
+                 "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"])
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
                    " -c fsync=off -c max_connections=200")
         run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
@@ -904,8 +905,9 @@ class PostgresCluster:
             conn.execute(f"CREATE DATABASE {name}")
         return self.dsn(name)
 
-    def stop(self) -> None:
-        """Fast shutdown by the postmaster's PID, then the folder is removed."""
+    def stop(self, *, remove: bool = True) -> None:
+        """Fast shutdown by the postmaster's PID, then the folder is removed (kept with
+        ``remove=False``: :meth:`start` brings the same cluster back)."""
         if self.pid is not None:
             with suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGINT)
@@ -915,4 +917,5 @@ class PostgresCluster:
                     time.sleep(0.05)
                 os.kill(self.pid, signal.SIGKILL)
             self.pid = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -10,7 +10,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from node.dimse.ae import associate
-from tests.harness import TEST_AET, ProcessNode, write_config
+from node.phantom import Phantom
+from tests.harness import (
+    TEST_AET,
+    InProcessNode,
+    PostgresCluster,
+    ProcessNode,
+    postgres_bindir,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -59,3 +67,29 @@ def test_store_find_fsck_and_audit_verify_on_postgresql(pg_node, phantom_files):
     assert status.exit_code == 0 and str(len(phantom_files)) in status.output, status.output
     assert node.rows("SELECT count(*) FROM audit_event WHERE action LIKE ?",
                      "instance.%")[0][0] >= 1
+
+
+def test_a_stopped_database_is_0xa700_with_a_reason_and_the_node_recovers(tmp_path):
+    """PostgreSQL stopped under a running node: C-STORE is refused with 0xA700 and a reason
+    (never a false success), and once it is back the same node stores again, no restart."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed (Debian package postgresql)")
+    cluster = PostgresCluster(bindir).start()  # its own: this test stops it
+    try:
+        config = write_config(tmp_path / "node",
+                              index={"backend": "postgresql", "dsn": cluster.database()})
+        files = Phantom(seed="pg-restart", slices_count=3, rows=16, columns=16).write(
+            tmp_path / "study")
+        with InProcessNode(config) as node:
+            assert node.store(files[:1]) == [(0, "")]
+            cluster.stop(remove=False)
+            [(status, comment)] = node.store(files[1:2])
+            assert status == 0xA700 and comment, comment
+            cluster.start()
+            assert node.store(files[1:]) == [(0, ""), (0, "")]
+            assert node.rows("SELECT count(*) FROM instance") == [(3,)]
+            verify = node.cli("audit", "verify")
+            assert verify.exit_code == 0, verify.output
+    finally:
+        cluster.stop()

@@ -111,9 +111,14 @@ class PostgresIndex:
                 self._release(conn)
 
     def _release(self, conn: psycopg.Connection[PgRow]) -> None:
-        """Back to the pool when it is healthy and idle; closed otherwise."""
-        if not conn.closed and not conn.broken \
-                and conn.info.transaction_status == TransactionStatus.IDLE:
+        """Back to the pool when it is healthy and idle; closed otherwise. A broken one
+        (the server restarted or went away) closes the whole pool: its other connections
+        died the same way, and the next callers should connect afresh rather than each
+        find that out with a failed store."""
+        if conn.broken:
+            conn.close()
+            self.close()
+        elif not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
             self._pool.put(conn)
         else:
             conn.close()
