@@ -10,7 +10,8 @@ stopped in order:
   with ``supervisor=True`` (one per node: the process that owns the data
   folder) also the recovery of annotations a crash left unchecked, the
   series sweeper, the forward worker (node.forward.worker) and, when configured,
-  the syslog stream of the audit trail.
+  the syslog stream of the audit trail: these on one node of the index at a
+  time, the one holding the ``background`` lease (node/leases.py).
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -43,6 +44,7 @@ from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import Validator
+from node.leases import LeasedWork
 from node.retrieve import RetrieveService
 from node.review.service import ReviewService
 from node.search import SearchService
@@ -85,6 +87,8 @@ class NodeContext:
     _quarantine: QuarantineService | None
     #: The audit trail streamed to a syslog collector (supervisor only), when configured.
     syslog: SyslogStream | None = None
+    #: The supervisor's work done once across the nodes of the index (started by ``start``).
+    background: LeasedWork | None = None
     _started: list[str] = field(default_factory=list)
 
     @classmethod
@@ -211,17 +215,28 @@ class NodeContext:
         self.annotations.start()
         self._started += ["events", "worker", "annotations"]
         if supervisor:
-            actor = Actor(ae_title=self.settings.node.ae_title, user=f"pid:{os.getpid()}")
-            # Annotations a crash left between their store and their check.
-            self.annotations.check_received(actor)
-            self.series.start()
-            self._started.append("series")
-            if self.syslog is not None:
-                self.syslog.start()
-                self._started.append("syslog")
-            # Approved results not yet delivered, queued before a restart included.
-            self.forwarder.start()
-            self._started.append("forward")
+            # Once across the nodes of the index: where the lease is held (node/leases.py).
+            self.background = LeasedWork(self.index.lease("background"), self._start_background,
+                                         self._stop_background, "background")
+            self.background.start()
+            self._started.append("background")
+
+    def _start_background(self) -> None:
+        """The work one node of the index does for all: recovery, sweeps, forwarding."""
+        actor = Actor(ae_title=self.settings.node.ae_title, user=f"pid:{os.getpid()}")
+        # Annotations a crash left between their store and their check.
+        self.annotations.check_received(actor)
+        self.series.start()
+        if self.syslog is not None:
+            self.syslog.start()
+        # Approved results not yet delivered, queued before a restart included.
+        self.forwarder.start()
+
+    def _stop_background(self) -> None:
+        self.forwarder.stop()
+        if self.syslog is not None:
+            self.syslog.stop()
+        self.series.stop()
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -230,12 +245,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
-        if "forward" in self._started:
-            self.forwarder.stop()
-        if "syslog" in self._started:
-            self.syslog.stop()
-        if "series" in self._started:
-            self.series.stop()
+        if "background" in self._started:
+            self.background.stop()
         self.worker.stop()
         self.annotations.stop()
         self.events.stop()

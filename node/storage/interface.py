@@ -444,7 +444,20 @@ class Transaction(Reader, Protocol):
     agreement: Agreements
 
 
+class Lease(Protocol):
+    """A named role that one node at a time holds (the background workers that must run
+    exactly once across the nodes of one index). Held until released or until its holder
+    dies; then the next node that asks gets it."""
+
+    def held(self) -> bool:
+        """Take the lease if it is free; True while this process holds it. Called again and
+        again: a lease lost (the index went away) is taken again when it is free."""
+
+    def release(self) -> None: ...
+
+
 class Index(Protocol):
+    def lease(self, name: str) -> Lease: ...
     def transaction(self) -> AbstractContextManager[Transaction]: ...
     def reader(self) -> AbstractContextManager[Reader]: ...
     def matcher(self, retrieve_ae_title: str) -> Matcher: ...

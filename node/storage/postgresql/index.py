@@ -42,6 +42,7 @@ from psycopg.pq import TransactionStatus
 
 from node.storage.interface import IndexUnavailable
 from node.storage.postgresql.connection import PgConnection, PgRow, pg_row
+from node.storage.postgresql.lease import PgLease
 from node.storage.postgresql.matcher import PgMatcher
 from node.storage.postgresql.repos import MIGRATION_LOCK, WRITER_LOCK, PgSession
 
@@ -84,8 +85,7 @@ class PostgresIndex:
             raise IndexUnavailable("the PostgreSQL database holds no Lamina index (no schema)")
         return index
 
-    def _connect(self) -> psycopg.Connection[PgRow]:
-        extra = {}
+    def _connect(self, **extra: object) -> psycopg.Connection[PgRow]:
         password = os.environ.get(PASSWORD_ENV)
         if password:
             extra["password"] = password
@@ -135,6 +135,12 @@ class PostgresIndex:
         with self.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
             yield PgSession(PgConnection(conn))
+
+    def lease(self, name: str) -> PgLease:
+        """A lease held on a connection of its own, with TCP keepalives (see
+        :mod:`node.storage.postgresql.lease`)."""
+        return PgLease(lambda: self._connect(keepalives=1, keepalives_idle=10,
+                                             keepalives_interval=5, keepalives_count=3), name)
 
     def matcher(self, retrieve_ae_title: str) -> PgMatcher:
         return PgMatcher(self.connection, retrieve_ae_title)
