@@ -130,15 +130,17 @@ class NodeContext:
         data = settings.storage.data
         if migrate:
             index.migrate()
-        blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
-        quarantined = LocalBlobStore(data / "quarantine", data / "spool")
+        shared, spool = settings.blob_root, settings.spool_dir
+        blobs = LocalBlobStore(shared / "blobs", spool, settings.storage.min_free_mb << 20)
+        quarantined = LocalBlobStore(shared / "quarantine", spool)
         # A tool on an existing node makes no signing key up front (status, verify).
         external = (ExternalCheckpoints(settings.audit.checkpoint_path,
                                         settings.audit.checkpoint_interval)
                     if settings.audit.checkpoint_path else None)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key,
-                                                 create_key=not must_exist, external=external))
+                                                 create_key=not must_exist, external=external),
+                           settings.node.id)
         events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)

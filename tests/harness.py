@@ -439,7 +439,8 @@ class Node:
 
     def blob_path(self, sha256: str, area: str = "blobs") -> Path:
         """Where a blob lives: ``blobs`` (stored) or ``quarantine``."""
-        return LocalBlobStore(self.data / area, self.data / "spool").local_path(sha256)
+        settings = self.config.settings()
+        return LocalBlobStore(settings.blob_root / area, settings.spool_dir).local_path(sha256)
 
     def instance_path(self, sop_instance_uid: str) -> Path:
         """The stored file of an instance (its blob, found through the index)."""

@@ -42,7 +42,7 @@ def test_environment_then_flags_override_the_file():
     ("[nodes]\nport = 1", "nodes: unknown section"),
     ("[peers.x]\nae_title = 'X'\nservices = ['store', 'delete']", "peers.x.services: unknown"),
     ("[peers.x]\nhost = '1.2.3.4'", "peers.x.ae_title: missing"),
-    ("[index]\nbackend = 'postgres'", "index.backend: only 'sqlite'"),
+    ("[index]\nbackend = 'postgres'", "index.backend: 'sqlite' or 'postgresql'"),
     ("[peers.x]\nae_title = 'X'\nroute = 'pacs'", "peers.x.route: must be one of"),
     ("[deidentify]\nretain_longitudinal = 'sometimes'", "deidentify.retain_longitudinal"),
     ("[node\nport = 1", "not valid TOML"),
