@@ -1,0 +1,132 @@
+"""Three ``lamina serve`` nodes on one PostgreSQL index and one shared blob folder, behind
+HAProxy (config/haproxy.cfg as it is): concurrent senders through the one address, every
+acknowledged instance indexed exactly once, C-FIND through any node sees everything, one
+audit chain written by all, and the background lease on exactly one node, taken over when
+that node is killed. Bounded for a 2-core machine: 4 senders x 25 instances."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+from node.dimse.ae import associate
+from node.phantom import Phantom
+from tests.harness import (
+    REPO,
+    ProcessNode,
+    echo,
+    free_port,
+    require,
+    send,
+    stop_process,
+    write_config,
+)
+
+SENDERS, PER_SENDER = 4, 25
+
+
+def haproxy(front: int, nodes: list[ProcessNode], folder: Path) -> subprocess.Popen:
+    binary = require("haproxy", "haproxy")
+    env = {**os.environ, "LAMINA_FRONT": f"127.0.0.1:{front}"}
+    for k, node in enumerate(nodes, start=1):
+        env[f"LAMINA_NODE{k}"] = f"127.0.0.1:{node.port}"
+    proc = subprocess.Popen([binary, "-f", str(REPO / "config" / "haproxy.cfg"), "-db"],
+                            env=env, cwd=folder, stdout=subprocess.DEVNULL,
+                            stderr=open(folder / "haproxy.log", "wb"))
+    deadline = time.monotonic() + 20
+    while echo(front) != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((folder / "haproxy.log").read_text())
+        time.sleep(0.2)
+    return proc
+
+
+def instances_seen(port: int) -> int:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(FIND)
+    assoc = associate(ae, "127.0.0.1", port, "LAMINA")
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.SOPInstanceUID = ""
+    try:
+        return sum(1 for status, r in assoc.send_c_find(ds, FIND) if status.Status in (0xFF00,
+                                                                                        0xFF01))
+    finally:
+        assoc.release()
+
+
+def lease_holders(nodes: list[ProcessNode]) -> list[str]:
+    return [n.config.settings().node.id for n in nodes
+            if n.proc is not None and n.proc.poll() is None and '"lease taken' in n.log()]
+
+
+@pytest.fixture
+def cluster(tmp_path, pg_cluster):
+    dsn = pg_cluster.database()
+    shared = tmp_path / "shared"
+    nodes = []
+    for k in range(1, 4):
+        config = write_config(tmp_path / f"node{k}", node={"id": f"node{k}"},
+                              storage={"shared": str(shared)},
+                              index={"backend": "postgresql", "dsn": dsn})
+        if k > 1:  # one project key for all: the same pseudonyms whichever node receives
+            config.key_file.write_bytes((tmp_path / "node1" / "keys" / "project.key")
+                                        .read_bytes())
+        nodes.append(config)
+    running = [ProcessNode(c).start() for c in nodes]
+    front = free_port()
+    proxy = haproxy(front, running, tmp_path)
+    try:
+        yield running, front
+    finally:
+        stop_process(proxy)
+        for node in running:
+            node.stop()
+
+
+def test_three_nodes_behind_haproxy(cluster, tmp_path):
+    nodes, port = cluster
+    studies = [Phantom(seed=f"several-{s}", slices_count=PER_SENDER, rows=16, columns=16)
+               .write(tmp_path / f"study{s}") for s in range(SENDERS)]
+    answers: list[list] = [[] for _ in range(SENDERS)]
+
+    def sender(s: int) -> None:
+        for i in range(0, PER_SENDER, 5):  # several associations per sender
+            answers[s] += send(port, studies[s][i:i + 5])
+
+    threads = [threading.Thread(target=sender, args=(s,)) for s in range(SENDERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    acknowledged = sum(1 for a in answers for status, _ in a if status == 0)
+    assert acknowledged == SENDERS * PER_SENDER
+    rows = nodes[0].rows("SELECT count(*), count(DISTINCT sop_instance_uid) FROM instance")
+    assert rows == [(acknowledged, acknowledged)]
+    # every node answers for everything, whichever node received it
+    assert [instances_seen(n.port) for n in nodes] == [acknowledged] * 3
+    received_by = {r[0] for r in nodes[0].rows(
+        "SELECT actor FROM audit_event WHERE action LIKE ?", "instance.%")}
+    assert sum(any(f'"node":"node{k}"' in a for a in received_by) for k in (1, 2, 3)) >= 2
+    # the background work runs on exactly one node; killed, another takes it over
+    assert len(lease_holders(nodes)) == 1
+    [holder] = [n for n in nodes if '"lease taken' in n.log()]
+    holder.kill9()
+    survivors = [n for n in nodes if n is not holder]
+    deadline = time.monotonic() + 20
+    while not any('"lease taken' in n.log() for n in survivors):
+        assert time.monotonic() < deadline, "no node took the background lease over"
+        time.sleep(0.2)
+    for node in survivors:
+        for command in (("fsck",), ("audit", "verify")):
+            result = node.cli(*command)
+            assert result.exit_code == 0, (command, result.output)
