@@ -130,3 +130,54 @@ def test_three_nodes_behind_haproxy(cluster, tmp_path):
         for command in (("fsck",), ("audit", "verify")):
             result = node.cli(*command)
             assert result.exit_code == 0, (command, result.output)
+
+
+def send_until_acknowledged(port: int, files: list[Path], acknowledged: list[Path]) -> None:
+    """Send in associations of 5 through the proxy; what is not acknowledged (a node died
+    under it, or refused) is sent again, as a PACS resends."""
+    pending = list(files)
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        batch, pending = pending[:5], pending[5:]
+        try:
+            answers = send(port, batch)
+        except (ConnectionError, OSError):
+            answers = []
+        failed = [f for f, a in zip(batch, answers, strict=False) if a.status != 0]
+        failed += batch[len(answers):]
+        acknowledged += [f for f in batch if f not in failed]
+        if failed:
+            time.sleep(0.2)
+        pending = failed + pending
+
+
+def test_a_node_killed_mid_transfer_loses_nothing_acknowledged(cluster, tmp_path):
+    nodes, port = cluster
+    studies = [Phantom(seed=f"kill-{s}", slices_count=PER_SENDER, rows=16, columns=16)
+               .write(tmp_path / f"study{s}") for s in range(SENDERS)]
+    acknowledged: list[Path] = []
+    threads = [threading.Thread(target=send_until_acknowledged,
+                                args=(port, studies[s], acknowledged)) for s in range(SENDERS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < SENDERS * PER_SENDER // 4:
+        assert time.monotonic() < deadline, "nothing was acknowledged"
+        time.sleep(0.05)
+    victim = nodes[1]
+    victim.kill9()  # mid-transfer: its open associations die with it
+    for t in threads:
+        t.join()
+    survivors = [n for n in nodes if n is not victim]
+    assert len(acknowledged) == SENDERS * PER_SENDER
+    rows = survivors[0].rows("SELECT count(*), count(DISTINCT sop_instance_uid) FROM instance")
+    assert rows == [(SENDERS * PER_SENDER, SENDERS * PER_SENDER)]
+    assert [instances_seen(n.port) for n in survivors] == [SENDERS * PER_SENDER] * 2
+    deadline = time.monotonic() + 20
+    while len(lease_holders(survivors)) != 1:
+        assert time.monotonic() < deadline, "the background lease is held by no live node"
+        time.sleep(0.2)
+    for node in survivors:
+        for command in (("fsck",), ("audit", "verify")):
+            result = node.cli(*command)
+            assert result.exit_code == 0, (command, result.output)
