@@ -861,14 +861,16 @@ class PostgresCluster:
     initdb and the server refuse to run as root. When the tests run as root (CI does), the
     cluster runs as the unprivileged ``nobody`` through ``runuser`` and its folder is given
     to that user; as any other user it runs as that user. Authentication is ``trust`` on the
-    socket and on 127.0.0.1 only, for the one user ``lamina``; fsync is off (a test cluster
-    is thrown away, durability is not what these tests measure).
+    socket and on 127.0.0.1 only, for the one user ``lamina``; fsync is off unless asked for
+    (a test cluster is thrown away, durability is not what these tests measure).
     """
 
     USER = "lamina"
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, fsync: bool = False) -> None:
+        """``fsync``: on for benchmarks that compare durable ingest (off in tests)."""
         self.bindir = bindir
+        self.fsync = fsync
         self.root = Path(tempfile.mkdtemp(prefix="lamina-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -887,7 +889,7 @@ class PostgresCluster:
             run([*self._as, str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER,
                  "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"])
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-                   " -c fsync=off -c max_connections=200")
+                   f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=200")
         run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
              str(self.root / "server.log"), "-w", "-t", "60", "-o", options, "start"])
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
