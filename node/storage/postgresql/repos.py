@@ -29,7 +29,6 @@ from node.storage.sqlite.agreement import SqliteAgreement
 from node.storage.sqlite.outbox import SqliteOutbox
 from node.storage.sqlite.repos import (
     _AUDIT_COLUMNS,
-    _INSTANCE_COLUMNS,
     _REID_TABLES,
     SqliteAnnotations,
     SqliteAudit,
@@ -75,14 +74,35 @@ class PgSession:
         self.agreement = PgAgreement(conn)
 
 
+_BULK_COLUMNS = ("series_fk, sop_instance_uid, sop_class_uid, instance_number, blob_sha256,"
+                 " blob_size, transfer_syntax_uid, calling_ae, association_id, received_at,"
+                 " content_date, content_time, acquisition_date_time")
+#: The rows of one bulk batch, in arrival order (``n``); gone at the end of the transaction.
+_BULK_TABLE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS bulk_instance (n BIGINT GENERATED ALWAYS AS IDENTITY,"
+    " series_fk BIGINT, sop_instance_uid TEXT, sop_class_uid TEXT, instance_number BIGINT,"
+    " blob_sha256 TEXT, blob_size BIGINT, transfer_syntax_uid TEXT, calling_ae TEXT,"
+    " association_id TEXT, received_at TEXT, content_date TEXT, content_time TEXT,"
+    " acquisition_date_time TEXT) ON COMMIT DROP")
+
+
 class PgInstances(SqliteInstances):
     __slots__ = ()
 
     def _insert_instances(self, rows: list[tuple]) -> int:
+        """``COPY`` into a temporary table, then one ``INSERT … SELECT`` that skips indexed
+        UIDs: one round trip per batch instead of one per row (1 M rows: minutes → seconds)."""
         if not rows:
             return 0
-        return self.conn.executemany(
-            _INSTANCE_COLUMNS + " ON CONFLICT (sop_instance_uid) DO NOTHING", rows).rowcount
+        raw = self.conn.raw
+        raw.execute(_BULK_TABLE)
+        raw.execute("TRUNCATE bulk_instance")
+        with raw.cursor().copy(f"COPY bulk_instance ({_BULK_COLUMNS}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return raw.execute(
+            f"INSERT INTO instance ({_BULK_COLUMNS}) SELECT {_BULK_COLUMNS} FROM bulk_instance"
+            " ORDER BY n ON CONFLICT (sop_instance_uid) DO NOTHING").rowcount
 
     def _refresh_modalities(self, study_fk: int) -> None:
         self.conn.execute(
