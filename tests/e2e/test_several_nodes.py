@@ -117,6 +117,7 @@ def test_three_nodes_behind_haproxy(cluster, tmp_path):
     received_by = {r[0] for r in nodes[0].rows(
         "SELECT actor FROM audit_event WHERE action LIKE ?", "instance.%")}
     assert sum(any(f'"node":"node{k}"' in a for a in received_by) for k in (1, 2, 3)) >= 2
+    assert all(f'"node": "node{k}"' in n.log() for k, n in enumerate(nodes, start=1))
     # the background work runs on exactly one node; killed, another takes it over
     assert len(lease_holders(nodes)) == 1
     [holder] = [n for n in nodes if '"lease taken' in n.log()]
