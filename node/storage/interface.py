@@ -3,7 +3,8 @@
 Every service above this layer reads and writes through these protocols,
 never through a database driver or a file path, so a second backend
 (PostgreSQL, for several nodes on one index) implements them without touching
-the services. The embedded backend is :mod:`node.storage.sqlite`.
+the services. The embedded backend is :mod:`node.storage.sqlite`; several
+nodes share one :mod:`node.storage.postgresql` index.
 
 The index:
 
@@ -16,6 +17,8 @@ The index:
   repositories' read methods.
 * ``index.matcher(retrieve_ae_title)`` runs C-FIND / C-MOVE / C-GET (and
   QIDO-RS) queries planned by :mod:`node.storage.query`.
+* ``index.lease(name)`` is a role one node of the index holds at a time (the
+  background work that must run once: :mod:`node.leases`).
 
 Failures of the index itself (locked, full, corrupt, unreachable) raise
 :class:`IndexUnavailable`, which the front ends answer as "out of resources".
