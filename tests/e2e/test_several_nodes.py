@@ -19,6 +19,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from node.dimse.ae import associate
 from node.phantom import Phantom
+from tests import annotation_fixtures as fx
 from tests.harness import (
     REPO,
     ProcessNode,
@@ -182,3 +183,26 @@ def test_a_node_killed_mid_transfer_loses_nothing_acknowledged(cluster, tmp_path
         for command in (("fsck",), ("audit", "verify")):
             result = node.cli(*command)
             assert result.exit_code == 0, (command, result.output)
+
+
+def test_a_seg_pushed_to_one_node_is_checked_against_a_series_another_received(tmp_path,
+                                                                               pg_cluster):
+    dsn = pg_cluster.database()
+    configs = []
+    for k in (1, 2):
+        config = fx.node_config(tmp_path / f"node{k}", settle_seconds=0.3,
+                                node={"id": f"node{k}"},
+                                storage={"shared": str(tmp_path / "shared")},
+                                index={"backend": "postgresql", "dsn": dsn})
+        if k == 2:
+            config.key_file.write_bytes(configs[0].key_file.read_bytes())
+        configs.append(config)
+    with ProcessNode(configs[0]) as first, ProcessNode(configs[1]) as second:
+        fx.store_phantom(first)  # the PACS's series reaches node1
+        seg = fx.valid_seg(fx.served_by(first))
+        assert fx.send(second, [seg]) == [(0, "")]  # the annotator's SEG reaches node2
+        row = fx.seg_annotation(second, seg)
+        assert (row["state"], row["verdict"], row["structures"]) == ("checked", "pass", 3)
+        assert '"node":"node2"' in second.rows(
+            "SELECT actor FROM audit_event WHERE action LIKE ? ORDER BY seq DESC",
+            "annotation.%")[0][0]
