@@ -20,8 +20,8 @@ import psycopg
 
 
 def lease_key(name: str) -> int:
-    """The advisory lock key of a lease: 64 bits of SHA-256 over its name (apart from the
-    fixed keys of node.storage.postgresql.repos by construction: those are small)."""
+    """The advisory lock key of a lease: 64 bits of SHA-256 over its name (meeting one of
+    the three fixed keys of node.storage.postgresql.repos is a 1 in 2^62 chance)."""
     digest = hashlib.sha256(f"lamina-lease:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
