@@ -3,6 +3,11 @@
     python -m benchmarks.query                  # 10k and 100k instances, C-MOVE comparison
     python -m benchmarks.query --million        # ... and 1,000,000 instances
     python -m benchmarks.query --sizes 10000 --no-move
+    python -m benchmarks.query --million --no-move --backends sqlite,postgresql
+
+``--backends``: the same queries on each index backend, beside each other; PostgreSQL runs
+on a throwaway cluster of its own (tests/harness.py PostgresCluster: Debian's postgresql
+must be installed) with its default settings, fsync off (queries only read).
 
 For each size an index is filled through the index code in bulk
 (the index's ``bulk_insert``; no pixel files): N/20 studies of
@@ -44,10 +49,20 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from node.dimse.ae import associate
 from node.phantom import Phantom, index_records, synthetic_patient_name
+from node.storage.interface import Index
+from node.storage.postgresql import matcher as pg_matcher
+from node.storage.postgresql.index import PostgresIndex
 from node.storage.query import Model, parse
 from node.storage.sqlite.index import SqliteIndex
 from node.storage.sqlite.matcher import explain, rows_select
-from tests.harness import ProcessNode, free_port, stop_process, write_config
+from tests.harness import (
+    PostgresCluster,
+    ProcessNode,
+    free_port,
+    postgres_bindir,
+    stop_process,
+    write_config,
+)
 from tests.studies import QR_VALIDATION, qr_peer
 
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -69,10 +84,11 @@ def identifier(level: str, returned: tuple[str, ...], **match: str) -> Dataset:
     return ds
 
 
-def fill(data: Path, instances: int) -> float:
-    """An index with ``instances`` rows, through the bulk insert; seconds taken."""
+def fill(data: Path, instances: int, dsn: str = "") -> float:
+    """An index with ``instances`` rows, through the bulk insert; seconds taken. ``dsn``:
+    a PostgreSQL database instead of the SQLite file in ``data``."""
     data.mkdir(parents=True, exist_ok=True)
-    index = SqliteIndex(data / "index.sqlite3")
+    index = PostgresIndex(dsn) if dsn else SqliteIndex(data / "index.sqlite3")
     index.migrate()
     started = time.perf_counter()
     with index.transaction() as tx:
@@ -117,16 +133,22 @@ def queries(instances: int, rng: random.Random) -> dict[str, Callable[[], Datase
     }
 
 
-def plan(index: SqliteIndex, query: Dataset) -> str:
-    """SQLite's plan for the query's main statement, one step per ``;``."""
+def plan(index: Index, query: Dataset) -> str:
+    """The backend's plan for the query's main statement, one step per ``;``."""
     parsed = parse(query, Model.STUDY_ROOT)
+    if isinstance(index, PostgresIndex):
+        sql, params = pg_matcher.rows_select(parsed)
+        with index.connection() as conn:
+            return "; ".join(step.strip().split("  (cost")[0] for step in
+                             pg_matcher.explain(conn, sql, params)
+                             if "(cost" in step and "SubPlan" not in step)
     sql, params = rows_select(parsed)
     with index.connection() as conn:
         return "; ".join(step for step in explain(conn, sql, params)
                          if not step.startswith(("CORRELATED", "LIST SUBQUERY")))
 
 
-def time_queries(port: int, index: SqliteIndex, instances: int, repeats: int,
+def time_queries(port: int, index: Index, instances: int, repeats: int,
                  seed: int) -> list[dict]:
     """Run every query ``repeats`` times over one held association."""
     _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -341,37 +363,58 @@ def _orthanc(binary: str, folder: Path, files: list[Path], study_uid: str, runs:
 
 
 def run(sizes: list[int], repeats: int, move_slices: int, move_runs: int,
-        work: Path) -> Iterator[str]:
-    for size in sizes:
-        folder = work / f"index-{size}"
-        seconds = fill(folder / "node" / "data", size)
-        yield f"\n{size:,} instances ({size // 20:,} studies, {max(1, size // 100):,} patients)"
-        yield f"  bulk fill + ANALYZE: {seconds:.1f} s ({size / seconds:,.0f} instances/s)"
-        node = ProcessNode(write_config(folder / "node", validation=QR_VALIDATION,
-                                        peers={"bench": qr_peer("BENCH", "find")}))
-        try:
-            node.start()
-            with node.index() as index:
-                rows = time_queries(node.port, index, size, repeats, seed=size)
-        finally:
-            node.stop()
-        yield (f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
-               f" {'findscu mean':>13}")
-        for r in rows:
-            dcmtk = f"{r['findscu']:13.2f}" if r["findscu"] is not None else f"{'n/a':>13}"
-            yield (f"  {r['query']:36} {r['matches']:8.1f} {r['p50']:8.2f} {r['p95']:8.2f}"
-                   f" {r['first_p50']:10.2f} {dcmtk}"
-                   + (f"  ({r['runs']} runs)" if r["runs"] < repeats else ""))
-        if size == max(sizes):
-            yield "  plans:"
-            for r in rows:
-                yield f"    {r['query']}: {r['plan']}"
-        shutil.rmtree(folder, ignore_errors=True)
+        work: Path, backends: list[str]) -> Iterator[str]:
+    cluster = None
+    if "postgresql" in backends:
+        bindir = postgres_bindir()
+        if bindir is None:
+            yield "PostgreSQL not installed (Debian package postgresql): its rows are skipped"
+            backends = [b for b in backends if b != "postgresql"]
+        else:
+            cluster = PostgresCluster(bindir).start()
+    try:
+        for size in sizes:
+            for backend in backends:
+                yield from _run_size(size, backend, cluster, repeats, work)
+    finally:
+        if cluster is not None:
+            cluster.stop()
     if move_slices:
         yield f"\nC-MOVE of a {move_slices}-slice CT study (512x512) to DCMTK storescp"
         for r in move_benchmark(work / "move", move_slices, move_runs):
             yield (f"  {r['server']:16} median {r['median_s']:.2f} s  best {r['best_s']:.2f} s"
                    f"  {r['instances_per_s']:.0f} instances/s")
+
+
+def _run_size(size: int, backend: str, cluster: PostgresCluster | None, repeats: int,
+              work: Path) -> Iterator[str]:
+    """One index size on one backend: fill, serve, time every query, print the plans."""
+    folder = work / f"index-{size}-{backend}"
+    dsn = cluster.database() if backend == "postgresql" and cluster else ""
+    seconds = fill(folder / "node" / "data", size, dsn)
+    yield (f"\n{size:,} instances ({size // 20:,} studies, {max(1, size // 100):,} patients)"
+           f" on {backend}")
+    yield f"  bulk fill + ANALYZE: {seconds:.1f} s ({size / seconds:,.0f} instances/s)"
+    node = ProcessNode(write_config(
+        folder / "node", validation=QR_VALIDATION, peers={"bench": qr_peer("BENCH", "find")},
+        index={"backend": "postgresql", "dsn": dsn} if dsn else None))
+    try:
+        node.start()
+        with node.index() as index:
+            rows = time_queries(node.port, index, size, repeats, seed=size)
+    finally:
+        node.stop()
+    yield (f"  {'query':36} {'matches':>8} {'p50 ms':>8} {'p95 ms':>8} {'first p50':>10}"
+           f" {'findscu mean':>13}")
+    for r in rows:
+        dcmtk = f"{r['findscu']:13.2f}" if r["findscu"] is not None else f"{'n/a':>13}"
+        yield (f"  {r['query']:36} {r['matches']:8.1f} {r['p50']:8.2f} {r['p95']:8.2f}"
+               f" {r['first_p50']:10.2f} {dcmtk}"
+               + (f"  ({r['runs']} runs)" if r["runs"] < repeats else ""))
+    yield "  plans:"
+    for r in rows:
+        yield f"    {r['query']}: {r['plan']}"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -384,6 +427,8 @@ def main() -> None:
     parser.add_argument("--move-runs", type=int, default=3)
     parser.add_argument("--no-move", action="store_true", help="skip the C-MOVE comparison")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--backends", default="sqlite",
+                        help="comma-separated index backends: sqlite, postgresql")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.million and 1_000_000 not in sizes:
@@ -391,7 +436,7 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lamina-bench-"))
     try:
         for line in run(sizes, args.repeats, 0 if args.no_move else args.move_slices,
-                        args.move_runs, work):
+                        args.move_runs, work, args.backends.split(",")):
             print(line, flush=True)
     finally:
         if not args.work:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -65,12 +66,16 @@ class NodeSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: This node among several on one index: in its logs and in every audit event it writes.
+    id: str = ""
 
 
 @dataclass(frozen=True)
 class StorageSettings:
     data: Path = Path("./data")
     min_free_mb: int = 100
+    #: Several nodes: the folder they share for blobs and quarantine (spool: one per node id).
+    shared: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class IndexSettings:
     backend: str = "sqlite"
     path: Path | None = None  # default: <data>/index.sqlite3
     busy_timeout_ms: int = 10_000
+    #: backend "postgresql": the libpq connection string or URI (password: LAMINA_PG_PASSWORD)
+    dsn: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,19 @@ class Settings:
     @property
     def index_path(self) -> Path:
         return self.index.path or self.storage.data / "index.sqlite3"
+
+    @property
+    def blob_root(self) -> Path:
+        """Where blobs and quarantine live: the shared folder of several nodes, or the data."""
+        return self.storage.shared or self.storage.data
+
+    @property
+    def spool_dir(self) -> Path:
+        """Receiving files before they are blobs: on the blobs' filesystem (a rename moves
+        them), one folder per node when shared (a starting node clears only its own)."""
+        if self.storage.shared:
+            return self.storage.shared / "spool" / self.node.id
+        return self.storage.data / "spool"
 
     def peer_named(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -309,7 +329,10 @@ def _build(raw: dict[str, Any]) -> Settings:
         acse_timeout=_get(s, "node", "acse_timeout", float, d.acse_timeout),
         dimse_timeout=_get(s, "node", "dimse_timeout", float, d.dimse_timeout),
         network_timeout=_get(s, "node", "network_timeout", float, d.network_timeout),
+        id=_get(s, "node", "id", str, d.id),
     )
+    if node.id and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node.id):
+        raise ConfigError(f"node.id: 1-64 letters, digits, '.', '_' or '-', got {node.id!r}")
     _range(node.port, 0, 65535, "node.port")
     _range(node.workers, 1, 64, "node.workers")
     _range(node.max_pdu, 4096, 2**31 - 1, "node.max_pdu")
@@ -321,18 +344,26 @@ def _build(raw: dict[str, Any]) -> Settings:
     storage = StorageSettings(
         data=Path(_get(s, "storage", "data", str, str(StorageSettings.data))),
         min_free_mb=_get(s, "storage", "min_free_mb", int, StorageSettings.min_free_mb),
+        shared=Path(shared) if (shared := _get(s, "storage", "shared", str, "")) else None,
     )
+    if storage.shared and not node.id:
+        raise ConfigError("storage.shared: several nodes share it, so node.id must name this one")
     _range(storage.min_free_mb, 0, 2**40, "storage.min_free_mb")
 
     s = _section(raw, "index", set(IndexSettings.__dataclass_fields__))
     backend = _get(s, "index", "backend", str, IndexSettings.backend)
-    if backend != "sqlite":
-        raise ConfigError(f"index.backend: only 'sqlite' is supported, got {backend!r}")
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"index.backend: 'sqlite' or 'postgresql', got {backend!r}")
     index_path = _get(s, "index", "path", str, "")
+    dsn = _get(s, "index", "dsn", str, "")
+    if backend == "postgresql" and not dsn:
+        raise ConfigError("index.dsn: backend 'postgresql' needs a connection string"
+                          " (e.g. \"host=db dbname=lamina user=lamina\")")
     index = IndexSettings(
         backend=backend,
         path=Path(index_path) if index_path else None,
         busy_timeout_ms=_get(s, "index", "busy_timeout_ms", int, IndexSettings.busy_timeout_ms),
+        dsn=dsn,
     )
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 

@@ -10,7 +10,8 @@ stopped in order:
   with ``supervisor=True`` (one per node: the process that owns the data
   folder) also the recovery of annotations a crash left unchecked, the
   series sweeper, the forward worker (node.forward.worker) and, when configured,
-  the syslog stream of the audit trail.
+  the syslog stream of the audit trail: these on one node of the index at a
+  time, the one holding the ``background`` lease (node/leases.py).
 * ``stop()``: the same in reverse, each draining what it holds, then the
   audit head and the index.
 
@@ -43,6 +44,7 @@ from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import Validator
+from node.leases import LeasedWork
 from node.retrieve import RetrieveService
 from node.review.service import ReviewService
 from node.search import SearchService
@@ -85,6 +87,8 @@ class NodeContext:
     _quarantine: QuarantineService | None
     #: The audit trail streamed to a syslog collector (supervisor only), when configured.
     syslog: SyslogStream | None = None
+    #: The supervisor's work done once across the nodes of the index (started by ``start``).
+    background: LeasedWork | None = None
     _started: list[str] = field(default_factory=list)
 
     @classmethod
@@ -100,16 +104,18 @@ class NodeContext:
         :class:`DataFolderMissing` when ``must_exist`` and there is no index.
         """
         data = settings.storage.data
-        if must_exist and not settings.index_path.is_file():
+        sqlite = settings.index.backend == "sqlite"
+        if must_exist and sqlite and not settings.index_path.is_file():
             raise DataFolderMissing(f"no Lamina data in {data} (no index at "
                                     f"{settings.index_path}): check --data or the config")
         if must_exist:  # nothing is created for a tool pointed at the wrong folder
             index = open_index(settings.index.backend, settings.index_path,
-                               settings.index.busy_timeout_ms, must_exist=True)
+                               settings.index.busy_timeout_ms, must_exist=True,
+                               dsn=settings.index.dsn)
         else:
             data.mkdir(parents=True, exist_ok=True)
             index = open_index(settings.index.backend, settings.index_path,
-                               settings.index.busy_timeout_ms)
+                               settings.index.busy_timeout_ms, dsn=settings.index.dsn)
         try:
             return cls._wire(settings, index, migrate=migrate, with_key=with_key,
                              must_exist=must_exist)
@@ -124,15 +130,17 @@ class NodeContext:
         data = settings.storage.data
         if migrate:
             index.migrate()
-        blobs = LocalBlobStore(data / "blobs", data / "spool", settings.storage.min_free_mb << 20)
-        quarantined = LocalBlobStore(data / "quarantine", data / "spool")
+        shared, spool = settings.blob_root, settings.spool_dir
+        blobs = LocalBlobStore(shared / "blobs", spool, settings.storage.min_free_mb << 20)
+        quarantined = LocalBlobStore(shared / "quarantine", spool)
         # A tool on an existing node makes no signing key up front (status, verify).
         external = (ExternalCheckpoints(settings.audit.checkpoint_path,
                                         settings.audit.checkpoint_interval)
                     if settings.audit.checkpoint_path else None)
         audit = AuditTrail(index, HeadCheckpoint(data / "audit" / "head.json",
                                                  settings.audit.signing_key,
-                                                 create_key=not must_exist, external=external))
+                                                 create_key=not must_exist, external=external),
+                           settings.node.id)
         events = AuditQueue(audit)
         series = SeriesChecker(index, audit, settings.validation, settings.node.ae_title)
         protocol = (load_protocol(settings.annotations.protocol)
@@ -209,17 +217,28 @@ class NodeContext:
         self.annotations.start()
         self._started += ["events", "worker", "annotations"]
         if supervisor:
-            actor = Actor(ae_title=self.settings.node.ae_title, user=f"pid:{os.getpid()}")
-            # Annotations a crash left between their store and their check.
-            self.annotations.check_received(actor)
-            self.series.start()
-            self._started.append("series")
-            if self.syslog is not None:
-                self.syslog.start()
-                self._started.append("syslog")
-            # Approved results not yet delivered, queued before a restart included.
-            self.forwarder.start()
-            self._started.append("forward")
+            # Once across the nodes of the index: where the lease is held (node/leases.py).
+            self.background = LeasedWork(self.index.lease("background"), self._start_background,
+                                         self._stop_background, "background")
+            self.background.start()
+            self._started.append("background")
+
+    def _start_background(self) -> None:
+        """The work one node of the index does for all: recovery, sweeps, forwarding."""
+        actor = Actor(ae_title=self.settings.node.ae_title, user=f"pid:{os.getpid()}")
+        # Annotations a crash left between their store and their check.
+        self.annotations.check_received(actor)
+        self.series.start()
+        if self.syslog is not None:
+            self.syslog.start()
+        # Approved results not yet delivered, queued before a restart included.
+        self.forwarder.start()
+
+    def _stop_background(self) -> None:
+        self.forwarder.stop()
+        if self.syslog is not None:
+            self.syslog.stop()
+        self.series.stop()
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for after-commit work and queued audit events (tests, before a report)."""
@@ -228,12 +247,8 @@ class NodeContext:
 
     def stop(self) -> None:
         """Stop the background work in reverse order, each draining what it holds."""
-        if "forward" in self._started:
-            self.forwarder.stop()
-        if "syslog" in self._started:
-            self.syslog.stop()
-        if "series" in self._started:
-            self.series.stop()
+        if "background" in self._started:
+            self.background.stop()
         self.worker.stop()
         self.annotations.stop()
         self.events.stop()

@@ -16,11 +16,17 @@ from datetime import UTC, datetime
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, node_id: str = "") -> None:
+        """``node_id``: this node among several on one index (``node.id``), on every line."""
+        super().__init__()
+        self.node = {"node": node_id} if node_id else {}
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            **self.node,
             "pid": os.getpid(),
             "msg": record.getMessage(),
             **getattr(record, "fields", {}),
@@ -38,9 +44,9 @@ def quiet_pydicom() -> None:
     config.settings.writing_validation_mode = config.IGNORE
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, node_id: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(node_id))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

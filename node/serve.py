@@ -198,7 +198,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     """A spawned receiving process: its own context, serving until told to stop."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
-    setup_logging(settings.log.level)
+    setup_logging(settings.log.level, settings.node.id)
     quiet_pydicom()
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
     ctx.start()
@@ -215,7 +215,7 @@ def serve(settings: Settings) -> None:
     Raises :class:`ServeRefused` when another process serves the data folder or
     listens on the port.
     """
-    setup_logging(settings.log.level)
+    setup_logging(settings.log.level, settings.node.id)
     quiet_pydicom()
     node = settings.node
     if node.workers > 1 and node.port == 0:

@@ -9,7 +9,13 @@ import pytest
 from pydicom import config
 
 from node.phantom import Phantom
-from tests.harness import InProcessNode, ProcessNode, write_config
+from tests.harness import (
+    InProcessNode,
+    PostgresCluster,
+    ProcessNode,
+    postgres_bindir,
+    write_config,
+)
 from tests.phi_corpus import Corpus, build_corpus
 
 
@@ -53,3 +59,27 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """The planted-PHI corpus, built once per test module."""
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster per test session (see PostgresCluster); skipped when
+    the server is not installed."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed (Debian package postgresql): initdb/pg_ctl"
+                    " not found")
+    cluster = PostgresCluster(bindir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path, str]:
+    """(backend, SQLite path, PostgreSQL DSN) for a test run on each backend: a fresh
+    SQLite file, or a fresh database on the session's cluster."""
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        return "postgresql", tmp_path / "index.sqlite3", cluster.database()
+    return "sqlite", tmp_path / "index.sqlite3", ""

@@ -61,8 +61,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
 from node.config import Settings, load
+from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
-from node.storage.sqlite.index import SqliteIndex
+from node.storage.interface import Index
+from node.storage.postgresql.connection import PgConnection
+from node.storage.postgresql.index import PostgresIndex
 
 REPO = Path(__file__).resolve().parents[1]
 #: The calling AE of the default test peer.
@@ -83,8 +86,9 @@ def require(binary: str, package: str = "dcmtk") -> str:
     storescp), and with an activated virtualenv they would stand in for DCMTK.
     """
     own = {Path(sysconfig.get_path("scripts")).resolve(), Path(sys.executable).parent.resolve()}
-    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
-                             if d and Path(d).resolve() not in own)
+    # Debian puts servers (Orthanc, haproxy) in /usr/sbin, which a user's PATH may lack.
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin"]
+    search = os.pathsep.join(d for d in dirs if d and Path(d).resolve() not in own)
     path = shutil.which(binary, path=search)
     if path is None:
         import pytest
@@ -394,17 +398,22 @@ class Node:
     # --- what it stored
 
     @contextmanager
-    def index(self) -> Iterator[SqliteIndex]:
-        """The node's index, for reads (``.reader()``) and raw SQL (``.connection()``)."""
-        index = SqliteIndex(self.config.settings().index_path)
+    def index(self) -> Iterator[Index]:
+        """The node's index (SQLite or PostgreSQL, as configured), for reads (``.reader()``)
+        and raw SQL (``.connection()``)."""
+        settings = self.config.settings()
+        index = open_index(settings.index.backend, settings.index_path,
+                           settings.index.busy_timeout_ms, dsn=settings.index.dsn)
         try:
             yield index
         finally:
             index.close()
 
     def rows(self, sql: str, *args: object) -> list[tuple]:
-        """The rows of one SQL query on the node's index, as tuples."""
+        """The rows of one SQL query (``?`` placeholders) on the node's index, as tuples."""
         with self.index() as index, index.connection() as conn:
+            if isinstance(index, PostgresIndex):
+                conn = PgConnection(conn)
             return [tuple(r) for r in conn.execute(sql, args).fetchall()]
 
     def audit_actions(self) -> list[str]:
@@ -433,7 +442,8 @@ class Node:
 
     def blob_path(self, sha256: str, area: str = "blobs") -> Path:
         """Where a blob lives: ``blobs`` (stored) or ``quarantine``."""
-        return LocalBlobStore(self.data / area, self.data / "spool").local_path(sha256)
+        settings = self.config.settings()
+        return LocalBlobStore(settings.blob_root / area, settings.spool_dir).local_path(sha256)
 
     def instance_path(self, sop_instance_uid: str) -> Path:
         """The stored file of an instance (its blob, found through the index)."""
@@ -829,3 +839,89 @@ def stop_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+# --- a throwaway PostgreSQL cluster -----------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """The directory of Debian's PostgreSQL server tools (initdb, pg_ctl), newest first;
+    None when the server is not installed."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                        else 0, reverse=True)
+    if candidates:
+        return candidates[0].parent
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    return Path(found).resolve().parent if found else None
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of its own for a test session: ``initdb`` into a temporary
+    folder, ``pg_ctl start`` on a free port (TCP on 127.0.0.1, and a Unix socket in that
+    folder), stopped by its postmaster's PID. :meth:`database` makes a fresh database.
+
+    initdb and the server refuse to run as root. When the tests run as root (CI does), the
+    cluster runs as the unprivileged ``nobody`` through ``runuser`` and its folder is given
+    to that user; as any other user it runs as that user. Authentication is ``trust`` on the
+    socket and on 127.0.0.1 only, for the one user ``lamina``; fsync is off unless asked for
+    (a test cluster is thrown away, durability is not what these tests measure).
+    """
+
+    USER = "lamina"
+
+    def __init__(self, bindir: Path, *, fsync: bool = False) -> None:
+        """``fsync``: on for benchmarks that compare durable ingest (off in tests)."""
+        self.bindir = bindir
+        self.fsync = fsync
+        self.root = Path(tempfile.mkdtemp(prefix="lamina-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.pid: int | None = None
+        self._as: list[str] = []
+        self._count = 0
+        if os.geteuid() == 0:
+            self._as = ["runuser", "-u", "nobody", "--"]
+            shutil.chown(self.root, "nobody")
+            os.chmod(self.root, 0o755)
+
+    def start(self) -> PostgresCluster:
+        run = functools.partial(subprocess.run, check=True, capture_output=True, text=True,
+                                timeout=120)
+        if not self.data.exists():
+            run([*self._as, str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER,
+                 "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"])
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+                   f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=200")
+        run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+             str(self.root / "server.log"), "-w", "-t", "60", "-o", options, "start"])
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        return self
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.root} port={self.port} user={self.USER} dbname={dbname}"
+
+    def database(self) -> str:
+        """A new, empty database; its DSN."""
+        import psycopg
+
+        self._count += 1
+        name = f"test_{self._count}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def stop(self, *, remove: bool = True) -> None:
+        """Fast shutdown by the postmaster's PID, then the folder is removed (kept with
+        ``remove=False``: :meth:`start` brings the same cluster back)."""
+        if self.pid is not None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGINT)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+                os.kill(self.pid, signal.SIGKILL)
+            self.pid = None
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -27,14 +27,19 @@ SPECS = [
 BULK_STUDIES, BULK_PER_STUDY = 300, 20  # 6000 instances through the bulk index path
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def node(request, tmp_path_factory):
+    """One node per backend: every C-FIND test runs on the SQLite and the PostgreSQL index."""
     folder: Path = tmp_path_factory.mktemp("find")
     peers = {
         "client": qr_peer("CLIENT", "store", "find", port=104),
         "storeonly": qr_peer("STOREONLY", "store", port=104),
     }
-    with InProcessNode(write_config(folder / "node", peers=peers,
+    index = None
+    if request.param == "postgresql":
+        index = {"backend": "postgresql",
+                 "dsn": request.getfixturevalue("pg_cluster").database()}
+    with InProcessNode(write_config(folder / "node", peers=peers, index=index,
                                     validation=QR_VALIDATION)) as running:
         for spec in SPECS:
             files = write_study(folder / spec.seed, spec)

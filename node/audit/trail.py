@@ -336,9 +336,12 @@ class HeadCheckpoint:
 class AuditTrail:
     """Writes and verifies audit events in the index."""
 
-    def __init__(self, index: Index, checkpoint: HeadCheckpoint) -> None:
+    def __init__(self, index: Index, checkpoint: HeadCheckpoint, node_id: str = "") -> None:
+        """``node_id``: this node among several writing one chain (``node.id``); it is
+        recorded in the actor of every event it writes."""
         self.index = index
         self.checkpoint = checkpoint
+        self.node = {"node": node_id} if node_id else {}
 
     def append(
         self,
@@ -354,7 +357,8 @@ class AuditTrail:
         """
         last = tx.audit.last()
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
-        time, actor_s, obj_s = utc_now(), _canonical(actor.as_dict()), _canonical(obj)
+        time, obj_s = utc_now(), _canonical(obj)
+        actor_s = _canonical({**actor.as_dict(), **self.node})
         digest = _entry_hash(seq, time, actor_s, action, obj_s, outcome, prev_hash)
         tx.audit.insert(AuditRow(seq, time, actor_s, action, obj_s, outcome, prev_hash, digest))
         return AuditEntry(seq, digest)

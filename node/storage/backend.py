@@ -9,11 +9,21 @@ from pathlib import Path
 
 from node.storage.interface import Index
 
+#: The values ``[index] backend`` accepts.
+BACKENDS = ("sqlite", "postgresql")
+
 
 def open_index(backend: str, path: Path, busy_timeout_ms: int, *,
-               must_exist: bool = False) -> Index:
-    """The configured index backend. ``must_exist``: refuse (IndexUnavailable) rather than
-    create an index where there is none (read-only tools on a wrong data folder)."""
+               must_exist: bool = False, dsn: str = "") -> Index:
+    """The configured index backend: an SQLite file at ``path``, or the PostgreSQL database
+    ``dsn`` names. ``must_exist``: refuse (IndexUnavailable) rather than create an index where
+    there is none (read-only tools on a wrong data folder or database)."""
+    if backend == "postgresql":
+        from node.storage.postgresql.index import PostgresIndex
+
+        if must_exist:
+            return PostgresIndex.open_existing(dsn, busy_timeout_ms)
+        return PostgresIndex(dsn, busy_timeout_ms)
     if backend != "sqlite":
         raise ValueError(f"index.backend: unknown backend {backend!r}")
     from node.storage.sqlite.index import SqliteIndex

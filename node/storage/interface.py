@@ -3,7 +3,8 @@
 Every service above this layer reads and writes through these protocols,
 never through a database driver or a file path, so a second backend
 (PostgreSQL, for several nodes on one index) implements them without touching
-the services. The embedded backend is :mod:`node.storage.sqlite`.
+the services. The embedded backend is :mod:`node.storage.sqlite`; several
+nodes share one :mod:`node.storage.postgresql` index.
 
 The index:
 
@@ -16,6 +17,8 @@ The index:
   repositories' read methods.
 * ``index.matcher(retrieve_ae_title)`` runs C-FIND / C-MOVE / C-GET (and
   QIDO-RS) queries planned by :mod:`node.storage.query`.
+* ``index.lease(name)`` is a role one node of the index holds at a time (the
+  background work that must run once: :mod:`node.leases`).
 
 Failures of the index itself (locked, full, corrupt, unreachable) raise
 :class:`IndexUnavailable`, which the front ends answer as "out of resources".
@@ -444,7 +447,20 @@ class Transaction(Reader, Protocol):
     agreement: Agreements
 
 
+class Lease(Protocol):
+    """A named role that one node at a time holds (the background workers that must run
+    exactly once across the nodes of one index). Held until released or until its holder
+    dies; then the next node that asks gets it."""
+
+    def held(self) -> bool:
+        """Take the lease if it is free; True while this process holds it. Called again and
+        again: a lease lost (the index went away) is taken again when it is free."""
+
+    def release(self) -> None: ...
+
+
 class Index(Protocol):
+    def lease(self, name: str) -> Lease: ...
     def transaction(self) -> AbstractContextManager[Transaction]: ...
     def reader(self) -> AbstractContextManager[Reader]: ...
     def matcher(self, retrieve_ae_title: str) -> Matcher: ...

@@ -5,7 +5,7 @@ retrieve names, and QIDO-RS will call it too, so every front end matches the
 same way (PS3.4 C.2.2.2). This module decides what a query means: which keys
 are known and at which level, which values are valid, and which abstract
 predicate each key's values stand for. A storage backend's matcher
-(:mod:`node.storage.sqlite.matcher` today) only translates those predicates
+(:mod:`node.storage.sqlite.matcher`, :mod:`node.storage.postgresql.matcher`) only translates those predicates
 into its own query language and streams the rows back: the DICOM semantics
 live here once, so a second backend cannot drift from the first one. Received
 values reach a backend only as data inside a predicate, never as query text.

@@ -151,6 +151,11 @@ class SqliteIndex:
                     conn.execute("ROLLBACK")
                 raise
 
+    def lease(self, name: str) -> AlwaysHeld:
+        """One node per SQLite index (``lamina serve`` locks the data folder), so its
+        supervisor holds every lease."""
+        return AlwaysHeld()
+
     def matcher(self, retrieve_ae_title: str) -> SqliteMatcher:
         return SqliteMatcher(self.connection, retrieve_ae_title)
 
@@ -180,6 +185,16 @@ class SqliteIndex:
                 self._pool.get_nowait().close()
             except queue.Empty:
                 return
+
+
+class AlwaysHeld:
+    """The lease of a one-node index."""
+
+    def held(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
 
 
 FOREIGN_KEYS_OFF = "-- lamina: foreign-keys-off"

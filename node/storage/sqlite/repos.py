@@ -210,12 +210,16 @@ class SqliteInstances(_Repo):
                 pending.clear()
         count += self._insert_instances(pending)
         for study_fk in touched:
-            self.conn.execute(
-                "UPDATE study SET modalities_in_study = coalesce((SELECT group_concat(modality,"
-                " '\\') FROM (SELECT DISTINCT modality FROM series WHERE study_fk = ?1"
-                " AND modality IS NOT NULL AND modality <> '' ORDER BY modality)), '')"
-                " WHERE id = ?1", (study_fk,))
+            self._refresh_modalities(study_fk)
         return count
+
+    def _refresh_modalities(self, study_fk: int) -> None:
+        """ModalitiesInStudy rebuilt from the study's series (after a bulk insert)."""
+        self.conn.execute(
+            "UPDATE study SET modalities_in_study = coalesce((SELECT group_concat(modality,"
+            " '\\') FROM (SELECT DISTINCT modality FROM series WHERE study_fk = ?1"
+            " AND modality IS NOT NULL AND modality <> '' ORDER BY modality)), '')"
+            " WHERE id = ?1", (study_fk,))
 
     def _insert_instances(self, rows: list[tuple]) -> int:
         before = self.conn.total_changes
