@@ -9,8 +9,6 @@ processes at scrape time. Base units: seconds and bytes.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
-
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -20,6 +18,11 @@ class Metrics:
     _made: Metrics | None = None
 
     def __init__(self) -> None:
+        # Imported here, not at the top: prometheus-client picks its multiprocess mode when
+        # first imported, and the DIMSE handlers import this module before ``lamina serve``
+        # has set PROMETHEUS_MULTIPROC_DIR (node.serve._metrics_folder).
+        from prometheus_client import Counter, Histogram
+
         self.requests = Counter("lamina_http_requests", "HTTP requests answered",
                                 ["method", "route", "status"])
         self.request_seconds = Histogram("lamina_http_request_duration_seconds",
