@@ -299,4 +299,4 @@ def _preview_slices(structures: list[dict], findings: list[dict]) -> list[int]:
     for k in wanted:
         if k not in out:
             out.append(k)
-    return out[:MAX_PREVIEWS]
+    return sorted(out[:MAX_PREVIEWS])
