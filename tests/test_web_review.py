@@ -205,3 +205,22 @@ def test_rendered_takes_the_class_window_of_an_annotated_series(site):
                          for q in ("", "?window=lung", "?window=bone"))
     assert plain.status_code == lung.status_code == bone.status_code == 200
     assert plain.content == lung.content != bone.content
+
+
+def test_findings_are_listed_with_the_slices_they_concern(site):
+    ctx, _, base = site
+    seg = fx.seg_finding_variants(fx.served(ctx))["slice-gap"]
+    assert fx.ingest(ctx, seg).action == "annotation"
+    annotation_id = fx.annotation_of(ctx, str(seg.SOPInstanceUID))
+    with ctx.index.reader() as r:
+        row = r.annotations.get(annotation_id)
+        (finding,) = r.annotations.findings(row["current_check_fk"])
+    concerned = [x["slice"] for x in json.loads(finding["slices"])]
+    assert concerned
+    with login(base) as client:
+        page = client.get(f"/review/annotations/{annotation_id}")
+        for k in concerned:  # each a link to its preview, and the preview is drawn
+            link = f"/review/annotations/{annotation_id}/slices/{k}.png"
+            assert link in page.text
+            assert client.get(link).status_code == 200
+    assert 'id="findings"' in page.text and "slice-gap" in page.text
