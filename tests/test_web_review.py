@@ -24,7 +24,7 @@ from node.web.review import PALETTE
 from node.web.server import HttpServer
 from node.web.session import COOKIE
 from tests import annotation_fixtures as fx
-from tests.harness import peer
+from tests.harness import peer, write_config
 from tests.review_fixtures import ADMIN, PASSPHRASE, Annotations
 
 DESK = "review-desk-token-0123456789"
@@ -224,3 +224,33 @@ def test_findings_are_listed_with_the_slices_they_concern(site):
             assert link in page.text
             assert client.get(link).status_code == 200
     assert 'id="findings"' in page.text and "slice-gap" in page.text
+
+
+def test_agreement_figures_shown_where_a_second_reader_exists(tmp_path):
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "protocol.toml").write_text(fx.TEST_PROTOCOL)
+    config = write_config(folder, peers=fx.PEERS, annotations={
+        "protocol": str(folder / "protocol.toml"), "double_read_fraction": 1.0})
+    ctx = NodeContext.open(config.settings(), with_key=True)
+    server = None
+    try:
+        for k in range(fx.PHANTOM.slices_count):
+            ctx.ingest.ingest_bytes(fx.encode(fx.PHANTOM.slice(k)), fx.PACS)
+        ctx.review.users.add("rad1", "Ann Radiologist", PASSPHRASE, ADMIN)
+        ids = []
+        for reader in ("Reader^A", "Reader^B"):
+            seg = fx.valid_seg(fx.served(ctx))
+            seg.ContentCreatorName = reader
+            assert fx.ingest(ctx, seg).action == "annotation"
+            ids.append(fx.annotation_of(ctx, str(seg.SOPInstanceUID)))
+        server = HttpServer(build_app(ctx), "127.0.0.1", 0).start()
+        with login(f"http://127.0.0.1:{server.port}") as client:
+            page = client.get(f"/review/annotations/{ids[0]}").text
+        assert "Agreement with the second reading" in page
+        assert f"#{ids[1]} (Reader^B)" in page and "<strong>agree</strong>" in page
+        assert "1.000" in page  # Dice of identical readings
+    finally:
+        if server is not None:
+            server.stop()
+        ctx.close()
