@@ -51,6 +51,7 @@ MAX_FORM_BYTES = 16 * 1024
 MAX_PREVIEWS = 12
 #: Outline colours, one per structure in order (RGB).
 PALETTE = ((255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255))
+_HEX = tuple(f"#{r:02x}{g:02x}{b:02x}" for r, g, b in PALETTE)
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -183,7 +184,8 @@ class ReviewPages:
     def _annotation_page(self, request: Request, viewer: Viewer, annotation_id: int,
                          status: int = 200, **extra: Any) -> Response:
         view = self._gather(annotation_id)
-        return self._page(request, "review/annotation.html", viewer, status, **view, **extra)
+        return self._page(request, "review/annotation.html", viewer, status, **view,
+                          palette=_HEX, **extra)
 
     def _gather(self, annotation_id: int) -> dict[str, Any]:
         """What the annotation page shows, read in one reader."""
@@ -222,16 +224,17 @@ class ReviewPages:
             sha = r.instances.blob_of(grid.sop_instance_uids[k - 1])
             row = r.annotations.get(annotation_id)
             check = row["current_check_fk"] if row else None
-            classes = [s["class_key"] for s in r.annotations.structures(check)] if check else []
+            structures = r.annotations.structures(check) if check else []
+        order = [s["structure_id"] for s in structures]  # the page's colour key
         if sha is None:
             raise WebError(404, "the slice is not stored")
         protocol = self.ctx.annotations.protocol
-        window = class_window(protocol, classes)
+        window = class_window(protocol, [s["class_key"] for s in structures])
         image = frame_image(self.ctx.blobs.local_path(sha), 1, window).convert("RGB")
         pixels = np.array(image)
         for n, mask in enumerate(masks):
-            edge = _outline(mask.slice_mask(k - 1))
-            pixels[edge] = PALETTE[n % len(PALETTE)]
+            colour = order.index(mask.structure_id) if mask.structure_id in order else n
+            pixels[_outline(mask.slice_mask(k - 1))] = PALETTE[colour % len(PALETTE)]
         return Response(encode_image(Image.fromarray(pixels), "image/png"),
                         media_type="image/png", headers={"Cache-Control": "no-store"})
 
