@@ -27,6 +27,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE || 'playwright-core');
     await page.fill('#decide input[name=meaning]', 'reviewed and approved');
     await Promise.all([page.waitForSelector('#signed'),
                        page.click('#decide button[value=approve]')]);
+    await page.waitForFunction(() => [...document.images].every((i) => i.complete));
     await page.screenshot({ path: `${out}/review-signed.png`, fullPage: true });
     console.log(JSON.stringify({
       previews, loaded, signed: await page.locator('#signed').innerText(),
