@@ -21,7 +21,7 @@ from node.anonymize.settings import DeidSettings
 from node.forward.rules import ForwardSettings
 from node.ingest.rules import ACTIONS, default_actions
 
-SERVICES = frozenset({"store", "find", "move", "get"})
+SERVICES = frozenset({"store", "find", "move", "get", "review"})  # review: the /review pages
 #: How objects from a peer are treated on the way in (see node.ingest.routes).
 ROUTES = frozenset({"clinical", "annotator", "deidentified"})
 ENV_PREFIX = "LAMINA__"

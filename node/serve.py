@@ -166,10 +166,12 @@ def _serve_until_stopped(ctx: NodeContext) -> None:
         server = build_dimse_server(ctx).start()
     except OSError as exc:
         raise _bind_refusal(exc, node.bind, node.port) from None
-    log.info("listening", extra={"fields": {"ae_title": node.ae_title, "port": server.port}})
     web = None
     try:
         web = _start_http(ctx)
+        # "listening" once both ports answer: whoever waits for it (tests, scripts) may
+        # use HTTP at once.
+        log.info("listening", extra={"fields": {"ae_title": node.ae_title, "port": server.port}})
         _wait_for_stop()
     finally:
         if web is not None:

@@ -1,6 +1,6 @@
 """``lamina serve`` serves HTTP beside DIMSE: two worker processes share the HTTP port as they
-share the DICOM port, a STOW-RS store is found by C-FIND, metrics add up across workers, and
-the HTTP port stops with the node."""
+share the DICOM port, a STOW-RS store is found by C-FIND, metrics (STOW-RS and C-STORE) add up
+across workers, and the HTTP port stops with the node."""
 
 from __future__ import annotations
 
@@ -45,9 +45,17 @@ def test_serve_runs_http_with_the_workers_and_stops_it(tmp_path: Path):
             found = httpx.get(base + "/dicom-web/studies?PatientID=SRV-1", headers=auth,
                               timeout=10).json()
             assert found[0]["00201208"]["Value"] == [2]
+        more = write_study(tmp_path / "dimse", StudySpec(
+            "serve-dimse", "Doe^Dimse", "SRV-2", "20240302", "101500", "SV-2", "CT", slices=4))
+        for path in more:  # one association each: the kernel spreads them over both workers
+            assert node.store([path], "CLIENT") == [(0, "")]
         metrics = httpx.get(base + "/metrics", timeout=10).text
-        assert "lamina_instances_stored 2.0" in metrics
+        assert "lamina_instances_stored 6.0" in metrics
         assert 'lamina_stow_instances_total{status="0x0000"} 2.0' in metrics
+        # events counted in whichever worker took them, summed in every scrape
+        assert 'lamina_cstore_instances_total{status="0x0000"} 4.0' in metrics
+        assert 'lamina_ingest_duration_seconds_count{protocol="dimse"} 4.0' in metrics
+        assert "lamina_forward_queue_items" in metrics
     finally:
         node.stop()
     with socket.socket() as probe:

@@ -47,6 +47,7 @@ from node.dimse import compat
 from node.dimse.ae import QUERY_RETRIEVE_SOP_CLASSES
 from node.dimse.identifier import encode_match
 from node.dimse.sender import BlobSource, Outgoing, Sent, StoreSender, send_on_association
+from node.metrics import Metrics
 from node.retrieve import Retrieval
 from node.search import Search
 from node.status import Outcome, shorten
@@ -106,12 +107,15 @@ class QueryRetrieveLoops(compat.QueryRetrieveHooks):
             self._send_final(rsp, context, search)
             return
         outcome = Outcome(status.UNABLE_TO_PROCESS, "association ended before the last match")
+        started = time.perf_counter()
         try:
             outcome = self._stream(search, req, context)
         finally:
             # Answer first, then audit: the audit write is not the client's wait.
             if self.assoc.is_established:
                 self._send_final(rsp, context, outcome)
+            Metrics.get().query_seconds.labels("dimse", search.query.level.name.lower()).observe(
+                time.perf_counter() - started)
             search.finish(outcome)
 
     def _stream(self, search: Search, req: C_FIND, context: PresentationContext) -> Outcome:

@@ -10,6 +10,7 @@ counted. Health and metrics need no token.
 
 from __future__ import annotations
 
+import html
 import inspect
 import logging
 import time
@@ -20,16 +21,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from node.context import NodeContext
+from node.metrics import Metrics
 from node.storage.interface import IndexUnavailable
 from node.web.dicomweb import DicomWeb
 from node.web.errors import WebError
 from node.web.health import livez, make_readyz
 from node.web.identity import Identities
-from node.web.metrics import Metrics, exposition
+from node.web.metrics import exposition
+from node.web.review import ReviewPages
 
 log = logging.getLogger("lamina.web")
 
@@ -55,8 +58,8 @@ def root_url(request: Request, base_path: str, forwarded: bool) -> str:
 
 
 def build_app(ctx: NodeContext) -> Starlette:
-    """The Starlette app serving ``ctx``: DICOMweb under ``http.base_path``, plus
-    ``/livez``, ``/readyz`` and ``/metrics``."""
+    """The Starlette app serving ``ctx``: DICOMweb under ``http.base_path``, the review
+    pages under ``/review``, plus ``/livez``, ``/readyz`` and ``/metrics``."""
     http = ctx.settings.http
     identities = Identities(ctx.settings)
     metrics = Metrics.get()
@@ -88,6 +91,31 @@ def build_app(ctx: NodeContext) -> Starlette:
 
         return Route(route.path, run, methods=sorted(route.methods or {"GET"}))
 
+    def paged(route: Route) -> Route:
+        """A review page's route: refusals answered as a short HTML page, requests counted."""
+        endpoint = route.endpoint
+        blocking = not inspect.iscoroutinefunction(endpoint)
+
+        async def run(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                if blocking:
+                    response = await run_in_threadpool(endpoint, request)
+                else:
+                    response = await endpoint(request)
+            except WebError as exc:
+                response = HTMLResponse(f"<!doctype html><title>{exc.status}</title>"
+                                        f"<p id=\"error\">{html.escape(exc.reason)}</p>"
+                                        '<p><a href="/review">Review</a></p>',
+                                        status_code=exc.status, headers=exc.headers)
+            except IndexUnavailable:
+                response = HTMLResponse("<p>index unavailable</p>", status_code=503)
+            metrics.requests.labels(request.method, route.path, str(response.status_code)).inc()
+            metrics.request_seconds.labels(route.path).observe(time.perf_counter() - started)
+            return response
+
+        return Route(route.path, run, methods=sorted(route.methods or {"GET"}))
+
     def scrape(request: Request) -> Response:
         body, content_type = exposition(ctx)
         return Response(body, media_type=content_type)
@@ -97,6 +125,7 @@ def build_app(ctx: NodeContext) -> Starlette:
 
     routes = [Route("/livez", livez), Route("/readyz", make_readyz(ctx)),
               Route("/metrics", scrape),
+              *(paged(r) for r in ReviewPages(ctx, identities).routes()),
               Mount(http.base_path or "/", routes=[guarded(r) for r in web.routes()])]
     middleware = []
     if http.cors_origins:

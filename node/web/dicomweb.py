@@ -39,6 +39,7 @@ from starlette.routing import Route
 from node import status
 from node.context import NodeContext
 from node.dimse.transcode import choose, file_bytes, transcode
+from node.metrics import Metrics
 from node.retrieve import Retrieval
 from node.status import Outcome
 from node.storage.query import KEYS, Level, Model, StoredInstance
@@ -46,8 +47,8 @@ from node.web import media
 from node.web.dicomjson import MetadataCache, bulk_value, match_json
 from node.web.errors import WebError
 from node.web.identity import Caller
-from node.web.metrics import Metrics
-from node.web.pixels import FRAME_MEDIA, PixelSource, parse_viewport, parse_window, render
+from node.web.pixels import FRAME_MEDIA, PixelSource, parse_viewport, render
+from node.web.windows import chosen_window
 
 log = logging.getLogger("lamina.web")
 
@@ -178,7 +179,7 @@ class DicomWeb:
             outcome = Outcome(status.SUCCESS)
         finally:
             search.finish(outcome)
-        self.metrics.query_seconds.labels(level.name.lower()).observe(
+        self.metrics.query_seconds.labels("qido", level.name.lower()).observe(
             time.perf_counter() - started)
         warnings = []
         if search.query.unsupported:
@@ -440,9 +441,10 @@ class DicomWeb:
             params = request.query_params
             viewport = parse_viewport(params.get("viewport")) or ((128, 128) if thumbnail
                                                                   else None)
-            body = render(self._path(instance), numbers[0], kind,
-                          parse_window(params.get("window"),
-                                       self.ctx.annotations.protocol.windows), viewport)
+            with self.ctx.index.reader() as reader:  # a study's rendered: the query's or its own
+                window = chosen_window(params.get("window"), self.ctx.annotations.protocol,
+                                       reader, request.path_params.get("series"))
+            body = render(self._path(instance), numbers[0], kind, window, viewport)
             plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
@@ -512,7 +514,7 @@ class DicomWeb:
                         continue
                     started = time.perf_counter()
                     result = self.ctx.ingest.ingest_file(one, source)
-                    self.metrics.ingest_seconds.observe(time.perf_counter() - started)
+                    self.metrics.ingest_seconds.labels("stow").observe(time.perf_counter() - started)
                 finally:
                     one.unlink(missing_ok=True)
                 code = result.outcome.status.code

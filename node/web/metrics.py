@@ -2,14 +2,16 @@
 
 Two kinds of figures:
 
-* events counted where they happen (HTTP requests and their latency, QIDO
-  query latency, STOW-RS instances by status, ingest latency, bytes in and
-  out). Under ``lamina serve`` every worker process writes them to
-  ``PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before any worker
-  starts), and a scrape of any worker sums them over all;
+* events counted where they happen (:class:`node.metrics.Metrics`: HTTP
+  requests and their latency, QIDO-RS and C-FIND latency, C-STORE and STOW-RS
+  instances by status, ingest latency, bytes in and out). Under ``lamina
+  serve`` every worker process writes them to ``PROMETHEUS_MULTIPROC_DIR``
+  (set by the supervisor before any worker starts), and a scrape of any worker
+  sums them over all;
 * state read from the index, the disk and the association slots at scrape time
   (instances stored, conflicts kept, quarantine waiting, free disk, associations
-  open): the same in every process,
+  open, forwarding queue depth by destination and state): the same in every
+  process,
   and counting C-STORE and STOW-RS alike because both end in the index.
 """
 
@@ -17,49 +19,12 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from node.context import NodeContext
 from node.policy import SlotLimiter
-
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-class Metrics:
-    """The process's event metrics (created once per process: prometheus-client keeps them)."""
-
-    _made: Metrics | None = None
-
-    def __init__(self) -> None:
-        self.requests = Counter("lamina_http_requests", "HTTP requests answered",
-                                ["method", "route", "status"])
-        self.request_seconds = Histogram("lamina_http_request_duration_seconds",
-                                         "HTTP request latency", ["route"], buckets=_LATENCY)
-        self.query_seconds = Histogram("lamina_query_duration_seconds",
-                                       "QIDO-RS query latency", ["level"], buckets=_LATENCY)
-        self.ingest_seconds = Histogram("lamina_ingest_duration_seconds",
-                                        "Ingest latency of one STOW-RS instance",
-                                        buckets=_LATENCY)
-        self.stored = Counter("lamina_stow_instances", "STOW-RS instances by DIMSE status",
-                              ["status"])
-        self.received_bytes = Counter("lamina_http_received_bytes",
-                                      "STOW-RS request body bytes received")
-        self.sent_bytes = Counter("lamina_http_sent_bytes", "WADO-RS bytes sent")
-
-    @classmethod
-    def get(cls) -> Metrics:
-        if cls._made is None:
-            cls._made = Metrics()
-        return cls._made
 
 
 class IndexCollector:
@@ -72,6 +37,7 @@ class IndexCollector:
         with self.ctx.index.reader() as reader:
             counts = reader.reports.counts()
             waiting = reader.reports.quarantine_waiting()
+            queue = reader.outbox.counts()
         for name, key, text in (("lamina_instances_stored", "instance", "Instances indexed"),
                                 ("lamina_conflicts_kept", "conflict",
                                  "Resends kept as conflicts"),
@@ -81,6 +47,13 @@ class IndexCollector:
                                 "Quarantined objects not released", value=waiting)
         yield GaugeMetricFamily("lamina_disk_free_bytes", "Free bytes on the data disk",
                                 value=self.ctx.blobs.free_bytes())
+        depth = GaugeMetricFamily("lamina_forward_queue_items",
+                                  "Forwarding outbox items by destination and state",
+                                  labels=["destination", "state"])
+        for destination, states in sorted(queue.items()):
+            for state, n in sorted(states.items()):
+                depth.add_metric([destination, state], n)
+        yield depth
         held = SlotLimiter(self.ctx.run_dir, self.ctx.settings.node.max_associations).held()
         if held is not None:
             yield GaugeMetricFamily("lamina_associations_open",

@@ -142,8 +142,16 @@ def parse_viewport(text: str | None) -> tuple[int, int] | None:
 
 def render(path: Path, frame: int, media: str, window: tuple[float, float] | None,
            viewport: tuple[int, int] | None) -> bytes:
-    """One frame as PNG or JPEG: rescaled, windowed (the query's window, else the
-    instance's first, else its value range), MONOCHROME1 inverted."""
+    """One frame as PNG or JPEG (:func:`frame_image`), fitted into ``viewport``."""
+    image = frame_image(path, frame, window)
+    if viewport:
+        image.thumbnail(viewport)
+    return encode_image(image, media)
+
+
+def frame_image(path: Path, frame: int, window: tuple[float, float] | None) -> Image.Image:
+    """One frame as an 8-bit image: rescaled, windowed (``window``, else the instance's
+    first, else its value range), MONOCHROME1 inverted. The review page draws on it."""
     source = PixelSource.open(path)
     source.check([frame])
     ds = source.ds
@@ -157,13 +165,13 @@ def render(path: Path, frame: int, media: str, window: tuple[float, float] | Non
         img = np.clip((values - low) / width * 255.0, 0, 255).astype(np.uint8)
         if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
             img = 255 - img
-        image = Image.fromarray(img, mode="L")
-    else:
-        if arr.dtype != np.uint8:
-            arr = (arr.astype(np.float64) / max(1.0, float(arr.max())) * 255).astype(np.uint8)
-        image = Image.fromarray(arr, mode="RGB")
-    if viewport:
-        image.thumbnail(viewport)
+        return Image.fromarray(img, mode="L")
+    if arr.dtype != np.uint8:
+        arr = (arr.astype(np.float64) / max(1.0, float(arr.max())) * 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def encode_image(image: Image.Image, media: str) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG" if media == "image/png" else "JPEG")
     return out.getvalue()
