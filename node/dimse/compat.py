@@ -16,6 +16,7 @@ it subclasses the hook classes below and calls the accessors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,10 +25,10 @@ from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import DIMSEPrimitive
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, P_DATA
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 # --- the contract (checked by tests/test_dimse_compat.py) --------------------------------
 
@@ -59,6 +60,18 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      "the DUL send queue: C-FIND waits for it to drain (backpressure, C-CANCEL)"),
     ("Association().dul", "socket", "attribute",
      "the association socket, to set TCP_NODELAY on outgoing connections"),
+    ("Association()", "set_socket", "method",
+     "how RequestHandler._create_association hands the association its socket"),
+    ("dul.DULServiceProvider", "_read_pdu_data", "method",
+     "reads a PDU as recv(6) then recv(length): the order the PDU guard relies on"),
+    ("Association().dimse", "receive_primitive", "method",
+     "runs outside the DUL's exception guard: a failed spool write killed the thread"),
+    ("Association().dimse", "message", "attribute",
+     "the DIMSE message being received, dropped after a failed spool write"),
+    ("Association().dul", "event_queue", "attribute",
+     "Evt19 queued there makes the state machine abort the association (AA-8)"),
+    ("dimse_messages.C_STORE_RQ()", "_data_set_file", "attribute",
+     "the spool file of a C-STORE being received, closed after a failed write"),
     # Lamina's Q/R loops replace these three methods of pynetdicom's service class.
     ("service_class.QueryRetrieveServiceClass", "_c_find_scp", "method",
      "C-FIND loop: pending command encoded once, identifiers straight to bytes"),
@@ -230,6 +243,85 @@ def socket_of(assoc: Association) -> Any:
     """The association's TCP socket, or None before it connects."""
     wrapped = assoc.dul.socket
     return wrapped.socket if wrapped is not None else None
+
+
+# --- guarding the receive path ------------------------------------------------------------
+
+
+class SocketHooks(AssociationSocket):
+    """An association socket whose reads pass through :meth:`read`.
+
+    pynetdicom's DUL reads each PDU as ``recv(6)`` (type and length) then
+    ``recv(length)`` into one buffer, with no bound on the length and no check
+    of the type before the body is read. A subclass of the socket is the one
+    place that sees the header before the body is read.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        return self.read(nr_bytes)
+
+    def read(self, nr_bytes: int) -> bytearray:
+        return super().recv(nr_bytes)
+
+
+def adopt_socket(assoc: Association, cls: type[SocketHooks]) -> Any:
+    """Make the socket pynetdicom gave a new acceptor association an instance of ``cls``.
+
+    Like :func:`adopt`: ``cls`` adds methods only; the socket is not yet read.
+    """
+    sock = assoc.dul.socket
+    if sock is not None:
+        sock.__class__ = cls
+    return sock
+
+
+def encode_provider_abort(reason: int) -> bytes:
+    """An A-ABORT PDU from the service provider (source 2) with a PS3.8 9.3.8 reason."""
+    primitive = A_P_ABORT()
+    primitive.provider_reason = reason
+    pdu = A_ABORT_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+class DimseHooks:
+    """Wraps an association's DIMSE ``receive_primitive`` (runs in the DUL thread).
+
+    pynetdicom calls it from its state machine outside the DUL's own exception
+    guard; an ``OSError`` while spooling a data set (a full disk) ended the DUL
+    thread, so the association never closed and its slot was never released.
+    """
+
+    def __init__(self, assoc: Association, on_error: Any) -> None:
+        self.assoc = assoc
+        self.dimse = assoc.dimse
+        self.inner = assoc.dimse.receive_primitive
+        self.on_error = on_error
+        assoc.dimse.receive_primitive = self
+
+    def __call__(self, primitive: P_DATA) -> None:
+        try:
+            self.inner(primitive)
+        except Exception as exc:  # noqa: BLE001 - any failure must end the association cleanly
+            self.drop_message()
+            self.on_error(exc)
+            # Evt19 ("invalid PDU") makes the state machine send A-ABORT, close the
+            # connection and end the association, in its own thread and order.
+            self.assoc.dul.event_queue.put("Evt19")
+
+    def drop_message(self) -> None:
+        """Forget the half-received message, closing (and removing) its spool file."""
+        message, self.dimse.message = self.dimse.message, None
+        spool = getattr(message, "_data_set_file", None)
+        if spool is not None:
+            try:
+                spool.close()
+            except OSError:
+                pass
+            try:
+                os.unlink(spool.name)
+            except OSError:
+                pass
 
 
 # --- PDUs of the sub-association we drive ourselves --------------------------------------

@@ -24,8 +24,9 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node.config import NodeSettings
 from node.context import NodeContext
-from node.dimse import compat
+from node.dimse import compat, guard
 from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
@@ -42,22 +43,38 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
     """Adopts each association of our server so its Q/R requests run Lamina's loops."""
 
     def __init__(self, request: Any, client_address: Any, server: Any, *,
-                 blobs: BlobSource) -> None:
-        self.blobs = blobs  # before the parent's __init__, which handles the request
+                 blobs: BlobSource, limits: NodeSettings) -> None:
+        # before the parent's __init__, which handles the request
+        self.blobs = blobs
+        self.limits = limits
         super().__init__(request, client_address, server)
 
     def created(self, assoc: Association) -> Association:
         compat.adopt(assoc, QueryRetrieveAssociation)
         assoc.blobs = self.blobs
+        guard.install(assoc, self.limits)
+        compat.DimseHooks(assoc, partial(_receive_failed, assoc))
         return assoc
+
+
+def _receive_failed(assoc: Association, exc: Exception) -> None:
+    """A message could not be received (the spool write failed: disk full, I/O error).
+
+    The half-written spool file is gone and the association is aborted; the
+    worker, its threads and the association slot carry on (released on close).
+    """
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    log.error("receive failed, association aborted", extra={"fields": {
+        "address": str(assoc.requestor.address), "reason": reason}})
 
 
 class DimseServer:
     """The node's DIMSE server: bind and serve with :meth:`start`, end with :meth:`stop`."""
 
     def __init__(self, ae: AE, address: tuple[str, int], handlers: list,
-                 blobs: BlobSource) -> None:
+                 blobs: BlobSource, limits: NodeSettings) -> None:
         self.ae = ae
+        self.limits = limits
         self.address = address
         self.handlers = handlers
         self.blobs = blobs
@@ -70,7 +87,7 @@ class DimseServer:
             raise RuntimeError("the DIMSE server is already started")
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers, server_class=LaminaServer,
-            request_handler=partial(NodeRequestHandler, blobs=self.blobs))
+            request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits))
         self._server = server
         # socketserver's default poll interval (0.5 s) is how long stop() waits.
         self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
@@ -111,4 +128,4 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         *make_retrieve_handlers(ctx, sessions),
     ]
-    return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs)
+    return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs, node)
