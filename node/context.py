@@ -168,7 +168,8 @@ class NodeContext:
                                          keep_annotation_text=True))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series, reading),
-                                   defer=worker.submit)
+                                   defer=worker.submit,
+                                   max_inflated=settings.node.max_inflated_mb << 20)
             quarantine = QuarantineService(area)
         review = ReviewService(index, blobs, audit, states, settings.review)
         syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,

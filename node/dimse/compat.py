@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from pynetdicom import _config
@@ -302,7 +302,7 @@ class DimseHooks:
     def __call__(self, primitive: P_DATA) -> None:
         try:
             self.inner(primitive)
-        except Exception as exc:  # noqa: BLE001 - any failure must end the association cleanly
+        except Exception as exc:  # any failure must end the association cleanly
             self.drop_message()
             self.on_error(exc)
             # Evt19 ("invalid PDU") makes the state machine send A-ABORT, close the
@@ -314,14 +314,10 @@ class DimseHooks:
         message, self.dimse.message = self.dimse.message, None
         spool = getattr(message, "_data_set_file", None)
         if spool is not None:
-            try:
+            with suppress(OSError):
                 spool.close()
-            except OSError:
-                pass
-            try:
+            with suppress(OSError):
                 os.unlink(spool.name)
-            except OSError:
-                pass
 
 
 # --- PDUs of the sub-association we drive ourselves --------------------------------------

@@ -95,10 +95,9 @@ class PduGuard(compat.SocketHooks):
         address = getattr(self.assoc.requestor, "address", "")
         log.warning("association aborted", extra={"fields": {
             "address": address, "reason": self.refused}})
-        try:
+        # The abort is a courtesy (the peer may be gone); closing is what matters.
+        with contextlib.suppress(Exception):
             self.send(compat.encode_provider_abort(reason))
-        except Exception:  # noqa: BLE001 - the abort is a courtesy; closing is what matters
-            pass
         raw = self.socket
         if raw is not None:
             # The peer sees the end at once; pynetdicom closes the descriptor itself.

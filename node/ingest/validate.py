@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -118,15 +120,59 @@ class Received:
     pixels: PixelElement | None
 
 
-def read_received(path: Path) -> Received:
+class TooLarge(ValueError):
+    """The data set inflates beyond the configured bound (a deflate bomb): 0xC000, not kept."""
+
+
+#: Inflated bytes allowed when none is configured (``node.max_inflated_mb``).
+DEFAULT_MAX_INFLATED = 512 << 20
+_INFLATE_IN = 64 << 10  # compressed bytes read at a time
+_INFLATE_OUT = 1 << 20  # inflated bytes produced at a time (a bomb's 64 KiB can make 64 MB)
+
+
+def inflated_size(f: BinaryIO, limit: int) -> int:
+    """The inflated size of a deflated file's data set, streamed: raises TooLarge past ``limit``.
+
+    pydicom inflates the whole data set in memory before parsing a single
+    element, so a few MB of deflated zeros become GBs in the worker. Counting the
+    output in bounded pieces first keeps memory flat and refuses early.
+    """
+    f.seek(0)
+    read_preamble(f, False)
+    read_dataset(f, is_implicit_VR=False, is_little_endian=True,
+                 stop_when=lambda tag, vr, length: tag.group != 0x0002)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending = b""
+    while True:
+        if not pending:
+            pending = f.read(_INFLATE_IN)
+            if not pending:
+                break
+        out = inflater.decompress(pending, _INFLATE_OUT)
+        pending = inflater.unconsumed_tail
+        total += len(out)
+        if total > limit:
+            raise TooLarge(f"deflated data set inflates beyond {limit >> 20} MB")
+        if inflater.eof:
+            break
+    return total
+
+
+def read_received(path: Path, max_inflated: int = DEFAULT_MAX_INFLATED) -> Received:
     """Parse the header (never the pixels) and locate the pixel data element.
 
     Raises what pydicom raises for data it cannot parse, or :class:`Unparseable`
     where pydicom reads on regardless (an element longer than the data left,
     bytes that name no SOP instance); the pipeline turns that into 0xC000 and
-    quarantines the bytes.
+    quarantines the bytes. A deflated data set that inflates beyond
+    ``max_inflated`` bytes raises :class:`TooLarge` before pydicom inflates it.
     """
     with open(path, "rb") as f:
+        meta = read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            inflated_size(f, max_inflated)
+            f.seek(0)
         ds = dcmread(f, stop_before_pixels=True)
         _whole(ds)
         syntax = ds.file_meta.get("TransferSyntaxUID")
