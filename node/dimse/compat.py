@@ -17,6 +17,7 @@ it subclasses the hook classes below and calls the accessors.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -69,7 +70,7 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("Association().dimse", "message", "attribute",
      "the DIMSE message being received, dropped after a failed spool write"),
     ("Association().dul", "event_queue", "attribute",
-     "Evt19 queued there makes the state machine abort the association (AA-8)"),
+     "Evt17 queued there ends an association whose connection we shut (AA-4)"),
     ("dimse_messages.C_STORE_RQ()", "_data_set_file", "attribute",
      "the spool file of a C-STORE being received, closed after a failed write"),
     # Lamina's Q/R loops replace these three methods of pynetdicom's service class.
@@ -275,6 +276,22 @@ def adopt_socket(assoc: Association, cls: type[SocketHooks]) -> Any:
     return sock
 
 
+def abort_connection(sock: AssociationSocket | None, reason: int) -> None:
+    """Send an A-ABORT (service provider, ``reason``) and shut the connection both ways.
+
+    The descriptor stays open for pynetdicom to close; the peer sees the end at once,
+    and a peer blocked sending to us gets an error instead of waiting for its timeout.
+    """
+    if sock is None:
+        return
+    with suppress(Exception):  # the abort is a courtesy (the peer may be gone)
+        sock.send(encode_provider_abort(reason))
+    raw = sock.socket
+    if raw is not None:
+        with suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)
+
+
 def encode_provider_abort(reason: int) -> bytes:
     """An A-ABORT PDU from the service provider (source 2) with a PS3.8 9.3.8 reason."""
     primitive = A_P_ABORT()
@@ -284,12 +301,35 @@ def encode_provider_abort(reason: int) -> bytes:
     return pdu.encode()
 
 
+class _Discard:
+    """Stands in for a C-STORE's spool file after a write to it failed: the rest of the
+    data set is read off the wire and dropped, so the message completes and gets an
+    answer (0xA700) instead of the association being torn down."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.file = self
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class DimseHooks:
     """Wraps an association's DIMSE ``receive_primitive`` (runs in the DUL thread).
 
     pynetdicom calls it from its state machine outside the DUL's own exception
-    guard; an ``OSError`` while spooling a data set (a full disk) ended the DUL
-    thread, so the association never closed and its slot was never released.
+    guard: an ``OSError`` while spooling a data set (a full disk) ended the DUL
+    thread, so the sender got no answer, the association never closed and its
+    slot was never released. Here a failed spool write of a C-STORE data set
+    discards the rest of that data set and marks the association (see
+    :func:`receive_failure`): the C-STORE handler answers 0xA700. Any other
+    failure aborts the association at once.
     """
 
     def __init__(self, assoc: Association, on_error: Any) -> None:
@@ -302,22 +342,56 @@ class DimseHooks:
     def __call__(self, primitive: P_DATA) -> None:
         try:
             self.inner(primitive)
-        except Exception as exc:  # any failure must end the association cleanly
-            self.drop_message()
+        except Exception as exc:  # any failure must end in an answer or a clean abort
             self.on_error(exc)
-            # Evt19 ("invalid PDU") makes the state machine send A-ABORT, close the
-            # connection and end the association, in its own thread and order.
-            self.assoc.dul.event_queue.put("Evt19")
+            if isinstance(exc, OSError) and self.discard_rest(primitive, exc):
+                return
+            self.drop_message()
+            # A-ABORT and the connection shut now: the state machine's own abort would
+            # wait for a peer still sending (its send blocks once we stop reading).
+            # Evt17 ("transport closed") then ends the association in pynetdicom's order.
+            abort_connection(self.assoc.dul.socket, 0)
+            self.assoc.dul.event_queue.put("Evt17")
+
+    def discard_rest(self, primitive: P_DATA, exc: OSError) -> bool:
+        """After a failed write to a C-STORE's spool file: drop that file, read the rest
+        of the data set into nothing, and mark the association. False when the failure
+        was elsewhere (the primitive carries a command fragment, or no spool file)."""
+        message = self.dimse.message
+        spool = getattr(message, "_data_set_file", None)
+        if spool is None or isinstance(spool, _Discard) or any(
+                data[0] & 1 for _, data in primitive.presentation_data_value_list):
+            return False
+        close_and_remove(spool)
+        message._data_set_file = _Discard(spool.name)
+        self.assoc.lamina_receive_failure = exc.strerror or type(exc).__name__
+        try:
+            self.inner(primitive)  # its data set fragments again, into nothing
+        except Exception:
+            return False
+        return True
 
     def drop_message(self) -> None:
         """Forget the half-received message, closing (and removing) its spool file."""
         message, self.dimse.message = self.dimse.message, None
         spool = getattr(message, "_data_set_file", None)
         if spool is not None:
-            with suppress(OSError):
-                spool.close()
-            with suppress(OSError):
-                os.unlink(spool.name)
+            close_and_remove(spool)
+
+
+def close_and_remove(spool: Any) -> None:
+    with suppress(OSError):
+        spool.close()
+    with suppress(OSError):
+        os.unlink(spool.name)
+
+
+def receive_failure(assoc: Association) -> str:
+    """Why the data set of the C-STORE just received could not be spooled ('' if it was);
+    reading it clears it (one answer per failed message)."""
+    reason = getattr(assoc, "lamina_receive_failure", "")
+    assoc.lamina_receive_failure = ""
+    return reason
 
 
 # --- PDUs of the sub-association we drive ourselves --------------------------------------

@@ -19,9 +19,7 @@ much a peer sends.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import struct
 
 from node.config import NodeSettings
@@ -95,14 +93,7 @@ class PduGuard(compat.SocketHooks):
         address = getattr(self.assoc.requestor, "address", "")
         log.warning("association aborted", extra={"fields": {
             "address": address, "reason": self.refused}})
-        # The abort is a courtesy (the peer may be gone); closing is what matters.
-        with contextlib.suppress(Exception):
-            self.send(compat.encode_provider_abort(reason))
-        raw = self.socket
-        if raw is not None:
-            # The peer sees the end at once; pynetdicom closes the descriptor itself.
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)
+        compat.abort_connection(self, reason)
 
 
 def install(assoc: object, limits: NodeSettings) -> None:

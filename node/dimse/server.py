@@ -60,11 +60,12 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
 def _receive_failed(assoc: Association, exc: Exception) -> None:
     """A message could not be received (the spool write failed: disk full, I/O error).
 
-    The half-written spool file is gone and the association is aborted; the
-    worker, its threads and the association slot carry on (released on close).
+    The half-written spool file is gone; a C-STORE is answered 0xA700, anything
+    else aborts the association. The worker, its threads and the association
+    slot carry on (the slot is released when the connection closes).
     """
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-    log.error("receive failed, association aborted", extra={"fields": {
+    log.error("receive failed", extra={"fields": {
         "address": str(assoc.requestor.address), "reason": reason}})
 
 

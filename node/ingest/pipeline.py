@@ -452,6 +452,11 @@ class IngestService:
         return StoreResult(Outcome(code, refused.reason), "quarantined",
                            refused.sop_instance_uid, sha256, quarantine_id=qid)
 
+    def receive_failed(self, source: Source, reason: str) -> StoreResult:
+        """The data set could not even be spooled (a full disk under the receiving
+        library): 0xA700 with the reason, audited when the index still takes writes."""
+        return self._failed(source, f"cannot spool the data set: {reason}", "")
+
     def _too_large(self, source: Source, reason: str) -> StoreResult:
         """A deflate bomb: refused and audited, its bytes not kept (quarantine would hold
         the whole file in memory to seal it, and there is nothing in it to release)."""

@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from node.context import NodeContext
+from node.dimse import compat
 from node.dimse.handlers.association import Sessions
 
 log = logging.getLogger("lamina.store")
@@ -18,7 +19,11 @@ def make_store_handler(ctx: NodeContext, sessions: Sessions):
 
     def handle_store(event: evt.Event) -> Dataset:
         session = sessions.of(event.assoc)
-        result = ctx.ingest.ingest_file(event.dataset_path, session.source)
+        spool_failure = compat.receive_failure(event.assoc)
+        if spool_failure:
+            result = ctx.ingest.receive_failed(session.source, spool_failure)
+        else:
+            result = ctx.ingest.ingest_file(event.dataset_path, session.source)
         if result.outcome.status.is_success:
             session.stored += 1
         else:
