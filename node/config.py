@@ -66,9 +66,12 @@ class NodeSettings:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     #: Bounds on what a peer can make a worker read or hold (node.dimse.guard).
+    max_associations_per_peer: int = 8
     max_associate_kb: int = 256
     max_association_mb: int = 65536
     max_inflated_mb: int = 512
+    max_element_mb: int = 128
+    max_depth: int = 64
 
 
 @dataclass(frozen=True)
@@ -284,17 +287,24 @@ def _build(raw: dict[str, Any]) -> Settings:
         acse_timeout=_get(s, "node", "acse_timeout", float, d.acse_timeout),
         dimse_timeout=_get(s, "node", "dimse_timeout", float, d.dimse_timeout),
         network_timeout=_get(s, "node", "network_timeout", float, d.network_timeout),
+        max_associations_per_peer=_get(s, "node", "max_associations_per_peer", int,
+                                       d.max_associations_per_peer),
         max_associate_kb=_get(s, "node", "max_associate_kb", int, d.max_associate_kb),
         max_association_mb=_get(s, "node", "max_association_mb", int, d.max_association_mb),
         max_inflated_mb=_get(s, "node", "max_inflated_mb", int, d.max_inflated_mb),
+        max_element_mb=_get(s, "node", "max_element_mb", int, d.max_element_mb),
+        max_depth=_get(s, "node", "max_depth", int, d.max_depth),
     )
     _range(node.port, 0, 65535, "node.port")
     _range(node.workers, 1, 64, "node.workers")
     _range(node.max_pdu, 4096, 2**31 - 1, "node.max_pdu")
     _range(node.max_associations, 1, 1000, "node.max_associations")
+    _range(node.max_associations_per_peer, 1, 1000, "node.max_associations_per_peer")
     _range(node.max_associate_kb, 16, 65536, "node.max_associate_kb")
     _range(node.max_association_mb, 1, 2**40, "node.max_association_mb")
     _range(node.max_inflated_mb, 1, 2**20, "node.max_inflated_mb")
+    _range(node.max_element_mb, 1, 4096, "node.max_element_mb")
+    _range(node.max_depth, 1, 512, "node.max_depth")
     for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
         _range(getattr(node, key), 0.1, 86400, f"node.{key}")
 

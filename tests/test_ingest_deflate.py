@@ -20,7 +20,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from node import status
-from node.ingest.validate import TooLarge, inflated_size, read_received
+from node.ingest.validate import ReadLimits, TooLarge, inflated_size, read_received
 from tests.harness import InProcessNode, write_config
 
 INFLATED = 256 << 20
@@ -76,10 +76,10 @@ def test_inflated_size_is_counted_and_capped(bomb):
 _MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from node.ingest.validate import TooLarge, read_received
+from node.ingest.validate import ReadLimits, TooLarge, read_received
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    read_received(Path(sys.argv[1]), 16 << 20)
+    read_received(Path(sys.argv[1]), ReadLimits(max_inflated=16 << 20))
     outcome = "read"
 except TooLarge as exc:
     outcome = str(exc)
@@ -112,5 +112,5 @@ def test_a_bomb_over_c_store_is_refused_and_not_stored(tmp_path, bomb):
 
 def test_a_small_deflated_object_still_reads(tmp_path):
     small = write_bomb(tmp_path / "small.dcm", inflated=1 << 20)
-    received = read_received(small, 16 << 20)
+    received = read_received(small, ReadLimits(max_inflated=16 << 20))
     assert received.dataset.PatientID == "BOMB"

@@ -59,8 +59,9 @@ from node.ingest.types import (
     StoreResult,
 )
 from node.ingest.validate import (
-    DEFAULT_MAX_INFLATED,
+    DEFAULT_LIMITS,
     Finding,
+    ReadLimits,
     Received,
     TooLarge,
     Validator,
@@ -104,8 +105,8 @@ class IngestService:
                  quarantine: QuarantineArea, router: Router, spool_dir: Path,
                  validator: Validator | None = None, hooks: tuple[IngestHook, ...] = (),
                  defer: Defer = lambda job: job(),
-                 max_inflated: int = DEFAULT_MAX_INFLATED) -> None:
-        self.max_inflated = max_inflated
+                 limits: ReadLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
         self.blobs = blobs
         self.index = index
         self.audit = audit
@@ -146,7 +147,7 @@ class IngestService:
             return self._failed(source, f"out of disk space: {exc}", "")
 
         try:
-            received = read_received(spooled, self.max_inflated)
+            received = read_received(spooled, self.limits)
             transfer_syntax = str(received.dataset.file_meta.get("TransferSyntaxUID", ""))
         except TooLarge as exc:
             return self._too_large(source, str(exc))

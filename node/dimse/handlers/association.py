@@ -6,6 +6,7 @@ to pynetdicom events and keeps one :class:`Session` per live association.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
@@ -36,6 +37,7 @@ class Session:
     #: the annotations it sends. Staff, not patients, but never logged.
     user_identity: str = ""
     slot_fd: int | None = None
+    peer_slot_fd: int | None = None
     stored: int = 0
     failed: int = 0
     ended: bool = False
@@ -66,6 +68,12 @@ class Sessions:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.limiter = SlotLimiter(ctx.run_dir, ctx.settings.node.max_associations)
+        per_peer = ctx.settings.node.max_associations_per_peer
+        #: One limiter per configured peer (slot files named after it), across processes.
+        self.peer_limiters = {
+            peer.name: SlotLimiter(ctx.run_dir, per_peer, "peer-" + hashlib.sha256(
+                peer.name.encode()).hexdigest()[:16] + "-slot")
+            for peer in ctx.settings.peers}
         self._by_assoc: dict[Association, Session] = {}
         self._lock = threading.Lock()
 
@@ -86,12 +94,22 @@ class Sessions:
         rejection, detail = verdict.rejection, verdict.detail
         if rejection is None:
             session.peer = verdict.peer
+            session.peer_slot_fd = self.peer_limiters[verdict.peer.name].acquire()
+            if session.peer_slot_fd is None:
+                rejection = status.LOCAL_LIMIT_EXCEEDED
+                detail = (f"{self.ctx.settings.node.max_associations_per_peer} associations"
+                          " of this peer already active")
+        if rejection is None:
             session.slot_fd = self.limiter.acquire()
             if session.slot_fd is None:
                 rejection = status.LOCAL_LIMIT_EXCEEDED
                 detail = f"{self.ctx.settings.node.max_associations} associations already active"
         if rejection is None:
             return
+        for fd in (session.slot_fd, session.peer_slot_fd):
+            if fd is not None:
+                SlotLimiter.release(fd)
+        session.slot_fd = session.peer_slot_fd = None
         log.warning("association rejected", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "address": session.address, "reason": rejection.reason, "detail": detail}})
@@ -134,8 +152,11 @@ class Sessions:
         self._ended(event.assoc, "aborted")
         with self._lock:
             session = self._by_assoc.pop(event.assoc, None)
-        if session and session.slot_fd is not None:
-            SlotLimiter.release(session.slot_fd)
+        if session is None:
+            return
+        for fd in (session.slot_fd, session.peer_slot_fd):
+            if fd is not None:
+                SlotLimiter.release(fd)
 
     def handlers(self) -> list:
         return [
