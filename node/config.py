@@ -18,6 +18,7 @@ from typing import Any
 
 from node.anonymize.settings import DeidSettings
 from node.forward.rules import ForwardSettings
+from node.identity import IdentitySettings
 from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get"})
@@ -43,6 +44,8 @@ class Peer:
     route: str = "clinical"
     #: Names of the peers this peer may name as C-MOVE destination (default: itself).
     move_destinations: tuple[str, ...] = ()
+    #: "required": associations without a verified DICOM user identity are rejected.
+    identity: str = "optional"
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -153,6 +156,7 @@ class Settings:
     annotations: AnnotationSettings = field(default_factory=AnnotationSettings)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
 
     @property
     def index_path(self) -> Path:
@@ -273,7 +277,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations", "review", "forward"}:
+                       "peers", "annotations", "review", "forward", "identity"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -402,8 +406,36 @@ def _build(raw: dict[str, Any]) -> Settings:
         forward.check({p.name: _reachable(p.host) for p in peers}, None)
     except ValueError as exc:  # ForwardConfigError names the key already
         raise ConfigError(str(exc)) from None
+    identity = _identity(raw)
+    for peer in peers:
+        if peer.identity == "required" and not identity.enabled:
+            raise ConfigError(f"peers.{peer.name}.identity: required, but [identity] users"
+                              " names no user")
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), peers, annotations, review, forward)
+                    _validation(raw), peers, annotations, review, forward, identity)
+
+
+def _identity(raw: dict[str, Any]) -> IdentitySettings:
+    s = _section(raw, "identity", {"users", "jwt_key_file", "jwt_algorithms"})
+    users = s.get("users", {})
+    if not isinstance(users, dict):
+        raise ConfigError("identity.users: must be a table of user = { passcode = HASH }")
+    table = {}
+    for user, entry in users.items():
+        if not isinstance(entry, dict) or set(entry) - {"passcode"} \
+                or not isinstance(entry.get("passcode", ""), str):
+            raise ConfigError(f"identity.users.{user}: must be {{ passcode = \"scrypt$...\" }}"
+                              " or {}")
+        passcode = entry.get("passcode", "")
+        if passcode and not passcode.startswith("scrypt$"):
+            raise ConfigError(f"identity.users.{user}.passcode: must be a hash made by"
+                              " `lamina identity hash`, never the passcode itself")
+        table[str(user)] = passcode
+    key = _get(s, "identity", "jwt_key_file", str, "")
+    algorithms = s.get("jwt_algorithms", list(IdentitySettings.jwt_algorithms))
+    if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
+        raise ConfigError("identity.jwt_algorithms: must be a list of names")
+    return IdentitySettings(table, Path(key) if key else None, tuple(algorithms))
 
 
 def _validation(raw: dict[str, Any]) -> ValidationSettings:
@@ -450,7 +482,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise ConfigError(f"{where}: must be a table")
         for key in s:
             if key not in {"ae_title", "host", "port", "services", "route",
-                           "move_destinations"}:
+                           "move_destinations", "identity"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -475,8 +507,11 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         destinations = s.get("move_destinations", [name] if _reachable(host) else [])
         if not isinstance(destinations, list) or not all(isinstance(x, str) for x in destinations):
             raise ConfigError(f"{where}.move_destinations: must be a list of peer names")
+        identity = _get(s, where, "identity", str, "optional")
+        if identity not in ("optional", "required"):
+            raise ConfigError(f"{where}.identity: must be optional or required, got {identity!r}")
         peers.append(Peer(name, ae, host, port, frozenset(services), networks, route,
-                          tuple(destinations)))
+                          tuple(destinations), identity))
     _check_move_destinations(peers)
     return tuple(peers)
 
