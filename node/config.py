@@ -46,6 +46,10 @@ class Peer:
     move_destinations: tuple[str, ...] = ()
     #: "required": associations without a verified DICOM user identity are rejected.
     identity: str = "optional"
+    #: A client certificate this peer must present: its SHA-256 fingerprint (hex) and/or
+    #: its subject (RFC 4514, e.g. "CN=scanner,O=Hospital"); empty: none required.
+    tls_fingerprint: str = ""
+    tls_subject: str = ""
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -125,6 +129,16 @@ class AnnotationSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: DICOM TLS on the node's port (node.dimse.tls)."""
+
+    mode: str = "off"  # "off": plain DICOM; "only": TLS only, plaintext refused
+    cert: Path | None = None  # our certificate chain (PEM)
+    key: Path | None = None  # its private key (PEM)
+    ca: Path | None = None  # CA certificates client certificates must chain to (optional)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "INFO"
 
@@ -157,6 +171,7 @@ class Settings:
     review: ReviewSettings = field(default_factory=ReviewSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def index_path(self) -> Path:
@@ -277,7 +292,7 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations", "review", "forward", "identity"}:
+                       "peers", "annotations", "review", "forward", "identity", "tls"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -412,7 +427,24 @@ def _build(raw: dict[str, Any]) -> Settings:
             raise ConfigError(f"peers.{peer.name}.identity: required, but [identity] users"
                               " names no user")
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
-                    _validation(raw), peers, annotations, review, forward, identity)
+                    _validation(raw), peers, annotations, review, forward, identity,
+                    _tls(raw, peers))
+
+
+def _tls(raw: dict[str, Any], peers: tuple[Peer, ...]) -> TlsSettings:
+    s = _section(raw, "tls", set(TlsSettings.__dataclass_fields__))
+    mode = _get(s, "tls", "mode", str, "off")
+    if mode not in ("off", "only"):
+        raise ConfigError(f"tls.mode: must be off or only, got {mode!r}")
+    paths = {k: Path(v) if (v := _get(s, "tls", k, str, "")) else None
+             for k in ("cert", "key", "ca")}
+    if mode == "only" and (paths["cert"] is None or paths["key"] is None):
+        raise ConfigError("tls.cert and tls.key: needed when tls.mode is only")
+    for peer in peers:
+        if (peer.tls_fingerprint or peer.tls_subject) and (mode != "only" or not paths["ca"]):
+            raise ConfigError(f"peers.{peer.name}: a pinned client certificate needs"
+                              " tls.mode = only and tls.ca")
+    return TlsSettings(mode, paths["cert"], paths["key"], paths["ca"])
 
 
 def _identity(raw: dict[str, Any]) -> IdentitySettings:
@@ -482,7 +514,8 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise ConfigError(f"{where}: must be a table")
         for key in s:
             if key not in {"ae_title", "host", "port", "services", "route",
-                           "move_destinations", "identity"}:
+                           "move_destinations", "identity", "tls_fingerprint",
+                           "tls_subject"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -510,8 +543,13 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         identity = _get(s, where, "identity", str, "optional")
         if identity not in ("optional", "required"):
             raise ConfigError(f"{where}.identity: must be optional or required, got {identity!r}")
+        fingerprint = _get(s, where, "tls_fingerprint", str, "").replace(":", "").lower()
+        if fingerprint and (len(fingerprint) != 64
+                            or not all(c in "0123456789abcdef" for c in fingerprint)):
+            raise ConfigError(f"{where}.tls_fingerprint: must be a SHA-256 in hex")
         peers.append(Peer(name, ae, host, port, frozenset(services), networks, route,
-                          tuple(destinations), identity))
+                          tuple(destinations), identity, fingerprint,
+                          _get(s, where, "tls_subject", str, "")))
     _check_move_destinations(peers)
     return tuple(peers)
 

@@ -159,6 +159,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  deidentify: dict | None = None, validation: dict | None = None,
                  annotations: dict | None = None, review: dict | None = None,
                  forward: dict | None = None, identity: dict | None = None,
+                 tls: dict | None = None,
                  data: Path | None = None,
                  key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
@@ -185,7 +186,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
     # key chooses must not decide what an unrelated test sees.
     sections["annotations"] = {"double_read_fraction": 0.0, **(annotations or {})}
     for name, values in (("index", index), ("validation", validation), ("review", review),
-                         ("forward", forward), ("identity", identity)):
+                         ("forward", forward), ("identity", identity), ("tls", tls)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():

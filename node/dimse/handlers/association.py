@@ -19,6 +19,8 @@ from node import status
 from node.audit.trail import Actor
 from node.config import Peer
 from node.context import NodeContext
+from node.dimse import compat
+from node.dimse.tls import certificate_problem
 from node.identity import IdentityRefused, verify
 from node.ingest.types import Source
 from node.policy import SlotLimiter, admit
@@ -97,6 +99,10 @@ class Sessions:
         verdict = admit(self.ctx.settings, session.calling_ae, str(rq.called_ae_title),
                         session.address)
         rejection, detail = verdict.rejection, verdict.detail
+        if rejection is None:
+            problem = certificate_problem(verdict.peer, compat.socket_of(assoc))
+            if problem:
+                rejection, detail = status.CALLING_AE_NOT_RECOGNISED, problem
         if rejection is None and verdict.peer.identity == "required" \
                 and assoc.requestor.user_identity is None:
             rejection, detail = status.USER_IDENTITY_REQUIRED, "no user identity negotiated"
