@@ -50,6 +50,8 @@ class Peer:
     #: its subject (RFC 4514, e.g. "CN=scanner,O=Hospital"); empty: none required.
     tls_fingerprint: str = ""
     tls_subject: str = ""
+    #: Associations we open to this peer speak DICOM TLS (node.dimse.tls.outgoing_context).
+    tls: bool = False
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -257,6 +259,8 @@ def _get(section: dict[str, Any], prefix: str, key: str, kind: type, default: An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         value = float(value)
+    elif kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{where}: must be text, got {value!r}")
     return value
@@ -515,7 +519,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         for key in s:
             if key not in {"ae_title", "host", "port", "services", "route",
                            "move_destinations", "identity", "tls_fingerprint",
-                           "tls_subject"}:
+                           "tls_subject", "tls"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -549,7 +553,7 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise ConfigError(f"{where}.tls_fingerprint: must be a SHA-256 in hex")
         peers.append(Peer(name, ae, host, port, frozenset(services), networks, route,
                           tuple(destinations), identity, fingerprint,
-                          _get(s, where, "tls_subject", str, "")))
+                          _get(s, where, "tls_subject", str, ""), _get(s, where, "tls", bool, False)))
     _check_move_destinations(peers)
     return tuple(peers)
 

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import ConfigError
 from node.dimse.tls import client_context
-from tests.harness import NODE_AET, TEST_AET, InProcessNode, peer, write_config
+from tests.harness import NODE_AET, TEST_AET, InProcessNode, lamina, peer, write_config
 
 
 def _name(cn: str) -> x509.Name:
@@ -137,3 +137,22 @@ def test_pinning_needs_tls_only_and_a_ca(tmp_path):
     config = write_config(tmp_path / "n", peers={"p": peer("P", "store", tls_subject="CN=x")})
     with pytest.raises(ConfigError, match="pinned client certificate"):
         config.settings()
+
+
+def test_lamina_send_speaks_tls_to_a_peer_configured_for_it(tmp_path, pki, phantom_files):
+    d = pki["dir"]
+    with InProcessNode(_config(tmp_path, pki)) as receiver:
+        sender = write_config(
+            tmp_path / "sender",
+            peers={"archive": peer(NODE_AET, "store", port=receiver.port, tls=True)},
+            tls={"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
+                 "key": str(d / "client.key")},
+            node={"ae_title": TEST_AET})
+        result = lamina("send", str(phantom_files[0]), "--to", "archive", config=sender)
+        assert result.exit_code == 0, result.output
+        assert receiver.rows("SELECT COUNT(*) FROM instance") == [(1,)]
+        plain = write_config(tmp_path / "plain", node={"ae_title": TEST_AET},
+                             peers={"archive": peer(NODE_AET, "store", port=receiver.port)})
+        result = lamina("send", str(phantom_files[1]), "--to", "archive", config=plain)
+        assert result.exit_code != 0  # plaintext is refused by a TLS-only node
+        assert receiver.rows("SELECT COUNT(*) FROM instance") == [(1,)]

@@ -25,7 +25,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from node.config import NodeSettings
+from node.config import NodeSettings, TlsSettings
 from node.context import NodeContext
 from node.dimse import compat, guard, tls
 from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
@@ -45,11 +45,13 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
 
     def __init__(self, request: Any, client_address: Any, server: Any, *,
                  blobs: BlobSource, limits: NodeSettings,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 tls_settings: TlsSettings | None = None) -> None:
         # before the parent's __init__, which handles the request
         self.blobs = blobs
         self.limits = limits
         self.tls = tls
+        self.tls_settings = tls_settings or TlsSettings()
         super().__init__(request, client_address, server)
 
     def handle(self) -> None:
@@ -65,6 +67,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
     def created(self, assoc: Association) -> Association:
         compat.adopt(assoc, QueryRetrieveAssociation)
         assoc.blobs = self.blobs
+        assoc.tls = self.tls_settings
         guard.install(assoc, self.limits)
         compat.DimseHooks(assoc, partial(_receive_failed, assoc))
         return assoc
@@ -87,8 +90,10 @@ class DimseServer:
 
     def __init__(self, ae: AE, address: tuple[str, int], handlers: list,
                  blobs: BlobSource, limits: NodeSettings,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None,
+                 tls_settings: TlsSettings | None = None) -> None:
         self.ae = ae
+        self.tls_settings = tls_settings or TlsSettings()
         self.limits = limits
         self.tls_context = tls_context
         self.address = address
@@ -104,7 +109,7 @@ class DimseServer:
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers, server_class=LaminaServer,
             request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits,
-                                    tls=self.tls_context))
+                                    tls=self.tls_context, tls_settings=self.tls_settings))
         self._server = server
         # socketserver's default poll interval (0.5 s) is how long stop() waits.
         self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
@@ -146,4 +151,4 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
         *make_retrieve_handlers(ctx, sessions),
     ]
     return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs, node,
-                       tls.server_context(ctx.settings.tls))
+                       tls.server_context(ctx.settings.tls), ctx.settings.tls)

@@ -94,3 +94,15 @@ def certificate_problem(peer: Peer, sock: object) -> str:
         if subject != peer.tls_subject:
             return "client certificate subject does not match"
     return ""
+
+
+def outgoing_context(settings: TlsSettings, wanted: bool) -> ssl.SSLContext | None:
+    """The context for associations we open to a peer (C-MOVE destinations,
+    forwarding, ``lamina send``): None unless ``wanted`` (its ``tls = true``). The peer's
+    certificate is verified against ``tls.ca`` (the system's CAs without one); our
+    own certificate (``tls.cert``/``tls.key``) is presented when configured."""
+    if not wanted:
+        return None
+    return client_context(str(settings.ca) if settings.ca else None,
+                          str(settings.cert) if settings.cert else None,
+                          str(settings.key) if settings.key else None)
