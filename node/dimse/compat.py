@@ -69,6 +69,8 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      "runs outside the DUL's exception guard: a failed spool write killed the thread"),
     ("Association().dimse", "message", "attribute",
      "the DIMSE message being received, dropped after a failed spool write"),
+    ("Association().dul", "to_user_queue", "attribute",
+     "None put there ends an acceptor still waiting for its A-ASSOCIATE-RQ at once"),
     ("Association().dul", "event_queue", "attribute",
      "Evt17 queued there ends an association whose connection we shut (AA-4)"),
     ("dimse_messages.C_STORE_RQ()", "_data_set_file", "attribute",
@@ -290,6 +292,13 @@ def abort_connection(sock: AssociationSocket | None, reason: int) -> None:
     if raw is not None:
         with suppress(OSError):
             raw.shutdown(socket.SHUT_WR)
+
+
+def end_before_association(assoc: Association) -> None:
+    """End an acceptor that is still waiting for its A-ASSOCIATE-RQ now, not after the
+    ACSE timeout: its thread takes None as "timed out", closes and returns (otherwise
+    each refused connection would hold a thread and a pynetdicom association slot)."""
+    assoc.dul.to_user_queue.put(None)
 
 
 def encode_provider_abort(reason: int) -> bytes:

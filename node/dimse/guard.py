@@ -48,6 +48,8 @@ class PduGuard(compat.SocketHooks):
     refused: str
 
     def read(self, nr_bytes: int) -> bytearray:
+        if self.refused:
+            return bytearray()  # refused: nothing more is read from this peer
         if self.body_next:
             self.body_next = False
             return super().read(nr_bytes)
@@ -59,6 +61,8 @@ class PduGuard(compat.SocketHooks):
         if problem is not None:
             reason, self.refused = problem
             self.abort(reason)
+            if self.first:
+                compat.end_before_association(self.assoc)
             return bytearray()  # a short header: pynetdicom ends the association (Evt17)
         self.first = False
         self.received += 6 + length
