@@ -42,6 +42,7 @@ def test_an_element_over_max_element_mb_is_refused(bounded, tmp_path):
     [(code, comment)] = bounded.store([_with("long-element", _ut(2 << 20), tmp_path)])
     assert code == status.CANNOT_UNDERSTAND.code
     assert "(0040,A160) of 2097152 bytes, too long" in comment
+    assert bounded.rows("SELECT COUNT(*) FROM quarantine") == [(0,)]  # not read to be sealed
     [(code, _)] = bounded.store([_with("short-element", _ut(1000), tmp_path)])
     assert code == 0
 

@@ -122,7 +122,8 @@ class Received:
 
 
 class TooLarge(ValueError):
-    """The data set inflates beyond the configured bound (a deflate bomb): 0xC000, not kept."""
+    """Past a size bound (a deflate bomb, an element over max_element): 0xC000, not kept
+    (quarantine would read the whole file into memory to seal it)."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def _bounded(ds: Dataset, limits: ReadLimits, size: int) -> None:
                     if length > remain:
                         raise Unparseable(f"element {tag_text(tag)} declares {length} bytes,"
                                           f" {remain} remain")
-                    raise Unparseable(f"element {tag_text(tag)} of {length} bytes, too long")
+                    raise TooLarge(f"element {tag_text(tag)} of {length} bytes, too long")
                 if raw.VR == "SQ":
                     deeper += list(item[tag].value or ())
         if deeper:
