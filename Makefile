@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench fuzz clean
 
 ## Create .venv, install Lamina and its test tools, link .bin/lamina.
 install: .bin/lamina
@@ -33,6 +33,11 @@ run: .bin/lamina
 ## The whole test suite (DCMTK tests skip with a reason when it is not installed).
 test: .bin/lamina
 	$(BIN)/python -m pytest
+
+## The fuzz properties of tests/test_fuzz.py, long (random seeds; FUZZ_EXAMPLES each).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	LAMINA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -p no:cacheprovider tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

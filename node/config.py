@@ -19,6 +19,7 @@ from typing import Any
 
 from node.anonymize.settings import DeidSettings
 from node.forward.rules import ForwardSettings
+from node.identity import IdentitySettings
 from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get", "review"})  # review: the /review pages
@@ -44,6 +45,14 @@ class Peer:
     route: str = "clinical"
     #: Names of the peers this peer may name as C-MOVE destination (default: itself).
     move_destinations: tuple[str, ...] = ()
+    #: "required": associations without a verified DICOM user identity are rejected.
+    identity: str = "optional"
+    #: A client certificate this peer must present: its SHA-256 fingerprint (hex) and/or
+    #: its subject (RFC 4514, e.g. "CN=scanner,O=Hospital"); empty: none required.
+    tls_fingerprint: str = ""
+    tls_subject: str = ""
+    #: Associations we open to this peer speak DICOM TLS (node.dimse.tls.outgoing_context).
+    tls: bool = False
 
     def allows_address(self, address: str) -> bool:
         try:
@@ -68,6 +77,13 @@ class NodeSettings:
     network_timeout: float = 60.0
     #: This node among several on one index: in its logs and in every audit event it writes.
     id: str = ""
+    #: Bounds on what a peer can make a worker read or hold (node.dimse.guard).
+    max_associations_per_peer: int = 8
+    max_associate_kb: int = 256
+    max_association_mb: int = 65536
+    max_inflated_mb: int = 512
+    max_element_mb: int = 128
+    max_depth: int = 64
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,16 @@ class AnnotationSettings:
     #: Share of studies chosen (by a keyed hash of the pseudonymous StudyInstanceUID) for
     #: a second independent reading (issue 10).
     double_read_fraction: float = 0.12
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: DICOM TLS on the node's port (node.dimse.tls)."""
+
+    mode: str = "off"  # "off": plain DICOM; "only": TLS only, plaintext refused
+    cert: Path | None = None  # our certificate chain (PEM)
+    key: Path | None = None  # its private key (PEM)
+    ca: Path | None = None  # CA certificates client certificates must chain to (optional)
 
 
 @dataclass(frozen=True)
@@ -182,6 +208,8 @@ class Settings:
     review: ReviewSettings = field(default_factory=ReviewSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def index_path(self) -> Path:
@@ -280,6 +308,8 @@ def _get(section: dict[str, Any], prefix: str, key: str, kind: type, default: An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
         value = float(value)
+    elif kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{where}: must be text, got {value!r}")
     return value
@@ -315,7 +345,8 @@ def _resolve_networks(host: str, where: str) -> tuple:
 def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
-                       "peers", "annotations", "review", "forward", "http"}:
+                       "peers", "annotations", "review", "forward", "http", "identity",
+                       "tls"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -330,6 +361,13 @@ def _build(raw: dict[str, Any]) -> Settings:
         dimse_timeout=_get(s, "node", "dimse_timeout", float, d.dimse_timeout),
         network_timeout=_get(s, "node", "network_timeout", float, d.network_timeout),
         id=_get(s, "node", "id", str, d.id),
+        max_associations_per_peer=_get(s, "node", "max_associations_per_peer", int,
+                                       d.max_associations_per_peer),
+        max_associate_kb=_get(s, "node", "max_associate_kb", int, d.max_associate_kb),
+        max_association_mb=_get(s, "node", "max_association_mb", int, d.max_association_mb),
+        max_inflated_mb=_get(s, "node", "max_inflated_mb", int, d.max_inflated_mb),
+        max_element_mb=_get(s, "node", "max_element_mb", int, d.max_element_mb),
+        max_depth=_get(s, "node", "max_depth", int, d.max_depth),
     )
     if node.id and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node.id):
         raise ConfigError(f"node.id: 1-64 letters, digits, '.', '_' or '-', got {node.id!r}")
@@ -337,6 +375,12 @@ def _build(raw: dict[str, Any]) -> Settings:
     _range(node.workers, 1, 64, "node.workers")
     _range(node.max_pdu, 4096, 2**31 - 1, "node.max_pdu")
     _range(node.max_associations, 1, 1000, "node.max_associations")
+    _range(node.max_associations_per_peer, 1, 1000, "node.max_associations_per_peer")
+    _range(node.max_associate_kb, 16, 65536, "node.max_associate_kb")
+    _range(node.max_association_mb, 1, 2**40, "node.max_association_mb")
+    _range(node.max_inflated_mb, 1, 2**20, "node.max_inflated_mb")
+    _range(node.max_element_mb, 1, 4096, "node.max_element_mb")
+    _range(node.max_depth, 1, 512, "node.max_depth")
     for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
         _range(getattr(node, key), 0.1, 86400, f"node.{key}")
 
@@ -442,9 +486,14 @@ def _build(raw: dict[str, Any]) -> Settings:
         forward.check({p.name: _reachable(p.host) for p in peers}, None)
     except ValueError as exc:  # ForwardConfigError names the key already
         raise ConfigError(str(exc)) from None
+    identity = _identity(raw)
+    for peer in peers:
+        if peer.identity == "required" and not identity.enabled:
+            raise ConfigError(f"peers.{peer.name}.identity: required, but [identity] users"
+                              " names no user")
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
                     _validation(raw), peers, annotations, review, forward,
-                    _http(raw, peers))
+                    _http(raw, peers), identity, _tls(raw, peers))
 
 
 def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
@@ -497,6 +546,45 @@ def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
     return settings
 
 
+def _tls(raw: dict[str, Any], peers: tuple[Peer, ...]) -> TlsSettings:
+    s = _section(raw, "tls", set(TlsSettings.__dataclass_fields__))
+    mode = _get(s, "tls", "mode", str, "off")
+    if mode not in ("off", "only"):
+        raise ConfigError(f"tls.mode: must be off or only, got {mode!r}")
+    paths = {k: Path(v) if (v := _get(s, "tls", k, str, "")) else None
+             for k in ("cert", "key", "ca")}
+    if mode == "only" and (paths["cert"] is None or paths["key"] is None):
+        raise ConfigError("tls.cert and tls.key: needed when tls.mode is only")
+    for peer in peers:
+        if (peer.tls_fingerprint or peer.tls_subject) and (mode != "only" or not paths["ca"]):
+            raise ConfigError(f"peers.{peer.name}: a pinned client certificate needs"
+                              " tls.mode = only and tls.ca")
+    return TlsSettings(mode, paths["cert"], paths["key"], paths["ca"])
+
+
+def _identity(raw: dict[str, Any]) -> IdentitySettings:
+    s = _section(raw, "identity", {"users", "jwt_key_file", "jwt_algorithms"})
+    users = s.get("users", {})
+    if not isinstance(users, dict):
+        raise ConfigError("identity.users: must be a table of user = { passcode = HASH }")
+    table = {}
+    for user, entry in users.items():
+        if not isinstance(entry, dict) or set(entry) - {"passcode"} \
+                or not isinstance(entry.get("passcode", ""), str):
+            raise ConfigError(f"identity.users.{user}: must be {{ passcode = \"scrypt$...\" }}"
+                              " or {}")
+        passcode = entry.get("passcode", "")
+        if passcode and not passcode.startswith("scrypt$"):
+            raise ConfigError(f"identity.users.{user}.passcode: must be a hash made by"
+                              " `lamina identity hash`, never the passcode itself")
+        table[str(user)] = passcode
+    key = _get(s, "identity", "jwt_key_file", str, "")
+    algorithms = s.get("jwt_algorithms", list(IdentitySettings.jwt_algorithms))
+    if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
+        raise ConfigError("identity.jwt_algorithms: must be a list of names")
+    return IdentitySettings(table, Path(key) if key else None, tuple(algorithms))
+
+
 def _validation(raw: dict[str, Any]) -> ValidationSettings:
     d = ValidationSettings()
     s = _section(raw, "validation", set(ValidationSettings.__dataclass_fields__))
@@ -541,7 +629,8 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise ConfigError(f"{where}: must be a table")
         for key in s:
             if key not in {"ae_title", "host", "port", "services", "route",
-                           "move_destinations"}:
+                           "move_destinations", "identity", "tls_fingerprint",
+                           "tls_subject", "tls"}:
                 raise ConfigError(f"{where}.{key}: unknown key")
         if "ae_title" not in s:
             raise ConfigError(f"{where}.ae_title: missing")
@@ -566,8 +655,16 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         destinations = s.get("move_destinations", [name] if _reachable(host) else [])
         if not isinstance(destinations, list) or not all(isinstance(x, str) for x in destinations):
             raise ConfigError(f"{where}.move_destinations: must be a list of peer names")
+        identity = _get(s, where, "identity", str, "optional")
+        if identity not in ("optional", "required"):
+            raise ConfigError(f"{where}.identity: must be optional or required, got {identity!r}")
+        fingerprint = _get(s, where, "tls_fingerprint", str, "").replace(":", "").lower()
+        if fingerprint and (len(fingerprint) != 64
+                            or not all(c in "0123456789abcdef" for c in fingerprint)):
+            raise ConfigError(f"{where}.tls_fingerprint: must be a SHA-256 in hex")
         peers.append(Peer(name, ae, host, port, frozenset(services), networks, route,
-                          tuple(destinations)))
+                          tuple(destinations), identity, fingerprint,
+                          _get(s, where, "tls_subject", str, ""), _get(s, where, "tls", bool, False)))
     _check_move_destinations(peers)
     return tuple(peers)
 

@@ -43,7 +43,7 @@ from node.ingest.iod import IODTables
 from node.ingest.pipeline import IngestService
 from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
-from node.ingest.validate import Validator
+from node.ingest.validate import ReadLimits, Validator
 from node.leases import LeasedWork
 from node.retrieve import RetrieveService
 from node.review.service import ReviewService
@@ -176,7 +176,10 @@ class NodeContext:
                                          keep_annotation_text=True))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
                                    validator, hooks=(annotations, series, reading),
-                                   defer=worker.submit)
+                                   defer=worker.submit,
+                                   limits=ReadLimits(settings.node.max_inflated_mb << 20,
+                                                     settings.node.max_element_mb << 20,
+                                                     settings.node.max_depth))
             quarantine = QuarantineService(area)
         review = ReviewService(index, blobs, audit, states, settings.review)
         syslog = (SyslogStream(index, audit.checkpoint, settings.audit, settings.node.ae_title,

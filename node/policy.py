@@ -47,8 +47,8 @@ class SlotLimiter:
     process never leaks a slot, and no shared counter needs recovering.
     """
 
-    def __init__(self, run_dir: Path, limit: int) -> None:
-        self.paths = [run_dir / f"association-slot-{i:03d}.lock" for i in range(limit)]
+    def __init__(self, run_dir: Path, limit: int, name: str = "association-slot") -> None:
+        self.paths = [run_dir / f"{name}-{i:03d}.lock" for i in range(limit)]
 
     def acquire(self) -> int | None:
         """A held slot's file descriptor, or None when every slot is busy."""

@@ -110,5 +110,7 @@ class Rejection:
 CALLING_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x03, "calling AE title not recognised")
 #: Rejected-permanent, service-user, called AE title not recognised.
 CALLED_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x07, "called AE title not recognised")
+#: Rejected-permanent, service-user, no reason given: the peer must negotiate a user identity.
+USER_IDENTITY_REQUIRED = Rejection(0x01, 0x01, 0x01, "user identity required")
 #: Rejected-transient, service-provider (presentation), local limit exceeded.
 LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "local limit exceeded")

@@ -33,6 +33,8 @@ def _owner(where: str) -> object:
     if where == "_config":
         return importlib.import_module("pynetdicom._config")
     module, _, name = where.rpartition(".")
+    if name.endswith("()"):  # an instance of the class, for attributes set in __init__
+        return getattr(importlib.import_module(f"pynetdicom.{module}"), name[:-2])()
     return getattr(importlib.import_module(f"pynetdicom.{module}"), name)
 
 

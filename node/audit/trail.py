@@ -42,6 +42,8 @@ from node.storage.records import AuditRow
 log = logging.getLogger("lamina.audit")
 
 GENESIS = "0" * 64
+#: Seconds between attempts to write the signed head after a failed write (disk full).
+HEAD_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -254,12 +256,25 @@ class HeadCheckpoint:
             if entry is None:
                 self._write_external(force=True)
                 continue
+            failed = False
             try:
                 self._write(entry)
+            except OSError as exc:
+                # A full disk or a lost mount must not end this thread (the head would
+                # then never move again): keep the entry pending and retry.
+                failed = True
+                log.error("audit head not written, retrying", extra={"fields": {
+                    "seq": entry.seq, "error": exc.strerror or str(exc)}})
             finally:
                 with self._pending_changed:
                     self._in_flight = None
+                    if failed and (self._pending is None or self._pending.seq < entry.seq):
+                        self._pending = entry
                     self._pending_changed.notify_all()
+            if failed:
+                with self._pending_changed:
+                    if self._pending_changed.wait_for(lambda: self._closed, HEAD_RETRY_SECONDS):
+                        return  # close() flushes the pending entry once more
 
     def _write(self, entry: AuditEntry) -> None:
         """Write ``entry`` as the head unless a newer one is already there (other processes)."""
@@ -280,8 +295,12 @@ class HeadCheckpoint:
                 body = json.dumps({"seq": entry.seq, "hash": entry.hash,
                                    "signature": base64.b64encode(signature).decode()})
                 tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(body)
-                os.replace(tmp, self.head_path)
+                try:
+                    tmp.write_text(body)
+                    os.replace(tmp, self.head_path)
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 self._newest = (entry.seq, entry.hash, signature)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

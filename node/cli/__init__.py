@@ -14,6 +14,7 @@ from node.cli.audit import audit
 from node.cli.deid import anonymize, deid, keys, reidentify
 from node.cli.demo import demo
 from node.cli.export import export
+from node.cli.identity import identity
 from node.cli.labels import labels
 from node.cli.qa import qa
 from node.cli.quarantine import quarantine
@@ -33,5 +34,5 @@ def main() -> None:
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
                 anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
-                review, users, queue, export, adjudicate, labels, qa):
+                review, users, queue, export, adjudicate, labels, qa, identity):
     main.add_command(command)

@@ -16,18 +16,20 @@ it subclasses the hook classes below and calls the accessors.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import DIMSEPrimitive
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
-from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, P_DATA
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 # --- the contract (checked by tests/test_dimse_compat.py) --------------------------------
 
@@ -59,6 +61,20 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      "the DUL send queue: C-FIND waits for it to drain (backpressure, C-CANCEL)"),
     ("Association().dul", "socket", "attribute",
      "the association socket, to set TCP_NODELAY on outgoing connections"),
+    ("Association()", "set_socket", "method",
+     "how RequestHandler._create_association hands the association its socket"),
+    ("dul.DULServiceProvider", "_read_pdu_data", "method",
+     "reads a PDU as recv(6) then recv(length): the order the PDU guard relies on"),
+    ("Association().dimse", "receive_primitive", "method",
+     "runs outside the DUL's exception guard: a failed spool write killed the thread"),
+    ("Association().dimse", "message", "attribute",
+     "the DIMSE message being received, dropped after a failed spool write"),
+    ("Association().dul", "to_user_queue", "attribute",
+     "None put there ends an acceptor still waiting for its A-ASSOCIATE-RQ at once"),
+    ("Association().dul", "event_queue", "attribute",
+     "Evt17 queued there ends an association whose connection we shut (AA-4)"),
+    ("dimse_messages.C_STORE_RQ()", "_data_set_file", "attribute",
+     "the spool file of a C-STORE being received, closed after a failed write"),
     # Lamina's Q/R loops replace these three methods of pynetdicom's service class.
     ("service_class.QueryRetrieveServiceClass", "_c_find_scp", "method",
      "C-FIND loop: pending command encoded once, identifiers straight to bytes"),
@@ -230,6 +246,161 @@ def socket_of(assoc: Association) -> Any:
     """The association's TCP socket, or None before it connects."""
     wrapped = assoc.dul.socket
     return wrapped.socket if wrapped is not None else None
+
+
+# --- guarding the receive path ------------------------------------------------------------
+
+
+class SocketHooks(AssociationSocket):
+    """An association socket whose reads pass through :meth:`read`.
+
+    pynetdicom's DUL reads each PDU as ``recv(6)`` (type and length) then
+    ``recv(length)`` into one buffer, with no bound on the length and no check
+    of the type before the body is read. A subclass of the socket is the one
+    place that sees the header before the body is read.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        return self.read(nr_bytes)
+
+    def read(self, nr_bytes: int) -> bytearray:
+        return super().recv(nr_bytes)
+
+
+def adopt_socket(assoc: Association, cls: type[SocketHooks]) -> Any:
+    """Make the socket pynetdicom gave a new acceptor association an instance of ``cls``.
+
+    Like :func:`adopt`: ``cls`` adds methods only; the socket is not yet read.
+    """
+    sock = assoc.dul.socket
+    if sock is not None:
+        sock.__class__ = cls
+    return sock
+
+
+def abort_connection(sock: AssociationSocket | None, reason: int) -> None:
+    """Send an A-ABORT (service provider, ``reason``) and shut the connection both ways.
+
+    The descriptor stays open for pynetdicom to close; the peer sees the end at once,
+    and a peer blocked sending to us gets an error instead of waiting for its timeout.
+    """
+    if sock is None:
+        return
+    with suppress(Exception):  # the abort is a courtesy (the peer may be gone)
+        sock.send(encode_provider_abort(reason))
+    raw = sock.socket
+    if raw is not None:
+        with suppress(OSError):
+            raw.shutdown(socket.SHUT_WR)
+
+
+def end_before_association(assoc: Association) -> None:
+    """End an acceptor that is still waiting for its A-ASSOCIATE-RQ now, not after the
+    ACSE timeout: its thread takes None as "timed out", closes and returns (otherwise
+    each refused connection would hold a thread and a pynetdicom association slot)."""
+    assoc.dul.to_user_queue.put(None)
+
+
+def encode_provider_abort(reason: int) -> bytes:
+    """An A-ABORT PDU from the service provider (source 2) with a PS3.8 9.3.8 reason."""
+    primitive = A_P_ABORT()
+    primitive.provider_reason = reason
+    pdu = A_ABORT_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+class _Discard:
+    """Stands in for a C-STORE's spool file after a write to it failed: the rest of the
+    data set is read off the wire and dropped, so the message completes and gets an
+    answer (0xA700) instead of the association being torn down."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.file = self
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DimseHooks:
+    """Wraps an association's DIMSE ``receive_primitive`` (runs in the DUL thread).
+
+    pynetdicom calls it from its state machine outside the DUL's own exception
+    guard: an ``OSError`` while spooling a data set (a full disk) ended the DUL
+    thread, so the sender got no answer, the association never closed and its
+    slot was never released. Here a failed spool write of a C-STORE data set
+    discards the rest of that data set and marks the association (see
+    :func:`receive_failure`): the C-STORE handler answers 0xA700. Any other
+    failure aborts the association at once.
+    """
+
+    def __init__(self, assoc: Association, on_error: Any) -> None:
+        self.assoc = assoc
+        self.dimse = assoc.dimse
+        self.inner = assoc.dimse.receive_primitive
+        self.on_error = on_error
+        assoc.dimse.receive_primitive = self
+
+    def __call__(self, primitive: P_DATA) -> None:
+        try:
+            self.inner(primitive)
+        except Exception as exc:  # any failure must end in an answer or a clean abort
+            self.on_error(exc)
+            if isinstance(exc, OSError) and self.discard_rest(primitive, exc):
+                return
+            self.drop_message()
+            # A-ABORT and the connection shut now: the state machine's own abort would
+            # wait for a peer still sending (its send blocks once we stop reading).
+            # Evt17 ("transport closed") then ends the association in pynetdicom's order.
+            abort_connection(self.assoc.dul.socket, 0)
+            self.assoc.dul.event_queue.put("Evt17")
+
+    def discard_rest(self, primitive: P_DATA, exc: OSError) -> bool:
+        """After a failed write to a C-STORE's spool file: drop that file, read the rest
+        of the data set into nothing, and mark the association. False when the failure
+        was elsewhere (the primitive carries a command fragment, or no spool file)."""
+        message = self.dimse.message
+        spool = getattr(message, "_data_set_file", None)
+        if spool is None or isinstance(spool, _Discard) or any(
+                data[0] & 1 for _, data in primitive.presentation_data_value_list):
+            return False
+        close_and_remove(spool)
+        message._data_set_file = _Discard(spool.name)
+        self.assoc.lamina_receive_failure = exc.strerror or type(exc).__name__
+        try:
+            self.inner(primitive)  # its data set fragments again, into nothing
+        except Exception:
+            return False
+        return True
+
+    def drop_message(self) -> None:
+        """Forget the half-received message, closing (and removing) its spool file."""
+        message, self.dimse.message = self.dimse.message, None
+        spool = getattr(message, "_data_set_file", None)
+        if spool is not None:
+            close_and_remove(spool)
+
+
+def close_and_remove(spool: Any) -> None:
+    with suppress(OSError):
+        spool.close()
+    with suppress(OSError):
+        os.unlink(spool.name)
+
+
+def receive_failure(assoc: Association) -> str:
+    """Why the data set of the C-STORE just received could not be spooled ('' if it was);
+    reading it clears it (one answer per failed message)."""
+    reason = getattr(assoc, "lamina_receive_failure", "")
+    assoc.lamina_receive_failure = ""
+    return reason
 
 
 # --- PDUs of the sub-association we drive ourselves --------------------------------------

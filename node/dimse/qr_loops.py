@@ -43,10 +43,12 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 from node import status
+from node.config import TlsSettings
 from node.dimse import compat
 from node.dimse.ae import QUERY_RETRIEVE_SOP_CLASSES
 from node.dimse.identifier import encode_match
 from node.dimse.sender import BlobSource, Outgoing, Sent, StoreSender, send_on_association
+from node.dimse.tls import outgoing_context
 from node.metrics import Metrics
 from node.retrieve import Retrieval
 from node.search import Search
@@ -68,10 +70,12 @@ class QueryRetrieveAssociation(compat.AssociationHooks):
     """An association of our server: Q/R requests go to :class:`QueryRetrieveLoops`,
     everything else to pynetdicom's own dispatch.
 
-    ``blobs`` is set when the server adopts the association.
+    ``blobs`` and ``tls`` (the node's [tls] settings) are set when the server adopts
+    the association.
     """
 
     blobs: BlobSource
+    tls: TlsSettings = TlsSettings()
 
     def serve_request(self, msg: Any, context_id: int) -> None:
         context = compat.accepted_context(self, context_id)
@@ -177,7 +181,9 @@ class QueryRetrieveLoops(compat.QueryRetrieveHooks):
                                  self.ae.acse_timeout or 30, self.ae.dimse_timeout or 60)
             # Move Originator is the C-MOVE's requester (pynetdicom would put our own title).
             results = sender.send(items, dest.host, dest.port, dest.ae_title,
-                                  (self.assoc.requestor.ae_title, req.MessageID), first_msg_id)
+                                  (self.assoc.requestor.ae_title, req.MessageID), first_msg_id,
+                                  outgoing_context(getattr(self.assoc, "tls", TlsSettings()),
+                                                   dest.tls))
         else:
             results = send_on_association(self.assoc, items, first_msg_id)
         last_progress = time.monotonic()

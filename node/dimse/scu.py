@@ -47,6 +47,7 @@ from node.dimse.ae import (
     silent_peer,
 )
 from node.dimse.sender import Outgoing, StoreSender
+from node.dimse.tls import outgoing_context
 
 _PEER_SPEC = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
@@ -64,6 +65,7 @@ class Target:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # a configured peer with tls = true
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -86,7 +88,7 @@ class SendResult:
 def resolve_peer(settings: Settings, name: str) -> Target:
     peer = settings.peer_named(name)
     if peer:
-        return Target(peer.ae_title, peer.host, peer.port)
+        return Target(peer.ae_title, peer.host, peer.port, peer.tls)
     m = _PEER_SPEC.match(name)
     if m and 0 < int(m["port"]) < 65536:
         return Target(m["ae"], m["host"], int(m["port"]))
@@ -194,7 +196,8 @@ def send_files(
             progress(1)
     sender = StoreSender(aet or settings.node.ae_title, settings.node.max_pdu,
                          settings.node.acse_timeout, settings.node.dimse_timeout)
-    sent = sender.send(items, target.host, target.port, target.ae_title)
+    sent = sender.send(items, target.host, target.port, target.ae_title,
+                       tls=outgoing_context(settings.tls, target.tls))
     for n, result in zip(positions, sent, strict=True):
         results[n] = (SendResult(files[n], -1, result.reason) if result.status is None
                       else SendResult(files[n], result.status, result.comment))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -162,14 +163,15 @@ class StoreSender:
 
     def send(self, items: Iterable[Outgoing], host: str, port: int, called_ae: str,
              originator: tuple[str, int] | None = None,
-             first_msg_id: int = 1) -> Iterator[Sent]:
+             first_msg_id: int = 1, tls: ssl.SSLContext | None = None) -> Iterator[Sent]:
         """Send every item, one association per batch of at most 128 contexts.
 
         ``originator`` (AE title, message ID) fills the Move Originator fields
         of a C-MOVE's sub-operations. An association that cannot be opened
         fails its batch (``association="refused"``); one lost mid-batch fails
         the rest of the batch (``"lost"``); the next batch tries again. Close
-        the iterator to stop early: the open association is released.
+        the iterator to stop early: the open association is released. With ``tls``
+        (node.dimse.tls.outgoing_context) each association speaks DICOM TLS.
         """
         msg_ids = _message_ids(first_msg_id)
         for batch in context_batches(items, _contexts_of):
@@ -177,7 +179,7 @@ class StoreSender:
             try:
                 assoc = StoreAssociation.open(self.calling_ae, host, port, called_ae, contexts,
                                               self.max_pdu, self.acse_timeout,
-                                              self.dimse_timeout)
+                                              self.dimse_timeout, tls)
             except AssociationFailed as exc:
                 for item in batch:
                     yield Sent(item, None, reason=str(exc), association="refused")
@@ -481,7 +483,7 @@ class StoreAssociation:
     @classmethod
     def open(cls, calling_ae: str, host: str, port: int, called_ae: str,
              contexts: list[tuple[str, str]], max_pdu: int, acse_timeout: float,
-             dimse_timeout: float) -> Self:
+             dimse_timeout: float, tls: ssl.SSLContext | None = None) -> Self:
         """Connect (TCP_NODELAY), negotiate, and return the association.
 
         ``contexts`` are (SOP class, transfer syntax) pairs, at most 128, each
@@ -511,6 +513,12 @@ class StoreAssociation:
         except OSError as exc:
             raise AssociationFailed(connect_failure(exc, host, port, acse_timeout)) from exc
         set_nodelay(sock)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise AssociationFailed(f"TLS with {host}:{port} failed: {exc}") from exc
         try:
             sock.sendall(encoded)
             kind, body = _read_pdu(sock, _MAX_NEGOTIATION_PDU)

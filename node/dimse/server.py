@@ -17,6 +17,7 @@ opened the context closes it after stopping the server.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from functools import partial
 from typing import Any
@@ -24,8 +25,9 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node.config import NodeSettings, TlsSettings
 from node.context import NodeContext
-from node.dimse import compat
+from node.dimse import compat, guard, tls
 from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
@@ -42,22 +44,58 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
     """Adopts each association of our server so its Q/R requests run Lamina's loops."""
 
     def __init__(self, request: Any, client_address: Any, server: Any, *,
-                 blobs: BlobSource) -> None:
-        self.blobs = blobs  # before the parent's __init__, which handles the request
+                 blobs: BlobSource, limits: NodeSettings,
+                 tls: ssl.SSLContext | None = None,
+                 tls_settings: TlsSettings | None = None) -> None:
+        # before the parent's __init__, which handles the request
+        self.blobs = blobs
+        self.limits = limits
+        self.tls = tls
+        self.tls_settings = tls_settings or TlsSettings()
         super().__init__(request, client_address, server)
+
+    def handle(self) -> None:
+        """With TLS, the handshake runs here, in the connection's own thread (never in
+        the accept loop), bounded by the ACSE timeout; a failed one closes the socket."""
+        if self.tls is not None:
+            wrapped = tls.handshake(self.tls, self.request, self.limits.acse_timeout)
+            if wrapped is None:
+                return
+            self.request = wrapped
+        super().handle()
 
     def created(self, assoc: Association) -> Association:
         compat.adopt(assoc, QueryRetrieveAssociation)
         assoc.blobs = self.blobs
+        assoc.tls = self.tls_settings
+        guard.install(assoc, self.limits)
+        compat.DimseHooks(assoc, partial(_receive_failed, assoc))
         return assoc
+
+
+def _receive_failed(assoc: Association, exc: Exception) -> None:
+    """A message could not be received (the spool write failed: disk full, I/O error).
+
+    The half-written spool file is gone; a C-STORE is answered 0xA700, anything
+    else aborts the association. The worker, its threads and the association
+    slot carry on (the slot is released when the connection closes).
+    """
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    log.error("receive failed", extra={"fields": {
+        "address": str(assoc.requestor.address), "reason": reason}})
 
 
 class DimseServer:
     """The node's DIMSE server: bind and serve with :meth:`start`, end with :meth:`stop`."""
 
     def __init__(self, ae: AE, address: tuple[str, int], handlers: list,
-                 blobs: BlobSource) -> None:
+                 blobs: BlobSource, limits: NodeSettings,
+                 tls_context: ssl.SSLContext | None = None,
+                 tls_settings: TlsSettings | None = None) -> None:
         self.ae = ae
+        self.tls_settings = tls_settings or TlsSettings()
+        self.limits = limits
+        self.tls_context = tls_context
         self.address = address
         self.handlers = handlers
         self.blobs = blobs
@@ -70,7 +108,8 @@ class DimseServer:
             raise RuntimeError("the DIMSE server is already started")
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers, server_class=LaminaServer,
-            request_handler=partial(NodeRequestHandler, blobs=self.blobs))
+            request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits,
+                                    tls=self.tls_context, tls_settings=self.tls_settings))
         self._server = server
         # socketserver's default poll interval (0.5 s) is how long stop() waits.
         self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
@@ -111,4 +150,5 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         *make_retrieve_handlers(ctx, sessions),
     ]
-    return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs)
+    return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs, node,
+                       tls.server_context(ctx.settings.tls), ctx.settings.tls)

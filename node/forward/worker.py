@@ -51,6 +51,7 @@ from node.anonymize.reidmap import ReidentificationMap, reidentify_dataset
 from node.audit.trail import Actor, AuditTrail, utc_now
 from node.config import Peer, Settings
 from node.dimse.sender import Outgoing, Sent, StoreSender
+from node.dimse.tls import outgoing_context
 from node.storage.interface import BlobStore, Index, LocalBlobFiles
 from node.storage.records import Row
 
@@ -84,6 +85,7 @@ class ForwardWorker:
         #: An annotation as a new SEG (overlay annotations: AnnotationService.as_seg).
         self.make_seg = make_seg
         self.actor = Actor(ae_title=settings.node.ae_title, user="forward-worker")
+        self.tls = settings.tls
         self.sender = StoreSender(settings.node.ae_title, settings.node.max_pdu,
                                   settings.node.acse_timeout, settings.node.dimse_timeout)
         self._random = random.Random()
@@ -179,7 +181,8 @@ class ForwardWorker:
         by_item = {id(item): row for item, row in zip(items, rows, strict=True)}
         pending: list[tuple[Row, Sent | None, str]] = []
         delivered = 0
-        results = self.sender.send(items, peer.host, peer.port, peer.ae_title)
+        results = self.sender.send(items, peer.host, peer.port, peer.ae_title,
+                                   tls=outgoing_context(self.tls, peer.tls))
         with closing(results):
             for sent in results:
                 pending.append((by_item[id(sent.item)], sent, ""))

@@ -58,7 +58,16 @@ from node.ingest.types import (
     Stored,
     StoreResult,
 )
-from node.ingest.validate import Finding, Received, Validator, patient_conflict, read_received
+from node.ingest.validate import (
+    DEFAULT_LIMITS,
+    Finding,
+    ReadLimits,
+    Received,
+    TooLarge,
+    Validator,
+    patient_conflict,
+    read_received,
+)
 from node.status import Outcome
 from node.storage.interface import (
     BlobRef,
@@ -95,7 +104,9 @@ class IngestService:
     def __init__(self, blobs: BlobStore, index: Index, audit: AuditTrail,
                  quarantine: QuarantineArea, router: Router, spool_dir: Path,
                  validator: Validator | None = None, hooks: tuple[IngestHook, ...] = (),
-                 defer: Defer = lambda job: job()) -> None:
+                 defer: Defer = lambda job: job(),
+                 limits: ReadLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
         self.blobs = blobs
         self.index = index
         self.audit = audit
@@ -136,8 +147,10 @@ class IngestService:
             return self._failed(source, f"out of disk space: {exc}", "")
 
         try:
-            received = read_received(spooled)
+            received = read_received(spooled, self.limits)
             transfer_syntax = str(received.dataset.file_meta.get("TransferSyntaxUID", ""))
+        except TooLarge as exc:
+            return self._too_large(source, str(exc))
         except Exception as exc:
             reason = f"cannot parse: {_plain(exc)}"
             if override is not None:
@@ -439,6 +452,18 @@ class IngestService:
                 else status.DOES_NOT_MATCH_SOP_CLASS)
         return StoreResult(Outcome(code, refused.reason), "quarantined",
                            refused.sop_instance_uid, sha256, quarantine_id=qid)
+
+    def receive_failed(self, source: Source, reason: str) -> StoreResult:
+        """The data set could not even be spooled (a full disk under the receiving
+        library): 0xA700 with the reason, audited when the index still takes writes."""
+        return self._failed(source, f"cannot spool the data set: {reason}", "")
+
+    def _too_large(self, source: Source, reason: str) -> StoreResult:
+        """A deflate bomb: refused and audited, its bytes not kept (quarantine would hold
+        the whole file in memory to seal it, and there is nothing in it to release)."""
+        self.audit.record("instance.refused", source.actor, {"reason": reason},
+                          outcome="serious-failure")
+        return StoreResult(Outcome(status.CANNOT_UNDERSTAND, reason), "failed")
 
     def _failed(self, source: Source, reason: str, sop_instance_uid: str) -> StoreResult:
         """Out of resources: audit it if the index still takes writes, and say why."""

@@ -50,11 +50,14 @@ class Source:
     #: The username of the association's DICOM user identity, when one was negotiated:
     #: the rater id of annotations it sends (issue 10). Never logged.
     user_identity: str = ""
+    #: The user identity was verified against [identity] users: it is the audit actor.
+    user_verified: bool = False
 
     @property
     def actor(self) -> Actor:
         return Actor(ae_title=self.calling_ae, address=self.address,
-                     association_id=self.association_id)
+                     association_id=self.association_id,
+                     user=self.user_identity if self.user_verified else "")
 
 
 @dataclass(frozen=True)

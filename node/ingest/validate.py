@@ -12,8 +12,10 @@ value of a patient attribute (no PHI in error comments, logs or the audit trail)
 from __future__ import annotations
 
 import functools
+import os
 import re
 import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -118,17 +121,75 @@ class Received:
     pixels: PixelElement | None
 
 
-def read_received(path: Path) -> Received:
+class TooLarge(ValueError):
+    """Past a size bound (a deflate bomb, an element over max_element): 0xC000, not kept
+    (quarantine would read the whole file into memory to seal it)."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one received object may make a worker read (``[node]`` max_inflated_mb,
+    max_element_mb, max_depth): beyond them it is refused with 0xC000."""
+
+    max_inflated: int = 512 << 20  # bytes a deflated data set may inflate to
+    max_element: int = 128 << 20  # bytes of one element's value (pixel data excluded)
+    max_depth: int = 64  # sequences nested in sequences
+
+
+DEFAULT_LIMITS = ReadLimits()
+_INFLATE_IN = 64 << 10  # compressed bytes read at a time
+_INFLATE_OUT = 1 << 20  # inflated bytes produced at a time (a bomb's 64 KiB can make 64 MB)
+
+
+def inflated_size(f: BinaryIO, limit: int) -> int:
+    """The inflated size of a deflated file's data set, streamed: raises TooLarge past ``limit``.
+
+    pydicom inflates the whole data set in memory before parsing a single
+    element, so a few MB of deflated zeros become GBs in the worker. Counting the
+    output in bounded pieces first keeps memory flat and refuses early.
+    """
+    f.seek(0)
+    read_preamble(f, False)
+    read_dataset(f, is_implicit_VR=False, is_little_endian=True,
+                 stop_when=lambda tag, vr, length: tag.group != 0x0002)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pending = b""
+    while True:
+        if not pending:
+            pending = f.read(_INFLATE_IN)
+            if not pending:
+                break
+        out = inflater.decompress(pending, _INFLATE_OUT)
+        pending = inflater.unconsumed_tail
+        total += len(out)
+        if total > limit:
+            raise TooLarge(f"deflated data set inflates beyond {limit >> 20} MB")
+        if inflater.eof:
+            break
+    return total
+
+
+def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
     """Parse the header (never the pixels) and locate the pixel data element.
 
     Raises what pydicom raises for data it cannot parse, or :class:`Unparseable`
     where pydicom reads on regardless (an element longer than the data left,
     bytes that name no SOP instance); the pipeline turns that into 0xC000 and
-    quarantines the bytes.
+    quarantines the bytes. Past ``limits`` it raises :class:`TooLarge` (a deflated
+    data set, before pydicom inflates it) or :class:`Unparseable` (an element
+    longer than ``max_element``, never read into memory; sequences nested deeper
+    than ``max_depth``).
     """
     with open(path, "rb") as f:
-        ds = dcmread(f, stop_before_pixels=True)
+        meta = read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            inflated_size(f, limits.max_inflated)
+            f.seek(0)
+        # Values over max_element are left on disk ("deferred"), then refused.
+        ds = dcmread(f, stop_before_pixels=True, defer_size=limits.max_element)
         _whole(ds)
+        _bounded(ds, limits, os.fstat(f.fileno()).st_size)
         syntax = ds.file_meta.get("TransferSyntaxUID")
         if syntax == DeflatedExplicitVRLittleEndian:
             # pydicom inflates the whole dataset to parse it; the header stop
@@ -138,6 +199,33 @@ def read_received(path: Path) -> Received:
         little = syntax is None or UID(syntax).is_little_endian
         implicit = syntax is not None and UID(syntax).is_implicit_VR
         return Received(ds, _pixel_element_at(f, little, implicit))
+
+
+def _bounded(ds: Dataset, limits: ReadLimits, size: int) -> None:
+    """Refuse an element over ``max_element`` and sequences nested over ``max_depth``.
+
+    Level by level (pydicom parses a sequence when it is first accessed), so a
+    deep nest is refused at the bound instead of recursing to Python's limit.
+    """
+    level, depth = [ds], 0
+    while level:
+        deeper = []
+        for item in level:
+            for tag, raw in list(item.items()):  # as read: a deferred value stays unread
+                length = getattr(raw, "length", 0)
+                if raw.value is None and length != _UNDEFINED and length > limits.max_element:
+                    remain = size - raw.value_tell
+                    if length > remain:
+                        raise Unparseable(f"element {tag_text(tag)} declares {length} bytes,"
+                                          f" {remain} remain")
+                    raise TooLarge(f"element {tag_text(tag)} of {length} bytes, too long")
+                if raw.VR == "SQ":
+                    deeper += list(item[tag].value or ())
+        if deeper:
+            depth += 1
+            if depth > limits.max_depth:
+                raise Unparseable(f"sequences nested deeper than {limits.max_depth} levels")
+        level = deeper
 
 
 def _whole(ds: Dataset) -> None:

@@ -6,6 +6,7 @@ to pynetdicom events and keeps one :class:`Session` per live association.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
@@ -18,6 +19,9 @@ from node import status
 from node.audit.trail import Actor
 from node.config import Peer
 from node.context import NodeContext
+from node.dimse import compat
+from node.dimse.tls import certificate_problem
+from node.identity import IdentityRefused, verify
 from node.ingest.types import Source
 from node.policy import SlotLimiter, admit
 
@@ -35,7 +39,10 @@ class Session:
     #: The DICOM user identity (username) the peer negotiated, if any: the rater id of
     #: the annotations it sends. Staff, not patients, but never logged.
     user_identity: str = ""
+    #: True once user_identity was verified against [identity] users (node.identity).
+    user_verified: bool = False
     slot_fd: int | None = None
+    peer_slot_fd: int | None = None
     stored: int = 0
     failed: int = 0
     ended: bool = False
@@ -45,7 +52,7 @@ class Session:
         route = self.peer.route if self.peer else "clinical"
         may_store = self.peer is not None and "store" in self.peer.services
         return Source(self.calling_ae, self.address, self.association_id, route, may_store,
-                      self.user_identity)
+                      self.user_identity, self.user_verified)
 
     @property
     def actor(self) -> Actor:
@@ -66,6 +73,12 @@ class Sessions:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.limiter = SlotLimiter(ctx.run_dir, ctx.settings.node.max_associations)
+        per_peer = ctx.settings.node.max_associations_per_peer
+        #: One limiter per configured peer (slot files named after it), across processes.
+        self.peer_limiters = {
+            peer.name: SlotLimiter(ctx.run_dir, per_peer, "peer-" + hashlib.sha256(
+                peer.name.encode()).hexdigest()[:16] + "-slot")
+            for peer in ctx.settings.peers}
         self._by_assoc: dict[Association, Session] = {}
         self._lock = threading.Lock()
 
@@ -77,21 +90,40 @@ class Sessions:
         """Admit a known peer from its address, within the association limit, or reject."""
         assoc = event.assoc
         rq = assoc.requestor.primitive
+        # With [identity] users configured, a name counts only once verified (on_user_id).
+        unverified = "" if self.ctx.settings.identity.enabled else _username(assoc)
         session = Session(uuid.uuid4().hex, str(rq.calling_ae_title).strip(),
-                          str(assoc.requestor.address), user_identity=_username(assoc))
+                          str(assoc.requestor.address), user_identity=unverified)
         with self._lock:
             self._by_assoc[assoc] = session
         verdict = admit(self.ctx.settings, session.calling_ae, str(rq.called_ae_title),
                         session.address)
         rejection, detail = verdict.rejection, verdict.detail
         if rejection is None:
+            problem = certificate_problem(verdict.peer, compat.socket_of(assoc))
+            if problem:
+                rejection, detail = status.CALLING_AE_NOT_RECOGNISED, problem
+        if rejection is None and verdict.peer.identity == "required" \
+                and assoc.requestor.user_identity is None:
+            rejection, detail = status.USER_IDENTITY_REQUIRED, "no user identity negotiated"
+        if rejection is None:
             session.peer = verdict.peer
+            session.peer_slot_fd = self.peer_limiters[verdict.peer.name].acquire()
+            if session.peer_slot_fd is None:
+                rejection = status.LOCAL_LIMIT_EXCEEDED
+                detail = (f"{self.ctx.settings.node.max_associations_per_peer} associations"
+                          " of this peer already active")
+        if rejection is None:
             session.slot_fd = self.limiter.acquire()
             if session.slot_fd is None:
                 rejection = status.LOCAL_LIMIT_EXCEEDED
                 detail = f"{self.ctx.settings.node.max_associations} associations already active"
         if rejection is None:
             return
+        for fd in (session.slot_fd, session.peer_slot_fd):
+            if fd is not None:
+                SlotLimiter.release(fd)
+        session.slot_fd = session.peer_slot_fd = None
         log.warning("association rejected", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "address": session.address, "reason": rejection.reason, "detail": detail}})
@@ -100,6 +132,30 @@ class Sessions:
                               outcome="minor-failure")
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
         assoc.kill()
+
+    def on_user_id(self, event: evt.Event) -> tuple[bool, bytes | None]:
+        """Verify a negotiated user identity (pynetdicom rejects the association on False).
+
+        Without [identity] users a username is taken as given (a rater id), as before.
+        """
+        settings = self.ctx.settings.identity
+        if not settings.enabled:
+            return True, None
+        session = self.of(event.assoc)
+        try:
+            user = verify(settings, event.user_id_type, bytes(event.primary_field or b""),
+                          bytes(event.secondary_field or b""))
+        except IdentityRefused as exc:
+            log.warning("association rejected", extra={"fields": {
+                "association": session.association_id, "calling_ae": session.calling_ae,
+                "address": session.address, "reason": "user identity not verified",
+                "detail": str(exc)}})
+            self.ctx.audit.record("association.rejected", session.actor,
+                                  {"reason": "user identity not verified", "detail": str(exc)},
+                                  outcome="minor-failure")
+            return False, None
+        session.user_identity, session.user_verified = user, True
+        return True, None
 
     def on_accepted(self, event: evt.Event) -> None:
         session = self.of(event.assoc)
@@ -134,12 +190,16 @@ class Sessions:
         self._ended(event.assoc, "aborted")
         with self._lock:
             session = self._by_assoc.pop(event.assoc, None)
-        if session and session.slot_fd is not None:
-            SlotLimiter.release(session.slot_fd)
+        if session is None:
+            return
+        for fd in (session.slot_fd, session.peer_slot_fd):
+            if fd is not None:
+                SlotLimiter.release(fd)
 
     def handlers(self) -> list:
         return [
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_USER_ID, self.on_user_id),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_RELEASED, self.on_released),
             (evt.EVT_ABORTED, self.on_aborted),

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from node.context import NodeContext
+from node.dimse import compat
 from node.dimse.handlers.association import Sessions
 from node.metrics import Metrics
 
@@ -24,11 +25,15 @@ def make_store_handler(ctx: NodeContext, sessions: Sessions):
     def handle_store(event: evt.Event) -> Dataset:
         session = sessions.of(event.assoc)
         started = time.perf_counter()
-        size = os.path.getsize(event.dataset_path)
-        result = ctx.ingest.ingest_file(event.dataset_path, session.source)
-        metrics.ingest_seconds.labels("dimse").observe(time.perf_counter() - started)
+        spool_failure = compat.receive_failure(event.assoc)
+        if spool_failure:
+            result = ctx.ingest.receive_failed(session.source, spool_failure)
+        else:
+            size = os.path.getsize(event.dataset_path)
+            result = ctx.ingest.ingest_file(event.dataset_path, session.source)
+            metrics.ingest_seconds.labels("dimse").observe(time.perf_counter() - started)
+            metrics.cstore_bytes.inc(size)
         metrics.cstore.labels(f"0x{result.outcome.status.code:04X}").inc()
-        metrics.cstore_bytes.inc(size)
         if result.outcome.status.is_success:
             session.stored += 1
         else:
