@@ -91,15 +91,18 @@ def test_username_and_passcode_is_accepted_and_becomes_the_audit_actor(node):
     assert accepted["actor"]["user"] == "alice"
 
 
-@pytest.mark.parametrize(("identity", "why"), [
-    (_identity(2, b"alice", b"guess"), "wrong passcode"),
-    (_identity(1, b"eve"), "unknown user"),
-    (_identity(5, _token("alice", key=b"another-secret-of-32-bytes-long!!")), "JWT refused"),
-    (_identity(5, _token("alice", expires=-60)), "JWT refused"),
-    (_identity(5, _token("mallory")), "unknown user"),
+# Identities are made when the test runs, not when it is collected: a token made at
+# collection would expire during a long run and be refused for the wrong reason.
+@pytest.mark.parametrize(("make_identity", "why"), [
+    (lambda: _identity(2, b"alice", b"guess"), "wrong passcode"),
+    (lambda: _identity(1, b"eve"), "unknown user"),
+    (lambda: _identity(5, _token("alice", key=b"another-secret-of-32-bytes-long!!")),
+     "JWT refused"),
+    (lambda: _identity(5, _token("alice", expires=-60)), "JWT refused"),
+    (lambda: _identity(5, _token("mallory")), "unknown user"),
 ], ids=["wrong-passcode", "unknown-user", "jwt-bad-signature", "jwt-expired", "jwt-unknown-sub"])
-def test_a_bad_identity_rejects_the_association(node, identity, why):
-    assoc = _associate(node.port, identity=identity)
+def test_a_bad_identity_rejects_the_association(node, make_identity, why):
+    assoc = _associate(node.port, identity=make_identity())
     assert assoc.is_rejected
     [rejected] = node.audit_events("association.rejected")
     assert rejected["object"]["reason"] == "user identity not verified"
