@@ -61,12 +61,8 @@ class PgRenderer(SqlRenderer):
         return f"({base} || substr('00000101000000', length({base}) + 1))"
 
 
-#: PostgreSQL's renderer; the module-level names are its statements (tests and benchmarks).
+#: PostgreSQL's renderer (tests and benchmarks render statements with it).
 RENDERER = PgRenderer()
-compile_condition = RENDERER.compile_condition
-build_select = RENDERER.build_select
-rows_select = RENDERER.rows_select
-instances_select = RENDERER.instances_select
 
 
 def explain(conn: psycopg.Connection, sql: str, params: tuple) -> list[str]:
