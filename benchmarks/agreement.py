@@ -21,7 +21,6 @@ Target: under 1 s. Prints the figures; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +28,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 
-from benchmarks.annotations import ABNORMAL, NODULE, SOURCE, _encode, _labels, _phantom
-from node import config
+from benchmarks.annotations import SOURCE, _labels, _phantom
+from benchmarks.common import ABNORMAL, NODULE, encode, scratch_context, series_arguments
 from node.annotations.reading import DoubleReading
-from node.anonymize.keys import create_key_file
 from node.audit.trail import Actor
 from node.checks.agreement import compare
-from node.context import NodeContext
 
 
 def _grown(labels: np.ndarray) -> np.ndarray:
@@ -71,23 +68,13 @@ def _best(fn, runs: int = 3) -> tuple[float, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
+    args = series_arguments(__doc__.splitlines()[0])
     p = _phantom(args.slices, args.size)
     with tempfile.TemporaryDirectory(prefix="lamina-bench-") as tmp:
-        work = Path(tmp)
-        settings = config.load(None, overrides={"storage.data": str(work / "data"),
-                                                "storage.min_free_mb": 0,
-                                                "annotations.settle_seconds": 3600,
-                                                "audit.signing_key": str(work / "key.pem"),
-                                                "deidentify.key_file": str(
-                                                    create_key_file(work / "project.key"))})
-        ctx = NodeContext.open(settings, with_key=True)
+        ctx = scratch_context(Path(tmp))
         try:
             for k in range(p.slices_count):
-                ctx.ingest.ingest_bytes(_encode(p.slice(k)), SOURCE)
+                ctx.ingest.ingest_bytes(encode(p.slice(k)), SOURCE)
             headers = []
             for k in range(p.slices_count):
                 ds = p.slice(k)
@@ -97,7 +84,7 @@ def main() -> int:
             ids = []
             for creator, array in (("Reader^A", labels), ("Reader^B", _grown(labels))):
                 seg = _seg(headers, array, creator)
-                assert ctx.ingest.ingest_bytes(_encode(seg), SOURCE).action == "annotation"
+                assert ctx.ingest.ingest_bytes(encode(seg), SOURCE).action == "annotation"
                 with ctx.index.reader() as r:
                     ids.append(max(row["id"] for row in r.annotations.list()))
             print(f"series: {p.slices_count} CT slices {p.rows}x{p.columns}; two 10-segment "

@@ -19,7 +19,6 @@ Target: under 1 s for the SEG. Prints the figures; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +26,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.filebase import DicomBytesIO
 from pydicom.pixels import pack_bits
 from pydicom.tag import Tag
 
-from node import config
+from benchmarks.common import ABNORMAL, NODULE, encode, scratch_context, series_arguments
 from node.annotations.masks import Annotator
-from node.anonymize.keys import create_key_file
 from node.checks.consistency import check_structures
 from node.context import NodeContext
 from node.ingest.types import Source
@@ -42,14 +39,6 @@ from node.phantom import Phantom, Sphere
 # Check times are measured here, not de-identification: the synthetic series and
 # its annotations are stored as sent.
 SOURCE = Source("BENCH", "127.0.0.1", "benchmark", route="deidentified")
-NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
-ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
-
-
-def _encode(ds) -> bytes:
-    buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _phantom(slices: int, size: int) -> Phantom:
@@ -116,7 +105,7 @@ def _time_seg(ctx: NodeContext, p: Phantom, headers: list, work: Path, omit_empt
                               descriptions, hd.UID(), 100, hd.UID(), 1, "Lamina", "bench",
                               "1", "1", omit_empty_frames=omit_empty)
     path = work / "seg.dcm"
-    path.write_bytes(_encode(seg))
+    path.write_bytes(encode(seg))
     empties = "omitted" if omit_empty else "present"
     print(f"SEG: 10 segments, empty frames {empties}: {seg.NumberOfFrames} frames, "
           f"{path.stat().st_size / 1e6:.1f} MB")
@@ -132,7 +121,7 @@ def _time_seg(ctx: NodeContext, p: Phantom, headers: list, work: Path, omit_empt
         timings["consistency checks"].append(time.perf_counter() - middle)
     for _ in range(3):
         seg.SOPInstanceUID = hd.UID()
-        payload = _encode(seg)
+        payload = encode(seg)
         start = time.perf_counter()
         result = ctx.ingest.ingest_bytes(payload, SOURCE)
         timings["C-STORE path (store, index, check, audit)"].append(time.perf_counter() - start)
@@ -146,23 +135,14 @@ def _time_seg(ctx: NodeContext, p: Phantom, headers: list, work: Path, omit_empt
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
+    args = series_arguments(__doc__.splitlines()[0])
     p = _phantom(args.slices, args.size)
     with tempfile.TemporaryDirectory(prefix="lamina-bench-") as tmp:
         work = Path(tmp)
-        settings = config.load(None, overrides={"storage.data": str(work / "data"),
-                                                "storage.min_free_mb": 0,
-                                                "annotations.settle_seconds": 3600,
-                                                "audit.signing_key": str(work / "key.pem"),
-                                                "deidentify.key_file": str(
-                                                    create_key_file(work / "project.key"))})
-        ctx = NodeContext.open(settings, with_key=True)
+        ctx = scratch_context(work)
         start = time.perf_counter()
         for k in range(p.slices_count):
-            ctx.ingest.ingest_bytes(_encode(p.slice(k)), SOURCE)
+            ctx.ingest.ingest_bytes(encode(p.slice(k)), SOURCE)
         print(f"series: {p.slices_count} CT slices {p.rows}x{p.columns} stored in "
               f"{time.perf_counter() - start:.1f} s")
 
@@ -184,7 +164,7 @@ def main() -> int:
 
         per_copy = []
         for k in range(p.slices_count):
-            payload = _encode(_overlay_copy(p, k))
+            payload = encode(_overlay_copy(p, k))
             start = time.perf_counter()
             result = ctx.ingest.ingest_bytes(payload, SOURCE)
             per_copy.append(time.perf_counter() - start)

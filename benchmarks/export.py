@@ -16,7 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.forward import ANNOTATOR, PACS, _encode, _seg
+from benchmarks.common import encode
+from benchmarks.forward import ANNOTATOR, PACS, _seg
 from node.annotations.states import AnnotationState
 from node.audit.trail import Actor
 from node.context import NodeContext
@@ -56,7 +57,7 @@ def main() -> None:
                 p = replace(Phantom(seed=f"bench-export-{n}", slices_count=args.slices),
                             patient_id=f"SYN-{n:04d}")
                 for k in range(p.slices_count):
-                    assert ctx.ingest.ingest_bytes(_encode(p.slice(k)), PACS).action == "stored"
+                    assert ctx.ingest.ingest_bytes(encode(p.slice(k)), PACS).action == "stored"
                 result = ctx.ingest.ingest_bytes(_seg(ctx, p), ANNOTATOR)
                 assert result.action == "annotation", result.outcome.comment
             with ctx.index.reader() as r:

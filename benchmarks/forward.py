@@ -24,8 +24,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.filebase import DicomBytesIO
 
+from benchmarks.common import ABNORMAL, NODULE, encode
 from node.annotations.states import AnnotationState
 from node.audit.trail import Actor
 from node.context import NodeContext
@@ -35,14 +35,6 @@ from tests.harness import ProcessNode, free_port, peer, require, stop_process, s
 
 PACS = Source("PACS", "127.0.0.1", "bench", route="clinical")
 ANNOTATOR = Source("ANNOTATOR", "127.0.0.1", "bench", route="annotator")
-NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
-ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
-
-
-def _encode(ds) -> bytes:
-    buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _seg(ctx: NodeContext, p: Phantom) -> bytes:
@@ -67,7 +59,7 @@ def _seg(ctx: NodeContext, p: Phantom) -> bytes:
     seg = hd.seg.Segmentation(headers, mask, hd.seg.SegmentationTypeValues.BINARY,
                               [description], hd.UID(), 100, hd.UID(), 1, "Lamina", "bench",
                               "1", "1")
-    return _encode(seg)
+    return encode(seg)
 
 
 def _approve(ctx: NodeContext, seg: bytes) -> None:
@@ -151,7 +143,7 @@ def main() -> None:
         ctx = NodeContext.open(config(False).settings(), with_key=True)
         try:
             for k in range(p.slices_count):
-                assert ctx.ingest.ingest_bytes(_encode(p.slice(k)), PACS).action == "stored"
+                assert ctx.ingest.ingest_bytes(encode(p.slice(k)), PACS).action == "stored"
             study_uid = ctx.key.uid(p.study_uid)
         finally:
             ctx.close()

@@ -137,7 +137,7 @@ def plan(index: Index, query: Dataset) -> str:
     """The backend's plan for the query's main statement, one step per ``;``."""
     parsed = parse(query, Model.STUDY_ROOT)
     if isinstance(index, PostgresIndex):
-        sql, params = pg_matcher.rows_select(parsed)
+        sql, params = pg_matcher.RENDERER.rows_select(parsed)
         with index.connection() as conn:
             return "; ".join(step.strip().split("  (cost")[0] for step in
                              pg_matcher.explain(conn, sql, params)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -12,6 +14,7 @@ import highdicom as hd
 from node.audit.trail import Actor
 from node.context import NodeContext
 from tests import annotation_fixtures as fx
+from tests.harness import ProcessNode
 
 PASSPHRASE = "correct horse battery"
 ADMIN = Actor(user="admin")
@@ -66,3 +69,23 @@ def passphrase_fd(text: str) -> int:
     os.write(write, (text + "\n").encode())
     os.close(write)
     return read
+
+
+def lamina_process(node: ProcessNode, *args: str, passphrase: str | None = None
+                   ) -> subprocess.CompletedProcess:
+    """``python -m node ARGS --config`` as its own process (the e2e tests run the CLI as an
+    operator would); with ``passphrase``, it comes on an inherited pipe named by
+    ``--passphrase-fd`` (never on the command line)."""
+    read = None
+    if passphrase is not None:
+        read = passphrase_fd(passphrase)
+        args = (*args, "--passphrase-fd", str(read))
+    try:
+        return subprocess.run([sys.executable, "-m", "node", *args, "--config",
+                               str(node.config.path)],
+                              env=ProcessNode.env(), cwd=node.config.root, capture_output=True,
+                              text=True, pass_fds=(read,) if read is not None else (),
+                              timeout=120)
+    finally:
+        if read is not None:
+            os.close(read)

@@ -55,6 +55,14 @@ def test_users_add_list_disable(node, rad1):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+def test_users_disable_and_unlock_refuse_with_one_line(node, rad1):
+    _, config = node
+    unknown = lamina(config, "users", "disable", "nobody")
+    assert unknown.exit_code == 2 and "unknown user 'nobody'" in unknown.stderr
+    not_locked = lamina(config, "users", "unlock", rad1)
+    assert not_locked.exit_code == 2 and f"user '{rad1}' is not locked" in not_locked.stderr
+    assert len(not_locked.stderr.strip().splitlines()) == 1
+
 def test_the_passphrase_is_never_taken_on_the_command_line(node, rad1):
     _, config = node
     result = lamina(config, "review", "approve", "1", "--as", rad1, "--meaning", "ok",

@@ -418,7 +418,7 @@ def test_listed_benchmark_queries_can_use_indexes_on_postgresql(pg_cluster):
         conn.execute("SET enable_seqscan = off")
         for level, case in BENCHMARK_CASES:
             query = parse(ident(level, **{**BENCHMARK_KEYS, **case}), Model.STUDY_ROOT)
-            plan = pg_matcher.explain(conn, *pg_matcher.build_select(
+            plan = pg_matcher.explain(conn, *pg_matcher.RENDERER.build_select(
                 query, returned_columns(query)))
             scans = [line for line in plan if "Seq Scan" in line]
             assert not scans, (case, plan)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +17,10 @@ from node.cli.options import (
     user_name,
 )
 from node.config import Settings
+
+if TYPE_CHECKING:
+    from node.audit.trail import Actor
+    from node.review.users import UserDirectory
 
 
 def _actor():
@@ -70,19 +76,27 @@ def users_list(settings: Settings, as_json: bool) -> None:
             click.echo(f"#{u.id}  {u.user_id:<16} {status:<9} {u.printed_name}")
 
 
+def _change_user(settings: Settings, user_id: str,
+                 change: Callable[[UserDirectory], Callable[[str, Actor], None]],
+                 done: str) -> None:
+    """One audited change to a user (``change`` picks the directory's method); a refusal
+    such as an unknown user is bad input, and ``done`` is the line printed on success."""
+    from node.review.users import UserRefused
+
+    with node_context(settings) as ctx:
+        try:
+            change(ctx.review.users)(user_id, _actor())
+        except UserRefused as exc:
+            raise BadInput(str(exc)) from None
+    click.echo(f"user {user_id} {done}")
+
+
 @users.command("disable")
 @click.argument("user_id")
 @node_options
 def users_disable(settings: Settings, user_id: str) -> None:
     """Disable a user: they can no longer sign; their id is never given out again."""
-    from node.review.users import UserRefused
-
-    with node_context(settings) as ctx:
-        try:
-            ctx.review.users.disable(user_id, _actor())
-        except UserRefused as exc:
-            raise BadInput(str(exc)) from None
-    click.echo(f"user {user_id} disabled")
+    _change_user(settings, user_id, lambda directory: directory.disable, "disabled")
 
 
 @users.command("unlock")
@@ -90,11 +104,4 @@ def users_disable(settings: Settings, user_id: str) -> None:
 @node_options
 def users_unlock(settings: Settings, user_id: str) -> None:
     """Lift the lockout that repeated wrong passphrases put on a user (audited)."""
-    from node.review.users import UserRefused
-
-    with node_context(settings) as ctx:
-        try:
-            ctx.review.users.unlock_user(user_id, _actor())
-        except UserRefused as exc:
-            raise BadInput(str(exc)) from None
-    click.echo(f"user {user_id} unlocked")
+    _change_user(settings, user_id, lambda directory: directory.unlock_user, "unlocked")

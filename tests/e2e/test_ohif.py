@@ -69,7 +69,8 @@ def ohif_dist() -> Path:
                             capture_output=True, text=True, timeout=600)
     tarballs = list(cache.glob("ohif-app-*.tgz"))
     if packed.returncode != 0 or not tarballs:
-        pytest.skip(f"npm pack @ohif/app@{OHIF_VERSION} failed: {packed.stderr.strip()[-200:]}")
+        pytest.skip(f"npm registry unavailable: npm pack @ohif/app@{OHIF_VERSION} failed:"
+                    f" {packed.stderr.strip()[-200:]}")
     with tarfile.open(tarballs[0]) as archive:
         archive.extractall(cache, filter="data")
     tarballs[0].unlink()
@@ -92,7 +93,8 @@ def playwright_core() -> Path:
     installed = subprocess.run([npm, "install", "--no-audit", "--no-fund", "playwright-core@1"],
                                cwd=cache, capture_output=True, text=True, timeout=600)
     if installed.returncode != 0 or not package.is_dir():
-        pytest.skip(f"npm install playwright-core failed: {installed.stderr.strip()[-200:]}")
+        pytest.skip(f"npm registry unavailable: npm install playwright-core failed:"
+                    f" {installed.stderr.strip()[-200:]}")
     return package
 
 

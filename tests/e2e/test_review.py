@@ -7,36 +7,12 @@ the data folder) and the ATNA export."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests import annotation_fixtures as fx
 from tests.harness import ProcessNode
-from tests.review_fixtures import PASSPHRASE
-
-
-def lamina(node: ProcessNode, *args: str, passphrase: str | None = None
-           ) -> subprocess.CompletedProcess:
-    """``python -m node ARGS --config`` as its own process; with ``passphrase``, the
-    passphrase comes on an inherited pipe named by ``--passphrase-fd``."""
-    read = None
-    if passphrase is not None:
-        read, write = os.pipe()
-        os.write(write, (passphrase + "\n").encode())
-        os.close(write)
-        args = (*args, "--passphrase-fd", str(read))
-    try:
-        return subprocess.run([sys.executable, "-m", "node", *args, "--config",
-                               str(node.config.path)],
-                              env=ProcessNode.env(), cwd=node.config.root, capture_output=True,
-                              text=True, pass_fds=(read,) if read is not None else (),
-                              timeout=120)
-    finally:
-        if read is not None:
-            os.close(read)
+from tests.review_fixtures import PASSPHRASE, lamina_process
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +32,27 @@ def test_a_seg_pushed_over_the_network_is_approved_with_a_signature(node):
     assert fx.send(node, [seg]) == [(0, "")]
     annotation = fx.seg_annotation(node, seg)
     assert annotation["state"] == "checked"
-    added = lamina(node, "users", "add", "rad1", "--name", "Ann Radiologist", passphrase=PASSPHRASE)
+    added = lamina_process(node, "users", "add", "rad1", "--name", "Ann Radiologist", passphrase=PASSPHRASE)
     assert added.returncode == 0, added.stderr
-    wrong = lamina(node, "review", "approve", str(annotation["id"]), "--as", "rad1",
-                   "--meaning", "reviewed and approved", passphrase="not the passphrase")
+    wrong = lamina_process(node, "review", "approve", str(annotation["id"]), "--as", "rad1",
+                           "--meaning", "reviewed and approved", passphrase="not the passphrase")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].endswith(
         "wrong passphrase for 'rad1'")
-    approved = lamina(node, "review", "approve", str(annotation["id"]), "--as", "rad1",
-                      "--meaning", "reviewed and approved", passphrase=PASSPHRASE)
+    approved = lamina_process(node, "review", "approve", str(annotation["id"]), "--as", "rad1",
+                              "--meaning", "reviewed and approved", passphrase=PASSPHRASE)
     assert approved.returncode == 0, approved.stderr
     assert fx.annotations(node)[f"seg|{seg.SOPInstanceUID}"]["state"] == "approved"
 
-    verified = lamina(node, "review", "verify")
+    verified = lamina_process(node, "review", "verify")
     assert verified.returncode == 0 and "signatures valid: 1" in verified.stdout
-    audit = lamina(node, "audit", "verify")
+    audit = lamina_process(node, "audit", "verify")
     assert audit.returncode == 0, audit.stderr
     kept = [json.loads(line) for line in
             (node.config.root.parent / "vault" / "checkpoints.jsonl").read_text().splitlines()]
     (approval,) = node.audit_events("annotation.approved")
     seq = node.rows("SELECT seq FROM audit_event WHERE action = 'annotation.approved'")[0][0]
     assert any(c["seq"] >= seq for c in kept), (kept, approval)
-    exported = lamina(node, "audit", "export", "--format", "atna")
+    exported = lamina_process(node, "audit", "export", "--format", "atna")
     assert exported.returncode == 0
     assert sum('csd-code="110103"' in line and "annotation.approved" in line
                for line in exported.stdout.splitlines()) == 1

@@ -12,10 +12,8 @@ to DCMTK's storescp. Every command is its own process, as a person would run it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,30 +35,10 @@ from tests.harness import (
     storescp,
     write_config,
 )
-from tests.review_fixtures import PASSPHRASE
+from tests.review_fixtures import PASSPHRASE, lamina_process
 
 READER_A, READER_B, DEST = "READER_A", "READER_B", "STORESCP"
 
-
-def lamina(node: ProcessNode, *args: str, passphrase: str | None = None
-           ) -> subprocess.CompletedProcess:
-    """``python -m node ARGS --config`` as its own process; with ``passphrase``, it comes
-    on an inherited pipe named by ``--passphrase-fd`` (never on the command line)."""
-    read = None
-    if passphrase is not None:
-        read, write = os.pipe()
-        os.write(write, (passphrase + "\n").encode())
-        os.close(write)
-        args = (*args, "--passphrase-fd", str(read))
-    try:
-        return subprocess.run([sys.executable, "-m", "node", *args, "--config",
-                               str(node.config.path)],
-                              env=ProcessNode.env(), cwd=node.config.root, capture_output=True,
-                              text=True, pass_fds=(read,) if read is not None else (),
-                              timeout=120)
-    finally:
-        if read is not None:
-            os.close(read)
 
 
 def ok(run: subprocess.CompletedProcess) -> str:
@@ -162,39 +140,39 @@ def test_two_readers_adjudicated_signed_verified_reported_and_forwarded(setup, t
     [(verdict, reasons)] = node.rows("SELECT verdict, reasons FROM agreement")
     assert verdict == "disagree" and json.loads(reasons) == ["nodule: drawn by rater A only"]
 
-    [line] = ok(lamina(node, "adjudicate", "list")).splitlines()
+    [line] = ok(lamina_process(node, "adjudicate", "list")).splitlines()
     adjudication = line.split("\t")[0]
     assert f"readings {a['id']} / {b['id']}" in line
-    ok(lamina(node, "adjudicate", "pick", adjudication, "--reading", str(a["id"]),
-              "--as", "dr.adjudicator"))
+    ok(lamina_process(node, "adjudicate", "pick", adjudication, "--reading", str(a["id"]),
+                      "--as", "dr.adjudicator"))
     states = dict(node.rows("SELECT id, state FROM annotation"))
     assert (states[a["id"]], states[b["id"]]) == ("adjudicated", "rejected")
     time.sleep(0.5)
     assert received_uids(received) == set()  # nothing leaves before an approval
 
     # The reviewer: a user of the node, signing with a passphrase on a file descriptor.
-    ok(lamina(node, "users", "add", "rad1", "--name", "Ann Radiologist", passphrase=PASSPHRASE))
-    ok(lamina(node, "review", "approve", str(a["id"]), "--as", "rad1",
-              "--meaning", "reviewed and approved", passphrase=PASSPHRASE))
-    refused = lamina(node, "review", "approve", str(b["id"]), "--as", "rad1",
-                     "--meaning", "reviewed and approved", passphrase=PASSPHRASE)
+    ok(lamina_process(node, "users", "add", "rad1", "--name", "Ann Radiologist", passphrase=PASSPHRASE))
+    ok(lamina_process(node, "review", "approve", str(a["id"]), "--as", "rad1",
+                      "--meaning", "reviewed and approved", passphrase=PASSPHRASE))
+    refused = lamina_process(node, "review", "approve", str(b["id"]), "--as", "rad1",
+                             "--meaning", "reviewed and approved", passphrase=PASSPHRASE)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert dict(node.rows("SELECT id, state FROM annotation")) == {a["id"]: "approved",
                                                                    b["id"]: "rejected"}
-    assert "signatures valid: 1" in ok(lamina(node, "review", "verify"))
-    ok(lamina(node, "audit", "verify"))
-    shown = ok(lamina(node, "review", "show", str(a["id"])))
+    assert "signatures valid: 1" in ok(lamina_process(node, "review", "verify"))
+    ok(lamina_process(node, "audit", "verify"))
+    shown = ok(lamina_process(node, "review", "show", str(a["id"])))
     assert "approved by Ann Radiologist (rad1)" in shown and "[valid]" in shown
 
     # The QA report shows the agreement, the adjudication and the approval.
-    text = ok(lamina(node, "qa", "report"))
+    text = ok(lamina_process(node, "qa", "report"))
     # per class: the matched nodule and bone drawn alike by both (mean Dice 1.000)
     assert re.search(r"^\s+nodule\s+seg\s+\d+\s+\S+\s+1\.000", text, re.M), text
     assert re.search(r"^\s+bone\s+seg\s+\d+\s+\S+\s+1\.000", text, re.M), text
     assert "Comparisons: 1 (1 disagree)" in text and "Adjudications: 1 (0 open)" in text
     assert "Approvals: 1" in text and "Double reads: 1 chosen, 0 waiting" in text
     html = tmp_path / "qa.html"
-    ok(lamina(node, "qa", "report", "--html", str(html)))
+    ok(lamina_process(node, "qa", "report", "--html", str(html)))
     page = html.read_text()
     assert "<svg" in page and "nodule" in page and "approvals: 1." in page
 
@@ -204,5 +182,5 @@ def test_two_readers_adjudicated_signed_verified_reported_and_forwarded(setup, t
     assert received_uids(received) == {str(seg_a.SOPInstanceUID)}
     assert node.rows("SELECT sop_instance_uid, state FROM forward_item") == [
         (str(seg_a.SOPInstanceUID), "sent")]
-    ok(lamina(node, "audit", "verify"))
+    ok(lamina_process(node, "audit", "verify"))
     assert "reader.a" not in node.log() and "Reader^B" not in node.log()

@@ -125,109 +125,179 @@ _PARENT_JOIN = {Level.STUDY: "JOIN patient p ON p.id = st.patient_fk",
 UID_LIST_INLINE = 50
 
 
-# --- predicates → SQL ------------------------------------------------------------
+# --- the query plan → SQL ----------------------------------------------------------
 
 
-def compile_condition(condition: Condition) -> tuple[str, tuple]:
-    """One condition as an SQL predicate over the table aliases, and its parameters."""
-    return _compile(condition.predicate, COLUMNS[condition.keyword])
+class SqlRenderer:
+    """Renders a :class:`~node.storage.query.Query` as one SELECT in SQLite's dialect.
 
+    The plan's shape (joins, predicates, paging) is the same on every backend;
+    what differs between dialects is kept to the attributes and the few methods
+    below, which :class:`node.storage.postgresql.matcher.PgRenderer` overrides,
+    so a change to how a predicate is compiled is made once.
+    """
 
-def _compile(predicate: Predicate, column: str) -> tuple[str, tuple]:
-    match predicate:
-        case Exact() | Wildcard():
-            return _match_text(column, predicate)
-        case EmptyValue():
-            return f"({column} IS NULL OR {column} = '')", ()
-        case UidIn(uids):
-            return _uid_in(column, uids)
-        case UidNotIn(uids):
-            sql, params = _uid_in(column, uids)
-            return f"NOT ({sql})", params
-        case IntIn(numbers):
-            if len(numbers) == 1:
-                return f"{column} = ?", numbers
-            return f"{column} IN ({', '.join('?' * len(numbers))})", numbers
-        case Range(form, low, high):
-            return _range(_COMPARABLE[form](column), low, high)
-        case PersonName():
-            return _person_name(column, predicate)
-        case ModalityInStudy(match):
-            sql, params = _match_text("x.modality", match)
-            return f"st.id IN (SELECT x.study_fk FROM series x WHERE {sql})", params
-        case AnyOf(predicates):
-            parts = [_compile(p, column) for p in predicates]
-            if len(parts) == 1:
-                return parts[0]
-            return ("(" + " OR ".join(sql for sql, _ in parts) + ")",
-                    tuple(x for _, params in parts for x in params))
-    raise TypeError(f"no SQLite form for {predicate!r}")
+    #: The bound-parameter marker.
+    placeholder = "?"
+    #: A predicate that always holds ("no condition").
+    true = "1"
+    #: The operator matching a column against a translated wildcard pattern.
+    pattern_operator = "GLOB"
+    #: The LIMIT parameter meaning "no limit" when only an OFFSET is asked.
+    no_limit: int | None = -1
+    #: The dialect's name, for the error on a predicate it has no form for.
+    dialect = "SQLite"
 
+    # --- dialect hooks
 
-def _glob(pattern: str) -> str:
-    """A DICOM wildcard pattern as a GLOB pattern (``*`` and ``?`` mean the same)."""
-    return pattern.replace("[", "[[]")
+    def pattern(self, dicom_pattern: str) -> str:
+        """A DICOM wildcard pattern as a GLOB pattern (``*`` and ``?`` mean the same)."""
+        return dicom_pattern.replace("[", "[[]")
 
+    def long_uid_list(self, column: str, uids: tuple[str, ...]) -> tuple[str, tuple]:
+        """Membership in more than :data:`UID_LIST_INLINE` UIDs: one JSON array parameter."""
+        return (f"{column} IN (SELECT value FROM json_each({self.placeholder}))",
+                (json.dumps(list(uids)),))
 
-def _match_text(column: str, match: TextMatch) -> tuple[str, tuple]:
-    """Equality, or GLOB with a range on the literal prefix so an index can serve it."""
-    if isinstance(match, Exact):
-        return f"{column} = ?", (match.value,)
-    prefix = match.prefix
-    if prefix and ord(prefix[-1]) < 0x10FFFF:
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        return (f"({column} >= ? AND {column} < ? AND {column} GLOB ?)",
-                (prefix, upper, _glob(match.pattern)))
-    return f"{column} GLOB ?", (_glob(match.pattern),)
+    def time_key(self, column: str) -> str:
+        """A stored TM as ``HHMMSS`` (colons removed, missing components as zeros)."""
+        base = f"substr(replace({column}, ':', ''), 1, 6)"
+        return f"({base} || substr('000000', length({base}) + 1))"
 
+    def datetime_key(self, column: str) -> str:
+        """A stored DT as ``YYYYMMDDHHMMSS``: fraction and offset dropped, missing parts minimal."""
+        base = (f"substr({column}, 1, min(14, instr({column} || '+', '+') - 1,"
+                f" instr({column} || '-', '-') - 1, instr({column} || '.', '.') - 1))")
+        return f"({base} || substr('00000101000000', length({base}) + 1))"
 
-def _uid_in(column: str, uids: tuple[str, ...]) -> tuple[str, tuple]:
-    if len(uids) == 1:
-        return f"{column} = ?", uids
-    if len(uids) <= UID_LIST_INLINE:
-        return f"{column} IN ({', '.join('?' * len(uids))})", uids
-    return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(list(uids)),)
+    # --- predicates
 
+    def compile_condition(self, condition: Condition) -> tuple[str, tuple]:
+        """One condition as an SQL predicate over the table aliases, and its parameters."""
+        return self.compile(condition.predicate, COLUMNS[condition.keyword])
 
-def _person_name(column: str, predicate: PersonName) -> tuple[str, tuple]:
-    parts = [_match_text(key_column, group)
-             for key_column, group in zip(_pn_key_columns(column), predicate.groups, strict=True)
-             if group is not None]
-    if not parts:
-        return "1", ()
-    return " AND ".join(sql for sql, _ in parts), tuple(x for _, params in parts for x in params)
+    def compile(self, predicate: Predicate, column: str) -> tuple[str, tuple]:
+        """One predicate over a column expression, and its parameters."""
+        match predicate:
+            case Exact() | Wildcard():
+                return self.match_text(column, predicate)
+            case EmptyValue():
+                return f"({column} IS NULL OR {column} = '')", ()
+            case UidIn(uids):
+                return self.uid_in(column, uids)
+            case UidNotIn(uids):
+                sql, params = self.uid_in(column, uids)
+                return f"NOT ({sql})", params
+            case IntIn(numbers):
+                return self.in_list(column, numbers)
+            case Range(form, low, high):
+                return self.range(self.comparable(form, column), low, high)
+            case PersonName():
+                return self.person_name(column, predicate)
+            case ModalityInStudy(match):
+                sql, params = self.match_text("x.modality", match)
+                return f"st.id IN (SELECT x.study_fk FROM series x WHERE {sql})", params
+            case AnyOf(predicates):
+                parts = [self.compile(p, column) for p in predicates]
+                if len(parts) == 1:
+                    return parts[0]
+                return ("(" + " OR ".join(sql for sql, _ in parts) + ")",
+                        tuple(x for _, params in parts for x in params))
+        raise TypeError(f"no {self.dialect} form for {predicate!r}")
 
+    def in_list(self, column: str, values: tuple) -> tuple[str, tuple]:
+        """``=`` for one value, ``IN (…)`` with one parameter per value otherwise."""
+        if len(values) == 1:
+            return f"{column} = {self.placeholder}", values
+        return f"{column} IN ({', '.join([self.placeholder] * len(values))})", values
 
-def _range(expr: str, low: str | None, high: str | None) -> tuple[str, tuple]:
-    if low is not None and high is not None:
-        if low == high:
-            return f"{expr} = ?", (low,)
-        return f"{expr} BETWEEN ? AND ?", (low, high)
-    if low is not None:
-        return f"{expr} >= ?", (low,)
-    if high is not None:
-        return f"{expr} <= ?", (high,)
-    return "1", ()
+    def match_text(self, column: str, match: TextMatch) -> tuple[str, tuple]:
+        """Equality, or the pattern operator with a range on the literal prefix so an
+        index can serve it."""
+        mark = self.placeholder
+        if isinstance(match, Exact):
+            return f"{column} = {mark}", (match.value,)
+        prefix = match.prefix
+        if prefix and ord(prefix[-1]) < 0x10FFFF:
+            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            return (f"({column} >= {mark} AND {column} < {mark}"
+                    f" AND {column} {self.pattern_operator} {mark})",
+                    (prefix, upper, self.pattern(match.pattern)))
+        return f"{column} {self.pattern_operator} {mark}", (self.pattern(match.pattern),)
 
+    def uid_in(self, column: str, uids: tuple[str, ...]) -> tuple[str, tuple]:
+        """A UID list inline up to :data:`UID_LIST_INLINE`, as one parameter beyond."""
+        if len(uids) <= UID_LIST_INLINE:
+            return self.in_list(column, uids)
+        return self.long_uid_list(column, uids)
 
-def _time_key(column: str) -> str:
-    """A stored TM as ``HHMMSS`` (colons removed, missing components as zeros)."""
-    base = f"substr(replace({column}, ':', ''), 1, 6)"
-    return f"({base} || substr('000000', length({base}) + 1))"
+    def person_name(self, column: str, predicate: PersonName) -> tuple[str, tuple]:
+        """Each given component group matched against its normalised key column."""
+        parts = [self.match_text(key_column, group)
+                 for key_column, group in zip(_pn_key_columns(column), predicate.groups,
+                                              strict=True)
+                 if group is not None]
+        if not parts:
+            return self.true, ()
+        return (" AND ".join(sql for sql, _ in parts),
+                tuple(x for _, params in parts for x in params))
 
+    def range(self, expr: str, low: str | None, high: str | None) -> tuple[str, tuple]:
+        """A closed or open-ended range over a comparable expression."""
+        mark = self.placeholder
+        if low is not None and high is not None:
+            if low == high:
+                return f"{expr} = {mark}", (low,)
+            return f"{expr} BETWEEN {mark} AND {mark}", (low, high)
+        if low is not None:
+            return f"{expr} >= {mark}", (low,)
+        if high is not None:
+            return f"{expr} <= {mark}", (high,)
+        return self.true, ()
 
-def _datetime_key(column: str) -> str:
-    """A stored DT as ``YYYYMMDDHHMMSS``: fraction and offset dropped, missing parts minimal."""
-    base = (f"substr({column}, 1, min(14, instr({column} || '+', '+') - 1,"
-            f" instr({column} || '-', '-') - 1, instr({column} || '.', '.') - 1))")
-    return f"({base} || substr('00000101000000', length({base}) + 1))"
+    def comparable(self, form: str, column: str) -> str:
+        """The SQL reducing a stored value to the comparable form of a Range."""
+        if form == "time":
+            return self.time_key(column)
+        if form == "datetime":
+            return self.datetime_key(column)
+        return column
 
+    # --- statements
 
-#: The SQL reducing a stored value to the comparable form of a Range.
-_COMPARABLE = {"date": lambda column: column, "time": _time_key, "datetime": _datetime_key}
+    def build_select(self, query: Query, columns: list[tuple[Level, str]], *, order: str = "",
+                     limit: int | None = None, offset: int = 0) -> tuple[str, tuple]:
+        """SELECT trusted ``(level, expression)`` columns for the query's matches.
 
+        Only the tables the columns and conditions read are joined: a SERIES query
+        on StudyInstanceUID never touches the patient table.
+        """
+        levels = [c.level for c in query.conditions] + [level for level, _ in columns]
+        top = min([query.level, *levels])
+        sql = (f"SELECT {', '.join(expr for _, expr in columns) or 'NULL'}"
+               f" FROM {_from_clause(query.level, top)}")
+        compiled = [self.compile_condition(c) for c in query.conditions]
+        if compiled:
+            sql += " WHERE " + " AND ".join(predicate for predicate, _ in compiled)
+        if order:
+            sql += f" ORDER BY {order}"
+        params: tuple = tuple(x for _, p in compiled for x in p)
+        if limit is not None or offset:
+            sql += f" LIMIT {self.placeholder} OFFSET {self.placeholder}"
+            params += (self.no_limit if limit is None else limit, offset)
+        return sql, params
 
-# --- statements ------------------------------------------------------------------
+    def rows_select(self, query: Query, *, limit: int | None = None,
+                    offset: int = 0) -> tuple[str, tuple]:
+        """The statement a matcher's ``rows`` runs; paging orders by the level's id."""
+        order = f"{_ALIAS[query.level]}.id" if (limit is not None or offset) else ""
+        return self.build_select(query, returned_columns(query), order=order, limit=limit,
+                                 offset=offset)
+
+    def instances_select(self, query: Query) -> tuple[str, tuple]:
+        """The statement a matcher's ``instances`` runs: the query's conditions at IMAGE level."""
+        at_image = Query(query.model, Level.IMAGE, query.conditions, (), (), False)
+        return self.build_select(at_image, _INSTANCE_COLUMNS, order=_INSTANCE_ORDER)
 
 
 def _from_clause(level: Level, top: Level) -> str:
@@ -240,51 +310,22 @@ def _from_clause(level: Level, top: Level) -> str:
     return " ".join(parts)
 
 
-def build_select(query: Query, columns: list[tuple[Level, str]], *, order: str = "",
-                 limit: int | None = None, offset: int = 0) -> tuple[str, tuple]:
-    """SELECT trusted ``(level, expression)`` columns for the query's matches.
-
-    Only the tables the columns and conditions read are joined: a SERIES query
-    on StudyInstanceUID never touches the patient table.
-    """
-    levels = [c.level for c in query.conditions] + [level for level, _ in columns]
-    top = min([query.level, *levels])
-    sql = (f"SELECT {', '.join(expr for _, expr in columns) or 'NULL'}"
-           f" FROM {_from_clause(query.level, top)}")
-    compiled = [compile_condition(c) for c in query.conditions]
-    if compiled:
-        sql += " WHERE " + " AND ".join(predicate for predicate, _ in compiled)
-    if order:
-        sql += f" ORDER BY {order}"
-    params: tuple = tuple(x for _, p in compiled for x in p)
-    if limit is not None or offset:
-        sql += " LIMIT ? OFFSET ?"
-        params += (-1 if limit is None else limit, offset)
-    return sql, params
-
-
 def returned_columns(query: Query) -> list[tuple[Level, str]]:
     """``(level, expression)`` of each of ``query.row_keys``, in order."""
     return [(k.level, COLUMNS[k.keyword]) for k in query.row_keys]
-
-
-def rows_select(query: Query, *, limit: int | None = None,
-                offset: int = 0) -> tuple[str, tuple]:
-    """The statement :meth:`SqliteMatcher.rows` runs; paging orders by the level's id."""
-    order = f"{_ALIAS[query.level]}.id" if (limit is not None or offset) else ""
-    return build_select(query, returned_columns(query), order=order, limit=limit,
-                        offset=offset)
 
 
 _INSTANCE_COLUMNS = [(Level.IMAGE, "i.sop_class_uid"), (Level.IMAGE, "i.sop_instance_uid"),
                      (Level.IMAGE, "i.transfer_syntax_uid"), (Level.IMAGE, "i.blob_sha256")]
 _INSTANCE_ORDER = "se.study_fk, se.series_number, se.id, i.instance_number, i.id"
 
-
-def instances_select(query: Query) -> tuple[str, tuple]:
-    """The statement :meth:`SqliteMatcher.instances` runs: the query's conditions at IMAGE level."""
-    at_image = Query(query.model, Level.IMAGE, query.conditions, (), (), False)
-    return build_select(at_image, _INSTANCE_COLUMNS, order=_INSTANCE_ORDER)
+#: SQLite's renderer; the module-level names below are its statements (tests and
+#: benchmarks read them).
+RENDERER = SqlRenderer()
+compile_condition = RENDERER.compile_condition
+build_select = RENDERER.build_select
+rows_select = RENDERER.rows_select
+instances_select = RENDERER.instances_select
 
 
 def explain(conn: sqlite3.Connection, sql: str, params: tuple) -> list[str]:
@@ -301,8 +342,12 @@ class SqliteMatcher:
 
     Results come straight off an SQLite cursor: the first response can leave
     before the last row is read, and a cancelled or abandoned stream returns
-    its connection to the pool (the generator's ``finally``).
+    its connection to the pool (the generator's ``finally``). Another backend
+    subclasses it with its own :attr:`renderer` and :meth:`_stream`.
     """
+
+    #: The dialect the queries are rendered in.
+    renderer: SqlRenderer = RENDERER
 
     def __init__(self, connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
                  retrieve_ae_title: str) -> None:
@@ -313,7 +358,7 @@ class SqliteMatcher:
     def rows(self, query: Query, *, limit: int | None = None,
              offset: int = 0) -> Iterator[tuple]:
         """Values of ``query.row_keys`` per match; paging (QIDO-RS) orders by the level's id."""
-        return self._stream(*rows_select(query, limit=limit, offset=offset))
+        return self._stream(*self.renderer.rows_select(query, limit=limit, offset=offset))
 
     def matches(self, query: Query, *, limit: int | None = None,
                 offset: int = 0) -> Iterator[Match]:
@@ -323,7 +368,7 @@ class SqliteMatcher:
 
     def instances(self, query: Query) -> Iterator[StoredInstance]:
         """The stored instances under every match, series by series in instance order."""
-        for row in self._stream(*instances_select(query)):
+        for row in self._stream(*self.renderer.instances_select(query)):
             yield StoredInstance(*row)
 
     def _stream(self, sql: str, params: tuple) -> Iterator[tuple]:
