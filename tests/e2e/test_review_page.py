@@ -16,9 +16,9 @@ import pytest
 
 from tests import annotation_fixtures as fx
 from tests.e2e.test_ohif import chromium, playwright_core
-from tests.e2e.test_review import lamina
 from tests.harness import ProcessNode, free_port
 from tests.review_fixtures import PASSPHRASE
+from tests.review_fixtures import lamina_process as lamina
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("LAMINA_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "review"
