@@ -38,22 +38,11 @@ from tests.harness import (
     free_port,
     postgres_bindir,
     stop_process,
+    wait_port,
     write_config,
 )
 
 Server = Callable[[Path], "contextmanager[tuple[str, int]]"]
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 @contextmanager
@@ -66,7 +55,7 @@ def storescp(work: Path) -> Iterator[tuple[str, int]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TCP_NODELAY": "1"})
     try:
-        _wait_port(port)
+        wait_port(port)
         yield "STORESCP", port
     finally:
         proc.terminate()
@@ -87,7 +76,7 @@ def orthanc(work: Path) -> Iterator[tuple[str, int]]:
     proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
     try:
-        _wait_port(port)
+        wait_port(port)
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
         yield "ORTHANC", port
     finally:
@@ -148,7 +137,7 @@ def _haproxy(work: Path, front: int, ports: list[int]) -> subprocess.Popen:
     proc = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL,
                             env={**os.environ, "LAMINA_FRONT": f"127.0.0.1:{front}"})
-    _wait_port(front)
+    wait_port(front)
     return proc
 
 

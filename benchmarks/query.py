@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -61,6 +60,7 @@ from tests.harness import (
     free_port,
     postgres_bindir,
     stop_process,
+    wait_port,
     write_config,
 )
 from tests.studies import QR_VALIDATION, qr_peer
@@ -225,17 +225,6 @@ def _pct(values: list[float], pct: int) -> float:
 # --- C-MOVE -----------------------------------------------------------------------------
 
 
-def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
 def _movescu(port: int, called: str, study_uid: str, runs: int, dest: Path,
              dest_port: int) -> list[float]:
     """Seconds per C-MOVE of the study to a fresh storescp, ``runs`` times."""
@@ -247,7 +236,7 @@ def _movescu(port: int, called: str, study_uid: str, runs: int, dest: Path,
                                      str(dest_port)], env=NODELAY,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_port(dest_port)
+            wait_port(dest_port)
             started = time.perf_counter()
             result = subprocess.run(
                 ["movescu", "-aet", "MOVESCU", "-aec", called, "-aem", "STORESCP", "-S",
@@ -327,7 +316,7 @@ def _dcmqrscp(folder: Path, files: list[Path], study_uid: str, runs: int, dest: 
     server = subprocess.Popen(["dcmqrscp", "-c", str(config), "--disable-host-lookup"],
                               env=NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        wait_port(port)
         return _movescu(port, "DCMQRSCP", study_uid, runs, dest, dest_port)
     finally:
         stop_process(server)
@@ -348,12 +337,12 @@ def _orthanc(binary: str, folder: Path, files: list[Path], study_uid: str, runs:
     server = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=NODELAY)
     try:
-        _wait_port(http)
+        wait_port(http)
         for f in files:
             request = urllib.request.Request(f"http://127.0.0.1:{http}/instances",
                                              data=f.read_bytes(), method="POST")
             urllib.request.urlopen(request).read()
-        _wait_port(port)
+        wait_port(port)
         return _movescu(port, "ORTHANC", study_uid, runs, dest, dest_port)
     finally:
         stop_process(server)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ from node.ingest.types import Source
 from node.ingest.validate import Validator, read_received
 from node.phantom import Phantom
 from node.storage.records import InstanceRecord
-from tests.harness import ProcessNode, as_file, free_port, peer, write_config
+from tests.harness import ProcessNode, as_file, free_port, peer, wait_port, write_config
 
 #: storescu's calling AE title, a peer of the node.
 DCMTK_AE = "STORESCU"
@@ -108,16 +107,6 @@ def _storescu(port: int, called: str, files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def _wait(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
 def _rate_storescp(files: list[Path]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -125,7 +114,7 @@ def _rate_storescp(files: list[Path]) -> float:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "TCP_NODELAY": "1"})
         try:
-            _wait(port)
+            wait_port(port)
             return len(files) / _storescu(port, "STORESCP", files)
         finally:
             proc.terminate()

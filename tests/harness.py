@@ -105,6 +105,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port`` (a peer the test or
+    benchmark started: Orthanc, storescp, HAProxy); TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 # --- config -------------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from node.context import NodeContext
 from node.forward.worker import RECORD_EVERY
 from tests import annotation_fixtures as fx
 from tests.forward_fixtures import CountingSCP, Template, approve, build_template
-from tests.harness import ProcessNode, free_port, stop_process
+from tests.harness import ProcessNode, free_port, stop_process, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +81,6 @@ def test_a_node_killed_mid_queue_resumes_after_restart_without_loss(template,
 
 
 # --- Orthanc as the clinical PACS ---------------------------------------------------------
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 @pytest.fixture
