@@ -5,6 +5,7 @@ registry per process, shared by every test of the run), so each assertion is a d
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -92,8 +93,10 @@ def test_forward_queue_depth_by_destination_and_state(site):
     annotation_id = fx.seg_annotation(node, seg)["id"]
     name = "lamina_forward_queue_items"
     assert sample(url, name, destination="archive", state="queued") == 0
-    with node.ctx.index.transaction() as tx:  # what an approval's forward rule writes
+    # What an approval's forward rule writes, due in an hour: the node's forward worker
+    # must not pick it up (and move it out of "queued") while the test reads the gauge.
+    with node.ctx.index.transaction() as tx:
         assert tx.outbox.enqueue_annotation(annotation_id, "rule", "archive", "stored",
-                                            utc_now(), 0.0) == 1
+                                            utc_now(), time.time() + 3600) == 1
     assert sample(url, name, destination="archive", state="queued") == 1
     assert sample(url, name, destination="archive", state="sent") == 0
