@@ -317,3 +317,24 @@ def test_health_and_metrics(site):
     assert "lamina_instances_stored " in text
     assert 'lamina_http_requests_total{method="GET",route="/studies"' in text
     assert "lamina_query_duration_seconds_bucket" in text
+
+
+def test_more_bad_input(site):
+    """The remaining "Bad input" cases: a boundary the body never uses, metadata of a series that
+    does not exist, and a STOW to a study path with an instance of another study."""
+    node, url = site
+    other = 'multipart/related; type="application/dicom"; boundary=YY'
+    body = b"--XX\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--XX--\r\n"
+    assert _reason(post(url, body, other), 400)
+    inst = get(url, "/instances?PatientID=WEB-A&includefield=all").json()[0]
+    study, series, sop = (inst[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
+    assert _reason(get(url, f"/studies/{study}/series/1.2.3.999/metadata"), 404)
+    part = encode(client(url).retrieve_instance(study, series, sop))
+    wrong = httpx.post(url + "/studies/1.2.3.4.5.999", timeout=30,
+                       content=b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--XX--\r\n",
+                       headers={"Authorization": f"Bearer {TOKENS['full']}",
+                                "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'})
+    assert wrong.status_code == 409, wrong.text
+    assert wrong.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+    assert node.echo("CLIENT") == 0x0000
+    assert get(url, "/studies").status_code == 200
