@@ -101,6 +101,8 @@ class IndexSettings:
     busy_timeout_ms: int = 10_000
     #: backend "postgresql": the libpq connection string or URI (password: LAMINA_PG_PASSWORD)
     dsn: str = ""
+    #: False: ``lamina serve`` refuses a schema that is not current (``lamina migrate`` first)
+    migrate_on_start: bool = True
 
 
 @dataclass(frozen=True)
@@ -408,6 +410,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         path=Path(index_path) if index_path else None,
         busy_timeout_ms=_get(s, "index", "busy_timeout_ms", int, IndexSettings.busy_timeout_ms),
         dsn=dsn,
+        migrate_on_start=_get(s, "index", "migrate_on_start", bool, True),
     )
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 
