@@ -106,6 +106,15 @@ class IndexSettings:
 
 
 @dataclass(frozen=True)
+class DimseSettings:
+    """``[dimse]``: the PROXY protocol from a load balancer (node.dimse.proxy_protocol)."""
+
+    proxy_protocol: bool = False
+    #: networks allowed to send the header (CIDR); others are closed and logged
+    proxy_trusted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     signing_key: Path = Path("./keys/audit-signing.pem")
     #: A second place for signed checkpoints, outside the data folder (rollback detection);
@@ -212,6 +221,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    dimse: DimseSettings = field(default_factory=DimseSettings)
 
     @property
     def index_path(self) -> Path:
@@ -348,7 +358,7 @@ def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
                        "peers", "annotations", "review", "forward", "http", "identity",
-                       "tls"}:
+                       "tls", "dimse"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -496,7 +506,25 @@ def _build(raw: dict[str, Any]) -> Settings:
                               " names no user")
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
                     _validation(raw), peers, annotations, review, forward,
-                    _http(raw, peers), identity, _tls(raw, peers))
+                    _http(raw, peers), identity, _tls(raw, peers), _dimse(raw))
+
+
+def _dimse(raw: dict[str, Any]) -> DimseSettings:
+    import ipaddress
+
+    s = _section(raw, "dimse", set(DimseSettings.__dataclass_fields__))
+    enabled = _get(s, "dimse", "proxy_protocol", bool, False)
+    trusted = s.get("proxy_trusted", [])
+    if not isinstance(trusted, list) or not all(isinstance(n, str) for n in trusted):
+        raise ConfigError("dimse.proxy_trusted: must be a list of networks (CIDR)")
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"dimse.proxy_trusted: not a network: {network!r}") from None
+    if enabled and not trusted:
+        raise ConfigError("dimse.proxy_trusted: proxy_protocol needs the balancers' networks")
+    return DimseSettings(enabled, tuple(trusted))
 
 
 def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
