@@ -1,11 +1,11 @@
 """Ingest throughput: DCMTK storescu into DCMTK storescp, Orthanc and ``lamina serve``.
 
 Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
-warm-up, then 3 timed repeats, with 1 and with 2 concurrent senders (the
-series split in halves). Every repeat receives into an empty folder, so no
+warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
+series). Every run receives into an empty folder, so no
 server takes a shortcut for resends. Prints instances/s and the ratios.
 
-    .venv/bin/python -m benchmarks.ingest [--slices 300] [--repeats 3] [--workers 2]
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--workers 2] [--senders 1,2,4]
     .venv/bin/python -m benchmarks.ingest --scale-out --senders 1,2,4,8
 
 ``--scale-out`` adds Lamina on a PostgreSQL index (a throwaway cluster with fsync on,
@@ -36,17 +36,18 @@ from tests.harness import (
     PostgresCluster,
     ProcessNode,
     free_port,
+    peer,
     postgres_bindir,
     stop_process,
     wait_port,
     write_config,
 )
 
-Server = Callable[[Path], "contextmanager[tuple[str, int]]"]
+Server = Callable[[Path], "contextmanager[tuple[str, int, list[int]]]"]
 
 
 @contextmanager
-def storescp(work: Path) -> Iterator[tuple[str, int]]:
+def storescp(work: Path) -> Iterator[tuple[str, int, list[int]]]:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
@@ -56,14 +57,14 @@ def storescp(work: Path) -> Iterator[tuple[str, int]]:
                             env={**os.environ, "TCP_NODELAY": "1"})
     try:
         wait_port(port)
-        yield "STORESCP", port
+        yield "STORESCP", port, [proc.pid]
     finally:
         proc.terminate()
         proc.wait()
 
 
 @contextmanager
-def orthanc(work: Path) -> Iterator[tuple[str, int]]:
+def orthanc(work: Path) -> Iterator[tuple[str, int, list[int]]]:
     port, http = free_port(), free_port()
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps({
@@ -78,18 +79,19 @@ def orthanc(work: Path) -> Iterator[tuple[str, int]]:
     try:
         wait_port(port)
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
-        yield "ORTHANC", port
+        yield "ORTHANC", port, [proc.pid]
     finally:
         proc.terminate()
         proc.wait()
 
 
-def lamina(workers: int) -> Server:
+def lamina(workers: int, route: str = "clinical") -> Server:
     @contextmanager
-    def server(work: Path) -> Iterator[tuple[str, int]]:
-        node = ProcessNode.with_workers(work / "lamina", workers).start()
+    def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
+        peers = {"bench": peer(TEST_AET, "store", route=route)}
+        node = ProcessNode.with_workers(work / "lamina", workers, peers=peers).start()
         try:
-            yield "LAMINA", node.port
+            yield "LAMINA", node.port, [node.pid]
         finally:
             node.stop()
 
@@ -100,7 +102,7 @@ def lamina_nodes(nodes: int, cluster: PostgresCluster | None) -> Server:
     """``nodes`` one-worker nodes on the cluster's PostgreSQL index (SQLite when None), each
     repeat on a fresh database; more than one behind HAProxy."""
     @contextmanager
-    def server(work: Path) -> Iterator[tuple[str, int]]:
+    def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
         index = {"backend": "postgresql", "dsn": cluster.database()} if cluster else None
         running: list[ProcessNode] = []
         proxy = None
@@ -113,11 +115,11 @@ def lamina_nodes(nodes: int, cluster: PostgresCluster | None) -> Server:
                                                 .read_bytes())
                 running.append(ProcessNode(config).start())
             if nodes == 1:
-                yield "LAMINA", running[0].port
+                yield "LAMINA", running[0].port, [n.pid for n in running]
                 return
             front = free_port()
             proxy = _haproxy(work, front, [n.port for n in running])
-            yield "LAMINA", front
+            yield "LAMINA", front, [n.pid for n in running]
         finally:
             if proxy is not None:
                 stop_process(proxy)
@@ -141,38 +143,108 @@ def _haproxy(work: Path, front: int, ports: list[int]) -> subprocess.Popen:
     return proc
 
 
-def send(called: str, port: int, files: list[Path], senders: int) -> float:
-    """Seconds for ``senders`` concurrent storescu processes to send ``files`` between them."""
-    chunks = [files[i::senders] for i in range(senders)]
+def _tree(roots: list[int]) -> list[int]:
+    """The processes under ``roots`` (the server and its workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU (user + system, with reaped children's) of every process under ``roots``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree(roots):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+def _established(port: int) -> set[int]:
+    """Socket inodes of established TCP connections whose local port is ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(cols[9]))
+    return inodes
+
+
+def _owners(pids: list[int], inodes: set[int]) -> dict[int, set[int]]:
+    """For each process, the inodes of ``inodes`` it holds open."""
+    held: dict[int, set[int]] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inode = int(target[8:-1])
+                    if inode in inodes:
+                        held.setdefault(pid, set()).add(inode)
+        except OSError:
+            continue
+    return held
+
+
+def send(called: str, port: int, series: list[list[Path]],
+         roots: list[int]) -> tuple[float, list[int]]:
+    """Seconds for one storescu process per series, all at once, to send them,
+    and how many of the associations each receiving process served (sampled from /proc:
+    the process holding the connection's socket), busiest first."""
     env = {**os.environ, "TCP_NODELAY": "1"}
+    pids = _tree(roots)
+    served: dict[int, set[int]] = {}
     start = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aet", TEST_AET, "-aec", called, "127.0.0.1",
                                str(port), *map(str, chunk)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for chunk in chunks]
+             for chunk in series]
+    while any(p.poll() is None for p in procs):
+        for pid, inodes in _owners(pids, _established(port)).items():
+            served.setdefault(pid, set()).update(inodes)
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - start
+    return seconds, sorted((len(s) for s in served.values()), reverse=True)
 
 
-def measure(server: Server, files: list[Path], senders: int, repeats: int) -> list[float]:
-    rates = []
+def measure(server: Server, series: list[list[Path]], repeats: int) -> list[tuple[float, float, list[int]]]:
+    """Per timed run: inst/s, server CPU ms per instance, associations per receiving process."""
+    runs = []
     for run in range(repeats + 1):  # run 0 is the warm-up
-        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port):
-            seconds = send(called, port, files, senders)
+        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, roots):
+            before = cpu_seconds(roots)
+            seconds, counts = send(called, port, series, roots)
+            cpu = cpu_seconds(roots) - before
         if run:
-            rates.append(len(files) / seconds)
-    return rates
+            count = sum(map(len, series))
+            runs.append((count / seconds, cpu * 1000 / count, counts))
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", "--repeats", dest="repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="lamina receiving processes")
-    parser.add_argument("--senders", default="1,2", help="concurrent senders, comma-separated")
+    parser.add_argument("--senders", default="1,2,4", help="concurrent senders, comma-separated")
     parser.add_argument("--scale-out", action="store_true",
                         help="also 1 node on PostgreSQL and 2, 3 nodes behind HAProxy")
     args = parser.parse_args()
@@ -184,6 +256,7 @@ def main() -> None:
     else:
         print("Orthanc not installed (apt-get install orthanc): not measured")
     servers[f"lamina ({args.workers} workers)"] = lamina(args.workers)
+    servers["lamina deidentified"] = lamina(args.workers, "deidentified")
     with ExitStack() as stack:
         if args.scale_out:
             bindir = postgres_bindir()
@@ -199,16 +272,25 @@ def main() -> None:
 
 
 def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
+    senders_list = [int(n) for n in args.senders.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        files = Phantom(seed="bench", slices_count=args.slices).write(Path(tmp) / "study")
-        print(f"{args.slices} slices of 512x512 int16, {args.repeats} repeats after a warm-up")
-        for senders in (int(n) for n in args.senders.split(",")):
+        # One series of its own per sender (no two senders send the same instance).
+        series = [Phantom(seed=f"bench{k}", slices_count=args.slices).write(Path(tmp) / f"s{k}")
+                  for k in range(max(senders_list))]
+        print(f"{args.slices} slices of 512x512 int16 per sender, {args.repeats} runs after a "
+              f"warm-up; lamina has {args.workers} workers")
+        table: dict[str, dict[int, tuple[float, float, list[list[int]]]]] = {}
+        for senders in senders_list:
             medians = {}
             for name, server in servers.items():
-                rates = measure(server, files, senders, args.repeats)
+                runs = measure(server, series[:senders], args.repeats)
+                rates = [r[0] for r in runs]
                 medians[name] = statistics.median(rates)
+                cpu = statistics.median(r[1] for r in runs)
+                table.setdefault(name, {})[senders] = (medians[name], cpu, [r[2] for r in runs])
                 print(f"  {senders} sender(s)  {name:<22} median {medians[name]:7.1f} inst/s"
-                      f"  (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+                      f"  cpu {cpu:5.1f} ms/inst  (runs: {', '.join(f'{r:.0f}' for r in rates)};"
+                      f" associations per process: {[r[2] for r in runs]})")
             lamina_rate = medians[f"lamina ({args.workers} workers)"]
             for name in ("storescp", "orthanc"):
                 if name in medians:
@@ -220,6 +302,18 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
                     f"{name.removeprefix('lamina ')} {medians[name] / base:.2f}"
                     for name in medians if name.startswith("lamina ") and "pg" in name)
                     + f"; pg/sqlite (1 node) {base / medians['lamina 1 node sqlite']:.2f}")
+        print()
+        print("| target | " + " | ".join(f"{n} sender{'s' if n > 1 else ''}"
+                                          for n in senders_list)
+              + " | server CPU ms/instance | associations per process (per run) |")
+        print("|---|" + "---|" * (len(senders_list) + 2))
+        for name, row in table.items():
+            cpus = [row[n][1] for n in senders_list]
+            # storescp --fork's children live too briefly to be sampled: no count for it.
+            spread = "; ".join(f"{n}: {row[n][2]}" for n in senders_list
+                               if any(row[n][2])) or "—"
+            print(f"| {name} | " + " | ".join(f"{row[n][0]:.0f}" for n in senders_list)
+                  + f" | {min(cpus):.1f}–{max(cpus):.1f} | {spread} |")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,17 @@ class IndexSettings:
     busy_timeout_ms: int = 10_000
     #: backend "postgresql": the libpq connection string or URI (password: LAMINA_PG_PASSWORD)
     dsn: str = ""
+    #: False: ``lamina serve`` refuses a schema that is not current (``lamina migrate`` first)
+    migrate_on_start: bool = True
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    """``[dimse]``: the PROXY protocol from a load balancer (node.dimse.proxy_protocol)."""
+
+    proxy_protocol: bool = False
+    #: networks allowed to send the header (CIDR); others are closed and logged
+    proxy_trusted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    dimse: DimseSettings = field(default_factory=DimseSettings)
 
     @property
     def index_path(self) -> Path:
@@ -346,7 +358,7 @@ def _build(raw: dict[str, Any]) -> Settings:
     for key in raw:
         if key not in {"node", "storage", "index", "audit", "log", "deidentify", "validation",
                        "peers", "annotations", "review", "forward", "http", "identity",
-                       "tls"}:
+                       "tls", "dimse"}:
             raise ConfigError(f"{key}: unknown section")
     d = NodeSettings()
     s = _section(raw, "node", set(NodeSettings.__dataclass_fields__))
@@ -408,6 +420,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         path=Path(index_path) if index_path else None,
         busy_timeout_ms=_get(s, "index", "busy_timeout_ms", int, IndexSettings.busy_timeout_ms),
         dsn=dsn,
+        migrate_on_start=_get(s, "index", "migrate_on_start", bool, True),
     )
     _range(index.busy_timeout_ms, 1, 600_000, "index.busy_timeout_ms")
 
@@ -493,7 +506,25 @@ def _build(raw: dict[str, Any]) -> Settings:
                               " names no user")
     return Settings(node, storage, index, audit, LogSettings(level), deidentify,
                     _validation(raw), peers, annotations, review, forward,
-                    _http(raw, peers), identity, _tls(raw, peers))
+                    _http(raw, peers), identity, _tls(raw, peers), _dimse(raw))
+
+
+def _dimse(raw: dict[str, Any]) -> DimseSettings:
+    import ipaddress
+
+    s = _section(raw, "dimse", set(DimseSettings.__dataclass_fields__))
+    enabled = _get(s, "dimse", "proxy_protocol", bool, False)
+    trusted = s.get("proxy_trusted", [])
+    if not isinstance(trusted, list) or not all(isinstance(n, str) for n in trusted):
+        raise ConfigError("dimse.proxy_trusted: must be a list of networks (CIDR)")
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"dimse.proxy_trusted: not a network: {network!r}") from None
+    if enabled and not trusted:
+        raise ConfigError("dimse.proxy_trusted: proxy_protocol needs the balancers' networks")
+    return DimseSettings(enabled, tuple(trusted))
 
 
 def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:

@@ -256,8 +256,22 @@ def _metrics_folder(data: Path) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder.resolve())
 
 
+def _require_current_schema(ctx: NodeContext) -> None:
+    """``[index] migrate_on_start = false``: the deploy migrates; a stale schema is refused."""
+    from node.storage.backend import target_version
+
+    current, target = ctx.index.schema_version(), target_version(ctx.settings.index.backend)
+    if current < target:
+        ctx.close()
+        raise ServeRefused(f"index schema version {current} is older than {target} and"
+                           " index.migrate_on_start is false: run `lamina migrate` first")
+
+
 def _supervise(settings: Settings) -> None:
-    ctx = NodeContext.open(settings, migrate=True, with_key=True)  # refuse early without a key
+    # refuse early without a key
+    ctx = NodeContext.open(settings, migrate=settings.index.migrate_on_start, with_key=True)
+    if not settings.index.migrate_on_start:
+        _require_current_schema(ctx)
     cleared = ctx.blobs.clear_spool()
     actor = Actor(ae_title=settings.node.ae_title, user=f"pid:{os.getpid()}")
     ctx.start(supervisor=True)

@@ -16,6 +16,7 @@ from node.cli.demo import demo
 from node.cli.export import export
 from node.cli.identity import identity
 from node.cli.labels import labels
+from node.cli.migrate import migrate
 from node.cli.qa import qa
 from node.cli.quarantine import quarantine
 from node.cli.queue import queue
@@ -34,5 +35,5 @@ def main() -> None:
 
 for command in (serve, echo, send, find, move, status, audit, fsck, check, demo, keys,
                 anonymize, reidentify, deid, quarantine, annotations, overlays, import_labels,
-                review, users, queue, export, adjudicate, labels, qa, identity):
+                review, users, queue, export, adjudicate, labels, qa, identity, migrate):
     main.add_command(command)

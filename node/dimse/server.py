@@ -34,6 +34,7 @@ from node.dimse.handlers.echo import handle_echo
 from node.dimse.handlers.find import handle_sop_extended, make_find_handler
 from node.dimse.handlers.move_get import make_retrieve_handlers
 from node.dimse.handlers.store import make_store_handler
+from node.dimse.proxy_protocol import ProxyHeaderError, ProxyPolicy, read_header
 from node.dimse.qr_loops import QueryRetrieveAssociation
 from node.dimse.sender import BlobSource
 
@@ -46,8 +47,10 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
     def __init__(self, request: Any, client_address: Any, server: Any, *,
                  blobs: BlobSource, limits: NodeSettings,
                  tls: ssl.SSLContext | None = None,
-                 tls_settings: TlsSettings | None = None) -> None:
+                 tls_settings: TlsSettings | None = None,
+                 proxy: ProxyPolicy | None = None) -> None:
         # before the parent's __init__, which handles the request
+        self.proxy = proxy
         self.blobs = blobs
         self.limits = limits
         self.tls = tls
@@ -56,13 +59,31 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
 
     def handle(self) -> None:
         """With TLS, the handshake runs here, in the connection's own thread (never in
-        the accept loop), bounded by the ACSE timeout; a failed one closes the socket."""
+        the accept loop), bounded by the ACSE timeout; a failed one closes the socket.
+        Behind a balancer, its PROXY header comes first (the real client address)."""
+        if self.proxy is not None and not self._proxied(self.proxy):
+            return
         if self.tls is not None:
             wrapped = tls.handshake(self.tls, self.request, self.limits.acse_timeout)
             if wrapped is None:
                 return
             self.request = wrapped
         super().handle()
+
+    def _proxied(self, policy: ProxyPolicy) -> bool:
+        """Take the client's address from the PROXY header; False: close the connection."""
+        source = str(self.client_address[0])
+        try:
+            if not policy.trusts(source):
+                raise ProxyHeaderError("PROXY header from an untrusted address")
+            real = read_header(self.request, self.limits.acse_timeout)
+        except ProxyHeaderError as exc:
+            log.warning("connection closed", extra={"fields": {
+                "address": source, "reason": str(exc)}})
+            return False
+        if real is not None:
+            self.client_address = real
+        return True
 
     def created(self, assoc: Association) -> Association:
         compat.adopt(assoc, QueryRetrieveAssociation)
@@ -91,8 +112,10 @@ class DimseServer:
     def __init__(self, ae: AE, address: tuple[str, int], handlers: list,
                  blobs: BlobSource, limits: NodeSettings,
                  tls_context: ssl.SSLContext | None = None,
-                 tls_settings: TlsSettings | None = None) -> None:
+                 tls_settings: TlsSettings | None = None,
+                 proxy: ProxyPolicy | None = None) -> None:
         self.ae = ae
+        self.proxy = proxy
         self.tls_settings = tls_settings or TlsSettings()
         self.limits = limits
         self.tls_context = tls_context
@@ -109,7 +132,8 @@ class DimseServer:
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers, server_class=LaminaServer,
             request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits,
-                                    tls=self.tls_context, tls_settings=self.tls_settings))
+                                    tls=self.tls_context, tls_settings=self.tls_settings,
+                                    proxy=self.proxy))
         self._server = server
         # socketserver's default poll interval (0.5 s) is how long stop() waits.
         self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
@@ -151,4 +175,6 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
         *make_retrieve_handlers(ctx, sessions),
     ]
     return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs, node,
-                       tls.server_context(ctx.settings.tls), ctx.settings.tls)
+                       tls.server_context(ctx.settings.tls), ctx.settings.tls,
+                       ProxyPolicy.parse(ctx.settings.dimse.proxy_trusted)
+                       if ctx.settings.dimse.proxy_protocol else None)

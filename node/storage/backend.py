@@ -31,3 +31,12 @@ def open_index(backend: str, path: Path, busy_timeout_ms: int, *,
     if must_exist:
         return SqliteIndex.open_existing(path, busy_timeout_ms)
     return SqliteIndex(path, busy_timeout_ms)
+
+
+def target_version(backend: str) -> int:
+    """The newest schema version this package ships for ``backend`` (what ``migrate`` reaches)."""
+    if backend == "postgresql":
+        from node.storage.postgresql.index import migrations
+    else:
+        from node.storage.sqlite.index import migrations
+    return max((number for number, _name, _sql in migrations()), default=0)
