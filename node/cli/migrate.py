@@ -28,27 +28,26 @@ def migrate(settings: Settings, check_only: bool) -> None:
 
     backend = settings.index.backend
     target = target_version(backend)
+    if check_only and backend == "sqlite" and not settings.index_path.is_file():
+        _report(backend, 0, target)  # no index yet: everything is pending
+        _pending(0, target)
     try:
-        if backend == "sqlite" and not check_only:
+        if backend == "sqlite":
             settings.storage.data.mkdir(parents=True, exist_ok=True)
-        if backend == "sqlite" and check_only and not settings.index_path.is_file():
-            current = 0
-        else:
-            index = open_index(backend, settings.index_path, settings.index.busy_timeout_ms,
-                               dsn=settings.index.dsn)
-            try:
-                current = index.schema_version()
-                click.echo(f"backend {backend}: schema version {current}, target {target}")
-                if check_only:
-                    _pending(current, target)
-                if current < target:
-                    reached = index.migrate()
-                    click.echo(f"applied {reached - current} migration(s): now at {reached}")
-                else:
-                    click.echo("up to date")
-                return
-            finally:
-                index.close()
+        index = open_index(backend, settings.index_path, settings.index.busy_timeout_ms,
+                           dsn=settings.index.dsn)
+        try:
+            current = index.schema_version()  # PostgreSQL connects here: a bad DSN fails here
+            _report(backend, current, target)
+            if check_only:
+                _pending(current, target)
+            if current < target:
+                reached = index.migrate()
+                click.echo(f"applied {reached - current} migration(s): now at {reached}")
+            else:
+                click.echo("up to date")
+        finally:
+            index.close()
     except IndexUnavailable as exc:
         raise index_problem(settings, exc) from None
     except Exception as exc:  # a bad DSN, a refused connection: one line, exit 2
@@ -57,8 +56,10 @@ def migrate(settings: Settings, check_only: bool) -> None:
             raise BadInput(f"index.dsn: cannot use the database: {line[0] if line else exc}") \
                 from None
         raise
+
+
+def _report(backend: str, current: int, target: int) -> None:
     click.echo(f"backend {backend}: schema version {current}, target {target}")
-    _pending(current, target)
 
 
 def _pending(current: int, target: int) -> None:

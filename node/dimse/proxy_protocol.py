@@ -15,6 +15,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from node.dimse.sender import recv_exactly
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest v1 line, CRLF included (the specification's limit)
 
@@ -38,22 +40,12 @@ class ProxyPolicy:
         return any(address in network for network in self.trusted)
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ProxyHeaderError("connection closed inside the PROXY header")
-        data += chunk
-    return data
-
-
 def read_header(sock: socket.socket, timeout: float) -> tuple[str, int] | None:
     """Read one PROXY header (and nothing after it); the client's (address, port), or None
     for a LOCAL/UNKNOWN header (a health check: keep the socket's own address)."""
     sock.settimeout(timeout)
     try:
-        start = _exactly(sock, 12)
+        start = recv_exactly(sock, 12)
         if start == V2_SIGNATURE:
             return _v2(sock)
         if start.startswith(b"PROXY "):
@@ -70,7 +62,7 @@ def _v1(sock: socket.socket, start: bytes) -> tuple[str, int] | None:
     while not line.endswith(b"\r\n"):
         if len(line) >= V1_MAX:
             raise ProxyHeaderError("PROXY v1 line too long")
-        line += _exactly(sock, 1)
+        line += recv_exactly(sock, 1)
     parts = line[:-2].decode("ascii", "replace").split(" ")
     if len(parts) >= 2 and parts[1] == "UNKNOWN":
         return None
@@ -87,10 +79,10 @@ def _v1(sock: socket.socket, start: bytes) -> tuple[str, int] | None:
 
 
 def _v2(sock: socket.socket) -> tuple[str, int] | None:
-    version_command, family, length = struct.unpack("!BBH", _exactly(sock, 4))
+    version_command, family, length = struct.unpack("!BBH", recv_exactly(sock, 4))
     if version_command >> 4 != 2 or version_command & 0x0F not in (0, 1):
         raise ProxyHeaderError("unsupported PROXY v2 version or command")
-    body = _exactly(sock, length)
+    body = recv_exactly(sock, length)
     if version_command & 0x0F == 0:  # LOCAL: the balancer's own connection
         return None
     if family >> 4 == 1 and len(body) >= 12:  # AF_INET

@@ -645,14 +645,15 @@ class StoreAssociation:
 
 def _read_pdu(sock: socket.socket, limit: int) -> tuple[int, bytes]:
     """One PDU: its type and its whole bytes (header included, as pynetdicom decodes them)."""
-    head = _recv_exactly(sock, 6)
+    head = recv_exactly(sock, 6)
     kind, _reserved, length = _PDU_HEADER.unpack(head)
     if length > limit + 64:
         raise OSError(f"PDU of {length} bytes exceeds the {limit} announced")
-    return kind, head + _recv_exactly(sock, length)
+    return kind, head + recv_exactly(sock, length)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a blocking socket; OSError when the peer closes first."""
     chunks, remaining = [], n
     while remaining:
         chunk = sock.recv(min(remaining, 1 << 20))
