@@ -305,13 +305,14 @@ def _files_sent_as_they_are() -> Iterator[None]:
 
 
 def send(port: int, items: Sequence[Path | Dataset], aet: str = TEST_AET,
-         called: str = NODE_AET, host: str = "127.0.0.1") -> list[Response]:
+         called: str = NODE_AET, host: str = "127.0.0.1", source: str = "") -> list[Response]:
     """C-STORE each item over one association (pynetdicom as SCU); a Response for each.
 
     A file goes as its bytes are, file meta and all (the contexts come from its meta);
     a data set is written as a file first (:func:`as_file`), so a test can put a
     deliberately broken object on the wire. Raises ConnectionError when the
-    association is not established.
+    association is not established. ``source``: the local address to connect from (another
+    loopback address, e.g. 127.0.0.2, tells a client apart from a proxy on 127.0.0.1).
     """
     with tempfile.TemporaryDirectory(prefix="lamina-send-") as tmp:
         paths = []
@@ -321,11 +322,11 @@ def send(port: int, items: Sequence[Path | Dataset], aet: str = TEST_AET,
                 path.write_bytes(as_file(item))
                 item = path
             paths.append(Path(item))
-        return _send_files(host, port, paths, aet, called)
+        return _send_files(host, port, paths, aet, called, source)
 
 
 def _send_files(host: str, port: int, paths: list[Path], aet: str,
-                called: str) -> list[Response]:
+                called: str, source: str = "") -> list[Response]:
     ae = AE(ae_title=aet)
     contexts = set()
     for path in paths:
@@ -334,7 +335,7 @@ def _send_files(host: str, port: int, paths: list[Path], aet: str,
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, [syntax])
     with _files_sent_as_they_are():
-        assoc = ae.associate(host, port, ae_title=called)
+        assoc = ae.associate(host, port, ae_title=called, bind_address=(source, 0))
         if not assoc.is_established:
             raise ConnectionError(f"association to {called}@{host}:{port} not established")
         responses = []
@@ -352,11 +353,12 @@ def _send_files(host: str, port: int, paths: list[Path], aet: str,
     return responses
 
 
-def echo(port: int, aet: str = TEST_AET, called: str = NODE_AET) -> int | None:
+def echo(port: int, aet: str = TEST_AET, called: str = NODE_AET,
+         source: str = "") -> int | None:
     """C-ECHO: the status, or None when the association is not established."""
     ae = AE(ae_title=aet)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
     if not assoc.is_established:
         return None
     try:
@@ -364,6 +366,34 @@ def echo(port: int, aet: str = TEST_AET, called: str = NODE_AET) -> int | None:
         return int(rsp.Status) if "Status" in rsp else None
     finally:
         assoc.release()
+
+
+def proxy_v1(client: str, port: int = 40000) -> bytes:
+    """A PROXY v1 line naming ``client`` as the connection's real source (IPv4)."""
+    return f"PROXY TCP4 {client} 127.0.0.1 {port} 104\r\n".encode("ascii")
+
+
+def proxy_relay(node_port: int, header: bytes) -> int:
+    """A one-connection stand-in for HAProxy's send-proxy: a port that, when connected to,
+    opens a connection to the node, writes ``header`` (a PROXY line) and then relays bytes
+    both ways; for reaching one node of several whose ``proxy_protocol`` is on."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with src, dst, suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def run() -> None:
+        client, _ = listener.accept()
+        listener.close()
+        upstream = socket.create_connection(("127.0.0.1", node_port))
+        upstream.sendall(header)
+        threading.Thread(target=pipe, args=(client, upstream.dup()), daemon=True).start()
+        pipe(upstream, client.dup())
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.getsockname()[1]
 
 
 # --- the node -----------------------------------------------------------------------------
@@ -379,6 +409,8 @@ class Node:
         #: A calling AE the node admits from 127.0.0.1 (readiness checks).
         self.local_aet = next((p.ae_title for p in settings.peers
                                if p.allows_address("127.0.0.1")), TEST_AET)
+        #: With [dimse] proxy_protocol on, a connection without a PROXY header is closed.
+        self.proxied = settings.dimse.proxy_protocol
 
     @property
     def port(self) -> int:
@@ -402,7 +434,8 @@ class Node:
         return send(self.port, items, aet=aet, called=self.ae_title)
 
     def echo(self, aet: str = TEST_AET) -> int | None:
-        return echo(self.port, aet, self.ae_title)
+        port = proxy_relay(self.port, proxy_v1("127.0.0.1")) if self.proxied else self.port
+        return echo(port, aet, self.ae_title)
 
     def cli(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         """``lamina ARGS --config`` this node's config (in this process)."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
+import time
 
 import pytest
 
 from node.dimse.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, ProxyPolicy, read_header
-from tests.harness import InProcessNode, echo, peer, write_config
+from tests.harness import InProcessNode, ProcessNode, echo, peer, proxy_relay, write_config
 
 
 def _pair(payload: bytes) -> tuple[socket.socket, socket.socket]:
@@ -67,34 +67,34 @@ def test_node_closes_an_associate_request_without_header(tmp_path):
         assert _closed_at_once(node.port, b"PROXY TCP4 bad\r\n")
 
 
-def _relay(node_port: int, header: bytes) -> int:
-    """A one-connection stand-in for HAProxy's send-proxy: the header, then the bytes both ways."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        with src, dst:
-            while data := src.recv(65536):
-                dst.sendall(data)
-
-    def run() -> None:
-        client, _ = listener.accept()
-        listener.close()
-        upstream = socket.create_connection(("127.0.0.1", node_port))
-        upstream.sendall(header)
-        threading.Thread(target=pipe, args=(client, upstream.dup()), daemon=True).start()
-        pipe(upstream, client.dup())
-
-    threading.Thread(target=run, daemon=True).start()
-    return listener.getsockname()[1]
-
-
 def test_the_peer_policy_sees_the_address_in_the_header(tmp_path):
     config = write_config(tmp_path / "node", peers={"tests": peer("TESTSCU", "store",
                                                                     host="10.20.30.40")})
     config.path.write_text(config.path.read_text()
                            + '\n[dimse]\nproxy_protocol = true\nproxy_trusted = ["127.0.0.1/32"]\n')
     with InProcessNode(config) as node:
-        allowed = _relay(node.port, b"PROXY TCP4 10.20.30.40 127.0.0.1 5000 104\r\n")
+        allowed = proxy_relay(node.port, b"PROXY TCP4 10.20.30.40 127.0.0.1 5000 104\r\n")
         assert echo(allowed, aet="TESTSCU") == 0
-        refused = _relay(node.port, b"PROXY TCP4 10.20.30.41 127.0.0.1 5000 104\r\n")
+        refused = proxy_relay(node.port, b"PROXY TCP4 10.20.30.41 127.0.0.1 5000 104\r\n")
         assert echo(refused, aet="TESTSCU") != 0
+
+
+def test_a_health_check_local_header_then_close_is_dropped_quietly(tmp_path):
+    """HAProxy's check-send-proxy: a v2 LOCAL header, then a close (or a reset). No
+    association is started on it, so nothing is logged as an error; a LOCAL header followed
+    by an association is still served (from the socket's own address)."""
+    config = write_config(tmp_path / "node")
+    config.path.write_text(config.path.read_text()
+                           + '\n[dimse]\nproxy_protocol = true\nproxy_trusted = ["127.0.0.1/32"]\n')
+    local = V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)
+    with ProcessNode(config) as node:  # its own process: pynetdicom's log lines are in its log
+        for reset in (False, True, False, True):
+            with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.sendall(local)
+        assert echo(proxy_relay(node.port, local)) == 0
+        time.sleep(0.5)  # the handler threads of the closed connections have finished
+        log = node.log()
+    assert '"association accepted"' in log
+    assert '"level": "error"' not in log, log[-2000:]

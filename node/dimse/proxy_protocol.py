@@ -57,6 +57,20 @@ def read_header(sock: socket.socket, timeout: float) -> tuple[str, int] | None:
     raise ProxyHeaderError("no PROXY header")
 
 
+def speaks(sock: socket.socket, timeout: float) -> bool:
+    """After a LOCAL header: True once the peer sends a byte (left unread for the
+    association), False when it closes, resets or stays silent for ``timeout`` s. HAProxy's
+    health check (``check-send-proxy``) is a LOCAL header and then a close: dropped quietly,
+    it never becomes an association that fails on a half-read PDU and logs an error."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except OSError:  # reset by the peer, or the timeout
+        return False
+    finally:
+        sock.settimeout(None)
+
+
 def _v1(sock: socket.socket, start: bytes) -> tuple[str, int] | None:
     line = start
     while not line.endswith(b"\r\n"):

@@ -34,7 +34,7 @@ from node.dimse.handlers.echo import handle_echo
 from node.dimse.handlers.find import handle_sop_extended, make_find_handler
 from node.dimse.handlers.move_get import make_retrieve_handlers
 from node.dimse.handlers.store import make_store_handler
-from node.dimse.proxy_protocol import ProxyHeaderError, ProxyPolicy, read_header
+from node.dimse.proxy_protocol import ProxyHeaderError, ProxyPolicy, read_header, speaks
 from node.dimse.qr_loops import QueryRetrieveAssociation
 from node.dimse.sender import BlobSource
 
@@ -81,8 +81,9 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
             log.warning("connection closed", extra={"fields": {
                 "address": source, "reason": str(exc)}})
             return False
-        if real is not None:
-            self.client_address = real
+        if real is None:  # LOCAL: the balancer's own connection (a health check closes at once)
+            return speaks(self.request, self.limits.acse_timeout)
+        self.client_address = real
         return True
 
     def created(self, assoc: Association) -> Association:
