@@ -176,6 +176,7 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
                  annotations: dict | None = None, review: dict | None = None,
                  forward: dict | None = None, http: dict | None = None,
                  identity: dict | None = None, tls: dict | None = None,
+                 dimse: dict | None = None,
                  data: Path | None = None, key: bool = True) -> NodeConfig:
     """Write ``root/node.toml`` (and ``root/keys/project.key`` unless ``key=False``).
 
@@ -203,7 +204,8 @@ def write_config(root: Path, *, peers: dict[str, dict] | None = None,
     # HTTP is off unless a test asks for it (then on port 0 unless it says otherwise).
     sections["http"] = {"port": 0, **http} if http is not None else {"enabled": False}
     for name, values in (("index", index), ("validation", validation), ("review", review),
-                         ("forward", forward), ("identity", identity), ("tls", tls)):
+                         ("forward", forward), ("identity", identity), ("tls", tls),
+                         ("dimse", dimse)):
         if values:
             sections[name] = dict(values)
     for name, values in (DEFAULT_PEERS if peers is None else peers).items():
