@@ -10,8 +10,10 @@ server takes a shortcut for resends. Prints instances/s and the ratios.
 
 ``--scale-out`` adds Lamina on a PostgreSQL index (a throwaway cluster with fsync on,
 tests/harness.py PostgresCluster): one node, and two and three nodes (one worker each,
-``node.id``, one shared blob folder) behind HAProxy with config/haproxy.cfg's settings,
-beside one node on SQLite with one worker.
+``node.id``, one shared blob folder) behind HAProxy with config/haproxy.cfg's settings
+(send-proxy-v2: the nodes read the PROXY header, ``[dimse] proxy_protocol``), beside one
+node on SQLite with one worker. ``--only storescp,orthanc,node`` keeps the targets whose
+name contains one of the words (the scale-out curve beside the peers, in one run).
 """
 
 from __future__ import annotations
@@ -107,9 +109,14 @@ def lamina_nodes(nodes: int, cluster: PostgresCluster | None) -> Server:
         running: list[ProcessNode] = []
         proxy = None
         try:
+            # behind HAProxy (send-proxy-v2) the nodes read the client's address from the
+            # PROXY header, as in production
+            dimse = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"]} \
+                if nodes > 1 else None
             for k in range(1, nodes + 1):
                 config = write_config(work / f"node{k}", node={"id": f"node{k}", "workers": 1},
-                                      storage={"shared": str(work / "shared")}, index=index)
+                                      storage={"shared": str(work / "shared")}, index=index,
+                                      dimse=dimse)
                 if k > 1:
                     config.key_file.write_bytes((work / "node1" / "keys" / "project.key")
                                                 .read_bytes())
@@ -247,6 +254,8 @@ def main() -> None:
     parser.add_argument("--senders", default="1,2,4", help="concurrent senders, comma-separated")
     parser.add_argument("--scale-out", action="store_true",
                         help="also 1 node on PostgreSQL and 2, 3 nodes behind HAProxy")
+    parser.add_argument("--only", default="",
+                        help="comma-separated words: keep only targets whose name has one")
     args = parser.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
         raise SystemExit("needs DCMTK (apt-get install dcmtk)")
@@ -268,6 +277,10 @@ def main() -> None:
             for nodes in (1, 2, 3):
                 servers[f"lamina {nodes} node{'s' if nodes > 1 else ''} pg"] = \
                     lamina_nodes(nodes, cluster)
+        if args.only:
+            words = [w for w in args.only.split(",") if w]
+            servers = {name: server for name, server in servers.items()
+                       if any(w in name for w in words)}
         run(servers, args)
 
 
@@ -291,17 +304,20 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
                 print(f"  {senders} sender(s)  {name:<22} median {medians[name]:7.1f} inst/s"
                       f"  cpu {cpu:5.1f} ms/inst  (runs: {', '.join(f'{r:.0f}' for r in rates)};"
                       f" associations per process: {[r[2] for r in runs]})")
-            lamina_rate = medians[f"lamina ({args.workers} workers)"]
-            for name in ("storescp", "orthanc"):
-                if name in medians:
-                    print(f"  {senders} sender(s)  ratio lamina/{name}: "
-                          f"{lamina_rate / medians[name]:.2f}")
+            for lamina_name in medians:
+                if not lamina_name.startswith("lamina"):
+                    continue
+                for name in ("storescp", "orthanc"):
+                    if name in medians:
+                        print(f"  {senders} sender(s)  ratio {lamina_name}/{name}: "
+                              f"{medians[lamina_name] / medians[name]:.2f}")
             if "lamina 1 node pg" in medians:
                 base = medians["lamina 1 node pg"]
                 print(f"  {senders} sender(s)  scale-out vs 1 node pg: " + ", ".join(
                     f"{name.removeprefix('lamina ')} {medians[name] / base:.2f}"
                     for name in medians if name.startswith("lamina ") and "pg" in name)
-                    + f"; pg/sqlite (1 node) {base / medians['lamina 1 node sqlite']:.2f}")
+                    + (f"; pg/sqlite (1 node) {base / medians['lamina 1 node sqlite']:.2f}"
+                       if "lamina 1 node sqlite" in medians else ""))
         print()
         print("| target | " + " | ".join(f"{n} sender{'s' if n > 1 else ''}"
                                           for n in senders_list)
