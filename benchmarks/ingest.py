@@ -180,15 +180,25 @@ def cpu_seconds(roots: list[int]) -> float:
     return total / tick
 
 
-def _established(port: int) -> set[int]:
-    """Socket inodes of established TCP connections whose local port is ``port``."""
-    inodes = set()
+def _sockets(state: str, ports: set[int] | None = None) -> dict[int, int]:
+    """Socket inode -> local port of the TCP sockets in ``state`` ("01" established, "0A"
+    listening), those on ``ports`` only when given."""
+    found = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             cols = line.split()
-            if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(int(cols[9]))
-    return inodes
+            local = int(cols[1].rsplit(":", 1)[1], 16)
+            if cols[3] == state and (ports is None or local in ports):
+                found[int(cols[9])] = local
+    return found
+
+
+def _established(port: int, pids: list[int]) -> set[int]:
+    """Socket inodes of established TCP connections on ``port`` or on a port the ``pids``
+    listen on (behind HAProxy the front port is HAProxy's; the nodes' ports are their own)."""
+    listening = _sockets("0A")
+    own = {listening[i] for held in _owners(pids, set(listening)).values() for i in held}
+    return set(_sockets("01", {port, *own}))
 
 
 def _owners(pids: list[int], inodes: set[int]) -> dict[int, set[int]]:
@@ -221,7 +231,7 @@ def send(called: str, port: int, series: list[list[Path]],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for chunk in series]
     while any(p.poll() is None for p in procs):
-        for pid, inodes in _owners(pids, _established(port)).items():
+        for pid, inodes in _owners(pids, _established(port, pids)).items():
             served.setdefault(pid, set()).update(inodes)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
