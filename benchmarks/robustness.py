@@ -55,6 +55,8 @@ from tests.test_ingest_validate import _nested, _split, encoded, good_slice
 
 #: How long a case waits for an answer before it calls the server silent.
 PATIENCE = 15.0
+#: pynetdicom's default DIMSE timeout: a C-STORE unanswered this long is given up.
+DIMSE_TIMEOUT = 30.0
 #: How long the idle-connection case watches a silent connection.
 IDLE_WATCH = 10.0
 
@@ -214,10 +216,13 @@ def raw(server: Server, payload: bytes) -> str:
 
 
 def store(server: Server, path: Path) -> str:
+    start = time.monotonic()
     try:
         [(code, comment)] = send(server.port, [path], called=server.called)
     except ConnectionError:
         return "association not established"
+    if code < 0 and time.monotonic() - start >= DIMSE_TIMEOUT:
+        return f"no answer within the SCU's {DIMSE_TIMEOUT:.0f} s DIMSE timeout"
     if code < 0:
         return "association lost (abort or close)"
     return f"0x{code:04X}" + (f" {comment}" if comment else "")
