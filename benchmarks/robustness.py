@@ -57,6 +57,8 @@ from tests.test_ingest_validate import _nested, _split, encoded, good_slice
 PATIENCE = 15.0
 #: pynetdicom's default DIMSE timeout: a C-STORE unanswered this long is given up.
 DIMSE_TIMEOUT = 30.0
+#: The most a case may take; past it the server is stopped and the case reported unanswered.
+CASE_LIMIT = 60.0
 #: How long the idle-connection case watches a silent connection.
 IDLE_WATCH = 10.0
 
@@ -344,13 +346,27 @@ def run_case(name: str, case: Callable[[Server], str], server: Server) -> Row:
     pids = server.pids()
     before = {pid: hwm_kb(pid) for pid in pids}
     start = time.monotonic()
-    try:
-        answer = case(server)
-    except Exception as exc:  # a benchmark reports what happened; it does not stop
-        answer = f"client error: {type(exc).__name__}: {exc}"
+    answers: list[str] = []
+
+    def attempt() -> None:
+        try:
+            answers.append(case(server))
+        except Exception as exc:  # a benchmark reports what happened; it does not stop
+            answers.append(f"client error: {type(exc).__name__}: {exc}")
+
+    # A sender blocked on a server that stopped reading has no timeout of its own: the
+    # case gets CASE_LIMIT, then the server is stopped (which frees the sender).
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(CASE_LIMIT)
     seconds = time.monotonic() - start
     after = {pid: hwm_kb(pid) for pid in pids}
     notes = [] if warm == "0x0000" else [f"warm-up echo {warm}"]
+    if not answers:
+        rss = sum(max(0, after[p] - before[p]) for p in pids) / 1024
+        return Row(name, server.name, f"no answer within {CASE_LIMIT:.0f} s", seconds, rss,
+                   [*notes, "server stopped to end the case"])
+    answer = answers[0]
     if not server.alive() or not all(after.values()):
         notes.append("SERVER DIED")
         rss = None
