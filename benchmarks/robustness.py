@@ -128,8 +128,7 @@ def storescp(work: Path) -> Iterator[Server]:
         yield Server("storescp", port, "STORESCP", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
     finally:
-        proc.terminate()
-        proc.wait()
+        stop(proc)
 
 
 @contextmanager
@@ -150,7 +149,16 @@ def orthanc(work: Path) -> Iterator[Server]:
         yield Server("orthanc", port, "ORTHANC", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
     finally:
-        proc.terminate()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM by PID; SIGKILL after 10 s (Orthanc waits for a receive still in progress)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
         proc.wait()
 
 
