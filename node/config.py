@@ -200,6 +200,9 @@ class HttpSettings:
     forwarded: bool = False
     cors_origins: tuple[str, ...] = ()
     max_upload_mb: int = 2048
+    #: Build each instance's WADO-RS metadata (a sidecar beside its blob) after it is stored;
+    #: false: on the first request for it (then kept).
+    prepare_metadata: bool = True
     #: A peer name whose identity requests without a token take; empty: 401 without a token.
     anonymous: str = ""
     clients: tuple[HttpClient, ...] = ()
@@ -532,7 +535,9 @@ def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
     s = _section(raw, "http", set(HttpSettings.__dataclass_fields__))
     enabled = s.get("enabled", d.enabled)
     forwarded = s.get("forwarded", d.forwarded)
-    for key, value in (("enabled", enabled), ("forwarded", forwarded)):
+    prepare = s.get("prepare_metadata", d.prepare_metadata)
+    for key, value in (("enabled", enabled), ("forwarded", forwarded),
+                       ("prepare_metadata", prepare)):
         if not isinstance(value, bool):
             raise ConfigError(f"http.{key}: must be true or false, got {value!r}")
     base = _get(s, "http", "base_path", str, d.base_path).rstrip("/")
@@ -571,7 +576,7 @@ def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
         port=_get(s, "http", "port", int, d.port), base_path=base, forwarded=forwarded,
         cors_origins=tuple(origins),
         max_upload_mb=_get(s, "http", "max_upload_mb", int, d.max_upload_mb),
-        anonymous=anonymous, clients=tuple(clients))
+        prepare_metadata=prepare, anonymous=anonymous, clients=tuple(clients))
     _range(settings.port, 0, 65535, "http.port")
     _range(settings.max_upload_mb, 1, 1 << 20, "http.max_upload_mb")
     return settings

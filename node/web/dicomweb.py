@@ -39,6 +39,7 @@ from starlette.routing import Route
 from node import status
 from node.context import NodeContext
 from node.dimse.transcode import choose, file_bytes, transcode
+from node.metadata import MetadataSidecars
 from node.metrics import Metrics
 from node.retrieve import Retrieval
 from node.status import Outcome
@@ -117,7 +118,7 @@ class DicomWeb:
         self.ctx = ctx
         self.metrics = metrics
         self.max_upload = ctx.settings.http.max_upload_mb << 20
-        self.metadata = MetadataCache()
+        self.metadata = MetadataCache(MetadataSidecars(ctx.blobs).read)
         #: A client that stops sending its body mid-way is answered, not waited for.
         self.read_timeout = ctx.settings.node.network_timeout
 
@@ -355,7 +356,7 @@ class DicomWeb:
             _negotiate_json(request)
             items = []
             for instance in plan.instances:
-                items.append(self.metadata.get(instance.blob_sha256, self._path(instance)))
+                items.append(self.metadata.get(instance.blob_sha256))
                 plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
