@@ -12,9 +12,9 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from node.metadata import _plain, metadata
 from node.phantom import Phantom
 from node.storage.query import Match
-from node.metadata import _plain, metadata
 from node.web.dicomjson import MetadataCache, match_json
 
 
