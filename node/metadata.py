@@ -182,11 +182,12 @@ class MetadataSidecars:
             kept = None
         if kept is not None and _well_formed(kept):
             return kept
+        made = self.build(sha256)
         try:
-            return self.write(sha256)
+            self.blobs.put_sidecar(sha256, made)
         except OSError:  # a read-only or full disk: answer anyway, keep nothing
             log.warning("metadata sidecar not kept", extra={"fields": {"sha256": sha256}})
-            return self.build(sha256)
+        return made
 
     # --- the ingest hook --------------------------------------------------------
 
