@@ -19,7 +19,7 @@ from typing import Any
 
 from node.anonymize.settings import DeidSettings
 from node.forward.rules import ForwardSettings
-from node.identity import IdentitySettings
+from node.identity import IdentitySettings, JwtSettings
 from node.ingest.rules import ACTIONS, default_actions
 
 SERVICES = frozenset({"store", "find", "move", "get", "review"})  # review: the /review pages
@@ -200,9 +200,14 @@ class HttpSettings:
     forwarded: bool = False
     cors_origins: tuple[str, ...] = ()
     max_upload_mb: int = 2048
+    #: Build each instance's WADO-RS metadata (a sidecar beside its blob) after it is stored;
+    #: false: on the first request for it (then kept).
+    prepare_metadata: bool = True
     #: A peer name whose identity requests without a token take; empty: 401 without a token.
     anonymous: str = ""
     clients: tuple[HttpClient, ...] = ()
+    #: OIDC access tokens (JWTs) accepted as bearer tokens beside the static ones.
+    jwt: JwtSettings = field(default_factory=JwtSettings)
 
 
 @dataclass(frozen=True)
@@ -532,7 +537,9 @@ def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
     s = _section(raw, "http", set(HttpSettings.__dataclass_fields__))
     enabled = s.get("enabled", d.enabled)
     forwarded = s.get("forwarded", d.forwarded)
-    for key, value in (("enabled", enabled), ("forwarded", forwarded)):
+    prepare = s.get("prepare_metadata", d.prepare_metadata)
+    for key, value in (("enabled", enabled), ("forwarded", forwarded),
+                       ("prepare_metadata", prepare)):
         if not isinstance(value, bool):
             raise ConfigError(f"http.{key}: must be true or false, got {value!r}")
     base = _get(s, "http", "base_path", str, d.base_path).rstrip("/")
@@ -571,9 +578,40 @@ def _http(raw: dict[str, Any], peers: tuple[Peer, ...]) -> HttpSettings:
         port=_get(s, "http", "port", int, d.port), base_path=base, forwarded=forwarded,
         cors_origins=tuple(origins),
         max_upload_mb=_get(s, "http", "max_upload_mb", int, d.max_upload_mb),
-        anonymous=anonymous, clients=tuple(clients))
+        prepare_metadata=prepare, anonymous=anonymous, clients=tuple(clients),
+        jwt=_http_jwt(s.get("jwt", {}), names))
     _range(settings.port, 0, 65535, "http.port")
     _range(settings.max_upload_mb, 1, 1 << 20, "http.max_upload_mb")
+    return settings
+
+
+def _http_jwt(s: Any, names: set[str]) -> JwtSettings:
+    d = JwtSettings()
+    if not isinstance(s, dict):
+        raise ConfigError("http.jwt: must be a table")
+    for key in s:
+        if key not in JwtSettings.__dataclass_fields__:
+            raise ConfigError(f"http.jwt.{key}: unknown key")
+    jwks = _get(s, "http.jwt", "jwks", str, d.jwks)
+    if jwks and not jwks.startswith(("https://", "http://")) and not Path(jwks).is_file():
+        raise ConfigError(f"http.jwt.jwks: no JWKS file at {jwks}")
+    algorithms = s.get("algorithms", list(d.algorithms))
+    if not isinstance(algorithms, list) or not algorithms or not all(
+            isinstance(a, str) and a.lower() != "none" for a in algorithms):
+        raise ConfigError("http.jwt.algorithms: must be a list of algorithm names (not none)")
+    peers = s.get("peers", {})
+    if not isinstance(peers, dict) or not all(isinstance(v, str) for v in peers.values()):
+        raise ConfigError("http.jwt.peers: must be a table of claim value = \"peer name\"")
+    for value, peer in peers.items():
+        if peer not in names:
+            raise ConfigError(f"http.jwt.peers.{value}: {peer!r} is not a configured peer")
+    settings = JwtSettings(jwks, _get(s, "http.jwt", "issuer", str, d.issuer),
+                           _get(s, "http.jwt", "audience", str, d.audience),
+                           tuple(algorithms), _get(s, "http.jwt", "claim", str, d.claim),
+                           dict(peers))
+    if settings.enabled and not (settings.issuer and settings.audience and settings.claim):
+        raise ConfigError("http.jwt: issuer, audience and claim are needed with jwks"
+                          " (a token for another service must not pass)")
     return settings
 
 

@@ -45,6 +45,7 @@ from node.ingest.quarantine import QuarantineArea, QuarantineService
 from node.ingest.routes import Router
 from node.ingest.validate import ReadLimits, Validator
 from node.leases import LeasedWork
+from node.metadata import MetadataSidecars
 from node.retrieve import RetrieveService
 from node.review.service import ReviewService
 from node.search import SearchService
@@ -171,11 +172,13 @@ class NodeContext:
             validator = None
             if settings.validation.enabled:
                 validator = Validator(settings.validation, IODTables.load())
+            sidecars = ((MetadataSidecars(blobs),)
+                        if settings.http.enabled and settings.http.prepare_metadata else ())
             router = Router(Deidentifier(settings.deidentify, key), key, index,
                             Deidentifier(replace(settings.deidentify, clean_graphics=True), key,
                                          keep_annotation_text=True))
             ingest = IngestService(blobs, index, audit, area, router, blobs.spool_dir,
-                                   validator, hooks=(annotations, series, reading),
+                                   validator, hooks=(annotations, series, reading, *sidecars),
                                    defer=worker.submit,
                                    limits=ReadLimits(settings.node.max_inflated_mb << 20,
                                                      settings.node.max_element_mb << 20,

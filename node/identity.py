@@ -8,6 +8,10 @@ scrypt hash, and a JWT must verify under ``[identity] jwt_key_file`` with its
 wrong passcode, bad token) rejects the association. The verified user is the
 actor of what the association does in the audit trail.
 
+:class:`JwtValidator` is the one place a JWT is checked: for DIMSE against the
+key file above, for HTTP bearer tokens (``[http.jwt]``, OIDC access tokens)
+against the identity provider's JWKS with its issuer and audience.
+
 Passcodes are never stored: :func:`hash_passcode` makes the value to put in the
 config (``lamina`` reads only the hash).
 """
@@ -19,6 +23,7 @@ import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jwt
 
@@ -64,6 +69,105 @@ class IdentityRefused(Exception):
     """Why a negotiated identity is not accepted (for the audit trail; no secrets in it)."""
 
 
+@dataclass(frozen=True)
+class JwtSettings:
+    """``[http.jwt]``: OIDC access tokens as HTTP bearer tokens."""
+
+    #: The identity provider's signing keys: a JWKS file, or its https:// URL (fetched
+    #: and cached by PyJWT's PyJWKClient). Empty: JWTs are not accepted.
+    jwks: str = ""
+    issuer: str = ""
+    audience: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    #: The claim that names the client (``sub``; ``azp`` or ``client_id`` for
+    #: client-credential tokens).
+    claim: str = "sub"
+    #: Claim value → configured peer name (its services, route and audit identity).
+    peers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.jwks)
+
+
+#: PyJWT's refusals in words a client can act on (no token content in them).
+_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet"),
+    (jwt.InvalidSignatureError, "the token's signature does not verify"),
+    (jwt.InvalidIssuerError, "the token's issuer is not the configured one"),
+    (jwt.InvalidAudienceError, "the token's audience is not this node"),
+    (jwt.InvalidAlgorithmError, "the token's algorithm is not accepted"),
+    (jwt.MissingRequiredClaimError, "the token lacks a required claim"),
+    (jwt.DecodeError, "the token is not a well-formed JWT"),
+)
+
+
+class JwtValidator:
+    """Verifies a JWT (signature, algorithm, ``exp``, issuer, audience) and returns its
+    claims, or raises :class:`IdentityRefused` saying why.
+
+    The key is one PEM/secret (``key``) or a JWKS (``jwks``: a file read once, or a URL
+    PyJWKClient fetches and caches), the token's ``kid`` choosing among its keys. Only
+    ``algorithms`` are accepted, whatever the token's header claims: ``alg: none`` or
+    an HMAC token signed with a public key never verify.
+    """
+
+    def __init__(self, algorithms: tuple[str, ...], *, key: bytes | None = None,
+                 jwks: str = "", issuer: str = "", audience: str = "",
+                 claim: str = "sub") -> None:
+        self.algorithms = [a for a in algorithms if a.lower() != "none"]
+        self.key = key
+        self.issuer = issuer or None
+        self.audience = audience or None
+        self.claim = claim
+        self._client: jwt.PyJWKClient | None = None
+        self._keys: jwt.PyJWKSet | None = None
+        if jwks.startswith(("https://", "http://")):
+            self._client = jwt.PyJWKClient(jwks, cache_keys=True)
+        elif jwks:
+            self._keys = jwt.PyJWKSet.from_json(Path(jwks).read_text())
+
+    def claims(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") not in self.algorithms:
+                raise IdentityRefused("the token's algorithm is not accepted")
+            required = ["exp", self.claim] + ["iss"] * bool(self.issuer) + [
+                "aud"] * bool(self.audience)
+            return jwt.decode(token, self._signing_key(token, header),
+                              algorithms=self.algorithms, issuer=self.issuer,
+                              audience=self.audience, options={"require": required})
+        except jwt.PyJWKClientError:
+            raise IdentityRefused("the token's key is not among the identity provider's"
+                                  ) from None
+        except jwt.InvalidTokenError as exc:
+            for kind, reason in _REASONS:
+                if isinstance(exc, kind):
+                    raise IdentityRefused(reason) from None
+            raise IdentityRefused(f"the token is refused ({type(exc).__name__})") from None
+
+    def subject(self, token: str) -> str:
+        """The value of the claim that names the client."""
+        return str(self.claims(token)[self.claim])
+
+    def _signing_key(self, token: str, header: dict[str, Any]) -> Any:
+        if self._client is not None:
+            return self._client.get_signing_key_from_jwt(token).key
+        if self._keys is not None:
+            kid = header.get("kid")
+            keys = self._keys.keys
+            found = [k for k in keys if kid is None or k.key_id == kid]
+            if kid is None and len(keys) != 1:
+                raise IdentityRefused("the token names no key (kid) and the JWKS has several")
+            if not found:
+                raise IdentityRefused("the token's key (kid) is not in the configured JWKS")
+            return found[0].key
+        if self.key is None:
+            raise IdentityRefused("no JWT key configured")
+        return self.key
+
+
 def verify(settings: IdentitySettings, kind: int, primary: bytes,
            secondary: bytes | None) -> str:
     """The configured user the identity names, or IdentityRefused."""
@@ -87,14 +191,11 @@ def verify(settings: IdentitySettings, kind: int, primary: bytes,
 def _jwt_user(settings: IdentitySettings, token: bytes) -> str:
     if settings.jwt_key_file is None:
         raise IdentityRefused("no JWT key configured")
-    key = settings.jwt_key_file.read_bytes()
+    validator = JwtValidator(settings.jwt_algorithms, key=settings.jwt_key_file.read_bytes())
     try:
-        claims = jwt.decode(token.decode("ascii", "replace").strip(), key,
-                            algorithms=list(settings.jwt_algorithms),
-                            options={"require": ["sub", "exp"]})
-    except jwt.InvalidTokenError as exc:
-        raise IdentityRefused(f"JWT refused: {type(exc).__name__}") from None
-    user = str(claims["sub"])
+        user = validator.subject(token.decode("ascii", "replace").strip())
+    except IdentityRefused as exc:
+        raise IdentityRefused(f"JWT refused: {exc}") from None
     if user not in settings.users:
         raise IdentityRefused("JWT names an unknown user")
     return user

@@ -48,6 +48,8 @@ def test_environment_then_flags_override_the_file():
     ("[storage]\nshared = '/srv/shared'", "storage.shared: several nodes share it"),
     ("[peers.x]\nae_title = 'X'\nroute = 'pacs'", "peers.x.route: must be one of"),
     ("[deidentify]\nretain_longitudinal = 'sometimes'", "deidentify.retain_longitudinal"),
+    ("[http]\nprepare_metadata = 'yes'", "http.prepare_metadata: must be true or false"),
+    ("[http.jwt]\nkeys = 'x'", "http.jwt.keys: unknown key"),
     ("[node\nport = 1", "not valid TOML"),
 ])
 def test_bad_values_are_refused_naming_the_key(tmp_path, toml, message):

@@ -46,3 +46,26 @@ def test_free_space_floor(tmp_path):
     store = LocalBlobStore(tmp_path / "b", tmp_path / "s", min_free_bytes=1 << 62)
     with pytest.raises(OutOfSpace, match="MB free"):
         store.ensure_space()
+
+
+def test_sidecar_kept_beside_its_blob_and_never_listed_as_one(blobs):
+    ref = blobs.put_bytes(b"a stored instance")
+    assert blobs.read_sidecar(ref.sha256) is None
+    blobs.put_sidecar(ref.sha256, b'{"first":1}')
+    blobs.put_sidecar(ref.sha256, b'{"second":2}')  # replaced whole
+    assert blobs.read_sidecar(ref.sha256) == b'{"second":2}'
+    assert blobs.local_path(ref.sha256).read_bytes() == b"a stored instance"
+    assert list(blobs.spool_dir.iterdir()) == []  # written through the spool, renamed
+    assert list(blobs.iter_hashes()) == [ref.sha256]
+    assert blobs.verify(ref.sha256)
+    blobs.delete(ref.sha256)
+    assert blobs.read_sidecar(ref.sha256) is None and list(blobs.local_path(
+        ref.sha256).parent.iterdir()) == []
+
+
+def test_sidecar_names_are_hashes_too(blobs):
+    for hostile in ("../../etc/passwd", "1.2.840.10008.1"):
+        with pytest.raises(ValueError):
+            blobs.put_sidecar(hostile, b"{}")
+        with pytest.raises(ValueError):
+            blobs.read_sidecar(hostile)

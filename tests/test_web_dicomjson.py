@@ -12,9 +12,10 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from node.metadata import _plain, metadata
 from node.phantom import Phantom
 from node.storage.query import Match
-from node.web.dicomjson import MetadataCache, _plain, match_json, metadata
+from node.web.dicomjson import MetadataCache, match_json
 
 
 def test_match_json_agrees_with_pydicom():
@@ -34,15 +35,18 @@ def test_metadata_cache_makes_bulk_uris_absolute(tmp_path: Path):
     ds: Dataset = Phantom(slices_count=1, rows=32, columns=32).slice(0)
     path = tmp_path / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
-    cache = MetadataCache()
-    body = cache.answer([cache.get("x" * 64, path)], "http://host:1/dicom-web")
+    loads = []
+    cache = MetadataCache(lambda sha: loads.append(sha) or json.dumps(metadata(path, ""),
+                                                                   separators=(",", ":")).encode())
+    body = cache.answer([cache.get("x" * 64)], "http://host:1/dicom-web")
     [item] = json.loads(body)
     direct = metadata(path, "http://host:1/dicom-web")
     assert item == direct
     assert item["7FE00010"]["BulkDataURI"] == (
         f"http://host:1/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010")
-    assert cache.used > 0 and cache.get("x" * 64, tmp_path / "gone.dcm") == cache.get("x" * 64, path)
+    assert cache.used > 0 and cache.get("x" * 64) == cache.get("x" * 64)
+    assert loads == ["x" * 64]  # loaded once, then answered from memory
 
 
 def test_metadata_agrees_with_pydicom_for_everything_but_bulk_data(tmp_path: Path):

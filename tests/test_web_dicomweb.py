@@ -10,11 +10,13 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.pixels import pack_bits
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from node.dimse.ae import associate
 from node.web.app import build_app
+from node.web.pixels import frame_layout
 from node.web.server import HttpServer
 from tests.annotation_fixtures import PHANTOM, encode, valid_seg
 from tests.harness import InProcessNode, peer, write_config
@@ -144,6 +146,9 @@ def test_wado_study_series_instance_and_metadata(site):
     assert metadata[0]["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
     frames = web.retrieve_instance_frames(study, series, sop, frame_numbers=[1])
     assert frames[0] == one.PixelData
+    hits = frame_layout.cache_info().hits
+    assert web.retrieve_instance_frames(study, series, sop, frame_numbers=[1]) == frames
+    assert frame_layout.cache_info().hits == hits + 1, "the layout is worked out once per blob"
     bulk = httpx.get(metadata[0]["7FE00010"]["BulkDataURI"], timeout=30,
                      headers={"Authorization": f"Bearer {TOKENS['full']}"})
     assert bulk.status_code == 200
@@ -195,6 +200,11 @@ def test_stow_seg_then_wado_back_byte_identical(tmp_path, site):
                headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     assert back.status_code == 200
     assert sent in back.content, "the part carries the stored bytes exactly as sent"
+    # 1-bit frames do not start on a byte: each is unpacked and packed again on its own.
+    last = int(seg.NumberOfFrames)
+    frames = web.retrieve_instance_frames(seg.StudyInstanceUID, seg.SeriesInstanceUID,
+                                          seg.SOPInstanceUID, frame_numbers=[1, last])
+    assert frames == [pack_bits(seg.pixel_array[k - 1]) for k in (1, last)]
 
 
 # --- identity ---------------------------------------------------------------------------------

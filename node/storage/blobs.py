@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,10 @@ from typing import BinaryIO
 from node.storage.interface import BlobRef, BlobStore, OutOfSpace
 
 _CHUNK = 1 << 20
+#: A blob's file name; anything else in a shard folder (``<sha256>.json`` sidecars) is not one.
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+#: What follows a blob's name in its sidecar's (:mod:`node.metadata`).
+_SIDECAR = ".json"
 
 
 def sha256_of_file(path: Path) -> tuple[str, int]:
@@ -188,17 +193,50 @@ class LocalBlobStore:
         return self._path(sha256).stat().st_size
 
     def delete(self, sha256: str) -> None:
-        """Remove a blob (fsck repairs only: the node never deletes what it stored)."""
+        """Remove a blob and its sidecar (fsck repairs only: the node never deletes what it
+        stored)."""
         self._path(sha256).unlink(missing_ok=True)
+        self._sidecar(sha256).unlink(missing_ok=True)
 
     def verify(self, sha256: str) -> bool:
         path = self._path(sha256)
         return path.is_file() and sha256_of_file(path)[0] == sha256
 
     def iter_hashes(self) -> Iterator[str]:
+        """The stored blobs' hashes: 64-hex names only, never their sidecars."""
         for path in self.root.glob("??/*"):
-            if path.is_file():
+            if _BLOB_NAME.fullmatch(path.name) and path.is_file():
                 yield path.name
+
+    # --- sidecars -------------------------------------------------------------
+
+    def read_sidecar(self, sha256: str) -> bytes | None:
+        """The bytes kept beside the blob (its metadata JSON), or None when there are none."""
+        try:
+            return self._sidecar(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put_sidecar(self, sha256: str, data: bytes) -> None:
+        """Keep ``data`` beside the blob, whole or not at all: written to the spool,
+        fsync'd, renamed into place (a reader never sees half a sidecar)."""
+        target = self._sidecar(sha256)
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
+        spooled = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._make_dirs(target.parent)
+            os.replace(spooled, target)
+            fsync_dir(target.parent)
+        finally:
+            spooled.unlink(missing_ok=True)
+
+    def _sidecar(self, sha256: str) -> Path:
+        path = self._path(sha256)
+        return path.with_name(path.name + _SIDECAR)
 
     # --- space and the spool --------------------------------------------------
 

@@ -512,7 +512,15 @@ class BlobStore(Protocol):
     def verify(self, sha256: str) -> bool:
         """True when the blob exists and its bytes still hash to its name."""
 
-    def iter_hashes(self) -> Iterator[str]: ...
+    def iter_hashes(self) -> Iterator[str]:
+        """Every stored blob's hash (never a sidecar's name)."""
+
+    def read_sidecar(self, sha256: str) -> bytes | None:
+        """The derived bytes kept beside a blob (its metadata JSON), or None when none are."""
+
+    def put_sidecar(self, sha256: str, data: bytes) -> None:
+        """Keep derived bytes beside a blob, atomically (temp + fsync + rename)."""
+
     def copy_from(self, other: BlobStore, sha256: str) -> None:
         """Keep ``other``'s blob here too (a local store links it: nothing is copied)."""
 

@@ -39,6 +39,7 @@ from starlette.routing import Route
 from node import status
 from node.context import NodeContext
 from node.dimse.transcode import choose, file_bytes, transcode
+from node.metadata import MetadataSidecars
 from node.metrics import Metrics
 from node.retrieve import Retrieval
 from node.status import Outcome
@@ -47,7 +48,7 @@ from node.web import media
 from node.web.dicomjson import MetadataCache, bulk_value, match_json
 from node.web.errors import WebError
 from node.web.identity import Caller
-from node.web.pixels import FRAME_MEDIA, PixelSource, parse_viewport, render
+from node.web.pixels import FRAME_MEDIA, PixelSource, frame_layout, parse_viewport, render
 from node.web.windows import chosen_window
 
 log = logging.getLogger("lamina.web")
@@ -117,7 +118,7 @@ class DicomWeb:
         self.ctx = ctx
         self.metrics = metrics
         self.max_upload = ctx.settings.http.max_upload_mb << 20
-        self.metadata = MetadataCache()
+        self.metadata = MetadataCache(MetadataSidecars(ctx.blobs).read)
         #: A client that stops sending its body mid-way is answered, not waited for.
         self.read_timeout = ctx.settings.node.network_timeout
 
@@ -355,7 +356,7 @@ class DicomWeb:
             _negotiate_json(request)
             items = []
             for instance in plan.instances:
-                items.append(self.metadata.get(instance.blob_sha256, self._path(instance)))
+                items.append(self.metadata.get(instance.blob_sha256))
                 plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:
             plan.finish(plan.outcome())
@@ -365,9 +366,11 @@ class DicomWeb:
         instance = plan.instances[0]
         try:
             numbers = _frame_numbers(request.path_params["frames"])
-            source = PixelSource.open(self._path(instance))
-            stored = str(source.syntax)
-            compressed = source.syntax.is_compressed
+            path = self._path(instance)
+            layout = frame_layout(path)  # once per blob: no parse per frame request
+            layout.check(numbers)
+            stored = str(layout.syntax)
+            compressed = layout.syntax.is_compressed
             stored_media = FRAME_MEDIA.get(stored)
             choice = _frame_choice(request.headers.get("accept"), stored, compressed, stored_media)
             if choice is None:
@@ -375,10 +378,11 @@ class DicomWeb:
                                     '"application/octet-stream"' + (
                                         f' or type="{stored_media}"' if stored_media else ""))
             if choice == "native":
-                frames = source.native_frames(numbers)
+                frames = (layout.read(path, numbers) if layout.offset is not None
+                          else PixelSource.open(path).native_frames(numbers))
                 part_type = f"application/octet-stream; transfer-syntax={media.EXPLICIT_LE}"
             else:
-                frames = source.stored_frames(numbers)
+                frames = PixelSource.open(path).stored_frames(numbers)
                 part_type = f"{choice}; transfer-syntax={stored}"
             plan.counts.record(0x0000, instance.sop_instance_uid)
         finally:

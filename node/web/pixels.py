@@ -11,8 +11,10 @@ with numpy and Pillow.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,44 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """What serving an instance's frames needs, worked out once per blob (a blob never
+    changes: its name is the hash of its bytes) so that a viewer scrolling a series,
+    one frame request per slice, costs a read of the frame and no parse of the file."""
+
+    syntax: UID
+    frames: int
+    #: Where native frame 1 starts in the file, when frames are read straight from it
+    #: (uncompressed, little endian, 8 bits or more); None when they must be decoded.
+    offset: int | None
+    frame_size: int
+
+    def check(self, numbers: Sequence[int]) -> None:
+        missing = [k for k in numbers if not 1 <= k <= self.frames]
+        if missing:
+            raise WebError(404, f"frame {missing[0]} does not exist (the instance has "
+                                f"{self.frames})")
+
+    def read(self, path: Path, numbers: Sequence[int]) -> list[bytes]:
+        """The native frames, each read at its offset (needs ``offset``)."""
+        assert self.offset is not None
+        self.check(numbers)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return [os.pread(fd, self.frame_size, self.offset + (k - 1) * self.frame_size)
+                    for k in numbers]
+        finally:
+            os.close(fd)
+
+
+@lru_cache(maxsize=1 << 16)
+def frame_layout(path: Path) -> FrameLayout:
+    """The blob file's :class:`FrameLayout` (kept for the 65536 most recently used:
+    ~200 bytes each)."""
+    return PixelSource.open(path).layout()
 
 
 @dataclass
@@ -65,10 +105,16 @@ class PixelSource:
             return 1
 
     def check(self, numbers: Sequence[int]) -> None:
-        missing = [k for k in numbers if not 1 <= k <= self.frames]
-        if missing:
-            raise WebError(404, f"frame {missing[0]} does not exist (the instance has "
-                                f"{self.frames})")
+        self.layout().check(numbers)
+
+    def layout(self) -> FrameLayout:
+        ds = self.ds
+        bits = int(ds.get("BitsAllocated", 16))
+        raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        direct = (not self.syntax.is_compressed and self.syntax.is_little_endian and bits >= 8
+                  and isinstance(raw, RawDataElement) and raw.value is None)
+        return FrameLayout(self.syntax, self.frames, raw.value_tell if direct else None, size)
 
     def stored_frames(self, numbers: Sequence[int]) -> list[bytes]:
         """The frames as stored: encapsulated fragments joined, or native bytes."""
@@ -80,19 +126,11 @@ class PixelSource:
 
     def native_frames(self, numbers: Sequence[int]) -> list[bytes]:
         """Uncompressed little-endian frames (decoded first when stored compressed)."""
-        self.check(numbers)
-        ds = self.ds
-        bits = int(ds.get("BitsAllocated", 16))
-        raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-        if (not self.syntax.is_compressed and self.syntax.is_little_endian and bits >= 8
-                and isinstance(raw, RawDataElement) and raw.value is None):
-            size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
-            out = []
-            with self.path.open("rb") as f:
-                for k in numbers:
-                    f.seek(raw.value_tell + (k - 1) * size)
-                    out.append(f.read(size))
-            return out
+        layout = self.layout()
+        layout.check(numbers)
+        if layout.offset is not None:
+            return layout.read(self.path, numbers)
+        bits = int(self.ds.get("BitsAllocated", 16))
         if self.syntax.is_compressed and not can_decode(self.syntax):
             raise WebError(406, f"no decoder for {self.syntax.name} is installed: ask for "
                                 f"{FRAME_MEDIA.get(self.syntax, 'the stored syntax')}")

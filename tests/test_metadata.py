@@ -1,0 +1,108 @@
+"""Metadata sidecars: each stored instance's DICOM JSON kept beside its blob, written after
+the commit (or on the first request), served by WADO-RS series metadata, rebuilt when lost,
+never taken for a blob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+
+from node.metadata import MetadataSidecars, metadata
+from node.reports import fsck
+from node.web.app import build_app
+from node.web.server import HttpServer
+from tests.harness import InProcessNode, write_config
+from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
+
+TOKEN = "metadata-token-0123456789"
+SPEC = StudySpec("sidecars", "Doe^Jane", "SIDE-1", "20240105", "091500", "SC-1", "CT",
+                 description="Chest CT", slices=3)
+
+
+def _node(folder: Path, **http) -> InProcessNode:
+    return InProcessNode(write_config(
+        folder / "node", peers={"client": qr_peer("CLIENT", "store", "find", "get")},
+        validation=QR_VALIDATION,
+        http={"clients": {"c": {"token": TOKEN, "peer": "client"}}, **http}))
+
+
+def _series_metadata(node: InProcessNode, files: list[Path]) -> bytes:
+    """The series' metadata through a fresh app (nothing in its memory cache), its
+    BulkDataURIs' root (the port differs per server) written as ROOT."""
+    ds = dcmread(files[0], stop_before_pixels=True)
+    server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
+    root = f"http://127.0.0.1:{server.port}/dicom-web"
+    try:
+        response = httpx.get(
+            f"{root}/studies/{ds.StudyInstanceUID}"
+            f"/series/{ds.SeriesInstanceUID}/metadata",
+            headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"},
+            timeout=30)
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    assert response.content.count(f'"BulkDataURI":"{root}/studies/'.encode()) == len(files)
+    return response.content.replace(root.encode(), b"ROOT")
+
+
+def _stored(node: InProcessNode, files: list[Path]) -> list[str]:
+    """The blobs the files were stored as (the deidentified route keeps their UIDs)."""
+    with node.ctx.index.reader() as r:
+        return sorted(r.instances.blob_of(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                      for f in files)
+
+
+def test_sidecar_written_after_commit_equal_to_the_blob_json(tmp_path: Path):
+    files = write_study(tmp_path / "study", SPEC)
+    with _node(tmp_path) as node:
+        assert node.store(files, "CLIENT") == [(0, "")] * len(files)
+        node.ctx.drain()
+        blobs = node.ctx.blobs
+        hashes = _stored(node, files)
+        assert len(hashes) == 3
+        for sha in hashes:
+            kept = blobs.read_sidecar(sha)
+            assert kept is not None, "written by the after-commit hook"
+            assert json.loads(kept) == metadata(blobs.local_path(sha), "")
+            assert b'"BulkDataURI":"/studies/' in kept  # completed per request
+        with_sidecars = _series_metadata(node, files)
+        # Lost and damaged sidecars are built again from the blob (and kept), same bytes.
+        blobs.local_path(hashes[0]).with_name(hashes[0] + ".json").unlink()
+        blobs.put_sidecar(hashes[1], b"not json at all")
+        assert _series_metadata(node, files) == with_sidecars
+        for sha in hashes[:2]:
+            assert json.loads(blobs.read_sidecar(sha)) == metadata(blobs.local_path(sha), "")
+        # Sidecars are not blobs: not listed, not verified, not "unreferenced".
+        assert sorted(blobs.iter_hashes()) == hashes
+    report = fsck(node.settings)
+    assert report.unreferenced == [] and report.corrupt == [] and report.checked == 3
+
+
+def test_lazy_sidecars_give_the_same_answer(tmp_path: Path):
+    files = write_study(tmp_path / "study", SPEC)
+    with _node(tmp_path / "prepared") as prepared:
+        prepared.store(files, "CLIENT")
+        prepared.ctx.drain()
+        expected = _series_metadata(prepared, files)
+    with _node(tmp_path / "lazy", prepare_metadata=False) as lazy:
+        lazy.store(files, "CLIENT")
+        lazy.ctx.drain()
+        hashes = _stored(lazy, files)
+        assert [lazy.ctx.blobs.read_sidecar(sha) for sha in hashes] == [None] * 3
+        first = _series_metadata(lazy, files)
+        assert all(lazy.ctx.blobs.read_sidecar(sha) is not None for sha in hashes), "kept"
+        assert _series_metadata(lazy, files) == first
+    # Same instances (same UIDs: the deidentified route keeps them), same bytes either way.
+    assert first == expected
+
+
+def test_sidecars_read_builds_without_a_sidecar(tmp_path: Path):
+    files = write_study(tmp_path / "study", SPEC)
+    with _node(tmp_path, prepare_metadata=False) as node:
+        node.store(files, "CLIENT")
+        sha = _stored(node, files)[0]
+        sidecars = MetadataSidecars(node.ctx.blobs)
+        assert sidecars.read(sha) == sidecars.build(sha) == node.ctx.blobs.read_sidecar(sha)
