@@ -306,10 +306,12 @@ class _PendingFind:
     empty, so the producer had to poll the queue to see a C-CANCEL; together
     about 0.2 ms per match. Here responses are framed into a buffer (one PDU per
     response: the command PDV, encoded once, and the identifier PDV) and written
-    with a blocking ``sendall`` once :data:`_FLUSH_BYTES` have gathered: the
-    socket's send buffer is the backpressure, and the DUL thread, with nothing to
-    send, keeps reading the socket (C-CANCEL, A-ABORT) meanwhile. The first
-    response leaves at once, so the time to the first match stays short.
+    with a blocking ``sendall``: the socket's send buffer is the backpressure, and
+    the DUL thread, with nothing to send, keeps reading the socket (C-CANCEL,
+    A-ABORT) meanwhile. Writes come after 1, 2, 4, 8 ... responses, then every
+    :data:`_FLUSH_BYTES`: the first matches leave at once (a short time to the
+    first response, and an SCU that cancels after a few sees them in time to),
+    the bulk of a large answer in few system calls.
 
     Over TLS the DUL's queue is kept: an SSL socket must not be read and written
     from two threads at once.
@@ -336,6 +338,7 @@ class _PendingFind:
         self.sock = None if sock is None or isinstance(sock, ssl.SSLSocket) else sock
         self.buffer = bytearray()
         self.sent = 0
+        self.next_flush = 1  # then 2, 4, 8 ... responses: the first ones leave at once
 
     def __call__(self, identifier: bytes) -> None:
         if self.sock is None:
@@ -351,8 +354,9 @@ class _PendingFind:
             self.buffer += frame(self.command, self.context_id, self.fragment, True, True)
             self.buffer += frame(identifier, self.context_id, self.fragment, False, True)
         self.sent += 1
-        if self.sent == 1 or len(self.buffer) >= _FLUSH_BYTES:
+        if self.sent >= self.next_flush or len(self.buffer) >= _FLUSH_BYTES:
             self.flush()
+            self.next_flush = 2 * self.sent
 
     def flush(self) -> None:
         """Write what has gathered (blocking); an error means the association is gone."""
