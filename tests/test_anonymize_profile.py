@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from node.anonymize.profile import (
+    BASIC_PROFILE_CODE,
+    CLEAN_PIXEL_DATA_CODE,
     LAMINA_ROWS,
     OPTION_CODES,
     ProfileRow,
@@ -34,6 +36,22 @@ def test_table_is_the_2024b_edition_with_all_621_rows():
     assert len(table.rows) == 621 == data["row_count"]
     assert len({r.tag for r in table.rows}) == 621
     assert [r.tag for r in table.rows] == sorted(r.tag for r in table.rows)
+
+
+def test_cid_7050_codes_equal_pydicoms():
+    """The codes are written out (importing pydicom.sr costs ~16 MB per process): they
+    must stay those of pydicom's copy of PS3.16, keyword for keyword."""
+    from pydicom.sr.codedict import codes
+
+    ours = {"BasicApplicationConfidentialityProfile": BASIC_PROFILE_CODE,
+            "CleanPixelDataOption": CLEAN_PIXEL_DATA_CODE}
+    for code in OPTION_CODES.values():
+        ours["".join(code.meaning.replace("UIDs", "Uids").split())] = code
+    assert len(ours) == 12
+    for keyword, code in ours.items():
+        theirs = getattr(codes.DCM, keyword)
+        assert (code.value, code.scheme_designator, code.meaning) == (
+            theirs.value, theirs.scheme_designator, theirs.meaning), keyword
 
 
 def test_every_cell_is_an_action_of_the_standard():

@@ -16,10 +16,9 @@ import copy
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
-import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from pydicom.tag import Tag
@@ -28,6 +27,9 @@ from node.annotations.grid import SeriesGrid
 from node.annotations.masks import Annotator, Code, Mask, from_array
 from node.annotations.overlay import FIRST_GROUP, LAST_GROUP, overlay_groups
 from node.checks.protocol import GENERIC_CODE, Protocol
+
+if TYPE_CHECKING:  # highdicom (~20 MB) and SimpleITK (~100 MB) load where a conversion runs
+    import highdicom as hd
 
 MAX_OVERLAYS = (LAST_GROUP - FIRST_GROUP) // 2 + 1  # 16: what Horos displays
 _LO = 64  # longest LO value (SegmentLabel, OverlayLabel)
@@ -46,6 +48,8 @@ def masks_to_seg(masks: list[Mask], grid: SeriesGrid, headers: list[Dataset],
     Empty structures are left out: a SEG segment without frames says nothing.
     Codes come from the mask, else from its protocol class, else a generic one.
     """
+    import highdicom as hd  # lazy: ~20 MB per process
+
     kept = [m for m in masks if not m.is_empty]
     if not kept:
         raise BridgeError("no structure has a voxel")
@@ -131,6 +135,8 @@ def label_map_masks(path: Path, grid: SeriesGrid, protocol: Protocol, annotator:
     A label map on another grid is refused rather than resampled: resampling
     a reader's labels would change what they drew.
     """
+    import SimpleITK as sitk  # lazy: ~100 MB per process
+
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

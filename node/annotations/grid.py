@@ -15,14 +15,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.storage.interface import BlobStore, Index
+
+if TYPE_CHECKING:  # SimpleITK costs a process ~100 MB: imported where an image is made
+    import SimpleITK as sitk
 
 #: Two orientation cosines closer than this are the same direction.
 ORIENTATION_TOLERANCE = 1e-4
@@ -123,6 +125,8 @@ class SeriesGrid:
 
     def to_image(self, array: np.ndarray) -> sitk.Image:
         """A ``[k, r, c]`` array on this grid as a SimpleITK image with its geometry."""
+        import SimpleITK as sitk  # lazy: ~100 MB per process
+
         image = sitk.GetImageFromArray(array)
         image.SetOrigin(self.origin)
         image.SetSpacing(self.spacing)

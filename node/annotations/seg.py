@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
 from node.annotations.masks import Annotator, Code, Mask, MaskBuilder
+
+if TYPE_CHECKING:  # highdicom (and the pydicom.sr it brings, ~20 MB) loads with the first SEG
+    import highdicom as hd
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -70,6 +73,8 @@ class SegObject:
 
 def read_seg(ds: Dataset) -> SegObject:
     """Parse a SEG. Any reading failure of this untrusted object is a :class:`SegFormatError`."""
+    import highdicom as hd  # lazy: ~20 MB per process
+
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     except Exception as exc:  # highdicom raises many types on malformed input

@@ -21,8 +21,6 @@ from importlib import resources
 from types import MappingProxyType
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from node.anonymize.settings import DeidSettings
 
@@ -101,22 +99,37 @@ CLASS_UID_KEYWORDS: frozenset[str] = frozenset({
     "ContextGroupExtensionCreatorUID", "TemplateExtensionOrganizationUID",
 })
 
-# CID 7050 codes, one per option, from pydicom's copy of PS3.16.
-BASIC_PROFILE_CODE: Code = codes.DCM.BasicApplicationConfidentialityProfile
-CLEAN_PIXEL_DATA_CODE: Code = codes.DCM.CleanPixelDataOption
+@dataclass(frozen=True)
+class Code:
+    """A coded concept of the de-identification method (CodeValue, scheme, meaning)."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
+def _dcm(value: str, meaning: str) -> Code:
+    return Code(value, "DCM", meaning)
+
+
+# CID 7050 codes, one per option (PS3.16). Written out rather than read from
+# pydicom.sr.codedict: importing it costs every process ~16 MB for twelve codes;
+# tests/test_anonymize_profile.py checks these against pydicom's copy.
+BASIC_PROFILE_CODE = _dcm("113100", "Basic Application Confidentiality Profile")
+CLEAN_PIXEL_DATA_CODE = _dcm("113101", "Clean Pixel Data Option")
 OPTION_CODES: Mapping[str, Code] = MappingProxyType({
-    "retain_safe_private": codes.DCM.RetainSafePrivateOption,
-    "retain_uids": codes.DCM.RetainUidsOption,
-    "retain_device_identity": codes.DCM.RetainDeviceIdentityOption,
-    "retain_institution_identity": codes.DCM.RetainInstitutionIdentityOption,
-    "retain_patient_characteristics": codes.DCM.RetainPatientCharacteristicsOption,
+    "retain_safe_private": _dcm("113111", "Retain Safe Private Option"),
+    "retain_uids": _dcm("113110", "Retain UIDs Option"),
+    "retain_device_identity": _dcm("113109", "Retain Device Identity Option"),
+    "retain_institution_identity": _dcm("113112", "Retain Institution Identity Option"),
+    "retain_patient_characteristics": _dcm("113108", "Retain Patient Characteristics Option"),
     "retain_longitudinal_full_dates":
-        codes.DCM.RetainLongitudinalTemporalInformationFullDatesOption,
+        _dcm("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
     "retain_longitudinal_modified_dates":
-        codes.DCM.RetainLongitudinalTemporalInformationModifiedDatesOption,
-    "clean_descriptors": codes.DCM.CleanDescriptorsOption,
-    "clean_structured_content": codes.DCM.CleanStructuredContentOption,
-    "clean_graphics": codes.DCM.CleanGraphicsOption,
+        _dcm("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "clean_descriptors": _dcm("113105", "Clean Descriptors Option"),
+    "clean_structured_content": _dcm("113104", "Clean Structured Content Option"),
+    "clean_graphics": _dcm("113103", "Clean Graphics Option"),
 })
 
 

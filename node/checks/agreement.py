@@ -30,12 +30,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from node.annotations.masks import Mask
 from node.checks.protocol import Protocol
+
+if TYPE_CHECKING:  # SimpleITK costs a process ~100 MB: imported where a measure runs
+    import SimpleITK as sitk
 
 ABSENT = "(absent)"
 """The categorical answer of a rater who did not draw a structure the other one drew."""
@@ -140,6 +143,8 @@ def measure(a: Mask, b: Mask, spacing: Sequence[float]) -> Measures:
     vol_a, vol_b = a.voxel_count * voxel, b.voxel_count * voxel
     if a.is_empty or b.is_empty:
         return Measures(0.0, 0.0, None, None, vol_a, vol_b)
+    import SimpleITK as sitk  # lazy: ~100 MB per process
+
     image_a, image_b = _union_images(a, b, spacing)
     overlap = sitk.LabelOverlapMeasuresImageFilter()
     overlap.Execute(image_a, image_b)
@@ -155,6 +160,8 @@ def _surface_distances(source: sitk.Image, target: sitk.Image) -> np.ndarray:
     """Distances (mm) from each surface voxel of ``source`` to ``target``: the contour by
     SimpleITK's label contour filter, the distances by its signed Maurer distance map
     (negative inside ``target``: clamped to 0). Never empty for a non-empty mask."""
+    import SimpleITK as sitk  # lazy: ~100 MB per process
+
     contour = sitk.LabelContour(source, fullyConnected=False, backgroundValue=0)
     distance = sitk.SignedMaurerDistanceMap(target, insideIsPositive=False,
                                             squaredDistance=False, useImageSpacing=True)
@@ -166,6 +173,8 @@ def _surface_distances(source: sitk.Image, target: sitk.Image) -> np.ndarray:
 def _union_images(a: Mask, b: Mask, spacing: Sequence[float]) -> tuple[sitk.Image, sitk.Image]:
     """Both masks on the union of their boxes plus one voxel of background all round
     (so a structure touching its box edge still has a contour), as uint8 images."""
+    import SimpleITK as sitk  # lazy: ~100 MB per process
+
     lo = np.minimum(a.offset, b.offset) - 1
     hi = np.maximum(np.add(a.offset, a.box.shape), np.add(b.offset, b.box.shape)) + 1
     shape = tuple(int(v) for v in hi - lo)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 
 from node.annotations.grid import SeriesGrid
 from node.annotations.masks import Mask
@@ -169,6 +168,8 @@ def _stray_components(box: np.ndarray, gaps: list[int], allowed: int) -> list[in
     bridged = box.copy()
     for i in gaps:
         bridged[i] = box[i - 1] & box[i + 1]
+    import SimpleITK as sitk  # lazy: ~100 MB per process, loaded with the first annotation
+
     labeller = sitk.ConnectedComponentImageFilter()
     labeller.SetFullyConnected(True)
     labeller.SetNumberOfThreads(1)

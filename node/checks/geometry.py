@@ -18,8 +18,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from highdicom.spatial import get_volume_positions
-from highdicom.volume import VolumeGeometry as HighdicomGeometry
 
 from node.storage.records import InstanceGeometry
 
@@ -237,6 +235,10 @@ def _grid(slices: list, reference: InstanceGeometry, points: np.ndarray, along: 
     """highdicom's volume geometry for the slices (its slice order and conventions)."""
     if reference.rows is None or reference.columns is None or reference.spacing is None:
         return None
+    # lazy: highdicom (and the pydicom.sr it brings) costs every process ~20 MB
+    from highdicom.spatial import get_volume_positions
+    from highdicom.volume import VolumeGeometry as HighdicomGeometry
+
     spacing, indices = (None, None)
     if len(slices) > 1:
         spacing, indices = get_volume_positions(points, reference.orientation,

@@ -14,6 +14,7 @@ for byte.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from pydicom.charset import convert_encodings
 from pynetdicom.dsutils import encode
@@ -33,12 +34,18 @@ def encode_match(match: Match, implicit_vr: bool) -> bytes:
     charset = match.charset
     if len(charset) > 1:
         return _with_pydicom(match, implicit_vr)
-    codec = convert_encodings(list(charset))[0] if charset else "ascii"
+    codec = _codec(charset)
     try:
         return b"".join(_element(tag, vr, value, codec, implicit_vr)
                         for tag, vr, value in match.elements)
     except UnicodeEncodeError:
         return _with_pydicom(match, implicit_vr)
+
+
+@lru_cache(maxsize=16)  # bounded: the character set comes from the request
+def _codec(charset: tuple[str, ...]) -> str:
+    """Python's codec for a single Specific Character Set (a handful per node: cached)."""
+    return convert_encodings(list(charset))[0] if charset else "ascii"
 
 
 def _with_pydicom(match: Match, implicit_vr: bool) -> bytes:
@@ -47,12 +54,20 @@ def _with_pydicom(match: Match, implicit_vr: bool) -> bytes:
 
 def _element(tag: int, vr: str, value: object, codec: str, implicit_vr: bool) -> bytes:
     data = _value(vr, value, codec)
+    head, long_length = _head(tag, vr, implicit_vr)
+    return head + (_LEN32 if long_length else _LEN16).pack(len(data)) + data
+
+
+@lru_cache(maxsize=1024)  # bounded: unsupported keys' tags come from the request
+def _head(tag: int, vr: str, implicit_vr: bool) -> tuple[bytes, bool]:
+    """An element's fixed start (tag, and VR with its reserved bytes when explicit) and
+    whether its length takes 4 bytes: the same for every match, so encoded once."""
     head = _TAG.pack(tag >> 16, tag & 0xFFFF)
     if implicit_vr:
-        return head + _LEN32.pack(len(data)) + data
+        return head, True
     if vr in _LONG_VRS:
-        return head + vr.encode() + b"\0\0" + _LEN32.pack(len(data)) + data
-    return head + vr.encode() + _LEN16.pack(len(data)) + data
+        return head + vr.encode() + b"\0\0", True
+    return head + vr.encode(), False
 
 
 def _value(vr: str, value: object, codec: str) -> bytes:

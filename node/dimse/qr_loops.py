@@ -28,6 +28,7 @@ refusal, and the loops below run it, reading stored bytes from the blob store.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from contextlib import closing
 from io import BytesIO
@@ -47,7 +48,19 @@ from node.config import TlsSettings
 from node.dimse import compat
 from node.dimse.ae import QUERY_RETRIEVE_SOP_CLASSES
 from node.dimse.identifier import encode_match
-from node.dimse.sender import BlobSource, Outgoing, Sent, StoreSender, send_on_association
+from node.dimse.sender import (
+    _P_DATA_TF,
+    _PDU_HEADER,
+    _PDV_HEADER,
+    _PDV_OVERHEAD,
+    _UNLIMITED_PDU,
+    BlobSource,
+    Outgoing,
+    Sent,
+    StoreSender,
+    frame,
+    send_on_association,
+)
 from node.dimse.tls import outgoing_context
 from node.metrics import Metrics
 from node.retrieve import Retrieval
@@ -63,7 +76,7 @@ _PROGRESS_INTERVAL = 0.1  # seconds
 _BATCH = 64  # C-FIND responses queued before waiting for the DUL to send them
 _DRAIN_POLL = 0.0002  # seconds between looks at the DUL's send queue
 _DUL_TURN = 0.001  # one idle DUL loop (pynetdicom's run-loop delay): it reads the socket
-_PDV_ITEM_HEADER = 5  # PS3.8 9.3.5.1: item length (4) and presentation context ID (1)
+_FLUSH_BYTES = 64 * 1024  # C-FIND responses gathered before one blocking write
 
 
 class QueryRetrieveAssociation(compat.AssociationHooks):
@@ -139,6 +152,8 @@ class QueryRetrieveLoops(compat.QueryRetrieveHooks):
         except Exception:
             log.exception("query failed")
             return Outcome(status.UNABLE_TO_PROCESS, "the node failed while answering")
+        finally:
+            send.flush()  # every match counted is sent before the final response
         if not self.assoc.is_established:
             return Outcome(status.UNABLE_TO_PROCESS, "association ended before the last match")
         return Outcome(status.SUCCESS)
@@ -283,13 +298,23 @@ class QueryRetrieveLoops(compat.QueryRetrieveHooks):
 
 
 class _PendingFind:
-    """Sends pending C-FIND responses: the command set encoded once, one PDU per match.
+    """Sends pending C-FIND responses: the command set encoded once, framed here as
+    P-DATA-TF PDUs and written to the socket in batches.
 
-    Backpressure: pynetdicom's DUL thread reads the socket only when it has
-    nothing left to send, so a producer faster than the network would queue
-    the whole result set in memory and never see the SCU's C-CANCEL. After
-    every :data:`_BATCH` responses the producer waits for the queue to drain
-    and leaves the DUL one idle turn to read what the SCU sent.
+    Why not pynetdicom's DUL queue: every queued PDU is encoded again by the DUL
+    thread and wakes it, and the DUL reads the socket only when its queue is
+    empty, so the producer had to poll the queue to see a C-CANCEL; together
+    about 0.2 ms per match. Here responses are framed into a buffer (one PDU per
+    response: the command PDV, encoded once, and the identifier PDV) and written
+    with a blocking ``sendall``: the socket's send buffer is the backpressure, and
+    the DUL thread, with nothing to send, keeps reading the socket (C-CANCEL,
+    A-ABORT) meanwhile. Writes come after 1, 2, 4, 8 ... responses, then every
+    :data:`_FLUSH_BYTES`: the first matches leave at once (a short time to the
+    first response, and an SCU that cancels after a few sees them in time to),
+    the bulk of a large answer in few system calls.
+
+    Over TLS the DUL's queue is kept: an SSL socket must not be read and written
+    from two threads at once.
     """
 
     def __init__(self, service: QueryRetrieveLoops, req: C_FIND,
@@ -302,27 +327,63 @@ class _PendingFind:
         self.rsp.Identifier = BytesIO(b"\0\0")  # marks "a data set follows" in the command
         message = C_FIND_RSP()
         message.primitive_to_message(self.rsp)
-        self.command = b"\x03" + bytes(encode(message.command_set, True, True))
+        self.command = bytes(encode(message.command_set, True, True))
         self.assoc = service.assoc
-        self.max_pdu = self.assoc.requestor.maximum_length  # the SCU's (we are the acceptor)
+        # The SCU's maximum (we are the acceptor); 0 means no limit.
+        self.fragment = (self.assoc.requestor.maximum_length or _UNLIMITED_PDU) - _PDV_OVERHEAD
+        # Whole PDV item of the command (it always fits: a command set is ~100 bytes).
+        self.command_pdv = _PDV_HEADER.pack(len(self.command) + 2, self.context_id, 0x03) \
+            + self.command
+        sock = compat.socket_of(self.assoc)
+        self.sock = None if sock is None or isinstance(sock, ssl.SSLSocket) else sock
+        self.buffer = bytearray()
         self.sent = 0
+        self.next_flush = 1  # then 2, 4, 8 ... responses: the first ones leave at once
 
     def __call__(self, identifier: bytes) -> None:
-        # Both PDVs (each with its message control header byte) in one PDU.
-        size = 2 * _PDV_ITEM_HEADER + len(self.command) + 1 + len(identifier)
-        if self.max_pdu and size > self.max_pdu:
-            # Larger than one PDU: let pynetdicom fragment it.
-            self.rsp.Identifier = BytesIO(identifier)
+        if self.sock is None:
+            self._queue(identifier)
+            return
+        if len(identifier) + len(self.command_pdv) + _PDV_OVERHEAD <= self.fragment:
+            self.buffer += _PDU_HEADER.pack(
+                _P_DATA_TF, 0, len(self.command_pdv) + _PDV_OVERHEAD + len(identifier))
+            self.buffer += self.command_pdv
+            self.buffer += _PDV_HEADER.pack(len(identifier) + 2, self.context_id, 0x02)
+            self.buffer += identifier
+        else:  # larger than one PDU: fragments of the SCU's maximum
+            self.buffer += frame(self.command, self.context_id, self.fragment, True, True)
+            self.buffer += frame(identifier, self.context_id, self.fragment, False, True)
+        self.sent += 1
+        if self.sent >= self.next_flush or len(self.buffer) >= _FLUSH_BYTES:
+            self.flush()
+            self.next_flush = 2 * self.sent
+
+    def flush(self) -> None:
+        """Write what has gathered (blocking); an error means the association is gone."""
+        if self.sock is None or not self.buffer:
+            return
+        while not compat.send_queue_empty(self.assoc) and self.assoc.is_established:
+            time.sleep(_DRAIN_POLL)  # never interleave with a PDU the DUL is sending
+        try:
+            self.sock.sendall(self.buffer)
+        except OSError:
+            self.assoc.abort()
+        finally:
+            self.buffer.clear()
+
+    def _queue(self, identifier: bytes) -> None:
+        """pynetdicom's DUL sends (TLS); every :data:`_BATCH` responses the queue is left to
+        drain and the DUL one idle turn to read what the SCU sent (a C-CANCEL)."""
+        if len(identifier) + len(self.command_pdv) + _PDV_OVERHEAD > self.fragment:
+            self.rsp.Identifier = BytesIO(identifier)  # larger than one PDU: pynetdicom fragments
             compat.send_message(self.assoc, self.rsp, self.context_id)
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list = [
-            [self.context_id, self.command], [self.context_id, b"\x02" + identifier]]
+            [self.context_id, b"\x03" + self.command], [self.context_id, b"\x02" + identifier]]
         compat.send_pdata(self.assoc, pdata)
         self.sent += 1
         if self.sent % _BATCH == 0:
             while not compat.send_queue_empty(self.assoc) and self.assoc.is_established:
                 time.sleep(_DRAIN_POLL)
             time.sleep(_DUL_TURN)
-
-

@@ -20,9 +20,9 @@ import os
 import pkgutil
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-import highdicom
 from pydicom.datadict import tag_for_keyword
 
 #: Functional group sequences: the tables flatten every functional-group macro
@@ -76,7 +76,7 @@ class IODTables:
     def load(cls, cache_dir: Path | None = None) -> IODTables:
         """Read the compiled cache for this highdicom version, compiling it on first use."""
         with _lock:
-            key = highdicom.__version__
+            key = version("highdicom")  # importing highdicom for it would cost ~20 MB
             if key in _loaded:
                 return _loaded[key]
             cache_dir = cache_dir or default_cache_dir()
@@ -150,4 +150,4 @@ def compile_tables() -> dict:
             if tag is not None:
                 paths.setdefault(path, []).append([tag, keyword, kind])
         iods[iod_name] = paths
-    return {"highdicom": highdicom.__version__, "sop_classes": sop_classes, "iods": iods}
+    return {"highdicom": version("highdicom"), "sop_classes": sop_classes, "iods": iods}

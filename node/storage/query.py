@@ -614,10 +614,11 @@ def responses(query: Query, rows: Iterable[tuple], retrieve_ae_title: str) -> It
         yield layout.match(row)
 
 
-#: A response element: (tag, VR, value); value None means zero length.
-Element = tuple[BaseTag, str, object]
-_CHARSET_TAG = Tag(0x0008, 0x0005)
-_LEVEL_TAG = Tag(0x0008, 0x0052)
+#: A response element: (tag, VR, value); value None means zero length. Tags are plain
+#: ints, not pydicom's BaseTag: its comparisons run in Python, once per element per match.
+Element = tuple[int, str, object]
+_CHARSET_TAG = 0x00080005
+_LEVEL_TAG = 0x00080052
 
 
 @dataclass(frozen=True)
@@ -651,19 +652,19 @@ class _Layout:
     def __init__(self, query: Query, ae_title: str) -> None:
         self.charset = query.charset
         # (tag, VR, index into the backend row, or None for a fixed value, the fixed value)
-        slots: list[tuple[BaseTag, str, int | None, object]] = []
+        slots: list[tuple[int, str, int | None, object]] = []
         column = 0
         for key in query.returns:
             if key.kind == "constant":
                 value = ae_title if key.keyword == "RetrieveAETitle" else "ONLINE"
-                slots.append((key.tag, key.vr, None, value))
+                slots.append((int(key.tag), key.vr, None, value))
             else:
-                slots.append((key.tag, key.vr, column, None))
+                slots.append((int(key.tag), key.vr, column, None))
                 column += 1
-        slots += [(tag, vr, None, None) for tag, vr in query.empty]
+        slots += [(int(tag), vr, None, None) for tag, vr in query.empty]
         slots.append((_LEVEL_TAG, "CS", None, query.level.name))
         self.slots = sorted(slots, key=lambda slot: slot[0])
-        self.splits = {key.tag for key in query.returns if key.kind == "modalities"}
+        self.splits = {int(key.tag) for key in query.returns if key.kind == "modalities"}
 
     def match(self, row: tuple) -> Match:
         elements: list[Element] = []
