@@ -165,7 +165,7 @@ class IngestService:
             return self._quarantine(spooled, source, self._refused(
                 received, transfer_syntax, self._ordered(findings), source.route))
         try:
-            InstanceRecord.from_dataset(received.dataset)
+            InstanceRecord.check_keys(received.dataset)
         except ValueError as exc:  # a key UID is missing although its rule only warns
             return self._quarantine(spooled, source, self._refused(
                 received, transfer_syntax,
