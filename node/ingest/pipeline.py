@@ -67,6 +67,7 @@ from node.ingest.validate import (
     Validator,
     patient_conflict,
     read_received,
+    with_deferred_pixels,
 )
 from node.status import Outcome
 from node.storage.interface import (
@@ -172,9 +173,10 @@ class IngestService:
                 self._ordered([Finding("type1_missing", _plain(exc)), *findings]), source.route))
 
         try:
-            # The whole object now; values over DEFER_SIZE (pixels) stay on disk
-            # until the prepared dataset is written out.
-            whole = dcmread(spooled, defer_size=DEFER_SIZE)
+            # The whole object: the parsed header with its pixel element deferred
+            # when that can be done without parsing again, else the file parsed
+            # whole, values over DEFER_SIZE (pixels) left on disk until written out.
+            whole = with_deferred_pixels(received) or dcmread(spooled, defer_size=DEFER_SIZE)
             prepared = self.router.prepare(whole, source.route)
             rec = InstanceRecord.from_dataset(prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:
