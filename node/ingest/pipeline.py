@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
@@ -386,7 +387,11 @@ class IngestService:
             else:
                 header = copy.copy(prepared.dataset)  # shallow: the elements are shared
                 del header[_PIXEL_DATA]
-                header.save_as(out, enforce_file_format=True)
+                # Encoded in memory (a few KB), then written at once: pydicom writes
+                # each element in several small pieces, each through the blob writer.
+                encoded = DicomBytesIO()
+                header.save_as(encoded, enforce_file_format=True)
+                out.write(encoded.getvalue())
                 with open(spooled, "rb") as src:
                     src.seek(pixel_tail)
                     shutil.copyfileobj(src, out, 1 << 20)
