@@ -170,3 +170,23 @@ def test_an_unwritable_external_path_does_not_stop_the_head(tmp_path):
         ctx.close()
     result = verify(node.path)
     assert result.exit_code == 1 and "external checkpoints missing" in result.stderr
+
+
+def test_a_burst_of_events_signs_few_heads_and_close_writes_the_last(tmp_path, monkeypatch):
+    """The head is signed at most every HEAD_MIN_SECONDS while events stream in, yet the
+    chain holds every event and the head written at close names the last one."""
+    import node.audit.trail as trail
+
+    monkeypatch.setattr(trail, "HEAD_MIN_SECONDS", 5.0)
+    node = write_config(tmp_path)
+    ctx = NodeContext.open(node.settings())
+    signed = []
+    original = trail.HeadCheckpoint._message
+    monkeypatch.setattr(trail.HeadCheckpoint, "_message", staticmethod(
+        lambda seq, hash_: (signed.append(seq), original(seq, hash_))[1]))
+    for i in range(40):
+        ctx.audit.record("test.event", Actor(ae_title="TESTSCU", association_id=str(i)), {"n": i})
+    ctx.close()
+    assert 1 <= len(signed) <= 3 and signed[-1] == max(signed)
+    result = verify(node.path)
+    assert result.exit_code == 0 and "40 entries" in result.stdout, result.stdout

@@ -69,3 +69,21 @@ def test_sidecar_names_are_hashes_too(blobs):
             blobs.put_sidecar(hostile, b"{}")
         with pytest.raises(ValueError):
             blobs.read_sidecar(hostile)
+
+
+def test_writer_hashes_what_ends_in_the_file_even_after_a_seek_back(blobs):
+    """The hash computed while writing names the file's bytes; an overwrite after a
+    seek back (a patched length) is hashed from disk instead of trusted."""
+    with blobs.writer() as w:
+        w.write(b"header-")
+        w.write(b"pixels")
+    assert w.ref.sha256 == hashlib.sha256(b"header-pixels").hexdigest()
+    with blobs.writer() as w:
+        w.write(b"len=0000;body")
+        w.seek(4)
+        w.write(b"0013")
+        w.seek(0, 2)
+        w.write(b"!")
+    expected = b"len=0013;body!"
+    assert w.ref.sha256 == hashlib.sha256(expected).hexdigest() and w.ref.size == len(expected)
+    assert blobs.read(w.ref.sha256) == expected and blobs.verify(w.ref.sha256)

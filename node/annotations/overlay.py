@@ -61,11 +61,12 @@ class OverlayPlane:
 
 def overlay_groups(ds: Dataset) -> list[int]:
     """Even groups 6000–60FE carrying overlay data or overlay dimensions."""
-    found = []
-    for group in range(0x6000, _SCAN_END, 2):
-        if Tag(group, 0x3000) in ds or Tag(group, 0x0010) in ds:
-            found.append(group)
-    return found
+    # One pass over the tags the dataset holds (some seventy in a CT header), not
+    # 128 membership tests, one per candidate group: this runs on every instance.
+    # keys(), not the Dataset itself: iterating a Dataset decodes every element.
+    return sorted({tag >> 16 for tag in ds.keys()  # noqa: SIM118
+                   if 0x6000 <= tag >> 16 < _SCAN_END and not (tag >> 16) & 1
+                   and tag & 0xFFFF in (0x3000, 0x0010)})
 
 
 def read_planes(ds: Dataset) -> list[OverlayPlane]:

@@ -71,6 +71,13 @@ class ReidentificationMap:
         self._key = key
         self._aead = AESGCM(key.map_key)
         self._foreign: dict[str, str | None] = {}
+        #: Rows sealed by this process, by (kind, plaintext): every slice of a series
+        #: carries the same patient, study, series and frame-of-reference entries, and
+        #: the table keeps the first row of a lookup (INSERT OR IGNORE), so sealing them
+        #: again per instance is wasted (an HMAC, AES-GCM and JSON each). A nonce is
+        #: reused only with its own plaintext, i.e. the identical ciphertext. Still
+        #: inserted every time, so a rolled-back transaction loses nothing.
+        self._sealed: dict[tuple[str, bytes], tuple[bytes, str, bytes, bytes]] = {}
 
     def record(self, tx: Transaction, entries: Iterable[ReidEntry]) -> int:
         """Store entries inside the caller's transaction; entries already present
@@ -130,10 +137,18 @@ class ReidentificationMap:
         return reader.reid.exists("uid", self._key.lookup("uid", pseudonym_uid))
 
     def _seal(self, kind: str, pseudonym: str, payload: dict) -> tuple[bytes, str, bytes, bytes]:
+        plaintext = json.dumps(payload, sort_keys=True).encode("utf-8")
+        known = self._sealed.get((kind + "\0" + pseudonym, plaintext))
+        if known is not None:
+            return known
         lookup = self._key.lookup(kind, pseudonym)
         nonce = os.urandom(12)
-        plaintext = json.dumps(payload, sort_keys=True).encode("utf-8")
-        return lookup, self._key.key_id, nonce, self._aead.encrypt(nonce, plaintext, _aad(kind, lookup))
+        row = (lookup, self._key.key_id, nonce,
+               self._aead.encrypt(nonce, plaintext, _aad(kind, lookup)))
+        if len(self._sealed) >= _SEALED_KEPT:
+            self._sealed.clear()
+        self._sealed[(kind + "\0" + pseudonym, plaintext)] = row
+        return row
 
     def _open(self, reader: Reader, kind: str, pseudonym: str) -> dict | None:
         lookup = self._key.lookup(kind, pseudonym)
@@ -161,6 +176,10 @@ class ReidentificationMap:
         if kind not in self._foreign:
             self._foreign[kind] = reader.reid.foreign_key_id(kind, self._key.key_id)
         return self._foreign[kind]
+
+
+#: Sealed rows remembered (a few series' shared entries; instance UIDs come once each).
+_SEALED_KEPT = 4096
 
 
 def _aad(kind: str, lookup: bytes) -> bytes:

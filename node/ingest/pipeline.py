@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
@@ -67,6 +68,7 @@ from node.ingest.validate import (
     Validator,
     patient_conflict,
     read_received,
+    with_deferred_pixels,
 )
 from node.status import Outcome
 from node.storage.interface import (
@@ -165,16 +167,17 @@ class IngestService:
             return self._quarantine(spooled, source, self._refused(
                 received, transfer_syntax, self._ordered(findings), source.route))
         try:
-            InstanceRecord.from_dataset(received.dataset)
+            InstanceRecord.check_keys(received.dataset)
         except ValueError as exc:  # a key UID is missing although its rule only warns
             return self._quarantine(spooled, source, self._refused(
                 received, transfer_syntax,
                 self._ordered([Finding("type1_missing", _plain(exc)), *findings]), source.route))
 
         try:
-            # The whole object now; values over DEFER_SIZE (pixels) stay on disk
-            # until the prepared dataset is written out.
-            whole = dcmread(spooled, defer_size=DEFER_SIZE)
+            # The whole object: the parsed header with its pixel element deferred
+            # when that can be done without parsing again, else the file parsed
+            # whole, values over DEFER_SIZE (pixels) left on disk until written out.
+            whole = with_deferred_pixels(received) or dcmread(spooled, defer_size=DEFER_SIZE)
             prepared = self.router.prepare(whole, source.route)
             rec = InstanceRecord.from_dataset(prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:
@@ -384,7 +387,11 @@ class IngestService:
             else:
                 header = copy.copy(prepared.dataset)  # shallow: the elements are shared
                 del header[_PIXEL_DATA]
-                header.save_as(out, enforce_file_format=True)
+                # Encoded in memory (a few KB), then written at once: pydicom writes
+                # each element in several small pieces, each through the blob writer.
+                encoded = DicomBytesIO()
+                header.save_as(encoded, enforce_file_format=True)
+                out.write(encoded.getvalue())
                 with open(spooled, "rb") as src:
                     src.seek(pixel_tail)
                     shutil.copyfileobj(src, out, 1 << 20)

@@ -23,10 +23,12 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
 from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.config import ValidationSettings
@@ -107,6 +109,8 @@ class PixelElement:
     offsets: int = 0  # encapsulated: Basic Offset Table entries
     whole: bool = True  # encapsulated: every item fits in the file and a delimiter ends them
     start: int = -1  # native: file offset of the element's tag (lets the pipeline copy it raw)
+    value_tell: int = -1  # native: file offset of its value
+    vr: str | None = None  # native, explicit VR: the VR the file gives it
 
 
 class Unparseable(ValueError):
@@ -201,6 +205,26 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
         return Received(ds, _pixel_element_at(f, little, implicit))
 
 
+def with_deferred_pixels(received: Received) -> Dataset | None:
+    """The received header with its native pixel data element appended unread, or None
+    (encapsulated or missing pixels, or bytes after them: parse the whole file).
+
+    The header is parsed once and shared by validation, the route and the hooks:
+    the pixel value stays a deferred element that pydicom reads from the spooled
+    file only if a step asks for it (the route copies its bytes instead), so a
+    second parse of the same header is not needed to get a whole dataset.
+    """
+    pixel = received.pixels
+    ds = received.dataset
+    if (pixel is None or pixel.value_tell < 0 or pixel.length != pixel.available
+            or pixel.length == 0 or not getattr(ds, "filename", None)):
+        return None
+    implicit, little = ds.original_encoding
+    ds[pixel.tag] = RawDataElement(BaseTag(pixel.tag), pixel.vr, pixel.length, None,
+                                   pixel.value_tell, bool(implicit), bool(little))
+    return ds
+
+
 def _bounded(ds: Dataset, limits: ReadLimits, size: int) -> None:
     """Refuse an element over ``max_element`` and sequences nested over ``max_depth``.
 
@@ -272,7 +296,8 @@ def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement
     value_start = f.tell()
     available = size - value_start
     if length != _UNDEFINED:
-        return PixelElement(tag, length, available, start=start)
+        return PixelElement(tag, length, available, start=start, value_tell=value_start,
+                            vr=None if implicit else head[4:6].decode("ascii", "replace"))
     return _encapsulated(f, tag, endian, available)
 
 

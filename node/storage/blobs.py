@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -53,23 +53,53 @@ def fsync_dir(path: Path) -> None:
 
 
 class _SpoolWriter:
-    """A blob being written to the spool area; ``ref`` is set once it is committed."""
+    """A blob being written to the spool area; ``ref`` is set once it is committed.
+
+    The SHA-256 is computed as the bytes go by, so committing a blob does not read
+    it back (half a megabyte per CT slice). A writer that seeks back (pydicom
+    may, to patch a length) and overwrites makes the running hash worthless:
+    it is then dropped and the file is hashed from disk at commit, as before.
+    """
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
+        self._digest: hashlib._Hash | None = hashlib.sha256()
+        self._size = 0  # bytes hashed: the file's end while nothing was overwritten
+        self._pos = 0
         self.ref: BlobRef | None = None
 
     def write(self, data: bytes) -> int:
-        return self._file.write(data)
+        written = self._file.write(data)
+        if self._digest is not None:
+            if self._pos == self._size:
+                self._digest.update(memoryview(data)[:written])
+                self._size += written
+            else:  # written somewhere else than the end: hash from disk at commit
+                self._digest = None
+        self._pos += written
+        return written
 
     def tell(self) -> int:
-        return self._file.tell()
+        return self._pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self._file.seek(offset, whence)
+        self._pos = self._file.seek(offset, whence)
+        return self._pos
 
     def flush(self) -> None:
         self._file.flush()
+
+    def hashed(self) -> tuple[str, int] | None:
+        """Flush, and the hash and size of the file's bytes when the running hash covers
+        them (None: hash the file)."""
+        self._file.flush()
+        if self._digest is None or self._file.seek(0, os.SEEK_END) != self._size:
+            return None
+        return self._digest.hexdigest(), self._size
+
+    def fsync(self) -> None:
+        """fsync through the open file (no second open just to sync it)."""
+        os.fsync(self._file.fileno())
 
 
 class LocalBlobStore:
@@ -101,7 +131,7 @@ class LocalBlobStore:
             with os.fdopen(fd, "wb") as f:
                 writer = _SpoolWriter(f)
                 yield writer
-            writer.ref = self._promote(spooled)
+                writer.ref = self._promote(spooled, writer.hashed(), writer.fsync)
         finally:
             spooled.unlink(missing_ok=True)
 
@@ -125,18 +155,24 @@ class LocalBlobStore:
         with open(path, "rb") as f:
             return self.put(f)
 
-    def _promote(self, spooled: Path) -> BlobRef:
+    def _promote(self, spooled: Path, hashed: tuple[str, int] | None = None,
+                 sync: Callable[[], None] | None = None) -> BlobRef:
         """Rename a fully written file into place, durably; identical bytes already
-        stored leave the file where it is (its owner deletes it)."""
-        sha256, size = sha256_of_file(spooled)
+        stored leave the file where it is (its owner deletes it). ``hashed``: its
+        hash and size, when its writer computed them; ``sync``: how to fsync it
+        (its writer's open file), else it is opened to be fsync'd."""
+        sha256, size = hashed if hashed is not None else sha256_of_file(spooled)
         target = self._path(sha256)
         if target.is_file():
             return BlobRef(sha256, size, created=False)
-        fd = os.open(spooled, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync is not None:
+            sync()
+        else:
+            fd = os.open(spooled, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self._make_dirs(target.parent)
         os.rename(spooled, target)
         fsync_dir(target.parent)

@@ -109,12 +109,19 @@ class InstanceRecord:
     content_time: str | None = None
     acquisition_date_time: str | None = None
 
+    @staticmethod
+    def check_keys(ds: Dataset) -> None:
+        """Raise ValueError when a key UID is missing or empty, without building a record
+        (the received header is checked before its route; the record is built once,
+        from what is stored). Reads the raw values: nothing is decoded."""
+        for keyword, tag in _KEY_UIDS:
+            if not value_text(ds, tag):
+                raise ValueError(f"{keyword} is missing or empty")
+
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceRecord:
         """Read the indexed attributes; raises ValueError when a key UID is missing."""
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not _text(ds, keyword):
-                raise ValueError(f"{keyword} is missing or empty")
+        cls.check_keys(ds)
         return cls(
             patient_id=_text(ds, "PatientID") or "",
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID") or "",
@@ -141,6 +148,11 @@ class InstanceRecord:
             content_time=_text(ds, "ContentTime"),
             acquisition_date_time=_text(ds, "AcquisitionDateTime"),
         )
+
+
+#: The UIDs an instance cannot be indexed without, with their tags.
+_KEY_UIDS = (("StudyInstanceUID", 0x0020000D), ("SeriesInstanceUID", 0x0020000E),
+             ("SOPInstanceUID", 0x00080018), ("SOPClassUID", 0x00080016))
 
 
 @dataclass(frozen=True)
