@@ -94,6 +94,10 @@ class LaminaServer(ThreadedAssociationServer):
 
     _last_gc = 0.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = compat.SharedContexts(self.contexts)
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
