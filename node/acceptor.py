@@ -19,6 +19,7 @@ import selectors
 import socket
 import struct
 import threading
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 log = logging.getLogger("lamina.server")
@@ -54,17 +55,14 @@ class WorkerChannel:
     def report(self, open_connections: int) -> None:
         """Tell the supervisor how many connections this worker has open now."""
         with self._send_lock:
-            try:
+            # OSError: the supervisor is gone, and this worker dies with it (PDEATHSIG)
+            with suppress(OSError):
                 self.sock.sendall(_COUNT.pack(open_connections))
-            except OSError:
-                pass  # the supervisor is gone: this worker dies with it (PDEATHSIG)
 
     def close(self) -> None:
         """Unblock :meth:`receive` and close the pair."""
-        try:
+        with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -112,10 +110,8 @@ class Acceptor:
         with self._lock:
             worker = self._workers.pop(key, None)
         if worker is not None:
-            try:
+            with suppress(KeyError, ValueError):
                 self._selector.unregister(worker.sock)
-            except (KeyError, ValueError):
-                pass
             worker.sock.close()
 
     def counts(self) -> dict[object, int]:

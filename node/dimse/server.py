@@ -25,10 +25,10 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node.acceptor import WorkerChannel
 from node.config import NodeSettings, TlsSettings
 from node.context import NodeContext
 from node.dimse import compat, guard, tls
-from node.acceptor import WorkerChannel
 from node.dimse.ae import HandedServer, LaminaServer, build_scp, configure_pynetdicom
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
