@@ -54,10 +54,9 @@ class WorkerChannel:
 
     def report(self, open_connections: int) -> None:
         """Tell the supervisor how many connections this worker has open now."""
-        with self._send_lock:
-            # OSError: the supervisor is gone, and this worker dies with it (PDEATHSIG)
-            with suppress(OSError):
-                self.sock.sendall(_COUNT.pack(open_connections))
+        # OSError: the supervisor is gone, and this worker dies with it (PDEATHSIG)
+        with self._send_lock, suppress(OSError):
+            self.sock.sendall(_COUNT.pack(open_connections))
 
     def close(self) -> None:
         """Unblock :meth:`receive` and close the pair."""
