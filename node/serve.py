@@ -4,21 +4,25 @@ The DIMSE server itself is :func:`node.dimse.server.build_dimse_server`; this
 module only runs processes around it (no pynetdicom here).
 
 One pynetdicom process tops out well below DCMTK's storescp (the GIL and the
-per-PDU Python work), so the node can run N worker processes bound to the same
-port with SO_REUSEPORT; the kernel spreads associations between them and they
-share the WAL-mode index and the blob store. The parent prepares the data
-folder (migrations, stale spool files), starts the workers, runs the series
-sweep (one per node, so a series is checked once when its quiet period ends),
-and stops them on SIGTERM/SIGINT. Workers die with the parent (PR_SET_PDEATHSIG), so a kill -9
-of the node never leaves orphans holding the port.
+per-PDU Python work), so the node can run N worker processes; they share the
+WAL-mode index and the blob store. The supervisor owns the one DIMSE listening
+socket and hands each accepted connection to the least-busy worker
+(:mod:`node.acceptor`; SO_REUSEPORT's hash put two senders on one of two
+workers far too often). HTTP stays on SO_REUSEPORT in every worker. The
+supervisor prepares the data folder (migrations, stale spool files), starts
+the workers, restarts one that dies (audited ``node.worker_restarted``; the
+kernel has released its association slots, which are flock'd files), runs the
+series sweep (one per node, so a series is checked once when its quiet period
+ends), and stops them on SIGTERM/SIGINT. Workers die with the parent
+(PR_SET_PDEATHSIG), so a kill -9 of the node never leaves orphans.
 
 One node per port and per data folder: before anything else the supervisor
 probes the port with a plain bind (SO_REUSEADDR, not SO_REUSEPORT), which fails
 while any other process listens there, and takes an ``flock`` on
 ``<data>/run/node.lock`` for its lifetime (its pid written inside). Without
 these a second ``lamina serve`` would start silently beside the first
-(SO_REUSEPORT) and the kernel would split associations between two data
-folders. Its own workers bind afterwards and share the port. With one worker
+(HTTP's SO_REUSEPORT) and the kernel would split requests between two data
+folders. With one worker
 the supervisor serves on its own context; with more, each spawned worker opens
 its own and the supervisor keeps the series sweep.
 """
@@ -35,9 +39,10 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+import time
 from pathlib import Path
 
+from node.acceptor import Acceptor, WorkerChannel
 from node.audit.trail import Actor
 from node.config import Settings
 from node.context import NodeContext
@@ -60,15 +65,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _wait_for_stop(alive: Callable[[], bool] = lambda: True) -> bool:
-    """Block until SIGTERM/SIGINT (True) or until ``alive()`` turns False (False)."""
+def _wait_for_stop() -> None:
+    """Block until SIGTERM/SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
-        if not alive():
-            return False
-    return True
+        pass
 
 
 class ServeRefused(RuntimeError):
@@ -159,11 +162,12 @@ def check_port_free(bind: str, port: int) -> None:
             raise _bind_refusal(exc, bind, port) from None
 
 
-def _serve_until_stopped(ctx: NodeContext) -> None:
-    """Serve associations (and HTTP, when ``http.enabled``) on ``ctx`` until SIGTERM/SIGINT."""
+def _serve_until_stopped(ctx: NodeContext, channel: WorkerChannel | None = None) -> None:
+    """Serve associations (and HTTP, when ``http.enabled``) on ``ctx`` until SIGTERM/SIGINT;
+    with ``channel``, the connections the supervisor hands over instead of a port of its own."""
     node = ctx.settings.node
     try:
-        server = build_dimse_server(ctx).start()
+        server = build_dimse_server(ctx).start(channel)
     except OSError as exc:
         raise _bind_refusal(exc, node.bind, node.port) from None
     web = None
@@ -196,8 +200,10 @@ def _start_http(ctx: NodeContext):
     return web
 
 
-def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
-    """A spawned receiving process: its own context, serving until told to stop."""
+def run_worker(settings: Settings, parent_pid: int | None = None,
+               channel: socket.socket | None = None) -> None:
+    """A spawned receiving process: its own context, serving the connections handed over on
+    ``channel`` (its end of the pair with the supervisor) until told to stop."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     setup_logging(settings.log.level, settings.node.id)
@@ -205,7 +211,7 @@ def run_worker(settings: Settings, parent_pid: int | None = None) -> None:
     ctx = NodeContext.open(settings, migrate=False, with_key=True)
     ctx.start()
     try:
-        _serve_until_stopped(ctx)
+        _serve_until_stopped(ctx, WorkerChannel(channel) if channel is not None else None)
     finally:
         ctx.close()
 
@@ -281,26 +287,105 @@ def _supervise(settings: Settings) -> None:
         if settings.node.workers == 1:
             _serve_until_stopped(ctx)
             return
-        spawn = multiprocessing.get_context("spawn")
-        workers = [spawn.Process(target=run_worker, args=(settings, os.getpid()),
-                                 name=f"lamina-worker-{i}", daemon=False)
-                   for i in range(settings.node.workers)]
-        for w in workers:
-            w.start()
-        try:
-            if not _wait_for_stop(lambda: all(w.is_alive() for w in workers)):
-                log.error("a worker process died; stopping the node")
-                raise SystemExit(1)
-        finally:
-            for w in workers:
-                w.terminate()
-            for w in workers:
-                w.join(timeout=10)
-                if w.is_alive():
-                    log.error("worker did not stop in 10 s; killing it",
-                              extra={"fields": {"worker_pid": w.pid}})
-                    w.kill()
-                    w.join()
+        _supervise_workers(settings, ctx, actor)
     finally:
         ctx.audit.record("node.stopped", actor, {})
         ctx.close()
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    """The node's one DIMSE listening socket (the supervisor's; workers get connections)."""
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise _bind_refusal(exc, bind, port) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise _bind_refusal(exc, bind, port) from None
+    return sock
+
+
+class _Workers:
+    """The supervisor's receiving processes, each attached to the acceptor by its pair."""
+
+    def __init__(self, settings: Settings, acceptor: Acceptor) -> None:
+        self.settings = settings
+        self.acceptor = acceptor
+        self.spawn = multiprocessing.get_context("spawn")
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self, slot: int) -> multiprocessing.process.BaseProcess:
+        supervisor_end, worker_end = socket.socketpair()
+        proc = self.spawn.Process(target=run_worker,
+                                  args=(self.settings, os.getpid(), worker_end),
+                                  name=f"lamina-worker-{slot}", daemon=False)
+        proc.start()
+        worker_end.close()  # the child has its own copy
+        self.acceptor.add(proc.pid, supervisor_end)
+        if slot < len(self.procs):
+            self.procs[slot] = proc
+        else:
+            self.procs.append(proc)
+        return proc
+
+    def dead(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if not p.is_alive()]
+
+    def stop(self) -> None:
+        for w in self.procs:
+            w.terminate()
+        for w in self.procs:
+            w.join(timeout=10)
+            if w.is_alive():
+                log.error("worker did not stop in 10 s; killing it",
+                          extra={"fields": {"worker_pid": w.pid}})
+                w.kill()
+                w.join()
+
+
+#: More than this many worker restarts within the window stops the node (a crash loop).
+_MAX_RESTARTS, _RESTART_WINDOW = 5, 60.0
+
+
+def _supervise_workers(settings: Settings, ctx: NodeContext, actor: Actor) -> None:
+    """Accept on the node's port and hand connections to N workers until SIGTERM/SIGINT.
+
+    A worker that dies is replaced and the restart audited. Its association slots
+    (flock'd files, node.policy.SlotLimiter) were released by the kernel when it died.
+    """
+    node = settings.node
+    acceptor = Acceptor(_listen(node.bind, node.port)).start()
+    workers = _Workers(settings, acceptor)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    restarts: list[float] = []
+    try:
+        for i in range(node.workers):
+            workers.start(i)
+        while not stop.wait(0.2):
+            for i in workers.dead():
+                old = workers.procs[i]
+                old.join()
+                acceptor.remove(old.pid)
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < _RESTART_WINDOW] + [now]
+                if len(restarts) > _MAX_RESTARTS:  # dies as it starts: restarting cannot help
+                    log.error("workers keep dying; stopping the node", extra={"fields": {
+                        "worker_pid": old.pid, "exitcode": old.exitcode}})
+                    raise SystemExit(1)
+                new = workers.start(i)
+                log.error("worker died; restarted", extra={"fields": {
+                    "worker_pid": old.pid, "exitcode": old.exitcode, "new_pid": new.pid}})
+                ctx.audit.record("node.worker_restarted", actor, {
+                    "worker_pid": old.pid, "exitcode": old.exitcode, "new_pid": new.pid},
+                    outcome="minor-failure")
+    finally:
+        acceptor.stop()
+        workers.stop()

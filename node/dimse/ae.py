@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import socket
 import socketserver
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -94,6 +95,10 @@ class LaminaServer(ThreadedAssociationServer):
 
     _last_gc = 0.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = compat.SharedContexts(self.contexts)
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
@@ -121,6 +126,60 @@ class LaminaServer(ThreadedAssociationServer):
         if now - self._last_gc >= GC_INTERVAL:
             self._last_gc = now
             gc.collect()
+
+
+class HandedServer(LaminaServer):
+    """Serves connections the supervisor accepted and handed over (node.acceptor), never
+    listening itself. ``on_count(n)`` hears this process's open connection count
+    each time it changes (the supervisor picks the least-busy worker from it)."""
+
+    on_count: Callable[[int], None] = staticmethod(lambda n: None)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open = 0
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+        self.socket.close()  # the one TCPServer made: never bound, never listened on
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve_handed(self, client: socket.socket) -> None:
+        """Serve one handed connection in its own thread (as an accepted one would be)."""
+        self._count(+1)
+        try:
+            address = client.getpeername()
+        except OSError:
+            address = ("", 0)
+        try:
+            self.process_request(client, address)
+        except Exception:
+            self._count(-1)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._count(-1)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Handle the request, then wait for its association to end: pynetdicom runs the
+        association in a thread of its own and returns at once, and the count must
+        cover the association's life, not its start (this thread only waits)."""
+        handler = self.RequestHandlerClass(request, client_address, self)
+        assoc = getattr(handler, "assoc", None)
+        if assoc is not None and assoc.ident is not None:  # started
+            assoc.join()
+
+    def _count(self, delta: int) -> None:
+        with self._open_lock:
+            self._open += delta
+            now = self._open
+        self.on_count(now)
 
 
 def _nodelay_on_open(event: evt.Event) -> None:

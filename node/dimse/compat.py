@@ -43,7 +43,8 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("association.Association", "_serve_request", "method",
      "per-request dispatch; overridden for the Q/R SOP classes, parent for the rest"),
     ("transport.RequestHandler", "_create_association", "method",
-     "builds the acceptor Association; no factory hook, so we adopt the one it made"),
+     "builds the acceptor Association (no factory hook, so we adopt the one it made);"
+     " it deep-copies the server's contexts, which SharedContexts makes a no-op"),
     ("Association()", "_accepted_cx", "attribute",
      "accepted presentation contexts by ID, looked up as pynetdicom does per request"),
     ("Association()", "_sent_release", "attribute",
@@ -103,6 +104,8 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      "received data sets are spooled to a file, never held whole in memory"),
     ("_config", "STORE_SEND_CHUNKED_DATASET", "attribute",
      "C-GET sends a stored file by path, read in PDU-sized pieces"),
+    ("_config", "LOG_HANDLER_LEVEL", "attribute",
+     "'none': no per-PDU/DIMSE debug handlers bound to each association (churn cost)"),
 )
 
 
@@ -119,6 +122,9 @@ def configure_process() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
+    # The "standard" level binds four debug-logging handlers to every association, run
+    # on every PDU and DIMSE message even though pynetdicom's logger is at WARNING.
+    _config.LOG_HANDLER_LEVEL = "none"
 
 
 def configure_scu() -> None:
@@ -128,6 +134,21 @@ def configure_scu() -> None:
 
 
 # --- hooks: subclass these, override the public-named method ----------------------------
+
+
+class SharedContexts(list):
+    """The acceptor's supported presentation contexts, shared by every association.
+
+    ``RequestHandler._create_association`` gives each association a ``deepcopy`` of
+    the server's contexts: with every storage SOP class and 13 transfer syntaxes
+    that is thousands of objects, a large part of an association's set-up CPU.
+    Negotiation only reads them (``presentation.negotiate_as_acceptor`` builds new
+    result contexts), so one list serves every association: copying returns it.
+    """
+
+    def __deepcopy__(self, memo: dict) -> SharedContexts:
+        return self
+
 
 
 class AssociationHooks(Association):

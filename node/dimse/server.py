@@ -25,10 +25,11 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from node.acceptor import WorkerChannel
 from node.config import NodeSettings, TlsSettings
 from node.context import NodeContext
 from node.dimse import compat, guard, tls
-from node.dimse.ae import LaminaServer, build_scp, configure_pynetdicom
+from node.dimse.ae import HandedServer, LaminaServer, build_scp, configure_pynetdicom
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
 from node.dimse.handlers.find import handle_sop_extended, make_find_handler
@@ -92,6 +93,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
         assoc.tls = self.tls_settings
         guard.install(assoc, self.limits)
         compat.DimseHooks(assoc, partial(_receive_failed, assoc))
+        self.assoc = assoc  # a HandedServer waits for it to end (its open count)
         return assoc
 
 
@@ -124,21 +126,30 @@ class DimseServer:
         self.handlers = handlers
         self.blobs = blobs
         self._server: LaminaServer | None = None
+        self._channel: WorkerChannel | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> DimseServer:
-        """Bind (SO_REUSEPORT, TCP_NODELAY on accepted sockets) and serve in a thread."""
+    def start(self, channel: WorkerChannel | None = None) -> DimseServer:
+        """Bind (SO_REUSEPORT, TCP_NODELAY on accepted sockets) and serve in a thread; with
+        ``channel``, serve the connections the supervisor hands over on it instead."""
         if self._server is not None:
             raise RuntimeError("the DIMSE server is already started")
         server = self.ae.make_server(
-            self.address, evt_handlers=self.handlers, server_class=LaminaServer,
+            self.address, evt_handlers=self.handlers,
+            server_class=HandedServer if channel is not None else LaminaServer,
             request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits,
                                     tls=self.tls_context, tls_settings=self.tls_settings,
                                     proxy=self.proxy))
         self._server = server
-        # socketserver's default poll interval (0.5 s) is how long stop() waits.
-        self._thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
-                                        name="dimse-acceptor", daemon=True)
+        if channel is not None:
+            assert isinstance(server, HandedServer)
+            server.on_count = channel.report
+            self._channel = channel
+            target = partial(_serve_channel, server, channel)
+        else:
+            # socketserver's default poll interval (0.5 s) is how long stop() waits.
+            target = partial(server.serve_forever, poll_interval=0.05)
+        self._thread = threading.Thread(target=target, name="dimse-acceptor", daemon=True)
         self._thread.start()
         return self
 
@@ -147,6 +158,8 @@ class DimseServer:
         """The port actually bound (the configured one, or the free one picked for port 0)."""
         if self._server is None:
             raise RuntimeError("the DIMSE server is not started")
+        if self._channel is not None:
+            return int(self.address[1])  # the supervisor's port
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
@@ -154,12 +167,28 @@ class DimseServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.stop()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+            server.server_close()
+        else:
+            server.stop()
         for assoc in server.active_associations:
             assoc.abort()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def _serve_channel(server: HandedServer, channel: WorkerChannel) -> None:
+    """Serve each connection handed over on ``channel`` until it closes."""
+    channel.report(0)
+    while (client := channel.receive()) is not None:
+        try:
+            server.serve_handed(client)
+        except Exception:  # one connection that cannot be served must not end the loop
+            log.exception("handed connection not served")
+            client.close()
 
 
 def build_dimse_server(ctx: NodeContext) -> DimseServer:

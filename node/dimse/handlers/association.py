@@ -2,6 +2,13 @@
 
 Thin by design: the rules live in :mod:`node.policy`; this module applies them
 to pynetdicom events and keeps one :class:`Session` per live association.
+
+Accepted / released / aborted events go through the context's audit queue
+(:mod:`node.audit.served`), committed in batches like the query events: a
+transaction with its fsync and signed head per event was most of an
+echo-and-release cycle's cost. They change nothing stored; every store's own
+event stays inside its ingest transaction. Rejections stay synchronous (rare,
+and the record of a refused peer should not wait).
 """
 
 from __future__ import annotations
@@ -163,7 +170,7 @@ class Sessions:
         log.info("association accepted", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "address": session.address, "peer": peer}})
-        self.ctx.audit.record("association.accepted", session.actor, {"peer": peer})
+        self.ctx.events.put("association.accepted", session.actor, {"peer": peer}, "success")
 
     def on_released(self, event: evt.Event) -> None:
         self._ended(event.assoc, "released")
@@ -181,9 +188,9 @@ class Sessions:
         log.info(f"association {how}", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "stored": session.stored, "failed": session.failed}})
-        self.ctx.audit.record(f"association.{how}", session.actor,
-                              {"stored": session.stored, "failed": session.failed},
-                              outcome="success" if how == "released" else "minor-failure")
+        self.ctx.events.put(f"association.{how}", session.actor,
+                            {"stored": session.stored, "failed": session.failed},
+                            "success" if how == "released" else "minor-failure")
 
     def on_closed(self, event: evt.Event) -> None:
         """The socket is gone: an association that ended without release was aborted."""
