@@ -12,7 +12,8 @@ keep-alive HTTP client each:
 
 * QIDO-RS: the instance list of the series (``/studies/S/series/S/instances``);
 * WADO-RS: the series metadata (``/studies/S/series/S/metadata``), the first request
-  (cold: Lamina parses every file, then keeps the JSON by blob hash) and the median after;
+  (cold: nothing in memory; Lamina joins the metadata sidecars its after-commit work wrote
+  beside each blob, building any not written yet) and the median after;
 * WADO-RS frames: frame 1 of every instance, one request each, as frames/s.
 
 Medians are printed with the ratio Orthanc / Lamina (above 1: Lamina faster).

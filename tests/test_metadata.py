@@ -106,3 +106,17 @@ def test_sidecars_read_builds_without_a_sidecar(tmp_path: Path):
         sha = _stored(node, files)[0]
         sidecars = MetadataSidecars(node.ctx.blobs)
         assert sidecars.read(sha) == sidecars.build(sha) == node.ctx.blobs.read_sidecar(sha)
+
+
+def test_sidecars_of_the_clinical_route_hold_no_phi(tmp_path: Path, phantom):
+    """Made from the stored (de-identified) blob: nothing the sender identified survives."""
+    slices = [phantom.slice(k) for k in range(2)]
+    with InProcessNode(write_config(tmp_path / "node", http={})) as node:  # default peer: clinical
+        assert node.store(slices) == [(0, "")] * 2
+        node.ctx.drain()
+        blobs = node.ctx.blobs
+        kept = [blobs.read_sidecar(sha) for sha in blobs.iter_hashes()]
+    assert len(kept) == 2 and all(kept), "written after each commit"
+    for data in kept:
+        for phi in (phantom.patient_name, phantom.patient_id, phantom.study_uid):
+            assert str(phi).encode() not in data

@@ -5,7 +5,9 @@ file), each mapped to a configured peer whose services decide what it may do."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -131,3 +133,40 @@ def test_jwt_config_is_checked(tmp_path: Path):
         config = write_config(tmp_path / "node", peers=peers, http={"jwt": bad})
         with pytest.raises(ConfigError, match=message):
             config.settings()
+
+
+def test_jwks_fetched_from_the_identity_provider_url(tmp_path: Path):
+    """``jwks`` as a URL: PyJWKClient fetches the keys over a real socket (and caches them)."""
+    body = _jwks(tmp_path / "jwks.json").read_bytes()
+    fetched = []
+
+    class Keys(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    idp = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    http = {"jwt": {"jwks": f"http://127.0.0.1:{idp.server_port}/certs", "issuer": ISSUER,
+                    "audience": AUDIENCE, "peers": {"ohif-viewer": "client"}}}
+    try:
+        with InProcessNode(write_config(tmp_path / "node", http=http, peers={
+                "client": qr_peer("CLIENT", "find")})) as node:
+            server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
+            try:
+                url = f"http://127.0.0.1:{server.port}/dicom-web"
+                assert get(url, "/studies", token(kid="ec")).status_code == 200
+                assert get(url, "/studies", token(kid="rsa")).status_code == 200
+                assert get(url, "/studies", token(expires=-5)).status_code == 401
+            finally:
+                server.stop()
+    finally:
+        idp.shutdown()
+        idp.server_close()
+    assert fetched and set(fetched) == {"/certs"}
