@@ -59,8 +59,9 @@ PATIENCE = 15.0
 DIMSE_TIMEOUT = 30.0
 #: The most a case may take; past it the server is stopped and the case reported unanswered.
 CASE_LIMIT = 60.0
-#: How long the idle-connection case watches a silent connection.
-IDLE_WATCH = 10.0
+#: How long the idle and stalled-TLS cases watch a silent connection (past the 30 s ACSE
+#: timeout Lamina bounds both by).
+IDLE_WATCH = 35.0
 
 
 @dataclass
