@@ -146,6 +146,7 @@ def orthanc(work: Path) -> Iterator[Server]:
                             stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
     try:
         wait_port(port)
+        wait_port(http)  # its HTTP server comes up after its DICOM one
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
         yield Server("orthanc", port, "ORTHANC", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
