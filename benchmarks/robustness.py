@@ -59,8 +59,9 @@ PATIENCE = 15.0
 DIMSE_TIMEOUT = 30.0
 #: The most a case may take; past it the server is stopped and the case reported unanswered.
 CASE_LIMIT = 60.0
-#: How long the idle-connection case watches a silent connection.
-IDLE_WATCH = 10.0
+#: How long the idle and stalled-TLS cases watch a silent connection (past the 30 s ACSE
+#: timeout Lamina bounds both by).
+IDLE_WATCH = 35.0
 
 
 @dataclass
@@ -145,6 +146,7 @@ def orthanc(work: Path) -> Iterator[Server]:
                             stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
     try:
         wait_port(port)
+        wait_port(http)  # its HTTP server comes up after its DICOM one
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
         yield Server("orthanc", port, "ORTHANC", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
@@ -192,6 +194,8 @@ def echo(server: Server) -> str:
 
 def pdu_answer(data: bytes) -> str:
     """What the first bytes a server sent back mean."""
+    if not data and isinstance(data, Silent):
+        return f"no answer, connection held open ({PATIENCE:.0f} s)"
     if not data:
         return "closed, no PDU"
     kind = data[0]
@@ -208,13 +212,22 @@ def pdu_answer(data: bytes) -> str:
     return f"PDU type 0x{kind:02X}"
 
 
+class Silent(bytes):
+    """What a server sent before ``timeout`` passed with the connection still open."""
+
+
 def read_answer(sock: socket.socket, timeout: float = PATIENCE) -> bytes:
-    """What the server sends until it closes the connection (or ``timeout`` passes)."""
+    """What the server sends until it closes the connection; a :class:`Silent` when
+    ``timeout`` passes first."""
     sock.settimeout(timeout)
     data = b""
-    with contextlib.suppress(TimeoutError, ConnectionResetError, ssl.SSLError):
+    try:
         while chunk := sock.recv(65536):
             data += chunk
+    except TimeoutError:
+        return Silent(data)
+    except (ConnectionResetError, ssl.SSLError):
+        pass
     return data
 
 
@@ -312,8 +325,8 @@ def idle(server: Server) -> str:
         took = time.monotonic() - start
         closed = read_answer(sock, IDLE_WATCH)
         waited = time.monotonic() - start
-        end = (f"closed at {waited:.1f} s: {pdu_answer(closed)}" if waited < IDLE_WATCH
-               else f"still open at {IDLE_WATCH:.0f} s")
+        end = (f"still open at {IDLE_WATCH:.0f} s" if isinstance(closed, Silent)
+               else f"closed at {waited:.1f} s: {pdu_answer(closed)}")
         return f"C-ECHO meanwhile {result} in {took * 1000:.0f} ms; idle one {end}"
 
 
@@ -325,10 +338,9 @@ def stalled_tls(server: Server) -> str:
         start = time.monotonic()
         result = echo(server)
         took = time.monotonic() - start
-        read_answer(socks[0], IDLE_WATCH)
+        silent = isinstance(read_answer(socks[0], IDLE_WATCH), Silent)
         waited = time.monotonic() - start
-        end = (f"closed at {waited:.1f} s" if waited < IDLE_WATCH
-               else f"still open at {IDLE_WATCH:.0f} s")
+        end = f"still open at {IDLE_WATCH:.0f} s" if silent else f"closed at {waited:.1f} s"
         return f"TLS C-ECHO meanwhile {result} in {took * 1000:.0f} ms; silent ones {end}"
     finally:
         for sock in socks:
