@@ -1,0 +1,53 @@
+"""1,000 associate / C-ECHO / release cycles into a node of two receiving workers leave
+each worker's file descriptors, threads and memory where they were (issue 13's churn
+test). Sampled in the receiving processes themselves, read from /proc, not in the
+parent: a leak in a worker would not show in the supervisor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.harness import NODE_AET, TEST_AET, ProcessNode
+
+WARM_UP = 100
+CYCLES = 1_000
+RSS_GROWTH_LIMIT_KB = 8 * 1024  # far above noise (+0.5 MB measured), far below a leak
+
+
+def _sample(pid: int) -> tuple[int, int, int]:
+    """(open descriptors, threads, resident kB) of one process."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    status = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return fds, int(status["Threads"]), int(status["VmRSS"].split()[0])
+
+
+def _cycles(port: int, count: int) -> None:
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(Verification)
+    for _ in range(count):
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+
+
+def test_a_thousand_association_cycles_leave_the_workers_as_they_were(tmp_path):
+    with ProcessNode.with_workers(tmp_path / "node", 2) as node:
+        _cycles(node.port, WARM_UP)  # lazily created pools, caches and index connections
+        workers = sorted(node.worker_pids())
+        assert len(workers) == 2
+        before = {pid: _sample(pid) for pid in workers}
+        _cycles(node.port, CYCLES)
+        after = {pid: _sample(pid) for pid in workers}
+        assert sorted(node.worker_pids()) == workers, "a worker was replaced during churn"
+        for pid in workers:
+            (fds0, threads0, rss0), (fds1, threads1, rss1) = before[pid], after[pid]
+            assert fds1 <= fds0 + 2, f"worker {pid}: descriptors {fds0} -> {fds1}"
+            assert threads1 <= threads0 + 1, f"worker {pid}: threads {threads0} -> {threads1}"
+            assert rss1 - rss0 < RSS_GROWTH_LIMIT_KB, f"worker {pid}: RSS {rss0} -> {rss1} kB"
+        assert node.echo() == 0
