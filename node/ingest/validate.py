@@ -209,16 +209,17 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
         return Received(ds, _pixel_element_at(f, little, implicit), raw)
 
 
-def with_deferred_pixels(received: Received) -> FileDataset | None:
-    """The whole object as a fresh parse of the file would give it, from the header
-    already parsed, or None (encapsulated or missing pixels, bytes after them: parse
-    the whole file).
+def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | None:
+    """The whole object as ``dcmread(path, defer_size=defer_size)`` would give it, from
+    the header already parsed, or None (encapsulated or missing pixels, bytes after
+    them: parse the whole file).
 
     The header is parsed once: the result holds its elements as read (``raw``: not
     the ones validation decoded, so the route sees exactly what a second parse would
-    give and writes the same bytes), plus the native pixel data element as a
-    deferred element that pydicom reads from the spooled file only if a step asks
-    for its value (the route copies its bytes instead).
+    give and writes the same bytes), plus the native pixel data element: its bytes
+    read raw when they are at most ``defer_size`` (as pydicom would), else a
+    deferred element that pydicom reads from the spooled file only when a step
+    asks for its value.
     """
     pixel = received.pixels
     ds = received.dataset
@@ -229,7 +230,12 @@ def with_deferred_pixels(received: Received) -> FileDataset | None:
     whole = FileDataset(str(ds.filename), dict(received.raw), ds.preamble, ds.file_meta,
                         bool(implicit), bool(little))
     whole.set_original_encoding(bool(implicit), bool(little), ds.original_character_set)
-    whole[pixel.tag] = RawDataElement(BaseTag(pixel.tag), pixel.vr, pixel.length, None,
+    value = None
+    if pixel.length <= defer_size:
+        with open(ds.filename, "rb") as f:
+            f.seek(pixel.value_tell)
+            value = f.read(pixel.length)
+    whole[pixel.tag] = RawDataElement(BaseTag(pixel.tag), pixel.vr, pixel.length, value,
                                       pixel.value_tell, bool(implicit), bool(little))
     return whole
 
