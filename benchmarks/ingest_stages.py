@@ -13,6 +13,8 @@ calling thread's.
     .venv/bin/python -m benchmarks.ingest_stages [--instances 200] [--size 512]
 
 Copying each file into the spool (what the network layer does) is not counted.
+The scratch node lives under ``TMPDIR``: ``TMPDIR=/dev/shm`` takes the disk (fsync
+waits, other processes' I/O) out of the figures, to compare CPU on a busy machine.
 """
 
 from __future__ import annotations

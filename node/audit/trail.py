@@ -3,8 +3,9 @@
 Each event's hash covers its sequence number, content and the previous hash,
 so editing, deleting or reordering rows breaks the chain. A chain alone cannot
 show that its tail was cut off (or that an older copy of the file was put
-back), so after every commit the newest (seq, hash) is written, signed with
-Ed25519, to a head file outside the index. ``verify`` checks both.
+back), so after commits the newest (seq, hash) is written, signed with
+Ed25519, to a head file outside the index (by a writer thread, at most every
+``HEAD_MIN_SECONDS``, and always at close). ``verify`` checks both.
 
 The head file lives in the data folder, so whoever owns that folder can cut
 the trail's tail and put an older head back. :class:`ExternalCheckpoints`

@@ -177,7 +177,8 @@ class IngestService:
             # The whole object: the parsed header with its pixel element deferred
             # when that can be done without parsing again, else the file parsed
             # whole, values over DEFER_SIZE (pixels) left on disk until written out.
-            whole = with_deferred_pixels(received) or dcmread(spooled, defer_size=DEFER_SIZE)
+            whole = (with_deferred_pixels(received, DEFER_SIZE)
+                     or dcmread(spooled, defer_size=DEFER_SIZE))
             prepared = self.router.prepare(whole, source.route)
             rec = InstanceRecord.from_dataset(prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:

@@ -17,9 +17,9 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -123,6 +123,9 @@ class Received:
 
     dataset: FileDataset
     pixels: PixelElement | None
+    #: The header's elements as read, before any check decoded one (validation decodes
+    #: in place): the route starts from these, as from a fresh parse of the file.
+    raw: dict[int, Any] = field(default_factory=dict)
 
 
 class TooLarge(ValueError):
@@ -192,6 +195,7 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
             f.seek(0)
         # Values over max_element are left on disk ("deferred"), then refused.
         ds = dcmread(f, stop_before_pixels=True, defer_size=limits.max_element)
+        raw = dict(ds.items())  # items(), not iteration: nothing is decoded
         _whole(ds)
         _bounded(ds, limits, os.fstat(f.fileno()).st_size)
         syntax = ds.file_meta.get("TransferSyntaxUID")
@@ -202,27 +206,38 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
             return Received(ds, _pixels_of_dataset(full))
         little = syntax is None or UID(syntax).is_little_endian
         implicit = syntax is not None and UID(syntax).is_implicit_VR
-        return Received(ds, _pixel_element_at(f, little, implicit))
+        return Received(ds, _pixel_element_at(f, little, implicit), raw)
 
 
-def with_deferred_pixels(received: Received) -> Dataset | None:
-    """The received header with its native pixel data element appended unread, or None
-    (encapsulated or missing pixels, or bytes after them: parse the whole file).
+def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | None:
+    """The whole object as ``dcmread(path, defer_size=defer_size)`` would give it, from
+    the header already parsed, or None (encapsulated or missing pixels, bytes after
+    them: parse the whole file).
 
-    The header is parsed once and shared by validation, the route and the hooks:
-    the pixel value stays a deferred element that pydicom reads from the spooled
-    file only if a step asks for it (the route copies its bytes instead), so a
-    second parse of the same header is not needed to get a whole dataset.
+    The header is parsed once: the result holds its elements as read (``raw``: not
+    the ones validation decoded, so the route sees exactly what a second parse would
+    give and writes the same bytes), plus the native pixel data element: its bytes
+    read raw when they are at most ``defer_size`` (as pydicom would), else a
+    deferred element that pydicom reads from the spooled file only when a step
+    asks for its value.
     """
     pixel = received.pixels
     ds = received.dataset
     if (pixel is None or pixel.value_tell < 0 or pixel.length != pixel.available
-            or pixel.length == 0 or not getattr(ds, "filename", None)):
+            or pixel.length == 0 or not received.raw or not getattr(ds, "filename", None)):
         return None
     implicit, little = ds.original_encoding
-    ds[pixel.tag] = RawDataElement(BaseTag(pixel.tag), pixel.vr, pixel.length, None,
-                                   pixel.value_tell, bool(implicit), bool(little))
-    return ds
+    whole = FileDataset(str(ds.filename), dict(received.raw), ds.preamble, ds.file_meta,
+                        bool(implicit), bool(little))
+    whole.set_original_encoding(bool(implicit), bool(little), ds.original_character_set)
+    value = None
+    if pixel.length <= defer_size:
+        with open(ds.filename, "rb") as f:
+            f.seek(pixel.value_tell)
+            value = f.read(pixel.length)
+    whole[pixel.tag] = RawDataElement(BaseTag(pixel.tag), pixel.vr, pixel.length, value,
+                                      pixel.value_tell, bool(implicit), bool(little))
+    return whole
 
 
 def _bounded(ds: Dataset, limits: ReadLimits, size: int) -> None:
