@@ -35,11 +35,15 @@ def encode_match(match: Match, implicit_vr: bool) -> bytes:
     if len(charset) > 1:
         return _with_pydicom(match, implicit_vr)
     codec = _codec(charset)
+    parts: list[bytes] = []
     try:
-        return b"".join(_element(tag, vr, value, codec, implicit_vr)
-                        for tag, vr, value in match.elements)
+        for tag, vr, value in match.elements:
+            data = _value(vr, value, codec)
+            head, long_length = _head(tag, vr, implicit_vr)
+            parts += (head, (_LEN32 if long_length else _LEN16).pack(len(data)), data)
     except UnicodeEncodeError:
         return _with_pydicom(match, implicit_vr)
+    return b"".join(parts)
 
 
 @lru_cache(maxsize=16)  # bounded: the character set comes from the request
@@ -50,12 +54,6 @@ def _codec(charset: tuple[str, ...]) -> str:
 
 def _with_pydicom(match: Match, implicit_vr: bool) -> bytes:
     return bytes(encode(match.dataset(), implicit_vr, True))
-
-
-def _element(tag: int, vr: str, value: object, codec: str, implicit_vr: bool) -> bytes:
-    data = _value(vr, value, codec)
-    head, long_length = _head(tag, vr, implicit_vr)
-    return head + (_LEN32 if long_length else _LEN16).pack(len(data)) + data
 
 
 @lru_cache(maxsize=1024)  # bounded: unsupported keys' tags come from the request

@@ -10,7 +10,7 @@ prose in the standard, not data.
 
 The raw tables take ~0.7 s and ~150 MB to load, so they are compiled once into
 a compact JSON cache (a few MB, keyed by highdicom's version) that every
-receiving process reads in milliseconds.
+receiving process reads in milliseconds; each IOD in it is built on first use.
 """
 
 from __future__ import annotations
@@ -62,15 +62,26 @@ class IOD:
 
 
 class IODTables:
-    """SOP Class UID → :class:`IOD`."""
+    """SOP Class UID → :class:`IOD`.
+
+    Each IOD is built the first time an instance of it arrives, from its own
+    JSON text in the cache: all 171 built up front cost every process ~35 MB,
+    and a node sees a handful (CT, MR, SEG ...).
+    """
 
     def __init__(self, compiled: dict) -> None:
-        self._iods = {name: _iod(name, paths) for name, paths in compiled["iods"].items()}
+        self._texts: dict[str, str] = compiled["iods"]  # IOD name → its requirements as JSON
+        self._iods: dict[str, IOD] = {}
         self._sop_classes: dict[str, str] = compiled["sop_classes"]
 
     def for_sop_class(self, sop_class_uid: str) -> IOD | None:
         name = self._sop_classes.get(sop_class_uid)
-        return self._iods.get(name) if name else None
+        if not name or name not in self._texts:
+            return None
+        iod = self._iods.get(name)
+        if iod is None:  # two threads may both build it: the same value, either is kept
+            iod = self._iods[name] = _iod(name, json.loads(self._texts[name]))
+        return iod
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> IODTables:
@@ -80,11 +91,13 @@ class IODTables:
             if key in _loaded:
                 return _loaded[key]
             cache_dir = cache_dir or default_cache_dir()
-            path = cache_dir / f"iod-requirements-highdicom-{key}.json"
+            path = cache_dir / f"iod-requirements-{_CACHE_FORMAT}-highdicom-{key}.json"
             try:
                 compiled = json.loads(path.read_text(encoding="utf-8"))
             except (FileNotFoundError, ValueError):
                 compiled = compile_tables()
+                compiled["iods"] = {name: json.dumps(paths, separators=(",", ":"))
+                                    for name, paths in compiled["iods"].items()}
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(compiled), encoding="utf-8")
@@ -113,6 +126,8 @@ def _iod(name: str, paths: dict[str, list]) -> IOD:
 
 
 _lock = threading.Lock()
+#: In the cache file's name: format 2 holds each IOD as its own JSON text (built lazily).
+_CACHE_FORMAT = "v2"
 _loaded: dict[str, IODTables] = {}
 
 

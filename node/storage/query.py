@@ -634,9 +634,11 @@ class Match:
     @property
     def charset(self) -> tuple[str, ...]:
         """The Specific Character Set the text values are to be encoded in."""
-        for tag, _vr, value in self.elements:
+        for tag, _vr, value in self.elements:  # in tag order: (0008,0005) comes early
             if tag == _CHARSET_TAG:
                 return tuple(value) if isinstance(value, list) else (str(value),)
+            if tag > _CHARSET_TAG:
+                break
         return ()
 
     def dataset(self) -> Dataset:
