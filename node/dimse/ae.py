@@ -5,7 +5,9 @@ Two socket facts shape this module (see ../shared/NOTES.md):
 * pynetdicom never sets TCP_NODELAY; DCMTK peers then run 10-30x slower.
   We set it on every accepted and every outgoing socket.
 * pynetdicom's server ignores ``allow_reuse_port``; our server class sets
-  SO_REUSEPORT itself so several receiving processes can share one port.
+  SO_REUSEPORT itself (a node with one worker listens on its own). With several
+  workers the supervisor accepts (node.acceptor) and :class:`HandedServer` serves
+  the connections it hands over.
 """
 
 from __future__ import annotations

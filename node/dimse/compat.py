@@ -17,12 +17,14 @@ it subclasses the hook classes below and calls the accessors.
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import DIMSEPrimitive
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
@@ -52,6 +54,13 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("Association()", "_is_paused", "attribute",
      "set while a service runs: send_c_store (C-GET) waits for it before sending"),
     ("Association()", "dimse", "attribute", "the DIMSE provider of the association"),
+    ("association.Association", "_run_reactor", "method",
+     "the acceptor's 1 ms polling loop, replaced by one that waits (AssociationHooks)"),
+    ("Association()", "_reactor_checkpoint", "attribute",
+     "cleared while the association sends on its own (send_c_store): the loop waits"),
+    ("Association()", "_kill", "attribute", "set by kill(): the reactor loop ends"),
+    ("Association().dimse", "msg_queue", "attribute",
+     "received DIMSE messages: replaced by a queue that wakes the reactor"),
     ("Association().dimse", "cancel_req", "attribute",
      "C-CANCEL requests received; cleared before and after each request"),
     ("Association().dimse", "send_msg", "method", "sends a response primitive"),
@@ -151,21 +160,99 @@ class SharedContexts(list):
 
 
 
+class _WakingQueue(queue.Queue):
+    """A queue that sets ``wake`` after each put: the acceptor reactor waits on it."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.set()
+
+
+#: Longest an idle acceptor reactor sleeps before it looks at its timers and its DUL.
+IDLE_WAIT = 0.05
+
+
 class AssociationHooks(Association):
-    """An Association whose per-request dispatch calls :meth:`serve_request`.
+    """An Association whose per-request dispatch calls :meth:`serve_request`, and whose
+    acceptor reactor waits for work instead of polling.
 
     pynetdicom picks the service class for a request inside
     ``Association._serve_request`` from a module-level table; overriding the
     method on our own associations is the only way to route some SOP classes
     elsewhere without changing that table for the whole process.
+
+    pynetdicom's ``_run_reactor`` wakes every millisecond to look for a DIMSE message,
+    a release or an abort: a thread per association burning CPU while idle. Every
+    one of those arrives through the DIMSE message queue or the DUL's to-user queue,
+    so :func:`wake_on_arrival` makes both set an event, and :meth:`_run_reactor`
+    (pynetdicom 3.0's loop with its sleep replaced by a wait on that event) sleeps
+    until something arrives, or :data:`IDLE_WAIT` for the timers and a dead DUL.
     """
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         self.serve_request(msg, context_id)
 
+    def _run_reactor(self) -> None:
+        wake: threading.Event | None = getattr(self, "lamina_wake", None)
+        if wake is None:
+            super()._run_reactor()
+            return
+        while not self._kill:
+            # Paused while it waits (it consumes nothing): a thread that pauses the reactor
+            # to send on its own (release, send_c_*) need not wait for the wait to end.
+            self._is_paused = True
+            wake.wait(IDLE_WAIT)
+            wake.clear()  # anything put before this is seen by the checks below
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, int(context_id))
+                wake.set()  # another message may be queued behind this one
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
     def serve_request(self, msg: Any, context_id: int) -> None:
         """Default: pynetdicom's own dispatch."""
         super()._serve_request(msg, context_id)
+
+
+def wake_on_arrival(assoc: Association) -> None:
+    """Before the association starts: its DIMSE message queue and DUL to-user queue wake
+    its reactor (see :class:`AssociationHooks`). Both are still empty here."""
+    wake = threading.Event()
+    assoc.dimse.msg_queue = _WakingQueue(wake)
+    assoc.dul.to_user_queue = _WakingQueue(wake)
+    assoc.lamina_wake = wake
 
 
 def adopt(assoc: Association, cls: type[AssociationHooks]) -> None:
