@@ -46,6 +46,7 @@ from tests.harness import (
     as_file,
     free_port,
     send,
+    stop_process,
     wait_port,
     write_config,
 )
@@ -129,7 +130,7 @@ def storescp(work: Path) -> Iterator[Server]:
         yield Server("storescp", port, "STORESCP", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -151,17 +152,7 @@ def orthanc(work: Path) -> Iterator[Server]:
         yield Server("orthanc", port, "ORTHANC", lambda: {proc.pid},
                      alive=lambda: proc.poll() is None)
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM by PID; SIGKILL after 10 s (Orthanc waits for a receive still in progress)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        stop_process(proc, grace=10)  # Orthanc waits for a receive in progress
 
 
 # --- measuring ----------------------------------------------------------------------------

@@ -879,11 +879,11 @@ def storescp(port: int, out: Path, *options: str, aet: str = "STORESCP") -> subp
     raise RuntimeError("storescp did not start")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM a process this test started (by its PID), SIGKILL after 5 s."""
+def stop_process(process: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM a process this test started (by its PID), SIGKILL after ``grace`` seconds."""
     process.terminate()
     try:
-        process.wait(timeout=5)
+        process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()

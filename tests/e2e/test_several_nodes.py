@@ -193,19 +193,28 @@ def send_until_acknowledged(port: int, files: list[Path], acknowledged: list[Pat
         pending = failed + pending
 
 
-def test_a_node_killed_mid_transfer_loses_nothing_acknowledged(cluster, tmp_path):
-    nodes, port = cluster
-    studies = [Phantom(seed=f"kill-{s}", slices_count=PER_SENDER, rows=16, columns=16)
-               .write(tmp_path / f"study{s}") for s in range(SENDERS)]
-    acknowledged: list[Path] = []
+def senders_a_quarter_in(port: int, seed: str, folder: Path, acknowledged: list[Path],
+                         refusals: list[Response] | None = None) -> list[threading.Thread]:
+    """SENDERS threads each resending its own study until acknowledged, returned once a
+    quarter of all instances is acknowledged: the moment to break something."""
+    studies = [Phantom(seed=f"{seed}-{s}", slices_count=PER_SENDER, rows=16, columns=16)
+               .write(folder / f"study{s}") for s in range(SENDERS)]
     threads = [threading.Thread(target=send_until_acknowledged,
-                                args=(port, studies[s], acknowledged)) for s in range(SENDERS)]
+                                args=(port, study, acknowledged, refusals))
+               for study in studies]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
     while len(acknowledged) < SENDERS * PER_SENDER // 4:
         assert time.monotonic() < deadline, "nothing was acknowledged"
         time.sleep(0.05)
+    return threads
+
+
+def test_a_node_killed_mid_transfer_loses_nothing_acknowledged(cluster, tmp_path):
+    nodes, port = cluster
+    acknowledged: list[Path] = []
+    threads = senders_a_quarter_in(port, "kill", tmp_path, acknowledged)
     victim = nodes[1]
     victim.kill9()  # mid-transfer: its open associations die with it
     for t in threads:
@@ -259,20 +268,10 @@ def test_postgresql_restarted_during_ingest_with_three_nodes(tmp_path):
     try:
         with three_nodes(tmp_path, database.database()) as (nodes, port):
             pids = [n.pid for n in nodes]
-            studies = [Phantom(seed=f"pg-restart-{s}", slices_count=PER_SENDER, rows=16,
-                               columns=16).write(tmp_path / f"study{s}")
-                       for s in range(SENDERS)]
             acknowledged: list[Path] = []
             refusals: list[Response] = []
-            threads = [threading.Thread(target=send_until_acknowledged,
-                                        args=(port, studies[s], acknowledged, refusals))
-                       for s in range(SENDERS)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while len(acknowledged) < SENDERS * PER_SENDER // 4:
-                assert time.monotonic() < deadline, "nothing was acknowledged"
-                time.sleep(0.05)
+            threads = senders_a_quarter_in(port, "pg-restart", tmp_path, acknowledged,
+                                           refusals)
             database.stop(remove=False)  # mid-ingest
             deadline = time.monotonic() + 60
             while not any(r.status == 0xA700 for r in refusals):
