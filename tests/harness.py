@@ -764,6 +764,20 @@ class ProcessNode(Node):
 # --- peers ----------------------------------------------------------------------------------
 
 
+@contextmanager
+def http_root(ctx: Any) -> Iterator[str]:
+    """The context's HTTP app served on an ephemeral port of 127.0.0.1: its root URL
+    (``http://127.0.0.1:PORT``) while the block runs, the server stopped after."""
+    from node.web.app import build_app  # Starlette only for the tests that serve HTTP
+    from node.web.server import HttpServer
+
+    server = HttpServer(build_app(ctx), "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
 def received_dataset(event: evt.Event) -> bytes:
     """The data set bytes a C-STORE carried, whether pynetdicom spooled them to a file
     (``STORE_RECV_CHUNKED_DATASET``, set while a node runs in this process) or not."""

@@ -12,9 +12,7 @@ from pydicom import dcmread
 
 from node.metadata import MetadataSidecars, metadata
 from node.reports import fsck
-from node.web.app import build_app
-from node.web.server import HttpServer
-from tests.harness import InProcessNode, write_config
+from tests.harness import InProcessNode, http_root, write_config
 from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
 
 TOKEN = "metadata-token-0123456789"
@@ -33,16 +31,13 @@ def _series_metadata(node: InProcessNode, files: list[Path]) -> bytes:
     """The series' metadata through a fresh app (nothing in its memory cache), its
     BulkDataURIs' root (the port differs per server) written as ROOT."""
     ds = dcmread(files[0], stop_before_pixels=True)
-    server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-    root = f"http://127.0.0.1:{server.port}/dicom-web"
-    try:
+    with http_root(node.ctx) as served:
+        root = f"{served}/dicom-web"
         response = httpx.get(
             f"{root}/studies/{ds.StudyInstanceUID}"
             f"/series/{ds.SeriesInstanceUID}/metadata",
             headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"},
             timeout=30)
-    finally:
-        server.stop()
     assert response.status_code == 200, response.text
     assert response.content.count(f'"BulkDataURI":"{root}/studies/'.encode()) == len(files)
     return response.content.replace(root.encode(), b"ROOT")

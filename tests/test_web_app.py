@@ -10,9 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from node.web.app import build_app
-from node.web.server import HttpServer
-from tests.harness import InProcessNode, write_config
+from tests.harness import InProcessNode, http_root, write_config
 from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
 
 VIEWER = "http://viewer.example"
@@ -29,11 +27,8 @@ def site(tmp_path_factory):
                          slices=2)
         files = write_study(folder / spec.seed, spec)
         assert node.store(files, "CLIENT") == [(0, "")] * len(files)
-        server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-        try:
-            yield f"http://127.0.0.1:{server.port}/dicom-web"
-        finally:
-            server.stop()
+        with http_root(node.ctx) as root:
+            yield f"{root}/dicom-web"
 
 
 def test_forwarded_headers_build_retrieve_and_bulk_urls(site):

@@ -15,11 +15,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from node.dimse.ae import associate
-from node.web.app import build_app
 from node.web.pixels import frame_layout
-from node.web.server import HttpServer
 from tests.annotation_fixtures import PHANTOM, encode, valid_seg
-from tests.harness import InProcessNode, peer, write_config
+from tests.harness import InProcessNode, http_root, peer, write_config
 from tests.studies import QR_VALIDATION, StudySpec, identifier, qr_peer, write_study
 
 TOKENS = {"full": "full-access-token-0123456789", "reader": "find-only-token-0123456789",
@@ -49,11 +47,8 @@ def site(tmp_path_factory):
         for spec in SPECS:
             files = write_study(folder / spec.seed, spec)
             assert node.store(files, "CLIENT") == [(0, "")] * len(files)
-        server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-        try:
-            yield node, f"http://127.0.0.1:{server.port}/dicom-web"
-        finally:
-            server.stop()
+        with http_root(node.ctx) as root:
+            yield node, f"{root}/dicom-web"
 
 
 def client(url: str, token: str = TOKENS["full"]) -> DICOMwebClient:

@@ -17,9 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from node.config import ConfigError
-from node.web.app import build_app
-from node.web.server import HttpServer
-from tests.harness import InProcessNode, write_config
+from tests.harness import InProcessNode, http_root, write_config
 from tests.studies import QR_VALIDATION, StudySpec, qr_peer, write_study
 
 STATIC = "static-token-0123456789abcdef"
@@ -60,11 +58,8 @@ def site(tmp_path_factory):
                                     http=http)) as node:
         files = write_study(folder / "study", SPEC)
         assert node.store(files, "CLIENT") == [(0, "")] * len(files)
-        server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-        try:
-            yield f"http://127.0.0.1:{server.port}/dicom-web"
-        finally:
-            server.stop()
+        with http_root(node.ctx) as root:
+            yield f"{root}/dicom-web"
 
 
 def get(url: str, path: str, bearer: str | None) -> httpx.Response:
@@ -159,15 +154,11 @@ def test_jwks_fetched_from_the_identity_provider_url(tmp_path: Path):
                     "audience": AUDIENCE, "peers": {"ohif-viewer": "client"}}}
     try:
         with InProcessNode(write_config(tmp_path / "node", http=http, peers={
-                "client": qr_peer("CLIENT", "find")})) as node:
-            server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-            try:
-                url = f"http://127.0.0.1:{server.port}/dicom-web"
-                assert get(url, "/studies", token(kid="ec")).status_code == 200
-                assert get(url, "/studies", token(kid="rsa")).status_code == 200
-                assert get(url, "/studies", token(expires=-5)).status_code == 401
-            finally:
-                server.stop()
+                "client": qr_peer("CLIENT", "find")})) as node, http_root(node.ctx) as root:
+            url = f"{root}/dicom-web"
+            assert get(url, "/studies", token(kid="ec")).status_code == 200
+            assert get(url, "/studies", token(kid="rsa")).status_code == 200
+            assert get(url, "/studies", token(expires=-5)).status_code == 401
     finally:
         idp.shutdown()
         idp.server_close()

@@ -18,10 +18,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from node import status
 from node.audit.trail import utc_now
 from node.dimse.ae import associate
-from node.web.app import build_app
-from node.web.server import HttpServer
 from tests import annotation_fixtures as fx
-from tests.harness import InProcessNode, peer
+from tests.harness import InProcessNode, http_root, peer
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +27,8 @@ def site(tmp_path_factory):
     folder: Path = tmp_path_factory.mktemp("web-metrics")
     config = fx.node_config(folder / "node",
                             peers={**fx.PEERS, "viewer": peer("VIEWER", "find")})
-    with InProcessNode(config) as node:
-        server = HttpServer(build_app(node.ctx), "127.0.0.1", 0).start()
-        try:
-            yield node, f"http://127.0.0.1:{server.port}/metrics"
-        finally:
-            server.stop()
+    with InProcessNode(config) as node, http_root(node.ctx) as root:
+        yield node, f"{root}/metrics"
 
 
 def sample(url: str, name: str, **labels: str) -> float:
