@@ -23,7 +23,7 @@ import numpy as np
 from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -451,6 +451,12 @@ class Deidentifier:
         call = _Call(offset, matcher, keep_uid)
 
         out = self._dataset(ds, call)
+        if isinstance(ds, FileDataset):
+            # A deferred value kept as it is (the pixel data of a large object) is read,
+            # when it is written out, from the file it was parsed from: pydicom's
+            # deferred read looks for these four attributes on the holding dataset.
+            out.filename, out.buffer = ds.filename, ds.buffer
+            out.fileobj_type, out.timestamp = ds.fileobj_type, ds.timestamp
         out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
         out[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", pseudonym.patient_name)
         masked = self._settings.burned_in_policy == "mask" and _burned_in_reason(ds) is not None
@@ -532,7 +538,9 @@ class Deidentifier:
                 if 0x0010 <= element <= 0x00FF:
                     creators[(group, element)] = ds[tag]
                 continue
-            new = self._element(tag, ds.get_item(tag), ds, call)
+            # keep_deferred: a large value left on disk (the pixels of a big object)
+            # stays there; _element reads it only if its action needs the value.
+            new = self._element(tag, ds.get_item(tag, keep_deferred=True), ds, call)
             if new is not None:
                 out[tag] = new
         call.private_seen += private

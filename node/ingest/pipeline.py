@@ -493,7 +493,10 @@ def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> i
             or pixel.length != pixel.available):
         return None
     out = prepared.dataset
-    if (_PIXEL_DATA not in out or out.get_item(_PIXEL_DATA) is not whole.get_item(_PIXEL_DATA)
+    # keep_deferred: comparing the elements must not read a deferred value (the pixels)
+    if (_PIXEL_DATA not in out
+            or out.get_item(_PIXEL_DATA, keep_deferred=True)
+            is not whole.get_item(_PIXEL_DATA, keep_deferred=True)
             or max(out.keys()) != _PIXEL_DATA or max(whole.keys()) != _PIXEL_DATA):
         return None
     same_syntax = (out.file_meta.get("TransferSyntaxUID")
