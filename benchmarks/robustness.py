@@ -45,6 +45,7 @@ from tests.harness import (
     ProcessNode,
     as_file,
     free_port,
+    process_status,
     send,
     stop_process,
     wait_port,
@@ -161,12 +162,9 @@ def orthanc(work: Path) -> Iterator[Server]:
 def hwm_kb(pid: int) -> int:
     """VmHWM (peak resident set, kB) of a process; 0 once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+        return process_status(pid)["VmHWM"]
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def echo(server: Server) -> str:

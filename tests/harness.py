@@ -764,6 +764,18 @@ class ProcessNode(Node):
 # --- peers ----------------------------------------------------------------------------------
 
 
+def process_status(pid: int) -> dict[str, int]:
+    """The numeric fields of ``/proc/PID/status`` (VmRSS, VmHWM in kB; Threads a count):
+    what the memory and churn checks sample in the process that does the work."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        first = value.split()[:1]
+        if first and first[0].isdigit():
+            fields[name] = int(first[0])
+    return fields
+
+
 @contextmanager
 def http_root(ctx: Any) -> Iterator[str]:
     """The context's HTTP app served on an ephemeral port of 127.0.0.1: its root URL

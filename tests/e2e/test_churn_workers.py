@@ -6,12 +6,11 @@ parent: a leak in a worker would not show in the supervisor."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.harness import NODE_AET, TEST_AET, ProcessNode
+from tests.harness import NODE_AET, TEST_AET, ProcessNode, process_status
 
 WARM_UP = 100
 CYCLES = 1_000
@@ -20,10 +19,8 @@ RSS_GROWTH_LIMIT_KB = 8 * 1024  # far above noise (+0.5 MB measured), far below 
 
 def _sample(pid: int) -> tuple[int, int, int]:
     """(open descriptors, threads, resident kB) of one process."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    status = dict(line.split(":", 1) for line in
-                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return fds, int(status["Threads"]), int(status["VmRSS"].split()[0])
+    status = process_status(pid)
+    return len(os.listdir(f"/proc/{pid}/fd")), status["Threads"], status["VmRSS"]
 
 
 def _cycles(port: int, count: int) -> None:

@@ -12,19 +12,10 @@ import subprocess
 import sys
 import time
 
-from tests.harness import REPO, ProcessNode
+from tests.harness import REPO, ProcessNode, process_status
 
 IDLE_RSS_LIMIT_MB = 150
 LAZY = ("SimpleITK", "highdicom", "pydicom.sr")
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, from /proc (VmRSS is in kB)."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_idle_node_processes_stay_under_150_mb(tmp_path):
@@ -33,7 +24,7 @@ def test_idle_node_processes_stay_under_150_mb(tmp_path):
         pids = {"supervisor": node.pid,
                 **{f"worker {pid}": pid for pid in node.worker_pids() if pid != node.pid}}
         assert len(pids) == 3, pids
-        rss = {name: round(rss_mb(pid)) for name, pid in pids.items()}
+        rss = {name: round(process_status(pid)["VmRSS"] / 1024) for name, pid in pids.items()}
     assert all(mb <= IDLE_RSS_LIMIT_MB for mb in rss.values()), rss
 
 

@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from node.phantom import Phantom
-from tests.harness import TEST_AET, ProcessNode, peer
+from tests.harness import TEST_AET, ProcessNode, peer, process_status
 
 FRAMES = 250
 RSS_GROWTH_LIMIT_MB = 100  # the object is 131 MB: holding its pixels once breaks this
@@ -36,14 +36,6 @@ def large_multiframe(folder: Path, frames: int) -> Path:
     return path
 
 
-def peak_rss_mb(pid: int) -> int:
-    """VmHWM: the process's resident peak so far, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) // 1024
-    raise AssertionError("no VmHWM")
-
-
 def pixel_sha256(path: Path) -> str:
     return hashlib.sha256(dcmread(path).PixelData).hexdigest()
 
@@ -58,9 +50,9 @@ def test_a_large_object_is_stored_with_the_receiver_s_memory_flat(tmp_path, larg
     peers = {"modality": peer(TEST_AET, "store", route=route)}
     with ProcessNode.with_workers(tmp_path / "node", 1, peers=peers) as node:
         [worker] = node.worker_pids()
-        before = peak_rss_mb(worker)
+        before = process_status(worker)["VmHWM"] // 1024
         assert node.store([large]) == [(0, "")]
-        growth = peak_rss_mb(worker) - before
+        growth = process_status(worker)["VmHWM"] // 1024 - before
         [(sha256, uid)] = node.rows("SELECT blob_sha256, sop_instance_uid FROM instance")
         stored = node.blob_path(sha256)
         assert growth < RSS_GROWTH_LIMIT_MB, f"{route}: the receiver grew by {growth} MB"
