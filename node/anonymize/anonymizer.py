@@ -114,6 +114,7 @@ _TEMPORAL = MappingProxyType({
     "full": "kept",         # dates and times kept as they were
 })
 _CURVE_GROUPS = range(0x5000, 0x5020, 2)
+_PSEUDONYM_CACHE = 65536  # UIDs whose pseudonyms an engine keeps (a few MB at most)
 
 # Plain ints, as the walk's tags are: comparing with a pydicom BaseTag calls its
 # Python-level __eq__, which was a tenth of the engine's time.
@@ -428,6 +429,12 @@ class Deidentifier:
         # lookup and the VR rule run once per process, not once per element (filled
         # lazily; concurrent fills write the same value).
         self._actions: dict[tuple[int, str], str] = {}
+        # Pseudonyms of the UIDs met, kept across calls: a series repeats its study,
+        # series and frame-of-reference UIDs in every instance, and the keyed hash is
+        # a pure function of the key, so a cached pseudonym is the same pseudonym.
+        # Bounded: emptied when full rather than grown without end (thread-safe as
+        # the caches above: a concurrent fill writes the same value).
+        self._pseudonyms: dict[str, str] = {}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -803,7 +810,12 @@ class Deidentifier:
             return value
         new = call.uids.get(value)
         if new is None:
-            new = call.uids[value] = self._key.uid(value)
+            new = self._pseudonyms.get(value)
+            if new is None:
+                if len(self._pseudonyms) >= _PSEUDONYM_CACHE:
+                    self._pseudonyms.clear()
+                new = self._pseudonyms[value] = self._key.uid(value)
+            call.uids[value] = new
         return new
 
     def _un_uids(self, elem: DataElement, call: _Call) -> DataElement | None:
