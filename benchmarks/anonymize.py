@@ -84,15 +84,16 @@ def _orthanc_rate(work: Path, series: list[Path], repeat: int) -> float:
 
         ids = [json.loads(call("POST", "/instances", p.read_bytes()))["ID"] for p in series]
         best = 0.0
+        out = work / "out-o"
+
+        def anonymize(item: tuple[int, str]) -> None:
+            # Orthanc's default profile (PS3.15 basic); the answer is the new file
+            (out / f"{item[0]}.dcm").write_bytes(
+                call("POST", f"/instances/{item[1]}/anonymize", b"{}"))
+
         for round_ in range(repeat):
-            out = work / "out-o"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-
-            def anonymize(item: tuple[int, str]) -> None:
-                # Orthanc's default profile (PS3.15 basic), the answer is the new file
-                (out / f"{item[0]}.dcm").write_bytes(
-                    call("POST", f"/instances/{item[1]}/anonymize", b"{}"))
 
             start = time.perf_counter()
             with ThreadPoolExecutor(2) as pool:
