@@ -968,11 +968,17 @@ def _applied(name: str, code: Any) -> AppliedOption:
 
 
 def _code_item(code: Any) -> Dataset:
-    item = Dataset()
-    item.add_new(0x00080100, "SH", code.value)  # CodeValue
-    item.add_new(0x00080102, "SH", code.scheme_designator)  # CodingSchemeDesignator
-    item.add_new(0x00080104, "LO", code.meaning)  # CodeMeaning
-    return item
+    """One code item, built as the {tag: element} mapping Dataset takes; the values
+    are the engine's own constants (CID 7050), so pydicom's value validation, a
+    third of building them, is skipped."""
+    return Dataset({
+        Tag(tag): DataElement(tag, vr, value, validation_mode=config.IGNORE)
+        for tag, vr, value in (
+            (0x00080100, "SH", code.value),  # CodeValue
+            (0x00080102, "SH", code.scheme_designator),  # CodingSchemeDesignator
+            (0x00080104, "LO", code.meaning),  # CodeMeaning
+        )
+    })
 
 
 def encode(ds: Dataset) -> bytes:
