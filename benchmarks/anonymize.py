@@ -1,10 +1,19 @@
-"""Files per second of ``lamina anonymize`` against dicognito on the same CT series.
+"""Files per second of ``lamina anonymize`` against dicognito and Orthanc on the same CT series.
 
-Both tools run as command-line programs (``python -m node anonymize`` and
+Both command-line tools run as programs (``python -m node anonymize`` and
 ``python -m dicognito``), one after the other in the same run, on the same generated
 300-slice 512x512 CT series with planted PHI, each writing to its own empty folder;
 the wall time includes interpreter start-up for both. Lamina is timed single-process
-(like dicognito) and with ``--jobs 2``.
+(``--jobs 1``, like dicognito) and with ``--jobs 2`` (its default on this 2-core machine).
+
+Orthanc (Debian's ``Orthanc``, started here on ephemeral ports with a temporary config
+and storage, stopped by PID) first receives the series over REST (not timed), then is
+timed anonymizing it with ``POST /instances/{id}/anonymize`` per instance, two requests
+in flight (its HTTP server is multi-threaded, as ``--jobs 2`` is two processes), each
+answer written to a file. That is the same job as ``lamina anonymize``: one
+de-identified file out per file in, nothing stored in the server; ``/studies/{id}/
+anonymize`` would instead store a new study inside Orthanc (index + storage writes that
+``lamina anonymize`` does not do), so per instance is the fair comparison.
 
 In the same run, the engine alone (in process: read, de-identify, encode) is timed with
 the residual-PHI text scan (issue 16) off and on, interleaved, on the same files, so the
@@ -17,11 +26,14 @@ scan's cost is a before/after figure. Prints the figures; asserts nothing about 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
@@ -31,6 +43,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from node.anonymize.anonymizer import Deidentifier, encode
 from node.anonymize.keys import create_key_file, load_project_key
 from node.anonymize.settings import DeidSettings
+from tests.harness import free_port, stop_process, wait_port
 from tests.phi_corpus import PATIENTS, Study, write_ct_series
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +59,54 @@ def _timed(command: list[str], out: Path) -> float:
     if run.returncode != 0:
         raise SystemExit(f"{command[2]} failed ({run.returncode}):\n{run.stderr[-2000:]}")
     return elapsed
+
+
+def _orthanc_rate(work: Path, series: list[Path], repeat: int) -> float:
+    """Best files/s of Orthanc's per-instance anonymization over ``repeat`` rounds."""
+    port, http = free_port(), free_port()
+    storage = work / "orthanc-db"
+    config = work / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+        "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+    }))
+    process = subprocess.Popen(["Orthanc", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        wait_port(http)
+
+        def call(method: str, path: str, body: bytes | None = None) -> bytes:
+            request = urllib.request.Request(base + path, data=body, method=method)
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.read()
+
+        ids = [json.loads(call("POST", "/instances", p.read_bytes()))["ID"] for p in series]
+        best = 0.0
+        out = work / "out-o"
+
+        def anonymize(item: tuple[int, str]) -> None:
+            # Orthanc's default profile (PS3.15 basic); the answer is the new file
+            (out / f"{item[0]}.dcm").write_bytes(
+                call("POST", f"/instances/{item[1]}/anonymize", b"{}"))
+
+        for round_ in range(repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(anonymize, enumerate(ids)))
+            seconds = time.perf_counter() - start
+            written = sum(1 for _ in out.iterdir())
+            rate = written / seconds
+            best = max(best, rate)
+            print(f"round {round_ + 1}  {'orthanc':17s} {written} files in {seconds:6.2f} s "
+                  f"= {rate:6.1f} files/s")
+        return best
+    finally:
+        stop_process(process)
 
 
 def _engine_rate(files: list[bytes], engine: Deidentifier) -> float:
@@ -95,7 +156,7 @@ def main() -> int:
         lamina = [sys.executable, "-m", "node", "anonymize",
                   str(work / "in"), "--key-file", str(key), "--out"]
         tools = {
-            "lamina anonymize": ([*lamina, str(work / "out-1")], work / "out-1"),
+            "lamina anonymize": ([*lamina, str(work / "out-1"), "--jobs", "1"], work / "out-1"),
             "lamina --jobs 2": ([*lamina, str(work / "out-2"), "--jobs", "2"], work / "out-2"),
             "dicognito": ([sys.executable, "-m", "dicognito", "--quiet", "--output-directory",
                            str(work / "out-d"), str(work / "in")], work / "out-d"),
@@ -109,9 +170,11 @@ def main() -> int:
                 best[name] = max(best.get(name, 0.0), rate)
                 print(f"round {round_ + 1}  {name:17s} {written} files in {seconds:6.2f} s "
                       f"= {rate:6.1f} files/s")
+        orthanc = _orthanc_rate(work, series, args.repeat)
         for name in ("lamina anonymize", "lamina --jobs 2"):
             print(f"{name}: {best[name]:.1f} files/s, dicognito: {best['dicognito']:.1f} "
-                  f"files/s, ratio {best[name] / best['dicognito']:.2f}")
+                  f"files/s, ratio {best[name] / best['dicognito']:.2f}; orthanc: "
+                  f"{orthanc:.1f} files/s, ratio {best[name] / orthanc:.2f}")
     return 0
 
 

@@ -136,10 +136,11 @@ def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
               help=f"Project key file (default: the config's deidentify.key_file, else ${ENV_VAR}).")
 @click.option("--index", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SQLite file to record the re-identification map in.")
-@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes; files are independent, output is the same.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None,
+              help="Worker processes (default: the CPUs this process may use); files "
+                   "are independent, the output is the same for any number.")
 def anonymize(settings: Settings, inputs: tuple[Path, ...], out_dir: Path,
-              key_file: Path | None, index: Path | None, jobs: int) -> None:
+              key_file: Path | None, index: Path | None, jobs: int | None) -> None:
     """De-identify DICOM files and folders with the node's engine and the config's options."""
     quiet_pydicom()
     key = _key(key_file or settings.deidentify.key_file)
@@ -162,6 +163,8 @@ def anonymize(settings: Settings, inputs: tuple[Path, ...], out_dir: Path,
             stack.callback(store.close)
             store.migrate()
             tx = stack.enter_context(store.transaction())
+        if jobs is None:
+            jobs = min(len(os.sched_getaffinity(0)), max(len(files), 1))
         if jobs == 1:
             results = map(_anonymize_file, files)
         else:
