@@ -16,9 +16,12 @@ it subclasses the hook classes below and calls the accessors.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import select
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -27,11 +30,14 @@ from typing import Any
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import DIMSEPrimitive
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+log = logging.getLogger("lamina.dimse")
 
 # --- the contract (checked by tests/test_dimse_compat.py) --------------------------------
 
@@ -56,6 +62,20 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("Association()", "dimse", "attribute", "the DIMSE provider of the association"),
     ("association.Association", "_run_reactor", "method",
      "the acceptor's 1 ms polling loop, replaced by one that waits (AssociationHooks)"),
+    ("Association().dul", "to_provider_queue", "attribute",
+     "primitives to send: a waking queue wakes the DUL reactor (DulHooks)"),
+    ("Association().dul", "event_queue", "attribute",
+     "the state machine's events, drained by DulHooks's reactor"),
+    ("dul.DULServiceProvider", "_process_recv_primitive", "method",
+     "turns a queued primitive into its state machine event"),
+    ("dul.DULServiceProvider", "_is_transport_event", "method",
+     "reads a PDU when the socket is readable (or handles its close)"),
+    ("Association().dul", "state_machine", "attribute", "runs each event"),
+    ("Association().dul", "artim_timer", "attribute", "Evt18 when it expires"),
+    ("Association().dul", "_idle_timer", "attribute", "restarted by each PDU"),
+    ("Association().dul", "_kill_thread", "attribute", "set by kill_dul"),
+    ("Association()", "_dul_ready", "attribute",
+     "set by the DUL reactor once it runs: the association waits for it"),
     ("Association()", "_reactor_checkpoint", "attribute",
      "cleared while the association sends on its own (send_c_store): the loop waits"),
     ("Association()", "_kill", "attribute", "set by kill(): the reactor loop ends"),
@@ -244,6 +264,110 @@ class AssociationHooks(Association):
     def serve_request(self, msg: Any, context_id: int) -> None:
         """Default: pynetdicom's own dispatch."""
         super()._serve_request(msg, context_id)
+
+
+class _FdWakingQueue(queue.Queue):
+    """A queue whose puts wake a DUL reactor blocked in select() (an eventfd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake_lock = threading.Lock()
+        self.wake_fd: int | None = None
+
+    def open_wake(self) -> int:
+        with self.wake_lock:
+            self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            return self.wake_fd
+
+    def close_wake(self) -> None:
+        with self.wake_lock:  # never write to a number the kernel may have given to another file
+            if self.wake_fd is not None:
+                os.close(self.wake_fd)
+                self.wake_fd = None
+
+    def wake(self) -> None:
+        with self.wake_lock:
+            if self.wake_fd is not None:
+                os.eventfd_write(self.wake_fd, 1)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake()
+
+
+class DulHooks(DULServiceProvider):
+    """pynetdicom's DUL reactor (the thread that reads the socket and sends what the
+    association queues) without its 1 ms polling: it sleeps in ``select`` on the socket
+    and an eventfd that a queued primitive or :meth:`kill_dul` writes, so an idle or
+    waiting association costs nothing and a PDU is read the moment it arrives.
+
+    The steps of each turn are pynetdicom 3.0's: expired ARTIM timer first, then one
+    queued primitive to send or one PDU to read, then one state machine event. Only
+    the wait differs. Used on plain TCP only: over TLS, decrypted bytes can wait in
+    the SSL object while the descriptor is not readable, so TLS keeps pynetdicom's loop.
+    """
+
+    def run(self) -> None:  # Thread.run: the reactor of this thread
+        wakes: _FdWakingQueue = self.to_provider_queue
+        wake_fd = wakes.open_wake()
+        try:
+            self.serve_pdus(wake_fd)
+        finally:
+            wakes.close_wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.to_provider_queue.wake()
+
+    def serve_pdus(self, wake_fd: int) -> None:
+        self._idle_timer.start()
+        self.assoc._dul_ready.set()
+        sock = self.socket.socket  # the raw TCP socket under pynetdicom's AssociationSocket
+        while not self._kill_thread:
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                # pynetdicom's own answer to a broken reactor: A-ABORT, both reactors end
+                log.exception("DUL reactor failed, aborting the association")
+                with suppress(OSError):
+                    self.socket.send(encode_provider_abort(0x00))
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                self.wait_for_work(sock, wake_fd)
+                continue
+            self.state_machine.do_action(event)
+
+    def wait_for_work(self, sock: socket.socket | None, wake_fd: int) -> None:
+        """Until the socket is readable, something is queued to send, or
+        :data:`IDLE_WAIT` runs out (the ARTIM timer, 30 s or more, is then looked at)."""
+        if self.to_provider_queue.qsize() or sock is None or sock.fileno() < 0:
+            return
+        readable, _, _ = select.select([sock, wake_fd], [], [], IDLE_WAIT)
+        if wake_fd in readable:
+            with suppress(BlockingIOError):
+                os.eventfd_read(wake_fd)
+
+
+def reactor_without_polling(assoc: Association) -> None:
+    """Before the association starts, on a plain TCP connection: its DUL runs
+    :class:`DulHooks`'s reactor (the thread is not started yet, so its class and its
+    send queue can still change)."""
+    dul = assoc.dul
+    if isinstance(dul.socket.socket, ssl.SSLSocket):
+        return
+    dul.to_provider_queue = _FdWakingQueue()
+    dul.__class__ = DulHooks
 
 
 def wake_on_arrival(assoc: Association) -> None:

@@ -90,6 +90,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
     def created(self, assoc: Association) -> Association:
         compat.adopt(assoc, QueryRetrieveAssociation)
         compat.wake_on_arrival(assoc)
+        compat.reactor_without_polling(assoc)
         assoc.blobs = self.blobs
         assoc.tls = self.tls_settings
         guard.install(assoc, self.limits)
