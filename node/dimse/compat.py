@@ -351,9 +351,11 @@ class DulHooks(DULServiceProvider):
     def wait_for_work(self, sock: socket.socket | None, wake_fd: int) -> None:
         """Until the socket is readable, something is queued to send, or
         :data:`IDLE_WAIT` runs out (the ARTIM timer, 30 s or more, is then looked at)."""
-        if self.to_provider_queue.qsize() or sock is None or sock.fileno() < 0:
+        if self.to_provider_queue.qsize():
             return
-        readable, _, _ = select.select([sock, wake_fd], [], [], IDLE_WAIT)
+        # a closed socket (the association is ending) leaves the eventfd: kill_dul wakes it
+        watched = [wake_fd] if sock is None or sock.fileno() < 0 else [sock, wake_fd]
+        readable, _, _ = select.select(watched, [], [], IDLE_WAIT)
         if wake_fd in readable:
             with suppress(BlockingIOError):
                 os.eventfd_read(wake_fd)
