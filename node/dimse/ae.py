@@ -196,8 +196,10 @@ def build_ae(node: NodeSettings) -> AE:
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     # Our own slot limiter (node.dimse.handlers.association) enforces the limit across
-    # processes; pynetdicom's per-process check must never trigger first.
-    ae.maximum_associations = node.max_associations + 1
+    # processes; pynetdicom's per-process check must never trigger first. It counts
+    # association threads still alive, and those of released or rejected associations
+    # linger for a moment after their peer has moved on: leave room for them.
+    ae.maximum_associations = 2 * node.max_associations + 4
     return ae
 
 

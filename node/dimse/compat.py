@@ -234,10 +234,13 @@ class AssociationHooks(Association):
                 self._serve_request(msg, int(context_id))
                 wake.set()  # another message may be queued behind this one
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
+                # EVT_RELEASED before the A-RELEASE-RP goes out (pynetdicom: after), so
+                # the association's slot is free by the time the peer hears the release
+                # and opens its next association.
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
+                self.acse.send_release(is_response=True)
                 self.kill()
                 return
             if self.acse.is_aborted():

@@ -6,6 +6,7 @@ parent: a leak in a worker would not show in the supervisor."""
 from __future__ import annotations
 
 import os
+import time
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -21,6 +22,20 @@ def _sample(pid: int) -> tuple[int, int, int]:
     """(open descriptors, threads, resident kB) of one process."""
     status = process_status(pid)
     return len(os.listdir(f"/proc/{pid}/fd")), status["Threads"], status["VmRSS"]
+
+
+def _settled(workers: list[int], before: dict[int, tuple[int, int, int]],
+             timeout: float = 10) -> dict[int, tuple[int, int, int]]:
+    """Samples once the last associations' threads and sockets are gone (they end a
+    moment after the peer's release returns), or at the timeout: a leak stays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = {pid: _sample(pid) for pid in workers}
+        settled = all(after[p][0] <= before[p][0] + 2 and after[p][1] <= before[p][1] + 1
+                      for p in workers)
+        if settled or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
 
 
 def _cycles(port: int, count: int) -> None:
@@ -40,7 +55,7 @@ def test_a_thousand_association_cycles_leave_the_workers_as_they_were(tmp_path):
         assert len(workers) == 2
         before = {pid: _sample(pid) for pid in workers}
         _cycles(node.port, CYCLES)
-        after = {pid: _sample(pid) for pid in workers}
+        after = _settled(workers, before)
         assert sorted(node.worker_pids()) == workers, "a worker was replaced during churn"
         for pid in workers:
             (fds0, threads0, rss0), (fds1, threads1, rss1) = before[pid], after[pid]

@@ -127,10 +127,7 @@ class Sessions:
                 detail = f"{self.ctx.settings.node.max_associations} associations already active"
         if rejection is None:
             return
-        for fd in (session.slot_fd, session.peer_slot_fd):
-            if fd is not None:
-                SlotLimiter.release(fd)
-        session.slot_fd = session.peer_slot_fd = None
+        self._free_slots(assoc)
         log.warning("association rejected", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "address": session.address, "reason": rejection.reason, "detail": detail}})
@@ -173,7 +170,10 @@ class Sessions:
         self.ctx.events.put("association.accepted", session.actor, {"peer": peer}, "success")
 
     def on_released(self, event: evt.Event) -> None:
+        """Runs before the A-RELEASE-RP is sent: the slots are free when the peer,
+        having heard it, opens its next association."""
         self._ended(event.assoc, "released")
+        self._free_slots(event.assoc)
 
     def on_aborted(self, event: evt.Event) -> None:
         self._ended(event.assoc, "aborted")
@@ -195,11 +195,19 @@ class Sessions:
     def on_closed(self, event: evt.Event) -> None:
         """The socket is gone: an association that ended without release was aborted."""
         self._ended(event.assoc, "aborted")
+        self._free_slots(event.assoc)
         with self._lock:
-            session = self._by_assoc.pop(event.assoc, None)
-        if session is None:
-            return
-        for fd in (session.slot_fd, session.peer_slot_fd):
+            self._by_assoc.pop(event.assoc, None)
+
+    def _free_slots(self, assoc: Association) -> None:
+        """Release the association's slots, once (release and close both call it)."""
+        with self._lock:
+            session = self._by_assoc.get(assoc)
+            if session is None:
+                return
+            fds = (session.slot_fd, session.peer_slot_fd)
+            session.slot_fd = session.peer_slot_fd = None
+        for fd in fds:
             if fd is not None:
                 SlotLimiter.release(fd)
 
