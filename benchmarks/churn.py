@@ -24,7 +24,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from benchmarks.ingest import Server, cpu_seconds, lamina, orthanc, storescp
+from benchmarks.ingest import Server, cpu_seconds, lamina, peers
 from tests.harness import TEST_AET
 
 
@@ -70,11 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("echoscu") or not shutil.which("storescp"):
         raise SystemExit("DCMTK not installed (apt-get install dcmtk)")
-    servers: dict[str, Server] = {"storescp": storescp}
-    if shutil.which("Orthanc"):
-        servers["orthanc"] = orthanc
-    else:
-        print("Orthanc not installed (apt-get install orthanc): not measured")
+    servers = peers()
     servers[f"lamina ({args.workers} worker{'s' if args.workers > 1 else ''})"] = \
         lamina(args.workers)
     clients: dict[str, Client] = {"echoscu": echoscu_cycles, "pynetdicom": pynetdicom_cycles}

@@ -87,6 +87,16 @@ def orthanc(work: Path) -> Iterator[tuple[str, int, list[int]]]:
         proc.wait()
 
 
+def peers() -> dict[str, Server]:
+    """DCMTK's storescp, and Orthanc when it is installed (said when it is not)."""
+    servers: dict[str, Server] = {"storescp": storescp}
+    if shutil.which("Orthanc"):
+        servers["orthanc"] = orthanc
+    else:
+        print("Orthanc not installed (apt-get install orthanc): not measured")
+    return servers
+
+
 def lamina(workers: int, route: str = "clinical") -> Server:
     @contextmanager
     def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
@@ -269,11 +279,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
         raise SystemExit("needs DCMTK (apt-get install dcmtk)")
-    servers: dict[str, Server] = {"storescp": storescp}
-    if shutil.which("Orthanc"):
-        servers["orthanc"] = orthanc
-    else:
-        print("Orthanc not installed (apt-get install orthanc): not measured")
+    servers = peers()
     servers[f"lamina ({args.workers} workers)"] = lamina(args.workers)
     servers["lamina deidentified"] = lamina(args.workers, "deidentified")
     with ExitStack() as stack:

@@ -17,18 +17,16 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.ingest import orthanc
+from benchmarks.ingest import Server, orthanc
 from tests.e2e.test_large_object import large_multiframe
 from tests.harness import TEST_AET, ProcessNode, peer, process_status
 
-Target = Callable[[Path], AbstractContextManager[tuple[str, int, list[int]]]]
 
-
-def lamina(route: str) -> Target:
+def lamina(route: str) -> Server:
     @contextmanager
     def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
         peers = {"bench": peer(TEST_AET, "store", route=route)}
@@ -55,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("storescu"):
         raise SystemExit("needs DCMTK (apt-get install dcmtk)")
-    targets: dict[str, Target] = {"lamina clinical": lamina("clinical"),
+    targets: dict[str, Server] = {"lamina clinical": lamina("clinical"),
                                   "lamina deidentified": lamina("deidentified")}
     if shutil.which("Orthanc"):
         targets["orthanc"] = orthanc

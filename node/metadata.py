@@ -137,13 +137,13 @@ def _bulky(raw: RawDataElement) -> bool:
     return (raw.VR in _BINARY_VRS and raw.length is not None and raw.length != 0xFFFFFFFF
             and raw.length >= BULK_THRESHOLD)
 
+
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
 
 def person(value: object) -> dict[str, str]:
     groups = str(value).split("=")
     return {name: group for name, group in zip(_PN_GROUPS, groups, strict=False) if group}
-
 
 
 _NOTE = "metadata_sidecar"
