@@ -12,6 +12,7 @@ an exception.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -52,10 +53,14 @@ def _closed_by_node(port: int, payload: bytes) -> bool:
             sock.shutdown(socket.SHUT_WR)  # we send nothing more: the node must finish
             while sock.recv(65536):
                 pass
-        except (ConnectionResetError, BrokenPipeError):
-            return True
         except TimeoutError:
             return False
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except OSError as exc:  # ENOTCONN: the node aborted before our own shutdown
+            if exc.errno != errno.ENOTCONN:
+                raise
+            return True
     return True
 
 
