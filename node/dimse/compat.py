@@ -101,6 +101,11 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      "the DIMSE message being received, dropped after a failed spool write"),
     ("Association().dul", "to_user_queue", "attribute",
      "None put there ends an acceptor still waiting for its A-ASSOCIATE-RQ at once"),
+    # The C-STORE receiver (node.dimse.receive) reads an established association's PDUs.
+    ("dul.DULServiceProvider", "_decode_pdu", "method",
+     "decodes a non-P-DATA PDU the receiver read into its state machine event"),
+    ("Association().dul", "_recv_pdu", "attribute",
+     "the decoded PDU the state machine's action takes (as pynetdicom's reader leaves it)"),
     ("Association().dul", "event_queue", "attribute",
      "Evt17 queued there ends an association whose connection we shut (AA-4)"),
     ("dimse_messages.C_STORE_RQ()", "_data_set_file", "attribute",
@@ -310,6 +315,10 @@ class DulHooks(DULServiceProvider):
     the SSL object while the descriptor is not readable, so TLS keeps pynetdicom's loop.
     """
 
+    #: Reads the PDUs of an established association instead of pynetdicom's reader
+    #: (:class:`node.dimse.receive.StoreReceiver`), set by :func:`install_receiver`.
+    receiver: Any = None
+
     def run(self) -> None:  # Thread.run: the reactor of this thread
         wakes: _FdWakingQueue = self.to_provider_queue
         wake_fd = wakes.open_wake()
@@ -317,6 +326,8 @@ class DulHooks(DULServiceProvider):
             self.serve_pdus(wake_fd)
         finally:
             wakes.close_wake()
+            if self.receiver is not None:
+                self.receiver.close()
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -332,6 +343,8 @@ class DulHooks(DULServiceProvider):
             try:
                 if self._process_recv_primitive():
                     pass
+                elif self.receiver is not None and self.receiver.take_pdu():
+                    self._idle_timer.restart()
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception:
@@ -373,6 +386,62 @@ def reactor_without_polling(assoc: Association) -> None:
         return
     dul.to_provider_queue = _FdWakingQueue()
     dul.__class__ = DulHooks
+
+
+def install_receiver(assoc: Association, receiver: Any) -> bool:
+    """Before the association starts: ``receiver`` reads its PDUs once it is established
+    (only under :class:`DulHooks`, plain TCP). False: TLS, pynetdicom reads everything."""
+    if not isinstance(assoc.dul, DulHooks):
+        return False
+    assoc.dul.receiver = receiver
+    return True
+
+
+# --- what the receiver needs of pynetdicom's DUL and DIMSE providers -------------------
+
+
+def in_data_transfer(assoc: Association) -> bool:
+    """The association is established and no release or abort has begun (PS3.8 Sta6)."""
+    return assoc.dul.state_machine.current_state == "Sta6"
+
+
+def pynetdicom_receiving(assoc: Association) -> bool:
+    """pynetdicom's DIMSE provider holds a message it has not finished receiving."""
+    return assoc.dimse.message is not None
+
+
+def give_pdvs(assoc: Association, pdvs: list[tuple[int, bytes]]) -> None:
+    """Presentation data values for pynetdicom's DIMSE provider, as its state machine
+    hands them over in data transfer (DT-2). Its receive_primitive is wrapped by
+    :class:`DimseHooks`, so a failed spool write is handled as on pynetdicom's path."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, value] for context_id, value in pdvs]
+    assoc.dimse.receive_primitive(primitive)
+
+
+def give_pdu(assoc: Association, data: bytes) -> None:
+    """A whole PDU (not P-DATA) for pynetdicom's state machine, as its own reader does:
+    decoded into its event, or Evt19 (invalid PDU: A-ABORT) when it does not decode."""
+    dul = assoc.dul
+    try:
+        pdu, event = dul._decode_pdu(bytearray(data))
+    except Exception:
+        log.warning("undecodable PDU received, aborting the association")
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def connection_ended(assoc: Association) -> None:
+    """The connection closed or failed under the receiver (Evt17: pynetdicom ends the
+    association as an abort)."""
+    assoc.dul.event_queue.put("Evt17")
+
+
+def invalid_pdu(assoc: Association) -> None:
+    """A PDU that does not parse (Evt19: pynetdicom sends A-ABORT and ends)."""
+    assoc.dul.event_queue.put("Evt19")
 
 
 def wake_on_arrival(assoc: Association) -> None:

@@ -56,6 +56,15 @@ class PduGuard(compat.SocketHooks):
         header = super().read(nr_bytes)
         if nr_bytes != 6 or len(header) != 6:
             return header
+        if not self.admit(header):
+            return bytearray()  # a short header: pynetdicom ends the association (Evt17)
+        self.body_next = True
+        return header
+
+    def admit(self, header: bytes | bytearray) -> bool:
+        """Check a PDU header before its body is read; False: refused (the peer has had
+        its A-ABORT and the connection is shut). Also called by the C-STORE receiver
+        (:mod:`node.dimse.receive`), which reads P-DATA itself."""
         pdu_type, _, length = struct.unpack(">BBL", header)
         problem = self.check(pdu_type, length)
         if problem is not None:
@@ -63,11 +72,10 @@ class PduGuard(compat.SocketHooks):
             self.abort(reason)
             if self.first:
                 compat.end_before_association(self.assoc)
-            return bytearray()  # a short header: pynetdicom ends the association (Evt17)
+            return False
         self.first = False
         self.received += 6 + length
-        self.body_next = True
-        return header
+        return True
 
     def check(self, pdu_type: int, length: int) -> tuple[int, str] | None:
         """(A-ABORT reason, why) for a header we refuse, None for one we read."""
@@ -100,13 +108,14 @@ class PduGuard(compat.SocketHooks):
         compat.abort_connection(self, reason)
 
 
-def install(assoc: object, limits: NodeSettings) -> None:
+def install(assoc: object, limits: NodeSettings) -> PduGuard | None:
     """Guard the reads of a new acceptor association (before its threads start)."""
     sock = compat.adopt_socket(assoc, PduGuard)  # type: ignore[arg-type]
     if sock is None:
-        return
+        return None
     sock.limits = limits
     sock.body_next = False
     sock.first = True
     sock.received = 0
     sock.refused = ""
+    return sock

@@ -379,6 +379,32 @@ def store_command(sop_class_uid: str, sop_instance_uid: str, msg_id: int,
         elements.append((0x1030, title + b" " * (len(title) % 2)))
     if originator_id is not None:
         elements.append((0x1031, _US.pack(originator_id)))
+    return _command_set(elements)
+
+
+def store_response(sop_class_uid: str, sop_instance_uid: str, msg_id: int, status: int,
+                   comment: str = "") -> bytes:
+    """A C-STORE-RSP command set (PS3.7 9.3.1.2), elements in pynetdicom's order.
+
+    ``comment`` (ErrorComment, LO) is sent with a status other than success only,
+    already fitted to 64 characters by the caller.
+    """
+    elements = [
+        (0x0002, _ui(sop_class_uid)),
+        (0x0100, _US.pack(_C_STORE_RSP)),
+        (0x0120, _US.pack(msg_id)),
+        (0x0800, _US.pack(0x0101)),  # CommandDataSetType: no data set
+        (0x0900, _US.pack(status)),
+    ]
+    if comment and status != 0x0000:
+        text = comment.encode("ascii", "replace")
+        elements.append((0x0902, text + b" " * (len(text) % 2)))
+    elements.append((0x1000, _ui(sop_instance_uid)))
+    return _command_set(elements)
+
+
+def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    """Group 0000 elements (in tag order) behind their group length."""
     body = b"".join(_ELEMENT.pack(0x0000, element, len(value)) + value
                     for element, value in elements)
     return _ELEMENT.pack(0x0000, 0x0000, 4) + _UL.pack(len(body)) + body
@@ -389,7 +415,7 @@ def _ui(uid: str) -> bytes:
     return value + b"\0" * (len(value) % 2)
 
 
-def _command_elements(command: bytes) -> dict[int, bytes] | None:
+def command_elements(command: bytes | bytearray) -> dict[int, bytes] | None:
     """The elements of a command set (group 0000, implicit VR), or None if malformed."""
     found: dict[int, bytes] = {}
     at = 0
@@ -405,7 +431,7 @@ def _command_elements(command: bytes) -> dict[int, bytes] | None:
 
 def response_status(command: bytes) -> tuple[int, int] | None:
     """(Status, MessageIDBeingRespondedTo) of a C-STORE-RSP command set, or None if it is not one."""
-    found = _command_elements(command)
+    found = command_elements(command)
     if found is None:
         return None
     values = {e: _US.unpack(v)[0] for e, v in found.items()
@@ -417,7 +443,7 @@ def response_status(command: bytes) -> tuple[int, int] | None:
 
 def error_comment(command: bytes) -> str:
     """The ErrorComment (0000,0902) of a response command set, or ''."""
-    value = (_command_elements(command) or {}).get(0x0902, b"")
+    value = (command_elements(command) or {}).get(0x0902, b"")
     return value.decode("ascii", "replace").rstrip(" \0")
 
 

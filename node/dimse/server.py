@@ -34,9 +34,10 @@ from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
 from node.dimse.handlers.find import handle_sop_extended, make_find_handler
 from node.dimse.handlers.move_get import make_retrieve_handlers
-from node.dimse.handlers.store import make_store_handler
+from node.dimse.handlers.store import StoreService
 from node.dimse.proxy_protocol import ProxyHeaderError, ProxyPolicy, read_header, speaks
 from node.dimse.qr_loops import QueryRetrieveAssociation
+from node.dimse.receive import StoreReceiver
 from node.dimse.sender import BlobSource
 
 log = logging.getLogger("lamina.server")
@@ -49,8 +50,10 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
                  blobs: BlobSource, limits: NodeSettings,
                  tls: ssl.SSLContext | None = None,
                  tls_settings: TlsSettings | None = None,
-                 proxy: ProxyPolicy | None = None) -> None:
+                 proxy: ProxyPolicy | None = None,
+                 store: StoreService | None = None) -> None:
         # before the parent's __init__, which handles the request
+        self.store = store
         self.proxy = proxy
         self.blobs = blobs
         self.limits = limits
@@ -93,8 +96,10 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
         compat.reactor_without_polling(assoc)
         assoc.blobs = self.blobs
         assoc.tls = self.tls_settings
-        guard.install(assoc, self.limits)
+        sock = guard.install(assoc, self.limits)
         compat.DimseHooks(assoc, partial(_receive_failed, assoc))
+        if self.store is not None and sock is not None:
+            compat.install_receiver(assoc, StoreReceiver(assoc, sock, self.store))
         self.assoc = assoc  # a HandedServer waits for it to end (its open count)
         return assoc
 
@@ -118,8 +123,10 @@ class DimseServer:
                  blobs: BlobSource, limits: NodeSettings,
                  tls_context: ssl.SSLContext | None = None,
                  tls_settings: TlsSettings | None = None,
-                 proxy: ProxyPolicy | None = None) -> None:
+                 proxy: ProxyPolicy | None = None,
+                 store: StoreService | None = None) -> None:
         self.ae = ae
+        self.store = store
         self.proxy = proxy
         self.tls_settings = tls_settings or TlsSettings()
         self.limits = limits
@@ -141,7 +148,7 @@ class DimseServer:
             server_class=HandedServer if channel is not None else LaminaServer,
             request_handler=partial(NodeRequestHandler, blobs=self.blobs, limits=self.limits,
                                     tls=self.tls_context, tls_settings=self.tls_settings,
-                                    proxy=self.proxy))
+                                    proxy=self.proxy, store=self.store))
         self._server = server
         if channel is not None:
             assert isinstance(server, HandedServer)
@@ -198,10 +205,11 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
     configure_pynetdicom()
     node = ctx.settings.node
     sessions = Sessions(ctx)
+    store = StoreService(ctx, sessions)
     handlers = [
         *sessions.handlers(),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, make_store_handler(ctx, sessions)),
+        (evt.EVT_C_STORE, store.handle),
         (evt.EVT_C_FIND, make_find_handler(ctx, sessions)),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         *make_retrieve_handlers(ctx, sessions),
@@ -209,4 +217,4 @@ def build_dimse_server(ctx: NodeContext) -> DimseServer:
     return DimseServer(build_scp(node), (node.bind, node.port), handlers, ctx.blobs, node,
                        tls.server_context(ctx.settings.tls), ctx.settings.tls,
                        ProxyPolicy.parse(ctx.settings.dimse.proxy_trusted)
-                       if ctx.settings.dimse.proxy_protocol else None)
+                       if ctx.settings.dimse.proxy_protocol else None, store)

@@ -1,39 +1,60 @@
 """C-STORE: hand the spooled dataset to the ingest service and answer its outcome (counted
-by status, bytes and latency in the process's metrics)."""
+by status, bytes and latency in the process's metrics).
+
+Two callers: the C-STORE receiver (:mod:`node.dimse.receive`, plain TCP) calls
+:meth:`StoreService.receive` with the spool file it wrote; over TLS pynetdicom
+receives the message and calls the EVT_C_STORE handler, :meth:`StoreService.handle`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.association import Association
 
 from node.context import NodeContext
 from node.dimse import compat
 from node.dimse.handlers.association import Sessions
 from node.metrics import Metrics
+from node.status import Outcome
 
 log = logging.getLogger("lamina.store")
 
 
-def make_store_handler(ctx: NodeContext, sessions: Sessions):
-    """Bind the handler to the node's context and session registry."""
-    metrics = Metrics.get()
+class StoreService:
+    """One C-STORE's data set, from its spool file to the answer the sender hears."""
 
-    def handle_store(event: evt.Event) -> Dataset:
-        session = sessions.of(event.assoc)
-        started = time.perf_counter()
+    def __init__(self, ctx: NodeContext, sessions: Sessions) -> None:
+        self.ctx = ctx
+        self.sessions = sessions
+        self.metrics = Metrics.get()
+
+    def handle(self, event: evt.Event) -> Dataset:
+        """The EVT_C_STORE handler (pynetdicom's receive path)."""
         spool_failure = compat.receive_failure(event.assoc)
+        return self.receive(event.assoc, event.dataset_path, spool_failure).as_dimse()
+
+    def receive(self, assoc: Association, path: Path,
+                spool_failure: str = "") -> Outcome:
+        """Ingest the data set spooled at ``path`` (or answer why it could not be spooled).
+
+        The caller removes the spool file afterwards.
+        """
+        session = self.sessions.of(assoc)
+        started = time.perf_counter()
         if spool_failure:
-            result = ctx.ingest.receive_failed(session.source, spool_failure)
+            result = self.ctx.ingest.receive_failed(session.source, spool_failure)
         else:
-            size = os.path.getsize(event.dataset_path)
-            result = ctx.ingest.ingest_file(event.dataset_path, session.source)
-            metrics.ingest_seconds.labels("dimse").observe(time.perf_counter() - started)
-            metrics.cstore_bytes.inc(size)
-        metrics.cstore.labels(f"0x{result.outcome.status.code:04X}").inc()
+            size = os.path.getsize(path)
+            result = self.ctx.ingest.ingest_file(path, session.source)
+            self.metrics.ingest_seconds.labels("dimse").observe(time.perf_counter() - started)
+            self.metrics.cstore_bytes.inc(size)
+        self.metrics.cstore.labels(f"0x{result.outcome.status.code:04X}").inc()
         if result.outcome.status.is_success:
             session.stored += 1
         else:
@@ -42,6 +63,4 @@ def make_store_handler(ctx: NodeContext, sessions: Sessions):
             "association": session.association_id, "sop_instance_uid": result.sop_instance_uid,
             "sha256": result.sha256, "status": f"0x{result.outcome.status.code:04X}",
             "reason": result.outcome.comment}})
-        return result.outcome.as_dimse()
-
-    return handle_store
+        return result.outcome

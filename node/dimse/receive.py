@@ -1,0 +1,346 @@
+"""The receiving side of C-STORE, framed directly on the association's socket.
+
+Why Lamina reads an established association's PDUs itself (issue 15, measured
+in ``benchmarks/ingest_stages`` and ``benchmarks/ingest``): pynetdicom reads a
+PDU in 4 KB pieces, decodes it into objects that copy every fragment, hands
+the finished message from its DUL thread to the association thread through two
+queues, and encodes each C-STORE-RSP with pydicom: a few milliseconds of CPU
+per 512 KB slice, as much as the store itself. The node's C-MOVE and C-FIND
+already frame PDUs this way (:mod:`node.dimse.sender`, :mod:`node.dimse.qr_loops`).
+
+What a :class:`StoreReceiver` does, in the association's DUL thread (plain TCP
+only; TLS keeps pynetdicom's reader), once the association is in data transfer:
+
+* each PDU header is checked by the PDU guard (:mod:`node.dimse.guard`) before
+  its body is read, with the same bounds and the same A-ABORT as before;
+* a P-DATA-TF is read whole into one reused buffer and its PDVs parsed.
+  Command fragments are gathered until the command set is complete. A
+  C-STORE-RQ that pynetdicom would serve with its Storage service class (a
+  valid request, an accepted context, a storage SOP class, no release under
+  way) is received here: its data set fragments are written straight to a
+  spool file behind the same file meta pynetdicom writes, the
+  :class:`~node.dimse.handlers.store.StoreService` runs when the last one
+  arrives, and the C-STORE-RSP goes out on the socket from this thread, the
+  only one that writes to it;
+* every other message (C-ECHO, C-FIND, C-MOVE, C-GET, the C-STORE-RSPs of a
+  C-GET, anything malformed) is handed to pynetdicom's DIMSE provider, PDV by
+  PDV, exactly as its state machine would; every other PDU (A-RELEASE-RQ,
+  A-ABORT, ...) to pynetdicom's decoder and state machine. So releases,
+  aborts, timeouts and the other services behave as they always did.
+
+A failed spool write (a full disk) discards the rest of the data set and is
+answered 0xA700 with the reason, as on pynetdicom's path; a connection that
+ends mid-message leaves no spool file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.association import Association
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+from node.dimse import compat
+from node.dimse.guard import P_DATA_TF, PduGuard
+from node.dimse.handlers.store import StoreService
+from node.dimse.sender import _PDU_HEADER, _UNLIMITED_PDU, command_elements, frame, store_response
+from node import status
+from node.status import Outcome, shorten
+
+log = logging.getLogger("lamina.receive")
+
+_PDV_ITEM = struct.Struct(">I")
+_UL = struct.Struct("<I")
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+#: Largest recv at a time: what a socket's receive buffer usually holds.
+_RECV_CHUNK = 1 << 18
+
+
+@dataclass
+class _Incoming:
+    """The C-STORE-RQ whose data set is being received."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    fd: int = -1
+    failure: str = ""  # why the spool write failed: the rest is read into nothing
+
+
+class StoreReceiver:
+    """Reads the PDUs of one established association (see the module docstring)."""
+
+    def __init__(self, assoc: Association, guard: PduGuard, store: StoreService) -> None:
+        self.assoc = assoc
+        self.guard = guard
+        self.store = store
+        self.sock: socket.socket = guard.socket
+        #: P-DATA bodies are read into this, grown to the longest PDU the peer has sent
+        #: (never beyond the maximum we advertised: the guard refuses longer ones).
+        self.buffer = bytearray()
+        self.command = bytearray()
+        self.incoming: _Incoming | None = None
+        self.header = bytearray(6)
+
+    # --- called by the DUL reactor ------------------------------------------------------
+
+    def take_pdu(self) -> bool:
+        """Read and act on one PDU when the association is in data transfer and the
+        socket is readable; False leaves the turn to pynetdicom's own reader."""
+        if not compat.in_data_transfer(self.assoc) or self.sock.fileno() < 0:
+            return False
+        if not select.select([self.sock], [], [], 0)[0]:
+            return False
+        try:
+            if not self._read_into(memoryview(self.header)):
+                return True
+            if not self.guard.admit(self.header):
+                self._end()
+                return True
+            kind, _, length = _PDU_HEADER.unpack(self.header)
+            if kind != P_DATA_TF:
+                body = self._read_exactly(length)
+                if body is not None:
+                    compat.give_pdu(self.assoc, bytes(self.header) + body)
+                return True
+            if len(self.buffer) < length:
+                self.buffer = bytearray(length)
+            body_view = memoryview(self.buffer)[:length]
+            if self._read_into(body_view):
+                self._p_data(body_view)
+        except OSError as exc:  # the connection failed under us: end as pynetdicom does
+            log.info("connection lost", extra={"fields": {"reason": exc.strerror or str(exc)}})
+            self._end()
+        return True
+
+    def close(self) -> None:
+        """The DUL reactor has ended: drop a half-received data set."""
+        self._drop_incoming()
+
+    # --- P-DATA -------------------------------------------------------------------------
+
+    def _p_data(self, body: memoryview) -> None:
+        """Act on each PDV of a P-DATA-TF body (PS3.8 9.3.5), in order."""
+        pdvs = _pdvs(body)
+        if pdvs is None:
+            self._invalid("a PDV item runs outside its PDU")
+            return
+        for context_id, value in pdvs:  # value: message control header, then the fragment
+            control = value[0]
+            if self.incoming is not None:
+                if control & 1:
+                    self._invalid("a command before the last fragment of a data set")
+                    return
+                self._write(value[1:])
+                if control & 2:
+                    self._stored()
+            elif compat.pynetdicom_receiving(self.assoc):
+                compat.give_pdvs(self.assoc, [(context_id, bytes(value))])
+            elif control & 1:
+                self.command += value[1:]
+                if control & 2:
+                    self._command(context_id)
+            else:  # a data set with no command before it: pynetdicom's to judge
+                if self.command:
+                    compat.give_pdvs(self.assoc, [(context_id, b"\x01" + bytes(self.command))])
+                    self.command.clear()
+                compat.give_pdvs(self.assoc, [(context_id, bytes(value))])
+
+    def _command(self, context_id: int) -> None:
+        """A complete command set: start receiving a C-STORE-RQ, or hand any other
+        message to pynetdicom."""
+        command, self.command = bytes(self.command), bytearray()
+        incoming = self._store_request(command, context_id)
+        if incoming is None:
+            compat.give_pdvs(self.assoc, [(context_id, b"\x03" + command)])
+            return
+        try:
+            fd, incoming.path = tempfile.mkstemp(suffix=".dcm")
+            incoming.fd = fd
+            self.incoming = incoming
+            context = compat.accepted_context(self.assoc, context_id)
+            self._write(memoryview(file_preamble(incoming.sop_class_uid, incoming.sop_instance_uid,
+                                                 str(context.transfer_syntax[0]))))
+        except OSError as exc:
+            self.incoming = incoming
+            self._spool_failed(exc)
+
+    def _store_request(self, command: bytes, context_id: int) -> _Incoming | None:
+        """The C-STORE-RQ this command set starts, if it is one pynetdicom would hand to
+        its Storage service class; None for anything else (pynetdicom decides)."""
+        found = command_elements(command)
+        if found is None or _us(found.get(0x0100)) != _C_STORE_RQ:
+            return None
+        message_id, priority = _us(found.get(0x0110)), _us(found.get(0x0700))
+        data_set = _us(found.get(0x0800))
+        sop_class = _uid(found.get(0x0002))
+        sop_instance = _uid(found.get(0x1000))
+        if (message_id is None or priority is None or data_set in (None, _NO_DATA_SET)
+                or not sop_class or not sop_instance):
+            return None  # not a valid request: pynetdicom's warning and silence
+        context = compat.accepted_context(self.assoc, context_id)
+        if (context is None or compat.is_releasing(self.assoc)
+                or sop_class in self.assoc.acceptor.accepted_common_extended
+                or uid_to_service_class(sop_class) is not StorageServiceClass):
+            return None
+        return _Incoming(context_id, message_id, sop_class, sop_instance, path="")
+
+    # --- the data set -------------------------------------------------------------------
+
+    def _write(self, data: memoryview) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        if incoming.failure:
+            return
+        try:
+            while data:
+                data = data[os.write(incoming.fd, data):]
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """Discard the data set's spool file; the rest is read into nothing and the
+        sender is answered 0xA700 with the reason."""
+        incoming = self.incoming
+        assert incoming is not None
+        incoming.failure = exc.strerror or type(exc).__name__
+        log.error("receive failed", extra={"fields": {
+            "address": str(self.assoc.requestor.address), "reason": incoming.failure}})
+        self._remove_spool(incoming)
+
+    def _stored(self) -> None:
+        """The last fragment is in: store, answer, forget the spool file."""
+        incoming, self.incoming = self.incoming, None
+        assert incoming is not None
+        try:
+            if incoming.fd >= 0:
+                os.close(incoming.fd)
+                incoming.fd = -1
+            outcome = self.store.receive(self.assoc, Path(incoming.path), incoming.failure)
+        except Exception:  # answered as pynetdicom answers a failed handler, never silence
+            log.exception("C-STORE failed")
+            outcome = Outcome(status.UNABLE_TO_PROCESS, "internal error while storing")
+        finally:
+            self._remove_spool(incoming)
+        comment = shorten(outcome.comment) if outcome.comment else ""
+        command = store_response(incoming.sop_class_uid, incoming.sop_instance_uid,
+                                 incoming.message_id, outcome.status.code, comment)
+        peer_max = self.assoc.requestor.maximum_length or _UNLIMITED_PDU
+        self.sock.sendall(frame(command, incoming.context_id, max(peer_max - 6, 1),
+                                is_command=True, last=True))
+
+    def _drop_incoming(self) -> None:
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            self._remove_spool(incoming)
+
+    @staticmethod
+    def _remove_spool(incoming: _Incoming) -> None:
+        if incoming.fd >= 0:
+            try:
+                os.close(incoming.fd)
+            except OSError:
+                pass
+            incoming.fd = -1
+        if incoming.path:
+            try:
+                os.unlink(incoming.path)
+            except OSError:
+                pass
+            incoming.path = ""
+
+    # --- the socket ---------------------------------------------------------------------
+
+    def _read_into(self, view: memoryview) -> bool:
+        """Fill ``view`` from the socket; False (and the association ended) if it closes."""
+        while view:
+            got = self.sock.recv_into(view, min(len(view), _RECV_CHUNK))
+            if not got:
+                self._end()
+                return False
+            view = view[got:]
+        return True
+
+    def _read_exactly(self, length: int) -> bytearray | None:
+        data = bytearray(length)
+        return data if self._read_into(memoryview(data)) else None
+
+    def _end(self) -> None:
+        """The connection is gone or refused: pynetdicom ends the association (Evt17)."""
+        self._drop_incoming()
+        compat.connection_ended(self.assoc)
+
+    def _invalid(self, why: str) -> None:
+        """A P-DATA-TF that breaks PS3.8: pynetdicom aborts the association (Evt19)."""
+        log.warning("invalid P-DATA-TF, aborting the association", extra={"fields": {
+            "address": str(self.assoc.requestor.address), "reason": why}})
+        self._drop_incoming()
+        compat.invalid_pdu(self.assoc)
+
+
+def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The preamble, "DICM" and File Meta Information (PS3.10 7.1) that pynetdicom writes
+    ahead of a spooled data set, byte for byte.
+
+    Encoded here because pydicom's ``create_file_meta`` + ``write_file_meta_info`` cost
+    about 0.6 ms per instance (a FileMetaDataset built and validated element by element)
+    for seven fixed elements; ``tests/test_dimse_receive.py`` checks the bytes against
+    pydicom's.
+    """
+    elements = b"".join((
+        _explicit(0x0001, b"OB", b"\x00\x01"),
+        _explicit(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+        _explicit(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _explicit(0x0010, b"UI", _padded(transfer_syntax, b"\0")),
+        _explicit(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        _explicit(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _explicit(0x0000, b"UL", _UL.pack(len(elements))) + elements
+
+
+def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
+    """A group 0002 element in explicit VR little endian (OB: 4-byte length form)."""
+    if vr == b"OB":
+        return struct.pack("<HH", 0x0002, element) + vr + b"\0\0" + _UL.pack(len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad * (len(value) % 2)
+
+
+def _pdvs(body: memoryview) -> list[tuple[int, memoryview]] | None:
+    """(presentation context ID, control header + fragment) of each PDV item, or None
+    if an item's length runs outside the PDU or leaves no control header."""
+    items = []
+    at, end = 0, len(body)
+    while at < end:
+        if at + 6 > end:
+            return None
+        (length,) = _PDV_ITEM.unpack_from(body, at)
+        if length < 2 or at + 4 + length > end:
+            return None
+        items.append((body[at + 4], body[at + 5:at + 4 + length]))
+        at += 4 + length
+    return items
+
+
+def _us(value: bytes | None) -> int | None:
+    return int.from_bytes(value, "little") if value is not None and len(value) == 2 else None
+
+
+def _uid(value: bytes | None) -> str:
+    return bytes(value).decode("ascii", "replace").rstrip("\0 ") if value else ""

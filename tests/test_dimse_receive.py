@@ -1,0 +1,250 @@
+"""The C-STORE receiver (node.dimse.receive) over raw sockets on 127.0.0.1.
+
+The node reads an established association's P-DATA itself; these cases frame
+the PDUs by hand, as a peer may legally (or not) send them: commands and data
+sets cut into many fragments and PDUs, other services on the same association,
+a command inside a data set, a PDV that runs outside its PDU, a connection lost
+half-way. Each must end in an answer or a clean abort, with no spool file left
+and the node still serving.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import tempfile
+import time
+from io import BytesIO
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dsutils import create_file_meta
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node.dimse.receive import file_preamble
+from node.dimse.sender import (
+    StoreAssociation,
+    _read_pdu,
+    command_elements,
+    frame,
+    store_command,
+)
+from tests.harness import NODE_AET, TEST_AET, InProcessNode, as_file, peer, write_config
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
+MAX_PDU = 16384
+
+
+@pytest.fixture
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the in-process node spools received data sets (its temporary folder)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def node(tmp_path: Path, spool: Path) -> Iterator[InProcessNode]:
+    config = write_config(tmp_path / "node", node={"max_pdu": MAX_PDU, "dimse_timeout": 20,
+                                                   "network_timeout": 20},
+                          peers={"tests": peer(TEST_AET, "store", route="deidentified")})
+    with InProcessNode(config) as n:
+        yield n
+
+
+def _open(node: InProcessNode) -> StoreAssociation:
+    return StoreAssociation.open(TEST_AET, "127.0.0.1", node.port, NODE_AET,
+                                 [(CT, ExplicitVRLittleEndian),
+                                  (VERIFICATION, ImplicitVRLittleEndian)], MAX_PDU, 10, 10)
+
+
+def _slice(path: Path) -> tuple[str, bytes]:
+    """(SOP Instance UID, data set bytes in explicit VR little endian) of a phantom file."""
+    ds = dcmread(path)
+    body = as_file(ds)
+    return str(ds.SOPInstanceUID), body[body.index(b"DICM") + 4:]
+
+
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def _pdu(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+def _command_answer(sock: socket.socket) -> dict[int, bytes]:
+    """The elements of the next command set the node sends (a response)."""
+    command = b""
+    while True:
+        kind, data = _read_pdu(sock, MAX_PDU)
+        assert kind == 0x04, f"PDU type {kind} instead of P-DATA-TF"
+        at = 6
+        while at < len(data):
+            length, _, control = struct.unpack_from(">IBB", data, at)
+            command += data[at + 6:at + 4 + length]
+            at += 4 + length
+            if control & 3 == 3:
+                found = command_elements(command)
+                assert found is not None
+                return found
+
+
+def _us(value: bytes) -> int:
+    return int.from_bytes(value, "little")
+
+
+def _echo_command(msg_id: int) -> bytes:
+    """A C-ECHO-RQ command set (implicit VR little endian)."""
+    uid = VERIFICATION.encode() + b"\0"
+    elements = [(0x0002, uid), (0x0100, struct.pack("<H", 0x0030)),
+                (0x0110, struct.pack("<H", msg_id)), (0x0800, struct.pack("<H", 0x0101))]
+    body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def _aborted(sock: socket.socket) -> bool:
+    """The node answers with an A-ABORT or closes the connection."""
+    sock.settimeout(10)
+    try:
+        data = sock.recv(64)
+    except ConnectionResetError:
+        return True
+    return data == b"" or data[0] == 0x07
+
+
+def _wait_empty(folder: Path) -> list[str]:
+    deadline = time.monotonic() + 10
+    while (left := sorted(p.name for p in folder.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def test_fragmented_command_and_data_set_are_stored_as_sent(node, spool, phantom_files):
+    uid, dataset = _slice(phantom_files[0])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    command = store_command(CT, uid, 7)
+    # The command in two PDUs, then the data set in 1000-byte PDVs, four to a PDU.
+    assoc.sock.sendall(_pdu(_pdv(cid, 0x01, command[:20])) + _pdu(_pdv(cid, 0x03, command[20:])))
+    pieces = [dataset[i:i + 1000] for i in range(0, len(dataset), 1000)]
+    pdvs = [_pdv(cid, 0x02 if n == len(pieces) - 1 else 0x00, piece)
+            for n, piece in enumerate(pieces)]
+    for start in range(0, len(pdvs), 4):
+        assoc.sock.sendall(_pdu(*pdvs[start:start + 4]))
+    answer = assoc.response(7)
+    assoc.release()
+    assert answer is not None and answer.status == 0x0000, answer
+    [(sha256,)] = node.rows("SELECT blob_sha256 FROM instance")
+    assert dcmread(node.blob_path(sha256)).PixelData == dcmread(phantom_files[0]).PixelData
+    assert _wait_empty(spool) == []
+
+
+def test_the_response_names_the_request(node, phantom_files):
+    uid, dataset = _slice(phantom_files[1])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    assoc.sock.sendall(frame(store_command(CT, uid, 41), cid, 4000, True, True)
+                       + frame(dataset, cid, MAX_PDU - 6, False, True))
+    found = _command_answer(assoc.sock)
+    assoc.release()
+    assert _us(found[0x0100]) == 0x8001  # C-STORE-RSP
+    assert _us(found[0x0120]) == 41
+    assert _us(found[0x0800]) == 0x0101
+    assert _us(found[0x0900]) == 0x0000
+    assert found[0x0002].rstrip(b"\0") == CT.encode()
+    assert found[0x1000].rstrip(b"\0") == uid.encode()
+
+
+def test_a_refusal_carries_its_reason(node):
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    garbage = b"\xff\xff\xff\xff not a data set"
+    assoc.sock.sendall(frame(store_command(CT, uid, 3), cid, 4000, True, True)
+                       + frame(garbage, cid, 4000, False, True))
+    found = _command_answer(assoc.sock)
+    assoc.release()
+    assert _us(found[0x0900]) != 0x0000
+    assert found.get(0x0902, b"").strip(), "a refusal without an ErrorComment"
+    assert node.rows("SELECT COUNT(*) FROM instance") == [(0,)]
+    assert node.echo() == 0x0000
+
+
+def test_other_services_share_the_association(node, phantom_files):
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    echo_cid = assoc.context_id(VERIFICATION, ImplicitVRLittleEndian)
+    statuses = []
+    for msg_id, path in enumerate(phantom_files[:2], start=1):
+        uid, dataset = _slice(path)
+        assoc.sock.sendall(frame(store_command(CT, uid, msg_id), cid, 4000, True, True)
+                           + frame(dataset, cid, MAX_PDU - 6, False, True))
+        statuses.append(_us(_command_answer(assoc.sock)[0x0900]))
+        assoc.sock.sendall(frame(_echo_command(100 + msg_id), echo_cid, 4000, True, True))
+        echo = _command_answer(assoc.sock)
+        assert _us(echo[0x0100]) == 0x8030 and _us(echo[0x0120]) == 100 + msg_id
+        statuses.append(_us(echo[0x0900]))
+    assoc.release()
+    assert statuses == [0, 0, 0, 0]
+    assert node.rows("SELECT COUNT(*) FROM instance") == [(2,)]
+
+
+def test_a_command_inside_a_data_set_aborts_and_leaves_no_spool(node, spool, phantom_files):
+    uid, dataset = _slice(phantom_files[2])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    assoc.sock.sendall(frame(store_command(CT, uid, 1), cid, 4000, True, True)
+                       + frame(dataset[:50000], cid, MAX_PDU - 6, False, False)
+                       + frame(_echo_command(2), cid, 4000, True, True))
+    assert _aborted(assoc.sock)
+    assoc.sock.close()
+    assert _wait_empty(spool) == []
+    assert node.rows("SELECT COUNT(*) FROM instance") == [(0,)]
+    assert node.echo() == 0x0000
+
+
+def test_a_pdv_running_outside_its_pdu_aborts(node, spool, phantom_files):
+    uid, dataset = _slice(phantom_files[3])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    bad = struct.pack(">IBB", 5000, cid, 0x00) + dataset[:100]  # claims 5000, holds 100
+    assoc.sock.sendall(frame(store_command(CT, uid, 1), cid, 4000, True, True)
+                       + frame(dataset[:20000], cid, MAX_PDU - 6, False, False)
+                       + struct.pack(">BBI", 0x04, 0, len(bad)) + bad)
+    assert _aborted(assoc.sock)
+    assoc.sock.close()
+    assert _wait_empty(spool) == []
+    assert node.echo() == 0x0000
+
+
+def test_a_connection_lost_mid_data_set_leaves_no_spool(node, spool, phantom_files):
+    uid, dataset = _slice(phantom_files[4])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    assoc.sock.sendall(frame(store_command(CT, uid, 1), cid, 4000, True, True)
+                       + frame(dataset[:len(dataset) // 2], cid, MAX_PDU - 6, False, False))
+    deadline = time.monotonic() + 10
+    while not list(spool.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(spool.iterdir()), "the data set was not being spooled"
+    assoc.sock.close()
+    assert _wait_empty(spool) == []
+    assert node.rows("SELECT COUNT(*) FROM instance") == [(0,)]
+    assert node.echo() == 0x0000
+
+
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.12345"])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"])
+def test_the_spool_file_meta_is_pydicoms_byte_for_byte(instance, syntax):
+    expected = BytesIO(b"\0" * 128 + b"DICM")
+    expected.seek(0, 2)
+    write_file_meta_info(expected, create_file_meta(
+        sop_class_uid=UID(CT), sop_instance_uid=UID(instance), transfer_syntax=UID(syntax)))
+    assert file_preamble(CT, instance, str(syntax)) == expected.getvalue()
