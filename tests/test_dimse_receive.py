@@ -14,15 +14,15 @@ import socket
 import struct
 import tempfile
 import time
-from io import BytesIO
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dsutils import create_file_meta
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import create_file_meta
 
 from node.dimse.receive import file_preamble
 from node.dimse.sender import (

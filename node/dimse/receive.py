@@ -41,6 +41,7 @@ import select
 import socket
 import struct
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,11 @@ from pynetdicom.association import Association
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from node import status
 from node.dimse import compat
 from node.dimse.guard import P_DATA_TF, PduGuard
 from node.dimse.handlers.store import StoreService
 from node.dimse.sender import _PDU_HEADER, _UNLIMITED_PDU, command_elements, frame, store_response
-from node import status
 from node.status import Outcome, shorten
 
 log = logging.getLogger("lamina.receive")
@@ -249,16 +250,12 @@ class StoreReceiver:
     @staticmethod
     def _remove_spool(incoming: _Incoming) -> None:
         if incoming.fd >= 0:
-            try:
+            with suppress(OSError):
                 os.close(incoming.fd)
-            except OSError:
-                pass
             incoming.fd = -1
         if incoming.path:
-            try:
+            with suppress(OSError):
                 os.unlink(incoming.path)
-            except OSError:
-                pass
             incoming.path = ""
 
     # --- the socket ---------------------------------------------------------------------
