@@ -156,3 +156,21 @@ def test_lamina_send_speaks_tls_to_a_peer_configured_for_it(tmp_path, pki, phant
         result = lamina("send", str(phantom_files[1]), "--to", "archive", config=plain)
         assert result.exit_code != 0  # plaintext is refused by a TLS-only node
         assert receiver.rows("SELECT COUNT(*) FROM instance") == [(1,)]
+
+
+def test_a_series_over_one_tls_association_is_stored_whole(tmp_path, pki, phantom_files):
+    # The node reads TLS records itself (node.dimse.receive): decrypted bytes left in the
+    # SSL object, which select() does not see, must still be read at once.
+    d = pki["dir"]
+    with InProcessNode(_config(tmp_path, pki)) as receiver:
+        sender = write_config(
+            tmp_path / "sender",
+            peers={"archive": peer(NODE_AET, "store", port=receiver.port, tls=True)},
+            tls={"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
+                 "key": str(d / "client.key")},
+            node={"ae_title": TEST_AET, "max_pdu": 4096})
+        files = [str(path) for path in phantom_files[:6]]
+        result = lamina("send", *files, "--to", "archive", config=sender)
+        assert result.exit_code == 0, result.output
+        assert receiver.rows("SELECT COUNT(*) FROM instance") == [(6,)]
+        assert _echo(receiver.port, _client(pki))

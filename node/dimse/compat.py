@@ -311,8 +311,8 @@ class DulHooks(DULServiceProvider):
 
     The steps of each turn are pynetdicom 3.0's: expired ARTIM timer first, then one
     queued primitive to send or one PDU to read, then one state machine event. Only
-    the wait differs. Used on plain TCP only: over TLS, decrypted bytes can wait in
-    the SSL object while the descriptor is not readable, so TLS keeps pynetdicom's loop.
+    the wait differs. Over TLS, decrypted bytes can wait in the SSL object while the
+    descriptor is not readable: the wait ends at once while :func:`buffered` says so.
     """
 
     #: Reads the PDUs of an established association instead of pynetdicom's reader
@@ -365,7 +365,7 @@ class DulHooks(DULServiceProvider):
     def wait_for_work(self, sock: socket.socket | None, wake_fd: int) -> None:
         """Until the socket is readable, something is queued to send, or
         :data:`IDLE_WAIT` runs out (the ARTIM timer, 30 s or more, is then looked at)."""
-        if self.to_provider_queue.qsize():
+        if self.to_provider_queue.qsize() or buffered(sock):
             return
         # a closed socket (the association is ending) leaves the eventfd: kill_dul wakes it
         watched = [wake_fd] if sock is None or sock.fileno() < 0 else [sock, wake_fd]
@@ -375,20 +375,22 @@ class DulHooks(DULServiceProvider):
                 os.eventfd_read(wake_fd)
 
 
+def buffered(sock: socket.socket | None) -> bool:
+    """Decrypted bytes wait in a TLS socket's SSL object (``select`` does not see them)."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+
 def reactor_without_polling(assoc: Association) -> None:
-    """Before the association starts, on a plain TCP connection: its DUL runs
-    :class:`DulHooks`'s reactor (the thread is not started yet, so its class and its
-    send queue can still change)."""
+    """Before the association starts: its DUL runs :class:`DulHooks`'s reactor (the
+    thread is not started yet, so its class and its send queue can still change)."""
     dul = assoc.dul
-    if isinstance(dul.socket.socket, ssl.SSLSocket):
-        return
     dul.to_provider_queue = _FdWakingQueue()
     dul.__class__ = DulHooks
 
 
 def install_receiver(assoc: Association, receiver: Any) -> bool:
     """Before the association starts: ``receiver`` reads its PDUs once it is established
-    (only under :class:`DulHooks`, plain TCP). False: TLS, pynetdicom reads everything."""
+    (only under :class:`DulHooks`; False: pynetdicom reads everything)."""
     if not isinstance(assoc.dul, DulHooks):
         return False
     assoc.dul.receiver = receiver

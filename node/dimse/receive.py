@@ -9,7 +9,7 @@ per 512 KB slice, as much as the store itself. The node's C-MOVE and C-FIND
 already frame PDUs this way (:mod:`node.dimse.sender`, :mod:`node.dimse.qr_loops`).
 
 What a :class:`StoreReceiver` does, in the association's DUL thread (plain TCP
-only; TLS keeps pynetdicom's reader), once the association is in data transfer:
+or TLS), once the association is in data transfer:
 
 * each PDU header is checked by the PDU guard (:mod:`node.dimse.guard`) before
   its body is read, with the same bounds and the same A-ABORT as before;
@@ -102,7 +102,7 @@ class StoreReceiver:
         socket is readable; False leaves the turn to pynetdicom's own reader."""
         if not compat.in_data_transfer(self.assoc) or self.sock.fileno() < 0:
             return False
-        if not select.select([self.sock], [], [], 0)[0]:
+        if not compat.buffered(self.sock) and not select.select([self.sock], [], [], 0)[0]:
             return False
         try:
             if not self._read_into(memoryview(self.header)):

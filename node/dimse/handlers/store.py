@@ -1,9 +1,10 @@
 """C-STORE: hand the spooled dataset to the ingest service and answer its outcome (counted
 by status, bytes and latency in the process's metrics).
 
-Two callers: the C-STORE receiver (:mod:`node.dimse.receive`, plain TCP) calls
-:meth:`StoreService.receive` with the spool file it wrote; over TLS pynetdicom
-receives the message and calls the EVT_C_STORE handler, :meth:`StoreService.handle`.
+Two callers: the C-STORE receiver (:mod:`node.dimse.receive`) calls
+:meth:`StoreService.receive` with the spool file it wrote; a C-STORE it leaves to
+pynetdicom (a SOP class accepted through SOP Class Common Extended Negotiation)
+reaches the EVT_C_STORE handler, :meth:`StoreService.handle`.
 """
 
 from __future__ import annotations
