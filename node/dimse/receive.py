@@ -1,4 +1,4 @@
-"""The receiving side of C-STORE, framed directly on the association's socket.
+"""The receiving side of C-STORE (and C-ECHO), framed directly on the association's socket.
 
 Why Lamina reads an established association's PDUs itself (issue 15, measured
 in ``benchmarks/ingest_stages`` and ``benchmarks/ingest``): pynetdicom reads a
@@ -21,8 +21,10 @@ or TLS), once the association is in data transfer:
   spool file behind the same file meta pynetdicom writes, the
   :class:`~node.dimse.handlers.store.StoreService` runs when the last one
   arrives, and the C-STORE-RSP goes out on the socket from this thread, the
-  only one that writes to it;
-* every other message (C-ECHO, C-FIND, C-MOVE, C-GET, the C-STORE-RSPs of a
+  only one that writes to it (pynetdicom queues its own sends to it);
+* a valid C-ECHO-RQ on an accepted Verification context is answered here,
+  success, as the Verification service answers any admitted peer;
+* every other message (C-FIND, C-MOVE, C-GET, the C-STORE-RSPs of a
   C-GET, anything malformed) is handed to pynetdicom's DIMSE provider, PDV by
   PDV, exactly as its state machine would; every other PDU (A-RELEASE-RQ,
   A-ABORT, ...) to pynetdicom's decoder and state machine. So releases,
@@ -54,7 +56,15 @@ from node import status
 from node.dimse import compat
 from node.dimse.guard import P_DATA_TF, PduGuard
 from node.dimse.handlers.store import StoreService
-from node.dimse.sender import _PDU_HEADER, _UNLIMITED_PDU, command_elements, frame, store_response
+from node.dimse.sender import (
+    _PDU_HEADER,
+    _UNLIMITED_PDU,
+    VERIFICATION,
+    command_elements,
+    echo_response,
+    frame,
+    store_response,
+)
 from node.status import Outcome, shorten
 
 log = logging.getLogger("lamina.receive")
@@ -62,6 +72,7 @@ log = logging.getLogger("lamina.receive")
 _PDV_ITEM = struct.Struct(">I")
 _UL = struct.Struct("<I")
 _C_STORE_RQ = 0x0001
+_C_ECHO_RQ = 0x0030
 _NO_DATA_SET = 0x0101
 #: Largest recv at a time: what a socket's receive buffer usually holds.
 _RECV_CHUNK = 1 << 18
@@ -163,7 +174,10 @@ class StoreReceiver:
         """A complete command set: start receiving a C-STORE-RQ, or hand any other
         message to pynetdicom."""
         command, self.command = bytes(self.command), bytearray()
-        incoming = self._store_request(command, context_id)
+        found = command_elements(command)
+        if found is not None and self._echo(found, context_id):
+            return
+        incoming = self._store_request(found, context_id) if found is not None else None
         if incoming is None:
             compat.give_pdvs(self.assoc, [(context_id, b"\x03" + command)])
             return
@@ -178,11 +192,29 @@ class StoreReceiver:
             self.incoming = incoming
             self._spool_failed(exc)
 
-    def _store_request(self, command: bytes, context_id: int) -> _Incoming | None:
+    def _echo(self, found: dict[int, bytes], context_id: int) -> bool:
+        """Answer a valid C-ECHO-RQ on an accepted Verification context (success, as
+        Verification answers any admitted peer); False for anything else.
+
+        pynetdicom would decode the command with pydicom, pass it to the association
+        thread and encode the answer with pydicom: most of the CPU of an echo.
+        """
+        if (_us(found.get(0x0100)) != _C_ECHO_RQ or _uid(found.get(0x0002)) != VERIFICATION
+                or _us(found.get(0x0800)) != _NO_DATA_SET):
+            return False
+        message_id = _us(found.get(0x0110))
+        context = compat.accepted_context(self.assoc, context_id)
+        if message_id is None or context is None or compat.is_releasing(self.assoc):
+            return False
+        if context.abstract_syntax != VERIFICATION:
+            return False
+        self._send_command(echo_response(message_id), context_id)
+        return True
+
+    def _store_request(self, found: dict[int, bytes], context_id: int) -> _Incoming | None:
         """The C-STORE-RQ this command set starts, if it is one pynetdicom would hand to
         its Storage service class; None for anything else (pynetdicom decides)."""
-        found = command_elements(command)
-        if found is None or _us(found.get(0x0100)) != _C_STORE_RQ:
+        if _us(found.get(0x0100)) != _C_STORE_RQ:
             return None
         message_id, priority = _us(found.get(0x0110)), _us(found.get(0x0700))
         data_set = _us(found.get(0x0800))
@@ -236,10 +268,14 @@ class StoreReceiver:
         finally:
             self._remove_spool(incoming)
         comment = shorten(outcome.comment) if outcome.comment else ""
-        command = store_response(incoming.sop_class_uid, incoming.sop_instance_uid,
-                                 incoming.message_id, outcome.status.code, comment)
+        self._send_command(store_response(incoming.sop_class_uid, incoming.sop_instance_uid,
+                                          incoming.message_id, outcome.status.code, comment),
+                           incoming.context_id)
+
+    def _send_command(self, command: bytes, context_id: int) -> None:
+        """A response command set, in as many PDUs as the peer's maximum length needs."""
         peer_max = self.assoc.requestor.maximum_length or _UNLIMITED_PDU
-        self.sock.sendall(frame(command, incoming.context_id, max(peer_max - 6, 1),
+        self.sock.sendall(frame(command, context_id, max(peer_max - 6, 1),
                                 is_command=True, last=True))
 
     def _drop_incoming(self) -> None:

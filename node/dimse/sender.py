@@ -81,6 +81,8 @@ _READ_BLOCK = 8 << 20  # bytes read and framed at a time: bounds memory for huge
 _UNLIMITED_PDU = 1 << 20  # fragment size when the peer sets no maximum
 _MAX_NEGOTIATION_PDU = 1 << 16  # an A-ASSOCIATE-AC is a few hundred bytes
 _C_STORE_RSP = 0x8001
+_C_ECHO_RSP = 0x8030
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP class
 # PDU types (PS3.8 9.3.1)
 _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA_TF, _A_RELEASE_RP, _A_ABORT = 0x02, 0x03, 0x04, 0x06, 0x07
 
@@ -389,9 +391,19 @@ def store_response(sop_class_uid: str, sop_instance_uid: str, msg_id: int, statu
     ``comment`` (ErrorComment, LO) is sent with a status other than success only,
     already fitted to 64 characters by the caller.
     """
+    return _response(_C_STORE_RSP, sop_class_uid, msg_id, status, comment, sop_instance_uid)
+
+
+def echo_response(msg_id: int, status: int = 0x0000) -> bytes:
+    """A C-ECHO-RSP command set (PS3.7 9.3.5.2) for the Verification SOP class."""
+    return _response(_C_ECHO_RSP, VERIFICATION, msg_id, status)
+
+
+def _response(command_field: int, sop_class_uid: str, msg_id: int, status: int,
+              comment: str = "", sop_instance_uid: str = "") -> bytes:
     elements = [
         (0x0002, _ui(sop_class_uid)),
-        (0x0100, _US.pack(_C_STORE_RSP)),
+        (0x0100, _US.pack(command_field)),
         (0x0120, _US.pack(msg_id)),
         (0x0800, _US.pack(0x0101)),  # CommandDataSetType: no data set
         (0x0900, _US.pack(status)),
@@ -399,7 +411,8 @@ def store_response(sop_class_uid: str, sop_instance_uid: str, msg_id: int, statu
     if comment and status != 0x0000:
         text = comment.encode("ascii", "replace")
         elements.append((0x0902, text + b" " * (len(text) % 2)))
-    elements.append((0x1000, _ui(sop_instance_uid)))
+    if sop_instance_uid:
+        elements.append((0x1000, _ui(sop_instance_uid)))
     return _command_set(elements)
 
 
