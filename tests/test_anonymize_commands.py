@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,30 @@ def test_output_is_byte_identical_to_the_golden_files(tmp_path, jobs):
     assert [f.name for f in files] == GOLDEN_NAMES
     for file in files:
         assert file.name == hashlib.sha256(file.read_bytes()).hexdigest() + ".dcm"
+
+
+def test_the_program_gives_the_golden_files(tmp_path):
+    """``python -m node anonymize`` as a program (its own start-up: lazy command import,
+    pydicom without its optional downloads, forked workers) writes the golden bytes."""
+    for study in STUDIES:
+        write_ct_series(study, tmp_path / "in" / f"s{study.patient.key}{study.index}",
+                        rows=64, columns=64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA")}
+    run = subprocess.run([sys.executable, "-m", "node", "anonymize", str(tmp_path / "in"),
+                          "--out", str(tmp_path / "out"), "--jobs", "2"],
+                         env={**env, ENV_VAR: GOLDEN_KEY}, cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == GOLDEN_NAMES
+
+
+def test_a_file_that_is_not_dicom_is_named_as_skipped_and_the_rest_written(key, series,
+                                                                          tmp_path):
+    (series[0].parent / "notes.txt").write_text("Patient: Jane Doe\n")
+    out = tmp_path / "out"
+    result = lamina("anonymize", str(series[0].parent), "--out", str(out),
+                    "--key-file", str(key))
+    assert result.exit_code == 1
+    assert "Skipped 1: not a readable DICOM file" in result.output
+    assert "Jane" not in result.output
+    assert len(list(out.iterdir())) == len(series)

@@ -23,6 +23,7 @@ import hashlib
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -81,7 +82,7 @@ class BulkAnonymizer:
     def run(self, path: Path) -> Outcome:
         """De-identify ``path`` into the output folder."""
         try:
-            fp = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+            fp = open(path, "rb")
         except OSError:
             return Outcome(NOT_DICOM)
         with fp:
@@ -131,9 +132,8 @@ class BulkAnonymizer:
         digest = hashlib.sha256(head)
         if tail.length:
             # A read-only map hashes the pixel value where the page cache holds it.
-            with mmap.mmap(source, 0, access=mmap.ACCESS_READ) as view:
-                with memoryview(view) as whole:
-                    digest.update(whole[tail.offset:tail.offset + tail.length])
+            with mmap.mmap(source, 0, access=mmap.ACCESS_READ) as view, memoryview(view) as whole:
+                digest.update(whole[tail.offset:tail.offset + tail.length])
         target = self._target(digest.hexdigest())
         if target is None:
             return
@@ -198,7 +198,7 @@ def _element_header(pixels: RawDataElement, length: int) -> bytes:
     return tag + pixels.VR.encode("ascii") + struct.pack(f"{endian}HL", 0, length)
 
 
-def _replace(target: Path, write) -> None:
+def _replace(target: Path, write: Callable[[int], None]) -> None:
     """Write through a temporary name and rename into place, so a file under its final
     name is always complete; workers racing on identical copies each rename their own."""
     temporary = target.with_suffix(f".{os.getpid()}.tmp")
@@ -225,30 +225,30 @@ def _copy_range(source: int, target: int, offset: int, length: int) -> None:
     copy_file_range, else sendfile, else (no kernel copy between these files) read and
     write."""
     done = 0
-    kernel_copy = getattr(os, "copy_file_range", None)
-    while done < length and kernel_copy is not None:
+    for copy in (_copy_file_range, _sendfile, _read_write):
         try:
-            n = kernel_copy(source, target, length - done, offset + done)
+            while done < length:
+                n = copy(source, target, offset + done, length - done)
+                if n == 0:
+                    raise EOFError("the input file ended before its pixel data")
+                done += n
+            return
         except OSError as exc:
             if exc.errno not in _NO_KERNEL_COPY:
                 raise
-            kernel_copy = None
-            break
-        if n == 0:
-            raise EOFError("the input file ended before its pixel data")
-        done += n
-    while done < length:
-        try:
-            n = os.sendfile(target, source, offset + done, length - done)
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-            n = _write_all_count(target, os.pread(source, length - done, offset + done))
-        if n == 0:
-            raise EOFError("the input file ended before its pixel data")
-        done += n
 
 
-def _write_all_count(fd: int, data: bytes) -> int:
-    _write_all(fd, data)
+def _copy_file_range(source: int, target: int, offset: int, count: int) -> int:
+    if not hasattr(os, "copy_file_range"):  # not Linux
+        raise OSError(errno.ENOSYS, "no copy_file_range")
+    return os.copy_file_range(source, target, count, offset)
+
+
+def _sendfile(source: int, target: int, offset: int, count: int) -> int:
+    return os.sendfile(target, source, offset, count)
+
+
+def _read_write(source: int, target: int, offset: int, count: int) -> int:
+    data = os.pread(source, min(count, 1 << 22), offset)
+    _write_all(target, data)
     return len(data)
