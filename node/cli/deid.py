@@ -7,7 +7,6 @@ same config (its ``[deidentify]`` options and ``key_file``) as the node.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -91,6 +90,8 @@ def _outcomes(files: list[Path], jobs: int, stack: ExitStack) -> Iterable[Outcom
     built, and no start-up of their own)."""
     if jobs == 1:
         return map(_anonymize_file, files)
+    import multiprocessing  # only a run with workers needs it
+
     pool = multiprocessing.get_context("fork").Pool(jobs)
     stack.callback(pool.join)
     stack.callback(pool.close)
