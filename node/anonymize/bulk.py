@@ -101,9 +101,10 @@ class BulkAnonymizer:
             out = result.dataset
             pixels = out.get_item(_PIXEL_DATA, keep_deferred=True)
             if pixels is not ds.get_item(_PIXEL_DATA, keep_deferred=True) \
+                    or not isinstance(pixels, RawDataElement) or pixels.value is not None \
                     or max(out.keys()) != _PIXEL_DATA:
-                # The engine changed the pixels (masking) or wrote something after
-                # them: the whole-file route encodes exactly that.
+                # The engine read or changed the pixels (masking) or wrote something
+                # after them: the whole-file route encodes exactly that.
                 return self._whole(path)
             del out[_PIXEL_DATA]
             head = encode(out) + _element_header(pixels, tail.length)
