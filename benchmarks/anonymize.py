@@ -25,7 +25,8 @@ the residual-PHI text scan (issue 16) off and on, interleaved, on the same files
 scan's cost is a before/after figure. Prints the figures; asserts nothing about time.
 
     .venv/bin/python -m benchmarks.anonymize [--slices 300] [--size 512] [--repeat 1]
-                                             [--baseline OTHER_CHECKOUT] [--scan-only]
+                                             [--baseline OTHER_CHECKOUT]
+                                             [--no-scan-figure | --scan-only]
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout of Lamina (e.g. `git archive main | tar -x`), "
                              "timed in the same run as 'before'")
+    parser.add_argument("--no-scan-figure", action="store_true",
+                        help="skip the in-process text scan off/on figure (large corpora)")
     parser.add_argument("--scan-only", action="store_true",
                         help="only the in-process text scan off/on figure")
     args = parser.parse_args()
@@ -167,7 +170,8 @@ def main() -> int:
         key = create_key_file(work / "keys" / "project.key")
         size_mb = sum(p.stat().st_size for p in series) / 1e6
         print(f"series: {len(series)} CT slices, {args.size}x{args.size}, {size_mb:.0f} MB")
-        _text_scan_figure(series, key, args.repeat)
+        if not args.no_scan_figure:
+            _text_scan_figure(series, key, args.repeat)
         if args.scan_only:
             return 0
         lamina = [sys.executable, "-m", "node", "anonymize",
