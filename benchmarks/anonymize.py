@@ -15,18 +15,25 @@ de-identified file out per file in, nothing stored in the server; ``/studies/{id
 anonymize`` would instead store a new study inside Orthanc (index + storage writes that
 ``lamina anonymize`` does not do), so per instance is the fair comparison.
 
+Lamina's start-up (the same command on an empty folder: interpreter, imports, engine)
+is timed first, and every program's CPU time (its own and its workers', from the
+kernel's accounting of waited-for children) is printed beside its wall time, so the
+per-file CPU of ``lamina anonymize`` is (CPU of the run - CPU of the start-up) / files.
+
 In the same run, the engine alone (in process: read, de-identify, encode) is timed with
 the residual-PHI text scan (issue 16) off and on, interleaved, on the same files, so the
 scan's cost is a before/after figure. Prints the figures; asserts nothing about time.
 
     .venv/bin/python -m benchmarks.anonymize [--slices 300] [--size 512] [--repeat 1]
-                                             [--scan-only]
+                                             [--baseline OTHER_CHECKOUT]
+                                             [--no-scan-figure | --scan-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,16 +56,24 @@ from tests.phi_corpus import PATIENTS, Study, write_ct_series
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _timed(command: list[str], out: Path) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], out: Path, cwd: Path = ROOT) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (the program's and its workers') of one run; ``python
+    -m node`` runs the checkout in ``cwd``."""
     if out.exists():
         shutil.rmtree(out)
+    cpu = _children_cpu()
     start = time.perf_counter()
     # Output is captured, not shown: dicognito's warnings quote element values.
-    run = subprocess.run(command, cwd=ROOT, check=False, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=cwd, check=False, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if run.returncode != 0:
         raise SystemExit(f"{command[2]} failed ({run.returncode}):\n{run.stderr[-2000:]}")
-    return elapsed
+    return elapsed, _children_cpu() - cpu
 
 
 def _orthanc_rate(work: Path, series: list[Path], repeat: int) -> float:
@@ -140,6 +155,11 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout of Lamina (e.g. `git archive main | tar -x`), "
+                             "timed in the same run as 'before'")
+    parser.add_argument("--no-scan-figure", action="store_true",
+                        help="skip the in-process text scan off/on figure (large corpora)")
     parser.add_argument("--scan-only", action="store_true",
                         help="only the in-process text scan off/on figure")
     args = parser.parse_args()
@@ -150,31 +170,53 @@ def main() -> int:
         key = create_key_file(work / "keys" / "project.key")
         size_mb = sum(p.stat().st_size for p in series) / 1e6
         print(f"series: {len(series)} CT slices, {args.size}x{args.size}, {size_mb:.0f} MB")
-        _text_scan_figure(series, key, args.repeat)
+        if not args.no_scan_figure:
+            _text_scan_figure(series, key, args.repeat)
         if args.scan_only:
             return 0
         lamina = [sys.executable, "-m", "node", "anonymize",
                   str(work / "in"), "--key-file", str(key), "--out"]
-        tools = {
-            "lamina anonymize": ([*lamina, str(work / "out-1"), "--jobs", "1"], work / "out-1"),
-            "lamina --jobs 2": ([*lamina, str(work / "out-2"), "--jobs", "2"], work / "out-2"),
-            "dicognito": ([sys.executable, "-m", "dicognito", "--quiet", "--output-directory",
-                           str(work / "out-d"), str(work / "in")], work / "out-d"),
-        }
+        roots = {"lamina": ROOT}
+        if args.baseline is not None:
+            roots = {"before": args.baseline.resolve(), **roots}
+        tools: dict[str, tuple[list[str], Path, Path]] = {}
+        for label, root in roots.items():
+            for jobs in ("1", "2"):
+                out = work / f"out-{label}-{jobs}"
+                tools[f"{label} --jobs {jobs}"] = ([*lamina, str(out), "--jobs", jobs], out, root)
+        tools["dicognito"] = ([sys.executable, "-m", "dicognito", "--quiet",
+                               "--output-directory", str(work / "out-d"), str(work / "in")],
+                              work / "out-d", ROOT)
+        (work / "empty").mkdir()
+        startup = [*lamina[:4], str(work / "empty"), *lamina[5:], str(work / "out-0")]
         best: dict[str, float] = {}
+        cpu_per_file: dict[str, float] = {}
         for round_ in range(args.repeat):
-            for name, (command, out) in tools.items():
-                seconds = _timed(command, out)
+            start_cpu = {}
+            for label, root in roots.items():
+                wall, start_cpu[label] = min(_timed(startup, work / "out-0", root)
+                                             for _ in range(3))
+                print(f"round {round_ + 1}  {label} start-up (no files) {wall:6.3f} s wall, "
+                      f"{start_cpu[label]:6.3f} s CPU (best of 3)")
+            for name, (command, out, root) in tools.items():
+                seconds, cpu = _timed(command, out, root)
                 written = sum(1 for _ in out.iterdir())
                 rate = written / seconds
                 best[name] = max(best.get(name, 0.0), rate)
+                extra = ""
+                label = name.split()[0]
+                if label in start_cpu:
+                    per_file = 1000 * (cpu - start_cpu[label]) / written
+                    cpu_per_file[name] = min(cpu_per_file.get(name, per_file), per_file)
+                    extra = f", {per_file:.2f} ms CPU per file after start-up"
                 print(f"round {round_ + 1}  {name:17s} {written} files in {seconds:6.2f} s "
-                      f"= {rate:6.1f} files/s")
+                      f"= {rate:6.1f} files/s; CPU {cpu:6.2f} s{extra}")
         orthanc = _orthanc_rate(work, series, args.repeat)
-        for name in ("lamina anonymize", "lamina --jobs 2"):
+        for name in cpu_per_file:
             print(f"{name}: {best[name]:.1f} files/s, dicognito: {best['dicognito']:.1f} "
                   f"files/s, ratio {best[name] / best['dicognito']:.2f}; orthanc: "
-                  f"{orthanc:.1f} files/s, ratio {best[name] / orthanc:.2f}")
+                  f"{orthanc:.1f} files/s, ratio {best[name] / orthanc:.2f}; "
+                  f"{cpu_per_file[name]:.2f} ms CPU per file after start-up")
     return 0
 
 

@@ -8,16 +8,22 @@ the working directory, not the audit signing key.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
 
+from node import cli
 from node.audit.trail import Actor
-from node.cli import main
+from node.cli import COMMANDS, main
 from node.config import load
 from node.context import NodeContext
 from tests import harness
@@ -138,6 +144,41 @@ def test_scu_commands_show_no_node_only_flags(command):
     assert "--config" in text and "--aet" in text
     for flag in ("--port", "--data", "--ae-title", "--workers"):
         assert flag not in text, (command, flag)
+
+
+def test_the_lazy_table_names_every_command_of_every_command_module():
+    """``lamina`` imports a command's module only when it runs, from a table: the table
+    must name each top-level command of each module, under its own name."""
+    found = {}
+    for info in pkgutil.iter_modules(cli.__path__):
+        module = importlib.import_module(f"node.cli.{info.name}")
+        commands = {attr: value for attr, value in vars(module).items()
+                    if isinstance(value, click.Command)
+                    and value.callback.__module__ == module.__name__}
+        inside = {id(sub) for value in commands.values() if isinstance(value, click.Group)
+                  for sub in value.commands.values()}
+        found.update({value.name: (module.__name__, attr) for attr, value in commands.items()
+                      if id(value) not in inside})
+    assert found == COMMANDS
+    assert main.list_commands(click.Context(main)) == sorted(COMMANDS)
+
+
+def test_a_command_imports_only_its_own_module(tmp_path):
+    """``lamina anonymize`` in its own process: no other command's module, no DIMSE or
+    web stack, none of pydicom's optional downloads."""
+    code = ("import sys\nfrom node.cli import main\n"
+            "main(['anonymize', '--help'], standalone_mode=False)\n"
+            "print(' '.join(sorted(m for m, v in sys.modules.items() if v is not None)))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "--jobs" in run.stdout
+    modules = set(run.stdout.strip().splitlines()[-1].split())
+    assert {m for m in modules if m.startswith("node.cli.")} == {"node.cli.deid",
+                                                                "node.cli.options"}
+    for absent in ("pynetdicom", "starlette", "uvicorn", "requests", "tqdm", "PIL",
+                   "sqlite3", "highdicom", "SimpleITK"):
+        assert absent not in modules, absent
 
 
 def test_demo_ct_then_seg_plays_the_annotator(tmp_path):

@@ -7,26 +7,17 @@ same config (its ``[deidentify]`` options and ``key_file``) as the node.
 
 from __future__ import annotations
 
-import hashlib
-import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from node.anonymize.anonymizer import (
-    BurnedInTextRisk,
-    DeidentificationError,
-    Deidentifier,
-    ReidEntry,
-    encode,
-)
+from node.anonymize.anonymizer import Deidentifier
+from node.anonymize.bulk import BulkAnonymizer, Outcome
 from node.anonymize.keys import (
     ENV_VAR,
     ProjectKey,
@@ -35,11 +26,9 @@ from node.anonymize.keys import (
     default_key_path,
     load_project_key,
 )
-from node.anonymize.reidmap import ReidentificationMap
 from node.cli.options import BadInput, config_option, node_context, node_options
 from node.config import Settings
 from node.logs import quiet_pydicom
-from node.storage.backend import open_index
 
 
 def _key(key_file: Path | None) -> ProjectKey:
@@ -58,17 +47,6 @@ def _inputs(paths: tuple[Path, ...]) -> Iterator[Path]:
             if resolved not in seen:
                 seen.add(resolved)
                 yield file
-
-
-def _write(out_dir: Path, data: bytes) -> None:
-    """Content-addressed output name: never derived from input names or UIDs, which
-    may carry PHI (folder names are often patient names)."""
-    target = out_dir / f"{hashlib.sha256(data).hexdigest()}.dcm"
-    if target.exists():
-        return
-    temporary = target.with_suffix(f".{os.getpid()}.tmp")  # workers may race on copies
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
 
 
 @click.group("keys")
@@ -95,34 +73,32 @@ def keys_init(out: Path | None) -> None:
                "pseudonyms cannot be made again and the re-identification map cannot be read.")
 
 
-# The engine and output folder of this process, set by _start_worker before any file
-# is handled: worker processes are forked with it, so nothing is pickled but paths,
-# skip reasons and re-identification entries.
-_worker: tuple[Deidentifier, Path] | None = None
+# The runner of this process, set before any file is handled: worker processes are
+# forked with it (engine, output folder), so nothing is pickled but paths and outcomes.
+_runner: BulkAnonymizer | None = None
 
 
-def _start_worker(engine: Deidentifier, out_dir: Path) -> None:
-    global _worker
-    _worker = (engine, out_dir)
+def _anonymize_file(path: Path) -> Outcome:
+    if _runner is None:
+        raise RuntimeError("runner not set")
+    return _runner.run(path)
 
 
-def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
-    """De-identify and write one file; returns (why it was skipped, or None; entries)."""
-    if _worker is None:
-        raise RuntimeError("worker not started")
-    engine, out_dir = _worker
-    try:
-        ds = dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError):
-        return "not a readable DICOM file", ()
-    try:
-        result = engine.deidentify(ds)
-    except BurnedInTextRisk as exc:
-        return f"quarantine: {exc}", ()
-    except DeidentificationError as exc:
-        return str(exc), ()
-    _write(out_dir, encode(result.dataset))
-    return None, result.entries
+def _outcomes(files: list[Path], jobs: int, stack: ExitStack) -> Iterable[Outcome]:
+    """Each file's outcome, in the order of ``files``: in this process, or from ``jobs``
+    forked workers (fork, not spawn: they start with everything imported and the engine
+    built, and no start-up of their own)."""
+    if jobs == 1:
+        return map(_anonymize_file, files)
+    import multiprocessing  # only a run with workers needs it
+
+    pool = multiprocessing.get_context("fork").Pool(jobs)
+    stack.callback(pool.join)
+    stack.callback(pool.close)
+    # Chunks of a few dozen files: little messaging per file, and still several chunks
+    # per worker so that one slow chunk does not leave the other workers idle at the end.
+    chunk = max(1, min(64, len(files) // (jobs * 4)))
+    return pool.imap(_anonymize_file, files, chunksize=chunk)
 
 
 @click.command("anonymize")
@@ -142,6 +118,7 @@ def _anonymize_file(path: Path) -> tuple[str | None, tuple[ReidEntry, ...]]:
 def anonymize(settings: Settings, inputs: tuple[Path, ...], out_dir: Path,
               key_file: Path | None, index: Path | None, jobs: int | None) -> None:
     """De-identify DICOM files and folders with the node's engine and the config's options."""
+    global _runner
     quiet_pydicom()
     key = _key(key_file or settings.deidentify.key_file)
     engine = Deidentifier(settings.deidentify, key)
@@ -151,33 +128,30 @@ def anonymize(settings: Settings, inputs: tuple[Path, ...], out_dir: Path,
             raise BadInput("--out must not be inside an input folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list(_inputs(inputs))
-    rmap = ReidentificationMap(key)
     written, skipped = 0, Counter()
-    _start_worker(engine, out_dir)
+    _runner = BulkAnonymizer(engine, out_dir, with_entries=index is not None)
     with ExitStack() as stack:
-        tx = None
+        tx = rmap = None
         if index is not None:
+            # Imported here: only a run that records the map needs the index backend.
+            from node.anonymize.reidmap import ReidentificationMap
+            from node.storage.backend import open_index
+
             # The node's own schema, so the file can become (or join) a node's index later;
             # one transaction for the whole run, as before: the map is written at the end.
             store = open_index("sqlite", index, 10_000)
             stack.callback(store.close)
             store.migrate()
             tx = stack.enter_context(store.transaction())
+            rmap = ReidentificationMap(key)
         if jobs is None:
             jobs = min(len(os.sched_getaffinity(0)), max(len(files), 1))
-        if jobs == 1:
-            results = map(_anonymize_file, files)
-        else:
-            pool = multiprocessing.get_context("fork").Pool(jobs)
-            stack.callback(pool.join)
-            stack.callback(pool.close)
-            results = pool.imap(_anonymize_file, files, chunksize=8)
-        for reason, entries in results:
-            if reason is not None:
-                skipped[reason] += 1
+        for outcome in _outcomes(files, min(jobs, max(len(files), 1)), stack):
+            if outcome.skipped is not None:
+                skipped[outcome.skipped] += 1
                 continue
-            if tx is not None:
-                rmap.record(tx, entries)
+            if rmap is not None:
+                rmap.record(tx, outcome.entries)
             written += 1
     click.echo(f"De-identified {written} file(s) into {out_dir}.")
     if index is None and written:
