@@ -39,7 +39,16 @@ def node_port(tmp_path_factory) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def scu_config(tmp_path_factory) -> Path:
-    """The config the SCU commands read: our AE title and a one-second ACSE timeout."""
+    """The config the SCU commands read: our AE title (an ACSE timeout a loaded machine's
+    node answers well within)."""
+    path = tmp_path_factory.mktemp("scu") / "scu.toml"
+    path.write_text('[node]\nae_title = "STRANGER"\nacse_timeout = 15\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def impatient_config(tmp_path_factory) -> Path:
+    """As scu_config with a one-second ACSE timeout, for peers that never answer."""
     path = tmp_path_factory.mktemp("scu") / "scu.toml"
     path.write_text('[node]\nae_title = "STRANGER"\nacse_timeout = 1\n')
     return path
@@ -109,8 +118,8 @@ def test_echo_with_nothing_listening(scu_config):
                                    f" 127.0.0.1:{port} (is a DICOM node listening?)")
 
 
-def test_echo_to_a_socket_that_never_answers(silent_port, scu_config):
-    result = lamina(scu_config, "echo", f"LAMINA@127.0.0.1:{silent_port}")
+def test_echo_to_a_socket_that_never_answers(silent_port, impatient_config):
+    result = lamina(impatient_config, "echo", f"LAMINA@127.0.0.1:{silent_port}")
     assert result.exit_code == 1
     assert stderr_line(result) == (
         f"echo LAMINA@127.0.0.1:{silent_port}: 127.0.0.1:{silent_port} accepted the connection"
