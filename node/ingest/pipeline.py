@@ -31,7 +31,6 @@ refused here (0x0124), so every way in refuses it the same way.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -41,11 +40,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import AuditEntry, AuditTrail, utc_now
+from node.ingest.part10 import HeaderEncoder
 from node.ingest.quarantine import AlreadyReleased, QuarantineArea, QuarantineEntry, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
@@ -118,6 +117,7 @@ class IngestService:
         self.validator = validator
         self.hooks = hooks
         self.defer = defer
+        self.encoder = HeaderEncoder()
 
     def ingest_bytes(self, data: bytes, source: Source,
                      override: Override | None = None) -> StoreResult:
@@ -377,8 +377,9 @@ class IngestService:
 
         When the route left the pixel data untouched and it ends the received
         file (``pixel_tail`` is where its element starts), only the header is
-        encoded and the pixel element's bytes are copied after it: the same bytes
-        pydicom would write, without reading the pixels into memory to write them.
+        encoded (:mod:`node.ingest.part10`: dcmwrite's bytes, cheaper) and the pixel
+        element's bytes are copied after it: the same bytes pydicom would write,
+        without reading the pixels into memory to write them.
         """
         if prepared.as_received:
             return self.blobs.put_file(spooled)
@@ -386,13 +387,10 @@ class IngestService:
             if pixel_tail is None:
                 prepared.dataset.save_as(out, enforce_file_format=True)
             else:
-                header = copy.copy(prepared.dataset)  # shallow: the elements are shared
-                del header[_PIXEL_DATA]
-                # Encoded in memory (a few KB), then written at once: pydicom writes
-                # each element in several small pieces, each through the blob writer.
-                encoded = DicomBytesIO()
-                header.save_as(encoded, enforce_file_format=True)
-                out.write(encoded.getvalue())
+                out.write(self.encoder.encode(prepared.dataset, stop_before=_PIXEL_DATA))
+                # The dataset handed on (hooks, index) has no pixel element: its value
+                # is in the spool file, which the caller deletes.
+                del prepared.dataset[_PIXEL_DATA]
                 with open(spooled, "rb") as src:
                     src.seek(pixel_tail)
                     shutil.copyfileobj(src, out, 1 << 20)
