@@ -177,10 +177,13 @@ class IngestService:
             # The whole object: the parsed header with its pixel element deferred
             # when that can be done without parsing again, else the file parsed
             # whole, values over DEFER_SIZE (pixels) left on disk until written out.
-            whole = (with_deferred_pixels(received, DEFER_SIZE)
+            whole = (with_deferred_pixels(received, self._defer_size(source.route))
                      or dcmread(spooled, defer_size=DEFER_SIZE))
             prepared = self.router.prepare(whole, source.route)
-            rec = InstanceRecord.from_dataset(prepared.dataset)
+            # Stored as received: its record is read off the header validation already
+            # decoded (the same values), not by decoding the undecoded copy again.
+            rec = InstanceRecord.from_dataset(received.dataset if prepared.as_received
+                                              else prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:
             rule = "burned_in_text" if isinstance(exc, BurnedInTextRisk) else "deidentify"
             words = "burned-in text risk" if rule == "burned_in_text" else "cannot de-identify"
@@ -213,6 +216,19 @@ class IngestService:
             # The blob stays in the store unreferenced (fsck reports it); nothing
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
+
+    @staticmethod
+    def _defer_size(route: str) -> int:
+        """Pixel values larger than this stay in the spool file until a step reads them.
+
+        On the clinical route every pixel value stays there: the engine reads it only
+        to mask burned-in text, and the stored object gets its pixel bytes copied from
+        the spool file (or written by pydicom, reading them there), so reading half a
+        megabyte into memory first would be for nothing. The other routes hand their
+        dataset, pixels included, to hooks after the spool file may have been moved
+        into the blob store: a value up to DEFER_SIZE is read while it is there.
+        """
+        return 0 if route == "clinical" else DEFER_SIZE
 
     # --- the store decision, written once -------------------------------------
 
