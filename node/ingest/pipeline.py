@@ -180,10 +180,7 @@ class IngestService:
             whole = (with_deferred_pixels(received, self._defer_size(source.route))
                      or dcmread(spooled, defer_size=DEFER_SIZE))
             prepared = self.router.prepare(whole, source.route)
-            # Stored as received: its record is read off the header validation already
-            # decoded (the same values), not by decoding the undecoded copy again.
-            rec = InstanceRecord.from_dataset(received.dataset if prepared.as_received
-                                              else prepared.dataset)
+            rec = InstanceRecord.from_dataset(prepared.dataset)
         except (BurnedInTextRisk, DeidentificationError) as exc:
             rule = "burned_in_text" if isinstance(exc, BurnedInTextRisk) else "deidentify"
             words = "burned-in text risk" if rule == "burned_in_text" else "cannot de-identify"
