@@ -66,6 +66,26 @@ def test_same_bytes_as_dcmwrite_on_pydicom_test_files():
     assert fast > 30  # most took the fast path, not dcmwrite
 
 
+def test_same_bytes_on_decoded_datasets():
+    """Every element decoded (as after de-identification, sequences and their items
+    included): the memo keys decoded values, and these bytes are still dcmwrite's."""
+    encoder = HeaderEncoder()
+    compared = 0
+    for path in _small_test_files():
+        try:
+            ds = dcmread(path, defer_size=4096)
+            ds.walk(lambda _ds, _elem: None)  # walking decodes every element, nested too
+        except Exception:
+            continue
+        expected = _reference(ds)
+        if not isinstance(expected, bytes):
+            continue
+        for _ in range(2):
+            assert _encoded(encoder, ds) == expected, path
+        compared += 1
+    assert compared > 50
+
+
 def test_same_bytes_on_deidentified_headers(tmp_path):
     """The clinical route's case: a de-identified CT slice and a SEG, each encoded twice,
     and a second slice of the series (mostly remembered bytes, some new)."""

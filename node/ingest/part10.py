@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -37,9 +38,9 @@ MEMO_ENTRIES = 8192
 #: (a key would hold the whole value).
 MEMO_VALUE_BYTES = 512
 #: Plain value types whose bytes depend only on the value, VR and character set.
-#: Decoded numbers (IS, DSfloat: their original string), names (PersonName), dates,
-#: sequences and floats (-0.0 == 0.0 as keys, but not as bytes) are not among them:
-#: pydicom writes those every time.
+#: Decoded numbers (IS, DSfloat: their original string), names (PersonName), dates
+#: and floats (-0.0 == 0.0 as keys, but not as bytes) are not among them: pydicom
+#: writes those every time. Sequences are remembered by their items' keys.
 _PLAIN = frozenset({str, UID, int, bytes})
 _PIXEL_DATA = 0x7FE00010
 _META_REQUIRED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012)
@@ -146,6 +147,36 @@ class HeaderEncoder:
         return done
 
 
+def _sequence_key(elem: DataElement, encoding: tuple[bool, bool],
+                  charset_key: Any) -> tuple[Any, ...] | None:
+    """A sequence's key: its items' element keys, when every element of every item is
+    a plain decoded one (as the engine's de-identification code sequence is). Items
+    with their own character set, or with undecoded elements (which pydicom may decode
+    and correct when the item's encoding differs), are written by pydicom each time."""
+    items = elem.value
+    if type(items) is not Sequence or len(items) > 16:
+        return None
+    parts = []
+    for item in items:
+        elements = {int(tag): e for tag, e in item._dict.items()}
+        if 0x00080005 in elements:
+            return None
+        keys = []
+        for tag in sorted(elements):
+            if tag & 0xFFFF == 0 and tag >> 16 > 6:
+                continue
+            e = elements[tag]
+            if e.is_raw or not e.VR or len(e.VR) != 2:
+                return None
+            key = _key(e, encoding, charset_key)
+            if key is None:
+                return None
+            keys.append(key)
+        parts.append((bool(getattr(item, "is_undefined_length_sequence_item", False)),
+                      tuple(keys)))
+    return ("SQ", int(elem.tag), elem.is_undefined_length, encoding, charset_key, tuple(parts))
+
+
 def _key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool],
          charset: Any) -> tuple[Any, ...] | None:
     """What decides an element's bytes, or None when they are not to be remembered."""
@@ -154,6 +185,9 @@ def _key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool],
         if type(value) is not bytes or len(value) > MEMO_VALUE_BYTES:
             return None
         return (True, int(elem.tag), elem.VR, value, elem.length == 0xFFFFFFFF, encoding)
+    charset_key = tuple(charset) if isinstance(charset, list | MultiValue) else charset
+    if elem.VR == "SQ":
+        return _sequence_key(elem, encoding, charset_key)
     kind = type(value)
     if kind in _PLAIN:
         if kind is not int and len(value) > MEMO_VALUE_BYTES:
@@ -164,9 +198,8 @@ def _key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool],
         value = tuple((type(v), v) for v in value)
     elif value is not None:
         return None
-    if elem.VR in ("SQ", "PN"):
+    if elem.VR == "PN":
         return None
-    charset_key = tuple(charset) if isinstance(charset, list | MultiValue) else charset
     return (False, int(elem.tag), elem.VR, kind, value, elem.is_undefined_length, encoding,
             charset_key)
 
