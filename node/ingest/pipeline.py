@@ -75,6 +75,7 @@ from node.storage.interface import (
     BlobStore,
     Index,
     IndexUnavailable,
+    LocalBlobFiles,
     OutOfSpace,
     Reader,
     Transaction,
@@ -220,12 +221,14 @@ class IngestService:
 
         On the clinical route every pixel value stays there: the engine reads it only
         to mask burned-in text, and the stored object gets its pixel bytes copied from
-        the spool file (or written by pydicom, reading them there), so reading half a
-        megabyte into memory first would be for nothing. The other routes hand their
-        dataset, pixels included, to hooks after the spool file may have been moved
-        into the blob store: a value up to DEFER_SIZE is read while it is there.
+        the spool file (or written by pydicom, reading them there). On the
+        deidentified route the spool file becomes the blob (:meth:`_promote` points
+        the dataset at it), so a hook that asks for the pixels reads them there.
+        Reading half a megabyte into memory first would be for nothing. The
+        annotator route builds a new dataset from the received one before it is
+        stored: values up to DEFER_SIZE are read while the spool file is there.
         """
-        return 0 if route == "clinical" else DEFER_SIZE
+        return DEFER_SIZE if route == "annotator" else 0
 
     # --- the store decision, written once -------------------------------------
 
@@ -395,7 +398,12 @@ class IngestService:
         without reading the pixels into memory to write them.
         """
         if prepared.as_received:
-            return self.blobs.put_file(spooled)
+            ref = self.blobs.put_file(spooled)
+            if isinstance(self.blobs, LocalBlobFiles) and not spooled.exists():
+                # Moved into the store: a value left on disk (the pixels) is read from
+                # the blob, the same bytes at the same offsets.
+                prepared.dataset.filename = str(self.blobs.local_path(ref.sha256))
+            return ref
         with self.blobs.writer() as out:
             if pixel_tail is None:
                 prepared.dataset.save_as(out, enforce_file_format=True)
