@@ -516,11 +516,16 @@ def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> i
     if (_PIXEL_DATA not in out
             or out.get_item(_PIXEL_DATA, keep_deferred=True)
             is not whole.get_item(_PIXEL_DATA, keep_deferred=True)
-            or max(out.keys()) != _PIXEL_DATA or max(whole.keys()) != _PIXEL_DATA):
+            or _last_tag(out) != _PIXEL_DATA or _last_tag(whole) != _PIXEL_DATA):
         return None
     same_syntax = (out.file_meta.get("TransferSyntaxUID")
                    == whole.file_meta.get("TransferSyntaxUID"))
     return pixel.start if same_syntax else None
+
+
+def _last_tag(ds: Dataset) -> int:
+    """The highest tag, compared as plain ints (pydicom's tags compare in Python)."""
+    return max(map(int, ds.keys()))
 
 
 def _uid(ds, keyword: str) -> str:
