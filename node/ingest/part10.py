@@ -43,7 +43,8 @@ MEMO_VALUE_BYTES = 512
 #: writes those every time. Sequences are remembered by their items' keys.
 _PLAIN = frozenset({str, UID, int, bytes})
 _PIXEL_DATA = 0x7FE00010
-_META_REQUIRED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012)
+#: File meta elements dcmwrite adds (or refuses the file) when they are missing or empty.
+_META_REQUIRED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 
 
 class HeaderEncoder:
@@ -81,15 +82,15 @@ class HeaderEncoder:
             return None  # dcmwrite sets the pixel element's undefined length first
         meta = getattr(ds, "file_meta", None)
         if not isinstance(meta, FileMetaDataset) or any(
-                tag not in meta or meta[tag].is_empty for tag in _META_REQUIRED):
+                e.is_raw or not e.VR or len(e.VR) != 2 for e in meta._dict.values()):
+            # Undecoded meta (read from a file): dcmwrite decides on a decoded copy,
+            # which is not worked out here (decoding it would change the caller's).
+            return None
+        if any(tag not in meta or meta[tag].is_empty for tag in _META_REQUIRED):
             return None
         if any(tag >> 16 != 2 for tag in meta._dict) or any(
                 tag >> 16 in (0, 2) for tag in ds._dict):
             return None
-        if (meta.original_encoding != (False, True)
-                or meta.original_character_set != meta._character_set) and any(
-                    e.is_raw or not e.VR or len(e.VR) != 2 for e in meta._dict.values()):
-            return None  # write_dataset would decode (and correct) the meta's elements
         syntax = UID(str(meta[0x00020010].value))
         if (syntax.is_private or not syntax.is_transfer_syntax
                 or syntax == DeflatedExplicitVRLittleEndian):
