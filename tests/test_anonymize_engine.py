@@ -385,3 +385,14 @@ def test_an_engine_that_has_seen_other_objects_writes_the_same_bytes_as_a_fresh_
         assert deidentified(seasoned, path) == fresh, path
         compared += isinstance(fresh, bytes)
     assert compared > 40
+
+
+def test_changing_an_input_after_de_identification_does_not_change_the_next_output(tmp_path):
+    """The engine remembers decoded elements: not the caller's own, which it may change."""
+    path = tmp_path / "in.dcm"
+    ct(Manufacturer="ACME").save_as(path, enforce_file_format=True)
+    engine = Deidentifier(DeidSettings(), KEY)
+    first = dcmread(path)
+    assert engine.deidentify(first).dataset.Manufacturer == "ACME"
+    first.Manufacturer = "CHANGED"  # pydicom sets the decoded element's value in place
+    assert engine.deidentify(dcmread(path)).dataset.Manufacturer == "ACME"

@@ -704,8 +704,9 @@ class Deidentifier:
         VR as sent, bytes, byte order and the character set of the dataset it is
         decoded in; elements whose decoding depends on other elements (an ambiguous VR,
         private tags) and values that could be changed in place (multi-values,
-        sequences) are decoded each time. A remembered element is only read: whatever
-        the walk keeps leaves in a new element (``_new``)."""
+        sequences) are decoded each time. A remembered element is a copy no dataset
+        holds, and is only read: whatever the walk keeps leaves in a new element
+        (``_new``)."""
         value = raw.value if isinstance(raw, RawDataElement) else None
         if (type(value) is not bytes or len(value) > _DECODED_BYTES or (tag >> 16) & 1
                 or " or " in (raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag))):
@@ -720,7 +721,8 @@ class Deidentifier:
             if elem.value is None or type(elem.value) in _IMMUTABLE_VALUES:
                 if len(self._decoded_cache) >= _PSEUDONYM_CACHE:
                     self._decoded_cache.clear()
-                self._decoded_cache[key] = elem
+                # A copy: the element in ``parent`` is the caller's to change.
+                self._decoded_cache[key] = copy.copy(elem)
         return elem
 
     def _vr_rule(self, tag: int, vr: str) -> str:
