@@ -1,4 +1,4 @@
-"""Index records read off undecoded headers (remembered per element bytes) are the
+"""Index records (and geometry) read off undecoded headers (remembered per element bytes) are the
 records of the same headers decoded: on pydicom's test files, character sets included,
 and twice in a row (the second time from what was remembered)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom.data
 from pydicom import dcmread
 
-from node.storage.records import InstanceRecord
+from node.storage.records import InstanceGeometry, InstanceRecord
 
 
 def test_records_off_undecoded_headers_equal_records_off_decoded_ones():
@@ -21,11 +21,13 @@ def test_records_off_undecoded_headers_equal_records_off_decoded_ones():
         try:
             decoded = dcmread(path, stop_before_pixels=True)
             decoded.walk(lambda _ds, _elem: None)  # every element decoded
-            expected = InstanceRecord.from_dataset(decoded)
+            expected = (InstanceRecord.from_dataset(decoded),
+                        InstanceGeometry.from_dataset(decoded))
         except Exception:
             continue  # no key UIDs, or not a dataset pydicom decodes whole
         for _ in range(2):
-            assert InstanceRecord.from_dataset(dcmread(path, stop_before_pixels=True)) \
-                == expected, path
+            undecoded = dcmread(path, stop_before_pixels=True)
+            assert (InstanceRecord.from_dataset(undecoded),
+                    InstanceGeometry.from_dataset(undecoded)) == expected, path
         compared += 1
     assert compared > 40

@@ -82,6 +82,10 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return str(getattr(ds, keyword))
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    return ds.get(keyword)
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     """A single-valued attribute as text, or None when absent or empty."""
     value = ds.get(keyword)
@@ -234,7 +238,7 @@ class InstanceGeometry:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceGeometry:
-        rows, columns = ds.get("Rows"), ds.get("Columns")
+        rows, columns = _read(_value, ds, "Rows"), _read(_value, ds, "Columns")
         return cls(
             value_text(ds, 0x00200032), value_text(ds, 0x00200037), value_text(ds, 0x00280030),
             rows if isinstance(rows, int) else None,
