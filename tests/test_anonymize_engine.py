@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
+import pydicom.data
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -354,9 +356,6 @@ def test_an_engine_that_has_seen_other_objects_writes_the_same_bytes_as_a_fresh_
     """The engine remembers decoded elements a series repeats: after pydicom's test files
     (character sets, implicit and big-endian syntaxes, sequences) have gone through it,
     each file again gives the bytes a fresh engine gives it."""
-    import pydicom.data
-    from pathlib import Path
-
     folder = Path(pydicom.data.__file__).parent / "test_files"
     paths = sorted(p for p in folder.rglob("*") if p.is_file()
                    and p.stat().st_size < (1 << 20) and p.suffix in ("", ".dcm"))

@@ -119,6 +119,9 @@ class IngestService:
         self.hooks = hooks
         self.defer = defer
         self.encoder = HeaderEncoder()
+        #: Blobs are local files, which deferred values can be read from (checked once:
+        #: a runtime protocol check inspects the object each time).
+        self._local_blobs = isinstance(blobs, LocalBlobFiles)
 
     def ingest_bytes(self, data: bytes, source: Source,
                      override: Override | None = None) -> StoreResult:
@@ -215,20 +218,22 @@ class IngestService:
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
 
-    @staticmethod
-    def _defer_size(route: str) -> int:
+    def _defer_size(self, route: str) -> int:
         """Pixel values larger than this stay in the spool file until a step reads them.
 
         On the clinical route every pixel value stays there: the engine reads it only
         to mask burned-in text, and the stored object gets its pixel bytes copied from
         the spool file (or written by pydicom, reading them there). On the
-        deidentified route the spool file becomes the blob (:meth:`_promote` points
-        the dataset at it), so a hook that asks for the pixels reads them there.
-        Reading half a megabyte into memory first would be for nothing. The
-        annotator route builds a new dataset from the received one before it is
-        stored: values up to DEFER_SIZE are read while the spool file is there.
+        deidentified route the received file is stored as it is, and
+        :meth:`_promote` points the dataset at the blob, so a hook that asks for the
+        pixels reads them there. Reading half a megabyte into memory first would be
+        for nothing. The annotator route builds a new dataset from the received one
+        before it is stored, and a blob store without local files has no blob to
+        point at: values up to DEFER_SIZE are read while the spool file is there.
         """
-        return DEFER_SIZE if route == "annotator" else 0
+        if route == "annotator" or (route == "deidentified" and not self._local_blobs):
+            return DEFER_SIZE
+        return 0
 
     # --- the store decision, written once -------------------------------------
 
@@ -399,10 +404,13 @@ class IngestService:
         """
         if prepared.as_received:
             ref = self.blobs.put_file(spooled)
-            if isinstance(self.blobs, LocalBlobFiles) and not spooled.exists():
-                # Moved into the store: a value left on disk (the pixels) is read from
-                # the blob, the same bytes at the same offsets.
+            if self._local_blobs:
+                # The spool file may have been moved into the store (and the caller
+                # deletes it anyway): a value left on disk (the pixels) is read from the
+                # blob, the same bytes at the same offsets; a copied blob has its own
+                # modification time, which pydicom's deferred read need not check.
                 prepared.dataset.filename = str(self.blobs.local_path(ref.sha256))
+                prepared.dataset.timestamp = None
             return ref
         with self.blobs.writer() as out:
             if pixel_tail is None:
