@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
+import pydicom.data
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -348,3 +350,48 @@ def test_mask_policy_blanks_configured_regions_only():
     compressed = ct(BurnedInAnnotation="YES")
     compressed.compress(RLELossless, np.zeros((4, 4), dtype=np.uint16), encoding_plugin="pydicom")
     assert "compressed" in burned_in_risk(compressed, settings)
+
+
+def test_an_engine_that_has_seen_other_objects_writes_the_same_bytes_as_a_fresh_one(tmp_path):
+    """The engine remembers decoded elements a series repeats: after pydicom's test files
+    (character sets, implicit and big-endian syntaxes, sequences) have gone through it,
+    each file again gives the bytes a fresh engine gives it."""
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    paths = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and p.stat().st_size < (1 << 20) and p.suffix in ("", ".dcm"))
+
+    def deidentified(engine: Deidentifier, path: Path) -> bytes | str:
+        try:
+            return encode(engine.deidentify(dcmread(path, defer_size=4096)).dataset)
+        except Exception as exc:
+            return type(exc).__name__
+
+    # The same bytes of a kept text element under two character sets: decoded apart.
+    for number, (charset, text) in enumerate((("ISO_IR 100", "\u00e9TUDE"),
+                                              ("ISO_IR 144", "\u0449TUDE"))):
+        ds = ct(SpecificCharacterSet=charset, Manufacturer=text)
+        path = tmp_path / f"charset{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    assert len({p.read_bytes().split(b"\x08\x00\x70\x00LO")[1][:8] for p in paths[-2:]}) == 1
+
+    seasoned = Deidentifier(DeidSettings(), KEY)
+    for path in paths:
+        deidentified(seasoned, path)
+    compared = 0
+    for path in paths:
+        fresh = deidentified(Deidentifier(DeidSettings(), KEY), path)
+        assert deidentified(seasoned, path) == fresh, path
+        compared += isinstance(fresh, bytes)
+    assert compared > 40
+
+
+def test_changing_an_input_after_de_identification_does_not_change_the_next_output(tmp_path):
+    """The engine remembers decoded elements: not the caller's own, which it may change."""
+    path = tmp_path / "in.dcm"
+    ct(Manufacturer="ACME").save_as(path, enforce_file_format=True)
+    engine = Deidentifier(DeidSettings(), KEY)
+    first = dcmread(path)
+    assert engine.deidentify(first).dataset.Manufacturer == "ACME"
+    first.Manufacturer = "CHANGED"  # pydicom sets the decoded element's value in place
+    assert engine.deidentify(dcmread(path)).dataset.Manufacturer == "ACME"

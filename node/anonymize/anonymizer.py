@@ -29,6 +29,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, UID_dictionary
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
 from node import __version__
 from node.anonymize.descriptions import (
@@ -115,6 +116,10 @@ _TEMPORAL = MappingProxyType({
 })
 _CURVE_GROUPS = range(0x5000, 0x5020, 2)
 _PSEUDONYM_CACHE = 65536  # UIDs whose pseudonyms an engine keeps (a few MB at most)
+_DECODED_BYTES = 256  # longer undecoded values are decoded each time, never remembered
+# Decoded value types that cannot be changed in place (pydicom's own str, int and float
+# subclasses included): an element holding one can be shared between calls.
+_IMMUTABLE_VALUES = frozenset({str, bytes, int, float, UID, PersonName, DSfloat, DSdecimal, IS})
 
 # Plain ints, as the walk's tags are: comparing with a pydicom BaseTag calls its
 # Python-level __eq__, which was a tenth of the engine's time.
@@ -334,8 +339,8 @@ class _Call:
     value may contain, and the notes the evidence is built from (tags and paths
     only, never values)."""
 
-    __slots__ = ("keep_uid", "matcher", "notes", "offset", "prefix", "private_kept",
-                 "private_kept_creators", "private_seen", "residual", "uids")
+    __slots__ = ("charsets", "keep_uid", "matcher", "notes", "offset", "prefix",
+                 "private_kept", "private_kept_creators", "private_seen", "residual", "uids")
 
     def __init__(self, offset: TemporalOffset, matcher: TextMatcher,
                  keep_uid: Callable[[str], bool] | None = None) -> None:
@@ -351,6 +356,8 @@ class _Call:
         self.private_kept: list[KeptPrivate] = []
         self.private_kept_creators = 0
         self.residual: list[tuple[str, int]] = []
+        # The character set of each dataset walked (by id: they live as long as the call).
+        self.charsets: dict[int, str] = {}
 
     def note(self, category: str, tag: int) -> None:
         self.notes.append((category, self.prefix, tag))
@@ -435,6 +442,9 @@ class Deidentifier:
         # Bounded: emptied when full rather than grown without end (thread-safe as
         # the caches above: a concurrent fill writes the same value).
         self._pseudonyms: dict[str, str] = {}
+        # pydicom's decoding of undecoded elements a series repeats, only ever read
+        # (see _decoded); bounded like the pseudonyms.
+        self._decoded_cache: dict[tuple[Any, ...], DataElement] = {}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -681,10 +691,39 @@ class Deidentifier:
         if action == "Z" and vr == "SQ":
             call.note(EMPTIED, tag)
             return DataElement(tag, vr, Sequence())
-        elem = parent[tag]
+        elem = self._decoded(parent, tag, raw, call)
         if tag == _SEGMENT_LABEL:
             return self._segment_label(elem, parent, action, call)
         return self._apply(action, elem, parent, call)
+
+    def _decoded(self, parent: Dataset, tag: int, raw: DataElement | RawDataElement,
+                 call: _Call) -> DataElement:
+        """``parent[tag]``, remembered for undecoded values a series repeats in every
+        instance (its study, series, dates, equipment): pydicom decoding an element is
+        about a third of the walk. The key is everything the decoding depends on: tag,
+        VR as sent, bytes, byte order and the character set of the dataset it is
+        decoded in; elements whose decoding depends on other elements (an ambiguous VR,
+        private tags) and values that could be changed in place (multi-values,
+        sequences) are decoded each time. A remembered element is a copy no dataset
+        holds, and is only read: whatever the walk keeps leaves in a new element
+        (``_new``)."""
+        value = raw.value if isinstance(raw, RawDataElement) else None
+        if (type(value) is not bytes or len(value) > _DECODED_BYTES or (tag >> 16) & 1
+                or " or " in (raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag))):
+            return parent[tag]
+        charset = call.charsets.get(id(parent))
+        if charset is None:
+            charset = call.charsets[id(parent)] = repr(parent._character_set)
+        key = (tag, raw.VR, value, raw.is_little_endian, raw.is_implicit_VR, charset)
+        elem = self._decoded_cache.get(key)
+        if elem is None:
+            elem = parent[tag]
+            if elem.value is None or type(elem.value) in _IMMUTABLE_VALUES:
+                if len(self._decoded_cache) >= _PSEUDONYM_CACHE:
+                    self._decoded_cache.clear()
+                # A copy: the element in ``parent`` is the caller's to change.
+                self._decoded_cache[key] = copy.copy(elem)
+        return elem
 
     def _vr_rule(self, tag: int, vr: str) -> str:
         """Action for an attribute the table does not name: whitelist by VR."""

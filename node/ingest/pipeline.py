@@ -31,7 +31,6 @@ refused here (0x0124), so every way in refuses it the same way.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -41,11 +40,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import AuditEntry, AuditTrail, utc_now
+from node.ingest.part10 import HeaderEncoder
 from node.ingest.quarantine import AlreadyReleased, QuarantineArea, QuarantineEntry, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
@@ -76,6 +75,7 @@ from node.storage.interface import (
     BlobStore,
     Index,
     IndexUnavailable,
+    LocalBlobFiles,
     OutOfSpace,
     Reader,
     Transaction,
@@ -118,6 +118,10 @@ class IngestService:
         self.validator = validator
         self.hooks = hooks
         self.defer = defer
+        self.encoder = HeaderEncoder()
+        #: Blobs are local files, which deferred values can be read from (checked once:
+        #: a runtime protocol check inspects the object each time).
+        self._local_blobs = isinstance(blobs, LocalBlobFiles)
 
     def ingest_bytes(self, data: bytes, source: Source,
                      override: Override | None = None) -> StoreResult:
@@ -177,7 +181,7 @@ class IngestService:
             # The whole object: the parsed header with its pixel element deferred
             # when that can be done without parsing again, else the file parsed
             # whole, values over DEFER_SIZE (pixels) left on disk until written out.
-            whole = (with_deferred_pixels(received, DEFER_SIZE)
+            whole = (with_deferred_pixels(received, self._defer_size(source.route))
                      or dcmread(spooled, defer_size=DEFER_SIZE))
             prepared = self.router.prepare(whole, source.route)
             rec = InstanceRecord.from_dataset(prepared.dataset)
@@ -213,6 +217,23 @@ class IngestService:
             # The blob stays in the store unreferenced (fsck reports it); nothing
             # is half-indexed because the transaction rolled back.
             return self._failed(source, f"index unavailable: {exc}", rec.sop_instance_uid)
+
+    def _defer_size(self, route: str) -> int:
+        """Pixel values larger than this stay in the spool file until a step reads them.
+
+        On the clinical route every pixel value stays there: the engine reads it only
+        to mask burned-in text, and the stored object gets its pixel bytes copied from
+        the spool file (or written by pydicom, reading them there). On the
+        deidentified route the received file is stored as it is, and
+        :meth:`_promote` points the dataset at the blob, so a hook that asks for the
+        pixels reads them there. Reading half a megabyte into memory first would be
+        for nothing. The annotator route builds a new dataset from the received one
+        before it is stored, and a blob store without local files has no blob to
+        point at: values up to DEFER_SIZE are read while the spool file is there.
+        """
+        if route == "annotator" or (route == "deidentified" and not self._local_blobs):
+            return DEFER_SIZE
+        return 0
 
     # --- the store decision, written once -------------------------------------
 
@@ -377,22 +398,28 @@ class IngestService:
 
         When the route left the pixel data untouched and it ends the received
         file (``pixel_tail`` is where its element starts), only the header is
-        encoded and the pixel element's bytes are copied after it: the same bytes
-        pydicom would write, without reading the pixels into memory to write them.
+        encoded (:mod:`node.ingest.part10`: dcmwrite's bytes, cheaper) and the pixel
+        element's bytes are copied after it: the same bytes pydicom would write,
+        without reading the pixels into memory to write them.
         """
         if prepared.as_received:
-            return self.blobs.put_file(spooled)
+            ref = self.blobs.put_file(spooled)
+            if self._local_blobs:
+                # The spool file may have been moved into the store (and the caller
+                # deletes it anyway): a value left on disk (the pixels) is read from the
+                # blob, the same bytes at the same offsets; a copied blob has its own
+                # modification time, which pydicom's deferred read need not check.
+                prepared.dataset.filename = str(self.blobs.local_path(ref.sha256))
+                prepared.dataset.timestamp = None
+            return ref
         with self.blobs.writer() as out:
             if pixel_tail is None:
                 prepared.dataset.save_as(out, enforce_file_format=True)
             else:
-                header = copy.copy(prepared.dataset)  # shallow: the elements are shared
-                del header[_PIXEL_DATA]
-                # Encoded in memory (a few KB), then written at once: pydicom writes
-                # each element in several small pieces, each through the blob writer.
-                encoded = DicomBytesIO()
-                header.save_as(encoded, enforce_file_format=True)
-                out.write(encoded.getvalue())
+                out.write(self.encoder.encode(prepared.dataset, stop_before=_PIXEL_DATA))
+                # The dataset handed on (hooks, index) has no pixel element: its value
+                # is in the spool file, which the caller deletes.
+                del prepared.dataset[_PIXEL_DATA]
                 with open(spooled, "rb") as src:
                     src.seek(pixel_tail)
                     shutil.copyfileobj(src, out, 1 << 20)
@@ -497,11 +524,16 @@ def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> i
     if (_PIXEL_DATA not in out
             or out.get_item(_PIXEL_DATA, keep_deferred=True)
             is not whole.get_item(_PIXEL_DATA, keep_deferred=True)
-            or max(out.keys()) != _PIXEL_DATA or max(whole.keys()) != _PIXEL_DATA):
+            or _last_tag(out) != _PIXEL_DATA or _last_tag(whole) != _PIXEL_DATA):
         return None
     same_syntax = (out.file_meta.get("TransferSyntaxUID")
                    == whole.file_meta.get("TransferSyntaxUID"))
     return pixel.start if same_syntax else None
+
+
+def _last_tag(ds: Dataset) -> int:
+    """The highest tag, compared as plain ints (pydicom's tags compare in Python)."""
+    return max(map(int, ds.keys()))
 
 
 def _uid(ds, keyword: str) -> str:

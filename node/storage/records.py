@@ -10,9 +10,11 @@ their own objects (findings, masks, volumes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -39,6 +41,49 @@ def value_text(ds: Dataset, tag: int) -> str | None:
         return None
     values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
     return "\\".join(str(v) for v in values)
+
+
+#: What :func:`_read` worked out from an undecoded element, by everything that decides
+#: it (the reader, the tag, VR, bytes and byte order, and the data set's character set).
+#: A series repeats its patient, study and series attributes in every instance, and
+#: pydicom decoding an element (~10 µs) is most of reading a record off a header
+#: stored as received. Bounded: emptied when full.
+_READ: dict[tuple[Any, ...], Any] = {}
+_READ_ENTRIES = 4096
+_READ_BYTES = 256
+_CHARSET = 0x00080005
+
+
+def _read(reader: Callable[[Dataset, str], Any], ds: Dataset, keyword: str) -> Any:
+    """``reader(ds, keyword)``, remembered for undecoded elements of up to _READ_BYTES."""
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(tag) if tag is not None else None
+    if elem is None:
+        return None if tag is not None else reader(ds, keyword)
+    value = elem.value
+    if not elem.is_raw or type(value) is not bytes or len(value) > _READ_BYTES:
+        return reader(ds, keyword)
+    charset = ds._dict.get(_CHARSET)
+    key = (reader, tag, elem.VR, value, elem.is_little_endian, elem.is_implicit_VR,
+           None if charset is None else charset.value if charset.is_raw
+           else repr(charset.value))
+    try:
+        return _READ[key]
+    except KeyError:
+        pass
+    result = reader(ds, keyword)
+    if len(_READ) >= _READ_ENTRIES:
+        _READ.clear()
+    _READ[key] = result
+    return result
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    return str(getattr(ds, keyword))
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    return ds.get(keyword)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -123,30 +168,30 @@ class InstanceRecord:
         """Read the indexed attributes; raises ValueError when a key UID is missing."""
         cls.check_keys(ds)
         return cls(
-            patient_id=_text(ds, "PatientID") or "",
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID") or "",
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            instance_number=_int(ds, "InstanceNumber"),
-            series_date=_text(ds, "SeriesDate"),
-            series_time=_text(ds, "SeriesTime"),
-            content_date=_text(ds, "ContentDate"),
-            content_time=_text(ds, "ContentTime"),
-            acquisition_date_time=_text(ds, "AcquisitionDateTime"),
+            patient_id=_read(_text, ds, "PatientID") or "",
+            issuer_of_patient_id=_read(_text, ds, "IssuerOfPatientID") or "",
+            patient_name=_read(_text, ds, "PatientName"),
+            patient_birth_date=_read(_text, ds, "PatientBirthDate"),
+            patient_sex=_read(_text, ds, "PatientSex"),
+            study_instance_uid=_read(_uid, ds, "StudyInstanceUID"),
+            study_date=_read(_text, ds, "StudyDate"),
+            study_time=_read(_text, ds, "StudyTime"),
+            accession_number=_read(_text, ds, "AccessionNumber"),
+            study_id=_read(_text, ds, "StudyID"),
+            study_description=_read(_text, ds, "StudyDescription"),
+            referring_physician_name=_read(_text, ds, "ReferringPhysicianName"),
+            series_instance_uid=_read(_uid, ds, "SeriesInstanceUID"),
+            modality=_read(_text, ds, "Modality"),
+            series_number=_read(_int, ds, "SeriesNumber"),
+            series_description=_read(_text, ds, "SeriesDescription"),
+            sop_instance_uid=_read(_uid, ds, "SOPInstanceUID"),
+            sop_class_uid=_read(_uid, ds, "SOPClassUID"),
+            instance_number=_read(_int, ds, "InstanceNumber"),
+            series_date=_read(_text, ds, "SeriesDate"),
+            series_time=_read(_text, ds, "SeriesTime"),
+            content_date=_read(_text, ds, "ContentDate"),
+            content_time=_read(_text, ds, "ContentTime"),
+            acquisition_date_time=_read(_text, ds, "AcquisitionDateTime"),
         )
 
 
@@ -193,7 +238,7 @@ class InstanceGeometry:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceGeometry:
-        rows, columns = ds.get("Rows"), ds.get("Columns")
+        rows, columns = _read(_value, ds, "Rows"), _read(_value, ds, "Columns")
         return cls(
             value_text(ds, 0x00200032), value_text(ds, 0x00200037), value_text(ds, 0x00280030),
             rows if isinstance(rows, int) else None,

@@ -1,0 +1,33 @@
+"""Index records (and geometry) read off undecoded headers (remembered per element bytes) are the
+records of the same headers decoded: on pydicom's test files, character sets included,
+and twice in a row (the second time from what was remembered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom.data
+from pydicom import dcmread
+
+from node.storage.records import InstanceGeometry, InstanceRecord
+
+
+def test_records_off_undecoded_headers_equal_records_off_decoded_ones():
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    paths = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and p.stat().st_size < (1 << 20) and p.suffix in ("", ".dcm"))
+    compared = 0
+    for path in paths:
+        try:
+            decoded = dcmread(path, stop_before_pixels=True)
+            decoded.walk(lambda _ds, _elem: None)  # every element decoded
+            expected = (InstanceRecord.from_dataset(decoded),
+                        InstanceGeometry.from_dataset(decoded))
+        except Exception:
+            continue  # no key UIDs, or not a dataset pydicom decodes whole
+        for _ in range(2):
+            undecoded = dcmread(path, stop_before_pixels=True)
+            assert (InstanceRecord.from_dataset(undecoded),
+                    InstanceGeometry.from_dataset(undecoded)) == expected, path
+        compared += 1
+    assert compared > 40
