@@ -44,7 +44,6 @@ from pydicom.dataset import Dataset
 from node import status
 from node.anonymize.anonymizer import BurnedInTextRisk, DeidentificationError
 from node.audit.trail import AuditEntry, AuditTrail, utc_now
-from node.ingest.part10 import HeaderEncoder
 from node.ingest.quarantine import AlreadyReleased, QuarantineArea, QuarantineEntry, Refused
 from node.ingest.routes import Prepared, Router
 from node.ingest.rules import REJECT
@@ -69,6 +68,7 @@ from node.ingest.validate import (
     read_received,
     with_deferred_pixels,
 )
+from node.part10 import HeaderEncoder
 from node.status import Outcome
 from node.storage.interface import (
     BlobRef,
@@ -398,7 +398,7 @@ class IngestService:
 
         When the route left the pixel data untouched and it ends the received
         file (``pixel_tail`` is where its element starts), only the header is
-        encoded (:mod:`node.ingest.part10`: dcmwrite's bytes, cheaper) and the pixel
+        encoded (:mod:`node.part10`: dcmwrite's bytes, cheaper) and the pixel
         element's bytes are copied after it: the same bytes pydicom would write,
         without reading the pixels into memory to write them.
         """

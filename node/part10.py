@@ -14,7 +14,7 @@ and a header is joined mostly from remembered bytes. Nothing here encodes a valu
 every element's bytes come from pydicom, and whatever the fast path does not cover
 (sequences, decoded numbers and names, encodings pydicom would convert, file meta
 that dcmwrite would complete or correct) is handed to pydicom as it is, or the whole
-header to ``dcmwrite``. ``tests/test_ingest_part10.py`` holds the fast path to
+header to ``dcmwrite``. ``tests/test_part10.py`` holds the fast path to
 dcmwrite's bytes on pydicom's own test files.
 """
 

@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
-from node.ingest.part10 import HeaderEncoder
+from node.part10 import HeaderEncoder
 from tests import annotation_fixtures as fx
 
 _PIXELS = 0x7FE00010
