@@ -23,6 +23,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -79,6 +80,10 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("Association()", "_reactor_checkpoint", "attribute",
      "cleared while the association sends on its own (send_c_store): the loop waits"),
     ("Association()", "_kill", "attribute", "set by kill(): the reactor loop ends"),
+    ("association.Association", "kill", "method",
+     "replaced by one that joins the DUL thread instead of polling it every millisecond"),
+    ("dul.DULServiceProvider", "kill_dul", "method",
+     "sets the DUL's kill flag (and, in DulHooks, wakes its reactor)"),
     ("Association().dimse", "msg_queue", "attribute",
      "received DIMSE messages: replaced by a queue that wakes the reactor"),
     ("Association().dimse", "cancel_req", "attribute",
@@ -267,6 +272,26 @@ class AssociationHooks(Association):
     def serve_request(self, msg: Any, context_id: int) -> None:
         """Default: pynetdicom's own dispatch."""
         super()._serve_request(msg, context_id)
+
+    def kill(self) -> None:
+        """pynetdicom's ``kill`` without its busy wait for the DUL thread to end.
+
+        pynetdicom waits for the DUL to reach Sta1 (everything sent, the connection
+        closed), then ``stop_dul`` sets the DUL's kill flag and polls every millisecond
+        until the thread is gone; our DUL reactor sleeps up to :data:`IDLE_WAIT` on a
+        closed socket, so that was ~25 wake-ups (each taking the GIL) per association.
+        Here ``kill_dul`` wakes the reactor (DulHooks) and the thread is joined.
+        """
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        dul = self.dul
+        while dul.is_alive() and dul.state_machine.current_state != "Sta1":
+            time.sleep(0.01)  # pynetdicom's own period: the RP or RJ is still being sent
+        dul.kill_dul()
+        if dul.is_alive() and dul is not threading.current_thread():
+            dul.join()
 
 
 class _FdWakingQueue(queue.Queue):
