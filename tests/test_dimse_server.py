@@ -191,6 +191,24 @@ def test_a_whole_node_runs_in_process_on_port_zero(node):
     assert [ds.StudyInstanceUID for ds in found] == node.uids[PLAIN.seed + "/study"]
 
 
+def test_each_echo_answer_names_its_own_request(node):
+    """C-ECHO answers are encoded once and reused (node.dimse.compat._EchoAnswers): each
+    still answers the message ID it was asked with, across associations."""
+    answered: list[int] = []
+
+    def on_recv(event):
+        answered.append(int(event.message.command_set.MessageIDBeingRespondedTo))
+
+    for ids in ([7, 8, 7], [8, 65535]):
+        assoc = associate(_client(), "127.0.0.1", node.port, node.ae_title,
+                          [(evt.EVT_DIMSE_RECV, on_recv)])
+        try:
+            assert [int(assoc.send_c_echo(msg_id=i).Status) for i in ids] == [0] * len(ids)
+        finally:
+            assoc.release()
+    assert answered == [7, 8, 7, 8, 65535]
+
+
 def test_stop_closes_the_port_and_a_new_server_can_start(node):
     other = build_dimse_server(node.ctx).start()
     port = other.port
