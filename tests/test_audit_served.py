@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
@@ -49,4 +50,40 @@ def test_report_logs_the_level_without_clobbering_the_log_level(tmp_path, caplog
                {"level": "STUDY", "matches": 3}, failed=False)
     [record] = caplog.records
     assert record.fields["query_level"] == "STUDY" and "level" not in record.fields
+    index.close()
+
+
+def _queue(tmp_path):
+    index = SqliteIndex(tmp_path / "index.sqlite3")
+    index.migrate()
+    audit = AuditTrail(index, HeadCheckpoint(tmp_path / "head.json", tmp_path / "key.pem"))
+    events = AuditQueue(audit)
+    events.start()
+    return index, events
+
+
+def _actions(index) -> list[str]:
+    with index.connection() as conn:
+        return [a for (a,) in conn.execute("SELECT action FROM audit_event ORDER BY seq")]
+
+
+def test_flush_writes_events_that_could_wait_longer_at_once(tmp_path):
+    index, events = _queue(tmp_path)
+    for how in ("accepted", "released"):
+        events.put(f"association.{how}", Actor(ae_title="C"), {}, "success", linger=600)
+    assert events.flush(timeout=10)  # not after the 600 s the events could have waited
+    assert _actions(index) == ["association.accepted", "association.released"]
+    events.stop()
+    index.close()
+
+
+def test_a_batch_is_written_by_its_most_urgent_event(tmp_path):
+    index, events = _queue(tmp_path)
+    events.put("association.accepted", Actor(ae_title="C"), {}, "success", linger=600)
+    events.put("query.find", Actor(ae_title="C"), {}, "success")  # within LINGER
+    deadline = time.monotonic() + 10
+    while len(_actions(index)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _actions(index) == ["association.accepted", "query.find"]
+    events.stop()
     index.close()

@@ -15,7 +15,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from node.config import NodeSettings
 from node.dimse import compat
+from node.dimse.ae import build_scp
 from node.sop_classes import STORAGE_SOP_CLASSES
 
 
@@ -30,8 +32,8 @@ def _owner(where: str) -> object:
         for part in where.removeprefix("Association()").split(".")[1:]:
             obj = getattr(obj, part)
         return obj
-    if where == "_config":
-        return importlib.import_module("pynetdicom._config")
+    if "." not in where:  # a module: _config, acse
+        return importlib.import_module(f"pynetdicom.{where}")
     module, _, name = where.rpartition(".")
     if name.endswith("()"):  # an instance of the class, for attributes set in __init__
         return getattr(importlib.import_module(f"pynetdicom.{module}"), name[:-2])()
@@ -124,3 +126,34 @@ def test_pdu_helpers_round_trip():
     abort = A_ABORT_RQ()
     abort.decode(compat.encode_abort_rq(0x00))
     assert abort.source == 0x00
+
+
+def test_a_remembered_negotiation_is_pynetdicoms_own_result():
+    from pynetdicom.presentation import build_context, negotiate_as_acceptor
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    supported = compat.SharedContexts(build_scp(NodeSettings()).supported_contexts)
+    requested = [build_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+                 build_context(MRImageStorage, ["1.2.840.10008.1.2.4.50"]),
+                 build_context("1.2.3.4.5", ["1.2.840.10008.1.2"]),  # not supported
+                 build_context(Verification, ["9.9.9"])]  # no common transfer syntax
+    for n, cx in enumerate(requested):
+        cx.context_id = 2 * n + 1
+    roles = {CTImageStorage: (False, True)}
+
+    def outcome(results, role_items):
+        return ([(cx.context_id, cx.abstract_syntax, cx.transfer_syntax, cx.result,
+                  cx.as_scu, cx.as_scp) for cx in results],
+                [(r.sop_class_uid, r.scu_role, r.scp_role) for r in role_items])
+
+    expected = outcome(*negotiate_as_acceptor(requested, list(supported), roles))
+    first = compat.negotiate_shared(requested, supported, roles)
+    second = compat.negotiate_shared(requested, supported, roles)
+    assert outcome(*first) == outcome(*second) == expected
+    assert len(supported.negotiated) == 1
+    assert not set(map(id, first[0])) & set(map(id, second[0]))  # each gets its own contexts
+    assert [r for *_, r, _, _ in expected[0]] == [0, 0, 3, 4]
+    requested[1].transfer_syntax = ["1.2.840.10008.1.2.1"]  # another request: negotiated anew
+    assert outcome(*compat.negotiate_shared(requested, supported, roles))[0][1][2] == \
+        ["1.2.840.10008.1.2.1"]
+    assert len(supported.negotiated) == 2

@@ -11,6 +11,8 @@ process, and the node spools what it receives to files
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -37,12 +39,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from node.acceptor import Acceptor, WorkerChannel
 from node.context import NodeContext
 from node.dimse.ae import associate
 from node.dimse.server import build_dimse_server
 from tests.harness import (
     InProcessNode,
     StorageSCP,
+    echo,
     received_dataset,
     stored_dataset_bytes,
     write_config,
@@ -189,6 +193,58 @@ def test_a_whole_node_runs_in_process_on_port_zero(node):
     finally:
         assoc.release()
     assert [ds.StudyInstanceUID for ds in found] == node.uids[PLAIN.seed + "/study"]
+
+
+def test_each_echo_answer_names_its_own_request(node):
+    """C-ECHO answers are encoded once and reused (node.dimse.compat._EchoAnswers): each
+    still answers the message ID it was asked with, across associations."""
+    answered: list[int] = []
+
+    def on_recv(event):
+        answered.append(int(event.message.command_set.MessageIDBeingRespondedTo))
+
+    for ids in ([7, 8, 7], [8, 65535]):
+        assoc = associate(_client(), "127.0.0.1", node.port, node.ae_title,
+                          [(evt.EVT_DIMSE_RECV, on_recv)])
+        try:
+            assert [int(assoc.send_c_echo(msg_id=i).Status) for i in ids] == [0] * len(ids)
+        finally:
+            assoc.release()
+    assert answered == [7, 8, 7, 8, 65535]
+
+
+def test_a_handed_connection_counts_while_its_association_lives(node):
+    """A worker serving handed connections reports each one open until its association's
+    thread has ended (released, or aborted by the PDU guard), with no thread waiting."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    acceptor = Acceptor(listener).start()
+    supervisor_end, worker_end = socket.socketpair()
+    acceptor.add("worker", supervisor_end)
+    server = build_dimse_server(node.ctx).start(WorkerChannel(worker_end))
+    try:
+        assoc = associate(_client(), "127.0.0.1", acceptor.port, node.ae_title)
+        assert assoc.is_established
+        _until(lambda: acceptor.counts() == {"worker": 1})
+        assoc.release()
+        _until(lambda: acceptor.counts() == {"worker": 0})
+        with socket.create_connection(("127.0.0.1", acceptor.port)) as bad:
+            bad.sendall(struct.pack(">BBL", 0x53, 0, 4) + b"\0" * 4)  # unknown PDU type
+            bad.settimeout(5)
+            while bad.recv(4096):
+                pass
+        _until(lambda: acceptor.counts() == {"worker": 0})
+        assert echo(acceptor.port, "CLIENT", node.ae_title) == 0
+        _until(lambda: acceptor.counts() == {"worker": 0})
+    finally:
+        server.stop()
+        acceptor.stop()
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def test_stop_closes_the_port_and_a_new_server_can_start(node):

@@ -12,6 +12,15 @@ context stops (:meth:`AuditQueue.stop`). What a crash can lose is the events of 
 answered in that last fraction of a second; these requests read, they never
 change what is stored (stores are audited synchronously, in the ingest
 transaction).
+
+Association events (accepted, released, aborted) come through here too, with a
+longer wait, :data:`ASSOCIATION_LINGER`: an echo-and-release cycle takes
+milliseconds, so with the query events' 50 ms nearly every association paid for
+a transaction of its own (its fsync, its head signature), the larger part of the
+node's CPU per association for a peer that opens one at a time. A crash can lose
+the association events of that last quarter second; a batch holding any query
+event is still written within :data:`LINGER`, and :meth:`AuditQueue.flush` writes
+what is queued at once.
 """
 
 from __future__ import annotations
@@ -28,10 +37,15 @@ from node.storage.interface import IndexUnavailable
 log = logging.getLogger("lamina.audit")
 
 LINGER = 0.05  # seconds a batch waits for more events before it is written
+ASSOCIATION_LINGER = 0.25  # the same, for association events (see above)
 _MAX_BATCH = 500
 _RETRY_DELAYS = (0.1, 0.5, 2.0)  # an index that is briefly locked gets a few more tries
 
 _Event = tuple[str, Actor, dict[str, Any], str]
+#: What the queue carries: an event and the monotonic time it must be written by;
+#: None ends the writer, _HURRY (from flush) writes the current batch now.
+_Item = tuple[_Event, float] | None
+_HURRY = ((), 0.0)
 
 
 class AuditQueue:
@@ -43,7 +57,7 @@ class AuditQueue:
 
     def __init__(self, audit: AuditTrail) -> None:
         self.audit = audit
-        self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
@@ -55,18 +69,23 @@ class AuditQueue:
             self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
             self._thread.start()
 
-    def put(self, action: str, actor: Actor, obj: dict[str, Any], outcome: str) -> None:
-        """Queue one event; written at once (in this thread) when the writer is not running."""
+    def put(self, action: str, actor: Actor, obj: dict[str, Any], outcome: str,
+            linger: float = LINGER) -> None:
+        """Queue one event, written within ``linger`` seconds; written at once (in this
+        thread) when the writer is not running."""
         if self._thread is None:
             self._write([(action, actor, obj, outcome)])
             return
         with self._lock:
             self._pending += 1
             self._idle.clear()
-        self._events.put((action, actor, obj, outcome))
+        self._events.put(((action, actor, obj, outcome), time.monotonic() + linger))
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued event is written (or given up on); False on timeout."""
+        """Write every queued event now and wait until it is written (or given up on);
+        False on timeout."""
+        if self._thread is not None and not self._idle.is_set():
+            self._events.put(_HURRY)
         return self._idle.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -83,18 +102,24 @@ class AuditQueue:
             first = self._events.get()
             if first is None:
                 return
-            batch = [first]
-            deadline = time.monotonic() + LINGER
+            if first is _HURRY:
+                continue  # nothing was waiting
+            event, deadline = first
+            batch = [event]
             stopping = False
             while len(batch) < _MAX_BATCH:
                 try:
-                    event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if event is None:
+                if item is None:
                     stopping = True
                     break
+                if item is _HURRY:
+                    break
+                event, due = item
                 batch.append(event)
+                deadline = min(deadline, due)
             self._write(batch)
             with self._lock:
                 self._pending -= len(batch)

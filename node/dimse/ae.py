@@ -93,9 +93,17 @@ GC_INTERVAL = 30.0
 
 
 class LaminaServer(ThreadedAssociationServer):
-    """Association server with SO_REUSEPORT and TCP_NODELAY on accepted sockets."""
+    """Association server with SO_REUSEPORT and TCP_NODELAY on accepted sockets.
+
+    With ``handle_inline`` (no TLS handshake, no PROXY header: nothing about a new
+    connection can block) the accepting thread builds and starts each association
+    itself: socketserver's thread per connection only started the association's own
+    thread and ended, one thread creation and one hand-over more per association.
+    """
 
     _last_gc = 0.0
+    #: Set by the DIMSE server when building an association reads nothing from the peer.
+    handle_inline = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +126,18 @@ class LaminaServer(ThreadedAssociationServer):
         client, address = super().get_request()
         set_nodelay(client)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In a thread of its own (socketserver), or here with ``handle_inline``: what
+        pynetdicom's ``process_request_thread`` does, without the thread."""
+        if not self.handle_inline:
+            super().process_request(request, client_address)
+            return
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
 
     def service_actions(self) -> None:
         """pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop (to
@@ -150,7 +170,7 @@ class HandedServer(LaminaServer):
         pass
 
     def serve_handed(self, client: socket.socket) -> None:
-        """Serve one handed connection in its own thread (as an accepted one would be)."""
+        """Serve one handed connection (as an accepted one would be)."""
         self._count(+1)
         try:
             address = client.getpeername()
@@ -159,23 +179,25 @@ class HandedServer(LaminaServer):
         try:
             self.process_request(client, address)
         except Exception:
-            self._count(-1)
+            self._count(-1)  # no thread took the connection
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._count(-1)
-
     def finish_request(self, request: Any, client_address: Any) -> None:
-        """Handle the request, then wait for its association to end: pynetdicom runs the
-        association in a thread of its own and returns at once, and the count must
-        cover the association's life, not its start (this thread only waits)."""
-        handler = self.RequestHandlerClass(request, client_address, self)
-        assoc = getattr(handler, "assoc", None)
-        if assoc is not None and assoc.ident is not None:  # started
-            assoc.join()
+        """Handle the request. The open count covers the association's life, not its
+        start: a started association counts itself out when its thread ends
+        (:meth:`association_ended`, called by compat.AssociationHooks.run); a connection
+        that never became one (a failed TLS handshake, a refused PROXY header) now."""
+        started = False
+        try:
+            handler = self.RequestHandlerClass(request, client_address, self)
+            assoc = getattr(handler, "assoc", None)
+            started = assoc is not None and assoc.ident is not None
+        finally:
+            if not started:
+                self._count(-1)
+
+    def association_ended(self) -> None:
+        self._count(-1)
 
     def _count(self, delta: int) -> None:
         with self._open_lock:

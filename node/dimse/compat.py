@@ -16,6 +16,7 @@ it subclasses the hook classes below and calls the accessors.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -23,18 +24,21 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from pynetdicom import _config, evt
+from pynetdicom import _config, acse, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import DIMSEPrimitive
+from pynetdicom.dimse_messages import C_ECHO_RSP
+from pynetdicom.dimse_primitives import C_ECHO, DIMSEPrimitive
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger("lamina.dimse")
@@ -55,6 +59,13 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      " it deep-copies the server's contexts, which SharedContexts makes a no-op"),
     ("Association()", "_accepted_cx", "attribute",
      "accepted presentation contexts by ID, looked up as pynetdicom does per request"),
+    ("service_class.VerificationServiceClass", "dimse", "attribute",
+     "the DIMSE provider the C-ECHO answer is sent through: memoised (_EchoAnswers)"),
+    ("dimse_messages.C_ECHO_RSP", "encode_msg", "method",
+     "the C-ECHO answer, encoded once per distinct answer"),
+    ("acse", "negotiate_as_acceptor", "method",
+     "the acceptor's presentation context negotiation, remembered per distinct request"
+     " for our servers' SharedContexts (negotiate_shared)"),
     ("Association()", "_sent_release", "attribute",
      "requests arriving during release are ignored, as pynetdicom does"),
     ("Association()", "_is_paused", "attribute",
@@ -79,6 +90,10 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("Association()", "_reactor_checkpoint", "attribute",
      "cleared while the association sends on its own (send_c_store): the loop waits"),
     ("Association()", "_kill", "attribute", "set by kill(): the reactor loop ends"),
+    ("association.Association", "kill", "method",
+     "replaced by one that joins the DUL thread instead of polling it every millisecond"),
+    ("dul.DULServiceProvider", "kill_dul", "method",
+     "sets the DUL's kill flag (and, in DulHooks, wakes its reactor)"),
     ("Association().dimse", "msg_queue", "attribute",
      "received DIMSE messages: replaced by a queue that wakes the reactor"),
     ("Association().dimse", "cancel_req", "attribute",
@@ -159,6 +174,9 @@ def configure_process() -> None:
     # The "standard" level binds four debug-logging handlers to every association, run
     # on every PDU and DIMSE message even though pynetdicom's logger is at WARNING.
     _config.LOG_HANDLER_LEVEL = "none"
+    # Only our servers' SharedContexts are remembered; every other acceptor negotiates
+    # as before (negotiate_shared hands it to pynetdicom's own function).
+    acse.negotiate_as_acceptor = negotiate_shared
 
 
 def configure_scu() -> None:
@@ -178,10 +196,48 @@ class SharedContexts(list):
     that is thousands of objects, a large part of an association's set-up CPU.
     Negotiation only reads them (``presentation.negotiate_as_acceptor`` builds new
     result contexts), so one list serves every association: copying returns it.
+
+    It also keeps the outcome of each distinct negotiation (:func:`negotiate_shared`):
+    a peer proposing a hundred storage contexts cost ~1.4 ms of negotiation per
+    association, and a peer proposes the same ones every time.
     """
+
+    def __init__(self, contexts: Any = ()) -> None:
+        super().__init__(contexts)
+        #: (requested contexts, requested roles) -> pynetdicom's (results, role items)
+        self.negotiated: dict[tuple, tuple[list[PresentationContext], list]] = {}
 
     def __deepcopy__(self, memo: dict) -> SharedContexts:
         return self
+
+
+#: Distinct negotiations kept per server (requests are the peer's to choose).
+NEGOTIATIONS_KEPT = 256
+_pynetdicom_negotiate = acse.negotiate_as_acceptor
+
+
+def negotiate_shared(rq_contexts: list[PresentationContext], ac_contexts: Any,
+                     roles: dict | None = None) -> tuple[list[PresentationContext], list]:
+    """``presentation.negotiate_as_acceptor`` (pynetdicom's, unchanged for any other
+    acceptor), remembered per distinct request for a server's :class:`SharedContexts`.
+
+    Its result depends on nothing but the requested contexts (ID, abstract syntax,
+    transfer syntaxes), the requested roles and the supported contexts, which a
+    SharedContexts never changes. Each association gets its own copy of the result
+    contexts; the role items are only encoded into the A-ASSOCIATE-AC.
+    """
+    if not isinstance(ac_contexts, SharedContexts):
+        return _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+    key = (tuple((cx.context_id, cx.abstract_syntax, tuple(cx.transfer_syntax))
+                 for cx in rq_contexts),
+           tuple(sorted((roles or {}).items())))
+    known = ac_contexts.negotiated.get(key)
+    if known is None:
+        known = _pynetdicom_negotiate(rq_contexts, ac_contexts, roles)
+        if len(ac_contexts.negotiated) < NEGOTIATIONS_KEPT:
+            ac_contexts.negotiated[key] = known
+    results, role_items = known
+    return [copy.copy(cx) for cx in results], list(role_items)
 
 
 
@@ -218,8 +274,34 @@ class AssociationHooks(Association):
     until something arrives, or :data:`IDLE_WAIT` for the timers and a dead DUL.
     """
 
+    def run(self) -> None:  # Thread.run: the association's thread
+        try:
+            super().run()
+        finally:
+            ended = getattr(self, "lamina_ended", None)
+            if ended is not None:
+                ended()
+
     def _serve_request(self, msg: Any, context_id: int) -> None:
+        if isinstance(msg, C_ECHO) and not self._sent_release \
+                and msg.AffectedSOPClassUID == Verification:
+            context = self._accepted_cx.get(context_id)
+            if context is not None:
+                self.serve_echo(msg, context)
+                return
         self.serve_request(msg, context_id)
+
+    def serve_echo(self, msg: C_ECHO, context: PresentationContext) -> None:
+        """A C-ECHO: pynetdicom's Verification service (its handler call and status
+        checks), with the answer's encoding memoised (:class:`_EchoAnswers`). As
+        pynetdicom's dispatch does, a failure aborts the association."""
+        try:
+            self._is_paused = True
+            _MemoisedVerification(self).SCP(msg, context)
+            self._is_paused = False
+        except Exception:
+            log.exception("C-ECHO failed, aborting the association")
+            self.abort()
 
     def _run_reactor(self) -> None:
         wake: threading.Event | None = getattr(self, "lamina_wake", None)
@@ -272,6 +354,70 @@ class AssociationHooks(Association):
     def serve_request(self, msg: Any, context_id: int) -> None:
         """Default: pynetdicom's own dispatch."""
         super()._serve_request(msg, context_id)
+
+    def kill(self) -> None:
+        """pynetdicom's ``kill`` without its busy wait for the DUL thread to end.
+
+        pynetdicom waits for the DUL to reach Sta1 (everything sent, the connection
+        closed), then ``stop_dul`` sets the DUL's kill flag and polls every millisecond
+        until the thread is gone; our DUL reactor sleeps up to :data:`IDLE_WAIT` on a
+        closed socket, so that was ~25 wake-ups (each taking the GIL) per association.
+        Here ``kill_dul`` wakes the reactor (DulHooks) and the thread is joined.
+        """
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        dul = self.dul
+        while dul.is_alive() and dul.state_machine.current_state != "Sta1":
+            time.sleep(0.01)  # pynetdicom's own period: the RP or RJ is still being sent
+        dul.kill_dul()
+        if dul.is_alive() and dul is not threading.current_thread():
+            dul.join()
+
+
+#: Encoded C-ECHO answers by (context ID, peer's maximum PDU, message ID, status):
+#: bounded, as message IDs are the peer's to choose (most send 1).
+_ECHO_ANSWERS: dict[tuple[int, int, int, int], list[list]] = {}
+_ECHO_ANSWERS_MAX = 256
+
+
+class _EchoAnswers:
+    """Stands in for the DIMSE provider of :class:`_MemoisedVerification`: ``send_msg``
+    of a C-ECHO response encoded by pynetdicom once per distinct answer, then reused.
+
+    Encoding the six-element command set through pydicom costs ~0.7 ms, an eighth of
+    an associate / C-ECHO / release cycle's CPU, for bytes that are the same in every
+    association. (EVT_DIMSE_SENT is not triggered for it: nothing of ours binds it.)
+    """
+
+    def __init__(self, dimse: Any) -> None:
+        self.dimse = dimse
+
+    def send_msg(self, primitive: C_ECHO, context_id: int) -> None:
+        max_pdu = int(self.dimse.maximum_pdu_size or 0)
+        key = (context_id, max_pdu, int(primitive.MessageIDBeingRespondedTo),
+               int(primitive.Status))
+        values = _ECHO_ANSWERS.get(key)
+        if values is None:
+            message = C_ECHO_RSP()
+            message.primitive_to_message(primitive)
+            values = [pdata.presentation_data_value_list
+                      for pdata in message.encode_msg(context_id, max_pdu)]
+            if len(_ECHO_ANSWERS) < _ECHO_ANSWERS_MAX:
+                _ECHO_ANSWERS[key] = values
+        for value_list in values:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = [list(pdv) for pdv in value_list]
+            self.dimse.dul.send_pdu(pdata)
+
+
+class _MemoisedVerification(VerificationServiceClass):
+    """pynetdicom's Verification SCP whose answer goes through :class:`_EchoAnswers`."""
+
+    @property
+    def dimse(self) -> Any:
+        return _EchoAnswers(self.assoc.dimse)
 
 
 class _FdWakingQueue(queue.Queue):
@@ -468,10 +614,16 @@ def adopt(assoc: Association, cls: type[AssociationHooks]) -> None:
 
 
 class RequestHandlerHooks(RequestHandler):
-    """A request handler whose new associations pass through :meth:`created`."""
+    """A request handler whose new associations pass through :meth:`created`.
+
+    A server with an ``association_ended()`` method hears each association's thread
+    end (:meth:`AssociationHooks.run`): no thread of its own need wait for it.
+    """
 
     def _create_association(self) -> Association:
-        return self.created(super()._create_association())
+        assoc = self.created(super()._create_association())
+        assoc.lamina_ended = getattr(self.server, "association_ended", None)
+        return assoc
 
     def created(self, assoc: Association) -> Association:
         """Default: the association as pynetdicom built it."""

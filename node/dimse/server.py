@@ -150,6 +150,7 @@ class DimseServer:
                                     tls=self.tls_context, tls_settings=self.tls_settings,
                                     proxy=self.proxy, store=self.store))
         self._server = server
+        server.handle_inline = self.tls_context is None and self.proxy is None
         if channel is not None:
             assert isinstance(server, HandedServer)
             server.on_count = channel.report

@@ -4,11 +4,12 @@ Thin by design: the rules live in :mod:`node.policy`; this module applies them
 to pynetdicom events and keeps one :class:`Session` per live association.
 
 Accepted / released / aborted events go through the context's audit queue
-(:mod:`node.audit.served`), committed in batches like the query events: a
-transaction with its fsync and signed head per event was most of an
-echo-and-release cycle's cost. They change nothing stored; every store's own
-event stays inside its ingest transaction. Rejections stay synchronous (rare,
-and the record of a refused peer should not wait).
+(:mod:`node.audit.served`), committed in batches like the query events but
+waiting longer for company (``ASSOCIATION_LINGER``): a transaction with its
+fsync and signed head per event was most of an echo-and-release cycle's cost.
+They change nothing stored; every store's own event stays inside its ingest
+transaction. Rejections stay synchronous (rare, and the record of a refused
+peer should not wait).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 
 from node import status
+from node.audit.served import ASSOCIATION_LINGER
 from node.audit.trail import Actor
 from node.config import Peer
 from node.context import NodeContext
@@ -167,7 +169,8 @@ class Sessions:
         log.info("association accepted", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
             "address": session.address, "peer": peer}})
-        self.ctx.events.put("association.accepted", session.actor, {"peer": peer}, "success")
+        self.ctx.events.put("association.accepted", session.actor, {"peer": peer}, "success",
+                            ASSOCIATION_LINGER)
 
     def on_released(self, event: evt.Event) -> None:
         """Runs before the A-RELEASE-RP is sent: the slots are free when the peer,
@@ -190,7 +193,8 @@ class Sessions:
             "stored": session.stored, "failed": session.failed}})
         self.ctx.events.put(f"association.{how}", session.actor,
                             {"stored": session.stored, "failed": session.failed},
-                            "success" if how == "released" else "minor-failure")
+                            "success" if how == "released" else "minor-failure",
+                            ASSOCIATION_LINGER)
 
     def on_closed(self, event: evt.Event) -> None:
         """The socket is gone: an association that ended without release was aborted."""
