@@ -196,8 +196,8 @@ def test_a_whole_node_runs_in_process_on_port_zero(node):
 
 
 def test_each_echo_answer_names_its_own_request(node):
-    """C-ECHO answers are encoded once and reused (node.dimse.compat._EchoAnswers): each
-    still answers the message ID it was asked with, across associations."""
+    """C-ECHO answers are built by the receiver (node.dimse.receive), not pynetdicom:
+    each answers the message ID it was asked with, across associations."""
     answered: list[int] = []
 
     def on_recv(event):

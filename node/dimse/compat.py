@@ -31,14 +31,12 @@ from typing import Any
 
 from pynetdicom import _config, acse, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_ECHO_RSP
-from pynetdicom.dimse_primitives import C_ECHO, DIMSEPrimitive
+from pynetdicom.dimse_primitives import DIMSEPrimitive
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger("lamina.dimse")
@@ -59,10 +57,6 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
      " it deep-copies the server's contexts, which SharedContexts makes a no-op"),
     ("Association()", "_accepted_cx", "attribute",
      "accepted presentation contexts by ID, looked up as pynetdicom does per request"),
-    ("service_class.VerificationServiceClass", "dimse", "attribute",
-     "the DIMSE provider the C-ECHO answer is sent through: memoised (_EchoAnswers)"),
-    ("dimse_messages.C_ECHO_RSP", "encode_msg", "method",
-     "the C-ECHO answer, encoded once per distinct answer"),
     ("acse", "negotiate_as_acceptor", "method",
      "the acceptor's presentation context negotiation, remembered per distinct request"
      " for our servers' SharedContexts (negotiate_shared)"),
@@ -283,25 +277,7 @@ class AssociationHooks(Association):
                 ended()
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
-        if isinstance(msg, C_ECHO) and not self._sent_release \
-                and msg.AffectedSOPClassUID == Verification:
-            context = self._accepted_cx.get(context_id)
-            if context is not None:
-                self.serve_echo(msg, context)
-                return
         self.serve_request(msg, context_id)
-
-    def serve_echo(self, msg: C_ECHO, context: PresentationContext) -> None:
-        """A C-ECHO: pynetdicom's Verification service (its handler call and status
-        checks), with the answer's encoding memoised (:class:`_EchoAnswers`). As
-        pynetdicom's dispatch does, a failure aborts the association."""
-        try:
-            self._is_paused = True
-            _MemoisedVerification(self).SCP(msg, context)
-            self._is_paused = False
-        except Exception:
-            log.exception("C-ECHO failed, aborting the association")
-            self.abort()
 
     def _run_reactor(self) -> None:
         wake: threading.Event | None = getattr(self, "lamina_wake", None)
@@ -374,50 +350,6 @@ class AssociationHooks(Association):
         dul.kill_dul()
         if dul.is_alive() and dul is not threading.current_thread():
             dul.join()
-
-
-#: Encoded C-ECHO answers by (context ID, peer's maximum PDU, message ID, status):
-#: bounded, as message IDs are the peer's to choose (most send 1).
-_ECHO_ANSWERS: dict[tuple[int, int, int, int], list[list]] = {}
-_ECHO_ANSWERS_MAX = 256
-
-
-class _EchoAnswers:
-    """Stands in for the DIMSE provider of :class:`_MemoisedVerification`: ``send_msg``
-    of a C-ECHO response encoded by pynetdicom once per distinct answer, then reused.
-
-    Encoding the six-element command set through pydicom costs ~0.7 ms, an eighth of
-    an associate / C-ECHO / release cycle's CPU, for bytes that are the same in every
-    association. (EVT_DIMSE_SENT is not triggered for it: nothing of ours binds it.)
-    """
-
-    def __init__(self, dimse: Any) -> None:
-        self.dimse = dimse
-
-    def send_msg(self, primitive: C_ECHO, context_id: int) -> None:
-        max_pdu = int(self.dimse.maximum_pdu_size or 0)
-        key = (context_id, max_pdu, int(primitive.MessageIDBeingRespondedTo),
-               int(primitive.Status))
-        values = _ECHO_ANSWERS.get(key)
-        if values is None:
-            message = C_ECHO_RSP()
-            message.primitive_to_message(primitive)
-            values = [pdata.presentation_data_value_list
-                      for pdata in message.encode_msg(context_id, max_pdu)]
-            if len(_ECHO_ANSWERS) < _ECHO_ANSWERS_MAX:
-                _ECHO_ANSWERS[key] = values
-        for value_list in values:
-            pdata = P_DATA()
-            pdata.presentation_data_value_list = [list(pdv) for pdv in value_list]
-            self.dimse.dul.send_pdu(pdata)
-
-
-class _MemoisedVerification(VerificationServiceClass):
-    """pynetdicom's Verification SCP whose answer goes through :class:`_EchoAnswers`."""
-
-    @property
-    def dimse(self) -> Any:
-        return _EchoAnswers(self.assoc.dimse)
 
 
 class _FdWakingQueue(queue.Queue):
