@@ -139,15 +139,20 @@ def test_pinning_needs_tls_only_and_a_ca(tmp_path):
         config.settings()
 
 
-def test_lamina_send_speaks_tls_to_a_peer_configured_for_it(tmp_path, pki, phantom_files):
+def _tls_sender(tmp_path: Path, pki: dict, port: int):
+    """A sender's config whose peer "archive" (the node on ``port``) is reached over TLS."""
     d = pki["dir"]
+    return write_config(
+        tmp_path / "sender",
+        peers={"archive": peer(NODE_AET, "store", port=port, tls=True)},
+        tls={"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
+             "key": str(d / "client.key")},
+        node={"ae_title": TEST_AET})
+
+
+def test_lamina_send_speaks_tls_to_a_peer_configured_for_it(tmp_path, pki, phantom_files):
     with InProcessNode(_config(tmp_path, pki)) as receiver:
-        sender = write_config(
-            tmp_path / "sender",
-            peers={"archive": peer(NODE_AET, "store", port=receiver.port, tls=True)},
-            tls={"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
-                 "key": str(d / "client.key")},
-            node={"ae_title": TEST_AET})
+        sender = _tls_sender(tmp_path, pki, receiver.port)
         result = lamina("send", str(phantom_files[0]), "--to", "archive", config=sender)
         assert result.exit_code == 0, result.output
         assert receiver.rows("SELECT COUNT(*) FROM instance") == [(1,)]
@@ -161,14 +166,8 @@ def test_lamina_send_speaks_tls_to_a_peer_configured_for_it(tmp_path, pki, phant
 def test_a_series_over_one_tls_association_is_stored_whole(tmp_path, pki, phantom_files):
     # The node reads TLS records itself (node.dimse.receive): decrypted bytes left in the
     # SSL object, which select() does not see, must still be read at once.
-    d = pki["dir"]
     with InProcessNode(_config(tmp_path, pki)) as receiver:
-        sender = write_config(
-            tmp_path / "sender",
-            peers={"archive": peer(NODE_AET, "store", port=receiver.port, tls=True)},
-            tls={"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
-                 "key": str(d / "client.key")},
-            node={"ae_title": TEST_AET, "max_pdu": 4096})
+        sender = _tls_sender(tmp_path, pki, receiver.port)
         files = [str(path) for path in phantom_files[:6]]
         result = lamina("send", *files, "--to", "archive", config=sender)
         assert result.exit_code == 0, result.output
