@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -40,21 +39,18 @@ MAX_PDU = 16384
 
 
 @pytest.fixture
-def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where the in-process node spools received data sets (its temporary folder)."""
-    folder = tmp_path / "spool"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-@pytest.fixture
-def node(tmp_path: Path, spool: Path) -> Iterator[InProcessNode]:
+def node(tmp_path: Path) -> Iterator[InProcessNode]:
     config = write_config(tmp_path / "node", node={"max_pdu": MAX_PDU, "dimse_timeout": 20,
                                                    "network_timeout": 20},
                           peers={"tests": peer(TEST_AET, "store", route="deidentified")})
     with InProcessNode(config) as n:
         yield n
+
+
+@pytest.fixture
+def spool(node: InProcessNode) -> Path:
+    """Where the node spools received data sets: its own spool folder, swept at start-up."""
+    return node.settings.spool_dir
 
 
 def _open(node: InProcessNode) -> StoreAssociation:

@@ -182,7 +182,7 @@ class StoreReceiver:
             compat.give_pdvs(self.assoc, [(context_id, b"\x03" + command)])
             return
         try:
-            fd, incoming.path = tempfile.mkstemp(suffix=".dcm")
+            fd, incoming.path = tempfile.mkstemp(dir=self.store.spool_dir, suffix=".part")
             incoming.fd = fd
             self.incoming = incoming
             context = compat.accepted_context(self.assoc, context_id)

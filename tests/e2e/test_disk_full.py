@@ -63,7 +63,7 @@ def test_disk_full_answers_releases_slots_and_recovers(tmp_path, tmpfs, phantom_
                                                        monkeypatch, floor_mb):
     spool = tmpfs / "tmp"
     spool.mkdir()
-    monkeypatch.setenv("TMPDIR", str(spool))  # pynetdicom's spool goes to the small disk too
+    monkeypatch.setenv("TMPDIR", str(spool))  # any temporary file goes to the small disk too
     config = write_config(tmp_path / "node", data=tmpfs / "data",
                           storage={"min_free_mb": floor_mb},
                           node={"max_associations": 2, "dimse_timeout": 30,
@@ -88,7 +88,8 @@ def test_disk_full_answers_releases_slots_and_recovers(tmp_path, tmpfs, phantom_
         assert node.store(phantom_files[1:3]) == [(0, "")] * 2
         assert node.echo() == 0
         assert node.rows("SELECT COUNT(*) FROM instance") == [(3,)]
-        assert not list(spool.iterdir()), "spool files left behind"
+        assert not list(spool.iterdir()), "temporary files left behind"
+        assert not list((node.data / "spool").iterdir()), "spool files left behind"
         log = node.log()
         assert "Exception in thread" not in log and "Traceback" not in log, log[-3000:]
     verify = node.cli("audit", "verify")

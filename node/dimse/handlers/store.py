@@ -34,6 +34,11 @@ class StoreService:
         self.ctx = ctx
         self.sessions = sessions
         self.metrics = Metrics.get()
+        #: Where the receiver spools data sets: the node's own spool folder, on the blobs'
+        #: filesystem (an object stored as received is renamed into the store, not
+        #: copied, even where the system's temporary folder is a tmpfs) and swept at
+        #: start-up (what a kill -9 left half-received does not pile up).
+        self.spool_dir = ctx.settings.spool_dir
 
     def handle(self, event: evt.Event) -> Dataset:
         """The EVT_C_STORE handler (pynetdicom's receive path)."""
