@@ -63,6 +63,7 @@ from node.dimse.sender import (
     command_elements,
     echo_response,
     frame,
+    recv_exactly,
     store_response,
 )
 from node.status import Outcome, shorten
@@ -123,9 +124,7 @@ class StoreReceiver:
                 return True
             kind, _, length = _PDU_HEADER.unpack(self.header)
             if kind != P_DATA_TF:
-                body = self._read_exactly(length)
-                if body is not None:
-                    compat.give_pdu(self.assoc, bytes(self.header) + body)
+                compat.give_pdu(self.assoc, bytes(self.header) + recv_exactly(self.sock, length))
                 return True
             if len(self.buffer) < length:
                 self.buffer = bytearray(length)
@@ -305,10 +304,6 @@ class StoreReceiver:
                 return False
             view = view[got:]
         return True
-
-    def _read_exactly(self, length: int) -> bytearray | None:
-        data = bytearray(length)
-        return data if self._read_into(memoryview(data)) else None
 
     def _end(self) -> None:
         """The connection is gone or refused: pynetdicom ends the association (Evt17)."""
