@@ -4,9 +4,10 @@ Building an instance's DICOM JSON means parsing its file and converting every
 element: milliseconds per instance, which a series of hundreds would pay on
 each cold metadata request. A blob never changes (its name is the hash of its
 bytes), so its JSON is worked out once and kept as a *sidecar*
-(``<sha256>.json`` beside the blob, :meth:`BlobStore.put_sidecar`): written by
-an after-commit ingest hook when ``http.prepare_metadata`` is on, else on the
-first request. A series' metadata is then its sidecars joined.
+(``<sha256>.json`` beside the blob, :meth:`BlobStore.put_sidecar`): written right
+after the instance's commit when ``http.prepare_metadata`` is on, else on the
+first request. A series' metadata is then its sidecars joined. A sidecar is derived
+data: one lost in a crash (sidecars are not fsync'd) is built again when asked for.
 
 Top-level binary values longer than :data:`BULK_THRESHOLD` (the pixel data,
 large LUTs) are not read at all: the file is parsed with their values
@@ -23,12 +24,17 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 
 from node.storage.interface import BlobStore
 
@@ -47,26 +53,95 @@ _ALWAYS_BULK = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _NO_THRESHOLD = 1 << 62
 
 
-def metadata(source: Path | BinaryIO, root_url: str) -> dict[str, Any]:
-    """The instance's data set (no file meta) as a DICOM JSON object; BulkDataURIs are
+def metadata(source: Path | BinaryIO, root_url: str,
+             fragments: dict[tuple[Any, ...], bytes] | None = None) -> bytes:
+    """The instance's data set (no file meta) as compact DICOM JSON; BulkDataURIs are
     under ``root_url`` (the DICOMweb root; "" for URIs relative to it) by the
-    instance's own UIDs."""
-    ds = dcmread(source, defer_size=BULK_THRESHOLD)
-    little = ds.original_encoding[1] if ds.original_encoding else True
+    instance's own UIDs.
+
+    The bytes are ``json.dumps(..., separators=(",", ":"))`` of the object, joined
+    from each element's own ``"tag":{...}`` text: ``fragments`` remembers that text
+    for plain raw values (bounded, see :data:`FRAGMENT_ENTRIES`), because a series
+    repeats most of its header in every instance and converting an element is most
+    of the work once the file is mapped.
+    """
+    with _mapped(source) as fp:
+        # Deferred values (long texts) are read from the mapping: the loop runs inside.
+        ds = dcmread(fp, defer_size=BULK_THRESHOLD)
+        return _joined(ds, root_url, fragments if fragments is not None else {})
+
+
+def _joined(ds: Dataset, root_url: str, memo: dict[tuple[Any, ...], bytes]) -> bytes:
+    """The compact JSON of ``ds``, from remembered element texts where it can.
+
+    An element's text is decided by its tag, VR, raw bytes, the data set's encoding
+    and character set (a sequence's items are in its bytes), so that is its key."""
+    encoding = ds.original_encoding
+    little = encoding[1] if encoding else True
+    charset = ds.original_character_set
+    charset_key = tuple(charset) if isinstance(charset, list) else charset
     instance_url = (f"{root_url}/studies/{ds.get('StudyInstanceUID', '')}/series/"
                     f"{ds.get('SeriesInstanceUID', '')}/instances/{ds.get('SOPInstanceUID', '')}")
-    out: dict[str, Any] = {}
+    parts = []
     for tag in ds.keys():  # noqa: SIM118 (keys: iterating converts every raw element)
         raw = ds.get_item(tag, keep_deferred=True)
         key = f"{int(tag):08X}"
         if tag in _ALWAYS_BULK or (isinstance(raw, RawDataElement) and _bulky(raw)):
             vr = raw.VR or "UN"
-            out[key] = {"vr": "OW" if vr in ("OB or OW", "US or OW") else vr,
-                        "BulkDataURI": f"{instance_url}/bulkdata/{key}"}
+            parts.append(_fragment(key, {"vr": "OW" if vr in ("OB or OW", "US or OW") else vr,
+                                         "BulkDataURI": f"{instance_url}/bulkdata/{key}"}))
+            continue
+        remembered = (int(tag), raw.VR, raw.value, encoding, charset_key) if (
+            isinstance(raw, RawDataElement) and type(raw.value) is bytes
+            and len(raw.value) <= FRAGMENT_VALUE_BYTES) else None
+        if remembered is not None and (done := memo.get(remembered)) is not None:
+            parts.append(done)
             continue
         fast = _plain(raw, little) if isinstance(raw, RawDataElement) else None
-        out[key] = fast if fast is not None else ds[tag].to_json_dict(None, _NO_THRESHOLD)
-    return out
+        done = _fragment(key, fast if fast is not None
+                         else ds[tag].to_json_dict(None, _NO_THRESHOLD))
+        if remembered is not None:
+            if len(memo) >= FRAGMENT_ENTRIES:
+                memo.clear()
+            memo[remembered] = done
+        parts.append(done)
+    return b"{" + b",".join(parts) + b"}"
+
+
+#: Remembered element texts, at most (as :data:`node.part10.MEMO_ENTRIES`: a series'
+#: repeated values fit, the per-instance ones are forgotten when it is full).
+FRAGMENT_ENTRIES = 8192
+#: Values longer than this are converted each time (a key would hold the whole value);
+#: short sequences (the de-identification method's codes) fit.
+FRAGMENT_VALUE_BYTES = 1024
+
+
+def _fragment(key: str, value: dict[str, Any]) -> bytes:
+    """One member of the compact JSON object, as ``json.dumps`` writes it in the whole."""
+    return f'"{key}":{json.dumps(value, separators=(",", ":"))}'.encode()
+
+
+@contextmanager
+def _mapped(source: Path | BinaryIO) -> Iterator[Path | BinaryIO | mmap.mmap]:
+    """A local file as a read-only memory map (else ``source`` itself), for pydicom to
+    parse in memory: parsing a file object costs a system call per element (its
+    ``tell`` and ``read``), each of which releases the GIL, a hand-off to any other
+    busy thread (another association's ingest, a web request). Only the pages of
+    the header are touched: the pixel data is deferred."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f, _mapped(f) as fp:
+            yield fp
+        return
+    try:
+        fd = source.fileno()
+        mappable = os.fstat(fd).st_size > 0
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        mappable = False
+    if not mappable:
+        yield source
+        return
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
+        yield view
 
 
 #: Values pydicom would convert that are plain ASCII (or plain binary numbers): written
@@ -146,7 +221,6 @@ def person(value: object) -> dict[str, str]:
     return {name: group for name, group in zip(_PN_GROUPS, groups, strict=False) if group}
 
 
-_NOTE = "metadata_sidecar"
 
 
 class MetadataSidecars:
@@ -155,17 +229,21 @@ class MetadataSidecars:
 
     Also an ingest hook (:class:`node.ingest.types.IngestHook`, registered when
     ``http.prepare_metadata`` is on): each newly indexed instance gets its sidecar
-    after the answer, on the context's worker, so even the first metadata request of
-    a series only reads files.
+    right after its commit, so even the first metadata request of a series only
+    reads files.
     """
 
     def __init__(self, blobs: BlobStore) -> None:
         self.blobs = blobs
+        #: Element texts remembered across instances (:func:`metadata`), shared by the
+        #: storing and request threads: dict reads and writes are atomic, and two threads
+        #: filling one key write the same text.
+        self._fragments: dict[tuple[Any, ...], bytes] = {}
 
     def build(self, sha256: str) -> bytes:
         """The blob's DICOM JSON, worked out from its bytes."""
         with self.blobs.open(sha256) as f:
-            return json.dumps(metadata(f, ""), separators=(",", ":")).encode()
+            return metadata(f, "", self._fragments)
 
     def write(self, sha256: str) -> bytes:
         """Build the blob's JSON and keep it as its sidecar."""
@@ -195,15 +273,16 @@ class MetadataSidecars:
         return None
 
     def on_stored(self, tx: Transaction, obj: Stored) -> AuditEntry | None:
-        """Ask for an after-commit run for each new indexed instance (not overlay copies:
-        WADO-RS serves the slice they annotate)."""
+        """Ask for the sidecar of each new indexed instance (not overlay copies: WADO-RS
+        serves the slice they annotate), written right after the commit on the storing
+        thread (``right_after``: a fraction of a millisecond of work, cheaper there
+        than handed to the worker)."""
         if obj.instance_id is not None:
-            obj.notes[_NOTE] = True
+            obj.right_after.append(lambda: self.write(obj.incoming.blob.sha256))
         return None
 
     def after_commit(self, obj: Stored) -> None:
-        if obj.notes.get(_NOTE):
-            self.write(obj.incoming.blob.sha256)
+        """Nothing: the sidecar is written right after the commit."""
 
 
 def _well_formed(data: bytes) -> bool:

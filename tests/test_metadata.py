@@ -54,14 +54,13 @@ def test_sidecar_written_after_commit_equal_to_the_blob_json(tmp_path: Path):
     files = write_study(tmp_path / "study", SPEC)
     with _node(tmp_path) as node:
         assert node.store(files, "CLIENT") == [(0, "")] * len(files)
-        node.ctx.drain()
         blobs = node.ctx.blobs
         hashes = _stored(node, files)
         assert len(hashes) == 3
         for sha in hashes:
             kept = blobs.read_sidecar(sha)
-            assert kept is not None, "written by the after-commit hook"
-            assert json.loads(kept) == metadata(blobs.local_path(sha), "")
+            assert kept is not None, "written right after the commit, before the answer"
+            assert kept == metadata(blobs.local_path(sha), "")
             assert b'"BulkDataURI":"/studies/' in kept  # completed per request
         with_sidecars = _series_metadata(node, files)
         # Lost and damaged sidecars are built again from the blob (and kept), same bytes.
@@ -69,7 +68,7 @@ def test_sidecar_written_after_commit_equal_to_the_blob_json(tmp_path: Path):
         blobs.put_sidecar(hashes[1], b"not json at all")
         assert _series_metadata(node, files) == with_sidecars
         for sha in hashes[:2]:
-            assert json.loads(blobs.read_sidecar(sha)) == metadata(blobs.local_path(sha), "")
+            assert blobs.read_sidecar(sha) == metadata(blobs.local_path(sha), "")
         # Sidecars are not blobs: not listed, not verified, not "unreferenced".
         assert sorted(blobs.iter_hashes()) == hashes
     report = fsck(node.settings)
@@ -115,3 +114,38 @@ def test_sidecars_of_the_clinical_route_hold_no_phi(tmp_path: Path, phantom):
     for data in kept:
         for phi in (phantom.patient_name, phantom.patient_id, phantom.study_uid):
             assert str(phi).encode() not in data
+
+
+def test_remembered_element_texts_give_a_fresh_builds_bytes(tmp_path: Path):
+    """Element texts remembered from other instances (another series, another character
+    set, the same values in other elements) never change an instance's JSON: each is
+    byte for byte what a fresh build writes, and what json.dumps writes of the object."""
+    from node.phantom import Phantom
+    from tests.annotation_fixtures import PHANTOM, valid_seg
+
+    latin = Phantom(seed="latin", slices_count=2, rows=16, columns=16).slice(1)
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin.StudyDescription = "Thorax/Abdomen \u00e9t\u00e9"
+    latin.ImageComments = "x" * 3000  # longer than the bulk threshold: deferred, inline
+    implicit = Phantom(seed="implicit", slices_count=1, rows=16, columns=16).slice(0)
+    objects = [Phantom(seed="ct", slices_count=3, rows=16, columns=16).slice(k)
+               for k in range(3)] + [latin, valid_seg(PHANTOM), implicit]
+    paths = []
+    for k, ds in enumerate(objects):
+        path = tmp_path / f"{k}.dcm"
+        if ds is implicit:
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+            ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        else:
+            ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    shared: dict = {}
+    for _ in range(2):  # the second round is answered mostly from memory
+        for path in paths:
+            warm = metadata(path, "R", shared)
+            assert warm == metadata(path, "R", {}), path.name
+            assert warm == json.dumps(json.loads(warm), separators=(",", ":")).encode()
+    assert shared, "element texts were remembered"
+    [latin_json] = [json.loads(metadata(p, "")) for p in paths[3:4]]
+    assert latin_json["00081030"]["Value"] == ["Thorax/Abdomen \u00e9t\u00e9"]
+    assert latin_json["00204000"]["Value"] == ["x" * 3000]

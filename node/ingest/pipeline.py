@@ -335,20 +335,20 @@ class IngestService:
         return instance_id
 
     def _after_commit(self, stored: Stored) -> None:
-        """One job on the context's worker, running every hook's ``after_commit`` in turn
-        (one failing hook does not stop the others), when some hook left a note in
-        ``on_stored``: most instances have no work after their answer, and a handoff
-        to another thread per instance would cost the receive path for nothing."""
+        """The hooks' light work now (``right_after``), then one job on the context's
+        worker running every hook's ``after_commit`` in turn (one failing hook does not
+        stop the others), when some hook left a note in ``on_stored``: most instances
+        have no work after their answer, and a handoff to another thread per instance
+        would cost the receive path for nothing."""
+        for job in stored.right_after:
+            _logged(job, stored, "light after-commit work failed")
         if not stored.notes:
             return
 
         def run() -> None:
             for hook in self.hooks:
-                try:
-                    hook.after_commit(stored)
-                except Exception:
-                    log.exception("after-commit hook failed", extra={"fields": {
-                        "hook": type(hook).__name__, "sha256": stored.incoming.blob.sha256}})
+                _logged(lambda hook=hook: hook.after_commit(stored), stored,
+                        "after-commit hook failed", hook=type(hook).__name__)
 
         self.defer(run)
 
@@ -509,6 +509,15 @@ class IngestService:
         except (IndexUnavailable, OSError):
             log.error("audit write failed while reporting a store failure")
         return StoreResult(Outcome(status.OUT_OF_RESOURCES, reason), "failed", sop_instance_uid)
+
+
+def _logged(job: Callable[[], None], stored: Stored, message: str, **fields: str) -> None:
+    """Run work whose failure must not change a committed store's answer; log it."""
+    try:
+        job()
+    except Exception:
+        log.exception(message, extra={"fields": {
+            **fields, "sha256": stored.incoming.blob.sha256}})
 
 
 def _raw_pixel_tail(received: Received, whole: Dataset, prepared: Prepared) -> int | None:

@@ -18,11 +18,14 @@ as :class:`IngestHook` objects, so the pipeline never imports them:
    owns (never on the association thread): work whose result does not change
    the answer (3-D consistency checks) goes there. A hook asks for it by
    leaving a note in ``obj.notes`` during ``on_stored``; an object no hook left
-   a note on has no after-commit work.
+   a note on has no after-commit work. Light work (a metadata sidecar) is
+   appended to ``obj.right_after`` instead and runs on the storing thread once
+   the transaction has committed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -137,6 +140,11 @@ class Stored:
     #: Set by hooks in ``on_stored`` for their own ``after_commit`` (e.g. the annotation
     #: id); ``after_commit`` runs only when some hook left a note.
     notes: dict[str, Any] = field(default_factory=dict)
+    #: Light work (a metadata sidecar, under a millisecond) a hook asks for in
+    #: ``on_stored``: run on the storing thread right after the commit, before the
+    #: answer. Handed to the worker it would cost more than it does: the two threads
+    #: then trade the GIL at every system call of either.
+    right_after: list[Callable[[], None]] = field(default_factory=list)
 
 
 class IngestHook(Protocol):

@@ -254,19 +254,22 @@ class LocalBlobStore:
             return None
 
     def put_sidecar(self, sha256: str, data: bytes) -> None:
-        """Keep ``data`` beside the blob, whole or not at all: written to the spool,
-        fsync'd, renamed into place (a reader never sees half a sidecar)."""
+        """Keep ``data`` beside the blob, whole or not at all: written to the spool and
+        renamed into place (a reader never sees half a sidecar).
+
+        Not fsync'd: a sidecar is derived from its blob and worked out again when it
+        is missing or damaged (:meth:`node.metadata.MetadataSidecars.read`), so after
+        a crash a lost one costs a rebuild, not data. Its two fsyncs would cost more
+        than building it, on the worker beside every stored instance.
+        """
         target = self._sidecar(sha256)
         fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
         spooled = Path(name)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             self._make_dirs(target.parent)
             os.replace(spooled, target)
-            fsync_dir(target.parent)
         finally:
             spooled.unlink(missing_ok=True)
 

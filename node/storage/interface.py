@@ -519,7 +519,8 @@ class BlobStore(Protocol):
         """The derived bytes kept beside a blob (its metadata JSON), or None when none are."""
 
     def put_sidecar(self, sha256: str, data: bytes) -> None:
-        """Keep derived bytes beside a blob, atomically (temp + fsync + rename)."""
+        """Keep derived bytes beside a blob, atomically (temp + rename; not fsync'd:
+        derived bytes are worked out again when lost)."""
 
     def copy_from(self, other: BlobStore, sha256: str) -> None:
         """Keep ``other``'s blob here too (a local store links it: nothing is copied)."""
