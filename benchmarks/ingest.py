@@ -3,7 +3,8 @@
 Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
 warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
 series). Every run receives into an empty folder, so no
-server takes a shortcut for resends. Prints instances/s and the ratios.
+server takes a shortcut for resends. Lamina runs with DICOMweb on, as by default
+(each stored instance gets its metadata sidecar). Prints instances/s and the ratios.
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--workers 2] [--senders 1,2,4]
     .venv/bin/python -m benchmarks.ingest --scale-out --senders 1,2,4,8
@@ -101,7 +102,10 @@ def lamina(workers: int, route: str = "clinical") -> Server:
     @contextmanager
     def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
         peers = {"bench": peer(TEST_AET, "store", route=route)}
-        node = ProcessNode.with_workers(work / "lamina", workers, peers=peers).start()
+        # DICOMweb on, as a node runs by default: each stored instance's metadata
+        # sidecar is part of what storing it costs.
+        node = ProcessNode.with_workers(work / "lamina", workers, peers=peers,
+                                        http={"port": free_port()}).start()
         try:
             yield "LAMINA", node.port, [node.pid]
         finally:
@@ -126,7 +130,7 @@ def lamina_nodes(nodes: int, cluster: PostgresCluster | None) -> Server:
             for k in range(1, nodes + 1):
                 config = write_config(work / f"node{k}", node={"id": f"node{k}", "workers": 1},
                                       storage={"shared": str(work / "shared")}, index=index,
-                                      dimse=dimse)
+                                      dimse=dimse, http={})
                 if k > 1:
                     config.key_file.write_bytes((work / "node1" / "keys" / "project.key")
                                                 .read_bytes())
