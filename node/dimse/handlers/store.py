@@ -65,7 +65,11 @@ class StoreService:
             session.stored += 1
         else:
             session.failed += 1
-        log.info("instance " + result.action, extra={"fields": {
+        # A success is DEBUG, like storescp and Orthanc (their per-file lines need -v): the
+        # audit trail has every stored instance and the association's closing line counts
+        # them, and a line per instance cost about 0.15 ms of CPU (formatted, written).
+        level = logging.DEBUG if result.outcome.status.is_success else logging.INFO
+        log.log(level, "instance " + result.action, extra={"fields": {
             "association": session.association_id, "sop_instance_uid": result.sop_instance_uid,
             "sha256": result.sha256, "status": f"0x{result.outcome.status.code:04X}",
             "reason": result.outcome.comment}})
