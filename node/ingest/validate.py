@@ -12,6 +12,7 @@ value of a patient attribute (no PHI in error comments, logs or the audit trail)
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import struct
@@ -26,7 +27,12 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
-from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
+from pydicom.filereader import (  # _read_file_meta_info: read_file_meta_info on a buffer
+    _read_file_meta_info,
+    read_dataset,
+    read_file_meta_info,
+    read_preamble,
+)
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -187,7 +193,67 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
     data set, before pydicom inflates it) or :class:`Unparseable` (an element
     longer than ``max_element``, never read into memory; sequences nested deeper
     than ``max_depth``).
+
+    The file's first :data:`HEAD_BYTES` are read in one go and parsed in memory
+    (:func:`_read_head`); only what those bytes cannot decide exactly as reading
+    the file would is parsed from the file (:func:`_read_file`).
     """
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(HEAD_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    received = _read_head(path, head, size, limits)
+    return received if received is not None else _read_file(path, limits)
+
+
+#: Bytes read from the start of a received file and parsed in memory. pydicom
+#: parsing a file object makes a syscall of every tell() and read() (about 200 for
+#: a CT header), and each releases the GIL: with another thread runnable (the
+#: context's worker, the audit signer, other associations) each is a hand-off
+#: between threads. A CT or MR header is a few KB; a header longer than this (a
+#: large multi-frame's functional groups) is parsed from the file.
+HEAD_BYTES = 64 << 10
+#: The pixel element's header (tag, VR, reserved, 4-byte length): the most a header
+#: parse reads past where it stops.
+_ELEMENT_HEADER = 12
+
+
+def _read_head(path: Path, head: bytes, size: int, limits: ReadLimits) -> Received | None:
+    """:func:`read_received` from the file's first bytes, or None where they cannot
+    decide it exactly as reading the file would: the parse would read past them, it
+    raised (reading the file raises it again, or reads on where these bytes stop), or
+    the data set is deflated (its bounded inflation reads the file).
+
+    The parse is pydicom's own, on a BytesIO holding the file's bytes from offset 0,
+    so every value, offset and error is the one reading the file gives: a parse that
+    stops (at the pixel data) with the next element's header inside ``head`` read
+    nothing past it.
+    """
+    buffer = io.BytesIO(head)
+    # pydicom keeps the name as ds.filename (deferred values are read from that file
+    # later) and names it in its warnings, as for the open file.
+    buffer.name = os.fspath(path)
+    try:
+        read_preamble(buffer, False)
+        if _read_file_meta_info(buffer).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            return None
+        buffer.seek(0)
+        ds = dcmread(buffer, stop_before_pixels=True, defer_size=limits.max_element)
+    except Exception:
+        return None
+    if len(head) < size and buffer.tell() + _ELEMENT_HEADER > len(head):
+        return None
+    # As if dcmread had opened the file itself: deferred values come from the file.
+    ds.buffer, ds.fileobj_type = None, open
+    raw = dict(ds.items())  # items(), not iteration: nothing is decoded
+    _whole(ds)
+    _bounded(ds, limits, size)
+    little, implicit = _encoding(ds)
+    return Received(ds, _pixel_element_at(buffer, size, little, implicit, path), raw)
+
+
+def _read_file(path: Path, limits: ReadLimits) -> Received:
+    """:func:`read_received` from the file: a deflated data set (inflated under its
+    bound first), a header longer than :data:`HEAD_BYTES`, or bytes pydicom refuses."""
     with open(path, "rb") as f:
         meta = read_file_meta_info(path)
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
@@ -196,17 +262,24 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
         # Values over max_element are left on disk ("deferred"), then refused.
         ds = dcmread(f, stop_before_pixels=True, defer_size=limits.max_element)
         raw = dict(ds.items())  # items(), not iteration: nothing is decoded
+        size = os.fstat(f.fileno()).st_size
         _whole(ds)
-        _bounded(ds, limits, os.fstat(f.fileno()).st_size)
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        if syntax == DeflatedExplicitVRLittleEndian:
+        _bounded(ds, limits, size)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             # pydicom inflates the whole dataset to parse it; the header stop
             # position says nothing about the compressed file, so read it all.
             full = dcmread(f.name)
             return Received(ds, _pixels_of_dataset(full))
-        little = syntax is None or UID(syntax).is_little_endian
-        implicit = syntax is not None and UID(syntax).is_implicit_VR
-        return Received(ds, _pixel_element_at(f, little, implicit), raw)
+        little, implicit = _encoding(ds)
+        return Received(ds, _pixel_element_at(f, size, little, implicit, path), raw)
+
+
+def _encoding(ds: FileDataset) -> tuple[bool, bool]:
+    """(little endian, implicit VR) of the data set, by its transfer syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    little = syntax is None or UID(syntax).is_little_endian
+    implicit = syntax is not None and UID(syntax).is_implicit_VR
+    return little, implicit
 
 
 def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | None:
@@ -286,11 +359,15 @@ def _pixels_of_dataset(ds: Dataset) -> PixelElement | None:
     return None
 
 
-def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement | None:
-    """Read the element header at the current offset, where the header parse stopped."""
+def _pixel_element_at(f: BinaryIO, size: int, little: bool, implicit: bool,
+                      path: Path) -> PixelElement | None:
+    """Read the element header at the current offset, where the header parse stopped.
+
+    ``f`` holds the file's bytes from offset 0 up to at least that header (the file
+    itself or :func:`read_received`'s head); ``size`` is the file's. Encapsulated
+    fragments are counted in the file itself.
+    """
     start = f.tell()
-    size = f.seek(0, 2)
-    f.seek(start)
     head = f.read(8)
     if len(head) < 8:
         return None
@@ -313,7 +390,9 @@ def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement
     if length != _UNDEFINED:
         return PixelElement(tag, length, available, start=start, value_tell=value_start,
                             vr=None if implicit else head[4:6].decode("ascii", "replace"))
-    return _encapsulated(f, tag, endian, available)
+    with open(path, "rb") as file:
+        file.seek(value_start)
+        return _encapsulated(file, tag, endian, available)
 
 
 def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelElement:
