@@ -27,12 +27,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
-from pydicom.filereader import (  # _read_file_meta_info: read_file_meta_info on a buffer
-    _read_file_meta_info,
-    read_dataset,
-    read_file_meta_info,
-    read_preamble,
-)
+from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -215,28 +210,29 @@ HEAD_BYTES = 64 << 10
 #: The pixel element's header (tag, VR, reserved, 4-byte length): the most a header
 #: parse reads past where it stops.
 _ELEMENT_HEADER = 12
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode("ascii")
 
 
 def _read_head(path: Path, head: bytes, size: int, limits: ReadLimits) -> Received | None:
     """:func:`read_received` from the file's first bytes, or None where they cannot
     decide it exactly as reading the file would: the parse would read past them, it
     raised (reading the file raises it again, or reads on where these bytes stop), or
-    the data set is deflated (its bounded inflation reads the file).
+    the data set may be deflated (its bounded inflation reads the file).
 
     The parse is pydicom's own, on a BytesIO holding the file's bytes from offset 0,
     so every value, offset and error is the one reading the file gives: a parse that
     stops (at the pixel data) with the next element's header inside ``head`` read
     nothing past it.
     """
+    if _DEFLATED in head:
+        # pydicom inflates a deflated data set whole inside dcmread; the syntax it goes
+        # by is read from these bytes, so without its UID in them it inflates nothing.
+        return None
     buffer = io.BytesIO(head)
     # pydicom keeps the name as ds.filename (deferred values are read from that file
     # later) and names it in its warnings, as for the open file.
     buffer.name = os.fspath(path)
     try:
-        read_preamble(buffer, False)
-        if _read_file_meta_info(buffer).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            return None
-        buffer.seek(0)
         ds = dcmread(buffer, stop_before_pixels=True, defer_size=limits.max_element)
     except Exception:
         return None
@@ -276,7 +272,14 @@ def _read_file(path: Path, limits: ReadLimits) -> Received:
 
 def _encoding(ds: FileDataset) -> tuple[bool, bool]:
     """(little endian, implicit VR) of the data set, by its transfer syntax."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
+    return _syntax_encoding(ds.file_meta.get("TransferSyntaxUID"))
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax_encoding(syntax: str | None) -> tuple[bool, bool]:
+    """Remembered: a series comes in one syntax, and building a validated UID for its
+    properties is a tenth of a header parse. Raises (uncached) for a UID that is no
+    transfer syntax."""
     little = syntax is None or UID(syntax).is_little_endian
     implicit = syntax is not None and UID(syntax).is_implicit_VR
     return little, implicit
