@@ -36,7 +36,7 @@ from node.config import ValidationSettings
 from node.ingest.iod import IOD, IODTables, Requirement
 from node.ingest.rules import REJECT
 from node.sop_classes import STORAGE_SOP_CLASSES
-from node.storage.records import value_text
+from node.storage.records import element_text, value_text
 
 #: What the association accepts (``node.dimse.ae``) is what STOW-RS may store too.
 ACCEPTED_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES)
@@ -418,27 +418,64 @@ def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelEl
     return PixelElement(tag, _UNDEFINED, available, count, len(offsets), whole)
 
 
+#: Rule results a validator remembers (emptied when full): a series repeats most of its
+#: header in every instance, and decoding the values a rule reads is most of its cost.
+MEMO_ENTRIES = 8192
+#: Longer undecoded values are never part of a remembered key.
+_MEMO_BYTES = 256
+_CHARSET = 0x00080005
+#: What each remembered rule reads, besides its arguments: the data set's elements at
+#: these tags (``get_expected_length`` reads the first six).
+_PIXEL_READS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280008, 0x00280004)
+_ORIENTATION_READS = (0x00200037,)
+_SPACING_READS = (0x00280030, 0x00180050)
+_MODALITY_READS = (0x00080060,)
+
+
 class Validator:
-    """Checks one received instance against the IOD tables and the node's rules."""
+    """Checks one received instance against the IOD tables and the node's rules.
+
+    The rules that read a few elements (pixel data, orientation, spacing, modality)
+    and the Type 1/2 checks are remembered, keyed by everything they read: the
+    undecoded bytes of those elements (with VR, byte order and the data set's
+    character set), or, for the Type 1/2 checks, which tags are present and which
+    are empty. A rule is run again when one of them is decoded already or long. A
+    remembered rule does not decode its elements into the data set; nothing after
+    these rules reads them from it (the route starts from the raw elements).
+    """
 
     def __init__(self, settings: ValidationSettings, tables: IODTables) -> None:
         self.settings = settings
         self.tables = tables
+        self._memo: dict[tuple[Any, ...], tuple[Finding, ...]] = {}
 
     def check(self, received: Received) -> list[Finding]:
         """Every finding for this instance, most fundamental first."""
         ds = received.dataset
         sop_class = str(ds.get("SOPClassUID", ""))
         iod = self.tables.for_sop_class(sop_class)
+        pixels = received.pixels
+        # The PixelElement fields _pixels reads (not where the element sits).
+        pixel_key = pixels and (pixels.tag, pixels.length, pixels.available, pixels.fragments,
+                                pixels.offsets, pixels.whole)
+        tolerance = self.settings.orientation_tolerance
         checks: list[tuple[str, Callable[[], list[Finding]]]] = [
             ("sop_class", lambda: _sop_class(sop_class)),
-            ("type1_missing", lambda: _required(ds, iod, ()) if iod else []),
+            ("type1_missing", lambda: self._remembered(
+                ("required", iod.name), _shape(ds, iod), lambda: _required(ds, iod, ()))
+                if iod else []),
             ("file_meta", lambda: _file_meta(ds)),
             ("uid_syntax", lambda: _uids(ds)),
-            ("pixel_data", lambda: _pixels(ds, received.pixels)),
-            ("orientation", lambda: _orientation(ds, self.settings.orientation_tolerance)),
-            ("spacing", lambda: _spacing(ds)),
-            ("modality", lambda: _modality(ds, iod.name) if iod else []),
+            ("pixel_data", lambda: self._remembered(
+                ("pixels", pixel_key), _raw_key(ds, _PIXEL_READS), lambda: _pixels(ds, pixels))),
+            ("orientation", lambda: self._remembered(
+                ("orientation", tolerance), _raw_key(ds, _ORIENTATION_READS),
+                lambda: _orientation(ds, tolerance))),
+            ("spacing", lambda: self._remembered(
+                ("spacing",), _raw_key(ds, _SPACING_READS), lambda: _spacing(ds))),
+            ("modality", lambda: self._remembered(
+                ("modality", iod.name), _raw_key(ds, _MODALITY_READS),
+                lambda: _modality(ds, iod.name)) if iod else []),
         ]
         findings: list[Finding] = []
         for rule, check in checks:
@@ -449,12 +486,73 @@ class Validator:
                                         detail=f"{type(exc).__name__}: {str(exc)[:200]}"))
         return findings
 
+    def _remembered(self, rule: tuple[Any, ...], read: tuple[Any, ...] | None,
+                    run: Callable[[], list[Finding]]) -> list[Finding]:
+        """``run()``, remembered under ``rule`` and what it ``read`` (None: run it). A rule
+        that raises is not remembered: the caller reports it, the next instance runs it."""
+        if read is None:
+            return run()
+        key = (rule, read)
+        found = self._memo.get(key)
+        if found is None:
+            found = tuple(run())
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = found
+        return list(found)
+
     def split(self, findings: Iterable[Finding]) -> tuple[list[Finding], list[Finding]]:
         """(rejecting, warning) findings by the configured action of their rule."""
         rejecting, warning = [], []
         for finding in findings:
             (rejecting if self.settings.action(finding.rule) == REJECT else warning).append(finding)
         return rejecting, warning
+
+
+def _charset_key(elements: dict) -> Any:
+    """The data set's character set as its decoding depends on it (raw bytes or value)."""
+    charset = elements.get(_CHARSET)
+    if charset is None:
+        return None
+    return charset.value if type(charset) is RawDataElement else repr(charset.value)
+
+
+def _raw_key(ds: Dataset, tags: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """Everything decoding ``tags`` in ``ds`` depends on: per tag None (absent) or its
+    VR as sent, bytes, length and byte order, plus the character set; None when one is
+    decoded already (its bytes are gone) or longer than _MEMO_BYTES."""
+    elements = ds._dict
+    key: list[Any] = [_charset_key(elements)]
+    for tag in tags:
+        elem = elements.get(tag)
+        if elem is None:
+            key.append(None)
+            continue
+        value = elem.value
+        if type(elem) is not RawDataElement or type(value) is not bytes \
+                or len(value) > _MEMO_BYTES:
+            return None
+        key.append((elem.VR, value, elem.length, elem.is_little_endian, elem.is_implicit_VR))
+    return tuple(key)
+
+
+def _shape(ds: Dataset, iod: IOD) -> tuple[Any, ...] | None:
+    """What the top-level Type 1/2 checks read when no sequence with requirements inside
+    is present: each tag and whether it is empty as :func:`_empty` decides (the length
+    on the wire, or the decoded value's emptiness). None when a raw element has an
+    undefined length (its emptiness needs decoding) or such a sequence is present."""
+    shape = []
+    for tag, elem in ds._dict.items():
+        if type(elem) is RawDataElement:
+            if elem.length == _UNDEFINED:
+                return None
+            shape.append((int(tag), elem.length == 0))
+        else:
+            shape.append((int(tag), elem.is_empty))
+    present = {tag for tag, _ in shape}
+    if any(tag in present for _, tag in iod.children.get((), ())):
+        return None
+    return tuple(shape)
 
 
 def _sop_class(sop_class: str) -> list[Finding]:
@@ -549,8 +647,12 @@ def _uids(ds: FileDataset) -> list[Finding]:
     findings = []
     meta = getattr(ds, "file_meta", None) or Dataset()
     for source in (meta, ds):
-        for tag in [t for t in source.keys() if _is_uid(t)]:  # noqa: SIM118 - no decoding
-            for value in (value_text(source, tag) or "").split("\\"):
+        # The elements in hand, tags as plain ints: looking each up again (and hashing
+        # pydicom's tags, which compare in Python) was most of this rule's time.
+        for tag, elem in [(int(t), e) for t, e in source._dict.items()]:
+            if not _is_uid(tag):
+                continue
+            for value in (element_text(elem) or "").split("\\"):
                 problem = _uid_problem(value) if value else ""
                 if problem:
                     keyword = keyword_for_tag(tag) or "UID"

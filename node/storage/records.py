@@ -30,7 +30,11 @@ def value_text(ds: Dataset, tag: int) -> str | None:
     """
     if tag not in ds:
         return None
-    elem = ds.get_item(tag)
+    return element_text(ds.get_item(tag))
+
+
+def element_text(elem: Any) -> str | None:
+    """:func:`value_text` of an element in hand (raw or decoded)."""
     if getattr(elem, "is_raw", False):
         if not elem.value:
             return None
