@@ -47,19 +47,39 @@ def _latin1(ds: Dataset) -> None:
     ds.SpecificCharacterSet = "ISO_IR 100"
 
 
+def _latin1_implicit(ds: Dataset) -> None:
+    _latin1(ds)
+    _implicit(ds)
+
+
+def _rle_3_frames(ds: Dataset) -> None:
+    ds.compress(RLELossless)
+    ds.NumberOfFrames = 3
+
+
+def _mr_class(ds: Dataset) -> None:
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+
+
 def _set(**values) -> Callable[[Dataset], None]:
-    return lambda ds: [setattr(ds, k, v) for k, v in values.items()] and None
+    def change(ds: Dataset) -> None:
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+    return change
 
 
 def _del(*keywords: str) -> Callable[[Dataset], None]:
-    return lambda ds: [delattr(ds, k) for k in keywords] and None
+    def change(ds: Dataset) -> None:
+        for keyword in keywords:
+            delattr(ds, keyword)
+    return change
 
 
 VARIANTS: dict[str, Callable[[Dataset], None]] = {
     "clean": lambda ds: None,
     "implicit": _implicit,
     "latin1": _latin1,
-    "latin1-implicit": lambda ds: (_latin1(ds), _implicit(ds)) and None,
+    "latin1-implicit": _latin1_implicit,
     "no-rows": _del("Rows"),
     "rows-empty": _set(Rows=None),
     "bits-8": _set(BitsAllocated=8, BitsStored=8, HighBit=7),
@@ -70,13 +90,10 @@ VARIANTS: dict[str, Callable[[Dataset], None]] = {
     "short-pixels": lambda ds: setattr(ds, "PixelData", ds.PixelData[:256]),
     "no-pixels": _del("PixelData"),
     "rle": lambda ds: ds.compress(RLELossless),
-    "rle-3-frames": lambda ds: (ds.compress(RLELossless), setattr(ds, "NumberOfFrames", 3))
-    and None,
+    "rle-3-frames": _rle_3_frames,
     "modality-mr": _set(Modality="MR"),
     "modality-empty": _set(Modality=""),
-    "mr-class": lambda ds: (setattr(ds, "SOPClassUID", MRImageStorage),
-                            setattr(ds.file_meta, "MediaStorageSOPClassUID", MRImageStorage))
-    and None,
+    "mr-class": _mr_class,
     "iop-5": _set(ImageOrientationPatient=[1, 0, 0, 0, 1]),
     "iop-skew": _set(ImageOrientationPatient=[1, 0, 0, 0.6, 0.8, 0]),
     "iop-zero": _set(ImageOrientationPatient=[0, 0, 0, 0, 0, 0]),
