@@ -43,5 +43,8 @@ def test_records_off_undecoded_headers_equal_records_off_decoded_ones(monkeypatc
             undecoded = dcmread(path, stop_before_pixels=True)
             assert (InstanceRecord.from_dataset(undecoded),
                     InstanceGeometry.from_dataset(undecoded)) == expected, path
+        deferred = dcmread(path, stop_before_pixels=True, defer_size=2)  # values left on disk
+        assert (InstanceRecord.from_dataset(deferred),
+                InstanceGeometry.from_dataset(deferred)) == expected, path
         compared += 1
     assert compared > 40

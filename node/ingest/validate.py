@@ -652,6 +652,8 @@ def _uids(ds: FileDataset) -> list[Finding]:
         for tag, elem in [(int(t), e) for t, e in source._dict.items()]:
             if not _is_uid(tag):
                 continue
+            if elem.is_raw and elem.value is None:  # deferred: as value_text reads it
+                elem = source.get_item(tag)
             for value in (element_text(elem) or "").split("\\"):
                 problem = _uid_problem(value) if value else ""
                 if problem:

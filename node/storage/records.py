@@ -28,9 +28,12 @@ def value_text(ds: Dataset, tag: int) -> str | None:
     ASCII by definition, and pydicom's decoding of a DS multi-value costs tens
     of microseconds, which adds up on the ingest hot path.
     """
-    if tag not in ds:
+    elem = ds._dict.get(tag)  # the lookups of ``tag in ds`` and get_item, in one
+    if elem is None:
         return None
-    return element_text(ds.get_item(tag))
+    if elem.is_raw and elem.value is None:  # deferred: get_item reads and decodes it
+        elem = ds.get_item(tag)
+    return element_text(elem)
 
 
 def element_text(elem: Any) -> str | None:
