@@ -540,7 +540,8 @@ def _shape(ds: Dataset, iod: IOD) -> tuple[Any, ...] | None:
     """What the top-level Type 1/2 checks read when no sequence with requirements inside
     is present: each tag and whether it is empty as :func:`_empty` decides (the length
     on the wire, or the decoded value's emptiness). None when a raw element has an
-    undefined length (its emptiness needs decoding) or such a sequence is present."""
+    undefined length (its emptiness needs decoding) or such a sequence is present, or a
+    decoded value's emptiness cannot be told (the rule then runs and says why)."""
     shape = []
     for tag, elem in ds._dict.items():
         if type(elem) is RawDataElement:
@@ -548,7 +549,10 @@ def _shape(ds: Dataset, iod: IOD) -> tuple[Any, ...] | None:
                 return None
             shape.append((int(tag), elem.length == 0))
         else:
-            shape.append((int(tag), elem.is_empty))
+            try:
+                shape.append((int(tag), elem.is_empty))
+            except Exception:
+                return None
     present = {tag for tag, _ in shape}
     if any(tag in present for _, tag in iod.children.get((), ())):
         return None
