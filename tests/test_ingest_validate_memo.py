@@ -39,6 +39,18 @@ def _whole_code(ds: Dataset) -> None:
     ds.AnatomicRegionSequence[0].CodeMeaning = "Chest"
 
 
+def _two_codes(ds: Dataset) -> None:
+    _whole_code(ds)
+    second = Dataset()
+    second.CodeValue, second.CodingSchemeDesignator = "T-D4000", "SRT"  # no CodeMeaning
+    ds.AnatomicRegionSequence.append(second)
+
+
+def _undefined_length_codes(ds: Dataset) -> None:
+    _two_codes(ds)
+    ds["AnatomicRegionSequence"].is_undefined_length = True  # decoded as it is read
+
+
 def _implicit(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
 
@@ -106,6 +118,8 @@ VARIANTS: dict[str, Callable[[Dataset], None]] = {
     "no-type1s": _del("Rows", "Columns", "Modality"),
     "sequence": _code_without_meaning,
     "sequence-whole": _whole_code,  # the same tags present as "sequence", no finding
+    "sequence-two": _two_codes,
+    "sequence-undefined-length": _undefined_length_codes,
     "bad-series-uid": _set(SeriesInstanceUID="1.2..3"),
 }
 

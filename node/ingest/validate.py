@@ -421,8 +421,10 @@ def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelEl
 #: Rule results a validator remembers (emptied when full): a series repeats most of its
 #: header in every instance, and decoding the values a rule reads is most of its cost.
 MEMO_ENTRIES = 8192
-#: Longer undecoded values are never part of a remembered key.
+#: Longer undecoded values are never part of a remembered key (a sequence's bytes may
+#: be longer: a code item takes about a hundred).
 _MEMO_BYTES = 256
+_MEMO_SEQUENCE_BYTES = 1024
 _CHARSET = 0x00080005
 #: What each remembered rule reads, besides its arguments: the data set's elements at
 #: these tags (``get_expected_length`` reads the first six).
@@ -462,7 +464,8 @@ class Validator:
         checks: list[tuple[str, Callable[[], list[Finding]]]] = [
             ("sop_class", lambda: _sop_class(sop_class)),
             ("type1_missing", lambda: self._remembered(
-                ("required", iod.name), _shape(ds, iod), lambda: _required(ds, iod, ()))
+                ("required", iod.name), _shape(ds, iod, received.raw),
+                lambda: _required(ds, iod, ()))
                 if iod else []),
             ("file_meta", lambda: _file_meta(ds)),
             ("uid_syntax", lambda: _uids(ds)),
@@ -536,14 +539,19 @@ def _raw_key(ds: Dataset, tags: tuple[int, ...]) -> tuple[Any, ...] | None:
     return tuple(key)
 
 
-def _shape(ds: Dataset, iod: IOD) -> tuple[Any, ...] | None:
-    """What the top-level Type 1/2 checks read when no sequence with requirements inside
-    is present: each tag and whether it is empty as :func:`_empty` decides (the length
-    on the wire, or the decoded value's emptiness). None when a raw element has an
-    undefined length (its emptiness needs decoding) or such a sequence is present, or a
-    decoded value's emptiness cannot be told (the rule then runs and says why)."""
+def _shape(ds: Dataset, iod: IOD, raw: dict[int, Any]) -> tuple[Any, ...] | None:
+    """What the Type 1/2 checks read: each top-level tag and whether it is empty as
+    :func:`_empty` decides (the length on the wire, or the decoded value's emptiness),
+    and the bytes each present sequence the IOD has requirements inside was read from
+    (``raw``: reading the header decodes sequences to bound their depth, and their items
+    are checked too), with byte order and character set. None when a raw
+    element has an undefined length (its emptiness needs decoding), such a sequence is
+    decoded already (read with an undefined length) or longer than
+    _MEMO_SEQUENCE_BYTES, or a decoded value's emptiness cannot be told (the rule then
+    runs and says why)."""
+    elements = ds._dict
     shape = []
-    for tag, elem in ds._dict.items():
+    for tag, elem in elements.items():
         if type(elem) is RawDataElement:
             if elem.length == _UNDEFINED:
                 return None
@@ -554,9 +562,18 @@ def _shape(ds: Dataset, iod: IOD) -> tuple[Any, ...] | None:
             except Exception:
                 return None
     present = {tag for tag, _ in shape}
-    if any(tag in present for _, tag in iod.children.get((), ())):
-        return None
-    return tuple(shape)
+    nested: list[Any] = []
+    for _, tag in iod.children.get((), ()):
+        if tag in present:
+            elem = raw.get(tag)
+            value = getattr(elem, "value", None)
+            if type(elem) is not RawDataElement or type(value) is not bytes \
+                    or len(value) > _MEMO_SEQUENCE_BYTES:
+                return None
+            nested.append((tag, elem.VR, value, elem.is_little_endian, elem.is_implicit_VR))
+    if nested:
+        nested.append(_charset_key(elements))
+    return (tuple(shape), tuple(nested))
 
 
 def _sop_class(sop_class: str) -> list[Finding]:
