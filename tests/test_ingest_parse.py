@@ -112,3 +112,27 @@ def test_a_slice_is_read_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "_read_file", no_file)
     received = read_received(path)
     assert received.dataset.filename == str(path) and received.pixels.length == 512
+
+
+def test_the_whole_object_is_what_a_deferred_read_of_the_file_gives(tmp_path):
+    """with_deferred_pixels builds on the head parsed in memory: the elements as read,
+    the pixel element deferred (or read, up to the size given), and the file and
+    modification time deferred values are read and checked against."""
+    from pydicom import dcmread
+
+    from node.ingest.validate import with_deferred_pixels
+    path = tmp_path / "slice.dcm"
+    path.write_bytes(as_file(Phantom(seed="parse", slices_count=2, rows=16,
+                                     columns=16).slice(1)))
+    expected = dcmread(path, defer_size=1 << 20)
+    for defer in (0, 1 << 20):
+        whole = with_deferred_pixels(read_received(path), defer)
+        assert whole is not None
+        assert (_elements(whole)[:-1], whole.filename, whole.timestamp, whole.fileobj_type,
+                whole.buffer, whole.preamble, whole.original_encoding) == (
+            _elements(expected)[:-1], expected.filename, expected.timestamp,
+            expected.fileobj_type, expected.buffer, expected.preamble,
+            expected.original_encoding)
+        pixels = whole.get_item(0x7FE00010, keep_deferred=True)
+        assert (pixels.value is None) == (defer == 0)
+        assert whole.PixelData == expected.PixelData  # a deferred value is read from the file

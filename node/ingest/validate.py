@@ -303,8 +303,11 @@ def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | N
             or pixel.length == 0 or not received.raw or not getattr(ds, "filename", None)):
         return None
     implicit, little = ds.original_encoding
-    whole = FileDataset(str(ds.filename), dict(received.raw), ds.preamble, ds.file_meta,
+    # Built without a file name, which FileDataset would stat for its modification time:
+    # the header's, taken when the same file was parsed, is that time.
+    whole = FileDataset(None, dict(received.raw), ds.preamble, ds.file_meta,
                         bool(implicit), bool(little))
+    whole.filename, whole.fileobj_type, whole.timestamp = str(ds.filename), open, ds.timestamp
     whole.set_original_encoding(bool(implicit), bool(little), ds.original_character_set)
     value = None
     if pixel.length <= defer_size:
