@@ -22,6 +22,7 @@ from node.phantom import Phantom
 from tests.harness import as_file
 from tests.test_ingest_validate_corpus import corpus
 
+CORPUS = corpus()
 
 def outcome(read, path: Path, limits: ReadLimits) -> tuple:
     """Everything a caller of read_received can see, as plain values."""
@@ -54,9 +55,9 @@ def same(path: Path, limits: ReadLimits = validate.DEFAULT_LIMITS) -> None:
         path
 
 
-@pytest.mark.parametrize("name", sorted(corpus()))
+@pytest.mark.parametrize("name", sorted(CORPUS))
 def test_every_shipped_file_reads_as_from_the_file(name):
-    same(corpus()[name])
+    same(CORPUS[name])
 
 
 def test_a_slice_cut_anywhere_reads_as_from_the_file(tmp_path):
