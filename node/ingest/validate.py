@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -423,11 +424,14 @@ def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelEl
 
 #: Rule results a validator remembers (emptied when full): a series repeats most of its
 #: header in every instance, and decoding the values a rule reads is most of its cost.
-MEMO_ENTRIES = 8192
-#: Longer undecoded values are never part of a remembered key (a sequence's bytes may
-#: be longer: a code item takes about a hundred).
+#: A series takes five entries; the bounds below keep an entry's key to a few KB.
+MEMO_ENTRIES = 2048
+#: Longer undecoded values are never part of a remembered key; nor are headers of more
+#: top-level elements, or sequences (checked inside) of more bytes in all (a code item
+#: takes about a hundred).
 _MEMO_BYTES = 256
-_MEMO_SEQUENCE_BYTES = 1024
+_MEMO_ELEMENTS = 1024
+_MEMO_SEQUENCE_BYTES = 2048
 _CHARSET = 0x00080005
 #: What each remembered rule reads, besides its arguments: the data set's elements at
 #: these tags (``get_expected_length`` reads the first six).
@@ -547,36 +551,43 @@ def _shape(ds: Dataset, iod: IOD, raw: dict[int, Any]) -> tuple[Any, ...] | None
     :func:`_empty` decides (the length on the wire, or the decoded value's emptiness),
     and the bytes each present sequence the IOD has requirements inside was read from
     (``raw``: reading the header decodes sequences to bound their depth, and their items
-    are checked too), with byte order and character set. None when a raw
-    element has an undefined length (its emptiness needs decoding), such a sequence is
-    decoded already (read with an undefined length) or longer than
-    _MEMO_SEQUENCE_BYTES, or a decoded value's emptiness cannot be told (the rule then
-    runs and says why)."""
+    are checked too), with byte order and character set; packed, as a remembered key
+    is kept. None when a raw element has an undefined length (its emptiness needs
+    decoding), such a sequence is decoded already (read with an undefined length), the
+    header is over _MEMO_ELEMENTS elements or its sequences over _MEMO_SEQUENCE_BYTES,
+    or a decoded value's emptiness cannot be told (the rule then runs and says why)."""
     elements = ds._dict
-    shape = []
+    if len(elements) > _MEMO_ELEMENTS:
+        return None
+    tags: list[int] = []
+    empty: list[bool] = []
     for tag, elem in elements.items():
         if type(elem) is RawDataElement:
             if elem.length == _UNDEFINED:
                 return None
-            shape.append((int(tag), elem.length == 0))
+            empty.append(elem.length == 0)
         else:
             try:
-                shape.append((int(tag), elem.is_empty))
+                empty.append(bool(elem.is_empty))
             except Exception:
                 return None
-    present = {tag for tag, _ in shape}
+        tags.append(int(tag))
+    present = set(tags)
     nested: list[Any] = []
+    sequence_bytes = 0
     for _, tag in iod.children.get((), ()):
         if tag in present:
             elem = raw.get(tag)
             value = getattr(elem, "value", None)
-            if type(elem) is not RawDataElement or type(value) is not bytes \
-                    or len(value) > _MEMO_SEQUENCE_BYTES:
+            if type(elem) is not RawDataElement or type(value) is not bytes:
+                return None
+            sequence_bytes += len(value)
+            if sequence_bytes > _MEMO_SEQUENCE_BYTES:
                 return None
             nested.append((tag, elem.VR, value, elem.is_little_endian, elem.is_implicit_VR))
     if nested:
         nested.append(_charset_key(elements))
-    return (tuple(shape), tuple(nested))
+    return (array("I", tags).tobytes(), bytes(empty), tuple(nested))
 
 
 def _sop_class(sop_class: str) -> list[Finding]:
