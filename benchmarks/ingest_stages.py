@@ -10,7 +10,13 @@ out of its caller's), so the stages add up to the ingest call's CPU. What runs
 on other threads (the audit-head signer) is the process's CPU minus the
 calling thread's.
 
-    .venv/bin/python -m benchmarks.ingest_stages [--instances 200] [--size 512]
+    .venv/bin/python -m benchmarks.ingest_stages [--instances 200] [--size 512] [--pollers N]
+
+``--pollers N`` runs N threads beside the ingest that wake every millisecond, as
+pynetdicom's association threads do in a receiving process: every syscall that releases
+the GIL (a file read, a lock) then hands it over, which a quiet single thread never
+shows. The index transaction's own rows and the route's (the re-identification map and
+de-identification evidence, ``Router.record``) are counted apart.
 
 Copying each file into the spool (what the network layer does) is not counted.
 The scratch node lives under ``TMPDIR``: ``TMPDIR=/dev/shm`` takes the disk (fsync
@@ -23,6 +29,7 @@ import argparse
 import functools
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -49,6 +56,7 @@ STAGES: list[tuple[str, Any, str]] = [
     ("de-identify", Router, "prepare"),
     ("blob write+fsync", pipeline.IngestService, "_promote"),
     ("index transaction", pipeline.IngestService, "_commit"),
+    ("index: route's rows", Router, "record"),
     ("audit", AuditTrail, "append"),
     ("audit", AuditTrail, "committed"),
     ("hooks", pipeline.IngestService, "_classify"),
@@ -102,10 +110,30 @@ def instrumented(clock: StageClock, hooks: tuple[Any, ...]) -> Iterator[None]:
             setattr(owner, name, original)
 
 
-def run_route(work: Path, files: list[Path], route: str) -> tuple[dict[str, float], float,
-                                                                     float]:
+@contextmanager
+def pollers(count: int) -> Iterator[None]:
+    """``count`` threads that wake every millisecond for the block (see the module doc)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.001):
+            pass
+
+    threads = [threading.Thread(target=poll, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> tuple[
+        dict[str, float], float, float]:
     """Per-stage CPU ms per instance, the ingest calls' CPU ms and the process's CPU ms
-    per instance (the latter includes the audit-head thread)."""
+    per instance (the latter includes the audit-head thread and any pollers)."""
     ctx = scratch_context(work / route)
     ctx.start()
     source = Source("BENCH", "127.0.0.1", "bench", route=route)
@@ -118,7 +146,7 @@ def run_route(work: Path, files: list[Path], route: str) -> tuple[dict[str, floa
             part.unlink(missing_ok=True)
         clock = StageClock()
         total_thread = total_process = 0.0
-        with instrumented(clock, ctx.ingest.hooks):
+        with instrumented(clock, ctx.ingest.hooks), pollers(poll):
             for i, f in enumerate(files[WARM:]):
                 part = spool / f"{i}.part"
                 shutil.copyfile(f, part)
@@ -144,15 +172,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--pollers", type=int, default=0,
+                        help="threads waking every millisecond beside the ingest")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lamina-stages-") as tmp:
         work = Path(tmp)
         files = Phantom(seed="bench-stages", slices_count=args.instances + WARM,
                         rows=args.size, columns=args.size).write(work / "series")
-        results = {route: run_route(work, files, route)
+        results = {route: run_route(work, files, route, args.pollers)
                    for route in ("clinical", "deidentified")}
     stages = list(dict.fromkeys(s for per, _, _ in results.values() for s in per))
-    print(f"{args.instances} instances of {args.size}x{args.size} CT, CPU ms per instance")
+    print(f"{args.instances} instances of {args.size}x{args.size} CT, CPU ms per instance"
+          f"{f', {args.pollers} pollers' if args.pollers else ''}")
     print(f"{'stage':<24}{'clinical':>10}{'deidentified':>14}")
     for stage in stages:
         print(f"{stage:<24}" + "".join(f"{results[r][0].get(stage, 0.0):>{w}.3f}"

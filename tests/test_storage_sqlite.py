@@ -68,3 +68,32 @@ def test_a_failed_transaction_leaves_nothing(index):
     with index.connection() as conn:
         assert conn.execute("SELECT count(*) FROM instance").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM patient").fetchone()[0] == 0
+
+
+def _rows(index: SqliteIndex) -> dict[str, list[tuple]]:
+    with index.connection() as conn:
+        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+                for table in ("patient", "study", "series", "instance")}
+
+
+def test_a_known_series_under_another_study_or_patient_adds_their_rows(index):
+    """The one-query lookup of a known series (repos.insert) applies only where the series,
+    its study and patient all match: a series UID arriving under another study, or a study
+    under another patient, still adds the rows the patient, study and series lookups add."""
+    from dataclasses import replace
+    first = record(0)
+    with index.transaction() as tx:
+        tx.instances.insert(first, receipt(0))
+        tx.instances.insert(record(1), receipt(1))  # the same series: no new parent rows
+    assert [len(v) for v in _rows(index).values()] == [1, 1, 1, 2]
+    other_study = replace(record(2), study_instance_uid="1.2.3.9")
+    other_patient = replace(record(3), patient_id="Q", patient_name="Q^Q")
+    with index.transaction() as tx:
+        tx.instances.insert(other_study, receipt(2))
+        tx.instances.insert(other_patient, receipt(3))
+    rows = _rows(index)
+    assert [r[1:3] for r in rows["patient"]] == [("P0", ""), ("Q", "")]
+    assert [r[2] for r in rows["study"]] == ["1.2.3.0", "1.2.3.9"]
+    assert len(rows["series"]) == 1  # the series keeps its first study
+    assert {r[1] for r in rows["instance"]} == {rows["series"][0][0]}
+    assert len(rows["instance"]) == 4

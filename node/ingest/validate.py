@@ -12,10 +12,12 @@ value of a patient attribute (no PHI in error comments, logs or the audit trail)
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from node.config import ValidationSettings
 from node.ingest.iod import IOD, IODTables, Requirement
 from node.ingest.rules import REJECT
 from node.sop_classes import STORAGE_SOP_CLASSES
-from node.storage.records import value_text
+from node.storage.records import element_text, value_text
 
 #: What the association accepts (``node.dimse.ae``) is what STOW-RS may store too.
 ACCEPTED_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES)
@@ -187,7 +189,68 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
     data set, before pydicom inflates it) or :class:`Unparseable` (an element
     longer than ``max_element``, never read into memory; sequences nested deeper
     than ``max_depth``).
+
+    The file's first :data:`HEAD_BYTES` are read in one go and parsed in memory
+    (:func:`_read_head`); only what those bytes cannot decide exactly as reading
+    the file would is parsed from the file (:func:`_read_file`).
     """
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(HEAD_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    received = _read_head(path, head, size, limits)
+    return received if received is not None else _read_file(path, limits)
+
+
+#: Bytes read from the start of a received file and parsed in memory. pydicom
+#: parsing a file object makes a syscall of every tell() and read() (about 200 for
+#: a CT header), and each releases the GIL: with another thread runnable (the
+#: context's worker, the audit signer, other associations) each is a hand-off
+#: between threads. A CT or MR header is a few KB; a header longer than this (a
+#: large multi-frame's functional groups) is parsed from the file.
+HEAD_BYTES = 64 << 10
+#: The pixel element's header (tag, VR, reserved, 4-byte length): the most a header
+#: parse reads past where it stops.
+_ELEMENT_HEADER = 12
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode("ascii")
+
+
+def _read_head(path: Path, head: bytes, size: int, limits: ReadLimits) -> Received | None:
+    """:func:`read_received` from the file's first bytes, or None where they cannot
+    decide it exactly as reading the file would: the parse would read past them, it
+    raised (reading the file raises it again, or reads on where these bytes stop), or
+    the data set may be deflated (its bounded inflation reads the file).
+
+    The parse is pydicom's own, on a BytesIO holding the file's bytes from offset 0,
+    so every value, offset and error is the one reading the file gives: a parse that
+    stops (at the pixel data) with the next element's header inside ``head`` read
+    nothing past it.
+    """
+    if _DEFLATED in head:
+        # pydicom inflates a deflated data set whole inside dcmread; the syntax it goes
+        # by is read from these bytes, so without its UID in them it inflates nothing.
+        return None
+    buffer = io.BytesIO(head)
+    # pydicom keeps the name as ds.filename (deferred values are read from that file
+    # later) and names it in its warnings, as for the open file.
+    buffer.name = os.fspath(path)
+    try:
+        ds = dcmread(buffer, stop_before_pixels=True, defer_size=limits.max_element)
+    except Exception:
+        return None
+    if len(head) < size and buffer.tell() + _ELEMENT_HEADER > len(head):
+        return None
+    # As if dcmread had opened the file itself: deferred values come from the file.
+    ds.buffer, ds.fileobj_type = None, open
+    raw = dict(ds.items())  # items(), not iteration: nothing is decoded
+    _whole(ds)
+    _bounded(ds, limits, size)
+    little, implicit = _encoding(ds)
+    return Received(ds, _pixel_element_at(buffer, size, little, implicit, path), raw)
+
+
+def _read_file(path: Path, limits: ReadLimits) -> Received:
+    """:func:`read_received` from the file: a deflated data set (inflated under its
+    bound first), a header longer than :data:`HEAD_BYTES`, or bytes pydicom refuses."""
     with open(path, "rb") as f:
         meta = read_file_meta_info(path)
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
@@ -196,17 +259,31 @@ def read_received(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Received:
         # Values over max_element are left on disk ("deferred"), then refused.
         ds = dcmread(f, stop_before_pixels=True, defer_size=limits.max_element)
         raw = dict(ds.items())  # items(), not iteration: nothing is decoded
+        size = os.fstat(f.fileno()).st_size
         _whole(ds)
-        _bounded(ds, limits, os.fstat(f.fileno()).st_size)
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        if syntax == DeflatedExplicitVRLittleEndian:
+        _bounded(ds, limits, size)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             # pydicom inflates the whole dataset to parse it; the header stop
             # position says nothing about the compressed file, so read it all.
             full = dcmread(f.name)
             return Received(ds, _pixels_of_dataset(full))
-        little = syntax is None or UID(syntax).is_little_endian
-        implicit = syntax is not None and UID(syntax).is_implicit_VR
-        return Received(ds, _pixel_element_at(f, little, implicit), raw)
+        little, implicit = _encoding(ds)
+        return Received(ds, _pixel_element_at(f, size, little, implicit, path), raw)
+
+
+def _encoding(ds: FileDataset) -> tuple[bool, bool]:
+    """(little endian, implicit VR) of the data set, by its transfer syntax."""
+    return _syntax_encoding(ds.file_meta.get("TransferSyntaxUID"))
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax_encoding(syntax: str | None) -> tuple[bool, bool]:
+    """Remembered: a series comes in one syntax, and building a validated UID for its
+    properties is a tenth of a header parse. Raises (uncached) for a UID that is no
+    transfer syntax."""
+    little = syntax is None or UID(syntax).is_little_endian
+    implicit = syntax is not None and UID(syntax).is_implicit_VR
+    return little, implicit
 
 
 def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | None:
@@ -227,8 +304,11 @@ def with_deferred_pixels(received: Received, defer_size: int) -> FileDataset | N
             or pixel.length == 0 or not received.raw or not getattr(ds, "filename", None)):
         return None
     implicit, little = ds.original_encoding
-    whole = FileDataset(str(ds.filename), dict(received.raw), ds.preamble, ds.file_meta,
+    # Built without a file name, which FileDataset would stat for its modification time:
+    # the header's, taken when the same file was parsed, is that time.
+    whole = FileDataset(None, dict(received.raw), ds.preamble, ds.file_meta,
                         bool(implicit), bool(little))
+    whole.filename, whole.fileobj_type, whole.timestamp = str(ds.filename), open, ds.timestamp
     whole.set_original_encoding(bool(implicit), bool(little), ds.original_character_set)
     value = None
     if pixel.length <= defer_size:
@@ -286,11 +366,15 @@ def _pixels_of_dataset(ds: Dataset) -> PixelElement | None:
     return None
 
 
-def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement | None:
-    """Read the element header at the current offset, where the header parse stopped."""
+def _pixel_element_at(f: BinaryIO, size: int, little: bool, implicit: bool,
+                      path: Path) -> PixelElement | None:
+    """Read the element header at the current offset, where the header parse stopped.
+
+    ``f`` holds the file's bytes from offset 0 up to at least that header (the file
+    itself or :func:`read_received`'s head); ``size`` is the file's. Encapsulated
+    fragments are counted in the file itself.
+    """
     start = f.tell()
-    size = f.seek(0, 2)
-    f.seek(start)
     head = f.read(8)
     if len(head) < 8:
         return None
@@ -313,7 +397,9 @@ def _pixel_element_at(f: BinaryIO, little: bool, implicit: bool) -> PixelElement
     if length != _UNDEFINED:
         return PixelElement(tag, length, available, start=start, value_tell=value_start,
                             vr=None if implicit else head[4:6].decode("ascii", "replace"))
-    return _encapsulated(f, tag, endian, available)
+    with open(path, "rb") as file:
+        file.seek(value_start)
+        return _encapsulated(file, tag, endian, available)
 
 
 def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelElement:
@@ -336,27 +422,70 @@ def _encapsulated(f: BinaryIO, tag: int, endian: str, available: int) -> PixelEl
     return PixelElement(tag, _UNDEFINED, available, count, len(offsets), whole)
 
 
+#: Rule results a validator remembers (emptied when full): a series repeats most of its
+#: header in every instance, and decoding the values a rule reads is most of its cost.
+#: A series takes five entries; the bounds below keep an entry's key to a few KB.
+MEMO_ENTRIES = 2048
+#: Longer undecoded values are never part of a remembered key; nor are headers of more
+#: top-level elements, or sequences (checked inside) of more bytes in all (a code item
+#: takes about a hundred).
+_MEMO_BYTES = 256
+_MEMO_ELEMENTS = 1024
+_MEMO_SEQUENCE_BYTES = 2048
+_CHARSET = 0x00080005
+#: What each remembered rule reads, besides its arguments: the data set's elements at
+#: these tags (``get_expected_length`` reads the first six).
+_PIXEL_READS = (0x00280010, 0x00280011, 0x00280100, 0x00280002, 0x00280008, 0x00280004)
+_ORIENTATION_READS = (0x00200037,)
+_SPACING_READS = (0x00280030, 0x00180050)
+_MODALITY_READS = (0x00080060,)
+
+
 class Validator:
-    """Checks one received instance against the IOD tables and the node's rules."""
+    """Checks one received instance against the IOD tables and the node's rules.
+
+    The rules that read a few elements (pixel data, orientation, spacing, modality)
+    and the Type 1/2 checks are remembered, keyed by everything they read: the
+    undecoded bytes of those elements (with VR, byte order and the data set's
+    character set), or, for the Type 1/2 checks, which tags are present and which
+    are empty. A rule is run again when one of them is decoded already or long. A
+    remembered rule does not decode its elements into the data set; nothing after
+    these rules reads them from it (the route starts from the raw elements).
+    """
 
     def __init__(self, settings: ValidationSettings, tables: IODTables) -> None:
         self.settings = settings
         self.tables = tables
+        self._memo: dict[tuple[Any, ...], tuple[Finding, ...]] = {}
 
     def check(self, received: Received) -> list[Finding]:
         """Every finding for this instance, most fundamental first."""
         ds = received.dataset
         sop_class = str(ds.get("SOPClassUID", ""))
         iod = self.tables.for_sop_class(sop_class)
+        pixels = received.pixels
+        # The PixelElement fields _pixels reads (not where the element sits).
+        pixel_key = pixels and (pixels.tag, pixels.length, pixels.available, pixels.fragments,
+                                pixels.offsets, pixels.whole)
+        tolerance = self.settings.orientation_tolerance
         checks: list[tuple[str, Callable[[], list[Finding]]]] = [
             ("sop_class", lambda: _sop_class(sop_class)),
-            ("type1_missing", lambda: _required(ds, iod, ()) if iod else []),
+            ("type1_missing", lambda: self._remembered(
+                ("required", iod.name), _shape(ds, iod, received.raw),
+                lambda: _required(ds, iod, ()))
+                if iod else []),
             ("file_meta", lambda: _file_meta(ds)),
             ("uid_syntax", lambda: _uids(ds)),
-            ("pixel_data", lambda: _pixels(ds, received.pixels)),
-            ("orientation", lambda: _orientation(ds, self.settings.orientation_tolerance)),
-            ("spacing", lambda: _spacing(ds)),
-            ("modality", lambda: _modality(ds, iod.name) if iod else []),
+            ("pixel_data", lambda: self._remembered(
+                ("pixels", pixel_key), _raw_key(ds, _PIXEL_READS), lambda: _pixels(ds, pixels))),
+            ("orientation", lambda: self._remembered(
+                ("orientation", tolerance), _raw_key(ds, _ORIENTATION_READS),
+                lambda: _orientation(ds, tolerance))),
+            ("spacing", lambda: self._remembered(
+                ("spacing",), _raw_key(ds, _SPACING_READS), lambda: _spacing(ds))),
+            ("modality", lambda: self._remembered(
+                ("modality", iod.name), _raw_key(ds, _MODALITY_READS),
+                lambda: _modality(ds, iod.name)) if iod else []),
         ]
         findings: list[Finding] = []
         for rule, check in checks:
@@ -367,12 +496,98 @@ class Validator:
                                         detail=f"{type(exc).__name__}: {str(exc)[:200]}"))
         return findings
 
+    def _remembered(self, rule: tuple[Any, ...], read: tuple[Any, ...] | None,
+                    run: Callable[[], list[Finding]]) -> list[Finding]:
+        """``run()``, remembered under ``rule`` and what it ``read`` (None: run it). A rule
+        that raises is not remembered: the caller reports it, the next instance runs it."""
+        if read is None:
+            return run()
+        key = (rule, read)
+        found = self._memo.get(key)
+        if found is None:
+            found = tuple(run())
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = found
+        return list(found)
+
     def split(self, findings: Iterable[Finding]) -> tuple[list[Finding], list[Finding]]:
         """(rejecting, warning) findings by the configured action of their rule."""
         rejecting, warning = [], []
         for finding in findings:
             (rejecting if self.settings.action(finding.rule) == REJECT else warning).append(finding)
         return rejecting, warning
+
+
+def _charset_key(elements: dict) -> Any:
+    """The data set's character set as its decoding depends on it (raw bytes or value)."""
+    charset = elements.get(_CHARSET)
+    if charset is None:
+        return None
+    return charset.value if type(charset) is RawDataElement else repr(charset.value)
+
+
+def _raw_key(ds: Dataset, tags: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """Everything decoding ``tags`` in ``ds`` depends on: per tag None (absent) or its
+    VR as sent, bytes, length and byte order, plus the character set; None when one is
+    decoded already (its bytes are gone) or longer than _MEMO_BYTES."""
+    elements = ds._dict
+    key: list[Any] = [_charset_key(elements)]
+    for tag in tags:
+        elem = elements.get(tag)
+        if elem is None:
+            key.append(None)
+            continue
+        value = elem.value
+        if type(elem) is not RawDataElement or type(value) is not bytes \
+                or len(value) > _MEMO_BYTES:
+            return None
+        key.append((elem.VR, value, elem.length, elem.is_little_endian, elem.is_implicit_VR))
+    return tuple(key)
+
+
+def _shape(ds: Dataset, iod: IOD, raw: dict[int, Any]) -> tuple[Any, ...] | None:
+    """What the Type 1/2 checks read: each top-level tag and whether it is empty as
+    :func:`_empty` decides (the length on the wire, or the decoded value's emptiness),
+    and the bytes each present sequence the IOD has requirements inside was read from
+    (``raw``: reading the header decodes sequences to bound their depth, and their items
+    are checked too), with byte order and character set; packed, as a remembered key
+    is kept. None when a raw element has an undefined length (its emptiness needs
+    decoding), such a sequence is decoded already (read with an undefined length), the
+    header is over _MEMO_ELEMENTS elements or its sequences over _MEMO_SEQUENCE_BYTES,
+    or a decoded value's emptiness cannot be told (the rule then runs and says why)."""
+    elements = ds._dict
+    if len(elements) > _MEMO_ELEMENTS:
+        return None
+    tags: list[int] = []
+    empty: list[bool] = []
+    for tag, elem in elements.items():
+        if type(elem) is RawDataElement:
+            if elem.length == _UNDEFINED:
+                return None
+            empty.append(elem.length == 0)
+        else:
+            try:
+                empty.append(bool(elem.is_empty))
+            except Exception:
+                return None
+        tags.append(int(tag))
+    present = set(tags)
+    nested: list[Any] = []
+    sequence_bytes = 0
+    for _, tag in iod.children.get((), ()):
+        if tag in present:
+            elem = raw.get(tag)
+            value = getattr(elem, "value", None)
+            if type(elem) is not RawDataElement or type(value) is not bytes:
+                return None
+            sequence_bytes += len(value)
+            if sequence_bytes > _MEMO_SEQUENCE_BYTES:
+                return None
+            nested.append((tag, elem.VR, value, elem.is_little_endian, elem.is_implicit_VR))
+    if nested:
+        nested.append(_charset_key(elements))
+    return (array("I", tags).tobytes(), bytes(empty), tuple(nested))
 
 
 def _sop_class(sop_class: str) -> list[Finding]:
@@ -467,8 +682,14 @@ def _uids(ds: FileDataset) -> list[Finding]:
     findings = []
     meta = getattr(ds, "file_meta", None) or Dataset()
     for source in (meta, ds):
-        for tag in [t for t in source.keys() if _is_uid(t)]:  # noqa: SIM118 - no decoding
-            for value in (value_text(source, tag) or "").split("\\"):
+        # The elements in hand, tags as plain ints: looking each up again (and hashing
+        # pydicom's tags, which compare in Python) was most of this rule's time.
+        for tag, elem in [(int(t), e) for t, e in source._dict.items()]:
+            if not _is_uid(tag):
+                continue
+            if elem.is_raw and elem.value is None:  # deferred: as value_text reads it
+                elem = source.get_item(tag)
+            for value in (element_text(elem) or "").split("\\"):
                 problem = _uid_problem(value) if value else ""
                 if problem:
                     keyword = keyword_for_tag(tag) or "UID"

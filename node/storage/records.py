@@ -28,9 +28,16 @@ def value_text(ds: Dataset, tag: int) -> str | None:
     ASCII by definition, and pydicom's decoding of a DS multi-value costs tens
     of microseconds, which adds up on the ingest hot path.
     """
-    if tag not in ds:
+    elem = ds._dict.get(tag)  # the lookups of ``tag in ds`` and get_item, in one
+    if elem is None:
         return None
-    elem = ds.get_item(tag)
+    if elem.is_raw and elem.value is None:  # deferred: get_item reads and decodes it
+        elem = ds.get_item(tag)
+    return element_text(elem)
+
+
+def element_text(elem: Any) -> str | None:
+    """:func:`value_text` of an element in hand (raw or decoded)."""
     if getattr(elem, "is_raw", False):
         if not elem.value:
             return None
@@ -54,15 +61,20 @@ _READ_BYTES = 256
 _CHARSET = 0x00080005
 
 
-def _read(reader: Callable[[Dataset, str], Any], ds: Dataset, keyword: str) -> Any:
-    """``reader(ds, keyword)``, remembered for undecoded elements of up to _READ_BYTES."""
+def _read(reader: Callable[[Any], Any], ds: Dataset, keyword: str) -> Any:
+    """``reader`` of the value ``ds.get(keyword)`` gives; None when absent. Remembered for
+    undecoded elements of up to _READ_BYTES; a decoded element's value is read off the
+    element itself (what ``ds.get`` would return, without its lookups: a de-identified
+    data set holds only decoded elements)."""
     tag = tag_for_keyword(keyword)
-    elem = ds._dict.get(tag) if tag is not None else None
+    elem = ds._dict.get(tag)
     if elem is None:
-        return None if tag is not None else reader(ds, keyword)
+        return None
+    if not elem.is_raw:
+        return reader(elem.value)
     value = elem.value
-    if not elem.is_raw or type(value) is not bytes or len(value) > _READ_BYTES:
-        return reader(ds, keyword)
+    if type(value) is not bytes or len(value) > _READ_BYTES:
+        return reader(ds.get(keyword))
     charset = ds._dict.get(_CHARSET)
     key = (reader, tag, elem.VR, value, elem.is_little_endian, elem.is_implicit_VR,
            None if charset is None else charset.value if charset.is_raw
@@ -71,24 +83,23 @@ def _read(reader: Callable[[Dataset, str], Any], ds: Dataset, keyword: str) -> A
         return _READ[key]
     except KeyError:
         pass
-    result = reader(ds, keyword)
+    result = reader(ds.get(keyword))
     if len(_READ) >= _READ_ENTRIES:
         _READ.clear()
     _READ[key] = result
     return result
 
 
-def _uid(ds: Dataset, keyword: str) -> str:
-    return str(getattr(ds, keyword))
+def _uid(value: Any) -> str:
+    return str(value)
 
 
-def _value(ds: Dataset, keyword: str) -> Any:
-    return ds.get(keyword)
+def _value(value: Any) -> Any:
+    return value
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    """A single-valued attribute as text, or None when absent or empty."""
-    value = ds.get(keyword)
+def _text(value: Any) -> str | None:
+    """A single-valued attribute as text, or None when empty."""
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
@@ -96,8 +107,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value)
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+def _int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):

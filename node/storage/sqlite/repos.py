@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from node.storage import pn
@@ -98,6 +99,11 @@ _INSTANCE_COLUMNS = (
 _PATIENT_SELECT = "SELECT id FROM patient WHERE patient_id = ? AND issuer_of_patient_id = ?"
 _STUDY_SELECT = "SELECT id FROM study WHERE study_instance_uid = ?"
 _SERIES_SELECT = "SELECT id FROM series WHERE series_instance_uid = ?"
+_SERIES_OF_STUDY_OF_PATIENT = (
+    "SELECT se.id FROM series se JOIN study st ON st.id = se.study_fk"
+    " JOIN patient p ON p.id = st.patient_fk WHERE se.series_instance_uid = ?"
+    " AND st.study_instance_uid = ? AND p.patient_id = ? AND p.issuer_of_patient_id = ?"
+)
 
 
 def _patient_values(rec: InstanceRecord) -> tuple:
@@ -161,18 +167,28 @@ class SqliteInstances(_Repo):
 
     def insert(self, rec: InstanceRecord, receipt: Receipt) -> int:
         """Existing patient/study/series rows keep their first-seen attributes (the
-        validation step decides what a disagreeing resend means)."""
-        patient_fk = self._upsert_id(_PATIENT_SELECT,
-                                     (rec.patient_id, rec.issuer_of_patient_id),
-                                     _PATIENT_INSERT, _patient_values(rec))
-        study_fk = self._upsert_id(_STUDY_SELECT, (rec.study_instance_uid,), _STUDY_INSERT,
-                                   _study_values(rec, patient_fk))
-        row = self.conn.execute(_SERIES_SELECT, (rec.series_instance_uid,)).fetchone()
+        validation step decides what a disagreeing resend means).
+
+        Most instances join a series already indexed under the same study and patient:
+        one query finds it, where the patient, study and series lookups below would
+        each find their row and insert nothing."""
+        row = self.conn.execute(_SERIES_OF_STUDY_OF_PATIENT, (
+            rec.series_instance_uid, rec.study_instance_uid, rec.patient_id,
+            rec.issuer_of_patient_id)).fetchone()
         if row:
             series_fk = row[0]
         else:
-            series_fk = self._id(_SERIES_INSERT, _series_values(rec, study_fk))
-            self._add_modality(study_fk, rec.modality)
+            patient_fk = self._upsert_id(_PATIENT_SELECT,
+                                         (rec.patient_id, rec.issuer_of_patient_id),
+                                         _PATIENT_INSERT, partial(_patient_values, rec))
+            study_fk = self._upsert_id(_STUDY_SELECT, (rec.study_instance_uid,),
+                                       _STUDY_INSERT, partial(_study_values, rec, patient_fk))
+            row = self.conn.execute(_SERIES_SELECT, (rec.series_instance_uid,)).fetchone()
+            if row:
+                series_fk = row[0]
+            else:
+                series_fk = self._id(_SERIES_INSERT, _series_values(rec, study_fk))
+                self._add_modality(study_fk, rec.modality)
         return self._id(_INSTANCE_COLUMNS + " RETURNING id",
                         _instance_values(rec, receipt, series_fk))
 
@@ -192,17 +208,17 @@ class SqliteInstances(_Repo):
             patient_fk = patients.get(key)
             if patient_fk is None:
                 patient_fk = patients[key] = self._upsert_id(
-                    _PATIENT_SELECT, key, _PATIENT_INSERT, _patient_values(rec))
+                    _PATIENT_SELECT, key, _PATIENT_INSERT, partial(_patient_values, rec))
             study_fk = studies.get(rec.study_instance_uid)
             if study_fk is None:
                 study_fk = studies[rec.study_instance_uid] = self._upsert_id(
                     _STUDY_SELECT, (rec.study_instance_uid,), _STUDY_INSERT,
-                    _study_values(rec, patient_fk))
+                    partial(_study_values, rec, patient_fk))
             series_fk = series.get(rec.series_instance_uid)
             if series_fk is None:
                 series_fk = series[rec.series_instance_uid] = self._upsert_id(
                     _SERIES_SELECT, (rec.series_instance_uid,), _SERIES_INSERT,
-                    _series_values(rec, study_fk))
+                    partial(_series_values, rec, study_fk))
                 touched.add(study_fk)
             pending.append(_instance_values(rec, receipt, series_fk))
             if len(pending) >= 10_000:
@@ -254,17 +270,22 @@ class SqliteInstances(_Repo):
 
     def insert_findings(self, instance_id: int, findings: Iterable[FindingRow],
                         now: str) -> None:
+        rows = [(instance_id, f.rule, f.severity, f.keyword, f.tag, f.message, now)
+                for f in findings]
+        if not rows:  # most instances: no statement to prepare and run
+            return
         self.conn.executemany(
             "INSERT INTO finding (instance_fk, rule, severity, keyword, tag, message, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(instance_id, f.rule, f.severity, f.keyword, f.tag, f.message, now)
-             for f in findings])
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def _upsert_id(self, select: str, key: tuple, insert: str, values: tuple) -> int:
+    def _upsert_id(self, select: str, key: tuple, insert: str,
+                   values: Callable[[], tuple]) -> int:
+        """The row's id, inserting ``values()`` when there is none (only then are they
+        worked out: a patient's values include its name keys)."""
         row = self.conn.execute(select, key).fetchone()
         if row:
             return row[0]
-        return self._id(insert, values)
+        return self._id(insert, values())
 
     def _add_modality(self, study_fk: int, modality: str | None) -> None:
         """Keep ModalitiesInStudy current as series of new modalities arrive."""
