@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom import config
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
@@ -120,6 +120,13 @@ _DECODED_BYTES = 256  # longer undecoded values are decoded each time, never rem
 # Decoded value types that cannot be changed in place (pydicom's own str, int and float
 # subclasses included): an element holding one can be shared between calls.
 _IMMUTABLE_VALUES = frozenset({str, bytes, int, float, UID, PersonName, DSfloat, DSdecimal, IS})
+# Element results an engine remembers (Deidentifier._results): a series' repeated
+# header is a few dozen of them; per-instance values (SOP Instance UID, positions,
+# times) push the oldest out when it is full (emptied, as the caches above).
+_RESULTS = 8192
+# A value starting with an item tag, little and big endian: a sequence sent as UN or in
+# implicit VR, which the walk enters rather than remembers.
+_ITEM_STARTS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
 
 # Plain ints, as the walk's tags are: comparing with a pydicom BaseTag calls its
 # Python-level __eq__, which was a tenth of the engine's time.
@@ -256,40 +263,129 @@ def _new(elem: DataElement, value: Any) -> DataElement:
     )
 
 
+class _Result:
+    """What the engine did with one undecoded element, to be done again for the same
+    element (same key, :meth:`Deidentifier._result_key`) without working it out: the
+    output element's parts, and the evidence notes, residual-PHI hits and UID pairs
+    it recorded on its call, replayed on another call under that call's path."""
+
+    __slots__ = ("hits", "kind", "notes", "uids", "undefined_length", "validation_mode",
+                 "value", "vr")
+
+    _NONE, _RAW, _SINGLE, _MULTI = range(4)
+
+    def __init__(self, kind: int, out: DataElement | None, notes: tuple[tuple[str, int], ...],
+                 hits: tuple[int, ...], uids: tuple[tuple[str, str], ...]) -> None:
+        self.kind = kind
+        self.notes, self.hits, self.uids = notes, hits, uids
+        self.vr = self.value = self.validation_mode = None
+        self.undefined_length = False
+        if out is not None:
+            self.vr, self.validation_mode = out.VR, out.validation_mode
+            self.undefined_length = out.is_undefined_length
+            self.value = tuple(out.value) if kind == self._MULTI else out.value
+
+    @classmethod
+    def of(cls, new: DataElement | RawDataElement | None, raw: RawDataElement, call: _Call,
+           notes_from: int, hits_from: int, uids: list[tuple[str, str]]) -> _Result | None:
+        """The result to remember, or None when it must be worked out each time: it
+        entered a sequence (notes under a longer path), or its value is one that
+        could be changed in place or that pydicom would not give back equal."""
+        prefix = call.prefix
+        notes = call.notes[notes_from:]
+        hits = call.residual[hits_from:]
+        if any(p != prefix for _, p, _ in notes) or any(p != prefix for p, _ in hits):
+            return None
+        if new is None:
+            kind, out = cls._NONE, None
+        elif new is raw:
+            kind, out = cls._RAW, None
+        elif not isinstance(new, DataElement) or new.VR == "SQ" or new.tag != raw.tag:
+            return None
+        elif new.value is None or type(new.value) in _IMMUTABLE_VALUES:
+            kind, out = cls._SINGLE, new
+        elif type(new.value) is MultiValue and all(type(v) in (str, UID) for v in new.value):
+            # Rebuilt from its strings on replay: pydicom converts str and UID items
+            # back to equal items, as it did when the engine first built it.
+            kind, out = cls._MULTI, new
+        else:
+            return None
+        return cls(kind, out, tuple((c, t) for c, _, t in notes), tuple(t for _, t in hits),
+                   tuple(uids))
+
+    def replay(self, tag: int, raw: RawDataElement, call: _Call) -> DataElement | RawDataElement | None:
+        """Record on ``call`` what the first call recorded, and return a new output
+        element equal to the first one (never that one: the caller owns its output)."""
+        prefix = call.prefix
+        if self.notes:
+            call.notes.extend([(c, prefix, t) for c, t in self.notes])
+        for t in self.hits:
+            call.residual.append((prefix, t))
+        for old, new in self.uids:
+            call.uids[old] = new
+        if self.kind == self._NONE:
+            return None
+        if self.kind == self._RAW:
+            return raw  # this object's own raw element, as the walk returns it
+        if self.kind == self._SINGLE:
+            return DataElement(raw.tag, self.vr, self.value,
+                               is_undefined_length=self.undefined_length,
+                               already_converted=True, validation_mode=self.validation_mode)
+        return DataElement(raw.tag, self.vr, list(self.value),
+                           is_undefined_length=self.undefined_length,
+                           validation_mode=self.validation_mode)
+
+
+def _charset_key(ds: Dataset) -> str:
+    """The character set pydicom decodes ``ds``'s text elements with (what
+    ``Dataset.__getitem__`` passes on), as a key for remembered decodings."""
+    return repr(ds.original_character_set or ds._character_set)
+
+
 def _one_or_many(values: list[Any]) -> Any:
     if not values:
         return None
     return values[0] if len(values) == 1 else values
 
 
-def burned_in_risk(ds: Dataset, settings: DeidSettings) -> str | None:
+def _value_of(ds: Dataset, tag: int) -> Any:
+    """The value of ``ds``'s element ``tag``, None when it has none, as
+    ``ds.get(keyword)`` gives it."""
+    elem = ds.get(tag)
+    return None if elem is None else elem.value
+
+
+def burned_in_risk(ds: Dataset, settings: DeidSettings, *,
+                   read: Callable[[Dataset, int], Any] = _value_of) -> str | None:
     """A plain-words reason why this object must be quarantined for burned-in text,
     or None. Under the ``mask`` policy an object that the configured regions can
-    clean carries no risk (the engine masks it); one they cannot is still refused."""
+    clean carries no risk (the engine masks it); one they cannot is still refused.
+    ``read`` gives an element's value (the engine's reads it without decoding the
+    caller's element in place, so its walk still finds the element as read)."""
     if settings.burned_in_policy == "accept" or _PIXEL_DATA not in ds:
         return None
-    reason = _burned_in_reason(ds)
+    reason = _burned_in_reason(ds, read)
     if reason is None or settings.burned_in_policy == "quarantine":
         return reason
     problem = _mask_problem(ds, settings)
     return None if problem is None else f"{reason}; masking is not possible: {problem}"
 
 
-def _burned_in_reason(ds: Dataset) -> str | None:
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+def _burned_in_reason(ds: Dataset, read: Callable[[Dataset, int], Any] = _value_of) -> str | None:
+    flag = str(read(ds, 0x00280301) or "").strip().upper()  # BurnedInAnnotation
     if flag == "YES":
         return "BurnedInAnnotation is YES: the pixels carry burned-in text"
     if flag == "NO":
         return None
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_class = str(read(ds, 0x00080016) or "")  # SOPClassUID
     if sop_class in _BURNED_IN_CLASSES:
         return (
             f"{_BURNED_IN_CLASSES[sop_class]} images often carry burned-in text "
             "and BurnedInAnnotation is not NO"
         )
-    if str(ds.get("Modality", "") or "").strip().upper() == "US":
+    if str(read(ds, 0x00080060) or "").strip().upper() == "US":  # Modality
         return "ultrasound images often carry burned-in text and BurnedInAnnotation is not NO"
-    conversion = str(ds.get("ConversionType", "") or "").strip().upper()
+    conversion = str(read(ds, 0x00080064) or "").strip().upper()  # ConversionType
     if conversion in _SCREEN_CONVERSION_TYPES:
         return (
             f"a {_SCREEN_CONVERSION_TYPES[conversion]} often carries burned-in text "
@@ -339,8 +435,9 @@ class _Call:
     value may contain, and the notes the evidence is built from (tags and paths
     only, never values)."""
 
-    __slots__ = ("charsets", "keep_uid", "matcher", "notes", "offset", "prefix",
-                 "private_kept", "private_kept_creators", "private_seen", "residual", "uids")
+    __slots__ = ("charsets", "keep_uid", "matcher", "matcher_key", "notes", "offset",
+                 "offset_key", "prefix", "private_kept", "private_kept_creators",
+                 "private_seen", "residual", "uid_log", "uids")
 
     def __init__(self, offset: TemporalOffset, matcher: TextMatcher,
                  keep_uid: Callable[[str], bool] | None = None) -> None:
@@ -358,6 +455,13 @@ class _Call:
         self.residual: list[tuple[str, int]] = []
         # The character set of each dataset walked (by id: they live as long as the call).
         self.charsets: dict[int, str] = {}
+        # What the remembered element results (Deidentifier._results) depend on besides
+        # the element itself: the matcher's pattern (text) and the patient's shift (dates).
+        self.matcher_key = matcher.key
+        self.offset_key = (offset.days, offset.minutes)
+        # While an element's result is worked out to be remembered: every (original,
+        # pseudonym) UID pair it used, including pairs this call had already made.
+        self.uid_log: list[tuple[str, str]] | None = None
 
     def note(self, category: str, tag: int) -> None:
         self.notes.append((category, self.prefix, tag))
@@ -445,6 +549,9 @@ class Deidentifier:
         # pydicom's decoding of undecoded elements a series repeats, only ever read
         # (see _decoded); bounded like the pseudonyms.
         self._decoded_cache: dict[tuple[Any, ...], DataElement] = {}
+        # What the walk did with undecoded elements a series repeats (see
+        # _result_key); bounded and thread-safe like the caches above.
+        self._results: dict[tuple[Any, ...], _Result] = {}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -455,18 +562,20 @@ class Deidentifier:
         Raises :class:`BurnedInTextRisk` when :func:`burned_in_risk` finds a reason,
         so no caller can store an unexamined screen capture by forgetting to ask,
         and :class:`DeidentificationError` when there is no transfer syntax."""
-        reason = burned_in_risk(ds, self._settings)
+        read = self._read
+        reason = burned_in_risk(ds, self._settings, read=read)
         if reason is not None:
             raise BurnedInTextRisk(reason)
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         if "TransferSyntaxUID" not in meta:
             raise DeidentificationError("the dataset has no transfer syntax in its file meta")
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
-        patient_key = str(ds.get("PatientID", "") or "").strip()
+        issuer = str(read(ds, 0x00100021) or "")  # IssuerOfPatientID
+        original_id = str(read(ds, 0x00100020) or "")  # PatientID
+        patient_key = original_id.strip()
         if not patient_key:
             # No patient ID: treat the study as its own patient rather than pooling
             # every unidentified object under one pseudonym.
-            patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or "")
+            patient_key = "study:" + str(read(ds, 0x0020000D) or "")  # StudyInstanceUID
         pseudonym = self._key.patient(issuer, patient_key)
         offset = self._key.temporal_offset(issuer, patient_key)
         matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip) if self._text_scan
@@ -482,7 +591,8 @@ class Deidentifier:
             out.fileobj_type, out.timestamp = ds.fileobj_type, ds.timestamp
         out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
         out[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", pseudonym.patient_name)
-        masked = self._settings.burned_in_policy == "mask" and _burned_in_reason(ds) is not None
+        masked = (self._settings.burned_in_policy == "mask"
+                  and _burned_in_reason(ds, read) is not None)
         if masked:
             _mask_pixels(out, self._settings)
         self._mark(out, masked)
@@ -492,8 +602,8 @@ class Deidentifier:
         patient = PatientEntry(
             pseudonym_id=pseudonym.patient_id,
             pseudonym_name=pseudonym.patient_name,
-            original_id=str(ds.get("PatientID", "") or ""),
-            original_name=str(ds.get("PatientName", "") or ""),
+            original_id=original_id,
+            original_name=str(read(ds, 0x00100010) or ""),  # PatientName
             issuer=issuer,
             date_offset_days=offset.days,
             time_offset_minutes=offset.minutes,
@@ -667,6 +777,82 @@ class Deidentifier:
                 return self._graphic(parent[tag], call, CURVES_CLEANED)
             call.note(CURVES_REMOVED, tag)
             return None
+        key = self._result_key(tag, raw, parent, call)
+        if key is None:
+            return self._decide(tag, raw, parent, call)
+        result = self._results.get(key)
+        if result is not None:
+            return result.replay(tag, raw, call)
+        return self._remember(key, tag, raw, parent, call)
+
+    def _result_key(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                    call: _Call) -> tuple[Any, ...] | None:
+        """The key of an element whose result can be remembered, or None.
+
+        A series repeats most of its header in every instance, and what the walk does
+        with an element (the action, the decoded value, the pseudonym, the shifted
+        date, the cleaned text, the evidence notes) is a function of the element's
+        tag, VR as sent, bytes, length, encoding and character set, plus, by VR, of
+        the object's text matcher (text and code strings) or the patient's shift and
+        a date's paired time in the same dataset (dates and times). Everything else
+        it reads is the engine's own settings. Not remembered: elements whose result
+        depends on other elements in other ways (descriptions under the vocabulary
+        rule, Segment Label, ambiguous VRs, sequences), long values, decoded elements,
+        and calls that keep some UIDs as they are (``keep_uid``)."""
+        if call.keep_uid is not None or not isinstance(raw, RawDataElement):
+            return None
+        value = raw.value
+        if (type(value) is not bytes or len(value) > _DECODED_BYTES or tag == _SEGMENT_LABEL
+                or tag in self._descriptors):
+            return None
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            if value[:4] in _ITEM_STARTS:
+                return None
+            vr = _dictionary_vr(tag)
+        if vr == "SQ" or " or " in vr:
+            return None
+        if vr in _DATE_VRS:
+            context: Any = call.offset_key
+            partner = partner_time_tag(tag) if vr == "DA" else None
+            if partner is not None and partner in parent:
+                time = parent.get_item(partner)
+                if not isinstance(time, RawDataElement) or type(time.value) is not bytes:
+                    return None
+                context = (context, time.VR, time.value)
+        elif vr in _TEXT_VRS or vr == "CS" or vr == "UN":
+            context = call.matcher_key
+        else:
+            context = None
+        charset = call.charsets.get(id(parent))
+        if charset is None:
+            charset = call.charsets[id(parent)] = _charset_key(parent)
+        return (tag, raw.VR, value, raw.length, raw.is_little_endian, raw.is_implicit_VR,
+                charset, context)
+
+    def _remember(self, key: tuple[Any, ...], tag: int, raw: RawDataElement, parent: Dataset,
+                  call: _Call) -> DataElement | RawDataElement | None:
+        """Work an element out as always, and remember the result when it can be."""
+        notes_from, hits_from = len(call.notes), len(call.residual)
+        outer = call.uid_log
+        call.uid_log = uids = []
+        try:
+            new = self._decide(tag, raw, parent, call)
+        finally:
+            call.uid_log = outer
+        if outer is not None:
+            outer.extend(uids)
+        result = _Result.of(new, raw, call, notes_from, hits_from, uids)
+        if result is not None:
+            if len(self._results) >= _RESULTS:
+                self._results.clear()
+            self._results[key] = result
+        return new
+
+    def _decide(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                call: _Call) -> DataElement | RawDataElement | None:
+        """What the profile does with an element, from its action (the rest of
+        :meth:`_element`)."""
         vr = raw.VR
         if vr is None or vr == "UN":
             vr = _dictionary_vr(tag)
@@ -713,7 +899,7 @@ class Deidentifier:
             return parent[tag]
         charset = call.charsets.get(id(parent))
         if charset is None:
-            charset = call.charsets[id(parent)] = repr(parent._character_set)
+            charset = call.charsets[id(parent)] = _charset_key(parent)
         key = (tag, raw.VR, value, raw.is_little_endian, raw.is_implicit_VR, charset)
         elem = self._decoded_cache.get(key)
         if elem is None:
@@ -724,6 +910,34 @@ class Deidentifier:
                 # A copy: the element in ``parent`` is the caller's to change.
                 self._decoded_cache[key] = copy.copy(elem)
         return elem
+
+    def _read(self, ds: Dataset, tag: int) -> Any:
+        """The value of ``ds``'s element ``tag`` (None when absent or empty), for the
+        few the engine reads before its walk (burned-in checks, the patient). An
+        undecoded element stays undecoded in ``ds`` (pydicom's ``ds.get`` would
+        decode it in place), so the walk still finds it as read and its remembered
+        result (:meth:`_result_key`); the decoding itself is pydicom's, remembered as
+        in :meth:`_decoded`."""
+        raw = ds.get_item(tag)
+        if raw is None:
+            return None
+        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+        if (not isinstance(raw, RawDataElement) or type(raw.value) is not bytes
+                or len(raw.value) > _DECODED_BYTES or vr == "SQ" or " or " in vr):
+            return ds[tag].value  # pydicom does more for these than decode them
+        charset = ds.original_character_set or ds._character_set
+        key = (tag, raw.VR, raw.value, raw.is_little_endian, raw.is_implicit_VR,
+               repr(charset))
+        elem = self._decoded_cache.get(key)
+        if elem is None:
+            # What ds[tag] does for an element of a non-ambiguous VR, without storing
+            # the result in ds.
+            elem = convert_raw_data_element(raw, encoding=charset, ds=ds)
+            if elem.value is None or type(elem.value) in _IMMUTABLE_VALUES:
+                if len(self._decoded_cache) >= _PSEUDONYM_CACHE:
+                    self._decoded_cache.clear()
+                self._decoded_cache[key] = elem
+        return elem.value
 
     def _vr_rule(self, tag: int, vr: str) -> str:
         """Action for an attribute the table does not name: whitelist by VR."""
@@ -863,6 +1077,8 @@ class Deidentifier:
                     self._pseudonyms.clear()
                 new = self._pseudonyms[value] = self._key.uid(value)
             call.uids[value] = new
+        if call.uid_log is not None:
+            call.uid_log.append((value, new))
         return new
 
     def _un_uids(self, elem: DataElement, call: _Call) -> DataElement | None:

@@ -63,6 +63,12 @@ class TextMatcher:
     def __bool__(self) -> bool:
         return self._pattern is not None
 
+    @property
+    def key(self) -> str | None:
+        """The pattern's text: equal keys match the same texts (flags are fixed), so
+        a result worked out with one matcher holds for any matcher of the same key."""
+        return None if self._pattern is None else self._pattern.pattern
+
     def search(self, text: str) -> bool:
         """Does ``text`` name one of the object's persons or identifiers?"""
         return self._pattern is not None and self._pattern.search(text) is not None
