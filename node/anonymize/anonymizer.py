@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, UID_dictionary
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
@@ -153,12 +153,12 @@ _OVERRIDDEN = MappingProxyType({
 # File meta elements of the source and what the rebuilt meta does with them; any
 # other source meta element is not carried over (MediaStorageSOPInstanceUID is
 # remapped like SOPInstanceUID).
-_META_EVIDENCE = MappingProxyType({
-    Tag("FileMetaInformationVersion"): KEPT,
-    Tag("MediaStorageSOPClassUID"): KEPT,
-    Tag("TransferSyntaxUID"): KEPT,
-    Tag("ImplementationClassUID"): DUMMY,
-    Tag("ImplementationVersionName"): DUMMY,
+_META_EVIDENCE = MappingProxyType({  # by plain int, as _SEGMENT_LABEL
+    int(Tag("FileMetaInformationVersion")): KEPT,
+    int(Tag("MediaStorageSOPClassUID")): KEPT,
+    int(Tag("TransferSyntaxUID")): KEPT,
+    int(Tag("ImplementationClassUID")): DUMMY,
+    int(Tag("ImplementationVersionName")): DUMMY,
 })
 
 # SOP classes whose pixels commonly carry burned-in text (ultrasound screens,
@@ -552,6 +552,7 @@ class Deidentifier:
         # What the walk did with undecoded elements a series repeats (see
         # _result_key); bounded and thread-safe like the caches above.
         self._results: dict[tuple[Any, ...], _Result] = {}
+        self._markers = {masked: self._marker_values(masked) for masked in (False, True)}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -797,8 +798,9 @@ class Deidentifier:
         a date's paired time in the same dataset (dates and times). Everything else
         it reads is the engine's own settings. Not remembered: elements whose result
         depends on other elements in other ways (descriptions under the vocabulary
-        rule, Segment Label, ambiguous VRs, sequences), long values, decoded elements,
-        and calls that keep some UIDs as they are (``keep_uid``)."""
+        rule, Segment Label, ambiguous VRs, sequences), numbers and binary data, long
+        values, decoded elements, and calls that keep some UIDs as they are
+        (``keep_uid``)."""
         if call.keep_uid is not None or not isinstance(raw, RawDataElement):
             return None
         value = raw.value
@@ -810,7 +812,10 @@ class Deidentifier:
             if value[:4] in _ITEM_STARTS:
                 return None
             vr = _dictionary_vr(tag)
-        if vr == "SQ" or " or " in vr:
+        if vr == "SQ" or vr in _INERT_VRS or " or " in vr:
+            # Kept numbers and binary data are copied raw without remembering: that
+            # costs less than a key, and their per-instance values (positions,
+            # instance numbers) would only crowd the memo.
             return None
         if vr in _DATE_VRS:
             context: Any = call.offset_key
@@ -911,16 +916,17 @@ class Deidentifier:
                 self._decoded_cache[key] = copy.copy(elem)
         return elem
 
-    def _read(self, ds: Dataset, tag: int) -> Any:
-        """The value of ``ds``'s element ``tag`` (None when absent or empty), for the
-        few the engine reads before its walk (burned-in checks, the patient). An
-        undecoded element stays undecoded in ``ds`` (pydicom's ``ds.get`` would
-        decode it in place), so the walk still finds it as read and its remembered
-        result (:meth:`_result_key`); the decoding itself is pydicom's, remembered as
-        in :meth:`_decoded`."""
+    def _read(self, ds: Dataset, tag: int, default: Any = None) -> Any:
+        """The value of ``ds``'s element ``tag`` (``default`` when absent), as
+        ``ds.get(keyword, default)`` gives it, for the few elements the engine reads
+        outside its walk (burned-in checks, the patient, file meta). An undecoded
+        element stays undecoded in ``ds`` (``ds.get`` would decode it in place), so
+        the walk still finds it as read and its remembered result
+        (:meth:`_result_key`); the decoding itself is pydicom's, remembered as in
+        :meth:`_decoded`."""
         raw = ds.get_item(tag)
         if raw is None:
-            return None
+            return default
         vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
         if (not isinstance(raw, RawDataElement) or type(raw.value) is not bytes
                 or len(raw.value) > _DECODED_BYTES or vr == "SQ" or " or " in vr):
@@ -1183,46 +1189,64 @@ class Deidentifier:
     # -- markers and file meta -------------------------------------------------------
 
     def _mark(self, out: Dataset, masked: bool) -> None:
-        # Elements built by tag and VR (add_new), not by keyword assignment: the
-        # keyword route looks every name up in the dictionary, about a tenth of the
-        # engine's time per CT header; the elements and bytes are the same.
+        """The de-identification markers. Their values are the engine's own constants,
+        worked out once per engine (:meth:`_marker_values`); the elements are built
+        anew per object, by tag and VR and without pydicom's value validation (a
+        third of building them), since the caller owns and may change its output."""
+        identity, method, codes, temporal = self._markers[masked]
+        out[0x00120062] = DataElement(0x00120062, "CS", identity,  # PatientIdentityRemoved
+                                      validation_mode=config.IGNORE)
+        out[0x00120063] = DataElement(0x00120063, "LO", list(method),  # DeidentificationMethod
+                                      validation_mode=config.IGNORE)
+        out[0x00120064] = DataElement(  # DeidentificationMethodCodeSequence
+            0x00120064, "SQ", Sequence(_code_item(c) for c in codes),
+            validation_mode=config.IGNORE)
+        out[0x00280303] = DataElement(  # LongitudinalTemporalInformationModified
+            0x00280303, "CS", temporal, validation_mode=config.IGNORE)
+
+    def _marker_values(self, masked: bool) -> tuple[str, tuple[str, ...], tuple[Any, ...], str]:
         codes = [BASIC_PROFILE_CODE]
         if masked:
             codes.append(CLEAN_PIXEL_DATA_CODE)
         codes += [OPTION_CODES[o] for o in self._plan.options]
-        out.add_new(0x00120062, "CS", "YES")  # PatientIdentityRemoved
-        out.add_new(0x00120063, "LO", [  # DeidentificationMethod
-            f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}"
-        ] + [code.meaning for code in codes[1:]] + (
-            [TIMES_SHIFTED] if self._date_action == "C" else []
-        ))
-        # DeidentificationMethodCodeSequence
-        out.add_new(0x00120064, "SQ", Sequence(_code_item(c) for c in codes))
-        out.add_new(0x00280303, "CS", {  # LongitudinalTemporalInformationModified
-            "off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"
-        }[self._settings.retain_longitudinal])
+        method = (f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}",
+                  *(code.meaning for code in codes[1:]),
+                  *([TIMES_SHIFTED] if self._date_action == "C" else []))
+        temporal = {"off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"}[
+            self._settings.retain_longitudinal]
+        return "YES", method, tuple(codes), temporal
 
     def _file_meta(self, source: FileMetaDataset, ds: Dataset, call: _Call) -> FileMetaDataset:
         """New file meta: only what identifies the object's kind and encoding. Source
         and sending AE titles and private meta information are not carried over."""
-        meta = FileMetaDataset()
-        # By tag and VR, as in _mark: the same elements without keyword look-ups.
-        meta.add_new(0x00020001, "OB", b"\x00\x01")  # FileMetaInformationVersion
-        meta.add_new(0x00020002, "UI", source.get("MediaStorageSOPClassUID") or ds.get(
-            "SOPClassUID", ""
-        ))
-        instance = str(source.get("MediaStorageSOPInstanceUID") or ds.get("SOPInstanceUID", ""))
+        # Built as the {tag: element} mapping FileMetaDataset takes, elements by tag
+        # and VR without pydicom's value validation (most of the cost of add_new):
+        # the values are the source's own UIDs, this implementation's constants and
+        # the pseudonym, written as they are either way.
+        sop_class = _value_of(source, 0x00020002)  # MediaStorageSOPClassUID
+        if not sop_class:
+            sop_class = self._read(ds, 0x00080016, "")  # SOPClassUID
+        instance = _value_of(source, 0x00020003)  # MediaStorageSOPInstanceUID
+        instance = str(instance or self._read(ds, 0x00080018, ""))  # SOPInstanceUID
         new_instance = instance if self._settings.retain_uids else self._uid(instance, call)
-        meta.add_new(0x00020003, "UI", new_instance)  # MediaStorageSOPInstanceUID
-        meta.add_new(0x00020010, "UI", UID(str(source.TransferSyntaxUID)))
-        meta.add_new(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
-        meta.add_new(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
+        syntax = UID(str(source.TransferSyntaxUID))
+        meta = FileMetaDataset({
+            BaseTag(tag): DataElement(tag, vr, value, validation_mode=config.IGNORE)
+            for tag, vr, value in (
+                (0x00020001, "OB", b"\x00\x01"),  # FileMetaInformationVersion
+                (0x00020002, "UI", sop_class),
+                (0x00020003, "UI", new_instance),  # MediaStorageSOPInstanceUID
+                (0x00020010, "UI", syntax),
+                (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+                (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
+            )
+        })
         for tag in source.keys():  # noqa: SIM118
             if tag == _MEDIA_INSTANCE:
                 remapped = new_instance != instance.strip("\x00 ")
                 call.note(UID_REMAPPED if remapped else KEPT, tag)
             elif tag & 0xFFFF:
-                call.note(_META_EVIDENCE.get(tag, REMOVED), tag)
+                call.note(_META_EVIDENCE.get(int(tag), REMOVED), tag)
         return meta
 
 
