@@ -552,6 +552,9 @@ class Deidentifier:
         # What the walk did with undecoded elements a series repeats (see
         # _result_key); bounded and thread-safe like the caches above.
         self._results: dict[tuple[Any, ...], _Result] = {}
+        # The text scan's terms of the sequences a series repeats, by their bytes
+        # (TextMatcher.from_dataset).
+        self._sequence_terms: dict[tuple[Any, ...], tuple[str, ...]] = {}
         self._markers = {masked: self._marker_values(masked) for masked in (False, True)}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
@@ -579,7 +582,9 @@ class Deidentifier:
             patient_key = "study:" + str(read(ds, 0x0020000D) or "")  # StudyInstanceUID
         pseudonym = self._key.patient(issuer, patient_key)
         offset = self._key.temporal_offset(issuer, patient_key)
-        matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip) if self._text_scan
+        matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip,
+                                            sequences=self._sequence_terms)
+                   if self._text_scan
                    else TextMatcher(()))
         call = _Call(offset, matcher, keep_uid)
 
