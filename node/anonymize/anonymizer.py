@@ -21,15 +21,17 @@ from typing import Any
 
 import numpy as np
 from pydicom import config
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, UID_dictionary
-from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, IS, DSdecimal, DSfloat, PersonName
 
 from node import __version__
 from node.anonymize.descriptions import (
@@ -556,6 +558,13 @@ class Deidentifier:
         # (TextMatcher.from_dataset).
         self._sequence_terms: dict[tuple[Any, ...], tuple[str, ...]] = {}
         self._markers = {masked: self._marker_values(masked) for masked in (False, True)}
+        if not all(text.isascii() for values in self._markers.values()
+                   for text in (values[0], *values[1], values[3],
+                                *(v for c in values[2] for v in (c.value, c.scheme_designator,
+                                                                 c.meaning)))):
+            raise ValueError("de-identification markers must be ASCII")  # see _encoded_markers
+        # The markers encoded per (masked, implicit VR, little endian) (see _mark).
+        self._encoded: dict[tuple[bool, bool, bool], tuple[RawDataElement, ...]] = {}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -1194,20 +1203,59 @@ class Deidentifier:
     # -- markers and file meta -------------------------------------------------------
 
     def _mark(self, out: Dataset, masked: bool) -> None:
-        """The de-identification markers. Their values are the engine's own constants,
-        worked out once per engine (:meth:`_marker_values`); the elements are built
-        anew per object, by tag and VR and without pydicom's value validation (a
-        third of building them), since the caller owns and may change its output."""
+        """The de-identification markers, the same for every object of an engine.
+
+        Where the output's encoding is known (read from a file), they go in as the
+        undecoded elements of the bytes pydicom wrote for them in that encoding,
+        worked out once (:meth:`_encoded_markers`): an undecoded element is an
+        immutable tuple, so every output can hold the same ones, pydicom writes them
+        out as they are and decodes one into the caller's own element if it is read
+        (building them per object was a tenth of the engine's time per CT header)."""
+        implicit, little = out.original_encoding
+        if implicit is None or little is None:
+            for elem in self._marker_elements(masked):
+                out[elem.tag] = elem
+            return
+        encoded = self._encoded.get((masked, implicit, little))
+        if encoded is None:
+            encoded = self._encoded[(masked, implicit, little)] = self._encoded_markers(
+                masked, implicit, little)
+        for raw in encoded:
+            out[raw.tag] = raw
+
+    def _marker_elements(self, masked: bool) -> list[DataElement]:
+        """The markers as elements, by tag and VR, without pydicom's value validation
+        (the values are the engine's own constants)."""
         identity, method, codes, temporal = self._markers[masked]
-        out[0x00120062] = DataElement(0x00120062, "CS", identity,  # PatientIdentityRemoved
-                                      validation_mode=config.IGNORE)
-        out[0x00120063] = DataElement(0x00120063, "LO", list(method),  # DeidentificationMethod
-                                      validation_mode=config.IGNORE)
-        out[0x00120064] = DataElement(  # DeidentificationMethodCodeSequence
-            0x00120064, "SQ", Sequence(_code_item(c) for c in codes),
-            validation_mode=config.IGNORE)
-        out[0x00280303] = DataElement(  # LongitudinalTemporalInformationModified
-            0x00280303, "CS", temporal, validation_mode=config.IGNORE)
+        return [
+            DataElement(0x00120062, "CS", identity,  # PatientIdentityRemoved
+                        validation_mode=config.IGNORE),
+            DataElement(0x00120063, "LO", list(method),  # DeidentificationMethod
+                        validation_mode=config.IGNORE),
+            DataElement(0x00120064, "SQ",  # DeidentificationMethodCodeSequence
+                        Sequence(_code_item(c) for c in codes), validation_mode=config.IGNORE),
+            DataElement(0x00280303, "CS", temporal,  # LongitudinalTemporalInformationModified
+                        validation_mode=config.IGNORE),
+        ]
+
+    def _encoded_markers(self, masked: bool, implicit: bool,
+                         little: bool) -> tuple[RawDataElement, ...]:
+        """The markers as pydicom's writer encodes them in this encoding, as undecoded
+        elements that it writes back to the same bytes (write_data_element writes an
+        undecoded value as it is, under the same tag, VR and length). The values are
+        ASCII, which every DICOM character set encodes alike, so the bytes do not
+        depend on the output's Specific Character Set."""
+        encoded = []
+        for elem in self._marker_elements(masked):
+            buffer = DicomBytesIO()
+            buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
+            write_data_element(buffer, elem, default_encoding)
+            written = buffer.getvalue()
+            head = 8 if implicit or elem.VR not in EXPLICIT_VR_LENGTH_32 else 12
+            encoded.append(RawDataElement(BaseTag(elem.tag), None if implicit else elem.VR,
+                                          len(written) - head, written[head:], 0, implicit,
+                                          little))
+        return tuple(encoded)
 
     def _marker_values(self, masked: bool) -> tuple[str, tuple[str, ...], tuple[Any, ...], str]:
         codes = [BASIC_PROFILE_CODE]

@@ -138,8 +138,11 @@ def _collect(ds: Dataset, skip: frozenset[int], terms: list[str],
              sequences: dict[tuple[Any, ...], tuple[str, ...]] | None) -> None:
     # keys(), not iteration: only person and identifier elements are decoded.
     for tag in ds.keys():  # noqa: SIM118
-        role = _role(tag)
-        if role is None or tag in skip:
+        # As a plain int: looking a pydicom tag up in _role's cache or in skip calls
+        # its Python-level __eq__.
+        number = int(tag)
+        role = _role(number)
+        if role is None or number in skip:
             continue
         if role == "sequence":
             raw = ds.get_item(tag)
