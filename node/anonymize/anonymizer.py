@@ -1276,10 +1276,10 @@ class Deidentifier:
         # and VR without pydicom's value validation (most of the cost of add_new):
         # the values are the source's own UIDs, this implementation's constants and
         # the pseudonym, written as they are either way.
-        sop_class = _value_of(source, 0x00020002)  # MediaStorageSOPClassUID
+        sop_class = self._read(source, 0x00020002)  # MediaStorageSOPClassUID
         if not sop_class:
             sop_class = self._read(ds, 0x00080016, "")  # SOPClassUID
-        instance = _value_of(source, 0x00020003)  # MediaStorageSOPInstanceUID
+        instance = self._read(source, 0x00020003)  # MediaStorageSOPInstanceUID
         instance = str(instance or self._read(ds, 0x00080018, ""))  # SOPInstanceUID
         new_instance = instance if self._settings.retain_uids else self._uid(instance, call)
         syntax = UID(str(source.TransferSyntaxUID))
