@@ -376,6 +376,10 @@ def _same_objects_twice(tmp_path: Path) -> list[Path]:
         item.PersonName = operator
         save(f"sequence{number}", ct(ContentSequence=Sequence([item]),
                                      BodyPartExamined="KOWALSKI"))
+    # A series description not kept, written from each series' modality and number.
+    for modality, number in (("CT", 3), ("MR", 4)):
+        save(f"series{number}", ct(Modality=modality, SeriesNumber=number,
+                                   SeriesDescription="Zephyr protocol"))
     # The same StudyDate bytes with another StudyTime: shifted across midnight or not.
     save("early", ct(StudyTime="000000"))
     # The same bytes of a kept text element under two character sets: decoded apart.

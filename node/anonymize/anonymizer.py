@@ -274,7 +274,7 @@ class _Result:
     __slots__ = ("hits", "kind", "notes", "uids", "undefined_length", "validation_mode",
                  "value", "vr")
 
-    _NONE, _RAW, _SINGLE, _MULTI = range(4)
+    _NONE, _SINGLE, _MULTI = range(3)
 
     def __init__(self, kind: int, out: DataElement | None, notes: tuple[tuple[str, int], ...],
                  hits: tuple[int, ...], uids: tuple[tuple[str, str], ...]) -> None:
@@ -300,8 +300,6 @@ class _Result:
             return None
         if new is None:
             kind, out = cls._NONE, None
-        elif new is raw:
-            kind, out = cls._RAW, None
         elif not isinstance(new, DataElement) or new.VR == "SQ" or new.tag != raw.tag:
             return None
         elif new.value is None or type(new.value) in _IMMUTABLE_VALUES:
@@ -315,7 +313,7 @@ class _Result:
         return cls(kind, out, tuple((c, t) for c, _, t in notes), tuple(t for _, t in hits),
                    tuple(uids))
 
-    def replay(self, tag: int, raw: RawDataElement, call: _Call) -> DataElement | RawDataElement | None:
+    def replay(self, raw: RawDataElement, call: _Call) -> DataElement | None:
         """Record on ``call`` what the first call recorded, and return a new output
         element equal to the first one (never that one: the caller owns its output)."""
         prefix = call.prefix
@@ -327,8 +325,6 @@ class _Result:
             call.uids[old] = new
         if self.kind == self._NONE:
             return None
-        if self.kind == self._RAW:
-            return raw  # this object's own raw element, as the walk returns it
         if self.kind == self._SINGLE:
             return DataElement(raw.tag, self.vr, self.value,
                                is_undefined_length=self.undefined_length,
@@ -797,7 +793,7 @@ class Deidentifier:
             return self._decide(tag, raw, parent, call)
         result = self._results.get(key)
         if result is not None:
-            return result.replay(tag, raw, call)
+            return result.replay(raw, call)
         return self._remember(key, tag, raw, parent, call)
 
     def _result_key(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
@@ -809,17 +805,16 @@ class Deidentifier:
         date, the cleaned text, the evidence notes) is a function of the element's
         tag, VR as sent, bytes, length, encoding and character set, plus, by VR, of
         the object's text matcher (text and code strings) or the patient's shift and
-        a date's paired time in the same dataset (dates and times). Everything else
-        it reads is the engine's own settings. Not remembered: elements whose result
-        depends on other elements in other ways (descriptions under the vocabulary
-        rule, Segment Label, ambiguous VRs, sequences), numbers and binary data, long
-        values, decoded elements, and calls that keep some UIDs as they are
-        (``keep_uid``)."""
+        a date's paired time in the same dataset (dates and times), and for
+        descriptions under the vocabulary rule of the dataset's Modality and Series
+        Number. Everything else it reads is the engine's own settings. Not remembered:
+        elements whose result depends on other elements in other ways (Segment Label,
+        ambiguous VRs, sequences), numbers and binary data, long values, decoded
+        elements, and calls that keep some UIDs as they are (``keep_uid``)."""
         if call.keep_uid is not None or not isinstance(raw, RawDataElement):
             return None
         value = raw.value
-        if (type(value) is not bytes or len(value) > _DECODED_BYTES or tag == _SEGMENT_LABEL
-                or tag in self._descriptors):
+        if type(value) is not bytes or len(value) > _DECODED_BYTES or tag == _SEGMENT_LABEL:
             return None
         vr = raw.VR
         if vr is None or vr == "UN":
@@ -843,6 +838,16 @@ class Deidentifier:
             context = call.matcher_key
         else:
             context = None
+        if tag in self._descriptors:
+            # Described from the series' Modality and SeriesNumber when not kept
+            # (node.anonymize.descriptions.describe): as read, or not remembered.
+            around = (parent.get_item(0x00080060, keep_deferred=True),
+                      parent.get_item(0x00200011, keep_deferred=True))
+            if any(e is not None and (not isinstance(e, RawDataElement)
+                                      or type(e.value) is not bytes) for e in around):
+                return None
+            context = (context, *((None, None) if e is None else (e.VR, e.value)
+                                  for e in around))
         charset = call.charsets.get(id(parent))
         if charset is None:
             charset = call.charsets[id(parent)] = _charset_key(parent)
