@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from pydicom.charset import decode_bytes
@@ -100,7 +100,15 @@ class TextMatcher:
         ``ds``, as without ``sequences``."""
         terms: list[str] = []
         _collect(ds, skip, terms, sequences)
-        return cls(terms)
+        return _matcher(cls, tuple(terms))
+
+
+@lru_cache(maxsize=256)
+def _matcher(cls: type[TextMatcher], terms: tuple[str, ...]) -> TextMatcher:
+    """One matcher per list of terms: the objects of a series name the same persons
+    and identifiers, and building the pattern is most of a matcher's cost. A matcher
+    is only read (its compiled pattern too), so objects can share one."""
+    return cls(terms)
 
 
 def clean_text(value: str, matcher: TextMatcher) -> str:
