@@ -352,38 +352,80 @@ def test_mask_policy_blanks_configured_regions_only():
     assert "compressed" in burned_in_risk(compressed, settings)
 
 
-def test_an_engine_that_has_seen_other_objects_writes_the_same_bytes_as_a_fresh_one(tmp_path):
-    """The engine remembers decoded elements a series repeats: after pydicom's test files
-    (character sets, implicit and big-endian syntaxes, sequences) have gone through it,
-    each file again gives the bytes a fresh engine gives it."""
-    folder = Path(pydicom.data.__file__).parent / "test_files"
-    paths = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and p.stat().st_size < (1 << 20) and p.suffix in ("", ".dcm"))
+def _same_objects_twice(tmp_path: Path) -> list[Path]:
+    """Objects that share elements' bytes but not what the engine's results depend on
+    besides them: another patient (text matcher, date shift), another paired time, the
+    same bytes under another character set."""
+    paths = []
 
-    def deidentified(engine: Deidentifier, path: Path) -> bytes | str:
-        try:
-            return encode(engine.deidentify(dcmread(path, defer_size=4096)).dataset)
-        except Exception as exc:
-            return type(exc).__name__
+    def save(name: str, ds: Dataset) -> None:
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
 
+    # A kept code string and free text that name the patient of one object only.
+    for patient, (name, mrn) in enumerate((("Doe^Jonathan", "MRN001"),
+                                           ("Roe^Richard", "MRN002"))):
+        save(f"patient{patient}", ct(PatientName=name, PatientID=mrn, BodyPartExamined="DOE",
+                                     ImageComments="seen by Doe", StudyTime="235959",
+                                     ContentDate="20200301", ContentTime="101500"))
+    # A name only a sequence carries, of the same length in both: a kept code string
+    # naming it is cleaned in one object only.
+    for number, operator in enumerate(("Kowalski^Anna", "Nowakowa^Anna")):
+        item = Dataset()
+        item.PersonName = operator
+        save(f"sequence{number}", ct(ContentSequence=Sequence([item]),
+                                     BodyPartExamined="KOWALSKI"))
+    # A series description not kept, written from each series' modality and number.
+    for modality, number in (("CT", 3), ("MR", 4)):
+        save(f"series{number}", ct(Modality=modality, SeriesNumber=number,
+                                   SeriesDescription="Zephyr protocol"))
+    # The same StudyDate bytes with another StudyTime: shifted across midnight or not.
+    save("early", ct(StudyTime="000000"))
     # The same bytes of a kept text element under two character sets: decoded apart.
     for number, (charset, text) in enumerate((("ISO_IR 100", "\u00e9TUDE"),
                                               ("ISO_IR 144", "\u0449TUDE"))):
-        ds = ct(SpecificCharacterSet=charset, Manufacturer=text)
-        path = tmp_path / f"charset{number}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        save(f"charset{number}", ct(SpecificCharacterSet=charset, Manufacturer=text))
     assert len({p.read_bytes().split(b"\x08\x00\x70\x00LO")[1][:8] for p in paths[-2:]}) == 1
+    return paths
 
-    seasoned = Deidentifier(DeidSettings(), KEY)
-    for path in paths:
-        deidentified(seasoned, path)
-    compared = 0
-    for path in paths:
-        fresh = deidentified(Deidentifier(DeidSettings(), KEY), path)
-        assert deidentified(seasoned, path) == fresh, path
-        compared += isinstance(fresh, bytes)
-    assert compared > 40
+
+def test_an_engine_that_has_seen_other_objects_gives_what_a_fresh_one_gives(tmp_path):
+    """The engine remembers what it did with elements and sequences a series repeats
+    (decoded values, each element's output and evidence, the text scan's terms of
+    sequences, the markers' bytes): after pydicom's test files (character sets,
+    implicit and big-endian syntaxes, sequences), a planted-PHI corpus (nested
+    sequences, private elements, several patients) and objects that share bytes but
+    not patients or paired times have gone through it, each file again gives the
+    bytes, re-identification entries and evidence a fresh engine gives it, under
+    the default options and under others."""
+    from tests.phi_corpus import build_corpus
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    paths = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and p.stat().st_size < (1 << 20) and p.suffix in ("", ".dcm"))
+    paths += build_corpus(tmp_path / "corpus").files
+    paths += _same_objects_twice(tmp_path)
+
+    def deidentified(engine: Deidentifier, path: Path) -> tuple[object, ...] | str:
+        try:
+            result = engine.deidentify(dcmread(path, defer_size=4096))
+            return encode(result.dataset), result.entries, result.evidence.as_dict()
+        except Exception as exc:
+            return type(exc).__name__
+
+    for settings in (DeidSettings(),
+                     DeidSettings(retain_longitudinal="off", clean_descriptors=True,
+                                  clean_graphics=True, safe_descriptors=("CHEST", "CT"))):
+        seasoned = Deidentifier(settings, KEY)
+        for path in paths:
+            deidentified(seasoned, path)
+        compared = 0
+        for path in paths:
+            fresh = deidentified(Deidentifier(settings, KEY), path)
+            assert deidentified(seasoned, path) == fresh, path
+            compared += isinstance(fresh, tuple)
+        assert compared > 50
 
 
 def test_changing_an_input_after_de_identification_does_not_change_the_next_output(tmp_path):
@@ -395,3 +437,27 @@ def test_changing_an_input_after_de_identification_does_not_change_the_next_outp
     assert engine.deidentify(first).dataset.Manufacturer == "ACME"
     first.Manufacturer = "CHANGED"  # pydicom sets the decoded element's value in place
     assert engine.deidentify(dcmread(path)).dataset.Manufacturer == "ACME"
+
+
+def test_changing_an_output_does_not_change_the_next_output(tmp_path):
+    """The engine remembers element results and shares the markers' undecoded elements:
+    whatever a caller does to the elements of one output, the next is as a fresh
+    engine makes it."""
+    path = tmp_path / "in.dcm"
+    ct(Manufacturer="ACME", ImageType=["ORIGINAL", "PRIMARY"]).save_as(
+        path, enforce_file_format=True)
+    engine = Deidentifier(DeidSettings(), KEY)
+    engine.deidentify(dcmread(path))
+    out = engine.deidentify(dcmread(path)).dataset  # from remembered results
+    # pydicom sets a decoded element's value in place, and lists and sequences change.
+    out.Manufacturer = "CHANGED"
+    out.ImageType.append("CHANGED")
+    out.StudyInstanceUID = "1.2.3"
+    out.DeidentificationMethod.append("CHANGED")
+    out.DeidentificationMethodCodeSequence[0].CodeValue = "CHANGED"
+    out.PatientIdentityRemoved = "NO"
+    again = engine.deidentify(dcmread(path)).dataset
+    assert encode(again) == encode(Deidentifier(DeidSettings(), KEY).deidentify(
+        dcmread(path)).dataset)
+    assert again.Manufacturer == "ACME" and again.PatientIdentityRemoved == "YES"
+    assert again.DeidentificationMethodCodeSequence[0].CodeValue == "113100"

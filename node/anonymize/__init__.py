@@ -7,7 +7,15 @@ kept text, ``descriptions`` which descriptors it keeps (issue 16),
 ``evidence`` what the engine did to each object, ``report`` the per-study report
 built from it, ``reidmap`` the encrypted re-identification map (the commands are in
 :mod:`node.cli.deid`).
+
+The names of ``reidmap`` and ``report`` are imported when first used (module
+``__getattr__``): they bring the index's storage interface and the encryption
+library, a tenth of ``lamina anonymize``'s start-up, which only a run that records
+the map needs.
 """
+
+from importlib import import_module
+from typing import Any
 
 from node.anonymize.anonymizer import (
     BurnedInTextRisk,
@@ -23,15 +31,24 @@ from node.anonymize.anonymizer import (
 )
 from node.anonymize.evidence import DeidEvidence
 from node.anonymize.keys import ProjectKey, ProjectKeyError, load_project_key
-from node.anonymize.reidmap import (
-    ReidentificationError,
-    ReidentificationMap,
-    reidentify_dataset,
-    reidentify_uid,
-)
-from node.anonymize.report import study_report, study_report_json
 from node.anonymize.settings import DeidConfigError, DeidSettings
 from node.anonymize.textscan import TextMatcher, clean_text
+
+_LAZY = {
+    "ReidentificationError": "node.anonymize.reidmap",
+    "ReidentificationMap": "node.anonymize.reidmap",
+    "reidentify_dataset": "node.anonymize.reidmap",
+    "reidentify_uid": "node.anonymize.reidmap",
+    "study_report": "node.anonymize.report",
+    "study_report_json": "node.anonymize.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)
 
 __all__ = [
     "BurnedInTextRisk",

@@ -21,15 +21,17 @@ from typing import Any
 
 import numpy as np
 from pydicom import config
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, UID_dictionary
-from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, IS, DSdecimal, DSfloat, PersonName
 
 from node import __version__
 from node.anonymize.descriptions import (
@@ -120,6 +122,13 @@ _DECODED_BYTES = 256  # longer undecoded values are decoded each time, never rem
 # Decoded value types that cannot be changed in place (pydicom's own str, int and float
 # subclasses included): an element holding one can be shared between calls.
 _IMMUTABLE_VALUES = frozenset({str, bytes, int, float, UID, PersonName, DSfloat, DSdecimal, IS})
+# Element results an engine remembers (Deidentifier._results): a series' repeated
+# header is a few dozen of them; per-instance values (SOP Instance UID, positions,
+# times) push the oldest out when it is full (emptied, as the caches above).
+_RESULTS = 8192
+# A value starting with an item tag, little and big endian: a sequence sent as UN or in
+# implicit VR, which the walk enters rather than remembers.
+_ITEM_STARTS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
 
 # Plain ints, as the walk's tags are: comparing with a pydicom BaseTag calls its
 # Python-level __eq__, which was a tenth of the engine's time.
@@ -146,12 +155,12 @@ _OVERRIDDEN = MappingProxyType({
 # File meta elements of the source and what the rebuilt meta does with them; any
 # other source meta element is not carried over (MediaStorageSOPInstanceUID is
 # remapped like SOPInstanceUID).
-_META_EVIDENCE = MappingProxyType({
-    Tag("FileMetaInformationVersion"): KEPT,
-    Tag("MediaStorageSOPClassUID"): KEPT,
-    Tag("TransferSyntaxUID"): KEPT,
-    Tag("ImplementationClassUID"): DUMMY,
-    Tag("ImplementationVersionName"): DUMMY,
+_META_EVIDENCE = MappingProxyType({  # by plain int, as _SEGMENT_LABEL
+    int(Tag("FileMetaInformationVersion")): KEPT,
+    int(Tag("MediaStorageSOPClassUID")): KEPT,
+    int(Tag("TransferSyntaxUID")): KEPT,
+    int(Tag("ImplementationClassUID")): DUMMY,
+    int(Tag("ImplementationVersionName")): DUMMY,
 })
 
 # SOP classes whose pixels commonly carry burned-in text (ultrasound screens,
@@ -256,40 +265,125 @@ def _new(elem: DataElement, value: Any) -> DataElement:
     )
 
 
+class _Result:
+    """What the engine did with one undecoded element, to be done again for the same
+    element (same key, :meth:`Deidentifier._result_key`) without working it out: the
+    output element's parts, and the evidence notes, residual-PHI hits and UID pairs
+    it recorded on its call, replayed on another call under that call's path."""
+
+    __slots__ = ("hits", "kind", "notes", "uids", "undefined_length", "validation_mode",
+                 "value", "vr")
+
+    _NONE, _SINGLE, _MULTI = range(3)
+
+    def __init__(self, kind: int, out: DataElement | None, notes: tuple[tuple[str, int], ...],
+                 hits: tuple[int, ...], uids: tuple[tuple[str, str], ...]) -> None:
+        self.kind = kind
+        self.notes, self.hits, self.uids = notes, hits, uids
+        self.vr = self.value = self.validation_mode = None
+        self.undefined_length = False
+        if out is not None:
+            self.vr, self.validation_mode = out.VR, out.validation_mode
+            self.undefined_length = out.is_undefined_length
+            self.value = tuple(out.value) if kind == self._MULTI else out.value
+
+    @classmethod
+    def of(cls, new: DataElement | RawDataElement | None, raw: RawDataElement, call: _Call,
+           notes_from: int, hits_from: int, uids: list[tuple[str, str]]) -> _Result | None:
+        """The result to remember, or None when it must be worked out each time: it
+        entered a sequence (notes under a longer path), or its value is one that
+        could be changed in place or that pydicom would not give back equal."""
+        prefix = call.prefix
+        notes = call.notes[notes_from:]
+        hits = call.residual[hits_from:]
+        if any(p != prefix for _, p, _ in notes) or any(p != prefix for p, _ in hits):
+            return None
+        if new is None:
+            kind, out = cls._NONE, None
+        elif not isinstance(new, DataElement) or new.VR == "SQ" or new.tag != raw.tag:
+            return None
+        elif new.value is None or type(new.value) in _IMMUTABLE_VALUES:
+            kind, out = cls._SINGLE, new
+        elif type(new.value) is MultiValue and all(type(v) in (str, UID) for v in new.value):
+            # Rebuilt from its strings on replay: pydicom converts str and UID items
+            # back to equal items, as it did when the engine first built it.
+            kind, out = cls._MULTI, new
+        else:
+            return None
+        return cls(kind, out, tuple((c, t) for c, _, t in notes), tuple(t for _, t in hits),
+                   tuple(uids))
+
+    def replay(self, raw: RawDataElement, call: _Call) -> DataElement | None:
+        """Record on ``call`` what the first call recorded, and return a new output
+        element equal to the first one (never that one: the caller owns its output)."""
+        prefix = call.prefix
+        if self.notes:
+            call.notes.extend([(c, prefix, t) for c, t in self.notes])
+        for t in self.hits:
+            call.residual.append((prefix, t))
+        for old, new in self.uids:
+            call.uids[old] = new
+        if self.kind == self._NONE:
+            return None
+        if self.kind == self._SINGLE:
+            return DataElement(raw.tag, self.vr, self.value,
+                               is_undefined_length=self.undefined_length,
+                               already_converted=True, validation_mode=self.validation_mode)
+        return DataElement(raw.tag, self.vr, list(self.value),
+                           is_undefined_length=self.undefined_length,
+                           validation_mode=self.validation_mode)
+
+
+def _charset_key(ds: Dataset) -> str:
+    """The character set pydicom decodes ``ds``'s text elements with (what
+    ``Dataset.__getitem__`` passes on), as a key for remembered decodings."""
+    return repr(ds.original_character_set or ds._character_set)
+
+
 def _one_or_many(values: list[Any]) -> Any:
     if not values:
         return None
     return values[0] if len(values) == 1 else values
 
 
-def burned_in_risk(ds: Dataset, settings: DeidSettings) -> str | None:
+def _value_of(ds: Dataset, tag: int) -> Any:
+    """The value of ``ds``'s element ``tag``, None when it has none, as
+    ``ds.get(keyword)`` gives it."""
+    elem = ds.get(tag)
+    return None if elem is None else elem.value
+
+
+def burned_in_risk(ds: Dataset, settings: DeidSettings, *,
+                   read: Callable[[Dataset, int], Any] = _value_of) -> str | None:
     """A plain-words reason why this object must be quarantined for burned-in text,
     or None. Under the ``mask`` policy an object that the configured regions can
-    clean carries no risk (the engine masks it); one they cannot is still refused."""
+    clean carries no risk (the engine masks it); one they cannot is still refused.
+    ``read`` gives an element's value (the engine's reads it without decoding the
+    caller's element in place, so its walk still finds the element as read)."""
     if settings.burned_in_policy == "accept" or _PIXEL_DATA not in ds:
         return None
-    reason = _burned_in_reason(ds)
+    reason = _burned_in_reason(ds, read)
     if reason is None or settings.burned_in_policy == "quarantine":
         return reason
     problem = _mask_problem(ds, settings)
     return None if problem is None else f"{reason}; masking is not possible: {problem}"
 
 
-def _burned_in_reason(ds: Dataset) -> str | None:
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+def _burned_in_reason(ds: Dataset, read: Callable[[Dataset, int], Any] = _value_of) -> str | None:
+    flag = str(read(ds, 0x00280301) or "").strip().upper()  # BurnedInAnnotation
     if flag == "YES":
         return "BurnedInAnnotation is YES: the pixels carry burned-in text"
     if flag == "NO":
         return None
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_class = str(read(ds, 0x00080016) or "")  # SOPClassUID
     if sop_class in _BURNED_IN_CLASSES:
         return (
             f"{_BURNED_IN_CLASSES[sop_class]} images often carry burned-in text "
             "and BurnedInAnnotation is not NO"
         )
-    if str(ds.get("Modality", "") or "").strip().upper() == "US":
+    if str(read(ds, 0x00080060) or "").strip().upper() == "US":  # Modality
         return "ultrasound images often carry burned-in text and BurnedInAnnotation is not NO"
-    conversion = str(ds.get("ConversionType", "") or "").strip().upper()
+    conversion = str(read(ds, 0x00080064) or "").strip().upper()  # ConversionType
     if conversion in _SCREEN_CONVERSION_TYPES:
         return (
             f"a {_SCREEN_CONVERSION_TYPES[conversion]} often carries burned-in text "
@@ -339,8 +433,9 @@ class _Call:
     value may contain, and the notes the evidence is built from (tags and paths
     only, never values)."""
 
-    __slots__ = ("charsets", "keep_uid", "matcher", "notes", "offset", "prefix",
-                 "private_kept", "private_kept_creators", "private_seen", "residual", "uids")
+    __slots__ = ("charsets", "keep_uid", "matcher", "matcher_key", "notes", "offset",
+                 "offset_key", "prefix", "private_kept", "private_kept_creators",
+                 "private_seen", "residual", "uid_log", "uids")
 
     def __init__(self, offset: TemporalOffset, matcher: TextMatcher,
                  keep_uid: Callable[[str], bool] | None = None) -> None:
@@ -358,6 +453,13 @@ class _Call:
         self.residual: list[tuple[str, int]] = []
         # The character set of each dataset walked (by id: they live as long as the call).
         self.charsets: dict[int, str] = {}
+        # What the remembered element results (Deidentifier._results) depend on besides
+        # the element itself: the matcher's pattern (text) and the patient's shift (dates).
+        self.matcher_key = matcher.key
+        self.offset_key = (offset.days, offset.minutes)
+        # While an element's result is worked out to be remembered: every (original,
+        # pseudonym) UID pair it used, including pairs this call had already made.
+        self.uid_log: list[tuple[str, str]] | None = None
 
     def note(self, category: str, tag: int) -> None:
         self.notes.append((category, self.prefix, tag))
@@ -445,6 +547,20 @@ class Deidentifier:
         # pydicom's decoding of undecoded elements a series repeats, only ever read
         # (see _decoded); bounded like the pseudonyms.
         self._decoded_cache: dict[tuple[Any, ...], DataElement] = {}
+        # What the walk did with undecoded elements a series repeats (see
+        # _result_key); bounded and thread-safe like the caches above.
+        self._results: dict[tuple[Any, ...], _Result] = {}
+        # The text scan's terms of the sequences a series repeats, by their bytes
+        # (TextMatcher.from_dataset).
+        self._sequence_terms: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._markers = {masked: self._marker_values(masked) for masked in (False, True)}
+        if not all(text.isascii() for values in self._markers.values()
+                   for text in (values[0], *values[1], values[3],
+                                *(v for c in values[2] for v in (c.value, c.scheme_designator,
+                                                                 c.meaning)))):
+            raise ValueError("de-identification markers must be ASCII")  # see _encoded_markers
+        # The markers encoded per (masked, implicit VR, little endian) (see _mark).
+        self._encoded: dict[tuple[bool, bool, bool], tuple[RawDataElement, ...]] = {}
 
     def deidentify(self, ds: Dataset, keep_uid: Callable[[str], bool] | None = None) -> DeidResult:
         """De-identify ``ds`` (left untouched) into a new dataset.
@@ -455,21 +571,25 @@ class Deidentifier:
         Raises :class:`BurnedInTextRisk` when :func:`burned_in_risk` finds a reason,
         so no caller can store an unexamined screen capture by forgetting to ask,
         and :class:`DeidentificationError` when there is no transfer syntax."""
-        reason = burned_in_risk(ds, self._settings)
+        read = self._read
+        reason = burned_in_risk(ds, self._settings, read=read)
         if reason is not None:
             raise BurnedInTextRisk(reason)
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         if "TransferSyntaxUID" not in meta:
             raise DeidentificationError("the dataset has no transfer syntax in its file meta")
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
-        patient_key = str(ds.get("PatientID", "") or "").strip()
+        issuer = str(read(ds, 0x00100021) or "")  # IssuerOfPatientID
+        original_id = str(read(ds, 0x00100020) or "")  # PatientID
+        patient_key = original_id.strip()
         if not patient_key:
             # No patient ID: treat the study as its own patient rather than pooling
             # every unidentified object under one pseudonym.
-            patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or "")
+            patient_key = "study:" + str(read(ds, 0x0020000D) or "")  # StudyInstanceUID
         pseudonym = self._key.patient(issuer, patient_key)
         offset = self._key.temporal_offset(issuer, patient_key)
-        matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip) if self._text_scan
+        matcher = (TextMatcher.from_dataset(ds, skip=self._scan_skip,
+                                            sequences=self._sequence_terms)
+                   if self._text_scan
                    else TextMatcher(()))
         call = _Call(offset, matcher, keep_uid)
 
@@ -482,7 +602,8 @@ class Deidentifier:
             out.fileobj_type, out.timestamp = ds.fileobj_type, ds.timestamp
         out[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym.patient_id)
         out[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", pseudonym.patient_name)
-        masked = self._settings.burned_in_policy == "mask" and _burned_in_reason(ds) is not None
+        masked = (self._settings.burned_in_policy == "mask"
+                  and _burned_in_reason(ds, read) is not None)
         if masked:
             _mask_pixels(out, self._settings)
         self._mark(out, masked)
@@ -492,8 +613,8 @@ class Deidentifier:
         patient = PatientEntry(
             pseudonym_id=pseudonym.patient_id,
             pseudonym_name=pseudonym.patient_name,
-            original_id=str(ds.get("PatientID", "") or ""),
-            original_name=str(ds.get("PatientName", "") or ""),
+            original_id=original_id,
+            original_name=str(read(ds, 0x00100010) or ""),  # PatientName
             issuer=issuer,
             date_offset_days=offset.days,
             time_offset_minutes=offset.minutes,
@@ -667,6 +788,95 @@ class Deidentifier:
                 return self._graphic(parent[tag], call, CURVES_CLEANED)
             call.note(CURVES_REMOVED, tag)
             return None
+        key = self._result_key(tag, raw, parent, call)
+        if key is None:
+            return self._decide(tag, raw, parent, call)
+        result = self._results.get(key)
+        if result is not None:
+            return result.replay(raw, call)
+        return self._remember(key, tag, raw, parent, call)
+
+    def _result_key(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                    call: _Call) -> tuple[Any, ...] | None:
+        """The key of an element whose result can be remembered, or None.
+
+        A series repeats most of its header in every instance, and what the walk does
+        with an element (the action, the decoded value, the pseudonym, the shifted
+        date, the cleaned text, the evidence notes) is a function of the element's
+        tag, VR as sent, bytes, length, encoding and character set, plus, by VR, of
+        the object's text matcher (text and code strings) or the patient's shift and
+        a date's paired time in the same dataset (dates and times), and for
+        descriptions under the vocabulary rule of the dataset's Modality and Series
+        Number. Everything else it reads is the engine's own settings. Not remembered:
+        elements whose result depends on other elements in other ways (Segment Label,
+        ambiguous VRs, sequences), numbers and binary data, long values, decoded
+        elements, and calls that keep some UIDs as they are (``keep_uid``)."""
+        if call.keep_uid is not None or not isinstance(raw, RawDataElement):
+            return None
+        value = raw.value
+        if type(value) is not bytes or len(value) > _DECODED_BYTES or tag == _SEGMENT_LABEL:
+            return None
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            if value[:4] in _ITEM_STARTS:
+                return None
+            vr = _dictionary_vr(tag)
+        if vr == "SQ" or vr in _INERT_VRS or " or " in vr:
+            # Kept numbers and binary data are copied raw without remembering: that
+            # costs less than a key, and their per-instance values (positions,
+            # instance numbers) would only crowd the memo.
+            return None
+        if vr in _DATE_VRS:
+            context: Any = call.offset_key
+            partner = partner_time_tag(tag) if vr == "DA" else None
+            if partner is not None and partner in parent:
+                time = parent.get_item(partner)
+                if not isinstance(time, RawDataElement) or type(time.value) is not bytes:
+                    return None
+                context = (context, time.VR, time.value)
+        elif vr in _TEXT_VRS or vr == "CS" or vr == "UN":
+            context = call.matcher_key
+        else:
+            context = None
+        if tag in self._descriptors:
+            # Described from the series' Modality and SeriesNumber when not kept
+            # (node.anonymize.descriptions.describe): as read, or not remembered.
+            around = (parent.get_item(0x00080060, keep_deferred=True),
+                      parent.get_item(0x00200011, keep_deferred=True))
+            if any(e is not None and (not isinstance(e, RawDataElement)
+                                      or type(e.value) is not bytes) for e in around):
+                return None
+            context = (context, *((None, None) if e is None else (e.VR, e.value)
+                                  for e in around))
+        charset = call.charsets.get(id(parent))
+        if charset is None:
+            charset = call.charsets[id(parent)] = _charset_key(parent)
+        return (tag, raw.VR, value, raw.length, raw.is_little_endian, raw.is_implicit_VR,
+                charset, context)
+
+    def _remember(self, key: tuple[Any, ...], tag: int, raw: RawDataElement, parent: Dataset,
+                  call: _Call) -> DataElement | RawDataElement | None:
+        """Work an element out as always, and remember the result when it can be."""
+        notes_from, hits_from = len(call.notes), len(call.residual)
+        outer = call.uid_log
+        call.uid_log = uids = []
+        try:
+            new = self._decide(tag, raw, parent, call)
+        finally:
+            call.uid_log = outer
+        if outer is not None:
+            outer.extend(uids)
+        result = _Result.of(new, raw, call, notes_from, hits_from, uids)
+        if result is not None:
+            if len(self._results) >= _RESULTS:
+                self._results.clear()
+            self._results[key] = result
+        return new
+
+    def _decide(self, tag: int, raw: DataElement | RawDataElement, parent: Dataset,
+                call: _Call) -> DataElement | RawDataElement | None:
+        """What the profile does with an element, from its action (the rest of
+        :meth:`_element`)."""
         vr = raw.VR
         if vr is None or vr == "UN":
             vr = _dictionary_vr(tag)
@@ -713,7 +923,7 @@ class Deidentifier:
             return parent[tag]
         charset = call.charsets.get(id(parent))
         if charset is None:
-            charset = call.charsets[id(parent)] = repr(parent._character_set)
+            charset = call.charsets[id(parent)] = _charset_key(parent)
         key = (tag, raw.VR, value, raw.is_little_endian, raw.is_implicit_VR, charset)
         elem = self._decoded_cache.get(key)
         if elem is None:
@@ -724,6 +934,35 @@ class Deidentifier:
                 # A copy: the element in ``parent`` is the caller's to change.
                 self._decoded_cache[key] = copy.copy(elem)
         return elem
+
+    def _read(self, ds: Dataset, tag: int, default: Any = None) -> Any:
+        """The value of ``ds``'s element ``tag`` (``default`` when absent), as
+        ``ds.get(keyword, default)`` gives it, for the few elements the engine reads
+        outside its walk (burned-in checks, the patient, file meta). An undecoded
+        element stays undecoded in ``ds`` (``ds.get`` would decode it in place), so
+        the walk still finds it as read and its remembered result
+        (:meth:`_result_key`); the decoding itself is pydicom's, remembered as in
+        :meth:`_decoded`."""
+        raw = ds.get_item(tag)
+        if raw is None:
+            return default
+        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
+        if (not isinstance(raw, RawDataElement) or type(raw.value) is not bytes
+                or len(raw.value) > _DECODED_BYTES or vr == "SQ" or " or " in vr):
+            return ds[tag].value  # pydicom does more for these than decode them
+        charset = ds.original_character_set or ds._character_set
+        key = (tag, raw.VR, raw.value, raw.is_little_endian, raw.is_implicit_VR,
+               repr(charset))
+        elem = self._decoded_cache.get(key)
+        if elem is None:
+            # What ds[tag] does for an element of a non-ambiguous VR, without storing
+            # the result in ds.
+            elem = convert_raw_data_element(raw, encoding=charset, ds=ds)
+            if elem.value is None or type(elem.value) in _IMMUTABLE_VALUES:
+                if len(self._decoded_cache) >= _PSEUDONYM_CACHE:
+                    self._decoded_cache.clear()
+                self._decoded_cache[key] = elem
+        return elem.value
 
     def _vr_rule(self, tag: int, vr: str) -> str:
         """Action for an attribute the table does not name: whitelist by VR."""
@@ -863,6 +1102,8 @@ class Deidentifier:
                     self._pseudonyms.clear()
                 new = self._pseudonyms[value] = self._key.uid(value)
             call.uids[value] = new
+        if call.uid_log is not None:
+            call.uid_log.append((value, new))
         return new
 
     def _un_uids(self, elem: DataElement, call: _Call) -> DataElement | None:
@@ -967,46 +1208,103 @@ class Deidentifier:
     # -- markers and file meta -------------------------------------------------------
 
     def _mark(self, out: Dataset, masked: bool) -> None:
-        # Elements built by tag and VR (add_new), not by keyword assignment: the
-        # keyword route looks every name up in the dictionary, about a tenth of the
-        # engine's time per CT header; the elements and bytes are the same.
+        """The de-identification markers, the same for every object of an engine.
+
+        Where the output's encoding is known (read from a file), they go in as the
+        undecoded elements of the bytes pydicom wrote for them in that encoding,
+        worked out once (:meth:`_encoded_markers`): an undecoded element is an
+        immutable tuple, so every output can hold the same ones, pydicom writes them
+        out as they are and decodes one into the caller's own element if it is read
+        (building them per object was a tenth of the engine's time per CT header)."""
+        implicit, little = out.original_encoding
+        if implicit is None or little is None:
+            for elem in self._marker_elements(masked):
+                out[elem.tag] = elem
+            return
+        encoded = self._encoded.get((masked, implicit, little))
+        if encoded is None:
+            encoded = self._encoded[(masked, implicit, little)] = self._encoded_markers(
+                masked, implicit, little)
+        for raw in encoded:
+            out[raw.tag] = raw
+
+    def _marker_elements(self, masked: bool) -> list[DataElement]:
+        """The markers as elements, by tag and VR, without pydicom's value validation
+        (the values are the engine's own constants)."""
+        identity, method, codes, temporal = self._markers[masked]
+        return [
+            DataElement(0x00120062, "CS", identity,  # PatientIdentityRemoved
+                        validation_mode=config.IGNORE),
+            DataElement(0x00120063, "LO", list(method),  # DeidentificationMethod
+                        validation_mode=config.IGNORE),
+            DataElement(0x00120064, "SQ",  # DeidentificationMethodCodeSequence
+                        Sequence(_code_item(c) for c in codes), validation_mode=config.IGNORE),
+            DataElement(0x00280303, "CS", temporal,  # LongitudinalTemporalInformationModified
+                        validation_mode=config.IGNORE),
+        ]
+
+    def _encoded_markers(self, masked: bool, implicit: bool,
+                         little: bool) -> tuple[RawDataElement, ...]:
+        """The markers as pydicom's writer encodes them in this encoding, as undecoded
+        elements that it writes back to the same bytes (write_data_element writes an
+        undecoded value as it is, under the same tag, VR and length). The values are
+        ASCII, which every DICOM character set encodes alike, so the bytes do not
+        depend on the output's Specific Character Set."""
+        encoded = []
+        for elem in self._marker_elements(masked):
+            buffer = DicomBytesIO()
+            buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
+            write_data_element(buffer, elem, default_encoding)
+            written = buffer.getvalue()
+            head = 8 if implicit or elem.VR not in EXPLICIT_VR_LENGTH_32 else 12
+            encoded.append(RawDataElement(BaseTag(elem.tag), None if implicit else elem.VR,
+                                          len(written) - head, written[head:], 0, implicit,
+                                          little))
+        return tuple(encoded)
+
+    def _marker_values(self, masked: bool) -> tuple[str, tuple[str, ...], tuple[Any, ...], str]:
         codes = [BASIC_PROFILE_CODE]
         if masked:
             codes.append(CLEAN_PIXEL_DATA_CODE)
         codes += [OPTION_CODES[o] for o in self._plan.options]
-        out.add_new(0x00120062, "CS", "YES")  # PatientIdentityRemoved
-        out.add_new(0x00120063, "LO", [  # DeidentificationMethod
-            f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}"
-        ] + [code.meaning for code in codes[1:]] + (
-            [TIMES_SHIFTED] if self._date_action == "C" else []
-        ))
-        # DeidentificationMethodCodeSequence
-        out.add_new(0x00120064, "SQ", Sequence(_code_item(c) for c in codes))
-        out.add_new(0x00280303, "CS", {  # LongitudinalTemporalInformationModified
-            "off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"
-        }[self._settings.retain_longitudinal])
+        method = (f"Lamina {__version__} PS3.15 E.1-1 {self._plan.edition}",
+                  *(code.meaning for code in codes[1:]),
+                  *([TIMES_SHIFTED] if self._date_action == "C" else []))
+        temporal = {"off": "REMOVED", "full": "UNMODIFIED", "modified": "MODIFIED"}[
+            self._settings.retain_longitudinal]
+        return "YES", method, tuple(codes), temporal
 
     def _file_meta(self, source: FileMetaDataset, ds: Dataset, call: _Call) -> FileMetaDataset:
         """New file meta: only what identifies the object's kind and encoding. Source
         and sending AE titles and private meta information are not carried over."""
-        meta = FileMetaDataset()
-        # By tag and VR, as in _mark: the same elements without keyword look-ups.
-        meta.add_new(0x00020001, "OB", b"\x00\x01")  # FileMetaInformationVersion
-        meta.add_new(0x00020002, "UI", source.get("MediaStorageSOPClassUID") or ds.get(
-            "SOPClassUID", ""
-        ))
-        instance = str(source.get("MediaStorageSOPInstanceUID") or ds.get("SOPInstanceUID", ""))
+        # Built as the {tag: element} mapping FileMetaDataset takes, elements by tag
+        # and VR without pydicom's value validation (most of the cost of add_new):
+        # the values are the source's own UIDs, this implementation's constants and
+        # the pseudonym, written as they are either way.
+        sop_class = self._read(source, 0x00020002)  # MediaStorageSOPClassUID
+        if not sop_class:
+            sop_class = self._read(ds, 0x00080016, "")  # SOPClassUID
+        instance = self._read(source, 0x00020003)  # MediaStorageSOPInstanceUID
+        instance = str(instance or self._read(ds, 0x00080018, ""))  # SOPInstanceUID
         new_instance = instance if self._settings.retain_uids else self._uid(instance, call)
-        meta.add_new(0x00020003, "UI", new_instance)  # MediaStorageSOPInstanceUID
-        meta.add_new(0x00020010, "UI", UID(str(source.TransferSyntaxUID)))
-        meta.add_new(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
-        meta.add_new(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
+        syntax = UID(str(source.TransferSyntaxUID))
+        meta = FileMetaDataset({
+            BaseTag(tag): DataElement(tag, vr, value, validation_mode=config.IGNORE)
+            for tag, vr, value in (
+                (0x00020001, "OB", b"\x00\x01"),  # FileMetaInformationVersion
+                (0x00020002, "UI", sop_class),
+                (0x00020003, "UI", new_instance),  # MediaStorageSOPInstanceUID
+                (0x00020010, "UI", syntax),
+                (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+                (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
+            )
+        })
         for tag in source.keys():  # noqa: SIM118
             if tag == _MEDIA_INSTANCE:
                 remapped = new_instance != instance.strip("\x00 ")
                 call.note(UID_REMAPPED if remapped else KEPT, tag)
             elif tag & 0xFFFF:
-                call.note(_META_EVIDENCE.get(tag, REMOVED), tag)
+                call.note(_META_EVIDENCE.get(int(tag), REMOVED), tag)
         return meta
 
 

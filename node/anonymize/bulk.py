@@ -15,9 +15,12 @@ pixels the engine masks) takes exactly that whole-file route.
 Output files are named by the SHA-256 of their bytes (never from input names or UIDs,
 which may carry PHI), so the pixel value is hashed, through a read-only map of the input.
 
-Measured (benchmarks/anonymize.py, 512x512 CT): moving the pixels this way saves well
-under a millisecond of CPU per file; the engine's walk (about half) and pydicom's
-encoding of the header (about a quarter) are most of what is left.
+Measured (benchmarks/anonymize.py's corpus, 512x512 CT with planted PHI, in process):
+moving the pixels this way saves well under a millisecond of CPU per file; of the
+3.4 ms left, the engine takes 1.3 ms (its walk over the nested sequences the corpus
+plants in every slice, which differ per slice), encoding the header 0.7 ms, hashing
+and writing 0.85 ms (SHA-256 of the pixels 0.3 ms, the kernel's copy 0.3 ms) and
+reading the header 0.45 ms.
 """
 
 from __future__ import annotations

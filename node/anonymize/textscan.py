@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import cache
+from functools import cache, lru_cache
+from typing import Any
 
 from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -43,6 +44,10 @@ _MIN_NAME_WORD = 3
 _MIN_ID = 4
 _ID_VRS = frozenset({"LO", "SH", "CS"})
 _PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentName", "StationName"})
+# Undecoded sequences whose terms a caller's memo keeps (from_dataset's ``sequences``),
+# at most, and the longest kept; emptied when full.
+_SEQUENCES = 1024
+_SEQUENCE_BYTES = 8192
 # Bytes that end an ISO 2022 escape sequence's scope in text values: \ ^ =.
 _DELIMITERS = {0x5C, 0x5E, 0x3D}
 
@@ -63,6 +68,12 @@ class TextMatcher:
     def __bool__(self) -> bool:
         return self._pattern is not None
 
+    @property
+    def key(self) -> str | None:
+        """The pattern's text: equal keys match the same texts (flags are fixed), so
+        a result worked out with one matcher holds for any matcher of the same key."""
+        return None if self._pattern is None else self._pattern.pattern
+
     def search(self, text: str) -> bool:
         """Does ``text`` name one of the object's persons or identifiers?"""
         return self._pattern is not None and self._pattern.search(text) is not None
@@ -74,13 +85,30 @@ class TextMatcher:
         return self._pattern.subn(REPLACEMENT, text)
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, *, skip: frozenset[int] = frozenset()) -> TextMatcher:
+    def from_dataset(cls, ds: Dataset, *, skip: frozenset[int] = frozenset(),
+                     sequences: dict[tuple[Any, ...], tuple[str, ...]] | None = None
+                     ) -> TextMatcher:
         """The matcher of everything ``ds`` says about persons, at any depth.
         ``skip`` holds tags not to take terms from (attributes the project keeps
-        under an option, which would otherwise match themselves)."""
+        under an option, which would otherwise match themselves).
+
+        ``sequences``: the terms of undecoded sequences already seen, for one ``skip``
+        (the engine keeps one). A series repeats most of its sequences byte for byte;
+        their terms are a function of those bytes, their encoding and character set,
+        so a sequence seen before is not decoded again here (the engine's walk decodes
+        it if its action needs the items). A sequence not seen before is decoded in
+        ``ds``, as without ``sequences``."""
         terms: list[str] = []
-        _collect(ds, skip, terms)
-        return cls(terms)
+        _collect(ds, skip, terms, sequences)
+        return _matcher(cls, tuple(terms))
+
+
+@lru_cache(maxsize=256)
+def _matcher(cls: type[TextMatcher], terms: tuple[str, ...]) -> TextMatcher:
+    """One matcher per list of terms: the objects of a series name the same persons
+    and identifiers, and building the pattern is most of a matcher's cost. A matcher
+    is only read (its compiled pattern too), so objects can share one."""
+    return cls(terms)
 
 
 def clean_text(value: str, matcher: TextMatcher) -> str:
@@ -114,15 +142,24 @@ def _role(tag: int) -> str | None:
     return None
 
 
-def _collect(ds: Dataset, skip: frozenset[int], terms: list[str]) -> None:
+def _collect(ds: Dataset, skip: frozenset[int], terms: list[str],
+             sequences: dict[tuple[Any, ...], tuple[str, ...]] | None) -> None:
     # keys(), not iteration: only person and identifier elements are decoded.
     for tag in ds.keys():  # noqa: SIM118
-        role = _role(tag)
-        if role is None or tag in skip:
+        # As a plain int: looking a pydicom tag up in _role's cache or in skip calls
+        # its Python-level __eq__.
+        number = int(tag)
+        role = _role(number)
+        if role is None or number in skip:
             continue
         if role == "sequence":
+            raw = ds.get_item(tag)
+            if sequences is not None and isinstance(raw, RawDataElement) \
+                    and type(raw.value) is bytes and len(raw.value) <= _SEQUENCE_BYTES:
+                terms.extend(_sequence_terms(ds, raw, skip, sequences))
+                continue
             for item in ds[tag].value:
-                _collect(item, skip, terms)
+                _collect(item, skip, terms, sequences)
             continue
         for text in _texts(ds, tag, ds.get_item(tag)):
             if role == "name":
@@ -132,6 +169,25 @@ def _collect(ds: Dataset, skip: frozenset[int], terms: list[str]) -> None:
                     terms.append(text)
             elif len(text) >= _MIN_NAME_WORD:
                 terms.append(text)
+
+
+def _sequence_terms(ds: Dataset, raw: RawDataElement, skip: frozenset[int],
+                    sequences: dict[tuple[Any, ...], tuple[str, ...]]) -> tuple[str, ...]:
+    """The terms of an undecoded sequence, remembered by what decides them."""
+    # The character set Dataset.__getitem__ decodes a (non character set) element with.
+    charset = ds.original_character_set or ds._character_set
+    key = (int(raw.tag), raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian,
+           repr(charset))
+    found = sequences.get(key)
+    if found is None:
+        collected: list[str] = []
+        for item in ds[raw.tag].value:
+            _collect(item, skip, collected, sequences)
+        found = tuple(collected)
+        if len(sequences) >= _SEQUENCES:
+            sequences.clear()
+        sequences[key] = found
+    return found
 
 
 def _texts(ds: Dataset, tag: int, raw: object) -> list[str]:
