@@ -4,9 +4,9 @@ Building an instance's DICOM JSON means parsing its file and converting every
 element: milliseconds per instance, which a series of hundreds would pay on
 each cold metadata request. A blob never changes (its name is the hash of its
 bytes), so its JSON is worked out once and kept as a *sidecar*
-(``<sha256>.json`` beside the blob, :meth:`BlobStore.put_sidecar`): written right
-after the instance's commit when ``http.prepare_metadata`` is on, else on the
-first request. A series' metadata is then its sidecars joined. A sidecar is derived
+(``<sha256>.json`` beside the blob, :meth:`BlobStore.put_sidecar`): written on the
+first request for it, or right after the instance's commit when
+``http.prepare_metadata`` is on. A series' metadata is then its sidecars joined. A sidecar is derived
 data: one lost in a crash (sidecars are not fsync'd) is built again when asked for.
 
 Top-level binary values longer than :data:`BULK_THRESHOLD` (the pixel data,

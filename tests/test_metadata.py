@@ -52,7 +52,7 @@ def _stored(node: InProcessNode, files: list[Path]) -> list[str]:
 
 def test_sidecar_written_after_commit_equal_to_the_blob_json(tmp_path: Path):
     files = write_study(tmp_path / "study", SPEC)
-    with _node(tmp_path) as node:
+    with _node(tmp_path, prepare_metadata=True) as node:
         assert node.store(files, "CLIENT") == [(0, "")] * len(files)
         blobs = node.ctx.blobs
         hashes = _stored(node, files)
@@ -77,11 +77,11 @@ def test_sidecar_written_after_commit_equal_to_the_blob_json(tmp_path: Path):
 
 def test_lazy_sidecars_give_the_same_answer(tmp_path: Path):
     files = write_study(tmp_path / "study", SPEC)
-    with _node(tmp_path / "prepared") as prepared:
+    with _node(tmp_path / "prepared", prepare_metadata=True) as prepared:
         prepared.store(files, "CLIENT")
         prepared.ctx.drain()
         expected = _series_metadata(prepared, files)
-    with _node(tmp_path / "lazy", prepare_metadata=False) as lazy:
+    with _node(tmp_path / "lazy") as lazy:  # the default: on the first request
         lazy.store(files, "CLIENT")
         lazy.ctx.drain()
         hashes = _stored(lazy, files)
@@ -105,7 +105,8 @@ def test_sidecars_read_builds_without_a_sidecar(tmp_path: Path):
 def test_sidecars_of_the_clinical_route_hold_no_phi(tmp_path: Path, phantom):
     """Made from the stored (de-identified) blob: nothing the sender identified survives."""
     slices = [phantom.slice(k) for k in range(2)]
-    with InProcessNode(write_config(tmp_path / "node", http={})) as node:  # default peer: clinical
+    with InProcessNode(write_config(tmp_path / "node", http={"prepare_metadata": True})) as node:
+        # the default peer's route: clinical
         assert node.store(slices) == [(0, "")] * 2
         node.ctx.drain()
         blobs = node.ctx.blobs
