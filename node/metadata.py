@@ -6,8 +6,9 @@ each cold metadata request. A blob never changes (its name is the hash of its
 bytes), so its JSON is worked out once and kept as a *sidecar*
 (``<sha256>.json`` beside the blob, :meth:`BlobStore.put_sidecar`): written on the
 first request for it, or right after the instance's commit when
-``http.prepare_metadata`` is on. A series' metadata is then its sidecars joined. A sidecar is derived
-data: one lost in a crash (sidecars are not fsync'd) is built again when asked for.
+``http.prepare_metadata`` is on. A series' metadata is then its sidecars joined.
+A sidecar is derived data: one lost in a crash (sidecars are not fsync'd) is built
+again when asked for.
 
 Top-level binary values longer than :data:`BULK_THRESHOLD` (the pixel data,
 large LUTs) are not read at all: the file is parsed with their values
@@ -61,7 +62,8 @@ def metadata(source: Path | BinaryIO, root_url: str,
 
     The bytes are ``json.dumps(..., separators=(",", ":"))`` of the object, joined
     from each element's own ``"tag":{...}`` text: ``fragments`` remembers that text
-    for plain raw values (bounded, see :data:`FRAGMENT_ENTRIES`), because a series
+    for short undecoded values, sequences included (bounded, see
+    :data:`FRAGMENT_ENTRIES`), because a series
     repeats most of its header in every instance and converting an element is most
     of the work once the file is mapped.
     """
