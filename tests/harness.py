@@ -61,6 +61,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
 from node.config import Settings, load
+from node.dimse.spool import MEMORY_FILE_NAME
 from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
 from node.storage.interface import Index
@@ -118,6 +119,16 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 
 
 # --- config -------------------------------------------------------------------------------
+
+
+def memory_spools_open() -> int:
+    """How many memory spools (:mod:`node.dimse.spool`) this process holds open: an
+    in-process node's receiver must close each one it made."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with suppress(OSError):  # closed between listing and reading
+            count += MEMORY_FILE_NAME in os.readlink(fd)
+    return count
 
 
 def peer(ae_title: str, *services: str, host: str = "127.0.0.1", port: int = 1,

@@ -31,7 +31,15 @@ from node.dimse.sender import (
     frame,
     store_command,
 )
-from tests.harness import NODE_AET, TEST_AET, InProcessNode, as_file, peer, write_config
+from tests.harness import (
+    NODE_AET,
+    TEST_AET,
+    InProcessNode,
+    as_file,
+    memory_spools_open,
+    peer,
+    write_config,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -244,3 +252,57 @@ def test_the_spool_file_meta_is_pydicoms_byte_for_byte(instance, syntax):
     write_file_meta_info(expected, create_file_meta(
         sop_class_uid=UID(CT), sop_instance_uid=UID(instance), transfer_syntax=UID(syntax)))
     assert file_preamble(CT, instance, str(syntax)) == expected.getvalue()
+
+
+@pytest.fixture
+def clinical_node(tmp_path: Path) -> Iterator[InProcessNode]:
+    """A node whose peer's objects are de-identified on the way in (the default route)."""
+    config = write_config(tmp_path / "node", node={"max_pdu": MAX_PDU, "dimse_timeout": 20,
+                                                   "network_timeout": 20},
+                          peers={"tests": peer(TEST_AET, "store")})
+    with InProcessNode(config) as n:
+        yield n
+
+
+def test_a_rewritten_data_set_never_touches_the_spool_folder(clinical_node, phantom_files):
+    """On a route that stores its own de-identified object the received bytes stay in
+    memory: the spool folder sees nothing, and every memory spool is closed."""
+    spool = clinical_node.settings.spool_dir
+    seen: set[str] = set()
+    assoc = _open(clinical_node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    for n, path in enumerate(phantom_files[:3], start=1):
+        uid, dataset = _slice(path)
+        assoc.sock.sendall(frame(store_command(CT, uid, n), cid, 4000, True, True))
+        for start in range(0, len(dataset), 8000):
+            last = start + 8000 >= len(dataset)
+            assoc.sock.sendall(frame(dataset[start:start + 8000], cid, MAX_PDU - 6, False, last))
+            seen.update(p.name for p in spool.iterdir())
+        answer = assoc.response(n)
+        assert answer is not None and answer.status == 0x0000, answer
+    assoc.release()
+    assert seen == set()
+    assert clinical_node.rows("SELECT COUNT(*) FROM instance") == [(3,)]
+    deadline = time.monotonic() + 10
+    while memory_spools_open() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert memory_spools_open() == 0
+
+
+def test_a_connection_lost_mid_data_set_frees_its_memory_spool(clinical_node, phantom_files):
+    uid, dataset = _slice(phantom_files[4])
+    assoc = _open(clinical_node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    assoc.sock.sendall(frame(store_command(CT, uid, 1), cid, 4000, True, True)
+                       + frame(dataset[:len(dataset) // 2], cid, MAX_PDU - 6, False, False))
+    deadline = time.monotonic() + 10
+    while not memory_spools_open() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert memory_spools_open() == 1, "the data set was not being received into memory"
+    assoc.sock.close()
+    deadline = time.monotonic() + 10
+    while memory_spools_open() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert memory_spools_open() == 0
+    assert clinical_node.rows("SELECT COUNT(*) FROM instance") == [(0,)]
+    assert clinical_node.echo() == 0x0000

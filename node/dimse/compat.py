@@ -421,7 +421,10 @@ class DulHooks(DULServiceProvider):
             try:
                 if self._process_recv_primitive():
                     pass
-                elif (self.receiver is not None and self.receiver.take_pdu()) or self._is_transport_event():
+                elif self.receiver is not None and self.receiver.reads():
+                    if self.receiver.take_pdu():
+                        self._idle_timer.restart()
+                elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception:
                 # pynetdicom's own answer to a broken reactor: A-ABORT, both reactors end

@@ -17,8 +17,9 @@ or TLS), once the association is in data transfer:
   Command fragments are gathered until the command set is complete. A
   C-STORE-RQ that pynetdicom would serve with its Storage service class (a
   valid request, an accepted context, a storage SOP class, no release under
-  way) is received here: its data set fragments are written straight to a
-  spool file behind the same file meta pynetdicom writes, the
+  way) is received here: its data set fragments are written straight to its
+  spool (:mod:`node.dimse.spool`: memory, or a file in the spool folder) behind
+  the same file meta pynetdicom writes, the
   :class:`~node.dimse.handlers.store.StoreService` runs when the last one
   arrives, and the C-STORE-RSP goes out on the socket from this thread, the
   only one that writes to it (pynetdicom queues its own sends to it);
@@ -38,11 +39,9 @@ ends mid-message leaves no spool file behind.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import struct
-import tempfile
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from node.dimse.sender import (
     recv_exactly,
     store_response,
 )
+from node.dimse.spool import DataSetSpool
 from node.status import Outcome, shorten
 
 log = logging.getLogger("lamina.receive")
@@ -87,8 +87,7 @@ class _Incoming:
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
-    path: str
-    fd: int = -1
+    spool: DataSetSpool | None = None
     failure: str = ""  # why the spool write failed: the rest is read into nothing
 
 
@@ -109,11 +108,16 @@ class StoreReceiver:
 
     # --- called by the DUL reactor ------------------------------------------------------
 
+    def reads(self) -> bool:
+        """Whether this receiver is the one reader of the socket now: in data transfer,
+        with the connection open. Otherwise pynetdicom's own reader is (association
+        set-up, release, abort). Asked before looking at the socket, so that a PDU
+        arriving between two looks is never taken by the other reader."""
+        return compat.in_data_transfer(self.assoc) and self.sock.fileno() >= 0
+
     def take_pdu(self) -> bool:
-        """Read and act on one PDU when the association is in data transfer and the
-        socket is readable; False leaves the turn to pynetdicom's own reader."""
-        if not compat.in_data_transfer(self.assoc) or self.sock.fileno() < 0:
-            return False
+        """Read and act on one PDU if the socket is readable (while :meth:`reads`);
+        False: nothing had arrived."""
         if not compat.buffered(self.sock) and not select.select([self.sock], [], [], 0)[0]:
             return False
         try:
@@ -181,14 +185,12 @@ class StoreReceiver:
             compat.give_pdvs(self.assoc, [(context_id, b"\x03" + command)])
             return
         try:
-            fd, incoming.path = tempfile.mkstemp(dir=self.store.spool_dir, suffix=".part")
-            incoming.fd = fd
             self.incoming = incoming
+            incoming.spool = self.store.spool(self.assoc)
             context = compat.accepted_context(self.assoc, context_id)
             self._write(memoryview(file_preamble(incoming.sop_class_uid, incoming.sop_instance_uid,
                                                  str(context.transfer_syntax[0]))))
         except OSError as exc:
-            self.incoming = incoming
             self._spool_failed(exc)
 
     def _echo(self, found: dict[int, bytes], context_id: int) -> bool:
@@ -227,18 +229,17 @@ class StoreReceiver:
                 or sop_class in self.assoc.acceptor.accepted_common_extended
                 or uid_to_service_class(sop_class) is not StorageServiceClass):
             return None
-        return _Incoming(context_id, message_id, sop_class, sop_instance, path="")
+        return _Incoming(context_id, message_id, sop_class, sop_instance)
 
     # --- the data set -------------------------------------------------------------------
 
     def _write(self, data: memoryview) -> None:
         incoming = self.incoming
         assert incoming is not None
-        if incoming.failure:
+        if incoming.failure or incoming.spool is None:
             return
         try:
-            while data:
-                data = data[os.write(incoming.fd, data):]
+            incoming.spool.write(data)
         except OSError as exc:
             self._spool_failed(exc)
 
@@ -257,10 +258,8 @@ class StoreReceiver:
         incoming, self.incoming = self.incoming, None
         assert incoming is not None
         try:
-            if incoming.fd >= 0:
-                os.close(incoming.fd)
-                incoming.fd = -1
-            outcome = self.store.receive(self.assoc, Path(incoming.path), incoming.failure)
+            path = Path(incoming.spool.path) if incoming.spool is not None else Path()
+            outcome = self.store.receive(self.assoc, path, incoming.failure)
         except Exception:  # answered as pynetdicom answers a failed handler, never silence
             log.exception("C-STORE failed")
             outcome = Outcome(status.UNABLE_TO_PROCESS, "internal error while storing")
@@ -284,14 +283,10 @@ class StoreReceiver:
 
     @staticmethod
     def _remove_spool(incoming: _Incoming) -> None:
-        if incoming.fd >= 0:
+        if incoming.spool is not None:
             with suppress(OSError):
-                os.close(incoming.fd)
-            incoming.fd = -1
-        if incoming.path:
-            with suppress(OSError):
-                os.unlink(incoming.path)
-            incoming.path = ""
+                incoming.spool.remove()
+            incoming.spool = None
 
     # --- the socket ---------------------------------------------------------------------
 

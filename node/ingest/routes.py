@@ -69,13 +69,19 @@ class Router:
         self.reid_map = ReidentificationMap(key)
         self.index = index
 
+    @staticmethod
+    def stores_as_received(route: str) -> bool:
+        """Whether objects on ``route`` are stored as the bytes received (``deidentified``:
+        de-identified upstream); every other route stores an object of its own."""
+        return route == "deidentified"
+
     def prepare(self, received: Dataset, route: str) -> Prepared:
         """Make a received object fit to store.
 
         Raises the engine's ``BurnedInTextRisk`` / ``DeidentificationError`` when
         it must not be stored; the caller quarantines it.
         """
-        if route == "deidentified":
+        if self.stores_as_received(route):
             return Prepared(received, (), None, route, as_received=True)
         if route == "annotator":
             return self._annotation(received)

@@ -21,6 +21,7 @@ from pynetdicom.association import Association
 from node.context import NodeContext
 from node.dimse import compat
 from node.dimse.handlers.association import Sessions
+from node.dimse.spool import DataSetSpool
 from node.metrics import Metrics
 from node.status import Outcome
 
@@ -34,11 +35,19 @@ class StoreService:
         self.ctx = ctx
         self.sessions = sessions
         self.metrics = Metrics.get()
-        #: Where the receiver spools data sets: the node's own spool folder, on the blobs'
-        #: filesystem (an object stored as received is renamed into the store, not
-        #: copied, even where the system's temporary folder is a tmpfs) and swept at
-        #: start-up (what a kill -9 left half-received does not pile up).
+        #: Where the receiver spools data sets that do not stay in memory: the node's own
+        #: spool folder, on the blobs' filesystem (an object stored as received is renamed
+        #: into the store, not copied, even where the system's temporary folder is a
+        #: tmpfs) and swept at start-up (what a kill -9 left half-received does not pile up).
         self.spool_dir = ctx.settings.spool_dir
+
+    def spool(self, assoc: Association) -> DataSetSpool:
+        """Where the next data set of ``assoc`` is written while it arrives: memory when
+        the peer's route rewrites what it sends, the spool folder when it may be stored
+        as received (:mod:`node.dimse.spool`)."""
+        route = self.sessions.of(assoc).source.route
+        return DataSetSpool(self.spool_dir,
+                            in_memory=not self.ctx.ingest.router.stores_as_received(route))
 
     def handle(self, event: evt.Event) -> Dataset:
         """The EVT_C_STORE handler (pynetdicom's receive path)."""

@@ -1,0 +1,80 @@
+"""Where a C-STORE data set is written while it arrives (node.dimse.spool).
+
+A data set whose bytes the route rewrites stays in memory (an anonymous memory
+file read by path) until it outgrows the memory limit, then moves to the spool
+folder with every byte; one stored as received goes to the spool folder at once.
+Either way :meth:`remove` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from node.dimse.spool import DataSetSpool
+from tests.harness import memory_spools_open
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"),
+                                reason="memory spools need memfd_create (Linux)")
+
+
+def _chunks(size: int, step: int = 7000) -> list[bytes]:
+    data = os.urandom(size)
+    return [data[i:i + step] for i in range(0, size, step)]
+
+
+def test_a_rewritten_data_set_stays_in_memory(tmp_path: Path) -> None:
+    spool = DataSetSpool(tmp_path, in_memory=True)
+    for chunk in (pieces := _chunks(100_000)):
+        spool.write(memoryview(chunk))
+    assert list(tmp_path.iterdir()) == []
+    assert Path(spool.path).read_bytes() == b"".join(pieces)
+    assert spool.size == 100_000
+    spool.remove()
+    assert memory_spools_open() == 0
+
+
+def test_a_data_set_stored_as_received_is_spooled_beside_the_blobs(tmp_path: Path) -> None:
+    spool = DataSetSpool(tmp_path, in_memory=False)
+    spool.write(memoryview(b"DICM" * 10))
+    assert Path(spool.path).parent == tmp_path
+    assert Path(spool.path).read_bytes() == b"DICM" * 10
+    spool.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_past_the_memory_limit_every_byte_moves_to_the_spool_folder(tmp_path: Path) -> None:
+    spool = DataSetSpool(tmp_path, in_memory=True, memory_limit=50_000)
+    pieces = _chunks(120_000)
+    for n, chunk in enumerate(pieces):
+        spool.write(memoryview(chunk))
+        if (n + 1) * 7000 <= 50_000:
+            assert list(tmp_path.iterdir()) == [], "moved before the limit"
+    assert [p.name for p in tmp_path.iterdir()] == [Path(spool.path).name]
+    assert Path(spool.path).read_bytes() == b"".join(pieces)
+    assert spool.size == 120_000
+    spool.remove()
+    assert list(tmp_path.iterdir()) == []
+    assert memory_spools_open() == 0
+
+
+def test_a_spool_file_renamed_into_the_store_is_removed_quietly(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    spool = DataSetSpool(tmp_path / "spool", in_memory=False)
+    spool.write(memoryview(b"x" * 10))
+    Path(spool.path).rename(tmp_path / "blob")
+    spool.remove()
+    assert (tmp_path / "blob").read_bytes() == b"x" * 10
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_full_spool_folder_is_the_writers_error(tmp_path: Path) -> None:
+    """Moving to a spool folder that cannot take the file raises (the receiver answers
+    the sender with its reason) and keeps nothing half-moved."""
+    spool = DataSetSpool(tmp_path / "gone", in_memory=True, memory_limit=10)
+    with pytest.raises(OSError):
+        spool.write(memoryview(b"y" * 20))
+    spool.remove()
+    assert memory_spools_open() == 0
