@@ -16,6 +16,11 @@ multi-frame object: the memory a node holds stays bounded). A data set that may 
 stored as received (the ``deidentified`` route) goes to the spool folder at once,
 on the blobs' filesystem, so storing it is a rename. Nothing here is durable either
 way: durability is the blob store's fsync and rename, after this.
+
+A memory spool's path names a descriptor of this process: it is valid until
+:meth:`DataSetSpool.remove`, after which the number may name another file. The
+receiver removes the spool only once the pipeline has answered, and what the
+pipeline hands on has its values read (the stored object's, not the spool's).
 """
 
 from __future__ import annotations
