@@ -118,9 +118,6 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-# --- config -------------------------------------------------------------------------------
-
-
 def memory_spools_open() -> int:
     """How many memory spools (:mod:`node.dimse.spool`) this process holds open: an
     in-process node's receiver must close each one it made."""
@@ -129,6 +126,9 @@ def memory_spools_open() -> int:
         with suppress(OSError):  # closed between listing and reading
             count += MEMORY_FILE_NAME in os.readlink(fd)
     return count
+
+
+# --- config -------------------------------------------------------------------------------
 
 
 def peer(ae_title: str, *services: str, host: str = "127.0.0.1", port: int = 1,
