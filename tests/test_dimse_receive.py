@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import create_file_meta
 
 from node.dimse.receive import file_preamble
@@ -276,6 +276,48 @@ def test_the_spool_file_meta_is_pydicoms_byte_for_byte(instance, syntax):
     write_file_meta_info(expected, create_file_meta(
         sop_class_uid=UID(CT), sop_instance_uid=UID(instance), transfer_syntax=UID(syntax)))
     assert file_preamble(CT, instance, str(syntax)) == expected.getvalue()
+
+
+def _cropped(path: Path, size: int) -> tuple[str, bytes, bytes]:
+    """(SOP Instance UID, data set bytes, pixel bytes) of a phantom slice cut down to
+    ``size`` x ``size``, under a new SOP Instance UID: a smaller data set than a slice."""
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PixelData = ds.pixel_array[:size, :size].tobytes()
+    ds.Rows = ds.Columns = size
+    body = as_file(ds)
+    return str(ds.SOPInstanceUID), body[body.index(b"DICM") + 4:], ds.PixelData
+
+
+def test_an_association_reuses_its_memory_spool_and_each_data_set_is_whole(
+        clinical_node, phantom_files):
+    """Data set after data set, the association's memory spool is rewound, not made
+    again; a smaller data set after a larger one is stored without a byte of the
+    larger one's left behind it."""
+    assoc = _open(clinical_node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    small_uid, small, small_pixels = _cropped(phantom_files[1], 64)
+    sends = [_slice(phantom_files[0]), (small_uid, small), _slice(phantom_files[2])]
+    for n, (uid, dataset) in enumerate(sends, start=1):
+        assoc.sock.sendall(frame(store_command(CT, uid, n), cid, 4000, True, True)
+                           + frame(dataset, cid, MAX_PDU - 6, False, True))
+        answer = assoc.response(n)
+        assert answer is not None and answer.status == 0x0000, answer
+        assert memory_spools_open() == 1, "a memory spool per data set, not per association"
+    assoc.release()
+    rows = clinical_node.rows("SELECT blob_sha256 FROM instance ORDER BY id")
+    assert len(rows) == 3
+    stored, after = (dcmread(clinical_node.blob_path(sha)) for (sha,) in rows[1:])
+    assert (stored.Rows, stored.Columns) == (64, 64)
+    assert stored.PixelData == small_pixels
+    # The larger data set's bytes past the smaller one's end would be read as elements,
+    # which de-identification removes: its evidence would name them.
+    assert set(stored.keys()) == set(after.keys())
+    evidence = clinical_node.rows("SELECT e.evidence FROM deid_evidence e JOIN instance i "
+                                  "ON i.sop_instance_uid = e.sop_instance_uid ORDER BY i.id")
+    assert evidence[1] == evidence[2]
+    _until(lambda: memory_spools_open() == 0)
+    assert memory_spools_open() == 0
 
 
 def test_a_rewritten_data_set_never_touches_the_spool_folder(clinical_node, phantom_files):

@@ -3,7 +3,8 @@
 A data set whose bytes the route rewrites stays in memory (an anonymous memory
 file read by path) until it outgrows the memory limit, then moves to the spool
 folder with every byte; one stored as received goes to the spool folder at once.
-Either way :meth:`remove` leaves nothing behind.
+Either way :meth:`remove` leaves nothing behind. A memory spool is rewound for the
+association's next data set, which it then holds alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def test_a_rewritten_data_set_stays_in_memory(tmp_path: Path) -> None:
     assert spool.size == 100_000
     spool.remove()
     assert memory_spools_open() == 0
+
+
+def test_a_rewound_memory_spool_holds_the_next_data_set_alone(tmp_path: Path) -> None:
+    spool = DataSetSpool(tmp_path, in_memory=True)
+    spool.write(memoryview(os.urandom(100_000)))
+    spool.complete()
+    assert spool.rewind()
+    smaller = os.urandom(30_000)
+    spool.write(memoryview(smaller))
+    spool.complete()
+    assert Path(spool.path).read_bytes() == smaller
+    assert spool.size == 30_000
+    assert memory_spools_open() == 1
+    spool.remove()
+    assert memory_spools_open() == 0
+
+
+def test_a_spool_file_is_not_rewound(tmp_path: Path) -> None:
+    spool = DataSetSpool(tmp_path, in_memory=False)
+    spool.write(memoryview(b"DICM"))
+    assert not spool.rewind()
+    spool.complete()
+    assert Path(spool.path).read_bytes() == b"DICM"
+    spool.remove()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_data_set_stored_as_received_is_spooled_beside_the_blobs(tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ class StoreReceiver:
         self.buffer = bytearray()
         self.command = bytearray()
         self.incoming: _Incoming | None = None
+        #: The association's memory spool between two data sets: rewound, its pages kept
+        #: for the next one (:mod:`node.dimse.spool`).
+        self.spare: DataSetSpool | None = None
         self.header = bytearray(6)
 
     # --- called by the DUL reactor ------------------------------------------------------
@@ -141,8 +144,12 @@ class StoreReceiver:
         return True
 
     def close(self) -> None:
-        """The DUL reactor has ended: drop a half-received data set."""
+        """The DUL reactor has ended: drop a half-received data set and the spare spool."""
         self._drop_incoming()
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            with suppress(OSError):
+                spare.remove()
 
     # --- P-DATA -------------------------------------------------------------------------
 
@@ -186,7 +193,7 @@ class StoreReceiver:
             return
         try:
             self.incoming = incoming
-            incoming.spool = self.store.spool(self.assoc)
+            incoming.spool, self.spare = self.spare or self.store.spool(self.assoc), None
             context = compat.accepted_context(self.assoc, context_id)
             self._write(memoryview(file_preamble(incoming.sop_class_uid, incoming.sop_instance_uid,
                                                  str(context.transfer_syntax[0]))))
@@ -254,17 +261,20 @@ class StoreReceiver:
         self._remove_spool(incoming)
 
     def _stored(self) -> None:
-        """The last fragment is in: store, answer, forget the spool file."""
+        """The last fragment is in: store, answer, rewind or remove the spool."""
         incoming, self.incoming = self.incoming, None
         assert incoming is not None
         try:
-            path = Path(incoming.spool.path) if incoming.spool is not None else Path()
+            path = Path()
+            if incoming.spool is not None:
+                incoming.spool.complete()
+                path = Path(incoming.spool.path)
             outcome = self.store.receive(self.assoc, path, incoming.failure)
         except Exception:  # answered as pynetdicom answers a failed handler, never silence
             log.exception("C-STORE failed")
             outcome = Outcome(status.UNABLE_TO_PROCESS, "internal error while storing")
         finally:
-            self._remove_spool(incoming)
+            self._keep_spool(incoming)
         comment = shorten(outcome.comment) if outcome.comment else ""
         self._send_command(store_response(incoming.sop_class_uid, incoming.sop_instance_uid,
                                           incoming.message_id, outcome.status.code, comment),
@@ -279,6 +289,15 @@ class StoreReceiver:
     def _drop_incoming(self) -> None:
         incoming, self.incoming = self.incoming, None
         if incoming is not None:
+            self._remove_spool(incoming)
+
+    def _keep_spool(self, incoming: _Incoming) -> None:
+        """A memory spool is rewound and kept for the association's next data set; a
+        spool file is removed."""
+        spool = incoming.spool
+        if spool is not None and spool.rewind():
+            incoming.spool, self.spare = None, spool
+        else:
             self._remove_spool(incoming)
 
     @staticmethod
