@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,37 @@ def test_a_burst_of_events_signs_few_heads_and_close_writes_the_last(tmp_path, m
     assert 1 <= len(signed) <= 3 and signed[-1] == max(signed)
     result = verify(node.path)
     assert result.exit_code == 0 and "40 entries" in result.stdout, result.stdout
+
+
+def _context_switches(native_id: int) -> int:
+    status = Path(f"/proc/self/task/{native_id}/status").read_text().splitlines()
+    fields = dict(line.split(":\t") for line in status if ":\t" in line)
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts switches in /proc")
+def test_events_do_not_wake_the_head_writer_while_it_pauses(tmp_path, monkeypatch):
+    """Between two heads the writer sleeps: the events arriving meanwhile (one per stored
+    instance) leave it asleep, rather than waking it each to sleep again."""
+    import threading
+
+    import node.audit.trail as trail
+
+    monkeypatch.setattr(trail, "HEAD_MIN_SECONDS", 5.0)
+    node = write_config(tmp_path)
+    ctx = NodeContext.open(node.settings())
+    actor = Actor(ae_title="TESTSCU", association_id="1")
+    ctx.audit.record("test.event", actor, {"n": 0})
+    writer = next(t for t in threading.enumerate() if t.name == "audit-head")
+    deadline = time.monotonic() + 10
+    while ctx.audit.checkpoint.read() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first head is written, the writer now pauses
+    time.sleep(0.1)
+    assert writer.native_id is not None
+    before = _context_switches(writer.native_id)
+    for i in range(1, 101):
+        ctx.audit.record("test.event", actor, {"n": i})
+    woken = _context_switches(writer.native_id) - before
+    ctx.close()
+    assert woken <= 5, f"the paused head writer was woken {woken} times by 100 events"
+    assert verify(node.path).exit_code == 0

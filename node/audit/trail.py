@@ -171,6 +171,11 @@ class HeadCheckpoint:
         self._pending_changed = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
+        #: Set by close(): ends the writer's pause between two heads. An Event of its own,
+        #: not the condition above, so that advance() (once per stored instance) does not
+        #: wake the pausing writer each time only for it to sleep again: that was a thread
+        #: switch and a GIL hand-off per instance, on the receiving thread's time.
+        self._stopping = threading.Event()
 
     def _load_or_create_key(self) -> Ed25519PrivateKey:
         if self.key_path.exists():
@@ -206,7 +211,7 @@ class HeadCheckpoint:
         with self._pending_changed:
             if self._pending is None or entry.seq > self._pending.seq:
                 self._pending = entry
-                self._pending_changed.notify()
+                self._pending_changed.notify_all()
             closed = self._closed
             if not closed and self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="audit-head",
@@ -235,6 +240,7 @@ class HeadCheckpoint:
         with self._pending_changed:
             self._closed = True
             self._pending_changed.notify_all()
+        self._stopping.set()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.join(timeout=10)
@@ -279,10 +285,8 @@ class HeadCheckpoint:
                     if failed and (self._pending is None or self._pending.seq < entry.seq):
                         self._pending = entry
                     self._pending_changed.notify_all()
-            with self._pending_changed:
-                pause = HEAD_RETRY_SECONDS if failed else HEAD_MIN_SECONDS
-                if self._pending_changed.wait_for(lambda: self._closed, pause):
-                    return  # close() flushes the pending entry once more
+            if self._stopping.wait(HEAD_RETRY_SECONDS if failed else HEAD_MIN_SECONDS):
+                return  # close() flushes the pending entry once more
 
     def _write(self, entry: AuditEntry) -> None:
         """Write ``entry`` as the head unless a newer one is already there (other processes)."""
