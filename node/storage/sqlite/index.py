@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -50,7 +50,13 @@ class SqliteIndex:
     def __init__(self, path: Path, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
-        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        #: Idle connections, the last one returned on top (a stack, not a queue). In WAL
+        #: mode a connection drops its whole page cache when another connection wrote
+        #: since its last transaction: handed out in turn, every connection found its
+        #: cache stale and read back each page it touched (about 30 reads per stored
+        #: instance). Taking the last one back, one thread's next transaction finds
+        #: the pages it left. append() and pop() on a deque are atomic.
+        self._pool: deque[sqlite3.Connection] = deque()
         self._write_lock = threading.Lock()
         self._lock_fd: int | None = None
 
@@ -104,8 +110,8 @@ class SqliteIndex:
         """A pooled connection for reads (the matcher streams from it); each statement
         sees a consistent snapshot."""
         try:
-            conn = self._pool.get_nowait()
-        except queue.Empty:
+            conn = self._pool.pop()
+        except IndexError:
             try:
                 conn = self._connect()
             except sqlite3.Error as exc:
@@ -115,7 +121,7 @@ class SqliteIndex:
         except sqlite3.Error as exc:
             raise IndexUnavailable(str(exc)) from exc
         finally:
-            self._pool.put(conn)
+            self._pool.append(conn)
 
     @contextmanager
     def reader(self) -> Iterator[Session]:
@@ -182,8 +188,8 @@ class SqliteIndex:
             self._lock_fd = None
         while True:
             try:
-                self._pool.get_nowait().close()
-            except queue.Empty:
+                self._pool.pop().close()
+            except IndexError:
                 return
 
 
