@@ -102,9 +102,8 @@ def test_a_known_series_under_another_study_or_patient_adds_their_rows(index):
 def test_the_connection_returned_last_is_handed_out_next(index):
     """A transaction takes the connection used last, whose page cache holds the pages
     it left (in WAL mode a connection another one wrote past drops its whole cache)."""
-    with index.connection() as first:
-        with index.connection() as second:
-            assert second is not first
+    with index.connection() as first, index.connection() as second:
+        assert second is not first
     with index.transaction() as tx:
         assert tx.conn is first
     with index.reader() as reader:
