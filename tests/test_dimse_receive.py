@@ -10,8 +10,10 @@ and the node still serving.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -159,6 +161,34 @@ def test_fragmented_command_and_data_set_are_stored_as_sent(node, spool, phantom
     [(sha256,)] = node.rows("SELECT blob_sha256 FROM instance")
     assert dcmread(node.blob_path(sha256)).PixelData == dcmread(phantom_files[0]).PixelData
     assert _wait_empty(spool) == []
+
+
+def test_a_pdu_the_reactor_saw_arrive_is_read_without_asking_again(node, phantom_files,
+                                                                   monkeypatch):
+    """The reactor waits in select until the socket is readable; the PDU it saw is read
+    at once: one select per PDU of a data set, not a second one before reading it."""
+    uid, dataset = _slice(phantom_files[0])
+    assoc = _open(node)
+    cid = assoc.context_id(CT, ExplicitVRLittleEndian)
+    pdus = [frame(dataset[i:i + 8000], cid, MAX_PDU - 6, False, i + 8000 >= len(dataset))
+            for i in range(0, len(dataset), 8000)]
+    test_thread, real_select, selects = threading.current_thread(), select.select, []
+
+    def counted(*args):
+        if threading.current_thread() is not test_thread:
+            selects.append(args[0])
+        return real_select(*args)
+
+    monkeypatch.setattr(select, "select", counted)
+    assoc.sock.sendall(frame(store_command(CT, uid, 1), cid, 4000, True, True))
+    for pdu in pdus:  # one at a time, each after the node has read the last
+        assoc.sock.sendall(pdu)
+        time.sleep(0.002)
+    answer = assoc.response(1)
+    monkeypatch.undo()
+    assoc.release()
+    assert answer is not None and answer.status == 0x0000, answer
+    assert len(selects) <= len(pdus) + 4, f"{len(selects)} selects for {len(pdus)} PDUs"
 
 
 def test_the_response_names_the_request(node, phantom_files):

@@ -415,14 +415,18 @@ class DulHooks(DULServiceProvider):
         self._idle_timer.start()
         self.assoc._dul_ready.set()
         sock = self.socket.socket  # the raw TCP socket under pynetdicom's AssociationSocket
+        #: The wait just before this turn saw the socket readable: the receiver need not
+        #: ask select again (one system call per PDU instead of two).
+        readable = False
         while not self._kill_thread:
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
+            seen, readable = readable, False
             try:
                 if self._process_recv_primitive():
                     pass
                 elif self.receiver is not None and self.receiver.reads():
-                    if self.receiver.take_pdu():
+                    if self.receiver.take_pdu(seen):
                         self._idle_timer.restart()
                 elif self._is_transport_event():
                     self._idle_timer.restart()
@@ -439,21 +443,23 @@ class DulHooks(DULServiceProvider):
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
-                self.wait_for_work(sock, wake_fd)
+                readable = self.wait_for_work(sock, wake_fd)
                 continue
             self.state_machine.do_action(event)
 
-    def wait_for_work(self, sock: socket.socket | None, wake_fd: int) -> None:
+    def wait_for_work(self, sock: socket.socket | None, wake_fd: int) -> bool:
         """Until the socket is readable, something is queued to send, or
-        :data:`IDLE_WAIT` runs out (the ARTIM timer, 30 s or more, is then looked at)."""
+        :data:`IDLE_WAIT` runs out (the ARTIM timer, 30 s or more, is then looked at).
+        True when the wait saw the socket readable."""
         if self.to_provider_queue.qsize() or buffered(sock):
-            return
+            return False
         # a closed socket (the association is ending) leaves the eventfd: kill_dul wakes it
         watched = [wake_fd] if sock is None or sock.fileno() < 0 else [sock, wake_fd]
         readable, _, _ = select.select(watched, [], [], IDLE_WAIT)
         if wake_fd in readable:
             with suppress(BlockingIOError):
                 os.eventfd_read(wake_fd)
+        return sock is not None and sock in readable
 
 
 def buffered(sock: socket.socket | None) -> bool:

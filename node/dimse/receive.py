@@ -118,10 +118,11 @@ class StoreReceiver:
         arriving between two looks is never taken by the other reader."""
         return compat.in_data_transfer(self.assoc) and self.sock.fileno() >= 0
 
-    def take_pdu(self) -> bool:
+    def take_pdu(self, readable: bool = False) -> bool:
         """Read and act on one PDU if the socket is readable (while :meth:`reads`);
-        False: nothing had arrived."""
-        if not compat.buffered(self.sock) and not select.select([self.sock], [], [], 0)[0]:
+        False: nothing had arrived. ``readable``: the reactor's wait has just seen it so."""
+        if not (readable or compat.buffered(self.sock)
+                or select.select([self.sock], [], [], 0)[0]):
             return False
         try:
             if not self._read_into(memoryview(self.header)):
