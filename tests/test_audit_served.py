@@ -6,6 +6,9 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
@@ -85,5 +88,32 @@ def test_a_batch_is_written_by_its_most_urgent_event(tmp_path):
     while len(_actions(index)) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _actions(index) == ["association.accepted", "query.find"]
+    events.stop()
+    index.close()
+
+
+def _context_switches(native_id: int) -> int:
+    status = Path(f"/proc/self/task/{native_id}/status").read_text().splitlines()
+    fields = dict(line.split(":\t") for line in status if ":\t" in line)
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts switches in /proc")
+def test_events_that_can_wait_as_long_do_not_wake_the_writer(tmp_path):
+    """While a batch waits for its due time, events due no sooner (every association's
+    accepted and released) join it without waking the writer; all are then written."""
+    index, events = _queue(tmp_path)
+    events.put("association.accepted", Actor(ae_title="C"), {}, "success", linger=600)
+    writer = next(t for t in threading.enumerate() if t.name == "audit-writer")
+    time.sleep(0.1)  # the writer sleeps until the batch is due
+    assert writer.native_id is not None
+    before = _context_switches(writer.native_id)
+    for _ in range(100):  # a few milliseconds apart, as associations come and go
+        events.put("association.released", Actor(ae_title="C"), {}, "success", linger=600)
+        time.sleep(0.002)
+    woken = _context_switches(writer.native_id) - before
+    assert woken <= 3, f"the writer was woken {woken} times by 100 events that could wait"
+    assert events.flush(timeout=10)
+    assert _actions(index) == ["association.accepted"] + ["association.released"] * 100
     events.stop()
     index.close()

@@ -26,9 +26,9 @@ what is queued at once.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from node.audit.trail import Actor, AuditTrail
@@ -42,10 +42,6 @@ _MAX_BATCH = 500
 _RETRY_DELAYS = (0.1, 0.5, 2.0)  # an index that is briefly locked gets a few more tries
 
 _Event = tuple[str, Actor, dict[str, Any], str]
-#: What the queue carries: an event and the monotonic time it must be written by;
-#: None ends the writer, _HURRY (from flush) writes the current batch now.
-_Item = tuple[_Event, float] | None
-_HURRY = ((), 0.0)
 
 
 class AuditQueue:
@@ -53,19 +49,31 @@ class AuditQueue:
 
     Built and owned by the node's context: :meth:`start` before the first
     request is served, :meth:`stop` (which writes what is queued) when the node stops.
+
+    The writer sleeps until the batch it gathers is due (the most urgent event's
+    time) and is woken early only when an event comes that is due sooner, or by
+    :meth:`flush` and :meth:`stop`: an event that can wait as long as the batch (every
+    association's accepted and released) is queued without waking it. Waking the
+    writer at each one only for it to sleep again was two thread switches and GIL
+    hand-offs per association, on the serving threads' time.
     """
 
     def __init__(self, audit: AuditTrail) -> None:
         self.audit = audit
-        self._events: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._pending = 0
         self._lock = threading.Lock()
+        self._events: deque[_Event] = deque()  # queued, oldest first
+        #: When the queued events must be written by (monotonic), None when none are.
+        self._due: float | None = None
+        self._stopping = False
+        self._wake = threading.Event()
+        self._idle = threading.Event()  # set while nothing is queued or being written
+        self._idle.set()
+        self._pending = 0  # queued + being written
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
             self._thread.start()
 
@@ -76,16 +84,25 @@ class AuditQueue:
         if self._thread is None:
             self._write([(action, actor, obj, outcome)])
             return
+        due = time.monotonic() + linger
         with self._lock:
+            self._events.append((action, actor, obj, outcome))
             self._pending += 1
             self._idle.clear()
-        self._events.put(((action, actor, obj, outcome), time.monotonic() + linger))
+            sooner = self._due is None or due < self._due
+            if sooner:
+                self._due = due
+        if sooner:
+            self._wake.set()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write every queued event now and wait until it is written (or given up on);
         False on timeout."""
-        if self._thread is not None and not self._idle.is_set():
-            self._events.put(_HURRY)
+        if self._thread is not None:
+            with self._lock:
+                if self._events:
+                    self._due = 0.0
+            self._wake.set()
         return self._idle.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -93,40 +110,36 @@ class AuditQueue:
         if self._thread is None:
             return
         self.flush(timeout)
-        self._events.put(None)
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
         self._thread.join(timeout)
         self._thread = None
 
     def _run(self) -> None:
         while True:
-            first = self._events.get()
-            if first is None:
-                return
-            if first is _HURRY:
-                continue  # nothing was waiting
-            event, deadline = first
-            batch = [event]
-            stopping = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    item = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                if item is _HURRY:
-                    break
-                event, due = item
-                batch.append(event)
-                deadline = min(deadline, due)
+            self._wake.clear()  # before looking: a put after the look sets it again
+            with self._lock:
+                due, stopping = self._due, self._stopping
+                now = time.monotonic()
+                if due is not None and due <= now:
+                    batch = [self._events.popleft()
+                             for _ in range(min(len(self._events), _MAX_BATCH))]
+                    # what a full batch left is overdue too: written next turn
+                    self._due = now if self._events else None
+            if due is None:
+                if stopping:
+                    return
+                self._wake.wait()
+                continue
+            if due > now:
+                self._wake.wait(due - now)
+                continue
             self._write(batch)
             with self._lock:
                 self._pending -= len(batch)
                 if not self._pending:
                     self._idle.set()
-            if stopping:
-                return
 
     def _write(self, batch: list[_Event]) -> None:
         for delay in (*_RETRY_DELAYS, None):
