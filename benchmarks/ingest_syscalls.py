@@ -27,27 +27,23 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from benchmarks.ingest import _tree, send
 from node.phantom import Phantom
-from tests.harness import TEST_AET, ProcessNode, free_port, peer
+from tests.harness import TEST_AET, ProcessNode, context_switches, free_port, peer
 
 WARM = 10
 
 
 def _switches(pids: list[int]) -> dict[int, int]:
-    """Context switches (voluntary + involuntary) so far, per thread of ``pids``."""
+    """Context switches so far, per thread of ``pids``."""
     found = {}
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                lines = (task / "status").read_text().splitlines()
-            except OSError:
-                continue  # the thread ended meanwhile
-            fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-            found[int(task.name)] = (int(fields["voluntary_ctxt_switches"])
-                                     + int(fields["nonvoluntary_ctxt_switches"]))
+            with suppress(OSError):  # the thread ended meanwhile
+                found[int(task.name)] = context_switches(pid, int(task.name))
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from node.audit.served import AuditQueue, report
 from node.audit.trail import Actor, AuditTrail, HeadCheckpoint
 from node.storage.sqlite.index import SqliteIndex
+from tests.harness import context_switches
 
 
 def test_every_event_is_written_in_order_and_the_chain_verifies(tmp_path):
@@ -92,12 +94,6 @@ def test_a_batch_is_written_by_its_most_urgent_event(tmp_path):
     index.close()
 
 
-def _context_switches(native_id: int) -> int:
-    status = Path(f"/proc/self/task/{native_id}/status").read_text().splitlines()
-    fields = dict(line.split(":\t") for line in status if ":\t" in line)
-    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts switches in /proc")
 def test_events_that_can_wait_as_long_do_not_wake_the_writer(tmp_path):
     """While a batch waits for its due time, events due no sooner (every association's
@@ -107,11 +103,11 @@ def test_events_that_can_wait_as_long_do_not_wake_the_writer(tmp_path):
     writer = next(t for t in threading.enumerate() if t.name == "audit-writer")
     time.sleep(0.1)  # the writer sleeps until the batch is due
     assert writer.native_id is not None
-    before = _context_switches(writer.native_id)
+    before = context_switches(os.getpid(), writer.native_id)
     for _ in range(100):  # a few milliseconds apart, as associations come and go
         events.put("association.released", Actor(ae_title="C"), {}, "success", linger=600)
         time.sleep(0.002)
-    woken = _context_switches(writer.native_id) - before
+    woken = context_switches(os.getpid(), writer.native_id) - before
     assert woken <= 3, f"the writer was woken {woken} times by 100 events that could wait"
     assert events.flush(timeout=10)
     assert _actions(index) == ["association.accepted"] + ["association.released"] * 100

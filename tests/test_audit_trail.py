@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from click.testing import Result
 from node.audit.trail import Actor
 from node.config import load
 from node.context import NodeContext
-from tests.harness import lamina, write_config
+from tests.harness import context_switches, lamina, write_config
 
 
 @pytest.fixture
@@ -193,18 +195,10 @@ def test_a_burst_of_events_signs_few_heads_and_close_writes_the_last(tmp_path, m
     assert result.exit_code == 0 and "40 entries" in result.stdout, result.stdout
 
 
-def _context_switches(native_id: int) -> int:
-    status = Path(f"/proc/self/task/{native_id}/status").read_text().splitlines()
-    fields = dict(line.split(":\t") for line in status if ":\t" in line)
-    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts switches in /proc")
 def test_events_do_not_wake_the_head_writer_while_it_pauses(tmp_path, monkeypatch):
     """Between two heads the writer sleeps: the events arriving meanwhile (one per stored
     instance) leave it asleep, rather than waking it each to sleep again."""
-    import threading
-
     import node.audit.trail as trail
 
     monkeypatch.setattr(trail, "HEAD_MIN_SECONDS", 5.0)
@@ -218,10 +212,10 @@ def test_events_do_not_wake_the_head_writer_while_it_pauses(tmp_path, monkeypatc
         time.sleep(0.01)  # the first head is written, the writer now pauses
     time.sleep(0.1)
     assert writer.native_id is not None
-    before = _context_switches(writer.native_id)
+    before = context_switches(os.getpid(), writer.native_id)
     for i in range(1, 101):
         ctx.audit.record("test.event", actor, {"n": i})
-    woken = _context_switches(writer.native_id) - before
+    woken = context_switches(os.getpid(), writer.native_id) - before
     ctx.close()
     assert woken <= 5, f"the paused head writer was woken {woken} times by 100 events"
     assert verify(node.path).exit_code == 0
