@@ -148,9 +148,7 @@ class StoreReceiver:
         """The DUL reactor has ended: drop a half-received data set and the spare spool."""
         self._drop_incoming()
         spare, self.spare = self.spare, None
-        if spare is not None:
-            with suppress(OSError):
-                spare.remove()
+        _discard(spare)
 
     # --- P-DATA -------------------------------------------------------------------------
 
@@ -303,10 +301,8 @@ class StoreReceiver:
 
     @staticmethod
     def _remove_spool(incoming: _Incoming) -> None:
-        if incoming.spool is not None:
-            with suppress(OSError):
-                incoming.spool.remove()
-            incoming.spool = None
+        spool, incoming.spool = incoming.spool, None
+        _discard(spool)
 
     # --- the socket ---------------------------------------------------------------------
 
@@ -331,6 +327,13 @@ class StoreReceiver:
             "address": str(self.assoc.requestor.address), "reason": why}})
         self._drop_incoming()
         compat.invalid_pdu(self.assoc)
+
+
+def _discard(spool: DataSetSpool | None) -> None:
+    """Remove a spool, whatever is left of it (a disk error leaves nothing to keep)."""
+    if spool is not None:
+        with suppress(OSError):
+            spool.remove()
 
 
 def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
