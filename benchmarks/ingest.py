@@ -2,7 +2,8 @@
 
 Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
 warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
-series). Every run receives into an empty folder, so no
+series); the targets take turns, one run each per round, so the machine's drift
+reaches them alike. Every run receives into an empty folder, so no
 server takes a shortcut for resends. Lamina runs with DICOMweb on, as by default
 (each stored instance gets its metadata sidecar). Prints instances/s and the ratios.
 
@@ -256,17 +257,28 @@ def send(called: str, port: int, series: list[list[Path]],
     return seconds, sorted((len(s) for s in served.values()), reverse=True)
 
 
-def measure(server: Server, series: list[list[Path]], repeats: int) -> list[tuple[float, float, list[int]]]:
-    """Per timed run: inst/s, server CPU ms per instance, associations per receiving process."""
-    runs = []
-    for run in range(repeats + 1):  # run 0 is the warm-up
-        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, roots):
-            before = cpu_seconds(roots)
-            seconds, counts = send(called, port, series, roots)
-            cpu = cpu_seconds(roots) - before
-        if run:
-            count = sum(map(len, series))
-            runs.append((count / seconds, cpu * 1000 / count, counts))
+def measure(server: Server, series: list[list[Path]]) -> tuple[float, float, list[int]]:
+    """One run into a fresh server: inst/s, server CPU ms per instance, associations per
+    receiving process."""
+    with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, roots):
+        before = cpu_seconds(roots)
+        seconds, counts = send(called, port, series, roots)
+        cpu = cpu_seconds(roots) - before
+    count = sum(map(len, series))
+    return count / seconds, cpu * 1000 / count, counts
+
+
+def interleaved(servers: dict[str, Server], series: list[list[Path]], repeats: int
+                ) -> dict[str, list[tuple[float, float, list[int]]]]:
+    """Each target's timed runs, taken in rounds (every target once per round, after one
+    warm-up run each): this machine's speed drifts by 15 % within minutes, and a drift
+    then reaches every target's runs alike instead of one target's all."""
+    for server in servers.values():
+        measure(server, series)
+    runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in servers}
+    for _ in range(repeats):
+        for name, server in servers.items():
+            runs[name].append(measure(server, series))
     return runs
 
 
@@ -314,10 +326,9 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
               f"warm-up; lamina has {args.workers} workers")
         table: dict[str, dict[int, tuple[float, float, list[list[int]]]]] = {}
         for senders in senders_list:
-            medians = {}
-            for name, server in servers.items():
-                runs = measure(server, series[:senders], args.repeats)
-                rates = [r[0] for r in runs]
+            medians, rounds = {}, {}
+            for name, runs in interleaved(servers, series[:senders], args.repeats).items():
+                rates = rounds[name] = [r[0] for r in runs]
                 medians[name] = statistics.median(rates)
                 cpu = statistics.median(r[1] for r in runs)
                 table.setdefault(name, {})[senders] = (medians[name], cpu, [r[2] for r in runs])
@@ -329,8 +340,11 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
                     continue
                 for name in ("storescp", "orthanc"):
                     if name in medians:
+                        same_round = ", ".join(f"{a / b:.2f}" for a, b in
+                                               zip(rounds[lamina_name], rounds[name], strict=True))
                         print(f"  {senders} sender(s)  ratio {lamina_name}/{name}: "
-                              f"{medians[lamina_name] / medians[name]:.2f}")
+                              f"{medians[lamina_name] / medians[name]:.2f}"
+                              f" (per round: {same_round})")
             if "lamina 1 node pg" in medians:
                 base = medians["lamina 1 node pg"]
                 print(f"  {senders} sender(s)  scale-out vs 1 node pg: " + ", ".join(
