@@ -7,6 +7,11 @@ association itself, without process start-up). Prints cycles/s, the ratio to
 Orthanc and the server's CPU milliseconds per cycle (every process under it,
 from /proc).
 
+Then each server's own share of a cycle: a client on bare sockets sends the same
+A-ASSOCIATE-RQ bytes as pynetdicom's SCU, one C-ECHO-RQ and an A-RELEASE-RQ, and
+times each answer (median milliseconds): what the server adds to a cycle, without
+either client's own time, which is most of the cycles/s figures.
+
     .venv/bin/python -m benchmarks.churn [--cycles 1000] [--workers 1]
 """
 
@@ -15,13 +20,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
+import statistics
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from benchmarks.ingest import Server, cpu_seconds, lamina, peers
@@ -49,6 +61,89 @@ def pynetdicom_cycles(called: str, port: int, cycles: int) -> None:
 
 
 Client = Callable[[str, int, int], None]
+
+#: A-RELEASE-RQ (PS3.8 9.3.6): type 5, length 4, four reserved bytes.
+RELEASE_RQ = bytes.fromhex("05000000000400000000")
+
+
+def association_request(called: str) -> bytes:
+    """The A-ASSOCIATE-RQ pynetdicom's SCU sends (Verification only), as it goes on the
+    wire: caught by a socket that reads it and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    caught: list[bytes] = []
+
+    def catch() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            caught.append(read_pdu(conn))
+
+    thread = threading.Thread(target=catch)
+    thread.start()
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 1
+    ae.associate("127.0.0.1", listener.getsockname()[1], ae_title=called)
+    thread.join()
+    listener.close()
+    return caught[0]
+
+
+def echo_request() -> bytes:
+    """One C-ECHO-RQ on presentation context 1, as P-DATA-TF PDUs."""
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return b"".join(_pdu(p) for p in message.encode_msg(1, 16382))
+
+
+def _pdu(primitive: object) -> bytes:
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU (type, reserved, 4-byte length, body)."""
+    header = _read_exactly(sock, 6)
+    return header + _read_exactly(sock, struct.unpack(">I", header[2:6])[0])
+
+
+def phase_latency(called: str, port: int, cycles: int) -> tuple[float, float, float]:
+    """Median milliseconds from sending each of A-ASSOCIATE-RQ, C-ECHO-RQ and
+    A-RELEASE-RQ to having its answer (connecting counted in the first)."""
+    request, echo = association_request(called), echo_request()
+    times: list[tuple[float, float, float]] = []
+    for _ in range(cycles):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(request)
+            if read_pdu(sock)[0] != 0x02:
+                raise RuntimeError(f"{called}: association not accepted")
+            accepted = time.perf_counter()
+            sock.sendall(echo)
+            if read_pdu(sock)[0] != 0x04:
+                raise RuntimeError(f"{called}: no C-ECHO response")
+            echoed = time.perf_counter()
+            sock.sendall(RELEASE_RQ)
+            if read_pdu(sock)[0] != 0x06:
+                raise RuntimeError(f"{called}: no A-RELEASE-RP")
+            released = time.perf_counter()
+        times.append((accepted - start, echoed - accepted, released - echoed))
+    associate, echoing, release = (statistics.median(column) * 1000 for column in zip(*times, strict=True))
+    return associate, echoing, release
 
 
 def measure(server: Server, client: Client, cycles: int) -> tuple[float, float]:
@@ -83,6 +178,14 @@ def main() -> None:
         for name, (rate, cpu) in results.items():
             ratio = f"{rate / base:.2f}" if base else "-"
             print(f"{client_name:<11} {name:<20} {rate:>9.1f} {ratio:>10} {cpu:>13.1f}")
+    print(f"\nthe server's answer, median ms over {min(args.cycles, 300)} bare-socket cycles")
+    print(f"{'server':<20} {'associate→AC':>13} {'C-ECHO→RSP':>11} {'release→RP':>11}")
+    for name, server in servers.items():
+        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, _):
+            phase_latency(called, port, 20)  # warm-up
+            phases = phase_latency(called, port, min(args.cycles, 300))
+        print(f"{name:<20} " + " ".join(f"{ms:>{w}.3f}" for ms, w in zip(phases, (13, 11, 11),
+                                                                          strict=True)))
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
