@@ -28,6 +28,15 @@ def test_identical_bytes_are_stored_once(blobs):
     assert blobs.put_bytes(b"x").created
     assert not blobs.put_bytes(b"x").created
     assert list(blobs.iter_hashes()) == [hashlib.sha256(b"x").hexdigest()]
+    assert list(blobs.spool_dir.iterdir()) == []  # the second copy is not left behind
+
+
+def test_a_failed_write_leaves_nothing_in_the_spool(blobs):
+    with pytest.raises(RuntimeError), blobs.writer() as out:
+        out.write(b"half a blob")
+        raise RuntimeError("the writer failed")
+    assert list(blobs.spool_dir.iterdir()) == []
+    assert list(blobs.iter_hashes()) == []
 
 
 def test_received_values_never_become_paths(blobs):

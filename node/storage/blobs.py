@@ -127,13 +127,18 @@ class LocalBlobStore:
     def writer(self) -> Iterator[_SpoolWriter]:
         fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
         spooled = Path(name)
+        writer: _SpoolWriter | None = None
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _SpoolWriter(f)
                 yield writer
                 writer.ref = self._promote(spooled, writer.hashed(), writer.fsync)
         finally:
-            spooled.unlink(missing_ok=True)
+            # A new blob was renamed into place: nothing is left to remove (an unlink
+            # per stored instance that always failed). Identical bytes already stored,
+            # or a failed write, leave the spool file.
+            if writer is None or writer.ref is None or not writer.ref.created:
+                spooled.unlink(missing_ok=True)
 
     def put(self, stream: BinaryIO) -> BlobRef:
         with self.writer() as w:
