@@ -82,6 +82,7 @@ def orthanc(work: Path) -> Iterator[tuple[str, int, list[int]]]:
                             stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
     try:
         wait_port(port)
+        wait_port(http)  # its HTTP server comes up after its DICOM one
         urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=10).read()
         yield "ORTHANC", port, [proc.pid]
     finally:
