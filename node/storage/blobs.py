@@ -134,9 +134,9 @@ class LocalBlobStore:
                 yield writer
                 writer.ref = self._promote(spooled, writer.hashed(), writer.fsync)
         finally:
-            # A new blob was renamed into place: nothing is left to remove (an unlink
-            # per stored instance that always failed). Identical bytes already stored,
-            # or a failed write, leave the spool file.
+            # A new blob was renamed into place: nothing is left to remove (unlinking
+            # anyway cost a failed system call per stored instance). Identical bytes
+            # already stored, or a failed write, leave the spool file: removed here.
             if writer is None or writer.ref is None or not writer.ref.created:
                 spooled.unlink(missing_ok=True)
 
