@@ -37,6 +37,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from benchmarks.ingest import Server, cpu_seconds, lamina, peers
+from node.dimse.sender import recv_exactly
 from tests.harness import TEST_AET
 
 
@@ -104,20 +105,10 @@ def _pdu(primitive: object) -> bytes:
     return pdu.encode()
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        data += chunk
-    return data
-
-
 def read_pdu(sock: socket.socket) -> bytes:
     """One whole PDU (type, reserved, 4-byte length, body)."""
-    header = _read_exactly(sock, 6)
-    return header + _read_exactly(sock, struct.unpack(">I", header[2:6])[0])
+    header = recv_exactly(sock, 6)
+    return header + recv_exactly(sock, struct.unpack(">I", header[2:6])[0])
 
 
 def phase_latency(called: str, port: int, cycles: int) -> tuple[float, float, float]:
