@@ -7,6 +7,11 @@ association itself, without process start-up). Prints cycles/s, the ratio to
 Orthanc and the server's CPU milliseconds per cycle (every process under it,
 from /proc).
 
+A fourth row, ``python framing only``, is :mod:`benchmarks.framed_echo`: a Python
+server that frames the PDUs itself on pynetdicom's codecs and does nothing else (no
+peer check, audit or log). It is not a node: it bounds what a receiving side written
+that way could reach on this machine with each client.
+
 Then each server's own share of a cycle: a client on bare sockets sends the same
 A-ASSOCIATE-RQ bytes as pynetdicom's SCU, one C-ECHO-RQ and an A-RELEASE-RQ, and
 times each answer (median milliseconds): what the server adds to a cycle, without
@@ -24,10 +29,12 @@ import socket
 import statistics
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pynetdicom import AE
@@ -38,7 +45,9 @@ from pynetdicom.sop_class import Verification
 
 from benchmarks.ingest import Server, cpu_seconds, lamina, peers
 from node.dimse.sender import recv_exactly
-from tests.harness import TEST_AET
+from tests.harness import TEST_AET, free_port, stop_process, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def echoscu_cycles(called: str, port: int, cycles: int) -> None:
@@ -62,6 +71,19 @@ def pynetdicom_cycles(called: str, port: int, cycles: int) -> None:
 
 
 Client = Callable[[str, int, int], None]
+
+
+@contextmanager
+def framed_echo(work: Path) -> Iterator[tuple[str, int, list[int]]]:
+    """:mod:`benchmarks.framed_echo` in a process of its own, stopped by PID."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.framed_echo", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield "ANY", port, [proc.pid]
+    finally:
+        stop_process(proc)
 
 #: A-RELEASE-RQ (PS3.8 9.3.6): type 5, length 4, four reserved bytes.
 RELEASE_RQ = bytes.fromhex("05000000000400000000")
@@ -159,6 +181,7 @@ def main() -> None:
     servers = peers()
     servers[f"lamina ({args.workers} worker{'s' if args.workers > 1 else ''})"] = \
         lamina(args.workers)
+    servers["python framing only"] = framed_echo
     clients: dict[str, Client] = {"echoscu": echoscu_cycles, "pynetdicom": pynetdicom_cycles}
     print(f"{args.cycles} associate/C-ECHO/release cycles per client and server;"
           f" load: {os.getloadavg()[0]:.2f}")
