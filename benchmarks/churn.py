@@ -3,9 +3,10 @@
 DCMTK's storescp, Orthanc and ``lamina serve`` in the same run, each driven by
 two clients: DCMTK ``echoscu`` (one process per cycle, TCP_NODELAY=1, as a
 modality would) and a pynetdicom SCU looping in this process (the cost of the
-association itself, without process start-up). Prints cycles/s, the ratio to
-Orthanc and the server's CPU milliseconds per cycle (every process under it,
-from /proc).
+association itself, without process start-up). The servers run side by side and
+take turns: each client's cycles go in rounds, every server once per round. Prints
+the median cycles/s, its ratio to Orthanc's with each round's own ratio beside it,
+and the server's CPU milliseconds per cycle (every process under it, from /proc).
 
 A fourth row, ``python framing only``, is :mod:`benchmarks.framed_echo`: a Python
 server that frames the PDUs itself on pynetdicom's codecs and does nothing else (no
@@ -17,7 +18,7 @@ A-ASSOCIATE-RQ bytes as pynetdicom's SCU, one C-ECHO-RQ and an A-RELEASE-RQ, and
 times each answer (median milliseconds): what the server adds to a cycle, without
 either client's own time, which is most of the cycles/s figures.
 
-    .venv/bin/python -m benchmarks.churn [--cycles 1000] [--workers 1]
+    .venv/bin/python -m benchmarks.churn [--cycles 1000] [--workers 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pynetdicom import AE
@@ -159,22 +160,35 @@ def phase_latency(called: str, port: int, cycles: int) -> tuple[float, float, fl
     return associate, echoing, release
 
 
-def measure(server: Server, client: Client, cycles: int) -> tuple[float, float]:
-    """Cycles per second and server CPU ms per cycle (after 20 warm-up cycles)."""
-    with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, roots):
-        client(called, port, 20)
-        before = cpu_seconds(roots)
-        start = time.perf_counter()
-        client(called, port, cycles)
-        seconds = time.perf_counter() - start
-        cpu = cpu_seconds(roots) - before
-    return cycles / seconds, cpu * 1000 / cycles
+def rounds(servers: dict[str, Server], client: Client, cycles: int, repeats: int
+           ) -> dict[str, list[tuple[float, float]]]:
+    """Each server's cycles/s and CPU ms per cycle, in ``repeats`` rounds of ``cycles``
+    cycles, every server once per round (all started first, each warmed by 20 cycles):
+    this machine's speed drifts by 15 % within minutes, and a drift then reaches every
+    server's rounds alike instead of one server's whole run."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        started = {}
+        for name, server in servers.items():
+            work = Path(tmp) / name.replace(" ", "-")
+            work.mkdir()
+            started[name] = stack.enter_context(server(work))
+            client(started[name][0], started[name][1], 20)
+        for _ in range(repeats):
+            for name, (called, port, roots) in started.items():
+                before = cpu_seconds(roots)
+                start = time.perf_counter()
+                client(called, port, cycles)
+                seconds = time.perf_counter() - start
+                runs[name].append((cycles / seconds, (cpu_seconds(roots) - before) * 1000 / cycles))
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="lamina receiving processes")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per client")
     args = parser.parse_args()
     if not shutil.which("echoscu") or not shutil.which("storescp"):
         raise SystemExit("DCMTK not installed (apt-get install dcmtk)")
@@ -183,15 +197,24 @@ def main() -> None:
         lamina(args.workers)
     servers["python framing only"] = framed_echo
     clients: dict[str, Client] = {"echoscu": echoscu_cycles, "pynetdicom": pynetdicom_cycles}
-    print(f"{args.cycles} associate/C-ECHO/release cycles per client and server;"
-          f" load: {os.getloadavg()[0]:.2f}")
-    print(f"{'client':<11} {'server':<20} {'cycles/s':>9} {'× orthanc':>10} {'CPU ms/cycle':>13}")
+    per_round = max(1, args.cycles // args.repeats)
+    print(f"{args.cycles} associate/C-ECHO/release cycles per client and server, in"
+          f" {args.repeats} rounds of {per_round}; load: {os.getloadavg()[0]:.2f}")
+    print(f"{'client':<11} {'server':<20} {'cycles/s':>9} {'× orthanc':>10} {'CPU ms/cycle':>13}"
+          "  per round × orthanc")
     for client_name, client in clients.items():
-        results = {name: measure(server, client, args.cycles) for name, server in servers.items()}
-        base = results.get("orthanc", (0.0, 0.0))[0]
-        for name, (rate, cpu) in results.items():
-            ratio = f"{rate / base:.2f}" if base else "-"
-            print(f"{client_name:<11} {name:<20} {rate:>9.1f} {ratio:>10} {cpu:>13.1f}")
+        runs = rounds(servers, client, per_round, args.repeats)
+        base = runs.get("orthanc")
+        for name, results in runs.items():
+            rate = statistics.median(r[0] for r in results)
+            cpu = statistics.median(r[1] for r in results)
+            ratio = same_round = "-"
+            if base:
+                ratio = f"{rate / statistics.median(r[0] for r in base):.2f}"
+                same_round = ", ".join(f"{a[0] / b[0]:.2f}"
+                                       for a, b in zip(results, base, strict=True))
+            print(f"{client_name:<11} {name:<20} {rate:>9.1f} {ratio:>10} {cpu:>13.1f}"
+                  f"  {same_round}")
     print(f"\nthe server's answer, median ms over {min(args.cycles, 300)} bare-socket cycles")
     print(f"{'server':<20} {'associate→AC':>13} {'C-ECHO→RSP':>11} {'release→RP':>11}")
     for name, server in servers.items():
