@@ -11,8 +11,10 @@ from pathlib import Path
 import pydicom.data
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
 
 from node.part10 import HeaderEncoder
 from tests import annotation_fixtures as fx
@@ -109,6 +111,76 @@ def test_same_bytes_on_deidentified_headers(tmp_path):
         assert isinstance(expected, bytes)
         assert encoder.encode(out) == expected
         assert encoder.encode(out) == expected
+
+
+def test_same_bytes_on_nested_sequences_that_differ_per_slice(tmp_path):
+    """The PHI corpus plants nested sequences whose items differ per slice (referenced
+    images, content items): no key for the whole sequence, so its items are joined from
+    the elements' bytes (the encoder's own sequence path), and these are dcmwrite's."""
+    from node.anonymize.anonymizer import Deidentifier
+    from node.anonymize.keys import ProjectKey
+    from node.anonymize.settings import DeidSettings
+    from tests.phi_corpus import STUDIES, write_ct_series
+
+    engine = Deidentifier(DeidSettings(), ProjectKey(bytes(range(32))))
+    encoder = HeaderEncoder()
+    for path in write_ct_series(STUDIES[0], tmp_path)[:3]:
+        for ds in (dcmread(path), engine.deidentify(dcmread(path)).dataset):
+            ds.walk(lambda _ds, _elem: None)
+            list(ds.file_meta)
+            expected = _reference(ds)
+            assert isinstance(expected, bytes)
+            assert encoder._fast(ds, _PIXELS) == expected
+            assert encoder._fast(ds, _PIXELS) == expected
+            nested = [e for e in ds if e.VR == "SQ" and any(
+                i.VR == "SQ" for item in e.value for i in item)]
+            assert nested, "the corpus plants nested sequences"
+            assert all(encoder._sequence(e, (False, True), "iso8859") is not None
+                       for e in nested)
+
+
+def _sequence_of(*items: Dataset, undefined: bool) -> Dataset:
+    """A slice read back from its bytes (so the encoder's fast path takes it) with a
+    ReferencedImageSequence of ``items``."""
+    buffer = DicomBytesIO()
+    fx.PHANTOM.slice(0).save_as(buffer, enforce_file_format=True)
+    ds = dcmread(DicomBytesIO(buffer.getvalue()))
+    list(ds.file_meta)  # decoded, as de-identification leaves it
+    ds.ReferencedImageSequence = Sequence(list(items))
+    ds["ReferencedImageSequence"].is_undefined_length = undefined
+    return ds
+
+
+@pytest.mark.parametrize("undefined", [False, True])
+def test_sequences_and_items_of_undefined_length(undefined):
+    """Undefined lengths are kept as pydicom writes them: item and sequence delimiters."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    item.is_undefined_length_sequence_item = undefined
+    empty = Dataset()
+    ds = _sequence_of(item, empty, undefined=undefined)
+    encoder = HeaderEncoder()
+    assert encoder._sequence(ds["ReferencedImageSequence"], (False, True), "iso8859")
+    assert encoder._fast(ds, _PIXELS) == _reference(ds)
+
+
+@pytest.mark.parametrize("case", ["own_charset", "ambiguous_vr"])
+def test_items_pydicom_would_rewrite_are_left_to_it(case):
+    """An item with a character set of its own, or an element of an ambiguous VR (which
+    write_dataset resolves from the item's context): pydicom writes that sequence."""
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    if case == "own_charset":
+        item.SpecificCharacterSet = "ISO_IR 100"
+        item.PatientName = "Müller^Eva"
+    else:
+        item.add_new(0x00283002, "US or SS", [256, 0, 16])  # LUTDescriptor
+        item.PixelRepresentation = 0
+    ds = _sequence_of(item, undefined=False)
+    encoder = HeaderEncoder()
+    assert encoder._sequence(ds["ReferencedImageSequence"], (False, True), "iso8859") is None
+    assert encoder._fast(ds, _PIXELS) == _reference(ds)
 
 
 @pytest.mark.parametrize("change", ["meta_class", "no_meta_version", "no_version_name",
