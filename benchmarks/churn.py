@@ -86,6 +86,7 @@ def framed_echo(work: Path) -> Iterator[tuple[str, int, list[int]]]:
     finally:
         stop_process(proc)
 
+
 #: A-RELEASE-RQ (PS3.8 9.3.6): type 5, length 4, four reserved bytes.
 RELEASE_RQ = bytes.fromhex("05000000000400000000")
 

@@ -27,7 +27,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from node.dimse.sender import VERIFICATION, command_elements, echo_response, frame, recv_exactly
+from benchmarks.churn import read_pdu
+from node.dimse.sender import VERIFICATION, command_elements, echo_response, frame
 
 _A_ASSOCIATE_RQ, _P_DATA_TF, _A_RELEASE_RQ = 0x01, 0x04, 0x05
 _RELEASE_RP = bytes.fromhex("06000000000400000000")
@@ -35,11 +36,6 @@ _ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0, 3
 _MESSAGE_ID = 0x0110  # (0000,0110) in a command set
 #: Implementation Class UID of this reference server (a 2.25 UUID-derived UID).
 _IMPLEMENTATION_UID = "2.25.329800735698586629295641978511506172918"
-
-
-def _read_pdu(conn: socket.socket) -> tuple[int, bytes]:
-    header = recv_exactly(conn, 6)
-    return header[0], header + recv_exactly(conn, struct.unpack(">I", header[2:6])[0])
 
 
 def _accept(request: bytes) -> bytes:
@@ -75,12 +71,13 @@ def serve_connection(conn: socket.socket) -> None:
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            kind, request = _read_pdu(conn)
-            if kind != _A_ASSOCIATE_RQ:
+            request = read_pdu(conn)
+            if request[0] != _A_ASSOCIATE_RQ:
                 return
             conn.sendall(_accept(request))
             while True:
-                kind, pdu = _read_pdu(conn)
+                pdu = read_pdu(conn)
+                kind = pdu[0]
                 if kind == _P_DATA_TF:
                     # one PDV carrying a whole command set: the C-ECHO-RQ
                     context_id, command = pdu[10], pdu[12:]
