@@ -1,5 +1,6 @@
 """What several benchmarks share: the segment codes their SEGs carry, a dataset as
-Part 10 bytes, and a node context on a scratch folder (no sockets, no user config)."""
+Part 10 bytes, a node context on a scratch folder (no sockets, no user config), and
+phantom slices shaped like a scanner's."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import argparse
 from pathlib import Path
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.sequence import Sequence
 
 from node import config
 from node.anonymize.keys import create_key_file
 from node.context import NodeContext
+from node.phantom import Phantom
 
 NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
 ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
@@ -42,3 +46,47 @@ def scratch_context(work: Path) -> NodeContext:
                                             "deidentify.key_file": str(
                                                 create_key_file(work / "project.key"))})
     return NodeContext.open(settings, with_key=True)
+
+
+#: Private groups as a CT scanner writes them (GE's creators), 40 elements each, of the
+#: VRs such groups hold: with them a slice's header has about 210 elements, not 47.
+_PRIVATE_GROUPS = ((0x0009, "GEMS_IDEN_01"), (0x0019, "GEMS_ACQU_01"),
+                   (0x0021, "GEMS_RELA_01"), (0x0043, "GEMS_PARM_01"))
+_PRIVATE_VALUES = (("SS", 3), ("DS", "1.25"), ("LO", "SCAN PARAMETER"), ("SL", 7), ("US", 2),
+                   ("FL", 1.5), ("OB", b"\x01\x02"))
+
+
+def hospital_shaped(ds: Dataset, index: int) -> Dataset:
+    """``ds`` (a phantom slice) with what a scanner's slice also carries: four private
+    groups under their creators, a referenced-image sequence whose items differ per
+    slice, and an anatomic-region code sequence. Synthetic, no PHI."""
+    for group, creator in _PRIVATE_GROUPS:
+        block = ds.private_block(group, creator, create=True)
+        for offset in range(40):
+            vr, value = _PRIVATE_VALUES[offset % len(_PRIVATE_VALUES)]
+            block.add_new(0x10 + offset, vr, value)
+    references = []
+    for k in range(3):
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        item.ReferencedSOPInstanceUID = f"{ds.SeriesInstanceUID}.9{index}.{k}"
+        references.append(item)
+    ds.ReferencedImageSequence = Sequence(references)
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator = "T-D0050", "SRT"
+    region.CodeMeaning = "Tissue"
+    ds.AnatomicRegionSequence = Sequence([region])
+    return ds
+
+
+def write_series(phantom: Phantom, folder: Path, shape: str) -> list[Path]:
+    """The phantom's slices as files, as made (``phantom``) or :func:`hospital_shaped`."""
+    if shape == "phantom":
+        return phantom.write(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(phantom.slices()):
+        path = folder / f"CT{i + 1:04d}.dcm"
+        hospital_shaped(ds, i).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -4,10 +4,14 @@ Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
 warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
 series); the targets take turns, one run each per round, so the machine's drift
 reaches them alike. Every run receives into an empty folder, so no
-server takes a shortcut for resends. Lamina runs with DICOMweb on, as by default
-(each stored instance gets its metadata sidecar). Prints instances/s and the ratios.
+server takes a shortcut for resends. Lamina runs with its default settings: DICOMweb on,
+metadata sidecars made on first request (``http.prepare_metadata`` off). Prints
+instances/s and the ratios.
+``--shape hospital`` sends slices that also carry a scanner's private groups and two
+sequences (``benchmarks.common.hospital_shaped``: about 210 elements, not 47).
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--workers 2] [--senders 1,2,4]
+                                          [--shape phantom|hospital]
     .venv/bin/python -m benchmarks.ingest --scale-out --senders 1,2,4,8
 
 ``--scale-out`` adds Lamina on a PostgreSQL index (a throwaway cluster with fsync on,
@@ -33,6 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from benchmarks.common import write_series
 from node.phantom import Phantom
 from tests.harness import (
     REPO,
@@ -104,8 +109,7 @@ def lamina(workers: int, route: str = "clinical") -> Server:
     @contextmanager
     def server(work: Path) -> Iterator[tuple[str, int, list[int]]]:
         peers = {"bench": peer(TEST_AET, "store", route=route)}
-        # DICOMweb on, as a node runs by default: each stored instance's metadata
-        # sidecar is part of what storing it costs.
+        # DICOMweb on, as a node runs by default (its HTTP server beside the DIMSE one).
         node = ProcessNode.with_workers(work / "lamina", workers, peers=peers,
                                         http={"port": free_port()}).start()
         try:
@@ -293,6 +297,8 @@ def main() -> None:
                         help="also 1 node on PostgreSQL and 2, 3 nodes behind HAProxy")
     parser.add_argument("--only", default="",
                         help="comma-separated words: keep only targets whose name has one")
+    parser.add_argument("--shape", choices=("phantom", "hospital"), default="phantom",
+                        help="hospital: slices with a scanner's private groups and sequences")
     args = parser.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
         raise SystemExit("needs DCMTK (apt-get install dcmtk)")
@@ -321,10 +327,11 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
     senders_list = [int(n) for n in args.senders.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         # One series of its own per sender (no two senders send the same instance).
-        series = [Phantom(seed=f"bench{k}", slices_count=args.slices).write(Path(tmp) / f"s{k}")
+        series = [write_series(Phantom(seed=f"bench{k}", slices_count=args.slices),
+                               Path(tmp) / f"s{k}", args.shape)
                   for k in range(max(senders_list))]
-        print(f"{args.slices} slices of 512x512 int16 per sender, {args.repeats} runs after a "
-              f"warm-up; lamina has {args.workers} workers")
+        print(f"{args.slices} {args.shape} slices of 512x512 int16 per sender, {args.repeats}"
+              f" runs after a warm-up; lamina has {args.workers} workers")
         table: dict[str, dict[int, tuple[float, float, list[list[int]]]]] = {}
         for senders in senders_list:
             medians, rounds = {}, {}

@@ -11,6 +11,7 @@ on other threads (the audit-head signer) is the process's CPU minus the
 calling thread's.
 
     .venv/bin/python -m benchmarks.ingest_stages [--instances 200] [--size 512] [--pollers N]
+                                                 [--shape phantom|hospital]
 
 ``--pollers N`` runs N threads beside the ingest that wake every millisecond, as
 pynetdicom's association threads do in a receiving process: every syscall that releases
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import scratch_context
+from benchmarks.common import scratch_context, write_series
 from node.audit.trail import AuditTrail
 from node.ingest import pipeline
 from node.ingest.routes import Router
@@ -172,17 +173,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--shape", choices=("phantom", "hospital"), default="phantom",
+                        help="hospital: with a scanner's private groups and sequences")
     parser.add_argument("--pollers", type=int, default=0,
                         help="threads waking every millisecond beside the ingest")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lamina-stages-") as tmp:
         work = Path(tmp)
-        files = Phantom(seed="bench-stages", slices_count=args.instances + WARM,
-                        rows=args.size, columns=args.size).write(work / "series")
+        files = write_series(Phantom(seed="bench-stages", slices_count=args.instances + WARM,
+                                     rows=args.size, columns=args.size),
+                             work / "series", args.shape)
         results = {route: run_route(work, files, route, args.pollers)
                    for route in ("clinical", "deidentified")}
     stages = list(dict.fromkeys(s for per, _, _ in results.values() for s in per))
-    print(f"{args.instances} instances of {args.size}x{args.size} CT, CPU ms per instance"
+    print(f"{args.instances} {args.shape} instances of {args.size}x{args.size} CT,"
+          " CPU ms per instance"
           f"{f', {args.pollers} pollers' if args.pollers else ''}")
     print(f"{'stage':<24}{'clinical':>10}{'deidentified':>14}")
     for stage in stages:
