@@ -81,12 +81,4 @@ def hospital_shaped(ds: Dataset, index: int) -> Dataset:
 
 def write_series(phantom: Phantom, folder: Path, shape: str) -> list[Path]:
     """The phantom's slices as files, as made (``phantom``) or :func:`hospital_shaped`."""
-    if shape == "phantom":
-        return phantom.write(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(phantom.slices()):
-        path = folder / f"CT{i + 1:04d}.dcm"
-        hospital_shaped(ds, i).save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return phantom.write(folder, hospital_shaped if shape == "hospital" else None)

@@ -10,7 +10,7 @@ rebuild the same study.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,13 +146,16 @@ class Phantom:
         for i in range(self.slices_count):
             yield self.slice(i)
 
-    def write(self, folder: Path) -> list[Path]:
-        """Write every slice as a DICOM file (``CT0001.dcm`` ...) and return the paths."""
+    def write(self, folder: Path,
+              shaped: Callable[[Dataset, int], Dataset] | None = None) -> list[Path]:
+        """Write every slice as a DICOM file (``CT0001.dcm`` ...) and return the paths;
+        ``shaped(slice, index)``, when given, makes each slice what is written (a
+        benchmark adds a scanner's private groups)."""
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, ds in enumerate(self.slices()):
             path = folder / f"CT{i + 1:04d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            (shaped(ds, i) if shaped else ds).save_as(path, enforce_file_format=True)
             paths.append(path)
         return paths
 
