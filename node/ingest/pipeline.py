@@ -152,6 +152,11 @@ class IngestService:
         except OutOfSpace as exc:
             return self._failed(source, f"out of disk space: {exc}", "")
 
+        if self.router.stores_as_received(source.route):
+            # Stored as received unless refused: its pages start for the disk while the
+            # header is parsed and checked (the deidentified route's fsync then waited
+            # 0.7 ms instead of 1.4 ms per CT slice: issue 15).
+            self.blobs.expect_file(spooled)
         try:
             received = read_received(spooled, self.limits)
             transfer_syntax = str(received.dataset.file_meta.get("TransferSyntaxUID", ""))

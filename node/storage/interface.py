@@ -502,6 +502,10 @@ class BlobStore(Protocol):
     def put_file(self, path: Path) -> BlobRef:
         """Store a finished local file; a local store moves it into place (do not reuse it)."""
 
+    def expect_file(self, path: Path) -> None:
+        """A finished local file that :meth:`put_file` will probably be given soon: a local
+        store may start writing it to disk now (advice only; nothing is promised)."""
+
     def open(self, sha256: str) -> BinaryIO:
         """The blob's bytes; FileNotFoundError when it is not stored."""
 
