@@ -128,9 +128,22 @@ def _dirty_pages(path) -> int:
     return found.nr_dirty
 
 
+def _skip_without_dirty_pages(folder: Path) -> None:
+    """Skip where the filesystem keeps no dirty pages (tmpfs): there is nothing to start."""
+    fd, name = tempfile.mkstemp(dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(1 << 16))
+    try:
+        if _dirty_pages(name) == 0:
+            pytest.skip("the spool's filesystem keeps no dirty pages (tmpfs): nothing to start")
+    finally:
+        os.unlink(name)
+
+
 def test_an_expected_file_starts_for_the_disk_before_its_fsync(blobs):
     """expect_file asks the kernel to write the file's pages now (sync_file_range), so
     the fsync that promotes it waits for less; it stays a file put_file can move."""
+    _skip_without_dirty_pages(blobs.spool_dir)
     data = os.urandom(1 << 19)
     # Written as the C-STORE receiver writes its spool file: into the descriptor mkstemp
     # opened. (Reopening it with O_TRUNC would make ext4 start the writeback itself at
@@ -139,8 +152,7 @@ def test_an_expected_file_starts_for_the_disk_before_its_fsync(blobs):
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     spooled = Path(name)
-    if _dirty_pages(spooled) == 0:
-        pytest.skip("the spool's filesystem keeps no dirty pages (tmpfs): nothing to start")
+    assert _dirty_pages(spooled) > 0
     blobs.expect_file(spooled)
     assert _dirty_pages(spooled) == 0  # written, or being written: none left waiting
     ref = blobs.put_file(spooled)
@@ -150,3 +162,17 @@ def test_an_expected_file_starts_for_the_disk_before_its_fsync(blobs):
 
 def test_a_file_that_is_gone_is_expected_without_error(blobs, tmp_path):
     blobs.expect_file(tmp_path / "never-written.part")  # advice only: nothing to do
+
+
+def test_a_long_write_starts_for_the_disk_before_the_commit_fsync(blobs):
+    """The pixel data a writer copies after a header goes to the disk while it is hashed;
+    the blob is still the bytes written, durable under their hash once committed."""
+    _skip_without_dirty_pages(blobs.spool_dir)
+    header, pixels = b"header" * 100, os.urandom(1 << 19)
+    with blobs.writer() as w:
+        w.write(header)
+        w.write(pixels)
+        (spooled,) = blobs.spool_dir.iterdir()
+        assert _dirty_pages(spooled) == 0  # written, or being written: none left waiting
+    assert w.ref.sha256 == hashlib.sha256(header + pixels).hexdigest()
+    assert blobs.read(w.ref.sha256) == header + pixels

@@ -27,6 +27,8 @@ from typing import BinaryIO
 from node.storage.interface import BlobRef, BlobStore, OutOfSpace
 
 _CHUNK = 1 << 20
+#: A write at least this long starts for the disk at once (:class:`_SpoolWriter`).
+_WRITEBACK_AT = 1 << 16
 #: A blob's file name; anything else in a shard folder (``<sha256>.json`` sidecars) is not one.
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 #: What follows a blob's name in its sidecar's (:mod:`node.metadata`).
@@ -60,9 +62,10 @@ _sync_file_range = _libc_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing an open file's dirty pages to disk, without
-    waiting, so that the fsync which later makes the file durable waits for less.
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to start writing an open file's dirty pages (``length`` bytes from
+    ``offset``; 0: to its end) to disk, without waiting, so that the fsync which later
+    makes the file durable waits for less.
 
     This is ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, called through ctypes because
     Python's ``os`` module has no binding for it: ``os.fsync`` and ``os.fdatasync``
@@ -72,7 +75,7 @@ def start_writeback(fd: int) -> None:
     exist (not Linux) or fails, nothing is done.
     """
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,6 +94,12 @@ class _SpoolWriter:
     it back (half a megabyte per CT slice). A writer that seeks back (pydicom
     may, to patch a length) and overwrites makes the running hash worthless:
     it is then dropped and the file is hashed from disk at commit, as before.
+
+    A long write (the pixel data copied after a header) is handed to the disk at once
+    (:func:`start_writeback`), before its bytes are hashed: the disk writes while this
+    thread hashes, and the fsync at commit waits for less. On the clinical route's CT
+    slices the fsyncs took 0.56-0.77 ms of wall time per slice instead of 1.35-1.48 ms
+    (in-process, four alternations against the previous commit; issue 15).
     """
 
     def __init__(self, file: BinaryIO) -> None:
@@ -102,6 +111,9 @@ class _SpoolWriter:
 
     def write(self, data: bytes) -> int:
         written = self._file.write(data)
+        if written >= _WRITEBACK_AT:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._pos, written)
         if self._digest is not None:
             if self._pos == self._size:
                 self._digest.update(memoryview(data)[:written])
