@@ -19,6 +19,10 @@ the GIL (a file read, a lock) then hands it over, which a quiet single thread ne
 shows. The index transaction's own rows and the route's (the re-identification map and
 de-identification evidence, ``Router.record``) are counted apart.
 
+The last two rows are wall time: the ingest call's, and what of it was spent waiting
+rather than computing (the fsyncs, the disk, the index's lock), which is what the
+durability steps cost a sender beyond the CPU.
+
 Copying each file into the spool (what the network layer does) is not counted.
 The scratch node lives under ``TMPDIR``: ``TMPDIR=/dev/shm`` takes the disk (fsync
 waits, other processes' I/O) out of the figures, to compare CPU on a busy machine.
@@ -36,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.common import scratch_context, write_series
 from node.audit.trail import AuditTrail
@@ -63,6 +67,8 @@ STAGES: list[tuple[str, Any, str]] = [
     ("hooks", pipeline.IngestService, "_classify"),
     ("hooks", pipeline.IngestService, "_after_commit"),
 ]
+#: The routes measured, in the table's column order.
+ROUTES = ("clinical", "deidentified")
 #: Instances ingested before the figures (imports, tables, prepared statements).
 WARM = 5
 
@@ -131,10 +137,17 @@ def pollers(count: int) -> Iterator[None]:
             thread.join()
 
 
-def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> tuple[
-        dict[str, float], float, float]:
-    """Per-stage CPU ms per instance, the ingest calls' CPU ms and the process's CPU ms
-    per instance (the latter includes the audit-head thread and any pollers)."""
+class RouteCost(NamedTuple):
+    """One route's figures, milliseconds per instance."""
+
+    stages: dict[str, float]  # CPU per stage, on the calling thread
+    thread: float  # CPU of the ingest calls (the calling thread)
+    process: float  # CPU of the process meanwhile: the audit-head thread and pollers too
+    wall: float  # wall time of the ingest calls: CPU plus waiting (fsync, disk, locks)
+
+
+def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> RouteCost:
+    """Feed ``files`` through ``route`` on a scratch node and time it (see the module doc)."""
     ctx = scratch_context(work / route)
     ctx.start()
     source = Source("BENCH", "127.0.0.1", "bench", route=route)
@@ -146,15 +159,16 @@ def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> tuple
             ctx.ingest.ingest_file(part, source)
             part.unlink(missing_ok=True)
         clock = StageClock()
-        total_thread = total_process = 0.0
+        total_thread = total_process = total_wall = 0.0
         with instrumented(clock, ctx.ingest.hooks), pollers(poll):
             for i, f in enumerate(files[WARM:]):
                 part = spool / f"{i}.part"
                 shutil.copyfile(f, part)
-                p0, t0 = time.process_time(), time.thread_time()
+                w0, p0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
                 result = ctx.ingest.ingest_file(part, source)
                 total_thread += time.thread_time() - t0
                 total_process += time.process_time() - p0
+                total_wall += time.perf_counter() - w0
                 part.unlink(missing_ok=True)
                 if result.action != "stored":
                     raise SystemExit(f"{route}: instance {i} was {result.action}: "
@@ -166,7 +180,8 @@ def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> tuple
     n = len(files) - WARM
     per = {stage: ms * 1000 / n for stage, ms in clock.spent.items()}
     per["other (pipeline glue)"] = total_thread * 1000 / n - sum(per.values())
-    return per, total_thread * 1000 / n, total_process * 1000 / n
+    return RouteCost(per, total_thread * 1000 / n, total_process * 1000 / n,
+                     total_wall * 1000 / n)
 
 
 def main() -> int:
@@ -183,20 +198,22 @@ def main() -> int:
         files = write_series(Phantom(seed="bench-stages", slices_count=args.instances + WARM,
                                      rows=args.size, columns=args.size),
                              work / "series", args.shape)
-        results = {route: run_route(work, files, route, args.pollers)
-                   for route in ("clinical", "deidentified")}
-    stages = list(dict.fromkeys(s for per, _, _ in results.values() for s in per))
+        results = {route: run_route(work, files, route, args.pollers) for route in ROUTES}
+    stages = list(dict.fromkeys(s for cost in results.values() for s in cost.stages))
     print(f"{args.instances} {args.shape} instances of {args.size}x{args.size} CT,"
-          " CPU ms per instance"
+          " ms per instance: CPU per stage, then wall time"
           f"{f', {args.pollers} pollers' if args.pollers else ''}")
     print(f"{'stage':<24}{'clinical':>10}{'deidentified':>14}")
+
+    def row(name: str, figures: list[float]) -> None:
+        print(f"{name:<24}{figures[0]:>10.3f}{figures[1]:>14.3f}")
+
     for stage in stages:
-        print(f"{stage:<24}" + "".join(f"{results[r][0].get(stage, 0.0):>{w}.3f}"
-                                        for r, w in (("clinical", 10), ("deidentified", 14))))
-    print(f"{'ingest call (thread)':<24}{results['clinical'][1]:>10.3f}"
-          f"{results['deidentified'][1]:>14.3f}")
-    print(f"{'process (all threads)':<24}{results['clinical'][2]:>10.3f}"
-          f"{results['deidentified'][2]:>14.3f}")
+        row(stage, [results[r].stages.get(stage, 0.0) for r in ROUTES])
+    row("ingest call (thread)", [results[r].thread for r in ROUTES])
+    row("process (all threads)", [results[r].process for r in ROUTES])
+    row("ingest call (wall)", [results[r].wall for r in ROUTES])
+    row("waiting (wall - thread)", [results[r].wall - results[r].thread for r in ROUTES])
     return 0
 
 
