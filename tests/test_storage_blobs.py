@@ -122,7 +122,8 @@ def _dirty_pages(path) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         if libc.syscall(_CACHESTAT, fd, ctypes.byref(whole_file), ctypes.byref(found), 0):
-            pytest.skip(f"no cachestat(2) here: {os.strerror(ctypes.get_errno())}")
+            pytest.skip("requires cachestat(2), Linux 6.5 or later: unavailable here"
+                        f" ({os.strerror(ctypes.get_errno())})")
     finally:
         os.close(fd)
     return found.nr_dirty
@@ -135,7 +136,8 @@ def _skip_without_dirty_pages(folder: Path) -> None:
         f.write(os.urandom(1 << 16))
     try:
         if _dirty_pages(name) == 0:
-            pytest.skip("the spool's filesystem keeps no dirty pages (tmpfs): nothing to start")
+            pytest.skip("requires a filesystem that keeps dirty pages (not tmpfs) for the"
+                        " spool folder: unavailable here, nothing to start")
     finally:
         os.unlink(name)
 
