@@ -23,9 +23,15 @@ import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jwt
+if TYPE_CHECKING:
+    # Imported where a token is checked, not with this module: the configuration
+    # imports this module (its settings classes), so every ``lamina`` command and
+    # worker did, and PyJWT imports cryptography's X.509 package, about 40 ms of a
+    # ``lamina anonymize`` start-up of 0.40-0.48 s (``python -X importtime``), for
+    # commands that never see a token.
+    import jwt
 
 #: scrypt cost (RFC 7914): n=2**14, r=8, p=1 takes ~50 ms and 16 MB, per association.
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
@@ -90,17 +96,24 @@ class JwtSettings:
         return bool(self.jwks)
 
 
-#: PyJWT's refusals in words a client can act on (no token content in them).
-_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (jwt.ExpiredSignatureError, "the token has expired"),
-    (jwt.ImmatureSignatureError, "the token is not valid yet"),
-    (jwt.InvalidSignatureError, "the token's signature does not verify"),
-    (jwt.InvalidIssuerError, "the token's issuer is not the configured one"),
-    (jwt.InvalidAudienceError, "the token's audience is not this node"),
-    (jwt.InvalidAlgorithmError, "the token's algorithm is not accepted"),
-    (jwt.MissingRequiredClaimError, "the token lacks a required claim"),
-    (jwt.DecodeError, "the token is not a well-formed JWT"),
-)
+def _refusal(exc: Exception) -> str:
+    """PyJWT's refusal in words a client can act on (no token content in them)."""
+    import jwt  # not with the module (see the imports)
+
+    reasons: tuple[tuple[type[Exception], str], ...] = (
+        (jwt.ExpiredSignatureError, "the token has expired"),
+        (jwt.ImmatureSignatureError, "the token is not valid yet"),
+        (jwt.InvalidSignatureError, "the token's signature does not verify"),
+        (jwt.InvalidIssuerError, "the token's issuer is not the configured one"),
+        (jwt.InvalidAudienceError, "the token's audience is not this node"),
+        (jwt.InvalidAlgorithmError, "the token's algorithm is not accepted"),
+        (jwt.MissingRequiredClaimError, "the token lacks a required claim"),
+        (jwt.DecodeError, "the token is not a well-formed JWT"),
+    )
+    for kind, reason in reasons:
+        if isinstance(exc, kind):
+            return reason
+    return f"the token is refused ({type(exc).__name__})"
 
 
 class JwtValidator:
@@ -121,6 +134,8 @@ class JwtValidator:
         self.issuer = issuer or None
         self.audience = audience or None
         self.claim = claim
+        import jwt  # not with the module (see the imports)
+
         self._client: jwt.PyJWKClient | None = None
         self._keys: jwt.PyJWKSet | None = None
         if jwks.startswith(("https://", "http://")):
@@ -129,6 +144,8 @@ class JwtValidator:
             self._keys = jwt.PyJWKSet.from_json(Path(jwks).read_text())
 
     def claims(self, token: str) -> dict[str, Any]:
+        import jwt  # not with the module (see the imports)
+
         try:
             header = jwt.get_unverified_header(token)
             if header.get("alg") not in self.algorithms:
@@ -142,10 +159,7 @@ class JwtValidator:
             raise IdentityRefused("the token's key is not among the identity provider's"
                                   ) from None
         except jwt.InvalidTokenError as exc:
-            for kind, reason in _REASONS:
-                if isinstance(exc, kind):
-                    raise IdentityRefused(reason) from None
-            raise IdentityRefused(f"the token is refused ({type(exc).__name__})") from None
+            raise IdentityRefused(_refusal(exc)) from None
 
     def subject(self, token: str) -> str:
         """The value of the claim that names the client."""
