@@ -7,6 +7,8 @@ Before this, username, wrong passcode and JWT were all accepted with no check.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import jwt
@@ -141,3 +143,12 @@ def test_identity_hash_command_prints_a_usable_hash():
     result = lamina("identity", "hash", "--passcode", "s3cret")
     assert result.exit_code == 0
     assert passcode_matches(b"s3cret", result.stdout.strip())
+
+
+def test_loading_the_configuration_does_not_import_pyjwt():
+    """PyJWT (and cryptography's X.509 under it) is imported where a token is checked:
+    every command loads the configuration, few see a token (start-up time)."""
+    run = subprocess.run([sys.executable, "-c", "import sys, node.config, node.identity;"
+                          " print(sorted(m for m in sys.modules if m.split('.')[0] == 'jwt'))"],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
