@@ -262,10 +262,12 @@ def send(called: str, port: int, series: list[list[Path]],
     return seconds, sorted((len(s) for s in served.values()), reverse=True)
 
 
-def measure(server: Server, series: list[list[Path]]) -> tuple[float, float, list[int]]:
-    """One run into a fresh server: inst/s, server CPU ms per instance, associations per
-    receiving process."""
-    with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, roots):
+def measure(server: Server, series: list[list[Path]], work: Path
+            ) -> tuple[float, float, list[int]]:
+    """One run into a fresh server in the empty folder ``work``: inst/s, server CPU ms per
+    instance, associations per receiving process."""
+    work.mkdir()
+    with server(work) as (called, port, roots):
         before = cpu_seconds(roots)
         seconds, counts = send(called, port, series, roots)
         cpu = cpu_seconds(roots) - before
@@ -277,14 +279,49 @@ def interleaved(servers: dict[str, Server], series: list[list[Path]], repeats: i
                 ) -> dict[str, list[tuple[float, float, list[int]]]]:
     """Each target's timed runs, taken in rounds (every target once per round, after one
     warm-up run each): this machine's speed drifts by 15 % within minutes, and a drift
-    then reaches every target's runs alike instead of one target's all."""
-    for server in servers.values():
-        measure(server, series)
+    then reaches every target's runs alike instead of one target's all.
+
+    The runs' folders are deleted together at the end, not one by one, and the next
+    runs wait until the kernel no longer counts their files as recently deleted
+    (:func:`wait_out_deletions`), when there is room for them on the disk.
+    """
     runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in servers}
-    for _ in range(repeats):
-        for name, server in servers.items():
-            runs[name].append(measure(server, series))
+    needed = (repeats + 1) * len(servers) * sum(p.stat().st_size for s in series for p in s)
+    with tempfile.TemporaryDirectory() as tmp:
+        keep = shutil.disk_usage(tmp).free > 2 * needed
+        if not keep:
+            print(f"  (under {2 * needed >> 30} GB free: each run's folder is deleted after it,"
+                  " and file creation in the next runs may be slower)")
+        for n, server in enumerate(servers.values()):
+            measure(server, series, Path(tmp) / f"warm-up-{n}")
+            if not keep:
+                shutil.rmtree(Path(tmp) / f"warm-up-{n}")
+        for k in range(repeats):
+            for name, server in servers.items():
+                work = Path(tmp) / f"run-{k}-{len(runs[name])}-{name}"
+                runs[name].append(measure(server, series, work))
+                if not keep:
+                    shutil.rmtree(work)
+    wait_out_deletions()
     return runs
+
+
+def wait_out_deletions() -> None:
+    """Sleep until the files just deleted are no longer "recently deleted" for ext4.
+
+    Why: ext4 without a journal (as on this project's machines) will not reuse an inode
+    freed less than ``vm.dirty_expire_centisecs`` (+5 s) ago, and every file created
+    meanwhile looks each such inode up first: with a previous run's thousand files just
+    deleted, creating one file took 0.4-1.1 ms of CPU instead of 0.03 ms (``perf``:
+    ``recently_deleted``). Deleting each run's folder before the next run charged
+    every target that, the more the more files it creates; no server deletes files
+    while it receives, so the runs are measured without it.
+    """
+    try:
+        window = int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100 + 5
+    except (OSError, ValueError):
+        return  # not Linux: no such rule to wait out
+    time.sleep(window)
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
+from node.atomic_file import exchange
 from node.config import Settings, load
 from node.dimse.spool import MEMORY_FILE_NAME
 from node.storage.backend import open_index
@@ -1018,3 +1019,19 @@ class PostgresCluster:
             self.pid = None
         if remove:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def inodes(*paths: Path) -> set[int]:
+    """The inode numbers of those of ``paths`` that exist."""
+    return {p.stat().st_ino for p in paths if p.exists()}
+
+
+def exchanges_here(folder: Path) -> bool:
+    """Whether this system and filesystem swap two names (renameat2 RENAME_EXCHANGE)."""
+    first, second = folder / "probe-a", folder / "probe-b"
+    first.write_bytes(b"a")
+    second.write_bytes(b"b")
+    swapped = exchange(first, second)
+    first.unlink()
+    second.unlink()
+    return swapped

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from node.audit.trail import Actor
+from node.atomic_file import spare_of
+from node.audit.trail import Actor, AuditEntry, HeadCheckpoint
 from node.config import load
 from node.context import NodeContext
-from tests.harness import context_switches, lamina, write_config
+from tests.harness import context_switches, exchanges_here, inodes, lamina, write_config
 
 
 @pytest.fixture
@@ -219,3 +220,20 @@ def test_events_do_not_wake_the_head_writer_while_it_pauses(tmp_path, monkeypatc
     ctx.close()
     assert woken <= 5, f"the paused head writer was woken {woken} times by 100 events"
     assert verify(node.path).exit_code == 0
+
+
+def test_signing_the_head_again_frees_no_inode(tmp_path: Path) -> None:
+    """Each head write used to create a file and free the old head's inode; on ext4
+    without a journal every later file creation walked past such recently freed
+    inodes (node.atomic_file). Now the head and its spare swap names."""
+    if not exchanges_here(tmp_path):
+        pytest.skip("renameat2(RENAME_EXCHANGE) unavailable here: the head is renamed")
+    head = HeadCheckpoint(tmp_path / "head.json", tmp_path / "key.pem")
+    head.checkpoint(AuditEntry(1, "a" * 64))
+    head.checkpoint(AuditEntry(2, "b" * 64))
+    kept = inodes(head.head_path, spare_of(head.head_path))
+    for seq in range(3, 9):
+        head.checkpoint(AuditEntry(seq, f"{seq:064x}"))
+        assert inodes(head.head_path, spare_of(head.head_path)) == kept
+    assert head.read() is not None and head.read()[0] == 8
+    head.close()

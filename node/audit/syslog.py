@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+from node.atomic_file import write_atomically
 from node.audit.atna import to_message
 from node.audit.trail import HeadCheckpoint
 from node.config import AuditSettings
@@ -81,10 +82,8 @@ class SyslogStream:
             return 0
 
     def _move_cursor(self, seq: int) -> None:
-        tmp = self.cursor_path.with_suffix(".tmp")
         self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(str(seq))
-        os.replace(tmp, self.cursor_path)
+        write_atomically(self.cursor_path, str(seq).encode())
 
     def send_pending(self) -> int:
         """Send every event after the cursor (and a checkpoint per batch); how many went.

@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node.atomic_file import write_atomically
 from node.storage.interface import Index, Transaction
 from node.storage.records import AuditRow
 
@@ -306,13 +307,8 @@ class HeadCheckpoint:
                 signature = self._signing_key().sign(self._message(entry.seq, entry.hash))
                 body = json.dumps({"seq": entry.seq, "hash": entry.hash,
                                    "signature": base64.b64encode(signature).decode()})
-                tmp = self.head_path.with_suffix(f".{os.getpid()}.tmp")
-                try:
-                    tmp.write_text(body)
-                    os.replace(tmp, self.head_path)
-                except OSError:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                # Under the lock: the processes share the spare file (node.atomic_file).
+                write_atomically(self.head_path, body.encode())
                 self._newest = (entry.seq, entry.hash, signature)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
