@@ -37,12 +37,12 @@ import importlib.util
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -72,11 +72,18 @@ def _children_cpu() -> float:
 _AS_INSTALLED = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
+def _set_aside(out: Path) -> None:
+    """Move a previous run's output folder out of the way, to be deleted with the work
+    folder at the end: deleting it here would make every file the next run creates
+    slower (ext4 without a journal, :func:`benchmarks.ingest.wait_out_deletions`)."""
+    if out.exists():
+        out.rename(out.with_name(f"{out.name}.done-{uuid.uuid4().hex[:8]}"))
+
+
 def _timed(command: list[str], out: Path, cwd: Path = ROOT) -> tuple[float, float]:
     """Wall seconds and CPU seconds (the program's and its workers') of one run; ``python
     -m node`` runs the checkout in ``cwd``."""
-    if out.exists():
-        shutil.rmtree(out)
+    _set_aside(out)
     cpu = _children_cpu()
     start = time.perf_counter()
     # Output is captured, not shown: dicognito's warnings quote element values.
@@ -119,7 +126,7 @@ def _orthanc_rate(work: Path, series: list[Path], repeat: int) -> float:
                 call("POST", f"/instances/{item[1]}/anonymize", b"{}"))
 
         for round_ in range(repeat):
-            shutil.rmtree(out, ignore_errors=True)
+            _set_aside(out)
             out.mkdir()
 
             start = time.perf_counter()
