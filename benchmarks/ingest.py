@@ -4,9 +4,11 @@ Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
 warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
 series); the targets take turns, one run each per round, so the machine's drift
 reaches them alike. Every run receives into an empty folder, so no
-server takes a shortcut for resends. Lamina runs with its default settings: DICOMweb on,
-metadata sidecars made on first request (``http.prepare_metadata`` off). Prints
-instances/s and the ratios.
+server takes a shortcut for resends; the folders are deleted after each round of
+runs, which then waits about 35 s (``wait_out_deletions``: on ext4 without a journal,
+files created soon after a deletion cost every target more CPU). Lamina runs with
+its default settings: DICOMweb on, metadata sidecars made on first request
+(``http.prepare_metadata`` off). Prints instances/s and the ratios.
 ``--shape hospital`` sends slices that also carry a scanner's private groups and two
 sequences (``benchmarks.common.hospital_shaped``: about 210 elements, not 47).
 
