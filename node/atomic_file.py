@@ -6,13 +6,15 @@ instances arrive) and the syslog cursor (:mod:`node.audit.syslog`). The usual
 way, writing a temporary file and renaming it over the old one, creates an inode
 and frees one per rewrite.
 
-Why that is avoided (measured with ``perf record`` on a receiving worker, issue
-15): on ext4 without a journal, as on this project's machines, creating a file
-skips every inode freed in the last 30 seconds (``dirty_expire_centisecs``),
-looking each one up in the inode table (``find_inode_bit`` and
-``recently_deleted``). The head's rewrites left a few hundred such inodes in the
-data folder's block group, and every blob the worker then created walked past
-all of them: about 12 % of the worker's CPU on the clinical route.
+Why that is avoided (issue 15): on ext4 without a journal, as on this project's
+machines, creating a file skips every free inode of its block group freed in the
+last 30 seconds (``vm.dirty_expire_centisecs``), looking each one up in the inode
+table first (``find_inode_bit``, ``recently_deleted``). The head's rewrites kept
+up to a few hundred such inodes beside the blobs, and every blob the worker
+created walked past them. ``perf record`` on a receiving worker (clinical route,
+one sender) found 2.7-12.5 % of its CPU in that walk over three runs with
+rename, 0.6-3.9 % over three runs with this module (the rest: files other
+programs deleted).
 
 So the new contents go into a spare file kept beside the target
 (``<name>.next``), which is then swapped with the target in one atomic
