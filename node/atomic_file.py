@@ -66,7 +66,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path``'s contents with ``data``, all at once for any reader.
 
     Not durable by itself (no fsync), as the rename it replaces was not: the
-    callers' files may lag after a power cut, never be torn.
+    callers' files may lag after a power cut, never be torn. A write that fails
+    (a full disk) raises and leaves at most a partial spare, which nothing reads.
     """
     spare = spare_of(path)
     spare.write_bytes(data)
