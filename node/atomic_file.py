@@ -13,7 +13,7 @@ table first (``find_inode_bit``, ``recently_deleted``). The head's rewrites kept
 up to a few hundred such inodes beside the blobs, and every blob the worker
 created walked past them. ``perf record`` on a receiving worker (clinical route,
 one sender) found 2.7-12.5 % of its CPU in that walk over three runs with
-rename, 0.6-3.9 % over three runs with this module (the rest: files other
+rename, 0.8-3.9 % over three runs with this module (the rest: files other
 programs deleted).
 
 So the new contents go into a spare file kept beside the target
