@@ -17,7 +17,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from node.dimse.ae import associate
 from node.web.pixels import frame_layout
 from tests.annotation_fixtures import PHANTOM, encode, valid_seg
-from tests.harness import InProcessNode, http_root, peer, write_config
+from tests.harness import InProcessNode, http_root, memory_spools_open, peer, write_config
 from tests.studies import QR_VALIDATION, StudySpec, identifier, qr_peer, write_study
 
 TOKENS = {"full": "full-access-token-0123456789", "reader": "find-only-token-0123456789",
@@ -343,3 +343,24 @@ def test_more_bad_input(site):
     assert wrong.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
     assert node.echo("CLIENT") == 0x0000
     assert get(url, "/studies").status_code == 200
+
+
+def test_stow_spools_in_memory_on_a_rewriting_route(site):
+    """On a route that rewrites what it receives (the annotator's), neither the body nor its
+    parts touch the spool folder: files made and deleted there per part slowed every file
+    the node made next (node.web.dicomweb). Every memory spool is closed after the answer."""
+    node, url = site
+    inst = get(url, "/instances?PatientID=WEB-A&includefield=all").json()[0]
+    study, series, sop = (inst[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
+    part = encode(client(url).retrieve_instance(study, series, sop))
+    body = b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--XX--\r\n"
+    spool = node.ctx.settings.spool_dir
+    before = (spool.stat().st_mtime_ns, sorted(p.name for p in spool.iterdir()))
+    spools_open = memory_spools_open()
+    wrong = httpx.post(url + "/studies/1.2.3.4.5.998", content=body, timeout=30, headers={
+        "Authorization": f"Bearer {TOKENS['annotator']}",
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'})
+    assert wrong.status_code == 409, wrong.text
+    assert wrong.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+    assert (spool.stat().st_mtime_ns, sorted(p.name for p in spool.iterdir())) == before
+    assert memory_spools_open() == spools_open

@@ -356,12 +356,6 @@ class LocalBlobStore:
                 f"minimum {self.min_free_bytes // (1 << 20)} MB"
             )
 
-    def new_spool_file(self) -> Path:
-        """A fresh empty file in the spool area (an upload or a release being written)."""
-        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
-        os.close(fd)
-        return Path(name)
-
     def stale_spool_files(self) -> list[Path]:
         return [p for p in self.spool_dir.iterdir() if p.is_file()]
 

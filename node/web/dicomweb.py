@@ -10,7 +10,13 @@
 * STOW-RS spools the body (bounded by ``http.max_upload_mb``), splits it and
   hands each part to ``ctx.ingest`` with a :class:`~node.ingest.types.Source`
   built from the token's peer: validation, routes, de-identification,
-  annotations and the audit trail are C-STORE's.
+  annotations and the audit trail are C-STORE's. Body and parts are spooled as
+  a C-STORE data set is (:class:`~node.dimse.spool.DataSetSpool`): the body in
+  memory up to its limit, then in the spool folder; each part in memory when the
+  peer's route rewrites it, else in the spool folder, so that storing it as
+  received is a rename. A spool file made and deleted per part cost every file
+  the node created in the next 30 s (ext4 without a journal walks past recently
+  freed inodes; ``benchmarks/stow.py``).
 
 Refusals are :class:`~node.web.errors.WebError` (4xx with a reason), never 500.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import re
 import time
 from collections.abc import Iterator
@@ -38,7 +45,9 @@ from starlette.routing import Route
 
 from node import status
 from node.context import NodeContext
+from node.dimse.spool import DataSetSpool
 from node.dimse.transcode import choose, file_bytes, transcode
+from node.ingest.types import Source, StoreResult
 from node.metadata import MetadataSidecars
 from node.metrics import Metrics
 from node.retrieve import Retrieval
@@ -121,6 +130,7 @@ class DicomWeb:
         self.metadata = MetadataCache(MetadataSidecars(ctx.blobs).read)
         #: A client that stops sending its body mid-way is answered, not waited for.
         self.read_timeout = ctx.settings.node.network_timeout
+        self.spool_dir = ctx.settings.spool_dir
 
     def routes(self) -> list[Route]:
         s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
@@ -472,73 +482,70 @@ class DicomWeb:
         if declared and declared.isdigit() and int(declared) > self.max_upload:
             raise WebError(413, f"the body is over http.max_upload_mb "
                                 f"({self.max_upload >> 20} MB)")
-        spooled = self.ctx.blobs.new_spool_file()
+        body = DataSetSpool(self.spool_dir, in_memory=True)
         try:
-            size = 0
             chunks = request.stream().__aiter__()
-            with spooled.open("wb") as f:
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(chunks.__anext__(), self.read_timeout)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        raise WebError(408, f"no body data came for {self.read_timeout:g} s "
-                                            "(node.network_timeout)") from None
-                    size += len(chunk)
-                    if size > self.max_upload:
-                        raise WebError(413, f"the body is over http.max_upload_mb "
-                                            f"({self.max_upload >> 20} MB)")
-                    await run_in_threadpool(f.write, chunk)
-            self.metrics.received_bytes.inc(size)
-            answer = await run_in_threadpool(self._store_parts, spooled, boundary, source,
-                                             study, request.state.root)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), self.read_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise WebError(408, f"no body data came for {self.read_timeout:g} s "
+                                        "(node.network_timeout)") from None
+                if body.size + len(chunk) > self.max_upload:
+                    raise WebError(413, f"the body is over http.max_upload_mb "
+                                        f"({self.max_upload >> 20} MB)")
+                if body.in_memory and body.size + len(chunk) <= body.memory_limit:
+                    body.write(memoryview(chunk))  # a copy in memory: nothing to wait for
+                else:  # to the spool folder (and the move there): off the event loop
+                    await run_in_threadpool(body.write, memoryview(chunk))
+            body.complete()
+            self.metrics.received_bytes.inc(body.size)
+            answer = await run_in_threadpool(self._store_parts, Path(body.path), boundary,
+                                             source, study, request.state.root)
         finally:
-            spooled.unlink(missing_ok=True)
+            body.remove()
         return answer
 
-    def _store_parts(self, spooled: Path, boundary: str, source, study: str | None,
+    def _store_parts(self, spooled: Path, boundary: str, source: Source, study: str | None,
                      root: str) -> Response:
         parts = media.split_parts(spooled, boundary)
         for part in parts:
             if media.parse_media(part.content_type).type != "application/dicom":
                 raise WebError(415, "a body part is not application/dicom; nothing was stored")
         referenced, failed = Sequence(), Sequence()
-        with spooled.open("rb") as body:
-            for part in parts:
-                one = self.ctx.blobs.new_spool_file()
-                try:
-                    with one.open("wb") as f:
-                        body.seek(part.start)
-                        _copy(body, f, part.end - part.start)
-                    sop_class, sop_instance, study_uid, series_uid = _received_uids(one)
-                    if study is not None and study_uid != study:
-                        failed.append(_failed(sop_class, sop_instance, 0xA900,
-                                              "StudyInstanceUID differs from the request's"))
-                        continue
-                    started = time.perf_counter()
-                    result = self.ctx.ingest.ingest_file(one, source)
-                    self.metrics.ingest_seconds.labels("stow").observe(time.perf_counter() - started)
-                finally:
-                    one.unlink(missing_ok=True)
-                code = result.outcome.status.code
-                self.metrics.stored.labels(f"0x{code:04X}").inc()
-                log.info("stow instance " + result.action, extra={"fields": {
-                    "association": source.association_id, "sha256": result.sha256,
-                    "status": f"0x{code:04X}", "reason": result.outcome.comment}})
-                if result.outcome.status.is_success:
-                    item = Dataset()
-                    item.ReferencedSOPClassUID = sop_class
-                    item.ReferencedSOPInstanceUID = sop_instance
-                    if result.sop_instance_uid == sop_instance and study_uid and series_uid:
-                        # Only where the route kept the sender's UIDs: a pseudonymised
-                        # instance's location would link the sender's UIDs to ours.
-                        item.RetrieveURL = (f"{root}/studies/{study_uid}/series/{series_uid}"
-                                            f"/instances/{sop_instance}")
-                    referenced.append(item)
-                else:
-                    failed.append(_failed(sop_class, sop_instance, code,
-                                          result.outcome.comment or result.outcome.status.name))
+        in_memory = not self.ctx.ingest.router.stores_as_received(source.route)
+        spare: DataSetSpool | None = None  # a memory spool, rewound for the next part
+        try:
+            with open(spooled, "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as body:
+                for part in parts:
+                    one, spare = spare or DataSetSpool(self.spool_dir, in_memory), None
+                    try:
+                        for at in range(part.start, part.end, _CHUNK):
+                            one.write(memoryview(body[at:min(at + _CHUNK, part.end)]))
+                        one.complete()
+                        sop_class, sop_instance, study_uid, series_uid = _received_uids(
+                            Path(one.path))
+                        if study is not None and study_uid != study:
+                            failed.append(_failed(sop_class, sop_instance, 0xA900,
+                                                  "StudyInstanceUID differs from the request's"))
+                            continue
+                        started = time.perf_counter()
+                        result = self.ctx.ingest.ingest_file(Path(one.path), source)
+                        self.metrics.ingest_seconds.labels("stow").observe(
+                            time.perf_counter() - started)
+                    finally:
+                        if one.rewind():
+                            spare = one
+                        else:
+                            one.remove()
+                    self._answered(result, source, sop_class, sop_instance, study_uid,
+                                   series_uid, root, referenced, failed)
+        finally:
+            if spare is not None:
+                spare.remove()
         answer = Dataset()
         if study is not None:
             answer.RetrieveURL = f"{root}/studies/{study}"
@@ -548,6 +555,31 @@ class DicomWeb:
             answer.FailedSOPSequence = failed
         code = 200 if not failed else (409 if not referenced else 202)
         return JSONResponse(answer.to_json_dict(), status_code=code, media_type=DICOM_JSON)
+
+    def _answered(self, result: StoreResult, source: Source, sop_class: str,
+                  sop_instance: str, study_uid: str, series_uid: str, root: str,
+                  referenced: Sequence, failed: Sequence) -> None:
+        """Count, log and list one part's outcome in the answer's sequences."""
+        code = result.outcome.status.code
+        self.metrics.stored.labels(f"0x{code:04X}").inc()
+        # A success is DEBUG, as a C-STORE's is (node.dimse.handlers.store).
+        level = logging.DEBUG if result.outcome.status.is_success else logging.INFO
+        log.log(level, "stow instance " + result.action, extra={"fields": {
+            "association": source.association_id, "sha256": result.sha256,
+            "status": f"0x{code:04X}", "reason": result.outcome.comment}})
+        if result.outcome.status.is_success:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            if result.sop_instance_uid == sop_instance and study_uid and series_uid:
+                # Only where the route kept the sender's UIDs: a pseudonymised
+                # instance's location would link the sender's UIDs to ours.
+                item.RetrieveURL = (f"{root}/studies/{study_uid}/series/{series_uid}"
+                                    f"/instances/{sop_instance}")
+            referenced.append(item)
+        else:
+            failed.append(_failed(sop_class, sop_instance, code,
+                                  result.outcome.comment or result.outcome.status.name))
 
 
 def _negotiate_json(request: Request) -> None:
@@ -599,15 +631,6 @@ def _frame_numbers(text: str) -> list[int]:
     if not numbers or len(numbers) > 10_000 or min(numbers) < 1:
         raise WebError(400, "frames are a comma-separated list of numbers from 1")
     return numbers
-
-
-def _copy(src, dst, length: int) -> None:
-    while length > 0:
-        chunk = src.read(min(_CHUNK, length))
-        if not chunk:
-            break
-        dst.write(chunk)
-        length -= len(chunk)
 
 
 def _received_uids(path: Path) -> tuple[str, str, str, str]:
