@@ -29,7 +29,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -122,10 +123,11 @@ def lamina(work: Path, files: list[Path], study: str, series: str, repeats: int)
         node.stop()
 
 
-def orthanc(work: Path, files: list[Path], study: str, series: str, repeats: int,
-            binary: str, plugin: str) -> dict:
-    folder = work / "orthanc"
-    folder.mkdir()
+@contextmanager
+def orthanc_server(folder: Path, binary: str, plugin: str) -> Iterator[tuple[str, int]]:
+    """Orthanc with its DICOMweb plugin, index and storage in ``folder``, on free ports:
+    yields its HTTP root and PID once it answers; stopped by PID."""
+    folder.mkdir(parents=True, exist_ok=True)
     http = free_port()
     config = folder / "orthanc.json"
     config.write_text(json.dumps({
@@ -137,19 +139,25 @@ def orthanc(work: Path, files: list[Path], study: str, series: str, repeats: int
     server = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=5) as client:
             for _ in range(300):
                 try:
                     client.get(f"http://127.0.0.1:{http}/system").raise_for_status()
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            for f in files:
-                client.post(f"http://127.0.0.1:{http}/instances",
-                            content=f.read_bytes()).raise_for_status()
-            return measure(client, f"http://127.0.0.1:{http}/dicom-web", study, series, repeats)
+        yield f"http://127.0.0.1:{http}", server.pid
     finally:
         stop_process(server)
+
+
+def orthanc(work: Path, files: list[Path], study: str, series: str, repeats: int,
+            binary: str, plugin: str) -> dict:
+    with orthanc_server(work / "orthanc", binary, plugin) as (root, _pid), \
+            httpx.Client(timeout=60) as client:
+        for f in files:
+            client.post(f"{root}/instances", content=f.read_bytes()).raise_for_status()
+        return measure(client, f"{root}/dicom-web", study, series, repeats)
 
 
 def main() -> None:

@@ -23,10 +23,8 @@ and the ratio of medians to Orthanc's. Asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -36,10 +34,10 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.dicomweb import orthanc_plugin
+from benchmarks.dicomweb import orthanc_plugin, orthanc_server
 from benchmarks.ingest import cpu_seconds, wait_out_deletions
 from node.phantom import Phantom
-from tests.harness import ProcessNode, free_port, peer, stop_process, write_config
+from tests.harness import ProcessNode, free_port, peer, write_config
 
 TOKEN = "benchmark-token-0123456789"
 
@@ -76,28 +74,8 @@ def lamina(route: str) -> Target:
 def orthanc(binary: str, plugin: str) -> Target:
     @contextmanager
     def target(work: Path) -> Iterator[tuple[str, dict[str, str], list[int]]]:
-        work.mkdir(parents=True, exist_ok=True)
-        http = free_port()
-        config = work / "orthanc.json"
-        config.write_text(json.dumps({
-            "Name": "benchmark", "StorageDirectory": str(work / "db"),
-            "IndexDirectory": str(work / "db"), "DicomAet": "ORTHANC",
-            "DicomPort": free_port(), "HttpPort": http, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": [plugin], "StorageCompression": False,
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
-        server = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        try:
-            with httpx.Client(timeout=5) as client:
-                for _ in range(300):
-                    try:
-                        client.get(f"http://127.0.0.1:{http}/system").raise_for_status()
-                        break
-                    except httpx.HTTPError:
-                        time.sleep(0.1)
-            yield f"http://127.0.0.1:{http}/dicom-web", {}, [server.pid]
-        finally:
-            stop_process(server)
+        with orthanc_server(work, binary, plugin) as (root, pid):
+            yield f"{root}/dicom-web", {}, [pid]
 
     return target
 
