@@ -4,7 +4,8 @@ A data set whose bytes the route rewrites stays in memory (an anonymous memory
 file read by path) until it outgrows the memory limit, then moves to the spool
 folder with every byte; one stored as received goes to the spool folder at once.
 Either way :meth:`remove` leaves nothing behind. A memory spool is rewound for the
-association's next data set, which it then holds alone.
+association's next data set, which it then holds alone. Spools sharing a memory
+budget hold no more than it all together: past it, the one that grows moves out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from node.dimse.spool import DataSetSpool
+from node.dimse.spool import DataSetSpool, MemoryBudget
 from tests.harness import memory_spools_open
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"),
@@ -82,6 +83,29 @@ def test_past_the_memory_limit_every_byte_moves_to_the_spool_folder(tmp_path: Pa
     assert Path(spool.path).read_bytes() == b"".join(pieces)
     assert spool.size == 120_000
     spool.remove()
+    assert list(tmp_path.iterdir()) == []
+    assert memory_spools_open() == 0
+
+
+def test_spools_sharing_a_budget_hold_no_more_than_it(tmp_path: Path) -> None:
+    budget = MemoryBudget(150_000)
+    first = DataSetSpool(tmp_path, in_memory=True, budget=budget)
+    first.write(memoryview(os.urandom(100_000)))
+    assert first.in_memory and budget.held == 100_000
+    second = DataSetSpool(tmp_path, in_memory=True, budget=budget)
+    pieces = _chunks(80_000)
+    for chunk in pieces:
+        second.write(memoryview(chunk))
+    assert not second.in_memory, "past the shared budget the growing spool moves out"
+    assert Path(second.path).read_bytes() == b"".join(pieces)
+    assert budget.held == 100_000, "what the moved spool held is given back"
+    # A rewound spool keeps its pages, so it keeps what it took; removing it gives it back.
+    assert first.rewind()
+    first.write(memoryview(os.urandom(40_000)))
+    assert budget.held == 100_000
+    first.remove()
+    second.remove()
+    assert budget.held == 0
     assert list(tmp_path.iterdir()) == []
     assert memory_spools_open() == 0
 

@@ -24,6 +24,11 @@ allocating and freeing its half megabyte of pages; overwriting the pages a rewou
 one holds cost 0.09 ms. So an idle association holds the pages of its last data set,
 at most ``MEMORY_LIMIT``.
 
+Memory spools may also share a :class:`MemoryBudget`: the bytes they may hold all
+together, past which a spool moves to the spool folder as past its own limit. STOW-RS
+uses one (``node.web.dicomweb``), since nothing else bounds how many HTTP requests
+upload at once; C-STORE needs none, its associations being bounded in number.
+
 A memory spool's path names a descriptor of this process: its content is the data set
 being received until the receiver rewinds it for the next one, and after
 :meth:`DataSetSpool.remove` the number may name another file. The receiver rewinds or
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from contextlib import suppress
 from pathlib import Path
 
@@ -46,14 +52,37 @@ MEMORY_LIMIT = 16 << 20
 MEMORY_FILE_NAME = "lamina-spool"
 
 
+class MemoryBudget:
+    """Bytes that the memory spools sharing it may hold at once (their files' sizes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()  # spools write from several threads
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes if the budget has them; False (nothing held) if not."""
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
 class DataSetSpool:
     """One data set being received: written to by :meth:`write`, read by the pipeline
     at :attr:`path`, and removed by :meth:`remove` (whatever happened)."""
 
     def __init__(self, spool_dir: Path, in_memory: bool,
-                 memory_limit: int = MEMORY_LIMIT) -> None:
+                 memory_limit: int = MEMORY_LIMIT, budget: MemoryBudget | None = None) -> None:
         self.spool_dir = spool_dir
         self.memory_limit = memory_limit
+        self.budget = budget
+        self._taken = 0  # bytes held from the budget: the memory file's largest size
         self.size = 0
         self.in_memory = in_memory and hasattr(os, "memfd_create")
         if self.in_memory:
@@ -64,12 +93,30 @@ class DataSetSpool:
 
     def write(self, data: memoryview) -> None:
         """Append ``data`` (all of it); an ``OSError`` (a full disk) is the caller's."""
-        if self.in_memory and self.size + len(data) > self.memory_limit:
+        if self.in_memory and not self.stays_in_memory(len(data)):
             self._to_disk()
         while data:
             written = os.write(self.fd, data)
             self.size += written
             data = data[written:]
+
+    def stays_in_memory(self, more: int) -> bool:
+        """Whether ``more`` bytes can be appended to this memory spool without moving it
+        to the spool folder (within its limit, and its budget holds them)."""
+        needed = self.size + more
+        if needed > self.memory_limit:
+            return False
+        if self.budget is None or needed <= self._taken:
+            return True
+        if not self.budget.take(needed - self._taken):
+            return False
+        self._taken = needed
+        return True
+
+    def _give_back(self) -> None:
+        if self.budget is not None and self._taken:
+            self.budget.give_back(self._taken)
+        self._taken = 0
 
     def _to_disk(self) -> None:
         """Move what memory holds to a spool file and go on writing there."""
@@ -84,6 +131,7 @@ class DataSetSpool:
             raise
         os.close(self.fd)
         self.fd, self.path, self.in_memory = fd, path, False
+        self._give_back()
 
     def complete(self) -> None:
         """The data set is whole: the file ends where it does (a rewound memory file
@@ -108,6 +156,7 @@ class DataSetSpool:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._give_back()
         if not self.in_memory and self.path:
             with suppress(OSError):  # gone already: renamed into the blob store
                 os.unlink(self.path)

@@ -14,7 +14,8 @@
   a C-STORE data set is (:class:`~node.dimse.spool.DataSetSpool`): the body in
   memory up to its limit, then in the spool folder; each part in memory when the
   peer's route rewrites it, else in the spool folder, so that storing it as
-  received is a rename. A spool file made and deleted per part cost every file
+  received is a rename; all requests' memory spools together hold at most
+  ``STOW_MEMORY``. A spool file made and deleted per part cost every file
   the node created in the next 30 s (ext4 without a journal walks past recently
   freed inodes; ``benchmarks/stow.py``).
 
@@ -45,7 +46,7 @@ from starlette.routing import Route
 
 from node import status
 from node.context import NodeContext
-from node.dimse.spool import DataSetSpool
+from node.dimse.spool import DataSetSpool, MemoryBudget
 from node.dimse.transcode import choose, file_bytes, transcode
 from node.ingest.types import Source, StoreResult
 from node.metadata import MetadataSidecars
@@ -66,6 +67,9 @@ DICOM_JSON = "application/dicom+json"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 _CHUNK = 1 << 20
+#: Memory the STOW-RS spools hold at most, all requests together (four bodies of
+#: ``node.dimse.spool.MEMORY_LIMIT``, or hundreds of single slices).
+STOW_MEMORY = 64 << 20
 #: QueryRetrieveLevel is C-FIND's: QIDO-RS answers leave it out.
 _SKIPPED = frozenset({0x00080052})
 
@@ -131,6 +135,9 @@ class DicomWeb:
         #: A client that stops sending its body mid-way is answered, not waited for.
         self.read_timeout = ctx.settings.node.network_timeout
         self.spool_dir = ctx.settings.spool_dir
+        #: What the STOW-RS requests' memory spools hold all together (bodies and parts):
+        #: nothing else bounds how many requests upload at once; past it, the spool folder.
+        self.spool_memory = MemoryBudget(STOW_MEMORY)
 
     def routes(self) -> list[Route]:
         s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
@@ -482,7 +489,7 @@ class DicomWeb:
         if declared and declared.isdigit() and int(declared) > self.max_upload:
             raise WebError(413, f"the body is over http.max_upload_mb "
                                 f"({self.max_upload >> 20} MB)")
-        body = DataSetSpool(self.spool_dir, in_memory=True)
+        body = DataSetSpool(self.spool_dir, in_memory=True, budget=self.spool_memory)
         try:
             chunks = request.stream().__aiter__()
             while True:
@@ -496,7 +503,7 @@ class DicomWeb:
                 if body.size + len(chunk) > self.max_upload:
                     raise WebError(413, f"the body is over http.max_upload_mb "
                                         f"({self.max_upload >> 20} MB)")
-                if body.in_memory and body.size + len(chunk) <= body.memory_limit:
+                if body.in_memory and body.stays_in_memory(len(chunk)):
                     body.write(memoryview(chunk))  # a copy in memory: nothing to wait for
                 else:  # to the spool folder (and the move there): off the event loop
                     await run_in_threadpool(body.write, memoryview(chunk))
@@ -521,7 +528,8 @@ class DicomWeb:
             with open(spooled, "rb") as f, \
                     mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as body:
                 for part in parts:
-                    one, spare = spare or DataSetSpool(self.spool_dir, in_memory), None
+                    one, spare = spare or DataSetSpool(self.spool_dir, in_memory,
+                                                        budget=self.spool_memory), None
                     try:
                         for at in range(part.start, part.end, _CHUNK):
                             one.write(memoryview(body[at:min(at + _CHUNK, part.end)]))
