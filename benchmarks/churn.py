@@ -13,12 +13,21 @@ server that frames the PDUs itself on pynetdicom's codecs and does nothing else 
 peer check, audit or log). It is not a node: it bounds what a receiving side written
 that way could reach on this machine with each client.
 
+A third client, ``storescu (1 slice)``, opens an association per instance, as some
+modalities and PACS send: DCMTK ``storescu`` with its default proposal (128
+presentation contexts, every storage SOP class it knows with three transfer
+syntaxes each), one 512x512 CT slice, release. It is the cost of negotiating a large
+proposal, which C-ECHO cycles do not show. It sends the same slice each time (after
+the first, a resend to every server) and runs fewer cycles (``--store-cycles``); the
+framing-only server cannot store and is left out.
+
 Then each server's own share of a cycle: a client on bare sockets sends the same
 A-ASSOCIATE-RQ bytes as pynetdicom's SCU, one C-ECHO-RQ and an A-RELEASE-RQ, and
 times each answer (median milliseconds): what the server adds to a cycle, without
 either client's own time, which is most of the cycles/s figures.
 
-    .venv/bin/python -m benchmarks.churn [--cycles 1000] [--workers 1] [--repeats 3]
+    .venv/bin/python -m benchmarks.churn [--cycles 1000] [--store-cycles 150] [--workers 1]
+                                         [--repeats 3]
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from pynetdicom.sop_class import Verification
 
 from benchmarks.ingest import Server, cpu_seconds, lamina, peers
 from node.dimse.sender import recv_exactly
+from node.phantom import Phantom
 from tests.harness import TEST_AET, free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +82,18 @@ def pynetdicom_cycles(called: str, port: int, cycles: int) -> None:
 
 
 Client = Callable[[str, int, int], None]
+
+
+def storescu_cycles(slice_file: Path) -> Client:
+    """Cycles of an association per instance: storescu's default proposal, ``slice_file``."""
+    def cycles_(called: str, port: int, cycles: int) -> None:
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        for _ in range(cycles):
+            subprocess.run(["storescu", "-aet", TEST_AET, "-aec", called, "127.0.0.1",
+                            str(port), str(slice_file)], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    return cycles_
 
 
 @contextmanager
@@ -188,6 +210,8 @@ def rounds(servers: dict[str, Server], client: Client, cycles: int, repeats: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=1000)
+    parser.add_argument("--store-cycles", type=int, default=150,
+                        help="cycles of the storescu (1 slice) client")
     parser.add_argument("--workers", type=int, default=1, help="lamina receiving processes")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per client")
     args = parser.parse_args()
@@ -197,14 +221,22 @@ def main() -> None:
     servers[f"lamina ({args.workers} worker{'s' if args.workers > 1 else ''})"] = \
         lamina(args.workers)
     servers["python framing only"] = framed_echo
-    clients: dict[str, Client] = {"echoscu": echoscu_cycles, "pynetdicom": pynetdicom_cycles}
-    per_round = max(1, args.cycles // args.repeats)
-    print(f"{args.cycles} associate/C-ECHO/release cycles per client and server, in"
-          f" {args.repeats} rounds of {per_round}; load: {os.getloadavg()[0]:.2f}")
-    print(f"{'client':<11} {'server':<20} {'cycles/s':>9} {'× orthanc':>10} {'CPU ms/cycle':>13}"
+    slice_dir = Path(tempfile.mkdtemp(prefix="lamina-churn-"))
+    slice_file = Phantom(seed="churn", slices_count=1).write(slice_dir)[0]
+    storing = {name: server for name, server in servers.items() if server is not framed_echo}
+    # (client, servers, cycles per round)
+    clients: dict[str, tuple[Client, dict[str, Server], int]] = {
+        "echoscu": (echoscu_cycles, servers, max(1, args.cycles // args.repeats)),
+        "pynetdicom": (pynetdicom_cycles, servers, max(1, args.cycles // args.repeats)),
+        "storescu (1 slice)": (storescu_cycles(slice_file), storing,
+                               max(1, args.store_cycles // args.repeats))}
+    print(f"{args.cycles} associate/C-ECHO/release cycles per client and server"
+          f" ({args.store_cycles} associate/C-STORE/release for storescu), in {args.repeats}"
+          f" rounds; load: {os.getloadavg()[0]:.2f}")
+    print(f"{'client':<19} {'server':<20} {'cycles/s':>9} {'× orthanc':>10} {'CPU ms/cycle':>13}"
           "  per round × orthanc")
-    for client_name, client in clients.items():
-        runs = rounds(servers, client, per_round, args.repeats)
+    for client_name, (client, targets, per_round) in clients.items():
+        runs = rounds(targets, client, per_round, args.repeats)
         base = runs.get("orthanc")
         for name, results in runs.items():
             rate = statistics.median(r[0] for r in results)
@@ -214,7 +246,7 @@ def main() -> None:
                 ratio = f"{rate / statistics.median(r[0] for r in base):.2f}"
                 same_round = ", ".join(f"{a[0] / b[0]:.2f}"
                                        for a, b in zip(results, base, strict=True))
-            print(f"{client_name:<11} {name:<20} {rate:>9.1f} {ratio:>10} {cpu:>13.1f}"
+            print(f"{client_name:<19} {name:<20} {rate:>9.1f} {ratio:>10} {cpu:>13.1f}"
                   f"  {same_round}")
     print(f"\nthe server's answer, median ms over {min(args.cycles, 300)} bare-socket cycles")
     print(f"{'server':<20} {'associate→AC':>13} {'C-ECHO→RSP':>11} {'release→RP':>11}")
@@ -225,6 +257,7 @@ def main() -> None:
         print(f"{name:<20} " + " ".join(f"{ms:>{w}.3f}" for ms, w in zip(phases, (13, 11, 11),
                                                                           strict=True)))
     print(f"load after: {os.getloadavg()[0]:.2f}")
+    shutil.rmtree(slice_dir)
 
 
 if __name__ == "__main__":
