@@ -364,3 +364,36 @@ def test_stow_spools_in_memory_on_a_rewriting_route(site):
     assert wrong.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
     assert (spool.stat().st_mtime_ns, sorted(p.name for p in spool.iterdir())) == before
     assert memory_spools_open() == spools_open
+
+
+def test_stow_with_no_memory_to_spare_spools_to_the_folder(tmp_path, site, monkeypatch):
+    """When the STOW-RS memory budget is spent (other uploads hold it), body and parts go
+    to the spool folder even on a rewriting route, are stored all the same, and leave
+    nothing there."""
+    node, url = site
+    monkeypatch.setattr("node.web.dicomweb.STOW_MEMORY", 0)  # read when the app is built
+    inst = get(url, "/instances?PatientID=WEB-A&includefield=all").json()[0]
+    study, series, sop = (inst[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
+    part = encode(client(url).retrieve_instance(study, series, sop))
+    spec = StudySpec("web-c", "Poe^Edgar", "WEB-C", "20240301", "101500", "WC-3", "CT",
+                     slices=2)
+    sent = [dcmread(f) for f in write_study(tmp_path / "web-c", spec)]
+    spool = node.ctx.settings.spool_dir
+    before = spool.stat().st_mtime_ns
+    spools_open = memory_spools_open()
+    with http_root(node.ctx) as root:
+        # The annotator's route rewrites what it stores: with memory, no spool file at all.
+        wrong = httpx.post(f"{root}/dicom-web/studies/1.2.3.4.5.997", timeout=30, content=(
+            b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--XX--\r\n"),
+            headers={"Authorization": f"Bearer {TOKENS['annotator']}", "Content-Type":
+                     'multipart/related; type="application/dicom"; boundary=XX'})
+        assert wrong.status_code == 409, wrong.text
+        assert spool.stat().st_mtime_ns != before, "no memory: the spool folder was used"
+        answer = client(f"{root}/dicom-web").store_instances(sent)
+        found = get(f"{root}/dicom-web", "/instances?PatientID=WEB-C").json()
+    assert "FailedSOPSequence" not in answer
+    assert {i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence} == \
+        {ds.SOPInstanceUID for ds in sent}
+    assert {i["00080018"]["Value"][0] for i in found} == {ds.SOPInstanceUID for ds in sent}
+    assert list(spool.iterdir()) == []
+    assert memory_spools_open() == spools_open
