@@ -221,8 +221,8 @@ def main() -> None:
     servers[f"lamina ({args.workers} worker{'s' if args.workers > 1 else ''})"] = \
         lamina(args.workers)
     servers["python framing only"] = framed_echo
-    slice_dir = Path(tempfile.mkdtemp(prefix="lamina-churn-"))
-    slice_file = Phantom(seed="churn", slices_count=1).write(slice_dir)[0]
+    slice_dir = tempfile.TemporaryDirectory(prefix="lamina-churn-")
+    slice_file = Phantom(seed="churn", slices_count=1).write(Path(slice_dir.name))[0]
     storing = {name: server for name, server in servers.items() if server is not framed_echo}
     # (client, servers, cycles per round)
     clients: dict[str, tuple[Client, dict[str, Server], int]] = {
@@ -257,7 +257,7 @@ def main() -> None:
         print(f"{name:<20} " + " ".join(f"{ms:>{w}.3f}" for ms, w in zip(phases, (13, 11, 11),
                                                                           strict=True)))
     print(f"load after: {os.getloadavg()[0]:.2f}")
-    shutil.rmtree(slice_dir)
+    slice_dir.cleanup()
 
 
 if __name__ == "__main__":

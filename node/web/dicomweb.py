@@ -15,9 +15,9 @@
   memory up to its limit, then in the spool folder; each part in memory when the
   peer's route rewrites it, else in the spool folder, so that storing it as
   received is a rename; all requests' memory spools together hold at most
-  ``STOW_MEMORY``. A spool file made and deleted per part cost every file
-  the node created in the next 30 s (ext4 without a journal walks past recently
-  freed inodes; ``benchmarks/stow.py``).
+  ``STOW_MEMORY``. Files made and deleted per request would slow every file the
+  node creates in the next 30 s (ext4 without a journal walks past recently freed
+  inodes: :mod:`node.atomic_file`).
 
 Refusals are :class:`~node.web.errors.WebError` (4xx with a reason), never 500.
 """
