@@ -487,6 +487,57 @@ def install_receiver(assoc: Association, receiver: Any) -> bool:
 # --- what the receiver needs of pynetdicom's DUL and DIMSE providers -------------------
 
 
+class PynetdicomLink:
+    """A pynetdicom association as the C-STORE receiver sees it (its ``Link``,
+    :mod:`node.dimse.receive`): what the receiver does not serve goes to pynetdicom's
+    DIMSE provider and state machine, as its own reader would hand it over."""
+
+    def __init__(self, assoc: Association, guard: Any) -> None:
+        self.assoc = assoc
+        self.key = assoc
+        self.guard = guard
+
+    @property
+    def address(self) -> str:
+        return str(self.assoc.requestor.address)
+
+    @property
+    def peer_max_pdu(self) -> int:
+        return int(self.assoc.requestor.maximum_length or 0)
+
+    @property
+    def common_extended(self) -> Any:
+        return self.assoc.acceptor.accepted_common_extended
+
+    def in_data_transfer(self) -> bool:
+        return in_data_transfer(self.assoc)
+
+    def accepted_context(self, context_id: int) -> PresentationContext | None:
+        return accepted_context(self.assoc, context_id)
+
+    def releasing(self) -> bool:
+        return is_releasing(self.assoc)
+
+    def admit_header(self, header: bytes | bytearray) -> bool:
+        return bool(self.guard.admit(header))
+
+    def other_message_open(self) -> bool:
+        return pynetdicom_receiving(self.assoc)
+
+    def give_pdvs(self, pdvs: list[tuple[int, bytes]]) -> None:
+        give_pdvs(self.assoc, pdvs)
+
+    def give_pdu(self, data: bytes) -> None:
+        give_pdu(self.assoc, data)
+
+    def connection_ended(self) -> None:
+        connection_ended(self.assoc)
+
+    def invalid_pdu(self) -> None:
+        invalid_pdu(self.assoc)
+
+
+
 def in_data_transfer(assoc: Association) -> bool:
     """The association is established and no release or abort has begun (PS3.8 Sta6)."""
     return assoc.dul.state_machine.current_state == "Sta6"

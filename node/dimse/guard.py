@@ -38,44 +38,31 @@ SMALL_PDU = 1024
 UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER_VALUE = 1, 2, 6
 
 
-class PduGuard(compat.SocketHooks):
-    """An acceptor socket that checks each PDU header (set up by :func:`install`)."""
+class PduBounds:
+    """The checks of one connection's PDU headers, and what it has received so far.
 
-    limits: NodeSettings
-    body_next: bool
-    first: bool
-    received: int
-    refused: str
+    Used by :class:`PduGuard` on pynetdicom's associations and by the framed acceptor
+    (:mod:`node.dimse.framed`), which reads its PDUs itself.
+    """
 
-    def read(self, nr_bytes: int) -> bytearray:
-        if self.refused:
-            return bytearray()  # refused: nothing more is read from this peer
-        if self.body_next:
-            self.body_next = False
-            return super().read(nr_bytes)
-        header = super().read(nr_bytes)
-        if nr_bytes != 6 or len(header) != 6:
-            return header
-        if not self.admit(header):
-            return bytearray()  # a short header: pynetdicom ends the association (Evt17)
-        self.body_next = True
-        return header
+    def __init__(self, limits: NodeSettings) -> None:
+        self.limits = limits
+        self.first = True
+        self.received = 0
+        #: Why the last header was refused ('' while none was).
+        self.refused = ""
 
-    def admit(self, header: bytes | bytearray) -> bool:
-        """Check a PDU header before its body is read; False: refused (the peer has had
-        its A-ABORT and the connection is shut). Also called by the C-STORE receiver
-        (:mod:`node.dimse.receive`), which reads P-DATA itself."""
+    def take(self, header: bytes | bytearray) -> int | None:
+        """None when the PDU may be read (it is counted); else the A-ABORT reason, with
+        :attr:`refused` saying why."""
         pdu_type, _, length = struct.unpack(">BBL", header)
         problem = self.check(pdu_type, length)
         if problem is not None:
             reason, self.refused = problem
-            self.abort(reason)
-            if self.first:
-                compat.end_before_association(self.assoc)
-            return False
+            return reason
         self.first = False
         self.received += 6 + length
-        return True
+        return None
 
     def check(self, pdu_type: int, length: int) -> tuple[int, str] | None:
         """(A-ABORT reason, why) for a header we refuse, None for one we read."""
@@ -100,12 +87,45 @@ class PduGuard(compat.SocketHooks):
                 " in one association")
         return None
 
-    def abort(self, reason: int) -> None:
-        """Send A-ABORT (best effort: the peer may be gone) and close our side for reading."""
-        address = getattr(self.assoc.requestor, "address", "")
-        log.warning("association aborted", extra={"fields": {
-            "address": address, "reason": self.refused}})
+
+def log_refused(address: str, why: str) -> None:
+    """The one log line of a connection refused at a PDU header."""
+    log.warning("association aborted", extra={"fields": {"address": address, "reason": why}})
+
+
+class PduGuard(compat.SocketHooks):
+    """An acceptor socket that checks each PDU header (set up by :func:`install`)."""
+
+    bounds: PduBounds
+    body_next: bool
+
+    def read(self, nr_bytes: int) -> bytearray:
+        if self.bounds.refused:
+            return bytearray()  # refused: nothing more is read from this peer
+        if self.body_next:
+            self.body_next = False
+            return super().read(nr_bytes)
+        header = super().read(nr_bytes)
+        if nr_bytes != 6 or len(header) != 6:
+            return header
+        if not self.admit(header):
+            return bytearray()  # a short header: pynetdicom ends the association (Evt17)
+        self.body_next = True
+        return header
+
+    def admit(self, header: bytes | bytearray) -> bool:
+        """Check a PDU header before its body is read; False: refused (the peer has had
+        its A-ABORT and the connection is shut). Also called by the C-STORE receiver
+        (:mod:`node.dimse.receive`), which reads P-DATA itself."""
+        first = self.bounds.first
+        reason = self.bounds.take(header)
+        if reason is None:
+            return True
+        log_refused(getattr(self.assoc.requestor, "address", ""), self.bounds.refused)
         compat.abort_connection(self, reason)
+        if first:
+            compat.end_before_association(self.assoc)
+        return False
 
 
 def install(assoc: object, limits: NodeSettings) -> PduGuard | None:
@@ -113,9 +133,6 @@ def install(assoc: object, limits: NodeSettings) -> PduGuard | None:
     sock = compat.adopt_socket(assoc, PduGuard)  # type: ignore[arg-type]
     if sock is None:
         return None
-    sock.limits = limits
+    sock.bounds = PduBounds(limits)
     sock.body_next = False
-    sock.first = True
-    sock.received = 0
-    sock.refused = ""
     return sock

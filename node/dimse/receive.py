@@ -8,8 +8,12 @@ queues, and encodes each C-STORE-RSP with pydicom: a few milliseconds of CPU
 per 512 KB slice, as much as the store itself. The node's C-MOVE and C-FIND
 already frame PDUs this way (:mod:`node.dimse.sender`, :mod:`node.dimse.qr_loops`).
 
-What a :class:`StoreReceiver` does, in the association's DUL thread (plain TCP
-or TLS), once the association is in data transfer:
+What a :class:`StoreReceiver` does once the association is in data transfer (plain
+TCP or TLS), in the thread that reads its socket: the DUL thread of a pynetdicom
+association, or the one thread of a framed one (:mod:`node.dimse.framed`, which
+serves storage and echo associations from their first PDU). What it does not serve
+goes to its :class:`Link`: on a pynetdicom association as described here, on a
+framed one as that module says.
 
 * each PDU header is checked by the PDU guard (:mod:`node.dimse.guard`) before
   its body is read, with the same bounds and the same A-ABORT as before;
@@ -42,18 +46,20 @@ import logging
 import select
 import socket
 import struct
+from collections.abc import Hashable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from node import status
 from node.dimse import compat
-from node.dimse.guard import P_DATA_TF, PduGuard
+from node.dimse.guard import P_DATA_TF
 from node.dimse.handlers.store import StoreService
 from node.dimse.sender import (
     _PDU_HEADER,
@@ -91,14 +97,57 @@ class _Incoming:
     failure: str = ""  # why the spool write failed: the rest is read into nothing
 
 
+class Link(Protocol):
+    """The association a :class:`StoreReceiver` reads for: pynetdicom's
+    (:class:`~node.dimse.compat.PynetdicomLink`) or a framed one
+    (:class:`~node.dimse.framed.FramedAssociation`), which serves everything else."""
+
+    #: What the association's session is kept under (:class:`~node.dimse.handlers.
+    #: association.Sessions`).
+    key: Hashable
+    #: The peer's address, for logs.
+    address: str
+    #: The longest PDU the peer receives (0: no limit).
+    peer_max_pdu: int
+    #: SOP classes accepted through SOP Class Common Extended Negotiation.
+    common_extended: set[str] | dict[str, str]
+
+    def in_data_transfer(self) -> bool:
+        """Established, no release or abort begun, the connection open."""
+
+    def accepted_context(self, context_id: int) -> PresentationContext | None:
+        """The accepted presentation context with this ID (None: none)."""
+
+    def releasing(self) -> bool:
+        """We asked for the release: requests arriving now are ignored."""
+
+    def admit_header(self, header: bytes | bytearray) -> bool:
+        """Check a PDU header before its body is read (:mod:`node.dimse.guard`); False:
+        refused, the peer has had its A-ABORT."""
+
+    def other_message_open(self) -> bool:
+        """A message handed over with :meth:`give_pdvs` is not complete yet."""
+
+    def give_pdvs(self, pdvs: list[tuple[int, bytes]]) -> None:
+        """Presentation data values of a message the receiver does not serve."""
+
+    def give_pdu(self, data: bytes) -> None:
+        """A whole PDU other than P-DATA-TF (a release, an abort, ...)."""
+
+    def connection_ended(self) -> None:
+        """The connection closed or failed under the receiver."""
+
+    def invalid_pdu(self) -> None:
+        """A PDU that breaks PS3.8: the association is aborted."""
+
+
 class StoreReceiver:
     """Reads the PDUs of one established association (see the module docstring)."""
 
-    def __init__(self, assoc: Association, guard: PduGuard, store: StoreService) -> None:
-        self.assoc = assoc
-        self.guard = guard
+    def __init__(self, link: Link, sock: socket.socket, store: StoreService) -> None:
+        self.link = link
         self.store = store
-        self.sock: socket.socket = guard.socket
+        self.sock = sock
         #: P-DATA bodies are read into this, grown to the longest PDU the peer has sent
         #: (never beyond the maximum we advertised: the guard refuses longer ones).
         self.buffer = bytearray()
@@ -116,7 +165,7 @@ class StoreReceiver:
         with the connection open. Otherwise pynetdicom's own reader is (association
         set-up, release, abort). Asked before looking at the socket, so that a PDU
         arriving between two looks is never taken by the other reader."""
-        return compat.in_data_transfer(self.assoc) and self.sock.fileno() >= 0
+        return self.link.in_data_transfer() and self.sock.fileno() >= 0
 
     def take_pdu(self, readable: bool = False) -> bool:
         """Read and act on one PDU if the socket is readable (while :meth:`reads`);
@@ -127,12 +176,12 @@ class StoreReceiver:
         try:
             if not self._read_into(memoryview(self.header)):
                 return True
-            if not self.guard.admit(self.header):
+            if not self.link.admit_header(self.header):
                 self._end()
                 return True
             kind, _, length = _PDU_HEADER.unpack(self.header)
             if kind != P_DATA_TF:
-                compat.give_pdu(self.assoc, bytes(self.header) + recv_exactly(self.sock, length))
+                self.link.give_pdu(bytes(self.header) + recv_exactly(self.sock, length))
                 return True
             if len(self.buffer) < length:
                 self.buffer = bytearray(length)
@@ -167,17 +216,17 @@ class StoreReceiver:
                 self._write(value[1:])
                 if control & 2:
                     self._stored()
-            elif compat.pynetdicom_receiving(self.assoc):
-                compat.give_pdvs(self.assoc, [(context_id, bytes(value))])
+            elif self.link.other_message_open():
+                self.link.give_pdvs([(context_id, bytes(value))])
             elif control & 1:
                 self.command += value[1:]
                 if control & 2:
                     self._command(context_id)
             else:  # a data set with no command before it: pynetdicom's to judge
                 if self.command:
-                    compat.give_pdvs(self.assoc, [(context_id, b"\x01" + bytes(self.command))])
+                    self.link.give_pdvs([(context_id, b"\x01" + bytes(self.command))])
                     self.command.clear()
-                compat.give_pdvs(self.assoc, [(context_id, bytes(value))])
+                self.link.give_pdvs([(context_id, bytes(value))])
 
     def _command(self, context_id: int) -> None:
         """A complete command set: start receiving a C-STORE-RQ, or hand any other
@@ -188,12 +237,12 @@ class StoreReceiver:
             return
         incoming = self._store_request(found, context_id) if found is not None else None
         if incoming is None:
-            compat.give_pdvs(self.assoc, [(context_id, b"\x03" + command)])
+            self.link.give_pdvs([(context_id, b"\x03" + command)])
             return
         try:
             self.incoming = incoming
-            incoming.spool, self.spare = self.spare or self.store.spool(self.assoc), None
-            context = compat.accepted_context(self.assoc, context_id)
+            incoming.spool, self.spare = self.spare or self.store.spool(self.link.key), None
+            context = self.link.accepted_context(context_id)
             self._write(memoryview(file_preamble(incoming.sop_class_uid, incoming.sop_instance_uid,
                                                  str(context.transfer_syntax[0]))))
         except OSError as exc:
@@ -210,8 +259,8 @@ class StoreReceiver:
                 or _us(found.get(0x0800)) != _NO_DATA_SET):
             return False
         message_id = _us(found.get(0x0110))
-        context = compat.accepted_context(self.assoc, context_id)
-        if message_id is None or context is None or compat.is_releasing(self.assoc):
+        context = self.link.accepted_context(context_id)
+        if message_id is None or context is None or self.link.releasing():
             return False
         if context.abstract_syntax != VERIFICATION:
             return False
@@ -230,9 +279,9 @@ class StoreReceiver:
         if (message_id is None or priority is None or data_set in (None, _NO_DATA_SET)
                 or not sop_class or not sop_instance):
             return None  # not a valid request: pynetdicom's warning and silence
-        context = compat.accepted_context(self.assoc, context_id)
-        if (context is None or compat.is_releasing(self.assoc)
-                or sop_class in self.assoc.acceptor.accepted_common_extended
+        context = self.link.accepted_context(context_id)
+        if (context is None or self.link.releasing()
+                or sop_class in self.link.common_extended
                 or uid_to_service_class(sop_class) is not StorageServiceClass):
             return None
         return _Incoming(context_id, message_id, sop_class, sop_instance)
@@ -256,7 +305,7 @@ class StoreReceiver:
         assert incoming is not None
         incoming.failure = exc.strerror or type(exc).__name__
         log.error("receive failed", extra={"fields": {
-            "address": str(self.assoc.requestor.address), "reason": incoming.failure}})
+            "address": self.link.address, "reason": incoming.failure}})
         self._remove_spool(incoming)
 
     def _stored(self) -> None:
@@ -268,7 +317,7 @@ class StoreReceiver:
             if incoming.spool is not None:
                 incoming.spool.complete()
                 path = Path(incoming.spool.path)
-            outcome = self.store.receive(self.assoc, path, incoming.failure)
+            outcome = self.store.receive(self.link.key, path, incoming.failure)
         except Exception:  # answered as pynetdicom answers a failed handler, never silence
             log.exception("C-STORE failed")
             outcome = Outcome(status.UNABLE_TO_PROCESS, "internal error while storing")
@@ -281,7 +330,7 @@ class StoreReceiver:
 
     def _send_command(self, command: bytes, context_id: int) -> None:
         """A response command set, in as many PDUs as the peer's maximum length needs."""
-        peer_max = self.assoc.requestor.maximum_length or _UNLIMITED_PDU
+        peer_max = self.link.peer_max_pdu or _UNLIMITED_PDU
         self.sock.sendall(frame(command, context_id, max(peer_max - 6, 1),
                                 is_command=True, last=True))
 
@@ -317,16 +366,16 @@ class StoreReceiver:
         return True
 
     def _end(self) -> None:
-        """The connection is gone or refused: pynetdicom ends the association (Evt17)."""
+        """The connection is gone or refused: the association ends (pynetdicom: Evt17)."""
         self._drop_incoming()
-        compat.connection_ended(self.assoc)
+        self.link.connection_ended()
 
     def _invalid(self, why: str) -> None:
-        """A P-DATA-TF that breaks PS3.8: pynetdicom aborts the association (Evt19)."""
+        """A P-DATA-TF that breaks PS3.8: the association is aborted (pynetdicom: Evt19)."""
         log.warning("invalid P-DATA-TF, aborting the association", extra={"fields": {
-            "address": str(self.assoc.requestor.address), "reason": why}})
+            "address": self.link.address, "reason": why}})
         self._drop_incoming()
-        compat.invalid_pdu(self.assoc)
+        self.link.invalid_pdu()
 
 
 def _discard(spool: DataSetSpool | None) -> None:

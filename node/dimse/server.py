@@ -17,6 +17,7 @@ opened the context closes it after stopping the server.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from functools import partial
@@ -30,6 +31,8 @@ from node.config import NodeSettings, TlsSettings
 from node.context import NodeContext
 from node.dimse import compat, guard, tls
 from node.dimse.ae import HandedServer, LaminaServer, build_scp, configure_pynetdicom
+from node.dimse.framed import REASON_NOT_SPECIFIED, Acceptor, FramedAssociation, Proposals
+from node.dimse.guard import PduBounds, PduGuard
 from node.dimse.handlers.association import Sessions
 from node.dimse.handlers.echo import handle_echo
 from node.dimse.handlers.find import handle_sop_extended, make_find_handler
@@ -54,6 +57,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
                  store: StoreService | None = None) -> None:
         # before the parent's __init__, which handles the request
         self.store = store
+        self.guard: PduGuard | None = None
         self.proxy = proxy
         self.blobs = blobs
         self.limits = limits
@@ -72,7 +76,28 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
             if wrapped is None:
                 return
             self.request = wrapped
-        super().handle()
+        acceptor = self.server.framed
+        if acceptor is None:
+            super().handle()
+            return
+        framed = FramedAssociation(acceptor, self.request, str(self.client_address[0]),
+                                   self._hand_to_pynetdicom,
+                                   getattr(self.server, "association_ended", _nothing))
+        self.assoc = framed  # a HandedServer waits for it to end (its open count)
+        framed.start()
+
+    def _hand_to_pynetdicom(self, sock: socket.socket, request: bytes,
+                            bounds: PduBounds) -> None:
+        """Serve with pynetdicom a connection whose A-ASSOCIATE-RQ the framed acceptor
+        read and leaves to it (:mod:`node.dimse.framed`): its state machine gets the
+        request as its own reader would have, and the guard goes on counting from it."""
+        self.request = sock
+        assoc = self._create_association()
+        if self.guard is not None:
+            self.guard.bounds = bounds
+        compat.give_pdu(assoc, request)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
 
     def _proxied(self, policy: ProxyPolicy) -> bool:
         """Take the client's address from the PROXY header; False: close the connection."""
@@ -96,12 +121,17 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
         compat.reactor_without_polling(assoc)
         assoc.blobs = self.blobs
         assoc.tls = self.tls_settings
-        sock = guard.install(assoc, self.limits)
+        sock = self.guard = guard.install(assoc, self.limits)
         compat.DimseHooks(assoc, partial(_receive_failed, assoc))
         if self.store is not None and sock is not None:
-            compat.install_receiver(assoc, StoreReceiver(assoc, sock, self.store))
+            compat.install_receiver(assoc, StoreReceiver(compat.PynetdicomLink(assoc, sock),
+                                                         sock.socket, self.store))
         self.assoc = assoc  # a HandedServer waits for it to end (its open count)
         return assoc
+
+
+def _nothing() -> None:
+    pass
 
 
 def _receive_failed(assoc: Association, exc: Exception) -> None:
@@ -151,6 +181,10 @@ class DimseServer:
                                     proxy=self.proxy, store=self.store))
         self._server = server
         server.handle_inline = self.tls_context is None and self.proxy is None
+        if self.store is not None:
+            server.framed = Acceptor(self.store.sessions, self.store, self.limits, Proposals(
+                server.contexts, self.ae.maximum_pdu_size, self.ae.implementation_class_uid,
+                self.ae.implementation_version_name or ""), set())
         if channel is not None:
             assert isinstance(server, HandedServer)
             server.on_count = channel.report
@@ -185,6 +219,9 @@ class DimseServer:
             server.stop()
         for assoc in server.active_associations:
             assoc.abort()
+        if server.framed is not None:
+            for framed in list(server.framed.alive):
+                framed.abort(REASON_NOT_SPECIFIED)
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

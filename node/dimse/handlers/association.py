@@ -1,7 +1,8 @@
 """Association lifecycle: admit or reject, then log and audit every ending.
 
 Thin by design: the rules live in :mod:`node.policy`; this module applies them
-to pynetdicom events and keeps one :class:`Session` per live association.
+to each association (served by pynetdicom, or by the framed acceptor of
+:mod:`node.dimse.framed`) and keeps one :class:`Session` per live association.
 
 Accepted / released / aborted events go through the context's audit queue
 (:mod:`node.audit.served`), committed in batches like the query events but
@@ -18,10 +19,11 @@ import hashlib
 import logging
 import threading
 import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom import evt
-from pynetdicom.association import Association
 
 from node import status
 from node.audit.served import ASSOCIATION_LINGER
@@ -33,6 +35,7 @@ from node.dimse.tls import certificate_problem
 from node.identity import IdentityRefused, verify
 from node.ingest.types import Source
 from node.policy import SlotLimiter, admit
+from node.status import Rejection
 
 log = logging.getLogger("lamina.association")
 
@@ -68,16 +71,33 @@ class Session:
         return self.source.actor
 
 
-def _username(assoc: Association) -> str:
-    """The username of a negotiated DICOM user identity (types 1 and 2), else ''."""
-    item = assoc.requestor.user_identity
+def _username(item: Any) -> str:
+    """The username of a negotiated DICOM user identity item (types 1 and 2), else ''."""
     if item is None or item.user_identity_type not in (1, 2) or not item.primary_field:
         return ""
     return bytes(item.primary_field).decode("utf-8", "replace").strip()[:64]
 
 
+@dataclass(frozen=True)
+class Request:
+    """What admission looks at in an A-ASSOCIATE-RQ and its connection."""
+
+    calling_ae: str
+    called_ae: str
+    address: str
+    #: The request's User Identity Negotiation item (pynetdicom's), or None.
+    user_identity: Any
+    #: The connection's socket (a TLS socket's peer certificate is checked).
+    sock: Any
+
+
 class Sessions:
-    """Live associations of this process, keyed by pynetdicom's Association object."""
+    """Live associations of this process, keyed by the object that serves each one:
+    pynetdicom's Association, or a :class:`node.dimse.framed.FramedAssociation`.
+
+    The methods taking a ``key`` are the lifecycle both kinds share; the ``on_*``
+    methods adapt pynetdicom's events to them.
+    """
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
@@ -88,32 +108,35 @@ class Sessions:
             peer.name: SlotLimiter(ctx.run_dir, per_peer, "peer-" + hashlib.sha256(
                 peer.name.encode()).hexdigest()[:16] + "-slot")
             for peer in ctx.settings.peers}
-        self._by_assoc: dict[Association, Session] = {}
+        self._by_key: dict[Hashable, Session] = {}
         self._lock = threading.Lock()
 
-    def of(self, assoc: Association) -> Session:
+    def of(self, key: Hashable) -> Session:
         with self._lock:
-            return self._by_assoc[assoc]
+            return self._by_key[key]
 
-    def on_requested(self, event: evt.Event) -> None:
-        """Admit a known peer from its address, within the association limit, or reject."""
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        # With [identity] users configured, a name counts only once verified (on_user_id).
-        unverified = "" if self.ctx.settings.identity.enabled else _username(assoc)
-        session = Session(uuid.uuid4().hex, str(rq.calling_ae_title).strip(),
-                          str(assoc.requestor.address), user_identity=unverified)
+    # --- the lifecycle, for any kind of association ------------------------------------
+
+    def admit(self, key: Hashable, request: Request) -> Rejection | None:
+        """Admit a known peer from its address, within the association limits (its
+        session and slots then held under ``key``), or say why not (recorded, logged and
+        audited here; the caller sends the A-ASSOCIATE-RJ)."""
+        # With [identity] users configured, a name counts only once verified (verify_user).
+        unverified = "" if self.ctx.settings.identity.enabled else _username(
+            request.user_identity)
+        session = Session(uuid.uuid4().hex, request.calling_ae.strip(), request.address,
+                          user_identity=unverified)
         with self._lock:
-            self._by_assoc[assoc] = session
-        verdict = admit(self.ctx.settings, session.calling_ae, str(rq.called_ae_title),
+            self._by_key[key] = session
+        verdict = admit(self.ctx.settings, session.calling_ae, request.called_ae,
                         session.address)
         rejection, detail = verdict.rejection, verdict.detail
         if rejection is None:
-            problem = certificate_problem(verdict.peer, compat.socket_of(assoc))
+            problem = certificate_problem(verdict.peer, request.sock)
             if problem:
                 rejection, detail = status.CALLING_AE_NOT_RECOGNISED, problem
         if rejection is None and verdict.peer.identity == "required" \
-                and assoc.requestor.user_identity is None:
+                and request.user_identity is None:
             rejection, detail = status.USER_IDENTITY_REQUIRED, "no user identity negotiated"
         if rejection is None:
             session.peer = verdict.peer
@@ -128,43 +151,29 @@ class Sessions:
                 rejection = status.LOCAL_LIMIT_EXCEEDED
                 detail = f"{self.ctx.settings.node.max_associations} associations already active"
         if rejection is None:
-            return
-        self._free_slots(assoc)
-        log.warning("association rejected", extra={"fields": {
-            "association": session.association_id, "calling_ae": session.calling_ae,
-            "address": session.address, "reason": rejection.reason, "detail": detail}})
-        self.ctx.audit.record("association.rejected", session.actor,
-                              {"reason": rejection.reason, "detail": detail},
-                              outcome="minor-failure")
-        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
-        assoc.kill()
+            return None
+        self._free_slots(key)
+        self._rejected(session, rejection.reason, detail)
+        return rejection
 
-    def on_user_id(self, event: evt.Event) -> tuple[bool, bytes | None]:
-        """Verify a negotiated user identity (pynetdicom rejects the association on False).
-
-        Without [identity] users a username is taken as given (a rater id), as before.
-        """
+    def verify_user(self, key: Hashable, kind: int, primary: bytes, secondary: bytes) -> bool:
+        """Verify a negotiated user identity; False: the association is to be rejected
+        (recorded here). Without [identity] users a username is taken as given (a rater
+        id), as before."""
         settings = self.ctx.settings.identity
         if not settings.enabled:
-            return True, None
-        session = self.of(event.assoc)
+            return True
+        session = self.of(key)
         try:
-            user = verify(settings, event.user_id_type, bytes(event.primary_field or b""),
-                          bytes(event.secondary_field or b""))
+            user = verify(settings, kind, primary, secondary)
         except IdentityRefused as exc:
-            log.warning("association rejected", extra={"fields": {
-                "association": session.association_id, "calling_ae": session.calling_ae,
-                "address": session.address, "reason": "user identity not verified",
-                "detail": str(exc)}})
-            self.ctx.audit.record("association.rejected", session.actor,
-                                  {"reason": "user identity not verified", "detail": str(exc)},
-                                  outcome="minor-failure")
-            return False, None
+            self._rejected(session, "user identity not verified", str(exc))
+            return False
         session.user_identity, session.user_verified = user, True
-        return True, None
+        return True
 
-    def on_accepted(self, event: evt.Event) -> None:
-        session = self.of(event.assoc)
+    def accepted(self, key: Hashable) -> None:
+        session = self.of(key)
         peer = session.peer.name if session.peer else ""
         log.info("association accepted", extra={"fields": {
             "association": session.association_id, "calling_ae": session.calling_ae,
@@ -172,19 +181,30 @@ class Sessions:
         self.ctx.events.put("association.accepted", session.actor, {"peer": peer}, "success",
                             ASSOCIATION_LINGER)
 
-    def on_released(self, event: evt.Event) -> None:
-        """Runs before the A-RELEASE-RP is sent: the slots are free when the peer,
-        having heard it, opens its next association."""
-        self._ended(event.assoc, "released")
-        self._free_slots(event.assoc)
+    def released(self, key: Hashable) -> None:
+        """Before the A-RELEASE-RP is sent: the slots are free when the peer, having
+        heard it, opens its next association."""
+        self._ended(key, "released")
+        self._free_slots(key)
 
-    def on_aborted(self, event: evt.Event) -> None:
-        self._ended(event.assoc, "aborted")
+    def closed(self, key: Hashable) -> None:
+        """The connection is gone: an association that ended without release was aborted."""
+        self._ended(key, "aborted")
+        self._free_slots(key)
+        with self._lock:
+            self._by_key.pop(key, None)
 
-    def _ended(self, assoc: Association, how: str) -> None:
+    def _rejected(self, session: Session, reason: str, detail: str) -> None:
+        log.warning("association rejected", extra={"fields": {
+            "association": session.association_id, "calling_ae": session.calling_ae,
+            "address": session.address, "reason": reason, "detail": detail}})
+        self.ctx.audit.record("association.rejected", session.actor,
+                              {"reason": reason, "detail": detail}, outcome="minor-failure")
+
+    def _ended(self, key: Hashable, how: str) -> None:
         """Log and audit an admitted association's end, once (events race across threads)."""
         with self._lock:
-            session = self._by_assoc.get(assoc)
+            session = self._by_key.get(key)
             if session is None or session.peer is None or session.ended:
                 return
             session.ended = True
@@ -196,17 +216,10 @@ class Sessions:
                             "success" if how == "released" else "minor-failure",
                             ASSOCIATION_LINGER)
 
-    def on_closed(self, event: evt.Event) -> None:
-        """The socket is gone: an association that ended without release was aborted."""
-        self._ended(event.assoc, "aborted")
-        self._free_slots(event.assoc)
-        with self._lock:
-            self._by_assoc.pop(event.assoc, None)
-
-    def _free_slots(self, assoc: Association) -> None:
+    def _free_slots(self, key: Hashable) -> None:
         """Release the association's slots, once (release and close both call it)."""
         with self._lock:
-            session = self._by_assoc.get(assoc)
+            session = self._by_key.get(key)
             if session is None:
                 return
             fds = (session.slot_fd, session.peer_slot_fd)
@@ -214,6 +227,36 @@ class Sessions:
         for fd in fds:
             if fd is not None:
                 SlotLimiter.release(fd)
+
+    # --- pynetdicom's events --------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        rejection = self.admit(assoc, Request(
+            str(rq.calling_ae_title), str(rq.called_ae_title), str(assoc.requestor.address),
+            assoc.requestor.user_identity, compat.socket_of(assoc)))
+        if rejection is not None:
+            assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+            assoc.kill()
+
+    def on_user_id(self, event: evt.Event) -> tuple[bool, bytes | None]:
+        """pynetdicom rejects the association on False."""
+        return self.verify_user(event.assoc, event.user_id_type,
+                                bytes(event.primary_field or b""),
+                                bytes(event.secondary_field or b"")), None
+
+    def on_accepted(self, event: evt.Event) -> None:
+        self.accepted(event.assoc)
+
+    def on_released(self, event: evt.Event) -> None:
+        self.released(event.assoc)
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self._ended(event.assoc, "aborted")
+
+    def on_closed(self, event: evt.Event) -> None:
+        self.closed(event.assoc)
 
     def handlers(self) -> list:
         return [

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.association import Association
 
 from node.context import NodeContext
 from node.dimse import compat
@@ -41,11 +41,11 @@ class StoreService:
         #: tmpfs) and swept at start-up (what a kill -9 left half-received does not pile up).
         self.spool_dir = ctx.settings.spool_dir
 
-    def spool(self, assoc: Association) -> DataSetSpool:
-        """Where the next data set of ``assoc`` is written while it arrives: memory when
+    def spool(self, key: Hashable) -> DataSetSpool:
+        """Where the next data set of the association under ``key`` is written while it arrives: memory when
         the peer's route rewrites what it sends, the spool folder when it may be stored
         as received (:mod:`node.dimse.spool`)."""
-        route = self.sessions.of(assoc).source.route
+        route = self.sessions.of(key).source.route
         return DataSetSpool(self.spool_dir,
                             in_memory=not self.ctx.ingest.router.stores_as_received(route))
 
@@ -54,13 +54,12 @@ class StoreService:
         spool_failure = compat.receive_failure(event.assoc)
         return self.receive(event.assoc, event.dataset_path, spool_failure).as_dimse()
 
-    def receive(self, assoc: Association, path: Path,
-                spool_failure: str = "") -> Outcome:
+    def receive(self, key: Hashable, path: Path, spool_failure: str = "") -> Outcome:
         """Ingest the data set spooled at ``path`` (or answer why it could not be spooled).
 
         The caller removes the spool file afterwards.
         """
-        session = self.sessions.of(assoc)
+        session = self.sessions.of(key)
         started = time.perf_counter()
         if spool_failure:
             result = self.ctx.ingest.receive_failed(session.source, spool_failure)

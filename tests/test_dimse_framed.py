@@ -1,0 +1,265 @@
+"""The framed acceptor (node.dimse.framed): storage and echo associations on one thread,
+answered with the bytes pynetdicom's acceptor sends, everything else left to pynetdicom."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    UserIdentityNegotiation,
+)
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from node.dimse.framed import Proposals
+from node.dimse.sender import recv_exactly
+from tests.harness import NODE_AET, TEST_AET, InProcessNode, write_config
+
+#: A SOP class no node supports: its context is rejected, the association still served.
+UNKNOWN_SOP_CLASS = "1.2.3.4.5.6.7.8.9"
+TIMEOUT = 10
+
+
+def request(contexts: list[tuple[str, list[str]]], calling: str = TEST_AET,
+            extra: list | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ as pynetdicom's codec encodes it."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = NODE_AET
+    cxs = []
+    for number, (sop_class, syntaxes) in enumerate(contexts):
+        cx = build_context(sop_class, syntaxes)
+        cx.context_id = 2 * number + 1
+        cxs.append(cx)
+    primitive.presentation_context_definition_list = cxs
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.2.1.0"
+    primitive.user_information = [length, uid, *(extra or [])]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    header = recv_exactly(sock, 6)
+    return header + recv_exactly(sock, struct.unpack(">L", header[2:])[0])
+
+
+def answer_to(port: int, rq: bytes) -> bytes:
+    """The first PDU the node answers ``rq`` with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(rq)
+        return read_pdu(sock)
+
+
+def role(sop_class: str) -> SCP_SCU_RoleSelectionNegotiation:
+    item = SCP_SCU_RoleSelectionNegotiation()
+    item.sop_class_uid = sop_class
+    item.scu_role, item.scp_role = True, True
+    return item
+
+
+def username(name: bytes) -> UserIdentityNegotiation:
+    item = UserIdentityNegotiation()
+    item.user_identity_type = 1
+    item.primary_field = name
+    return item
+
+
+def echo_rq() -> bytes:
+    """A C-ECHO-RQ on context 1, as one P-DATA-TF."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return b"".join(_pdata(p) for p in message.encode_msg(1, 16382))
+
+
+def _pdata(primitive: object) -> bytes:
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def served_by(node: InProcessNode) -> set[str]:
+    """The kinds of thread serving this node's associations now."""
+    server = node.server._server
+    kinds = {"pynetdicom" for _ in server.active_associations}
+    return kinds | {"framed" for _ in server.framed.alive}
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    with InProcessNode(write_config(tmp_path / "node")) as running:
+        yield running
+
+
+def test_a_storage_association_is_framed_and_stores(node, phantom_files):
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    try:
+        assert assoc.is_established
+        assert served_by(node) == {"framed"}
+        assert assoc.send_c_echo().Status == 0
+        answer = assoc.send_c_store(dcmread(phantom_files[0]))
+        assert answer.Status == 0
+    finally:
+        assoc.release()
+    node.drain()
+    with node.index() as index, index.reader() as r:
+        assert r.reports.counts()["instance"] == 1
+    actions = node.audit_actions()
+    assert actions.count("association.accepted") == 1
+    assert actions.count("association.released") == 1
+    assert "instance.stored" in actions
+
+
+def test_a_query_association_is_left_to_pynetdicom(node):
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    try:
+        assert assoc.is_established
+        assert served_by(node) == {"pynetdicom"}
+        from pydicom.dataset import Dataset
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        statuses = [s.Status for s, _ in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind)]
+        assert statuses == [0]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("rq", [
+    pytest.param(request([(Verification, ["1.2.840.10008.1.2"])]), id="echo"),
+    pytest.param(request([(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+                          (UNKNOWN_SOP_CLASS, ["1.2.840.10008.1.2"]),
+                          (MRImageStorage, ["1.2.840.10008.1.2.4.50"]),
+                          (Verification, ["1.2.840.10008.1.2"])],
+                         extra=[role(CTImageStorage), username(b"rater1")]),
+                 id="storage-roles-identity"),
+    pytest.param(request([(Verification, ["1.2.840.10008.1.2"])], calling="STRANGER"),
+                 id="unknown-caller"),
+])
+def test_the_answer_is_the_one_pynetdicom_sends(node, rq):
+    framed = answer_to(node.port, rq)
+    node.server._server.framed, acceptor = None, node.server._server.framed
+    try:
+        plain = answer_to(node.port, rq)
+    finally:
+        node.server._server.framed = acceptor
+    assert framed[0] in (0x02, 0x03)  # A-ASSOCIATE-AC or -RJ
+    assert framed == plain
+
+
+def test_proposals_are_judged_once_and_extended_negotiation_is_left(node):
+    """One decode per distinct request; what the acceptor cannot serve is left (None)."""
+    proposals: Proposals = node.server._server.framed.proposals
+    rq = request([(CTImageStorage, ["1.2.840.10008.1.2"])])
+    first = proposals.of(rq)
+    assert first is not None and first.accepted[1].abstract_syntax == CTImageStorage
+    assert proposals.of(rq) is first
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 2
+    assert proposals.of(request([(CTImageStorage, ["1.2.840.10008.1.2"])],
+                                extra=[window])) is None
+    asking = username(b"rater1")
+    asking.positive_response_requested = True
+    assert proposals.of(request([(CTImageStorage, ["1.2.840.10008.1.2"])],
+                                extra=[asking])) is None
+    assert proposals.of(rq[:40]) is None  # does not decode: pynetdicom's to answer
+    # a passcode is never kept in memory past its association: judged every time
+    secret = username(b"rater1")
+    secret.user_identity_type, secret.secondary_field = 2, b"passcode"
+    with_secret = request([(CTImageStorage, ["1.2.840.10008.1.2"])], extra=[secret])
+    judged = proposals.of(with_secret)
+    assert judged is not None and proposals.of(with_secret) is not judged
+    assert proposals.of(request([(CTImageStorage, ["1.2.840.10008.1.2"])],
+                                extra=[username(b"rater1")])) is not None
+
+
+def _established(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(request([(Verification, ["1.2.840.10008.1.2"])]))
+    assert read_pdu(sock)[0] == 0x02
+    return sock
+
+
+def test_a_message_it_does_not_serve_aborts_the_association(node):
+    with _established(node.port) as sock:
+        command = bytearray(echo_rq())
+        # the same command set made a C-FIND-RQ (0x0020): not served on this association
+        at = command.index(struct.pack("<HHI", 0x0000, 0x0100, 2))
+        command[at + 8:at + 10] = struct.pack("<H", 0x0020)
+        sock.sendall(command)
+        answer = read_pdu(sock)
+    assert answer[0] == 0x07
+    assert node.echo() == 0
+
+
+def test_an_unexpected_pdu_aborts_with_its_reason(node):
+    with _established(node.port) as sock:
+        sock.sendall(request([(Verification, ["1.2.840.10008.1.2"])]))
+        answer = read_pdu(sock)
+    assert answer[0] == 0x07 and answer[8:10] == b"\x02\x02"  # provider, unexpected PDU
+    node.drain()
+    assert "association.aborted" in node.audit_actions()
+
+
+def test_echo_and_release_on_the_wire(node):
+    with _established(node.port) as sock:
+        sock.sendall(echo_rq())
+        reply = read_pdu(sock)
+        assert reply[0] == 0x04
+        status_at = reply.index(struct.pack("<HHI", 0x0000, 0x0900, 2))
+        assert reply[status_at + 8:status_at + 10] == b"\0\0"
+        sock.sendall(bytes.fromhex("05000000000400000000"))
+        assert read_pdu(sock)[0] == 0x06
+        assert sock.recv(1) == b""  # closed after the A-RELEASE-RP
+
+
+def test_stopping_the_server_aborts_its_framed_associations(tmp_path):
+    node = InProcessNode(write_config(tmp_path / "node")).start()
+    try:
+        sock = _established(node.port)
+        deadline = time.monotonic() + TIMEOUT
+        while not node.server._server.framed.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        framed = next(iter(node.server._server.framed.alive))
+    finally:
+        node.stop()
+    with sock:
+        assert read_pdu(sock)[0] == 0x07
+    framed.join(TIMEOUT)
+    assert not framed.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "FramedAssociation"]
