@@ -14,7 +14,8 @@ calling thread's.
                                                  [--shape phantom|hospital]
 
 ``--pollers N`` runs N threads beside the ingest that wake every millisecond, as
-pynetdicom's association threads do in a receiving process: every syscall that releases
+pynetdicom's own association threads did (a receiving process now serves storage
+associations on one thread each, :mod:`node.dimse.framed`): every syscall that releases
 the GIL (a file read, a lock) then hands it over, which a quiet single thread never
 shows. The index transaction's own rows and the route's (the re-identification map and
 de-identification evidence, ``Router.record``) are counted apart.
