@@ -104,8 +104,9 @@ class LaminaServer(ThreadedAssociationServer):
     _last_gc = 0.0
     #: Set by the DIMSE server when building an association reads nothing from the peer.
     handle_inline = False
-    #: The framed acceptor (:mod:`node.dimse.framed`) serving this server's connections
-    #: first, set by the DIMSE server; None: pynetdicom serves every connection.
+    #: The framed acceptor (a :class:`node.dimse.framed.Acceptor`, not imported here: that
+    #: module builds on this one) serving this server's connections first, set by the
+    #: DIMSE server; None: pynetdicom serves every connection.
     framed: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
