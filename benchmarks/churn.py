@@ -10,8 +10,9 @@ and the server's CPU milliseconds per cycle (every process under it, from /proc)
 
 A fourth row, ``python framing only``, is :mod:`benchmarks.framed_echo`: a Python
 server that frames the PDUs itself on pynetdicom's codecs and does nothing else (no
-peer check, audit or log). It is not a node: it bounds what a receiving side written
-that way could reach on this machine with each client.
+peer check, audit or log). It is not a node: it shows what Python itself costs on this
+machine with each client. The node's echo and storage associations are framed the same
+way (:mod:`node.dimse.framed`), with admission, audit and logs besides.
 
 A third client, ``storescu (1 slice)``, opens an association per instance, as some
 modalities and PACS send: DCMTK ``storescu`` with its default proposal (128
