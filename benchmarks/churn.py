@@ -38,7 +38,6 @@ import os
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,15 +48,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ
-from pynetdicom.dimse_primitives import C_ECHO
-from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from benchmarks.ingest import Server, cpu_seconds, lamina, peers
-from node.dimse.sender import recv_exactly
 from node.phantom import Phantom
-from tests.harness import TEST_AET, free_port, stop_process, wait_port
+from tests.harness import TEST_AET, echo_request, free_port, read_pdu, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,28 +129,6 @@ def association_request(called: str) -> bytes:
     thread.join()
     listener.close()
     return caught[0]
-
-
-def echo_request() -> bytes:
-    """One C-ECHO-RQ on presentation context 1, as P-DATA-TF PDUs."""
-    primitive = C_ECHO()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = Verification
-    message = C_ECHO_RQ()
-    message.primitive_to_message(primitive)
-    return b"".join(_pdu(p) for p in message.encode_msg(1, 16382))
-
-
-def _pdu(primitive: object) -> bytes:
-    pdu = P_DATA_TF()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
-def read_pdu(sock: socket.socket) -> bytes:
-    """One whole PDU (type, reserved, 4-byte length, body)."""
-    header = recv_exactly(sock, 6)
-    return header + recv_exactly(sock, struct.unpack(">I", header[2:6])[0])
 
 
 def phase_latency(called: str, port: int, cycles: int) -> tuple[float, float, float]:

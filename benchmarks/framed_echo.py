@@ -27,8 +27,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from benchmarks.churn import read_pdu
 from node.dimse.sender import VERIFICATION, command_elements, echo_response, frame
+from tests.harness import read_pdu
 
 _A_ASSOCIATE_RQ, _P_DATA_TF, _A_RELEASE_RQ = 0x01, 0x04, 0x05
 _RELEASE_RP = bytes.fromhex("06000000000400000000")

@@ -54,7 +54,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -62,6 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.anonymize.keys import ProjectKey, create_key_file, load_project_key
 from node.atomic_file import exchange
 from node.config import Settings, load
+from node.dimse.sender import recv_exactly
 from node.dimse.spool import MEMORY_FILE_NAME
 from node.storage.backend import open_index
 from node.storage.blobs import LocalBlobStore
@@ -1035,3 +1039,28 @@ def exchanges_here(folder: Path) -> bool:
     first.unlink()
     second.unlink()
     return swapped
+
+
+# --- the raw wire: PDUs on a bare socket -------------------------------------------------
+
+
+def echo_request() -> bytes:
+    """One C-ECHO-RQ on presentation context 1, as P-DATA-TF PDUs."""
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return b"".join(_p_data(p) for p in message.encode_msg(1, 16382))
+
+
+def _p_data(primitive: object) -> bytes:
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU (type, reserved, 4-byte length, body)."""
+    header = recv_exactly(sock, 6)
+    return header + recv_exactly(sock, int.from_bytes(header[2:6], "big"))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
@@ -30,8 +31,14 @@ from pynetdicom.sop_class import (
 )
 
 from node.dimse.framed import Proposals
-from node.dimse.sender import recv_exactly
-from tests.harness import NODE_AET, TEST_AET, InProcessNode, write_config
+from tests.harness import (
+    NODE_AET,
+    TEST_AET,
+    InProcessNode,
+    echo_request,
+    read_pdu,
+    write_config,
+)
 
 #: A SOP class no node supports: its context is rejected, the association still served.
 UNKNOWN_SOP_CLASS = "1.2.3.4.5.6.7.8.9"
@@ -61,11 +68,6 @@ def request(contexts: list[tuple[str, list[str]]], calling: str = TEST_AET,
     return bytes(pdu.encode())
 
 
-def read_pdu(sock: socket.socket) -> bytes:
-    header = recv_exactly(sock, 6)
-    return header + recv_exactly(sock, struct.unpack(">L", header[2:])[0])
-
-
 def answer_to(port: int, rq: bytes) -> bytes:
     """The first PDU the node answers ``rq`` with."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
@@ -87,25 +89,6 @@ def username(name: bytes) -> UserIdentityNegotiation:
     return item
 
 
-def echo_rq() -> bytes:
-    """A C-ECHO-RQ on context 1, as one P-DATA-TF."""
-    from pynetdicom.dimse_messages import C_ECHO_RQ
-    from pynetdicom.dimse_primitives import C_ECHO
-
-    primitive = C_ECHO()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = Verification
-    message = C_ECHO_RQ()
-    message.primitive_to_message(primitive)
-    return b"".join(_pdata(p) for p in message.encode_msg(1, 16382))
-
-
-def _pdata(primitive: object) -> bytes:
-    pdu = P_DATA_TF()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
 def served_by(node: InProcessNode) -> set[str]:
     """The kinds of thread serving this node's associations now."""
     server = node.server._server
@@ -119,11 +102,15 @@ def node(tmp_path: Path):
         yield running
 
 
-def test_a_storage_association_is_framed_and_stores(node, phantom_files):
+def associate(node: InProcessNode, *sop_classes: str):
     ae = AE(ae_title=TEST_AET)
-    ae.add_requested_context(CTImageStorage)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    for sop_class in sop_classes:
+        ae.add_requested_context(sop_class)
+    return ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+
+
+def test_a_storage_association_is_framed_and_stores(node, phantom_files):
+    assoc = associate(node, CTImageStorage, Verification)
     try:
         assert assoc.is_established
         assert served_by(node) == {"framed"}
@@ -142,14 +129,10 @@ def test_a_storage_association_is_framed_and_stores(node, phantom_files):
 
 
 def test_a_query_association_is_left_to_pynetdicom(node):
-    ae = AE(ae_title=TEST_AET)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assoc = associate(node, StudyRootQueryRetrieveInformationModelFind, CTImageStorage)
     try:
         assert assoc.is_established
         assert served_by(node) == {"pynetdicom"}
-        from pydicom.dataset import Dataset
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
@@ -217,7 +200,7 @@ def _established(port: int) -> socket.socket:
 
 def test_a_message_it_does_not_serve_aborts_the_association(node):
     with _established(node.port) as sock:
-        command = bytearray(echo_rq())
+        command = bytearray(echo_request())
         # the same command set made a C-FIND-RQ (0x0020): not served on this association
         at = command.index(struct.pack("<HHI", 0x0000, 0x0100, 2))
         command[at + 8:at + 10] = struct.pack("<H", 0x0020)
@@ -238,7 +221,7 @@ def test_an_unexpected_pdu_aborts_with_its_reason(node):
 
 def test_echo_and_release_on_the_wire(node):
     with _established(node.port) as sock:
-        sock.sendall(echo_rq())
+        sock.sendall(echo_request())
         reply = read_pdu(sock)
         assert reply[0] == 0x04
         status_at = reply.index(struct.pack("<HHI", 0x0000, 0x0900, 2))

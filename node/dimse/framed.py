@@ -76,12 +76,10 @@ from node.dimse.guard import PduBounds, log_refused
 from node.dimse.handlers.association import Request, Sessions
 from node.dimse.handlers.store import StoreService
 from node.dimse.receive import StoreReceiver
-from node.dimse.sender import recv_exactly
+from node.dimse.sender import _APPLICATION_CONTEXT, _PDU_HEADER, recv_exactly
 
 log = logging.getLogger("lamina.association")
 
-_PDU_HEADER = struct.Struct(">BBL")
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
 #: A-ABORT reasons (PS3.8 Table 9-26) from the service provider.
 REASON_NOT_SPECIFIED, UNEXPECTED_PDU = 0x00, 0x02
@@ -147,7 +145,7 @@ class Proposals:
                 isinstance(item, _PLAIN_ITEMS) for item in info_item.user_data):
             return None
         rq = pdu.to_primitive()
-        if str(rq.application_context_name) != APPLICATION_CONTEXT:
+        if str(rq.application_context_name) != _APPLICATION_CONTEXT:
             return None
         info = rq.user_information
         identity = next((i for i in info if isinstance(i, UserIdentityNegotiation)), None)
@@ -171,7 +169,7 @@ class Proposals:
                 role_items: list) -> bytes:
         """The A-ASSOCIATE-AC pynetdicom's acceptor would send (``ACSE.send_accept``)."""
         primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT
+        primitive.application_context_name = _APPLICATION_CONTEXT
         primitive.calling_ae_title = rq.calling_ae_title
         primitive.called_ae_title = rq.called_ae_title
         primitive.result = 0x00
