@@ -114,3 +114,6 @@ CALLED_AE_NOT_RECOGNISED = Rejection(0x01, 0x01, 0x07, "called AE title not reco
 USER_IDENTITY_REQUIRED = Rejection(0x01, 0x01, 0x01, "user identity required")
 #: Rejected-transient, service-provider (presentation), local limit exceeded.
 LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "local limit exceeded")
+#: Rejected-transient, service-provider (ACSE), no reason given: a negotiated user identity
+#: failed verification (what pynetdicom's acceptor answers then).
+USER_IDENTITY_NOT_VERIFIED = Rejection(0x02, 0x02, 0x01, "user identity not verified")

@@ -143,6 +143,10 @@ class LaminaServer(ThreadedAssociationServer):
             self.handle_error(request, client_address)
             self.shutdown_request(request)
 
+    def association_ended(self) -> None:
+        """An association of this server has ended (its thread is done): nothing to do
+        here; :class:`HandedServer` counts it."""
+
     def service_actions(self) -> None:
         """pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop (to
         reclaim ended associations). A collection takes ~65 ms with the node's modules

@@ -33,7 +33,13 @@ from pynetdicom import _config, acse, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import DIMSEPrimitive
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, A_RELEASE_RQ
+from pynetdicom.pdu import (
+    A_ABORT_RQ,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+)
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -136,6 +142,7 @@ CONTRACT: tuple[tuple[str, str, str, str], ...] = (
     ("pdu.A_ASSOCIATE_AC", "decode", "method", "decodes the destination's answer"),
     ("pdu.A_ASSOCIATE_AC", "to_primitive", "method", "reads the accepted contexts"),
     ("pdu.A_RELEASE_RQ", "encode", "method", "releases the sub-association"),
+    ("pdu.A_RELEASE_RP", "encode", "method", "answers a framed association's release"),
     ("pdu.A_ABORT_RQ", "from_primitive", "method", "aborts the sub-association"),
     ("pdu.A_ABORT_RQ", "encode", "method", "aborts the sub-association"),
     ("dimse_messages.C_FIND_RSP", "primitive_to_message", "method",
@@ -870,6 +877,10 @@ def decode_associate_ac(data: bytes) -> A_ASSOCIATE:
 
 def encode_release_rq() -> bytes:
     return A_RELEASE_RQ().encode()
+
+
+def encode_release_rp() -> bytes:
+    return A_RELEASE_RP().encode()
 
 
 def encode_abort_rq(source: int = 0x00) -> bytes:

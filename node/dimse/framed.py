@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -76,11 +75,11 @@ from node.dimse.guard import PduBounds, log_refused
 from node.dimse.handlers.association import Request, Sessions
 from node.dimse.handlers.store import StoreService
 from node.dimse.receive import StoreReceiver
-from node.dimse.sender import _APPLICATION_CONTEXT, _PDU_HEADER, recv_exactly
+from node.dimse.sender import _A_ABORT, _APPLICATION_CONTEXT, _PDU_HEADER, recv_exactly
 
 log = logging.getLogger("lamina.association")
 
-A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
+A_RELEASE_RQ = 0x05
 #: A-ABORT reasons (PS3.8 Table 9-26) from the service provider.
 REASON_NOT_SPECIFIED, UNEXPECTED_PDU = 0x00, 0x02
 #: The User Information sub-items a request served here may carry (PS3.7 Annex D.3.3):
@@ -90,7 +89,7 @@ _PLAIN_ITEMS = (MaximumLengthSubItem, ImplementationClassUIDSubItem,
                 UserIdentitySubItemRQ)
 #: Distinct requests remembered per server (each at most node.max_associate_kb).
 PROPOSALS_KEPT = 256
-_RELEASE_RP = bytes([A_RELEASE_RP, 0]) + struct.pack(">L", 4) + b"\0" * 4
+_RELEASE_RP = compat.encode_release_rp()
 
 
 @dataclass(frozen=True)
@@ -210,11 +209,6 @@ def rejection_pdu(rejection: status.Rejection) -> bytes:
     return bytes(pdu.encode())
 
 
-#: A-ASSOCIATE-RJ of a user identity that fails verification: rejected transient,
-#: service provider (ACSE), no reason given, as pynetdicom answers it.
-USER_NOT_VERIFIED = status.Rejection(0x02, 0x02, 0x01, "user identity not verified")
-
-
 @dataclass
 class Acceptor:
     """What every framed association of one server shares."""
@@ -316,7 +310,7 @@ class FramedAssociation(threading.Thread):
         if rejection is None and identity is not None and not sessions.verify_user(
                 self, identity.user_identity_type, bytes(identity.primary_field or b""),
                 bytes(identity.secondary_field or b"")):
-            rejection = USER_NOT_VERIFIED
+            rejection = status.USER_IDENTITY_NOT_VERIFIED
         if rejection is None:
             return True
         with suppress(OSError):
@@ -380,7 +374,7 @@ class FramedAssociation(threading.Thread):
             self.acceptor.sessions.released(self)
             self.open = self.established = False
             self.sock.sendall(_RELEASE_RP)
-        elif kind == A_ABORT:
+        elif kind == _A_ABORT:
             self.open = self.established = False
         else:  # an A-ASSOCIATE-RQ/AC/RJ or A-RELEASE-RP in data transfer
             log.warning("unexpected PDU, aborting the association", extra={"fields": {

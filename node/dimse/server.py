@@ -81,8 +81,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
             super().handle()
             return
         framed = FramedAssociation(acceptor, self.request, str(self.client_address[0]),
-                                   self._hand_to_pynetdicom,
-                                   getattr(self.server, "association_ended", _nothing))
+                                   self._hand_to_pynetdicom, self.server.association_ended)
         self.assoc = framed  # a HandedServer waits for it to end (its open count)
         framed.start()
 
@@ -128,10 +127,6 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
                                                          sock.socket, self.store))
         self.assoc = assoc  # a HandedServer waits for it to end (its open count)
         return assoc
-
-
-def _nothing() -> None:
-    pass
 
 
 def _receive_failed(assoc: Association, exc: Exception) -> None:
