@@ -15,6 +15,7 @@ from pydicom.sequence import Sequence
 from node import config
 from node.anonymize.keys import create_key_file
 from node.context import NodeContext
+from node.logs import quiet_pydicom
 from node.phantom import Phantom
 
 NODULE = hd.sr.CodedConcept("27925004", "SCT", "Nodule")
@@ -38,7 +39,10 @@ def series_arguments(description: str) -> argparse.Namespace:
 
 def scratch_context(work: Path) -> NodeContext:
     """The node's services on ``work`` with a fresh project key; annotations do not settle
-    on their own (the benchmark times the checks it calls)."""
+    on their own (the benchmark times the checks it calls). pydicom is configured as
+    ``lamina serve`` configures it (:func:`node.logs.quiet_pydicom`: no value validation
+    on reading or writing), so the figures are the served node's."""
+    quiet_pydicom()
     settings = config.load(None, overrides={"storage.data": str(work / "data"),
                                             "storage.min_free_mb": 0,
                                             "annotations.settle_seconds": 3600,

@@ -20,9 +20,11 @@ the GIL (a file read, a lock) then hands it over, which a quiet single thread ne
 shows. The index transaction's own rows and the route's (the re-identification map and
 de-identification evidence, ``Router.record``) are counted apart.
 
-The last two rows are wall time: the ingest call's, and what of it was spent waiting
+Then two rows of wall time: the ingest call's, and what of it was spent waiting
 rather than computing (the fsyncs, the disk, the index's lock), which is what the
-durability steps cost a sender beyond the CPU.
+durability steps cost a sender beyond the CPU. The last row is how much the index file
+grew per instance (its write-ahead log checkpointed into it), in KB: what each stored
+instance adds to the index, a count that does not vary with the machine's load.
 
 Copying each file into the spool (what the network layer does) is not counted.
 The scratch node lives under ``TMPDIR``: ``TMPDIR=/dev/shm`` takes the disk (fsync
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shutil
 import tempfile
 import threading
@@ -45,6 +48,7 @@ from typing import Any, NamedTuple
 
 from benchmarks.common import scratch_context, write_series
 from node.audit.trail import AuditTrail
+from node.context import NodeContext
 from node.ingest import pipeline
 from node.ingest.routes import Router
 from node.ingest.types import Source
@@ -145,6 +149,7 @@ class RouteCost(NamedTuple):
     thread: float  # CPU of the ingest calls (the calling thread)
     process: float  # CPU of the process meanwhile: the audit-head thread and pollers too
     wall: float  # wall time of the ingest calls: CPU plus waiting (fsync, disk, locks)
+    index_kb: float  # growth of the index file (checkpointed), KB per instance
 
 
 def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> RouteCost:
@@ -159,6 +164,7 @@ def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> Route
             shutil.copyfile(f, part)
             ctx.ingest.ingest_file(part, source)
             part.unlink(missing_ok=True)
+        index_before = _index_bytes(ctx)
         clock = StageClock()
         total_thread = total_process = total_wall = 0.0
         with instrumented(clock, ctx.ingest.hooks), pollers(poll):
@@ -175,6 +181,7 @@ def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> Route
                     raise SystemExit(f"{route}: instance {i} was {result.action}: "
                                      f"{result.outcome.comment}")
         ctx.drain()
+        index_growth = _index_bytes(ctx) - index_before
     finally:
         ctx.stop()
         ctx.close()
@@ -182,7 +189,14 @@ def run_route(work: Path, files: list[Path], route: str, poll: int = 0) -> Route
     per = {stage: ms * 1000 / n for stage, ms in clock.spent.items()}
     per["other (pipeline glue)"] = total_thread * 1000 / n - sum(per.values())
     return RouteCost(per, total_thread * 1000 / n, total_process * 1000 / n,
-                     total_wall * 1000 / n)
+                     total_wall * 1000 / n, index_growth / 1024 / n)
+
+
+def _index_bytes(ctx: NodeContext) -> int:
+    """The size of the node's SQLite index with its write-ahead log checkpointed into it."""
+    with ctx.index.connection() as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return os.path.getsize(ctx.index.path)
 
 
 def main() -> int:
@@ -215,6 +229,7 @@ def main() -> int:
     row("process (all threads)", [results[r].process for r in ROUTES])
     row("ingest call (wall)", [results[r].wall for r in ROUTES])
     row("waiting (wall - thread)", [results[r].wall - results[r].thread for r in ROUTES])
+    row("index growth, KB", [results[r].index_kb for r in ROUTES])
     return 0
 
 

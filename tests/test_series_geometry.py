@@ -168,6 +168,32 @@ def series_state_row(ctx: NodeContext) -> str:
         return conn.execute("SELECT state FROM series_state").fetchone()[0]
 
 
+def test_slices_arriving_together_keep_their_series_time_and_the_quiet_period_is_never_shorter(
+        ctx: NodeContext):
+    """A receiving series' time is rewritten only when it is older than the checker's
+    resolution (a tenth of the quiet period here); the sweep allows for that, so a series
+    is checked no earlier than a quiet period after its newest instance."""
+    ph = phantom(2)
+    ingest(ctx, ph, range(1))
+    uid = ctx.key.uid(ph.series_uid)
+    quiet, resolution = ctx.series.settings.quiet_period, ctx.series.resolution
+    assert resolution == quiet / 10
+    t0 = time.time() + 100  # ahead of the ingest's own mark
+    newest = t0 + resolution / 2
+    with ctx.index.transaction() as tx:
+        tx.series.mark_receiving(uid, t0, resolution)
+        tx.series.mark_receiving(uid, newest, resolution)  # within the resolution: kept
+    with ctx.index.connection() as conn:
+        assert conn.execute("SELECT last_received FROM series_state").fetchone()[0] == t0
+    assert ctx.series.sweep(now=newest + quiet - resolution / 10) == []
+    assert [s.state for s in ctx.series.sweep(now=newest + quiet + resolution)] == ["complete"]
+    with ctx.index.transaction() as tx:  # checked: the next instance restarts it at once
+        tx.series.mark_receiving(uid, newest + 0.01, resolution)
+    assert series_state_row(ctx) == "receiving"
+    with ctx.index.connection() as conn:
+        assert conn.execute("SELECT last_received FROM series_state").fetchone()[0] == newest + 0.01
+
+
 def test_clean_300_slice_series_becomes_complete_after_the_quiet_period(ctx: NodeContext):
     ph = phantom(300)
     ingest(ctx, ph, range(300))

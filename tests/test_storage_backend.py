@@ -210,3 +210,50 @@ def test_annotation_outbox_agreement_and_series_statements(index):
         assert r.reports.series_states() == {"complete": 1}
         assert r.reports.series_rule_counts() == [("gap", 1)]
         assert check > 0
+
+
+def test_evidence_is_stored_once_per_text_and_migration_0012_moves_version_11s_rows(
+        index_backend, monkeypatch):
+    """Rows written at schema version 11 (one evidence text per instance) become one text per
+    distinct evidence, found by the same SHA-256 the repository computes: a later instance
+    with the same evidence adds no text."""
+    import importlib
+    import json
+
+    backend, path, dsn = index_backend
+    module = importlib.import_module(f"node.storage.{backend}.index")
+    shipped = module.migrations()
+    monkeypatch.setattr(module, "migrations", lambda: [m for m in shipped if m[0] <= 11])
+    index = open_index(backend, path, 10_000, dsn=dsn)
+    try:
+        assert index.migrate() == 11
+        same, other = {"b": 1, "a": [2]}, {"a": [3]}
+        with index.transaction() as tx:
+            for sop, study, evidence in (("2.25.1.1.2", "2.25.1", same),
+                                         ("2.25.1.1.1", "2.25.1", other),
+                                         ("2.25.2.1.1", "2.25.2", same)):
+                tx.conn.execute(  # as version 11's repository wrote them
+                    "INSERT INTO deid_evidence (sop_instance_uid, study_instance_uid, route,"
+                    " evidence) VALUES (?, ?, 'clinical', ?)",
+                    (sop, study, json.dumps(evidence, sort_keys=True, separators=(",", ":"))))
+        monkeypatch.setattr(module, "migrations", lambda: shipped)
+        assert index.migrate() == shipped[-1][0] >= 12
+
+        def texts() -> int:
+            with index.reader() as r:
+                return r.conn.execute("SELECT count(*) FROM deid_evidence_text").fetchone()[0]
+
+        assert texts() == 2
+        with index.reader() as r:
+            assert r.evidence.for_study("2.25.1") == [other, same]  # by SOP Instance UID
+            assert r.evidence.for_study("2.25.2") == [same]
+        with index.transaction() as tx:
+            tx.evidence.put("2.25.2.1.2", "2.25.2", "clinical", {"a": [2], "b": 1})
+            tx.evidence.put("2.25.2.1.1", "2.25.2", "annotator", {"c": 4})  # put again: replaced
+        assert texts() == 3
+        with index.reader() as r:
+            assert r.evidence.for_study("2.25.2") == [{"c": 4}, same]
+            assert r.conn.execute("SELECT route FROM deid_evidence WHERE sop_instance_uid = ?",
+                                  ("2.25.2.1.1",)).fetchone()[0] == "annotator"
+    finally:
+        index.close()

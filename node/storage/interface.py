@@ -276,8 +276,11 @@ class Instances(InstanceReads, Protocol):
 
 
 class Series(SeriesReads, Protocol):
-    def mark_receiving(self, series_instance_uid: str, now: float) -> None:
-        """A new instance arrived: the series is receiving and its quiet period restarts."""
+    def mark_receiving(self, series_instance_uid: str, now: float, resolution: float = 0.0
+                       ) -> None:
+        """A new instance arrived: the series is receiving and its quiet period restarts.
+        A receiving series' time is only moved when it is more than ``resolution`` seconds
+        old, so the slices of a series arriving together do not rewrite its row each."""
 
     def insert_check(self, series_fk: int, trigger: str, state: str, instances: int,
                      geometry: dict[str, Any] | None, findings: Iterable[SeriesFindingRow],

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from node.storage.interface import IndexUnavailable
 from node.storage.sqlite.matcher import SqliteMatcher
-from node.storage.sqlite.repos import Session
+from node.storage.sqlite.repos import Session, evidence_sha256
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -172,6 +172,8 @@ class SqliteIndex:
         version, so several processes starting at once apply it exactly once.
         """
         with self.connection() as conn:
+            # Migration 0012 finds the evidence texts it moves by the repository's key.
+            conn.create_function("lamina_sha256", 1, evidence_sha256, deterministic=True)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, name, sql in migrations():
                 if number > version:

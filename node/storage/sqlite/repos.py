@@ -9,6 +9,7 @@ that costs nothing (``INSERT … ON CONFLICT``, ``RETURNING`` instead of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -304,13 +305,18 @@ class SqliteInstances(_Repo):
 class SqliteSeries(_Repo):
     __slots__ = ()
 
-    def mark_receiving(self, series_instance_uid: str, now: float) -> None:
+    def mark_receiving(self, series_instance_uid: str, now: float, resolution: float = 0.0
+                       ) -> None:
+        # An upsert whose WHERE holds for no row writes nothing: the row and its index
+        # entry (two of the pages an instance's transaction writes) stay as they are.
         self.conn.execute(
             "INSERT INTO series_state (series_fk, state, last_received)"
             " SELECT id, 'receiving', ? FROM series WHERE series_instance_uid = ?"
             " ON CONFLICT (series_fk) DO UPDATE SET state = 'receiving',"
-            " last_received = excluded.last_received",
-            (now, series_instance_uid))
+            " last_received = excluded.last_received"
+            " WHERE series_state.state <> 'receiving'"
+            " OR series_state.last_received < excluded.last_received - ?",
+            (now, series_instance_uid, resolution))
 
     def quiet(self, older_than: float) -> list[str]:
         return [r[0] for r in self.conn.execute(
@@ -795,23 +801,45 @@ class SqliteReid(_Repo):
         return row[0] if row else None
 
 
+def evidence_sha256(text: str) -> str:
+    """What a de-identification evidence text is found by (``deid_evidence_text.sha256``,
+    migration 0012): the hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class SqliteEvidence(_Repo):
+    """Evidence per instance, each distinct text stored once (migration 0012): the slices
+    of a series share theirs."""
+
     __slots__ = ()
 
     def put(self, sop_instance_uid: str, study_instance_uid: str, route: str,
             evidence: dict[str, Any]) -> None:
+        text = json.dumps(evidence, sort_keys=True, separators=(",", ":"))
+        digest = evidence_sha256(text)
+        row = self.conn.execute("SELECT id FROM deid_evidence_text WHERE sha256 = ?",
+                                (digest,)).fetchone()
+        if row is None:
+            # DO NOTHING: another node's transaction may have added the same text since
+            # (PostgreSQL); it is then read back.
+            row = self.conn.execute(
+                "INSERT INTO deid_evidence_text (sha256, evidence) VALUES (?, ?)"
+                " ON CONFLICT (sha256) DO NOTHING RETURNING id", (digest, text)).fetchone()
+            if row is None:
+                row = self.conn.execute("SELECT id FROM deid_evidence_text WHERE sha256 = ?",
+                                        (digest,)).fetchone()
         self.conn.execute(
-            "INSERT INTO deid_evidence (sop_instance_uid, study_instance_uid, route, evidence)"
+            "INSERT INTO deid_evidence (sop_instance_uid, study_instance_uid, route, evidence_fk)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET"
             " study_instance_uid = excluded.study_instance_uid, route = excluded.route,"
-            " evidence = excluded.evidence",
-            (sop_instance_uid, study_instance_uid, route,
-             json.dumps(evidence, sort_keys=True, separators=(",", ":"))))
+            " evidence_fk = excluded.evidence_fk",
+            (sop_instance_uid, study_instance_uid, route, row[0]))
 
     def for_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
         return [json.loads(r[0]) for r in self.conn.execute(
-            "SELECT evidence FROM deid_evidence WHERE study_instance_uid = ?"
-            " ORDER BY sop_instance_uid", (study_instance_uid,))]
+            "SELECT t.evidence FROM deid_evidence e"
+            " JOIN deid_evidence_text t ON t.id = e.evidence_fk"
+            " WHERE e.study_instance_uid = ? ORDER BY e.sop_instance_uid", (study_instance_uid,))]
 
 
 # --- reports ------------------------------------------------------------------
