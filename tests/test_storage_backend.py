@@ -160,7 +160,7 @@ def test_annotation_outbox_agreement_and_series_statements(index):
                                           "stored", "t5", 6.0) == 1
         tx.signatures.insert(ids[0], tx.users.insert("u", "U", [], b"k" * 32, b"s", "t"),
                              "approved", "m", "t6", "{}", b"sig")
-        tx.evidence.put("2.25.1.1.1", "2.25.1", "clinical", {"b": 1, "a": [2]})
+        tx.evidence.put("2.25.1.1.1", "2.25.1", "clinical", '{"a":[2],"b":1}')
     with index.reader() as r:
         assert r.series.quiet(200.0) == ["2.25.1.1"] and r.series.quiet(50.0) == []
         rows = r.series.rows("2.25.1.1")
@@ -248,8 +248,8 @@ def test_evidence_is_stored_once_per_text_and_migration_0012_moves_version_11s_r
             assert r.evidence.for_study("2.25.1") == [other, same]  # by SOP Instance UID
             assert r.evidence.for_study("2.25.2") == [same]
         with index.transaction() as tx:
-            tx.evidence.put("2.25.2.1.2", "2.25.2", "clinical", {"a": [2], "b": 1})
-            tx.evidence.put("2.25.2.1.1", "2.25.2", "annotator", {"c": 4})  # put again: replaced
+            tx.evidence.put("2.25.2.1.2", "2.25.2", "clinical", '{"a":[2],"b":1}')
+            tx.evidence.put("2.25.2.1.1", "2.25.2", "annotator", '{"c":4}')  # again: replaced
         assert texts() == 3
         with index.reader() as r:
             assert r.evidence.for_study("2.25.2") == [{"c": 4}, same]

@@ -126,6 +126,9 @@ _IMMUTABLE_VALUES = frozenset({str, bytes, int, float, UID, PersonName, DSfloat,
 # header is a few dozen of them; per-instance values (SOP Instance UID, positions,
 # times) push the oldest out when it is full (emptied, as the caches above).
 _RESULTS = 8192
+# Evidence an engine remembers (Deidentifier._evidences): one per distinct outcome, a
+# handful per project.
+_EVIDENCES = 256
 # A value starting with an item tag, little and big endian: a sequence sent as UN or in
 # implicit VR, which the walk enters rather than remembers.
 _ITEM_STARTS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
@@ -559,6 +562,9 @@ class Deidentifier:
                                 *(v for c in values[2] for v in (c.value, c.scheme_designator,
                                                                  c.meaning)))):
             raise ValueError("de-identification markers must be ASCII")  # see _encoded_markers
+        # The evidence of the calls a series repeats (see _evidence); bounded and
+        # thread-safe like the caches above.
+        self._evidences: dict[tuple[Any, ...], DeidEvidence] = {}
         # The markers encoded per (masked, implicit VR, little endian) (see _mark).
         self._encoded: dict[tuple[bool, bool, bool], tuple[RawDataElement, ...]] = {}
 
@@ -624,6 +630,19 @@ class Deidentifier:
                           evidence=self._evidence(call, masked))
 
     def _evidence(self, call: _Call, masked: bool) -> DeidEvidence:
+        """The evidence of the call, remembered by everything it is built from (the notes
+        are tags and paths: the slices of a series repeat them)."""
+        key = (masked, tuple(call.notes), tuple(call.private_kept), call.private_seen,
+               call.private_kept_creators, tuple(call.residual))
+        evidence = self._evidences.get(key)
+        if evidence is None:
+            evidence = self._build_evidence(call, masked)
+            if len(self._evidences) >= _EVIDENCES:
+                self._evidences.clear()
+            self._evidences[key] = evidence
+        return evidence
+
+    def _build_evidence(self, call: _Call, masked: bool) -> DeidEvidence:
         options = self._options
         if masked:
             options = (options[0], _applied("clean_pixel_data", CLEAN_PIXEL_DATA_CODE),

@@ -13,6 +13,8 @@ the evidence costs no decoding; :func:`build_evidence` turns the notes into a
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +151,10 @@ class DeidEvidence:
             "temporal": self.temporal,
         }
 
+    def as_json(self) -> str:
+        """:meth:`as_dict` as the index stores it: compact JSON, keys sorted."""
+        return _json_of(self)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeidEvidence:
         """The inverse of :meth:`as_dict`. Raises ``ValueError`` for another schema
@@ -189,6 +195,13 @@ class DeidEvidence:
 
 def _paths(values: Iterable[Any]) -> tuple[str, ...]:
     return tuple(sorted({str(v) for v in values}))
+
+
+@functools.lru_cache(maxsize=256)
+def _json_of(evidence: DeidEvidence) -> str:
+    """Remembered per equal evidence: the slices of a series carry the same (it is only
+    tags and paths), and serialising it again for each cost more than hashing it."""
+    return json.dumps(evidence.as_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def _private_order(p: KeptPrivate) -> tuple[str, str, int, int]:

@@ -27,7 +27,6 @@ evidence) travel with the result into the index transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -49,7 +48,8 @@ class Prepared:
 
     dataset: Dataset
     entries: tuple[ReidEntry, ...]
-    evidence: dict[str, Any] | None
+    #: The de-identification evidence as the index stores it (``DeidEvidence.as_json``).
+    evidence: str | None
     route: str
     #: Store the received bytes themselves (nothing was changed).
     as_received: bool = False
@@ -86,7 +86,7 @@ class Router:
         if route == "annotator":
             return self._annotation(received)
         result = self.deidentifier.deidentify(received)
-        return Prepared(result.dataset, result.entries, result.evidence.as_dict(), route)
+        return Prepared(result.dataset, result.entries, result.evidence.as_json(), route)
 
     def _annotation(self, received: Dataset) -> Prepared:
         with self.index.reader() as reader:
@@ -114,7 +114,7 @@ class Router:
             # keyed rules give the same pseudonyms and date shift as the stored study;
             # references to objects stored as they are keep their UIDs.
             result = self.annotation_deidentifier.deidentify(remapped, keep_uid=kept)
-        return Prepared(result.dataset, result.entries, result.evidence.as_dict(), "annotator")
+        return Prepared(result.dataset, result.entries, result.evidence.as_json(), "annotator")
 
     def record(self, tx: Transaction, prepared: Prepared, sop_instance_uid: str,
                study_instance_uid: str) -> None:

@@ -367,7 +367,8 @@ class Reid(ReidReads, Protocol):
 
 class Evidence(EvidenceReads, Protocol):
     def put(self, sop_instance_uid: str, study_instance_uid: str, route: str,
-            evidence: dict[str, Any]) -> None: ...
+            evidence: str) -> None:
+        """Record an instance's evidence, its JSON text (``DeidEvidence.as_json``)."""
 
 
 class Users(UserReads, Protocol):

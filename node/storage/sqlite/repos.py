@@ -814,8 +814,8 @@ class SqliteEvidence(_Repo):
     __slots__ = ()
 
     def put(self, sop_instance_uid: str, study_instance_uid: str, route: str,
-            evidence: dict[str, Any]) -> None:
-        text = json.dumps(evidence, sort_keys=True, separators=(",", ":"))
+            evidence: str) -> None:
+        text = evidence
         digest = evidence_sha256(text)
         row = self.conn.execute("SELECT id FROM deid_evidence_text WHERE sha256 = ?",
                                 (digest,)).fetchone()
