@@ -815,8 +815,7 @@ class SqliteEvidence(_Repo):
 
     def put(self, sop_instance_uid: str, study_instance_uid: str, route: str,
             evidence: str) -> None:
-        text = evidence
-        digest = evidence_sha256(text)
+        digest = evidence_sha256(evidence)
         row = self.conn.execute("SELECT id FROM deid_evidence_text WHERE sha256 = ?",
                                 (digest,)).fetchone()
         if row is None:
@@ -824,7 +823,7 @@ class SqliteEvidence(_Repo):
             # (PostgreSQL); it is then read back.
             row = self.conn.execute(
                 "INSERT INTO deid_evidence_text (sha256, evidence) VALUES (?, ?)"
-                " ON CONFLICT (sha256) DO NOTHING RETURNING id", (digest, text)).fetchone()
+                " ON CONFLICT (sha256) DO NOTHING RETURNING id", (digest, evidence)).fetchone()
             if row is None:
                 row = self.conn.execute("SELECT id FROM deid_evidence_text WHERE sha256 = ?",
                                         (digest,)).fetchone()
