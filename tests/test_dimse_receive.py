@@ -343,8 +343,10 @@ def test_an_association_reuses_its_memory_spool_and_each_data_set_is_whole(
     # The larger data set's bytes past the smaller one's end would be read as elements,
     # which de-identification removes: its evidence would name them.
     assert set(stored.keys()) == set(after.keys())
-    evidence = clinical_node.rows("SELECT e.evidence FROM deid_evidence e JOIN instance i "
-                                  "ON i.sop_instance_uid = e.sop_instance_uid ORDER BY i.id")
+    evidence = clinical_node.rows("SELECT t.evidence FROM deid_evidence e"
+                                  " JOIN deid_evidence_text t ON t.id = e.evidence_fk"
+                                  " JOIN instance i ON i.sop_instance_uid = e.sop_instance_uid"
+                                  " ORDER BY i.id")
     assert evidence[1] == evidence[2]
     _until(lambda: memory_spools_open() == 0)
     assert memory_spools_open() == 0
