@@ -106,8 +106,8 @@ class _RefusedInTransaction(Exception):
 #: call either makes (a read, a write, an fsync, each SQLite statement), which costs the
 #: thread that then waits for it back. With 4 senders on 2 workers (two associations per
 #: process) a CT slice cost 0.3-0.8 ms more CPU than with one association per worker;
-#: taking turns whole, the clinical route received 8 % more (250.7 against 227.3 slices/s,
-#: medians of 8 alternations; issue 15). A larger object (a multi-frame) takes no turn,
+#: taking turns whole, the clinical route received a median 6 % more (11 paired runs,
+#: 9 not worse; issue 15). A larger object (a multi-frame) takes no turn,
 #: so that none holds the others up for longer than a slice's ingest. The same bound as
 #: a memory spool's (``node.dimse.spool.MEMORY_LIMIT``): what a receiver holds in memory.
 TURN_BYTES = 16 << 20
