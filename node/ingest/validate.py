@@ -34,6 +34,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.config import ValidationSettings
+from node.ingest.header import read_header
 from node.ingest.iod import IOD, IODTables, Requirement
 from node.ingest.rules import REJECT
 from node.sop_classes import STORAGE_SOP_CLASSES
@@ -220,7 +221,8 @@ def _read_head(path: Path, head: bytes, size: int, limits: ReadLimits) -> Receiv
     raised (reading the file raises it again, or reads on where these bytes stop), or
     the data set may be deflated (its bounded inflation reads the file).
 
-    The parse is pydicom's own, on a BytesIO holding the file's bytes from offset 0,
+    The parse is pydicom's own (or :func:`~node.ingest.header.read_header`, which gives
+    the same dataset), on a BytesIO holding the file's bytes from offset 0,
     so every value, offset and error is the one reading the file gives: a parse that
     stops (at the pixel data) with the next element's header inside ``head`` read
     nothing past it.
@@ -234,7 +236,9 @@ def _read_head(path: Path, head: bytes, size: int, limits: ReadLimits) -> Receiv
     # later) and names it in its warnings, as for the open file.
     buffer.name = os.fspath(path)
     try:
-        ds = dcmread(buffer, stop_before_pixels=True, defer_size=limits.max_element)
+        # The common case walked in memory (node.ingest.header), else pydicom's parse.
+        ds = (read_header(buffer, limits.max_element)
+              or dcmread(buffer, stop_before_pixels=True, defer_size=limits.max_element))
     except Exception:
         return None
     if len(head) < size and buffer.tell() + _ELEMENT_HEADER > len(head):
