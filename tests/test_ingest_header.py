@@ -108,7 +108,8 @@ def test_left_to_dcmread(tmp_path):
     cases = {
         "no DICM": data[:128] + b"NOPE" + data[132:],
         "cut inside an element": data[:meta_end + 20],
-        "undefined length": _with_undefined_sequence(tmp_path),
+        "undefined length, not a sequence": _with_undefined_sequence(
+            tmp_path, ExplicitVRLittleEndian, private_ob=True),
         "big endian": _slices(tmp_path, ExplicitVRBigEndian, False)[0].read_bytes(),
         "unknown VR": data[:meta_end + 4] + b"XX" + data[meta_end + 6:],
         "command group first": (data[:meta_end] + struct.pack("<HHL", 0, 0x0100, 2)
@@ -120,15 +121,43 @@ def test_left_to_dcmread(tmp_path):
         assert buffer.tell() == 0, name
 
 
-def _with_undefined_sequence(tmp_path: Path) -> bytes:
-    ds = dcmread(_slices(tmp_path / "u", ExplicitVRLittleEndian, True)[0])
-    ds.AnatomicRegionSequence.is_undefined_length = True
+def _with_undefined_sequence(tmp_path: Path, syntax: str, private_ob: bool = False) -> bytes:
+    """A shaped slice whose sequences (one nested in another) are written with undefined
+    lengths, as many scanners write them; ``private_ob``: and a private OB value of
+    undefined length (which pydicom reads to its delimiter)."""
+    ds = dcmread(_slices(tmp_path / "u", syntax, True)[0])
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator = "M-02000", "SRT"
+    ds.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = Sequence([inner])
+    for sequence in (ds.AnatomicRegionSequence,
+                     ds.AnatomicRegionSequence[0].AnatomicRegionModifierSequence):
+        sequence.is_undefined_length = True
+        for item in sequence:
+            item.is_undefined_length_sequence_item = True
     ds["AnatomicRegionSequence"].is_undefined_length = True
+    ds.AnatomicRegionSequence[0]["AnatomicRegionModifierSequence"].is_undefined_length = True
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
-    assert b"\xfe\xff\xdd\xe0" in data  # a sequence delimiter: written undefined
+    assert data.count(b"\xfe\xff\xdd\xe0") == 2  # two sequence delimiters: undefined
+    if private_ob:  # (0009,1002) OB, undefined length, before the pixels
+        pixels = data.index(b"\xe0\x7f\x10\x00")
+        data = (data[:pixels] + struct.pack("<HH2sHL", 0x0009, 0x1002, b"OB", 0, 0xFFFFFFFF)
+                + b"\x01\x02" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" + data[pixels:])
     return data
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_sequences_of_undefined_length_as_dcmread(tmp_path, syntax):
+    """Read by pydicom's read_sequence where its generator reads them, and every cut."""
+    data = _with_undefined_sequence(tmp_path, syntax)
+    assert _compare(data)
+    got = read_header(_named(data), DEFER)
+    assert got["AnatomicRegionSequence"].is_undefined_length
+    assert got.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeValue == "M-02000"
+    pixels = data.index(b"\xe0\x7f\x10\x00")
+    for end in range(0, pixels + 16, 5):
+        _compare(data[:end])
 
 
 def test_deferred_values_as_dcmread(tmp_path):

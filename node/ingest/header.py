@@ -11,8 +11,9 @@ instance on both routes.
 
 Only the common case is walked here: a Part 10 file ("DICM"), its file meta in
 explicit VR little endian, a data set in implicit or explicit VR little endian whose
-elements before the pixel data all have defined lengths and valid VRs. Everything
-else (undefined lengths, a VR pydicom would correct, a command group, big endian,
+elements before the pixel data have valid VRs and defined lengths, or are sequences
+of undefined length (read by pydicom's own ``read_sequence``). Everything else
+(other undefined lengths, a VR pydicom would correct, a command group, big endian,
 deflate, private syntaxes, a value running past the bytes given) returns None and
 ``dcmread`` parses it. What is returned is built with pydicom's own classes, in
 ``dcmread``'s order, so every element, offset, encoding and character set is the one
@@ -28,8 +29,15 @@ import struct
 from typing import Any
 
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import (
+    DataElement,
+    RawDataElement,
+    convert_raw_data_element,
+    empty_value_for_VR,
+)
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import read_sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -38,6 +46,7 @@ from pydicom.uid import (
     PrivateTransferSyntaxes,
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.values import convert_string
 
 _TAG = struct.Struct("<HH")
 _US = struct.Struct("<H")
@@ -60,7 +69,7 @@ def read_header(buffer: io.BytesIO, defer_size: int) -> FileDataset | None:
     data = buffer.getvalue()
     if len(data) < _META_START or data[128:_META_START] != b"DICM":
         return None
-    walked = _elements(data, _META_START, False, lambda tag: tag >> 16 != 2, None)
+    walked = _elements(buffer, data, _META_START, False, lambda tag: tag >> 16 != 2, None)
     if walked is None:
         return None
     meta_elements, at = walked
@@ -73,7 +82,8 @@ def read_header(buffer: io.BytesIO, defer_size: int) -> FileDataset | None:
     implicit, little = encoding
     if implicit != (not (0x40 < data[at + 4] < 0x5B and 0x40 < data[at + 5] < 0x5B)):
         return None  # pydicom would switch encodings (with a warning)
-    walked = _elements(data, at, implicit, lambda tag: tag in _PIXEL_TAGS, defer_size)
+    walked = _elements(buffer, data, at, implicit, lambda tag: tag in _PIXEL_TAGS,
+                       defer_size)
     if walked is None:
         return None
     elements, at = walked
@@ -115,13 +125,16 @@ def _encoding(syntax: Any) -> tuple[bool, bool] | None:
     return syntax == ImplicitVRLittleEndian, True
 
 
-def _elements(data: bytes, at: int, implicit: bool, stop: Any,
-              defer_size: int | None) -> tuple[dict[BaseTag, RawDataElement], int] | None:
-    """The elements from ``at`` until ``stop(tag)`` or the end of ``data``, as pydicom's
-    ``data_element_generator`` yields them for defined lengths; None at anything it
-    would treat otherwise (see the module docstring)."""
-    elements: dict[BaseTag, RawDataElement] = {}
+def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, stop: Any,
+              defer_size: int | None) -> tuple[dict[BaseTag, Any], int] | None:
+    """The elements from ``at`` until ``stop(tag)`` or the end of ``data`` (the bytes of
+    ``buffer``), as pydicom's ``data_element_generator`` yields them: values of a defined
+    length walked here, a sequence of undefined length read by pydicom's
+    ``read_sequence`` as that generator reads it; None at anything it would treat
+    otherwise (see the module docstring)."""
+    elements: dict[BaseTag, Any] = {}
     end = len(data)
+    encoding: Any = default_encoding  # the generator's, for sequences read by pydicom
     while at + 8 <= end:
         group, element = _TAG.unpack_from(data, at)
         tag = group << 16 | element
@@ -146,7 +159,22 @@ def _elements(data: bytes, at: int, implicit: bool, stop: Any,
                 value_at = at + 8
         if stop(tag):
             return elements, at
-        if length == _UNDEFINED or tag == 0xFFFEE00D or value_at + length > end:
+        if length == _UNDEFINED:
+            if tag == 0xFFFEE00D or not _sequence(tag, vr):
+                return None
+            try:
+                buffer.seek(value_at)
+                sequence = read_sequence(buffer, implicit, True, length, encoding)
+            except Exception:
+                return None
+            finally:
+                after = buffer.tell()
+                buffer.seek(0)
+            key = BaseTag(tag)
+            elements[key] = DataElement(key, "SQ", sequence, value_at, is_undefined_length=True)
+            at = after
+            continue
+        if tag == 0xFFFEE00D or value_at + length > end:
             return None
         if defer_size is not None and length > defer_size and tag != _CHARSET:
             value = None
@@ -154,7 +182,20 @@ def _elements(data: bytes, at: int, implicit: bool, stop: Any,
             value = data[value_at:value_at + length]
         else:
             value = empty_value_for_VR(vr, raw=True)
+        if tag == _CHARSET:  # as the generator keeps it, for the sequences after it
+            encoding = convert_encodings(convert_string(value or b"", True))
         key = BaseTag(tag)
         elements[key] = RawDataElement(key, vr, length, value, value_at, implicit, True)
         at = value_at + length
     return (elements, at) if at == end else None
+
+
+def _sequence(tag: int, vr: str | None) -> bool:
+    """Whether pydicom reads an element of undefined length as a sequence without
+    looking ahead: SQ, as read or (implicit VR) from its dictionary."""
+    if vr is not None:
+        return vr == "SQ"
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
