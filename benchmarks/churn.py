@@ -25,7 +25,9 @@ framing-only server cannot store and is left out.
 Then each server's own share of a cycle: a client on bare sockets sends the same
 A-ASSOCIATE-RQ bytes as pynetdicom's SCU, one C-ECHO-RQ and an A-RELEASE-RQ, and
 times each answer (median milliseconds): what the server adds to a cycle, without
-either client's own time, which is most of the cycles/s figures.
+either client's own time, which is most of the cycles/s figures. Last, the pynetdicom
+client's own calls per server (:func:`pynetdicom_phases`): its release waits 10 ms or
+not by a race between its own threads, which is most of that row's differences.
 
     .venv/bin/python -m benchmarks.churn [--cycles 1000] [--store-cycles 150] [--workers 1]
                                          [--repeats 3]
@@ -75,6 +77,41 @@ def pynetdicom_cycles(called: str, port: int, cycles: int) -> None:
         assoc.release()
         if status is None or status.Status != 0:
             raise RuntimeError(f"{called}: C-ECHO failed")
+
+
+#: A release the pynetdicom SCU sees end sooner than this skipped its 10 ms wait.
+_QUICK_RELEASE_MS = 5.0
+
+
+def pynetdicom_phases(called: str, port: int, cycles: int) -> tuple[float, float, float, float]:
+    """Median milliseconds of each call the pynetdicom SCU makes in a cycle (associate,
+    C-ECHO, release), and the share of releases that returned without its 10 ms wait.
+
+    Why: its ``Association.release()`` ends in ``kill()``, which sleeps 10 ms and looks
+    again unless its DUL thread has already closed the connection when it first looks.
+    Which thread gets there first is a race between the client's own two threads, so
+    half a cycle's time, and most of the difference between servers in the pynetdicom
+    row, is whether that sleep happened: a server's answer time moves it only through
+    the race.
+    """
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(Verification)
+    times = []
+    for _ in range(cycles):
+        start = time.perf_counter()
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            raise RuntimeError(f"{called}: association refused")
+        associated = time.perf_counter()
+        assoc.send_c_echo()
+        echoed = time.perf_counter()
+        assoc.release()
+        released = time.perf_counter()
+        times.append((associated - start, echoed - associated, released - echoed))
+    associate, echo, release = (statistics.median(column) * 1000
+                                for column in zip(*times, strict=True))
+    quick = sum(1 for t in times if t[2] * 1000 < _QUICK_RELEASE_MS) / len(times)
+    return associate, echo, release, quick
 
 
 Client = Callable[[str, int, int], None]
@@ -230,6 +267,16 @@ def main() -> None:
             phases = phase_latency(called, port, min(args.cycles, 300))
         print(f"{name:<20} " + " ".join(f"{ms:>{w}.3f}" for ms, w in zip(phases, (13, 11, 11),
                                                                           strict=True)))
+    print(f"\nthe pynetdicom client's own calls, median ms over {min(args.cycles, 300)} cycles,"
+          f" and its releases without the 10 ms wait (pynetdicom_phases)")
+    print(f"{'server':<20} {'associate':>10} {'C-ECHO':>8} {'release':>8} {'quick releases':>15}")
+    for name, server in servers.items():
+        with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as (called, port, _):
+            pynetdicom_phases(called, port, 20)  # warm-up
+            *calls, quick = pynetdicom_phases(called, port, min(args.cycles, 300))
+        print(f"{name:<20} " + " ".join(f"{ms:>{w}.2f}" for ms, w in zip(calls, (10, 8, 8),
+                                                                         strict=True))
+              + f" {100 * quick:>14.0f}%")
     print(f"load after: {os.getloadavg()[0]:.2f}")
     slice_dir.cleanup()
 

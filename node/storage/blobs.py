@@ -270,7 +270,7 @@ class LocalBlobStore:
     # --- reading --------------------------------------------------------------
 
     def _path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        if not _BLOB_NAME.fullmatch(sha256):
             raise ValueError("not a SHA-256 hex digest")
         return self.root / sha256[:2] / sha256
 
