@@ -21,18 +21,32 @@ def _associate(port: int):
     return ae.associate("127.0.0.1", port, ae_title="LAMINA")
 
 
-def _accepting_pid(node: ProcessNode) -> int:
+def _accepting_pids(node: ProcessNode) -> list[int]:
+    """The worker of each "association accepted" line so far, in order."""
     lines = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
-    return [line["pid"] for line in lines if line.get("msg") == "association accepted"][-1]
+    return [line["pid"] for line in lines if line.get("msg") == "association accepted"]
+
+
+def _associate_and_find_worker(node: ProcessNode):
+    """An association and the worker serving it. The worker logs "association accepted"
+    just after its A-ASSOCIATE-AC, so the client can be established before the line is
+    written: wait for the new line (taking the last one at once could name the worker of
+    an earlier association, and kill the wrong one)."""
+    before = len(_accepting_pids(node))
+    assoc = _associate(node.port)
+    deadline = time.monotonic() + 10
+    while len(pids := _accepting_pids(node)) <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(pids) == before + 1, node.log()[-2000:]
+    return assoc, pids[-1]
 
 
 def test_killed_worker_is_restarted_and_its_slots_freed(tmp_path):
     node = ProcessNode.with_workers(tmp_path / "node", 2, node={"max_associations": 2})
     with node:
         workers = node.worker_pids()
-        held = _associate(node.port)  # one of the two slots, held by the worker we kill
+        held, victim = _associate_and_find_worker(node)  # a slot held by the worker we kill
         assert held.is_established
-        victim = _accepting_pid(node)
         assert victim in workers
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
