@@ -10,6 +10,7 @@ and the node still serving.
 
 from __future__ import annotations
 
+import hashlib
 import select
 import socket
 import struct
@@ -160,6 +161,8 @@ def test_fragmented_command_and_data_set_are_stored_as_sent(node, spool, phantom
     assert answer is not None and answer.status == 0x0000, answer
     [(sha256,)] = node.rows("SELECT blob_sha256 FROM instance")
     assert dcmread(node.blob_path(sha256)).PixelData == dcmread(phantom_files[0]).PixelData
+    # named by the hash the spool took as the fragments arrived: the bytes' own
+    assert hashlib.sha256(node.blob_path(sha256).read_bytes()).hexdigest() == sha256
     assert _wait_empty(spool) == []
 
 

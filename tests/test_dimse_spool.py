@@ -10,6 +10,7 @@ budget hold no more than it all together: past it, the one that grows moves out.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def test_a_data_set_stored_as_received_is_spooled_beside_the_blobs(tmp_path: Pat
     assert Path(spool.path).read_bytes() == b"DICM" * 10
     spool.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spool_file_is_hashed_as_it_is_written(tmp_path: Path) -> None:
+    """A data set spooled to the folder from its first byte carries the SHA-256 and size
+    of the whole file (the blob store names it without reading it back); a memory spool,
+    even one moved to the folder, carries none."""
+    pieces = _chunks(60_000)
+    spool = DataSetSpool(tmp_path, in_memory=False)
+    for chunk in pieces:
+        spool.write(memoryview(chunk))
+    assert spool.hashed() == (hashlib.sha256(b"".join(pieces)).hexdigest(), 60_000)
+    assert Path(spool.path).read_bytes() == b"".join(pieces)
+    spool.remove()
+    moved = DataSetSpool(tmp_path, in_memory=True, memory_limit=10_000)
+    for chunk in pieces:
+        moved.write(memoryview(chunk))
+    assert not moved.in_memory and moved.hashed() is None
+    moved.remove()
 
 
 def test_past_the_memory_limit_every_byte_moves_to_the_spool_folder(tmp_path: Path) -> None:

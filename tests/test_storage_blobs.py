@@ -178,3 +178,20 @@ def test_a_long_write_starts_for_the_disk_before_the_commit_fsync(blobs):
         assert _dirty_pages(spooled) == 0  # written, or being written: none left waiting
     assert w.ref.sha256 == hashlib.sha256(header + pixels).hexdigest()
     assert blobs.read(w.ref.sha256) == header + pixels
+
+
+def test_a_file_hashed_by_its_writer_is_not_read_back(blobs, monkeypatch):
+    """put_file with the hash its writer took (a C-STORE spooled to the folder) names the
+    blob by it without reading the file again; the blob is still the file's bytes."""
+    data = os.urandom(1 << 16)
+    spooled = blobs.spool_dir / "received.part"
+    spooled.write_bytes(data)
+
+    def no_reading(path):
+        raise AssertionError("read back")
+
+    monkeypatch.setattr("node.storage.blobs.sha256_of_file", no_reading)
+    ref = blobs.put_file(spooled, (hashlib.sha256(data).hexdigest(), len(data)))
+    assert ref.created and ref.size == len(data)
+    monkeypatch.undo()
+    assert blobs.read(ref.sha256) == data and blobs.verify(ref.sha256)

@@ -313,11 +313,11 @@ class StoreReceiver:
         incoming, self.incoming = self.incoming, None
         assert incoming is not None
         try:
-            path = Path()
+            path, hashed = Path(), None
             if incoming.spool is not None:
                 incoming.spool.complete()
-                path = Path(incoming.spool.path)
-            outcome = self.store.receive(self.link.key, path, incoming.failure)
+                path, hashed = Path(incoming.spool.path), incoming.spool.hashed()
+            outcome = self.store.receive(self.link.key, path, incoming.failure, hashed)
         except Exception:  # answered as pynetdicom answers a failed handler, never silence
             log.exception("C-STORE failed")
             outcome = Outcome(status.UNABLE_TO_PROCESS, "internal error while storing")

@@ -151,26 +151,29 @@ class IngestService:
         finally:
             spooled.unlink(missing_ok=True)
 
-    def ingest_file(self, spooled: Path, source: Source,
-                    override: Override | None = None) -> StoreResult:
+    def ingest_file(self, spooled: Path, source: Source, override: Override | None = None,
+                    hashed: tuple[str, int] | None = None) -> StoreResult:
         """Ingest a DICOM file (preamble + meta + dataset), e.g. pynetdicom's spooled C-STORE.
 
         The file may be moved into the blob store when its bytes are stored as
         received; the caller deletes it (if still there) afterwards. With an
         ``override`` (a release from quarantine) rejecting findings are
         recorded instead of refused. Files up to :attr:`turn_bytes` take their turn
-        (:data:`TURN_BYTES`).
+        (:data:`TURN_BYTES`). ``hashed``: the file's SHA-256 and size, when its writer
+        took them (a C-STORE spooled to the folder); a file stored as received is then
+        named without being read again.
         """
         try:
             takes_turn = os.path.getsize(spooled) <= self.turn_bytes
         except OSError:  # gone: the ingest says why
             takes_turn = False
         if not takes_turn:
-            return self._ingest(spooled, source, override)
+            return self._ingest(spooled, source, override, hashed)
         with self._turn:
-            return self._ingest(spooled, source, override)
+            return self._ingest(spooled, source, override, hashed)
 
-    def _ingest(self, spooled: Path, source: Source, override: Override | None) -> StoreResult:
+    def _ingest(self, spooled: Path, source: Source, override: Override | None,
+                hashed: tuple[str, int] | None) -> StoreResult:
         if not source.may_store:
             return StoreResult(Outcome(status.NOT_AUTHORISED, "this peer may not store"),
                                "failed")
@@ -225,7 +228,8 @@ class IngestService:
                                                     detail=str(exc))], source.route))
 
         try:
-            blob = self._promote(spooled, prepared, _raw_pixel_tail(received, whole, prepared))
+            blob = self._promote(spooled, prepared, _raw_pixel_tail(received, whole, prepared),
+                                 hashed)
         except OSError as exc:
             return self._failed(source, f"cannot write to disk: {exc.strerror or exc}",
                                 rec.sop_instance_uid)
@@ -424,7 +428,8 @@ class IngestService:
 
     # --- writing the blob -------------------------------------------------------
 
-    def _promote(self, spooled: Path, prepared: Prepared, pixel_tail: int | None) -> BlobRef:
+    def _promote(self, spooled: Path, prepared: Prepared, pixel_tail: int | None,
+                 hashed: tuple[str, int] | None = None) -> BlobRef:
         """Into the blob store: the received file itself when nothing changed it,
         else the prepared dataset written through a blob writer.
 
@@ -435,7 +440,7 @@ class IngestService:
         without reading the pixels into memory to write them.
         """
         if prepared.as_received:
-            ref = self.blobs.put_file(spooled)
+            ref = self.blobs.put_file(spooled, hashed)
             if self._local_blobs:
                 # The spool file may have been moved into the store (and the caller
                 # deletes it anyway): a value left on disk (the pixels) is read from the

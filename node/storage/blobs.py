@@ -209,11 +209,12 @@ class LocalBlobStore:
             finally:
                 os.close(fd)
 
-    def put_file(self, path: Path) -> BlobRef:
+    def put_file(self, path: Path, hashed: tuple[str, int] | None = None) -> BlobRef:
         """Move a finished file into the store when it is on the store's filesystem
-        (a rename: pynetdicom's spooled C-STORE data set), else copy it in."""
+        (a rename: a spooled C-STORE data set), else copy it in. ``hashed``: its SHA-256
+        and size as its writer took them, so it is not read back to be named."""
         if os.stat(path).st_dev == self._device:
-            return self._promote(path)
+            return self._promote(path, hashed)
         with open(path, "rb") as f:
             return self.put(f)
 

@@ -503,8 +503,9 @@ class BlobStore(Protocol):
 
     def put(self, stream: BinaryIO) -> BlobRef: ...
     def put_bytes(self, data: bytes) -> BlobRef: ...
-    def put_file(self, path: Path) -> BlobRef:
-        """Store a finished local file; a local store moves it into place (do not reuse it)."""
+    def put_file(self, path: Path, hashed: tuple[str, int] | None = None) -> BlobRef:
+        """Store a finished local file; a local store moves it into place (do not reuse it).
+        ``hashed``: its SHA-256 and size, when whoever wrote it took them."""
 
     def expect_file(self, path: Path) -> None:
         """A finished local file that :meth:`put_file` will probably be given soon: a local

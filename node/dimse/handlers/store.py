@@ -54,8 +54,10 @@ class StoreService:
         spool_failure = compat.receive_failure(event.assoc)
         return self.receive(event.assoc, event.dataset_path, spool_failure).as_dimse()
 
-    def receive(self, key: Hashable, path: Path, spool_failure: str = "") -> Outcome:
-        """Ingest the data set spooled at ``path`` (or answer why it could not be spooled).
+    def receive(self, key: Hashable, path: Path, spool_failure: str = "",
+                hashed: tuple[str, int] | None = None) -> Outcome:
+        """Ingest the data set spooled at ``path`` (or answer why it could not be spooled);
+        ``hashed``: its SHA-256 and size, when the spool took them as it was written.
 
         The caller removes the spool file afterwards.
         """
@@ -65,7 +67,7 @@ class StoreService:
             result = self.ctx.ingest.receive_failed(session.source, spool_failure)
         else:
             size = os.path.getsize(path)
-            result = self.ctx.ingest.ingest_file(path, session.source)
+            result = self.ctx.ingest.ingest_file(path, session.source, hashed=hashed)
             self.metrics.ingest_seconds.labels("dimse").observe(time.perf_counter() - started)
             self.metrics.cstore_bytes.inc(size)
         self.metrics.cstore.labels(f"0x{result.outcome.status.code:04X}").inc()
