@@ -194,12 +194,14 @@ class HandedServer(LaminaServer):
         """Handle the request. The open count covers the association's life, not its
         start: a started association counts itself out when its thread ends
         (:meth:`association_ended`, called by compat.AssociationHooks.run); a connection
-        that never became one (a failed TLS handshake, a refused PROXY header) now."""
+        that never became one (a failed TLS handshake, a refused PROXY header) now.
+        The handler names the thread that owns the connection (``connection_thread``):
+        the one whose end is counted."""
         started = False
         try:
             handler = self.RequestHandlerClass(request, client_address, self)
-            assoc = getattr(handler, "assoc", None)
-            started = assoc is not None and assoc.ident is not None
+            thread = getattr(handler, "connection_thread", None)
+            started = thread is not None and thread.ident is not None
         finally:
             if not started:
                 self._count(-1)

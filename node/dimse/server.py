@@ -56,6 +56,9 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
                  proxy: ProxyPolicy | None = None,
                  store: StoreService | None = None) -> None:
         # before the parent's __init__, which handles the request
+        #: The thread that owns the connection and counts itself out when it ends (a
+        #: HandedServer's open count): the framed association, or pynetdicom's.
+        self.connection_thread: threading.Thread | None = None
         self.store = store
         self.guard: PduGuard | None = None
         self.proxy = proxy
@@ -82,7 +85,7 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
             return
         framed = FramedAssociation(acceptor, self.request, str(self.client_address[0]),
                                    self._hand_to_pynetdicom, self.server.association_ended)
-        self.assoc = framed  # a HandedServer waits for it to end (its open count)
+        self.connection_thread = framed
         framed.start()
 
     def _hand_to_pynetdicom(self, sock: socket.socket, request: bytes,
@@ -125,7 +128,8 @@ class NodeRequestHandler(compat.RequestHandlerHooks):
         if self.store is not None and sock is not None:
             compat.install_receiver(assoc, StoreReceiver(compat.PynetdicomLink(assoc, sock),
                                                          sock.socket, self.store))
-        self.assoc = assoc  # a HandedServer waits for it to end (its open count)
+        if self.connection_thread is None:  # not one the framed association hands over
+            self.connection_thread = assoc
         return assoc
 
 
