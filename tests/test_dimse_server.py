@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -41,7 +42,9 @@ from pynetdicom.sop_class import (
 
 from node.acceptor import Acceptor, WorkerChannel
 from node.context import NodeContext
+from node.dimse import compat
 from node.dimse.ae import associate
+from node.dimse.framed import FramedAssociation
 from node.dimse.server import build_dimse_server
 from tests.harness import (
     InProcessNode,
@@ -235,6 +238,47 @@ def test_a_handed_connection_counts_while_its_association_lives(node):
         _until(lambda: acceptor.counts() == {"worker": 0})
         assert echo(acceptor.port, "CLIENT", node.ae_title) == 0
         _until(lambda: acceptor.counts() == {"worker": 0})
+    finally:
+        server.stop()
+        acceptor.stop()
+
+
+def test_a_handed_over_association_counts_once_however_slow_its_hand_over(node, monkeypatch):
+    """A Q/R proposal is handed by the framed acceptor to pynetdicom, in the framed
+    association's thread; the accept loop may look at the handler while pynetdicom's
+    association exists but has not started. It must still count the connection once
+    (a CI run saw it counted out twice: -1 open, and the worker's report failed).
+    The hand-over is slowed at that point, and the accept loop made to look then."""
+    handing = threading.Event()
+    give_pdu, start = compat.give_pdu, FramedAssociation.start
+
+    def slow_give_pdu(assoc, data):  # after pynetdicom's association is built, before it starts
+        handing.set()
+        time.sleep(0.3)
+        give_pdu(assoc, data)
+
+    def start_then_wait_for_the_hand_over(self):
+        start(self)
+        assert handing.wait(5)
+
+    monkeypatch.setattr(compat, "give_pdu", slow_give_pdu)
+    monkeypatch.setattr(FramedAssociation, "start", start_then_wait_for_the_hand_over)
+    reports: list[int] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    acceptor = Acceptor(listener).start()
+    supervisor_end, worker_end = socket.socketpair()
+    acceptor.add("worker", supervisor_end)
+    channel = WorkerChannel(worker_end)
+    report = channel.report
+    channel.report = lambda n: (reports.append(n), report(n))  # type: ignore[method-assign]
+    server = build_dimse_server(node.ctx).start(channel)
+    try:
+        assoc = associate(_client(), "127.0.0.1", acceptor.port, node.ae_title)
+        assert assoc.is_established
+        _until(lambda: acceptor.counts() == {"worker": 1})
+        assoc.release()
+        _until(lambda: acceptor.counts() == {"worker": 0})
+        assert reports == [0, 1, 0]  # ready; the association; its end
     finally:
         server.stop()
         acceptor.stop()
