@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import IS, DSdecimal, DSfloat
 
 from node.part10 import HeaderEncoder
 from tests import annotation_fixtures as fx
@@ -181,6 +183,39 @@ def test_items_pydicom_would_rewrite_are_left_to_it(case):
     encoder = HeaderEncoder()
     assert encoder._sequence(ds["ReferencedImageSequence"], (False, True), "iso8859") is None
     assert encoder._fast(ds, _PIXELS) == _reference(ds)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("SOPInstanceUID", "1.2.3"),  # odd: a NUL after it
+    ("SOPInstanceUID", UID("1.2.840.10008.1.2.1")),
+    ("SeriesInstanceUID", ""),
+    ("SeriesInstanceUID", "1.2.\u00e9"),  # not in pydicom's default encoding: it raises
+    ("InstanceNumber", IS("7")),
+    ("InstanceNumber", IS(" 12 ")),  # written as read
+    ("InstanceNumber", IS(123)),
+    ("SliceThickness", DSfloat("1.50")),  # written as read
+    ("SliceThickness", DSfloat(0.1234567890123, auto_format=True)),
+    ("SliceThickness", DSdecimal("3.14159")),
+    ("ImagePositionPatient", [DSfloat("-1.5"), DSfloat("2"), DSfloat("3.25")]),  # pydicom's
+])
+def test_decoded_uids_and_numbers_are_written_as_pydicom_writes_them(keyword, value, syntax):
+    """De-identification leaves new UIDs and decoded numbers in every header, which the
+    memo never holds: the encoder writes a single one itself, and its bytes (or the error
+    pydicom raises) are dcmwrite's, explicit and implicit VR, first time and again."""
+    buffer = DicomBytesIO()
+    slice_ = fx.PHANTOM.slice(0)
+    slice_.file_meta.TransferSyntaxUID = syntax
+    slice_.save_as(buffer, enforce_file_format=True)
+    ds = dcmread(DicomBytesIO(buffer.getvalue()))
+    list(ds.file_meta)  # decoded, as de-identification leaves it
+    setattr(ds, keyword, value)
+    if keyword == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    encoder = HeaderEncoder()
+    expected = _reference(ds)
+    for _ in range(2):
+        assert _encoded(encoder, ds) == expected
 
 
 @pytest.mark.parametrize("change", ["meta_class", "no_meta_version", "no_version_name",
