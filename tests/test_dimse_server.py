@@ -15,6 +15,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -219,12 +221,7 @@ def test_each_echo_answer_names_its_own_request(node):
 def test_a_handed_connection_counts_while_its_association_lives(node):
     """A worker serving handed connections reports each one open until its association's
     thread has ended (released, or aborted by the PDU guard), with no thread waiting."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    acceptor = Acceptor(listener).start()
-    supervisor_end, worker_end = socket.socketpair()
-    acceptor.add("worker", supervisor_end)
-    server = build_dimse_server(node.ctx).start(WorkerChannel(worker_end))
-    try:
+    with _handed_worker(node, []) as acceptor:
         assoc = associate(_client(), "127.0.0.1", acceptor.port, node.ae_title)
         assert assoc.is_established
         _until(lambda: acceptor.counts() == {"worker": 1})
@@ -238,9 +235,6 @@ def test_a_handed_connection_counts_while_its_association_lives(node):
         _until(lambda: acceptor.counts() == {"worker": 0})
         assert echo(acceptor.port, "CLIENT", node.ae_title) == 0
         _until(lambda: acceptor.counts() == {"worker": 0})
-    finally:
-        server.stop()
-        acceptor.stop()
 
 
 def test_a_handed_over_association_counts_once_however_slow_its_hand_over(node, monkeypatch):
@@ -264,8 +258,20 @@ def test_a_handed_over_association_counts_once_however_slow_its_hand_over(node, 
     monkeypatch.setattr(compat, "give_pdu", slow_give_pdu)
     monkeypatch.setattr(FramedAssociation, "start", start_then_wait_for_the_hand_over)
     reports: list[int] = []
-    listener = socket.create_server(("127.0.0.1", 0))
-    acceptor = Acceptor(listener).start()
+    with _handed_worker(node, reports) as acceptor:
+        assoc = associate(_client(), "127.0.0.1", acceptor.port, node.ae_title)
+        assert assoc.is_established
+        _until(lambda: acceptor.counts() == {"worker": 1})
+        assoc.release()
+        _until(lambda: acceptor.counts() == {"worker": 0})
+    assert reports == [0, 1, 0]  # ready; the association; its end
+
+
+@contextmanager
+def _handed_worker(node: LoadedNode, reports: list[int]) -> Iterator[Acceptor]:
+    """A supervisor's acceptor handing its connections to one worker, this node's DIMSE
+    server, whose open counts are also appended to ``reports``."""
+    acceptor = Acceptor(socket.create_server(("127.0.0.1", 0))).start()
     supervisor_end, worker_end = socket.socketpair()
     acceptor.add("worker", supervisor_end)
     channel = WorkerChannel(worker_end)
@@ -273,12 +279,7 @@ def test_a_handed_over_association_counts_once_however_slow_its_hand_over(node, 
     channel.report = lambda n: (reports.append(n), report(n))  # type: ignore[method-assign]
     server = build_dimse_server(node.ctx).start(channel)
     try:
-        assoc = associate(_client(), "127.0.0.1", acceptor.port, node.ae_title)
-        assert assoc.is_established
-        _until(lambda: acceptor.counts() == {"worker": 1})
-        assoc.release()
-        _until(lambda: acceptor.counts() == {"worker": 0})
-        assert reports == [0, 1, 0]  # ready; the association; its end
+        yield acceptor
     finally:
         server.stop()
         acceptor.stop()
