@@ -13,11 +13,13 @@ keyed by everything that decides them (tag, VR, value, encoding, character set),
 and a header is joined mostly from remembered bytes; a sequence whose items differ
 is framed here (item and delimiter tags, lengths) around its elements' bytes, and so
 is an element still as read (its tag, VR and length around its value's bytes, which
-``write_data_element`` writes unchanged). Nothing here encodes a value: every value's
-bytes are pydicom's or the sender's, and whatever the fast path does not cover
-(decoded numbers and names, encodings pydicom would convert, items pydicom would
-correct, file meta that dcmwrite would complete or correct) is handed to pydicom as it
-is, or the whole header to ``dcmwrite``.
+``write_data_element`` writes unchanged). The only values encoded here are a decoded
+UID, integer or decimal string holding one value (its text in pydicom's default
+encoding, padded as pydicom pads it: the new UIDs de-identification gives every
+instance); every other value's bytes are pydicom's or the sender's, and whatever the
+fast path does not cover (other decoded numbers, names, encodings pydicom would convert,
+items pydicom would correct, file meta that dcmwrite would complete or correct) is
+handed to pydicom as it is, or the whole header to ``dcmwrite``.
 ``tests/test_part10.py`` holds the fast path to dcmwrite's bytes on pydicom's own test
 files.
 """
