@@ -195,3 +195,14 @@ def test_a_file_hashed_by_its_writer_is_not_read_back(blobs, monkeypatch):
     assert ref.created and ref.size == len(data)
     monkeypatch.undo()
     assert blobs.read(ref.sha256) == data and blobs.verify(ref.sha256)
+
+
+def test_a_writers_hash_of_another_size_is_not_trusted(blobs):
+    """A file that grew or shrank after its writer hashed it is hashed again: a blob's
+    name is always the SHA-256 of the bytes stored under it."""
+    data = os.urandom(1 << 16)
+    spooled = blobs.spool_dir / "received.part"
+    spooled.write_bytes(data + b"more")
+    ref = blobs.put_file(spooled, (hashlib.sha256(data).hexdigest(), len(data)))
+    assert ref.sha256 == hashlib.sha256(data + b"more").hexdigest()
+    assert ref.size == len(data) + 4 and blobs.verify(ref.sha256)

@@ -212,8 +212,12 @@ class LocalBlobStore:
     def put_file(self, path: Path, hashed: tuple[str, int] | None = None) -> BlobRef:
         """Move a finished file into the store when it is on the store's filesystem
         (a rename: a spooled C-STORE data set), else copy it in. ``hashed``: its SHA-256
-        and size as its writer took them, so it is not read back to be named."""
-        if os.stat(path).st_dev == self._device:
+        and size as its writer took them, so it is not read back to be named (unless the
+        file's size says it changed since: then it is hashed, as a name must be its bytes')."""
+        st = os.stat(path)
+        if hashed is not None and hashed[1] != st.st_size:
+            hashed = None
+        if st.st_dev == self._device:
             return self._promote(path, hashed)
         with open(path, "rb") as f:
             return self.put(f)
