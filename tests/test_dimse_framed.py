@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 )
 
 from node.dimse.framed import Proposals
+from node.dimse.handlers.association import Sessions
 from tests.harness import (
     NODE_AET,
     TEST_AET,
@@ -229,6 +230,31 @@ def test_echo_and_release_on_the_wire(node):
         sock.sendall(bytes.fromhex("05000000000400000000"))
         assert read_pdu(sock)[0] == 0x06
         assert sock.recv(1) == b""  # closed after the A-RELEASE-RP
+
+
+def test_a_release_is_answered_before_it_is_logged_and_audited(node, monkeypatch):
+    """The A-RELEASE-RP does not wait for the release's log line and audit event: held
+    here until the peer has its answer (before, the answer came after them)."""
+    recording, answered = threading.Event(), threading.Event()
+    original = Sessions._ended
+
+    def held(self, key, how):
+        if how == "released":
+            recording.set()
+            answered.wait(TIMEOUT)
+        original(self, key, how)
+
+    monkeypatch.setattr(Sessions, "_ended", held)
+    with _established(node.port) as sock:
+        sock.settimeout(2)
+        sock.sendall(bytes.fromhex("05000000000400000000"))
+        try:
+            assert read_pdu(sock)[0] == 0x06
+        finally:
+            answered.set()
+    assert recording.wait(TIMEOUT)
+    node.drain()
+    assert node.audit_actions().count("association.released") == 1
 
 
 def test_stopping_the_server_aborts_its_framed_associations(tmp_path):

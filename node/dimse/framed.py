@@ -371,9 +371,13 @@ class FramedAssociation(threading.Thread):
     def give_pdu(self, data: bytes) -> None:
         kind = data[0]
         if kind == A_RELEASE_RQ:
-            self.acceptor.sessions.released(self)
+            sessions = self.acceptor.sessions
+            sessions.free_slots(self)
             self.open = self.established = False
-            self.sock.sendall(_RELEASE_RP)
+            try:
+                self.sock.sendall(_RELEASE_RP)
+            finally:  # recorded as released even if the answer could not be sent
+                sessions.record_release(self)
         elif kind == _A_ABORT:
             self.open = self.established = False
         else:  # an A-ASSOCIATE-RQ/AC/RJ or A-RELEASE-RP in data transfer
