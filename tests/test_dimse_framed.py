@@ -229,7 +229,40 @@ def test_echo_and_release_on_the_wire(node):
         assert reply[status_at + 8:status_at + 10] == b"\0\0"
         sock.sendall(bytes.fromhex("05000000000400000000"))
         assert read_pdu(sock)[0] == 0x06
-        assert sock.recv(1) == b""  # closed after the A-RELEASE-RP
+
+
+def test_after_the_release_the_requestor_closes_the_connection(node):
+    """PS3.8 Sta13, as pynetdicom's acceptor: after the A-RELEASE-RP the node waits for the
+    requestor to close the connection rather than closing it under the requestor (whose
+    own release then often waited 10 ms more, benchmarks.churn), and its thread ends."""
+    with _established(node.port) as sock:
+        deadline = time.monotonic() + TIMEOUT
+        while not node.server._server.framed.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (framed,) = node.server._server.framed.alive
+        sock.sendall(bytes.fromhex("05000000000400000000"))
+        assert read_pdu(sock)[0] == 0x06
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # still open: the node waits for us
+        assert framed.is_alive()
+    framed.join(TIMEOUT)
+    assert not framed.is_alive()
+    node.drain()
+    actions = node.audit_actions()
+    assert actions.count("association.released") == 1
+    assert "association.aborted" not in actions
+
+
+def test_a_requestor_that_never_closes_after_the_release_is_closed_after_the_acse_timeout(
+        tmp_path):
+    with InProcessNode(write_config(tmp_path / "node", node={"acse_timeout": 1})) as node, \
+            _established(node.port) as sock:
+        sock.sendall(bytes.fromhex("05000000000400000000"))
+        assert read_pdu(sock)[0] == 0x06
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # the node closed it
+        assert 0.5 < time.monotonic() - started < TIMEOUT
 
 
 def test_a_release_is_answered_before_it_is_logged_and_audited(node, monkeypatch):

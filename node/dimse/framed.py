@@ -23,8 +23,10 @@ thread that frames the PDUs itself:
   reason, logged and audited the same way;
 * in data transfer the C-STORE receiver (:mod:`node.dimse.receive`) reads the
   P-DATA, as it does on pynetdicom's associations; an A-RELEASE-RQ is answered after
-  the association's slots are freed, an A-ABORT ends it, and an association idle for
-  ``node.network_timeout`` is aborted, as pynetdicom does.
+  the association's slots are freed, and then the requestor closes the connection
+  (PS3.8 Sta13, within ``node.acse_timeout``) before the release is logged and audited;
+  an A-ABORT ends it, and an association idle for ``node.network_timeout`` is aborted,
+  as pynetdicom does.
 
 Everything else goes to pynetdicom as before, the request's bytes handed to its
 state machine as though its own reader had read them: a proposal with a query or
@@ -376,6 +378,7 @@ class FramedAssociation(threading.Thread):
             self.open = self.established = False
             try:
                 self.sock.sendall(_RELEASE_RP)
+                self._await_close()
             finally:  # recorded as released even if the answer could not be sent
                 sessions.record_release(self)
         elif kind == _A_ABORT:
@@ -384,6 +387,14 @@ class FramedAssociation(threading.Thread):
             log.warning("unexpected PDU, aborting the association", extra={"fields": {
                 "address": self.address, "reason": f"PDU type 0x{kind:02X}"}})
             self.abort(UNEXPECTED_PDU)
+
+    def _await_close(self) -> None:
+        """After the A-RELEASE-RP: wait for the requestor to close the connection (PS3.8
+        Sta13), at most the ACSE timeout, reading and ignoring whatever comes."""
+        self.sock.settimeout(self.acceptor.limits.acse_timeout)
+        with suppress(OSError):
+            while self.sock.recv(4096):
+                pass
 
     def connection_ended(self) -> None:
         self.open = self.established = False
