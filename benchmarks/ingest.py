@@ -4,9 +4,11 @@ Same 300-slice 512×512 CT series, same run, sender with TCP_NODELAY=1. One
 warm-up, then 3 timed runs, with 1, 2 and 4 concurrent senders (each its own
 series); the targets take turns, one run each per round, so the machine's drift
 reaches them alike. Every run receives into an empty folder, so no
-server takes a shortcut for resends; the folders are deleted after each round of
-runs, which then waits about 35 s (``wait_out_deletions``: on ext4 without a journal,
-files created soon after a deletion cost every target more CPU). Lamina runs with
+server takes a shortcut for resends; the folders are kept until the benchmark ends
+(about 17 GB with the defaults; with less disk each is deleted after its run, which
+then waits about 95 s): on ext4 without a journal, files created within minutes of a
+deletion cost every target more CPU (``wait_out_deletions``), so the cost of creating
+a file in the runs' folder is printed before and after the runs. Lamina runs with
 its default settings: DICOMweb on, metadata sidecars made on first request
 (``http.prepare_metadata`` off). Prints instances/s and the ratios.
 ``--shape hospital`` sends slices that also carry a scanner's private groups and two
@@ -277,34 +279,33 @@ def measure(server: Server, series: list[list[Path]], work: Path
     return count / seconds, cpu * 1000 / count, counts
 
 
-def interleaved(servers: dict[str, Server], series: list[list[Path]], repeats: int
-                ) -> dict[str, list[tuple[float, float, list[int]]]]:
+def interleaved(servers: dict[str, Server], series: list[list[Path]], repeats: int,
+                runs_dir: Path, keep: bool) -> dict[str, list[tuple[float, float, list[int]]]]:
     """Each target's timed runs, taken in rounds (every target once per round, after one
     warm-up run each): this machine's speed drifts by 15 % within minutes, and a drift
     then reaches every target's runs alike instead of one target's all.
 
-    The runs' folders are deleted together at the end, not one by one, and the next
-    runs wait until the kernel no longer counts their files as recently deleted
-    (:func:`wait_out_deletions`), when there is room for them on the disk.
+    Each run receives into a folder of its own under ``runs_dir``. With ``keep`` the
+    folders stay until the whole benchmark ends (:func:`run`); without (too little disk),
+    each is deleted after its run and the next waits out the deletion
+    (:func:`wait_out_deletions`).
     """
     runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in servers}
-    needed = (repeats + 1) * len(servers) * sum(p.stat().st_size for s in series for p in s)
-    with tempfile.TemporaryDirectory() as tmp:
-        keep = shutil.disk_usage(tmp).free > 2 * needed
+    senders = len(series)
+
+    def measured(name: str, server: Server, label: str) -> tuple[float, float, list[int]]:
+        work = runs_dir / f"{senders}-senders-{label}-{name.replace(' ', '-')}"
+        result = measure(server, series, work)
         if not keep:
-            print(f"  (under {2 * needed >> 30} GB free: each run's folder is deleted after it,"
-                  " and file creation in the next runs may be slower)")
-        for n, server in enumerate(servers.values()):
-            measure(server, series, Path(tmp) / f"warm-up-{n}")
-            if not keep:
-                shutil.rmtree(Path(tmp) / f"warm-up-{n}")
-        for k in range(repeats):
-            for name, server in servers.items():
-                work = Path(tmp) / f"run-{k}-{len(runs[name])}-{name}"
-                runs[name].append(measure(server, series, work))
-                if not keep:
-                    shutil.rmtree(work)
-    wait_out_deletions()
+            shutil.rmtree(work)
+            wait_out_deletions()
+        return result
+
+    for name, server in servers.items():
+        measured(name, server, "warm-up")
+    for k in range(repeats):
+        for name, server in servers.items():
+            runs[name].append(measured(name, server, f"run-{k}"))
     return runs
 
 
@@ -312,18 +313,37 @@ def wait_out_deletions() -> None:
     """Sleep until the files just deleted are no longer "recently deleted" for ext4.
 
     Why: ext4 without a journal (as on this project's machines) will not reuse an inode
-    freed less than ``vm.dirty_expire_centisecs`` (+5 s) ago, and every file created
-    meanwhile looks each such inode up first: with a previous run's thousand files just
-    deleted, creating one file took 0.4-1.1 ms of CPU instead of 0.03 ms (``perf``:
-    ``recently_deleted``). Deleting each run's folder before the next run charged
-    every target that, the more the more files it creates; no server deletes files
-    while it receives, so the runs are measured without it.
+    freed less than 60 s ago (300 s more while its inode-table block is not yet written
+    back: ``RECENTCY_MIN``/``RECENTCY_DIRTY`` in the kernel's ``fs/ext4/ialloc.c``), and
+    every file created meanwhile looks each such inode up first: with a previous run's
+    thousand files just deleted, creating one file took 0.4-1.1 ms of CPU instead of
+    0.03 ms (``perf``: ``recently_deleted``). Deleting each run's folder before the next
+    run charged every target that, the more the more files it creates; no server deletes
+    files while it receives, so the runs are measured without it. This waits for the
+    writeback (``vm.dirty_expire_centisecs`` + 5 s) and the 60 s after it; a block
+    written to again meanwhile can keep some inodes recent longer, which
+    :func:`file_creation_cpu` shows.
     """
     try:
-        window = int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100 + 5
+        writeback = int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100 + 5
     except (OSError, ValueError):
         return  # not Linux: no such rule to wait out
-    time.sleep(window)
+    time.sleep(writeback + 60)
+
+
+def file_creation_cpu(folder: Path, files: int = 300) -> float:
+    """Microseconds of CPU this process spends creating one empty file in ``folder`` (a
+    fresh subfolder, removed after): what each file a target creates costs it beyond its
+    own work on this filesystem now (see :func:`wait_out_deletions`)."""
+    probe = folder / f"file-creation-{time.monotonic_ns()}"
+    probe.mkdir()
+    try:
+        start = time.thread_time()
+        for i in range(files):
+            os.close(os.open(probe / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return (time.thread_time() - start) * 1e6 / files
+    finally:
+        shutil.rmtree(probe)
 
 
 def main() -> None:
@@ -369,12 +389,26 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
         series = [write_series(Phantom(seed=f"bench{k}", slices_count=args.slices),
                                Path(tmp) / f"s{k}", args.shape)
                   for k in range(max(senders_list))]
+        runs_dir = Path(tmp) / "runs"
+        runs_dir.mkdir()
+        # Every run's folder is kept until the end when the disk has room for them all:
+        # nothing is deleted between runs (see wait_out_deletions).
+        series_bytes = sum(p.stat().st_size for s in series for p in s)
+        needed = sum((args.repeats + 1) * len(servers) * series_bytes * n // max(senders_list)
+                     for n in senders_list)
+        keep = shutil.disk_usage(tmp).free > 2 * needed
         print(f"{args.slices} {args.shape} slices of 512x512 int16 per sender, {args.repeats}"
               f" runs after a warm-up; lamina has {args.workers} workers")
+        if not keep:
+            print(f"  (under {2 * needed >> 30} GB free: each run's folder is deleted after"
+                  " it, and the next run waits out the deletion)")
+        print(f"  creating a file in the runs' folder costs {file_creation_cpu(runs_dir):.0f} µs"
+              " of CPU now (every target pays it per file it creates: wait_out_deletions)")
         table: dict[str, dict[int, tuple[float, float, list[list[int]]]]] = {}
         for senders in senders_list:
             medians, rounds = {}, {}
-            for name, runs in interleaved(servers, series[:senders], args.repeats).items():
+            for name, runs in interleaved(servers, series[:senders], args.repeats, runs_dir,
+                                          keep).items():
                 rates = rounds[name] = [r[0] for r in runs]
                 medians[name] = statistics.median(rates)
                 cpu = statistics.median(r[1] for r in runs)
@@ -399,6 +433,8 @@ def run(servers: dict[str, Server], args: argparse.Namespace) -> None:
                     for name in medians if name.startswith("lamina ") and "pg" in name)
                     + (f"; pg/sqlite (1 node) {base / medians['lamina 1 node sqlite']:.2f}"
                        if "lamina 1 node sqlite" in medians else ""))
+        print(f"  creating a file in the runs' folder costs {file_creation_cpu(runs_dir):.0f} µs"
+              " of CPU after the runs")
         print()
         print("| target | " + " | ".join(f"{n} sender{'s' if n > 1 else ''}"
                                           for n in senders_list)
