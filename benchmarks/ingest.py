@@ -318,7 +318,7 @@ def wait_out_deletions() -> None:
     every file created meanwhile looks each such inode up first: with a previous run's
     thousand files just deleted, creating one file took 0.4-1.1 ms of CPU instead of
     0.03 ms (``perf``: ``recently_deleted``). Deleting each run's folder before the next
-    run charged every target that, the more the more files it creates; no server deletes
+    run charged every target that, each per file it creates; no server deletes
     files while it receives, so the runs are measured without it. This waits for the
     writeback (``vm.dirty_expire_centisecs`` + 5 s) and the 60 s after it; a block
     written to again meanwhile can keep some inodes recent longer, which
@@ -332,18 +332,16 @@ def wait_out_deletions() -> None:
 
 
 def file_creation_cpu(folder: Path, files: int = 300) -> float:
-    """Microseconds of CPU this process spends creating one empty file in ``folder`` (a
-    fresh subfolder, removed after): what each file a target creates costs it beyond its
-    own work on this filesystem now (see :func:`wait_out_deletions`)."""
+    """Microseconds of CPU this process spends creating one empty file in a fresh subfolder
+    of ``folder``: what each file a target creates costs it beyond its own work on this
+    filesystem now (see :func:`wait_out_deletions`). The files stay, to be deleted with
+    ``folder``: deleting them here would make the next files cost more."""
     probe = folder / f"file-creation-{time.monotonic_ns()}"
     probe.mkdir()
-    try:
-        start = time.thread_time()
-        for i in range(files):
-            os.close(os.open(probe / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return (time.thread_time() - start) * 1e6 / files
-    finally:
-        shutil.rmtree(probe)
+    start = time.thread_time()
+    for i in range(files):
+        os.close(os.open(probe / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    return (time.thread_time() - start) * 1e6 / files
 
 
 def main() -> None:
