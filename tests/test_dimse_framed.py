@@ -290,6 +290,26 @@ def test_a_release_is_answered_before_it_is_logged_and_audited(node, monkeypatch
     assert node.audit_actions().count("association.released") == 1
 
 
+def test_a_requestor_that_keeps_sending_after_the_release_is_closed_after_the_acse_timeout(
+        tmp_path):
+    with InProcessNode(write_config(tmp_path / "node", node={"acse_timeout": 1})) as node, \
+            _established(node.port) as sock:
+        sock.sendall(bytes.fromhex("05000000000400000000"))
+        assert read_pdu(sock)[0] == 0x06
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        while time.monotonic() - started < TIMEOUT:
+            try:
+                sock.sendall(b"\0" * 10)  # whatever it is, faster than the timeout
+                if sock.recv(1) == b"":
+                    break  # the node closed it
+            except TimeoutError:
+                continue
+            except OSError:
+                break  # reset: closed too
+        assert 0.5 < time.monotonic() - started < 5
+
+
 def test_stopping_the_server_aborts_its_framed_associations(tmp_path):
     node = InProcessNode(write_config(tmp_path / "node")).start()
     try:

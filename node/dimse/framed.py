@@ -46,6 +46,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -390,11 +391,14 @@ class FramedAssociation(threading.Thread):
 
     def _await_close(self) -> None:
         """After the A-RELEASE-RP: wait for the requestor to close the connection (PS3.8
-        Sta13), at most the ACSE timeout, reading and ignoring whatever comes."""
-        self.sock.settimeout(self.acceptor.limits.acse_timeout)
+        Sta13), reading and ignoring whatever comes, for the ACSE timeout at most in all
+        (as pynetdicom's ARTIM timer: a peer that keeps sending does not keep it open)."""
+        deadline = time.monotonic() + self.acceptor.limits.acse_timeout
         with suppress(OSError):
-            while self.sock.recv(4096):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(4096):
+                    return
 
     def connection_ended(self) -> None:
         self.open = self.established = False
