@@ -44,6 +44,8 @@ from tests.harness import (
 #: A SOP class no node supports: its context is rejected, the association still served.
 UNKNOWN_SOP_CLASS = "1.2.3.4.5.6.7.8.9"
 TIMEOUT = 10
+#: A-RELEASE-RQ (PS3.8 9.3.6): type 5, length 4, four reserved bytes.
+RELEASE_RQ = bytes.fromhex("05000000000400000000")
 
 
 def request(contexts: list[tuple[str, list[str]]], calling: str = TEST_AET,
@@ -192,6 +194,15 @@ def test_proposals_are_judged_once_and_extended_negotiation_is_left(node):
                                 extra=[username(b"rater1")])) is not None
 
 
+def _framed_thread(node: InProcessNode) -> threading.Thread:
+    """The one framed association serving ``node`` now (waited for)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not node.server._server.framed.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (framed,) = node.server._server.framed.alive
+    return framed
+
+
 def _established(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     sock.sendall(request([(Verification, ["1.2.840.10008.1.2"])]))
@@ -227,7 +238,7 @@ def test_echo_and_release_on_the_wire(node):
         assert reply[0] == 0x04
         status_at = reply.index(struct.pack("<HHI", 0x0000, 0x0900, 2))
         assert reply[status_at + 8:status_at + 10] == b"\0\0"
-        sock.sendall(bytes.fromhex("05000000000400000000"))
+        sock.sendall(RELEASE_RQ)
         assert read_pdu(sock)[0] == 0x06
 
 
@@ -236,11 +247,8 @@ def test_after_the_release_the_requestor_closes_the_connection(node):
     requestor to close the connection rather than closing it under the requestor (whose
     own release then often waited 10 ms more, benchmarks.churn), and its thread ends."""
     with _established(node.port) as sock:
-        deadline = time.monotonic() + TIMEOUT
-        while not node.server._server.framed.alive and time.monotonic() < deadline:
-            time.sleep(0.01)
-        (framed,) = node.server._server.framed.alive
-        sock.sendall(bytes.fromhex("05000000000400000000"))
+        framed = _framed_thread(node)
+        sock.sendall(RELEASE_RQ)
         assert read_pdu(sock)[0] == 0x06
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):
@@ -258,7 +266,7 @@ def test_a_requestor_that_never_closes_after_the_release_is_closed_after_the_acs
         tmp_path):
     with InProcessNode(write_config(tmp_path / "node", node={"acse_timeout": 1})) as node, \
             _established(node.port) as sock:
-        sock.sendall(bytes.fromhex("05000000000400000000"))
+        sock.sendall(RELEASE_RQ)
         assert read_pdu(sock)[0] == 0x06
         started = time.monotonic()
         assert sock.recv(1) == b""  # the node closed it
@@ -280,7 +288,7 @@ def test_a_release_is_answered_before_it_is_logged_and_audited(node, monkeypatch
     monkeypatch.setattr(Sessions, "_ended", held)
     with _established(node.port) as sock:
         sock.settimeout(2)
-        sock.sendall(bytes.fromhex("05000000000400000000"))
+        sock.sendall(RELEASE_RQ)
         try:
             assert read_pdu(sock)[0] == 0x06
         finally:
@@ -294,7 +302,7 @@ def test_a_requestor_that_keeps_sending_after_the_release_is_closed_after_the_ac
         tmp_path):
     with InProcessNode(write_config(tmp_path / "node", node={"acse_timeout": 1})) as node, \
             _established(node.port) as sock:
-        sock.sendall(bytes.fromhex("05000000000400000000"))
+        sock.sendall(RELEASE_RQ)
         assert read_pdu(sock)[0] == 0x06
         started = time.monotonic()
         sock.settimeout(0.2)
@@ -314,10 +322,7 @@ def test_stopping_the_server_aborts_its_framed_associations(tmp_path):
     node = InProcessNode(write_config(tmp_path / "node")).start()
     try:
         sock = _established(node.port)
-        deadline = time.monotonic() + TIMEOUT
-        while not node.server._server.framed.alive and time.monotonic() < deadline:
-            time.sleep(0.01)
-        framed = next(iter(node.server._server.framed.alive))
+        framed = _framed_thread(node)
     finally:
         node.stop()
     with sock:
