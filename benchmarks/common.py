@@ -11,6 +11,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from node import config
 from node.anonymize.keys import create_key_file
@@ -73,7 +74,10 @@ def hospital_shaped(ds: Dataset, index: int) -> Dataset:
     for k in range(3):
         item = Dataset()
         item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        item.ReferencedSOPInstanceUID = f"{ds.SeriesInstanceUID}.9{index}.{k}"
+        # Deterministic and at most 64 characters, as a scanner's UIDs are (the series
+        # UID with a suffix ran past 64, and every slice drew pydicom's warning).
+        item.ReferencedSOPInstanceUID = generate_uid(
+            entropy_srcs=[str(ds.SeriesInstanceUID), "referenced", str(index), str(k)])
         references.append(item)
     ds.ReferencedImageSequence = Sequence(references)
     region = Dataset()
