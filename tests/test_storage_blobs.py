@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.storage.blobs import LocalBlobStore
+from node.storage.blobs import SHARDS, LocalBlobStore
 from node.storage.interface import OutOfSpace
 
 
@@ -206,3 +206,32 @@ def test_a_writers_hash_of_another_size_is_not_trusted(blobs):
     ref = blobs.put_file(spooled, (hashlib.sha256(data).hexdigest(), len(data)))
     assert ref.sha256 == hashlib.sha256(data + b"more").hexdigest()
     assert ref.size == len(data) + 4 and blobs.verify(ref.sha256)
+
+
+def test_a_store_has_its_shard_folders_before_its_first_blob(blobs, monkeypatch):
+    assert sorted(p.name for p in blobs.root.iterdir()) == list(SHARDS)
+    assert all((blobs.root / shard).is_dir() for shard in SHARDS)
+
+    def no_mkdir(*args, **kwargs):
+        raise AssertionError("a folder was created while storing a blob")
+
+    monkeypatch.setattr(os, "mkdir", no_mkdir)
+    ref = blobs.put_bytes(b"first blob of a new store")
+    assert blobs.local_path(ref.sha256).read_bytes() == b"first blob of a new store"
+
+
+def test_opening_a_store_again_keeps_its_blobs_and_folders(blobs):
+    ref = blobs.put_bytes(b"kept")
+    again = LocalBlobStore(blobs.root, blobs.spool_dir)
+    assert sorted(p.name for p in again.root.iterdir()) == list(SHARDS)
+    assert again.read(ref.sha256) == b"kept"
+
+
+def test_a_shard_folder_removed_by_hand_is_made_again(blobs):
+    data = b"its folder was removed"
+    shard = blobs.root / hashlib.sha256(data).hexdigest()[:2]
+    shard.rmdir()
+    ref = blobs.put_bytes(data)
+    assert ref.created and blobs.read(ref.sha256) == data
+    assert shard.is_dir()
+    assert list(blobs.spool_dir.iterdir()) == []
