@@ -48,9 +48,16 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 from pydicom.values import convert_string
 
-_TAG = struct.Struct("<HH")
-_US = struct.Struct("<H")
+#: An element's header read in one unpack: tag and 32-bit length (implicit VR), or tag,
+#: VR and 16-bit length (explicit VR; the VR's reserved bytes when its length is 32-bit).
+_IMPLICIT_HEAD = struct.Struct("<HHL")
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
 _UL = struct.Struct("<L")
+#: One tag object per tag number, shared by every header parsed (a tag is an immutable
+#: int): building pydicom's ``BaseTag`` cost more than looking it up. Bounded, since a
+#: sender chooses its private tags.
+_TAGS: dict[int, BaseTag] = {}
+_TAGS_KEPT = 1 << 16
 #: Every VR pydicom knows, as its two bytes: any other is a VR pydicom reads otherwise.
 _VRS = {vr.encode("ascii"): vr.value for vr in VR}
 _LONG = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
@@ -69,7 +76,7 @@ def read_header(buffer: io.BytesIO, defer_size: int) -> FileDataset | None:
     data = buffer.getvalue()
     if len(data) < _META_START or data[128:_META_START] != b"DICM":
         return None
-    walked = _elements(buffer, data, _META_START, False, lambda tag: tag >> 16 != 2, None)
+    walked = _elements(buffer, data, _META_START, False, True, None)
     if walked is None:
         return None
     meta_elements, at = walked
@@ -82,8 +89,7 @@ def read_header(buffer: io.BytesIO, defer_size: int) -> FileDataset | None:
     implicit, little = encoding
     if implicit != (not (0x40 < data[at + 4] < 0x5B and 0x40 < data[at + 5] < 0x5B)):
         return None  # pydicom would switch encodings (with a warning)
-    walked = _elements(buffer, data, at, implicit, lambda tag: tag in _PIXEL_TAGS,
-                       defer_size)
+    walked = _elements(buffer, data, at, implicit, False, defer_size)
     if walked is None:
         return None
     elements, at = walked
@@ -125,40 +131,45 @@ def _encoding(syntax: Any) -> tuple[bool, bool] | None:
     return syntax == ImplicitVRLittleEndian, True
 
 
-def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, stop: Any,
+def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, meta: bool,
               defer_size: int | None) -> tuple[dict[BaseTag, Any], int] | None:
-    """The elements from ``at`` until ``stop(tag)`` or the end of ``data`` (the bytes of
-    ``buffer``), as pydicom's ``data_element_generator`` yields them: values of a defined
-    length walked here, a sequence of undefined length read by pydicom's
-    ``read_sequence`` as that generator reads it; None at anything it would treat
-    otherwise (see the module docstring)."""
+    """The elements from ``at`` until the end of ``data`` (the bytes of ``buffer``) or
+    where ``dcmread`` stops: past the file meta group (``meta``), else at the pixel data;
+    as pydicom's ``data_element_generator`` yields them: values of a defined length walked
+    here, a sequence of undefined length read by pydicom's ``read_sequence`` as that
+    generator reads it; None at anything it would treat otherwise (see the module
+    docstring)."""
     elements: dict[BaseTag, Any] = {}
     end = len(data)
     encoding: Any = default_encoding  # the generator's, for sequences read by pydicom
     while at + 8 <= end:
-        group, element = _TAG.unpack_from(data, at)
-        tag = group << 16 | element
         if implicit:
-            length = _UL.unpack_from(data, at + 4)[0]
+            group, element, length = _IMPLICIT_HEAD.unpack_from(data, at)
+            tag = group << 16 | element
             vr = None
             value_at = at + 8
         else:
-            vr_code = data[at + 4:at + 6]
+            group, element, vr_code, length = _EXPLICIT_HEAD.unpack_from(data, at)
+            tag = group << 16 | element
             vr = _VRS.get(vr_code)
             if vr is None:
                 # pydicom reads on as implicit VR (the data set after the meta may be):
                 # followed only up to where the walk stops anyway.
-                return (elements, at) if stop(tag) else None
+                return (elements, at) if _stops(tag, meta) else None
             if vr_code in _LONG:
                 if at + 12 > end:
                     return None  # pydicom fails on the cut length, even before stopping
                 length = _UL.unpack_from(data, at + 8)[0]
                 value_at = at + 12
             else:
-                length = _US.unpack_from(data, at + 6)[0]
                 value_at = at + 8
-        if stop(tag):
+        if (group != 2) if meta else (tag in _PIXEL_TAGS):
             return elements, at
+        key = _TAGS.get(tag)
+        if key is None:
+            key = BaseTag(tag)
+            if len(_TAGS) < _TAGS_KEPT:
+                _TAGS[tag] = key
         if length == _UNDEFINED:
             if tag == 0xFFFEE00D or not _sequence(tag, vr):
                 return None
@@ -170,7 +181,6 @@ def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, stop: An
             finally:
                 after = buffer.tell()
                 buffer.seek(0)
-            key = BaseTag(tag)
             elements[key] = DataElement(key, "SQ", sequence, value_at, is_undefined_length=True)
             at = after
             continue
@@ -184,10 +194,15 @@ def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, stop: An
             value = empty_value_for_VR(vr, raw=True)
         if tag == _CHARSET:  # as the generator keeps it, for the sequences after it
             encoding = convert_encodings(convert_string(value or b"", True))
-        key = BaseTag(tag)
         elements[key] = RawDataElement(key, vr, length, value, value_at, implicit, True)
         at = value_at + length
     return (elements, at) if at == end else None
+
+
+def _stops(tag: int, meta: bool) -> bool:
+    """Whether ``dcmread`` stops before ``tag``: past the file meta group (``meta``), else
+    at the pixel data (pydicom's ``_at_pixel_data``)."""
+    return tag >> 16 != 2 if meta else tag in _PIXEL_TAGS
 
 
 def _sequence(tag: int, vr: str | None) -> bool:
