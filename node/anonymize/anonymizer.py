@@ -694,17 +694,19 @@ class Deidentifier:
         # sequences, which are set again below so pydicom does its part for them.
         elements: dict[Any, DataElement | RawDataElement] = {}
         sequences: list[DataElement] = []
-        # keys(), not iteration: iterating a Dataset decodes every element.
-        for tag in ds.keys():  # noqa: SIM118
+        # The elements as held (what get_item(tag, keep_deferred=True) returns, without
+        # its lookup per element), not iteration: iterating a Dataset decodes every
+        # element. A large value left on disk (the pixels of a big object) stays there;
+        # _element reads it only if its action needs the value. An element decoded
+        # meanwhile (a date's partner time) is met as decoded, as get_item would give it.
+        for tag, held in ds._dict.items():
             group, element = tag >> 16, tag & 0xFFFF
             if group & 1:
                 private += 1
                 if 0x0010 <= element <= 0x00FF:
                     creators[(group, element)] = ds[tag]
                 continue
-            # keep_deferred: a large value left on disk (the pixels of a big object)
-            # stays there; _element reads it only if its action needs the value.
-            new = self._element(int(tag), ds.get_item(tag, keep_deferred=True), ds, call)
+            new = self._element(int(tag), held, ds, call)
             if new is not None:
                 elements[tag] = new
                 if new.VR == "SQ" and isinstance(new, DataElement):
