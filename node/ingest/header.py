@@ -143,28 +143,25 @@ def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, meta: bo
     end = len(data)
     encoding: Any = default_encoding  # the generator's, for sequences read by pydicom
     while at + 8 <= end:
+        value_at = at + 8
         if implicit:
             group, element, length = _IMPLICIT_HEAD.unpack_from(data, at)
-            tag = group << 16 | element
             vr = None
-            value_at = at + 8
         else:
             group, element, vr_code, length = _EXPLICIT_HEAD.unpack_from(data, at)
-            tag = group << 16 | element
             vr = _VRS.get(vr_code)
-            if vr is None:
-                # pydicom reads on as implicit VR (the data set after the meta may be):
-                # followed only up to where the walk stops anyway.
-                return (elements, at) if _stops(tag, meta) else None
-            if vr_code in _LONG:
+            if vr is not None and vr_code in _LONG:
                 if at + 12 > end:
                     return None  # pydicom fails on the cut length, even before stopping
                 length = _UL.unpack_from(data, at + 8)[0]
                 value_at = at + 12
-            else:
-                value_at = at + 8
-        if (group != 2) if meta else (tag in _PIXEL_TAGS):
+        tag = group << 16 | element
+        if (group != 2) if meta else (tag in _PIXEL_TAGS):  # where dcmread stops
             return elements, at
+        if vr is None and not implicit:
+            # pydicom reads on as implicit VR (the data set after the meta may be): followed
+            # here only up to where the walk stops, as above.
+            return None
         key = _TAGS.get(tag)
         if key is None:
             key = BaseTag(tag)
@@ -197,12 +194,6 @@ def _elements(buffer: io.BytesIO, data: bytes, at: int, implicit: bool, meta: bo
         elements[key] = RawDataElement(key, vr, length, value, value_at, implicit, True)
         at = value_at + length
     return (elements, at) if at == end else None
-
-
-def _stops(tag: int, meta: bool) -> bool:
-    """Whether ``dcmread`` stops before ``tag``: past the file meta group (``meta``), else
-    at the pixel data (pydicom's ``_at_pixel_data``)."""
-    return tag >> 16 != 2 if meta else tag in _PIXEL_TAGS
 
 
 def _sequence(tag: int, vr: str | None) -> bool:
