@@ -244,8 +244,8 @@ def run_network_route(work: Path, files: list[Path], route: str) -> RouteCost:
 
 def _storescu(port: int, files: list[Path]) -> None:
     """DCMTK storescu sends ``files`` on one association (TCP_NODELAY, as a modality).
-    Not :func:`benchmarks.ingest.send`: it samples the connections from /proc while it
-    waits, which here would be CPU of the node's own process."""
+    Not :func:`benchmarks.ingest.send`: it samples the connections from /proc until it
+    has seen each sender's, which here would be CPU of the node's own process."""
     done = subprocess.run(["storescu", "-aet", TEST_AET, "-aec", NODE_AET, "127.0.0.1",
                            str(port), *map(str, files)], env={**os.environ, "TCP_NODELAY": "1"},
                           capture_output=True, check=False)
